@@ -1,0 +1,371 @@
+"""The `peerdaemon` command: `run` starts the daemon; every other command is a local API client.
+
+Exit codes: 0 success, 1 failure (one `peerdaemon: <message>` line on stderr, never a
+traceback unless PEERDAEMON_DEBUG is set), 2 bad usage (argparse), 130 interrupted.
+Client commands use the blocking `Client` so they do not pay for importing trio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import stat
+import sys
+import tempfile
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from peerdaemon.api.client import Client, ClientError
+from peerdaemon.daemon.paths import default_data_dir, default_socket_path
+
+__all__ = ["CliError", "build_parser", "main"]
+
+PROG = "peerdaemon"
+
+
+class CliError(Exception):
+    """A failure to report as one `peerdaemon: <message>` line with exit status 1."""
+
+
+def _version() -> str:
+    import peerdaemon
+
+    return getattr(peerdaemon, "__version__", "unknown")
+
+
+# --- helpers ------------------------------------------------------------------------------------
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split()) or "error"
+
+
+def _warn(message: str) -> None:
+    print(f"{PROG}: {_one_line(message)}", file=sys.stderr, flush=True)
+
+
+def _read_bytes(name: str) -> bytes:
+    """Read FILE, or stdin for `-`."""
+    if name == "-":
+        return sys.stdin.buffer.read()
+    try:
+        return Path(name).read_bytes()
+    except OSError as exc:
+        raise CliError(f"cannot read {name}: {exc.strerror or exc}") from None
+
+
+def _read_text(name: str) -> str:
+    """Read FILE as UTF-8 text (a BOM is dropped); JSON parsing is left to the daemon."""
+    data = _read_bytes(name)
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        label = "stdin" if name == "-" else name
+        raise CliError(f"{label}: not valid UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
+def _json_default(value: object) -> Any:
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).hex()
+    if isinstance(value, set | frozenset | tuple):
+        return list(value)
+    return repr(value)
+
+
+def _to_json(value: Any, *, indent: int | None = 2) -> str:
+    return json.dumps(value, indent=indent, ensure_ascii=False, default=_json_default)
+
+
+def _new_file_mode(path: Path) -> int:
+    """Keep an existing file's mode; otherwise what open() would give (0666 minus umask)."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+def _write_file_atomic(path: Path, data: bytes) -> None:
+    """Write via a temporary file + rename, so a reader (Mockoon) never sees half a file."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as exc:
+        raise CliError(f"cannot write {path}: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, _new_file_mode(path))
+        os.replace(tmp, path)
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise CliError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def _report_repairs(result: Any) -> None:
+    if isinstance(result, dict):
+        for repair in result.get("repairs") or ():
+            _warn(f"repaired: {repair}")
+
+
+def _socket_path(args: argparse.Namespace) -> Path:
+    return Path(args.socket).expanduser() if args.socket else default_socket_path()
+
+
+def _connect(args: argparse.Namespace) -> Client:
+    return Client.connect(_socket_path(args))
+
+
+# --- commands -----------------------------------------------------------------------------------
+def cmd_run(args: argparse.Namespace) -> int:
+    try:
+        from peerdaemon.daemon.supervisor import run_daemon
+    except ImportError as exc:
+        raise CliError(f"the daemon is not available in this installation: {exc}") from None
+    data_dir = Path(args.data_dir).expanduser() if args.data_dir else default_data_dir()
+    return int(run_daemon(data_dir, _socket_path(args)) or 0)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with _connect(args) as client:
+        status = client.status()
+    if args.json:
+        print(_to_json(status))
+        return 0
+    if not (isinstance(status, dict) and "socket" in status):
+        print(f"socket: {_socket_path(args)}")
+    if isinstance(status, dict):
+        for key, value in status.items():
+            shown = value if isinstance(value, str | int | float) else _to_json(value, indent=None)
+            print(f"{key}: {shown}")
+    else:
+        print(_to_json(status))
+    return 0
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, list | tuple | set | frozenset):
+        return ",".join(map(str, value)) or "-"
+    return "-" if value is None or value == "" else str(value)
+
+
+def _flags(env: dict[str, Any]) -> list[str]:
+    """`flags` from the daemon plus the boolean facts worth a glance (`newer`: the file was
+    written by a newer Mockoon than peerdaemon knows)."""
+    flags = [str(f) for f in env.get("flags") or ()]
+    for name in ("newer",):
+        if env.get(name) is True and name not in flags:
+            flags.append(name)
+    return flags
+
+
+def cmd_env_list(args: argparse.Namespace) -> int:
+    with _connect(args) as client:
+        envs = client.list_envs()
+    if args.json:
+        print(_to_json(envs))
+        return 0
+    rows = [("ID", "NAME", "ROUTES", "FLAGS")]
+    for env in envs or ():
+        env = env if isinstance(env, dict) else {"id": env}
+        rows.append(
+            (
+                _cell(env.get("id")),
+                _cell(env.get("name")),
+                _cell(env.get("routes")),
+                _cell(_flags(env)),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[3])
+    return 0
+
+
+def cmd_env_import(args: argparse.Namespace) -> int:
+    text = _read_text(args.file)
+    with _connect(args) as client:
+        result = client.import_env(text, new_id=args.new_id)
+    _report_repairs(result)
+    print(result["id"] if isinstance(result, dict) else result)
+    return 0
+
+
+def cmd_env_export(args: argparse.Namespace) -> int:
+    with _connect(args) as client:
+        result = client.export(args.id, format=args.format)
+    if args.format == "yjs":
+        if not isinstance(result, bytes | bytearray):
+            raise CliError("the daemon did not return a binary update")
+        data = bytes(result)
+        if args.output is None:
+            if sys.stdout.isatty():
+                raise CliError("refusing to write a binary Yjs update to a terminal; use -o FILE")
+            sys.stdout.flush()
+            sys.stdout.buffer.write(data)
+            sys.stdout.buffer.flush()
+        else:
+            _write_file_atomic(Path(args.output), data)
+        return 0
+    text = _to_json(result)  # Mockoon's own layout: JSON.stringify(env, null, 2)
+    if args.output is None:
+        print(text)
+    else:
+        _write_file_atomic(Path(args.output), text.encode("utf-8"))
+    return 0
+
+
+def cmd_env_get(args: argparse.Namespace) -> int:
+    with _connect(args) as client:
+        value = client.get(args.id, args.pointer)
+    print(_to_json(value))
+    return 0
+
+
+def cmd_env_put(args: argparse.Namespace) -> int:
+    text = _read_text(args.file)
+    with _connect(args) as client:
+        result = client.put(args.id, text)
+    _report_repairs(result)
+    return 0
+
+
+def cmd_env_patch(args: argparse.Namespace) -> int:
+    text = _read_text(args.file)
+    with _connect(args) as client:
+        client.patch(args.id, text)
+    return 0
+
+
+def cmd_env_merge(args: argparse.Namespace) -> int:
+    update = _read_bytes(args.file)
+    with _connect(args) as client:
+        client.merge(args.id, update)
+    return 0
+
+
+def cmd_env_delete(args: argparse.Namespace) -> int:
+    with _connect(args) as client:
+        client.delete(args.id)
+    return 0
+
+
+def cmd_env_watch(args: argparse.Namespace) -> int:
+    """One JSON line per change until the environment is deleted or Ctrl-C (exit 0)."""
+    try:
+        with _connect(args) as client:
+            for event in client.subscribe_env(args.id):
+                if not isinstance(event, dict):
+                    continue
+                env_id = event.get("id", args.id)
+                if event.get("type") == "deleted":
+                    print(_to_json({"id": env_id, "deleted": True}, indent=None), flush=True)
+                    return 0
+                if event.get("type") == "change":
+                    line = {"id": env_id, "paths": event.get("paths", []), "origin": event.get("origin")}
+                    print(_to_json(line, indent=None), flush=True)
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+# --- parser -------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Local-first sync daemon for Mockoon environments.",
+    )
+    parser.add_argument(
+        "--socket",
+        metavar="PATH",
+        default=None,
+        help="the daemon's socket (default: $PEERDAEMON_SOCKET, else "
+        "$XDG_RUNTIME_DIR/peerdaemon/peerdaemon.sock, else /tmp/peerdaemon-UID/peerdaemon.sock)",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(
+        group: Any, name: str, func: Callable[[argparse.Namespace], int], help: str
+    ) -> argparse.ArgumentParser:
+        sub = group.add_parser(name, help=help, description=help)
+        sub.set_defaults(func=func)
+        return sub
+
+    run = command(commands, "run", cmd_run, "run the daemon in the foreground")
+    run.add_argument("--data-dir", metavar="DIR", help="where environments are stored")
+    run.add_argument("--socket", metavar="PATH", default=argparse.SUPPRESS, help="socket to listen on")
+
+    status = command(commands, "status", cmd_status, "show the daemon's status")
+    status.add_argument("--json", action="store_true", help="print the raw status as JSON")
+
+    env = commands.add_parser("env", help="manage environments", description="manage environments")
+    envs = env.add_subparsers(dest="env_command", metavar="ENV_COMMAND", required=True)
+
+    p = command(envs, "list", cmd_env_list, "list environments")
+    p.add_argument("--json", action="store_true", help="print the list as JSON")
+
+    p = command(envs, "import", cmd_env_import, "import a Mockoon environment file; prints its id")
+    p.add_argument("file", metavar="FILE", help="environment JSON file, or - for stdin")
+    p.add_argument("--new-id", action="store_true", help="give the environment a fresh id")
+
+    p = command(envs, "export", cmd_env_export, "export an environment")
+    p.add_argument("id", metavar="ID")
+    p.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
+    p.add_argument("--format", choices=("json", "yjs"), default="json", help="default: json")
+
+    p = command(envs, "get", cmd_env_get, "print an environment, or the value at a JSON Pointer")
+    p.add_argument("id", metavar="ID")
+    p.add_argument("pointer", metavar="POINTER", nargs="?", help="RFC 6901 JSON Pointer")
+
+    p = command(envs, "put", cmd_env_put, "replace an environment with the content of FILE")
+    p.add_argument("id", metavar="ID")
+    p.add_argument("file", metavar="FILE", help="environment JSON file, or - for stdin")
+
+    p = command(envs, "patch", cmd_env_patch, "apply an RFC 6902 JSON Patch file")
+    p.add_argument("id", metavar="ID")
+    p.add_argument("file", metavar="FILE", help="JSON Patch file, or - for stdin")
+
+    p = command(envs, "merge", cmd_env_merge, "merge a binary Yjs update file")
+    p.add_argument("id", metavar="ID")
+    p.add_argument("file", metavar="FILE", help="Yjs update file, or - for stdin")
+
+    p = command(envs, "delete", cmd_env_delete, "delete an environment")
+    p.add_argument("id", metavar="ID")
+
+    p = command(envs, "watch", cmd_env_watch, "print one JSON line per change (Ctrl-C to stop)")
+    p.add_argument("id", metavar="ID")
+    return parser
+
+
+def _quiet_broken_pipe() -> NoReturn:
+    # Reader went away (`| head`): stop quietly; point stdout at /dev/null so the interpreter's
+    # final flush does not complain either.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except OSError:
+        pass
+    raise SystemExit(0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)  # exits 2 on bad usage
+    try:
+        return args.func(args)
+    except (ClientError, CliError) as exc:
+        _warn(str(exc))
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        _quiet_broken_pipe()
+    except Exception as exc:
+        if os.environ.get("PEERDAEMON_DEBUG"):
+            traceback.print_exc()
+        _warn(f"internal error: {type(exc).__name__}: {exc}")
+        return 1

@@ -1,0 +1,55 @@
+"""The daemon's event log: a bounded, numbered history that clients follow from a cursor.
+
+Like Syncthing's `/rest/events?since=`: every event has an increasing id, a client remembers the
+last id it saw and resumes from it after a reconnect, and the log tells it when events it asked
+for have already been dropped (so it knows to re-read the state).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+Event = dict[str, Any]
+
+
+class EventLog:
+    def __init__(self, capacity: int = 10_000) -> None:
+        self._events: deque[Event] = deque(maxlen=capacity)
+        self._next_id = 1
+        self._listeners: dict[int, Callable[[Event], None]] = {}
+        self._next_listener = 1
+
+    @property
+    def last_id(self) -> int:
+        return self._next_id - 1
+
+    @property
+    def oldest_id(self) -> int:
+        return self._events[0]["id"] if self._events else self._next_id
+
+    def emit(self, type_: str, **data: Any) -> Event:
+        event = {"id": self._next_id, "type": type_, "time": time.time(), "data": data}
+        self._next_id += 1
+        self._events.append(event)
+        for listener in list(self._listeners.values()):
+            listener(event)
+        return event
+
+    def since(self, cursor: int) -> list[Event]:
+        """Events after `cursor` still held; ids below `oldest_id` are gone."""
+        if cursor >= self.last_id:
+            return []
+        start = max(0, cursor + 1 - self.oldest_id)
+        return list(self._events)[start:]
+
+    def listen(self, listener: Callable[[Event], None]) -> int:
+        token = self._next_listener
+        self._next_listener += 1
+        self._listeners[token] = listener
+        return token
+
+    def unlisten(self, token: int) -> None:
+        self._listeners.pop(token, None)

@@ -1,0 +1,240 @@
+"""The environments a daemon holds, and the one update stream that leaves them.
+
+Every change to a document, whoever makes it (a socket client, a merged Yjs update, later a LAN
+peer or the hub), goes through `Registry`, which turns the document's transaction into one Yjs
+update and hands that same update to the store (durability), to subscribers (the socket) and to
+listeners (mirrors, peers, the hub). Documents stay on the trio thread; only bytes leave it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pycrdt import Doc, Map
+
+from ..model import LAST_MIGRATION, apply_environment, export_environment
+from ..model.layout import ENV_ROOT
+from ..store import Store, Ticket
+from .events import EventLog
+from .paths_diff import changed_paths
+
+EMPTY_UPDATE = b"\x00\x00"
+
+ChangeListener = Callable[[str, bytes, str], None]
+"""(env id, Yjs update, origin): called for every change, after it is queued for the store."""
+
+Subscriber = Callable[[dict[str, Any]], None]
+"""Receives `{"type": "change", ...}` / `{"type": "deleted", ...}` events of one environment."""
+
+
+class UnknownEnvironment(KeyError):
+    def __init__(self, env_id: str) -> None:
+        super().__init__(env_id)
+        self.env_id = env_id
+
+
+class UpdateRejected(ValueError):
+    """Bytes that are not a Yjs update, or an update that creates no environment."""
+
+
+@dataclass(eq=False)
+class Environment:
+    id: str
+    doc: Doc
+    created: float = field(default_factory=time.time)
+    last_ticket: Ticket | None = None
+    cache: dict[str, Any] | None = None
+    subscribers: dict[int, Subscriber] = field(default_factory=dict)
+    pending: list[bytes] = field(default_factory=list)
+
+    def environment_map(self) -> Map:
+        return self.doc.get(ENV_ROOT, type=Map)
+
+
+class Registry:
+    def __init__(self, store: Store, events: EventLog) -> None:
+        self.store = store
+        self.events = events
+        self.envs: dict[str, Environment] = {}
+        self._listeners: dict[int, ChangeListener] = {}
+        self._next_token = 1
+
+    # -- loading -------------------------------------------------------------------------------
+
+    def load(self) -> int:
+        """Rebuild every document from the store; called once at start."""
+        for env_id, loaded in self.store.load().items():
+            doc = Doc()
+            for update in loaded.updates:
+                doc.apply_update(update)
+            self.envs[env_id] = self._track(Environment(env_id, doc))
+        return len(self.envs)
+
+    def _track(self, env: Environment) -> Environment:
+        def on_transaction(event: Any) -> None:
+            update = event.update
+            if update != EMPTY_UPDATE:
+                env.pending.append(update)
+
+        env.doc.observe(on_transaction)
+        return env
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def get(self, env_id: str) -> Environment:
+        try:
+            return self.envs[env_id]
+        except KeyError:
+            raise UnknownEnvironment(env_id) from None
+
+    def export(self, env_id: str) -> dict[str, Any]:
+        """The environment's JSON; cached until the next change (callers must not mutate it)."""
+        env = self.get(env_id)
+        if env.cache is None:
+            env.cache = export_environment(env.doc, env_id)
+        return env.cache
+
+    def summary(self, env_id: str) -> dict[str, Any]:
+        """Cheap facts for listings, read without exporting the whole environment."""
+        env = self.get(env_id)
+        top = env.environment_map()
+        last = top.get("lastMigration")
+        name = top.get("name")
+        return {
+            "id": env_id,
+            "name": name if isinstance(name, str) else "",
+            "lastMigration": int(last) if isinstance(last, float) and last.is_integer() else last,
+            "newer": isinstance(last, int | float) and last > LAST_MIGRATION,
+            "routes": len(env.doc.get("routes", type=Map)),
+        }
+
+    def state_update(self, env_id: str, state_vector: bytes | None = None) -> bytes:
+        env = self.get(env_id)
+        return env.doc.get_update(state_vector) if state_vector else env.doc.get_update()
+
+    # -- changing ------------------------------------------------------------------------------
+
+    def create(self, env_id: str, prepared: dict[str, Any], origin: str) -> Ticket:
+        env = self._track(Environment(env_id, Doc()))
+        self.envs[env_id] = env
+        apply_environment(env.doc, prepared)
+        self.events.emit("environment-created", id=env_id, origin=origin)
+        self._commit(env, origin)
+        assert env.last_ticket is not None
+        return env.last_ticket
+
+    def apply(
+        self, env_id: str, prepared: dict[str, Any], origin: str
+    ) -> tuple[bool, Ticket | None]:
+        """A whole-environment write, as minimal edits."""
+        env = self.get(env_id)
+        self._before_change(env)
+        apply_environment(env.doc, prepared)
+        return self._commit(env, origin), env.last_ticket
+
+    def merge(self, env_id: str, update: bytes, origin: str) -> tuple[bool, bool, Ticket | None]:
+        """Apply a Yjs update; an unknown id creates the environment. -> (created, changed, ticket)"""
+        env = self.envs.get(env_id)
+        created = env is None
+        if env is None:
+            env = self._track(Environment(env_id, Doc()))
+            try:
+                env.doc.apply_update(update)
+            except Exception as exc:  # pycrdt raises ValueError on undecodable bytes
+                raise UpdateRejected(f"not a Yjs update: {exc}") from None
+            if not len(env.environment_map()):
+                raise UpdateRejected(
+                    "the update holds no environment (its 'environment' map is empty)"
+                )
+            self.envs[env_id] = env
+            self.events.emit("environment-created", id=env_id, origin=origin)
+        else:
+            self._before_change(env)
+            try:
+                env.doc.apply_update(update)
+            except Exception as exc:
+                env.pending.clear()
+                raise UpdateRejected(f"not a Yjs update: {exc}") from None
+        changed = self._commit(env, origin)
+        return created, changed, env.last_ticket
+
+    def delete(self, env_id: str, origin: str) -> Ticket:
+        env = self.get(env_id)
+        del self.envs[env_id]
+        ticket = self.store.enqueue_delete(env_id)
+        for subscriber in list(env.subscribers.values()):
+            subscriber({"type": "deleted", "id": env_id, "origin": origin})
+        env.subscribers.clear()
+        self.events.emit("environment-deleted", id=env_id, origin=origin)
+        return ticket
+
+    def _before_change(self, env: Environment) -> None:
+        if env.subscribers and env.cache is None:
+            env.cache = export_environment(env.doc, env.id)
+
+    def _commit(self, env: Environment, origin: str) -> bool:
+        """Send the updates of the transactions just made down the stream; True if any."""
+        updates, env.pending = env.pending, []
+        if not updates:
+            return False
+        for update in updates:
+            env.last_ticket = self.store.enqueue_append(env.id, update)
+        old, env.cache = env.cache, None
+        paths: list[str] | None = None
+        if env.subscribers:
+            paths = changed_paths(old, self.export(env.id)) if old is not None else [""]
+            update = updates[0] if len(updates) == 1 else _merge(updates)
+            event = {
+                "type": "change",
+                "id": env.id,
+                "paths": paths,
+                "update": update,
+                "origin": origin,
+            }
+            for subscriber in list(env.subscribers.values()):
+                subscriber(event)
+        for update in updates:
+            for listener in list(self._listeners.values()):
+                listener(env.id, update, origin)
+        data: dict[str, Any] = {"id": env.id, "origin": origin}
+        if paths is not None:
+            data["paths"] = paths
+        self.events.emit("environment-changed", **data)
+        if self.store.needs_compaction(env.id):
+            self.store.enqueue_compact(env.id, env.doc.get_update())
+        return True
+
+    # -- followers -----------------------------------------------------------------------------
+
+    def subscribe(self, env_id: str, subscriber: Subscriber) -> int:
+        env = self.get(env_id)
+        token = self._token()
+        env.subscribers[token] = subscriber
+        return token
+
+    def unsubscribe(self, env_id: str, token: int) -> None:
+        env = self.envs.get(env_id)
+        if env is not None:
+            env.subscribers.pop(token, None)
+
+    def add_listener(self, listener: ChangeListener) -> int:
+        token = self._token()
+        self._listeners[token] = listener
+        return token
+
+    def remove_listener(self, token: int) -> None:
+        self._listeners.pop(token, None)
+
+    def _token(self) -> int:
+        token = self._next_token
+        self._next_token += 1
+        return token
+
+
+def _merge(updates: list[bytes]) -> bytes:
+    from pycrdt import merge_updates
+
+    return merge_updates(*updates)

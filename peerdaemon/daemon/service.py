@@ -1,0 +1,237 @@
+"""The local API's operations (docs/local-api.md), on top of the registry.
+
+Each write is applied to the document at once, in request order, and acknowledged (a `Pending`)
+only when the store has made it durable: nothing a client saw acknowledged is lost.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import jsonpatch
+import jsonpointer
+
+from .. import __version__
+from ..api.protocol import ApiError, Pending
+from ..model import LAST_MIGRATION, MODEL_VERSION, ModelError, is_newer, prepare
+from ..store import Ticket
+from .registry import Registry, UnknownEnvironment, UpdateRejected
+
+LOCAL = "local"
+
+
+def _str_arg(args: dict[str, Any], name: str) -> str:
+    value = args.get(name)
+    if not isinstance(value, str) or not value:
+        raise ApiError("bad-request", f"argument {name!r} must be a non-empty string")
+    return value
+
+
+def _json_arg(args: dict[str, Any], obj_name: str) -> Any:
+    """The value of `obj_name`, or of `json` parsed: clients that send file text get parse errors."""
+    if obj_name in args:
+        return args[obj_name]
+    text = args.get("json")
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ApiError("malformed-json", f"not UTF-8 text: {exc}") from None
+    if not isinstance(text, str):
+        raise ApiError("bad-request", f"give {obj_name!r} (a value) or 'json' (its text)")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ApiError(
+            "malformed-json", f"malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
+        ) from None
+
+
+def _pending(ticket: Ticket | None, result: Any) -> Any:
+    if ticket is None:
+        return result
+    return Pending(ticket.wait, result)
+
+
+class Service:
+    """The `Handler` of the local socket server."""
+
+    def __init__(self, registry: Registry, *, data_dir: Path, socket_path: Path) -> None:
+        self.registry = registry
+        self.data_dir = data_dir
+        self.socket_path = socket_path
+        self.started = time.time()
+        self._ops: dict[str, Callable[[dict[str, Any], Any], Awaitable[Any]]] = {
+            "status": self.op_status,
+            "env.list": self.op_list,
+            "env.import": self.op_import,
+            "env.get": self.op_get,
+            "env.put": self.op_put,
+            "env.patch": self.op_patch,
+            "env.delete": self.op_delete,
+            "env.export": self.op_export,
+            "env.merge": self.op_merge,
+            "env.subscribe": self.op_subscribe,
+            "events.subscribe": self.op_events_subscribe,
+            "unsubscribe": self.op_unsubscribe,
+        }
+
+    async def handle(self, op: str, args: dict[str, Any], session: Any) -> Any:
+        handler = self._ops.get(op)
+        if handler is None:
+            raise ApiError("unknown-op", f"unknown operation {op!r}; known: {', '.join(self._ops)}")
+        try:
+            return await handler(args, session)
+        except UnknownEnvironment as exc:
+            raise ApiError("not-found", f"no environment with id {exc.env_id!r}") from None
+        except ModelError as exc:
+            raise ApiError(exc.code, exc.message) from None
+        except UpdateRejected as exc:
+            raise ApiError("bad-update", str(exc)) from None
+
+    # -- daemon -------------------------------------------------------------------------------
+
+    async def op_status(self, args: dict[str, Any], session: Any) -> Any:
+        reg = self.registry
+        newer = [i for i in reg.envs if reg.summary(i)["newer"]]
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime": time.time() - self.started,
+            "data_dir": str(self.data_dir),
+            "socket": str(self.socket_path),
+            "environments": len(reg.envs),
+            "newer": newer,
+            "last_migration": LAST_MIGRATION,
+            "model_version": MODEL_VERSION,
+            "store": reg.store.stats(),
+            "events": reg.events.last_id,
+        }
+
+    async def op_list(self, args: dict[str, Any], session: Any) -> Any:
+        return [self.registry.summary(i) for i in sorted(self.registry.envs)]
+
+    # -- environments --------------------------------------------------------------------------
+
+    async def op_import(self, args: dict[str, Any], session: Any) -> Any:
+        env = _json_arg(args, "env")
+        prepared, notes = prepare(env)
+        if args.get("new_id") or "uuid" not in prepared:
+            env_id = str(uuid.uuid4())
+            prepared["uuid"] = env_id
+        else:
+            env_id = prepared["uuid"]
+            if env_id in self.registry.envs:
+                raise ApiError(
+                    "exists", f"an environment with id {env_id} exists already (import with a new id: --new-id)"
+                )
+        ticket = self.registry.create(env_id, prepared, LOCAL)
+        result = {"id": env_id, "repairs": notes, "newer": is_newer(prepared)}
+        return _pending(ticket, result)
+
+    async def op_get(self, args: dict[str, Any], session: Any) -> Any:
+        env = self.registry.export(_str_arg(args, "id"))
+        pointer = args.get("pointer") or ""
+        if not isinstance(pointer, str):
+            raise ApiError("bad-pointer", "pointer must be a string")
+        try:
+            value = jsonpointer.resolve_pointer(env, pointer)
+        except jsonpointer.JsonPointerException as exc:
+            if not pointer.startswith("/"):
+                raise ApiError("bad-pointer", f"{pointer!r} is not a JSON Pointer") from None
+            reason = str(exc).split(" in ")[0][:200]  # the library's text embeds the whole value
+            raise ApiError("not-found", f"JSON Pointer {pointer!r}: {reason}") from None
+        return value
+
+    async def op_put(self, args: dict[str, Any], session: Any) -> Any:
+        env_id = _str_arg(args, "id")
+        self.registry.get(env_id)
+        return self._write(env_id, _json_arg(args, "env"))
+
+    async def op_patch(self, args: dict[str, Any], session: Any) -> Any:
+        env_id = _str_arg(args, "id")
+        ops = _json_arg(args, "patch")
+        current = copy.deepcopy(self.registry.export(env_id))
+        try:
+            patched = jsonpatch.apply_patch(current, ops, in_place=True)
+        except (jsonpatch.JsonPatchException, jsonpointer.JsonPointerException) as exc:
+            raise ApiError("bad-patch", f"JSON Patch: {exc}") from None
+        except (TypeError, AttributeError, KeyError, ValueError) as exc:
+            raise ApiError("bad-patch", f"JSON Patch: not a list of operations ({exc})") from None
+        return self._write(env_id, patched)
+
+    def _write(self, env_id: str, env: Any) -> Any:
+        prepared, notes = prepare(env, env_id)
+        changed, ticket = self.registry.apply(env_id, prepared, LOCAL)
+        return _pending(ticket, {"changed": changed, "repairs": notes})
+
+    async def op_delete(self, args: dict[str, Any], session: Any) -> Any:
+        ticket = self.registry.delete(_str_arg(args, "id"), LOCAL)
+        return _pending(ticket, {"deleted": True})
+
+    async def op_export(self, args: dict[str, Any], session: Any) -> Any:
+        env_id = _str_arg(args, "id")
+        fmt = args.get("format", "json")
+        if fmt == "json":
+            return self.registry.export(env_id)
+        if fmt == "yjs":
+            sv = args.get("state_vector")
+            if sv is not None and not isinstance(sv, bytes):
+                raise ApiError("bad-request", "state_vector must be bytes")
+            try:
+                return self.registry.state_update(env_id, sv)
+            except ValueError as exc:
+                raise ApiError("bad-request", f"bad state vector: {exc}") from None
+        raise ApiError("bad-request", f"unknown format {fmt!r} (json or yjs)")
+
+    async def op_merge(self, args: dict[str, Any], session: Any) -> Any:
+        env_id = _str_arg(args, "id")
+        update = args.get("update")
+        if not isinstance(update, bytes):
+            raise ApiError("bad-update", "update must be bytes (a Yjs v1 update)")
+        created, changed, ticket = self.registry.merge(env_id, update, LOCAL)
+        return _pending(ticket, {"created": created, "changed": changed})
+
+    # -- subscriptions -------------------------------------------------------------------------
+
+    async def op_subscribe(self, args: dict[str, Any], session: Any) -> Any:
+        env_id = _str_arg(args, "id")
+        snapshot = self.registry.export(env_id)
+        update = self.registry.state_update(env_id)
+        token = 0
+        sub = session.open_subscription(on_close=lambda: self.registry.unsubscribe(env_id, token))
+
+        def deliver(event: dict[str, Any]) -> None:
+            session.push(sub, event)
+            if event["type"] == "deleted":
+                session.close_subscription(sub)
+
+        token = self.registry.subscribe(env_id, deliver)
+        return {"sub": sub, "snapshot": snapshot, "update": update}
+
+    async def op_events_subscribe(self, args: dict[str, Any], session: Any) -> Any:
+        events = self.registry.events
+        since = args.get("since")
+        if since is None:
+            since = events.last_id
+        if not isinstance(since, int) or isinstance(since, bool) or since < 0:
+            raise ApiError("bad-request", "since must be a non-negative integer")
+        backlog = events.since(since)
+        missed = max(0, events.oldest_id - since - 1) if since < events.last_id else 0
+        token = 0
+        sub = session.open_subscription(on_close=lambda: events.unlisten(token))
+        token = events.listen(lambda event: session.push(sub, event))
+        return {"sub": sub, "cursor": events.last_id, "missed": missed, "events": backlog}
+
+    async def op_unsubscribe(self, args: dict[str, Any], session: Any) -> Any:
+        sub = args.get("sub")
+        if not isinstance(sub, int) or not session.close_subscription(sub):
+            raise ApiError("not-found", f"no subscription {sub!r} on this connection")
+        return {"unsubscribed": sub}

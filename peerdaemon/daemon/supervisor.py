@@ -1,0 +1,123 @@
+"""The daemon's supervisor: one nursery that starts each long-running service and stops them all.
+
+Services start in dependency order with `nursery.start`, so each is ready before the next needs
+it: the store writer first (every acknowledgement waits on it), then the local socket. On SIGTERM
+or SIGINT the nursery is cancelled; the store writer flushes what is queued before it returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import trio
+
+from ..api.server import serve_unix
+from ..store import Store, StoreError
+from .events import EventLog
+from .registry import Registry
+from .service import Service
+
+log = logging.getLogger("peerdaemon")
+
+DEFAULT_MAX_FRAME = 64 << 20
+
+
+@dataclass
+class DaemonConfig:
+    data_dir: Path
+    socket_path: Path
+    max_frame: int = DEFAULT_MAX_FRAME
+    compact_count: int = 1000
+    compact_bytes: int = 8 << 20
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass
+class Daemon:
+    """What a started daemon exposes to tests and, later, to other services."""
+
+    config: DaemonConfig
+    store: Store
+    registry: Registry
+    service: Service
+
+
+async def serve(
+    config: DaemonConfig, *, task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Run the daemon's services until cancelled."""
+    started = time.monotonic()
+    store = Store.open(
+        config.data_dir, compact_count=config.compact_count, compact_bytes=config.compact_bytes
+    )
+    try:
+        events = EventLog()
+        registry = Registry(store, events)
+        count = registry.load()
+        service = Service(registry, data_dir=config.data_dir, socket_path=config.socket_path)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            await nursery.start(
+                partial(serve_unix, config.socket_path, service, max_frame=config.max_frame)
+            )
+            events.emit(
+                "daemon-started",
+                environments=count,
+                startup_seconds=round(time.monotonic() - started, 4),
+            )
+            log.info(
+                "peerdaemon ready: %d environments, socket %s, data %s",
+                count,
+                config.socket_path,
+                config.data_dir,
+            )
+            task_status.started(Daemon(config, store, registry, service))
+    finally:
+        store.close()
+
+
+async def _main(config: DaemonConfig) -> None:
+    async with trio.open_nursery() as nursery:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            await nursery.start(serve, config)
+            async for signum in signals:
+                log.info("received %s, shutting down", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break
+
+
+def run_daemon(data_dir: Path, socket_path: Path, **options: object) -> int:
+    """`peerdaemon run`: returns the process exit code."""
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    config = DaemonConfig(data_dir=Path(data_dir), socket_path=Path(socket_path))
+    for key, value in options.items():
+        if value is not None and hasattr(config, key):
+            setattr(config, key, value)
+    try:
+        trio.run(_main, config)
+    except BaseException as exc:
+        reason = _expected_failure(exc)
+        if reason is None:
+            raise
+        print(f"peerdaemon: {reason}", file=sys.stderr)
+        return 1
+    log.info("peerdaemon stopped")
+    return 0
+
+
+def _expected_failure(exc: BaseException) -> BaseException | None:
+    """A start-up failure to report in one line (data dir locked, socket in use...), if that is all."""
+    if isinstance(exc, BaseExceptionGroup):
+        leaves = [_expected_failure(e) for e in exc.exceptions]
+        return leaves[0] if leaves and all(leaves) else None
+    return exc if isinstance(exc, StoreError | OSError | RuntimeError) else None

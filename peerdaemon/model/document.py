@@ -1,0 +1,84 @@
+"""The public face of the model: environments in, environments out, and whole-file writes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pycrdt import Doc
+
+from .edits import sync_entities, sync_fields, sync_plain_array
+from .layout import ENV_ROOT, META_ROOT, js_value, normalize, read, root_array, root_map
+from .repair import check_environment, check_storable, is_newer, repair
+from .schema import KINDS, MODEL_VERSION, ORDER_SUFFIX, ROOT_ENTITY_LISTS, ROOT_REF_LIST
+
+_TOP_LISTS = (*ROOT_ENTITY_LISTS, ROOT_REF_LIST)
+
+
+def prepare(env: Any, env_id: str | None = None) -> tuple[dict[str, Any], list[str]]:
+    """Check and repair a JSON environment before it touches a document; returns a copy."""
+    check_environment(env)
+    env = normalize(js_value(env))  # a copy, with numbers as they will export
+    if is_newer(env):
+        check_storable(env)
+    notes = repair(env)
+    if env_id is not None and env.get("uuid") != env_id:
+        if "uuid" in env:
+            notes.append(f"uuid {env['uuid']!r} is not this environment's id; kept {env_id}")
+        env["uuid"] = env_id
+    return env, notes
+
+
+def apply_environment(doc: Doc, env: dict[str, Any], origin: Any = None) -> None:
+    """Bring `doc` to the prepared environment `env` with the smallest change, in one transaction."""
+    env = js_value(env)
+    with doc.transaction(origin=origin):
+        top = {k: v for k, v in env.items() if k not in _TOP_LISTS}
+        sync_fields(root_map(doc, ENV_ROOT), top, KINDS["environment"])
+        for key, kind in ROOT_ENTITY_LISTS.items():
+            value = env.get(key, [])
+            sync_entities(
+                root_map(doc, key),
+                root_array(doc, key + ORDER_SUFFIX),
+                value if isinstance(value, list) else [],
+                KINDS[kind],
+            )
+        refs = env.get(ROOT_REF_LIST, [])
+        sync_plain_array(root_array(doc, ROOT_REF_LIST), refs if isinstance(refs, list) else [])
+        meta = root_map(doc, META_ROOT)
+        absent = sorted(k for k in _TOP_LISTS if k not in env)
+        if meta.get("model") != MODEL_VERSION:
+            meta["model"] = MODEL_VERSION
+        current = meta.get("absent")
+        if (current or []) != absent:
+            if absent:
+                meta["absent"] = absent
+            elif "absent" in meta:
+                del meta["absent"]
+
+
+def import_environment(
+    env: Any, env_id: str | None = None, origin: Any = None
+) -> tuple[Doc, dict[str, Any], list[str]]:
+    """A new document holding `env` (repaired); returns it, the stored JSON and the repairs."""
+    prepared, notes = prepare(env, env_id)
+    doc = Doc()
+    apply_environment(doc, prepared, origin)
+    return doc, prepared, notes
+
+
+def export_environment(doc: Doc, env_id: str | None = None) -> dict[str, Any]:
+    """The document as a valid Mockoon environment, whatever merges or clients put in it."""
+    env = read(doc)
+    repair(env)
+    if env_id is not None:
+        env["uuid"] = env_id
+    return env
+
+
+__all__ = [
+    "apply_environment",
+    "export_environment",
+    "import_environment",
+    "is_newer",
+    "prepare",
+]

@@ -1,0 +1,169 @@
+"""The Yjs layout of an environment (docs/model.md): building shared types and reading them back.
+
+Reading never trusts the document: any Yjs client may have written any shape, so `read()` keeps
+what fits the layout, drops what cannot be an entity, and leaves the rest to `repair`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from pycrdt import Array, Doc, Map, Text
+
+from .schema import KINDS, ORDER_SUFFIX, ROOT_ENTITY_LISTS, ROOT_REF_LIST, Kind
+
+ENV_ROOT = "environment"
+META_ROOT = "meta"
+GENERIC = KINDS["generic"]
+
+
+def root_map(doc: Doc, name: str) -> Map:
+    return doc.get(name, type=Map)
+
+
+def root_array(doc: Doc, name: str) -> Array:
+    return doc.get(name, type=Array)
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON -> new shared types (preliminary, integrated when assigned into the document)
+
+
+def build_value(value: Any, kind: Kind = GENERIC) -> Any:
+    """A shared type (or plain value) for a JSON value that is not yet in the document."""
+    if isinstance(value, dict):
+        return Map(build_fields(value, kind))
+    if isinstance(value, list):
+        return Array([build_value(v) for v in value])
+    return value
+
+
+def build_fields(obj: dict[str, Any], kind: Kind) -> dict[str, Any]:
+    """The entries of a Y.Map for one JSON object of a known kind."""
+    out: dict[str, Any] = {}
+    for key, value in obj.items():
+        if key in kind.texts and isinstance(value, str):
+            out[key] = Text(value)
+        elif key in kind.entity_lists and isinstance(value, list):
+            sub = KINDS[kind.entity_lists[key]]
+            out[key] = Map({e["uuid"]: Map(build_fields(e, sub)) for e in value})
+            out[key + ORDER_SUFFIX] = Array([e["uuid"] for e in value])
+        elif key in kind.object_lists and isinstance(value, list):
+            sub = KINDS[kind.object_lists[key]]
+            out[key] = Array([build_value(v, sub) for v in value])
+        elif key in kind.ref_lists and isinstance(value, list):
+            out[key] = Array(list(value))
+        else:
+            out[key] = build_value(value)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# document -> JSON (before repair)
+
+
+_JS_EXPONENT = 1e21
+"""From here on `JSON.stringify` writes an integral number with an exponent (1e+21)."""
+
+_MAX_SAFE = 2**53
+
+
+def js_value(value: Any) -> Any:
+    """A JSON value as JavaScript's `JSON.parse` holds it, so the document can store it.
+
+    Integers beyond 2**53 are doubles in JavaScript; pycrdt would store them as Yjs BigInts
+    (which JavaScript clients read as BigInt, which JSON.stringify refuses), reads some of them
+    back rounded through a double, and panics on integers beyond 64 bits. `JSON.stringify`
+    writes non-finite numbers (Python's json reads NaN, Infinity) as null.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        if -_MAX_SAFE <= value <= _MAX_SAFE:
+            return value
+        try:
+            return float(value)
+        except OverflowError:
+            return None
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: js_value(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [js_value(v) for v in value]
+    return value
+
+
+def normalize(value: Any) -> Any:
+    """JSON as JavaScript writes it: pycrdt hands every number back as a float."""
+    if isinstance(value, float):
+        if value.is_integer() and abs(value) < _JS_EXPONENT:
+            return int(value)
+        return value
+    if isinstance(value, dict):
+        return {k: normalize(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [normalize(v) for v in value]
+    return value
+
+
+def read(doc: Doc) -> dict[str, Any]:
+    """The environment as JSON, assembled from the document's root types."""
+    env = normalize(root_map(doc, ENV_ROOT).to_py() or {})
+    meta = root_map(doc, META_ROOT).to_py() or {}
+    absent = meta.get("absent")
+    absent = set(absent) if isinstance(absent, list) else set()
+    for key, kind in ROOT_ENTITY_LISTS.items():
+        items = normalize(root_map(doc, key).to_py() or {})
+        order = root_array(doc, key + ORDER_SUFFIX).to_py() or []
+        entities = assemble(items, order, KINDS[kind])
+        if entities or key not in absent:
+            env[key] = entities
+        else:
+            env.pop(key, None)
+    refs = normalize(root_array(doc, ROOT_REF_LIST).to_py() or [])
+    if refs or ROOT_REF_LIST not in absent:
+        env[ROOT_REF_LIST] = refs
+    else:
+        env.pop(ROOT_REF_LIST, None)
+    return env
+
+
+def assemble(items: Any, order: Any, kind: Kind) -> list[dict[str, Any]]:
+    """An entity list from its uuid-keyed map and its order array.
+
+    The order array may hold duplicates (concurrent moves) or uuids of deleted entities; the
+    first occurrence wins, and entities missing from it follow, sorted by uuid, so every replica
+    assembles the same list.
+    """
+    if isinstance(items, list):  # a client wrote a plain list: keep what has a uuid, once
+        out, seen = [], set()
+        for e in items:
+            uid = e.get("uuid") if isinstance(e, dict) else None
+            if isinstance(uid, str) and uid and uid not in seen:
+                seen.add(uid)
+                out.append(_assemble_entity(e, kind))
+        return out  # (repairing the rest would give it random uuids: replicas would differ)
+    if not isinstance(items, dict):
+        return []
+    valid = {k for k, v in items.items() if isinstance(v, dict)}
+    ids: list[str] = []
+    seen: set[str] = set()
+    for uid in order if isinstance(order, list) else []:
+        if isinstance(uid, str) and uid in valid and uid not in seen:
+            seen.add(uid)
+            ids.append(uid)
+    ids.extend(sorted(valid - seen))
+    out = []
+    for uid in ids:
+        entity = _assemble_entity(items[uid], kind)
+        entity["uuid"] = uid
+        out.append(entity)
+    return out
+
+
+def _assemble_entity(entity: dict[str, Any], kind: Kind) -> dict[str, Any]:
+    for key, sub in kind.entity_lists.items():
+        order = entity.pop(key + ORDER_SUFFIX, [])
+        if isinstance(entity.get(key), dict | list):  # anything else is left to `repair`
+            entity[key] = assemble(entity[key], order, KINDS[sub])
+    return entity

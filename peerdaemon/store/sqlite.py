@@ -1,0 +1,726 @@
+"""Crash-safe SQLite store: per-environment update log + snapshots, written by group commit.
+
+Why this shape (details in docs/store.md):
+- Callers on the trio thread enqueue synchronously (no await, so the order of enqueues is the
+  order of the log) and get a Ticket; `run()` commits everything queued in ONE transaction in a
+  worker thread and completes the tickets only after COMMIT returned. With WAL +
+  synchronous=FULL, a completed ticket survives a process crash or power loss.
+- While a batch commits, new work piles up for the next one, so fsync latency bounds the commit
+  rate, not the write rate.
+- Every append gets a global `seq` at enqueue time; a compaction records the last seq enqueued
+  before it and deletes only rows up to it, atomically with writing the snapshot.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import sqlite3
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cbor2
+import trio
+
+from .errors import StoreError, StoreLockedError
+from .lock import DataDirLock
+
+__all__ = [
+    "DB_NAME",
+    "SCHEMA_VERSION",
+    "LoadedEnv",
+    "Store",
+    "StoreError",
+    "StoreLockedError",
+    "Ticket",
+]
+
+log = logging.getLogger(__name__)
+
+DB_NAME = "peerdaemon.sqlite3"
+SCHEMA_VERSION = 1
+
+# Bounds of one group commit: large enough to amortise the fsync, small enough that one
+# transaction does not hold tens of MB in the WAL or keep early tickets waiting long.
+MAX_BATCH_OPS = 2048
+MAX_BATCH_BYTES = 32 << 20
+
+_SCHEMA_V1 = """
+CREATE TABLE log (
+    seq    INTEGER PRIMARY KEY,      -- global, assigned at enqueue time, increasing
+    env_id TEXT    NOT NULL,
+    blob   BLOB    NOT NULL          -- one Yjs update, opaque to the store
+);
+CREATE INDEX log_env_seq ON log (env_id, seq);
+CREATE TABLE snapshots (
+    env_id TEXT    PRIMARY KEY,
+    upto   INTEGER NOT NULL,         -- covers every log row of env_id with seq <= upto
+    blob   BLOB    NOT NULL
+);
+CREATE TABLE env_meta (
+    env_id TEXT PRIMARY KEY,
+    meta   BLOB NOT NULL             -- CBOR map
+);
+CREATE TABLE settings (
+    key   TEXT PRIMARY KEY,
+    value BLOB NOT NULL              -- CBOR
+);
+"""
+
+# version -> script that upgrades (version - 1) to version. Version 1 is the initial schema.
+_MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1}
+
+
+@dataclass
+class LoadedEnv:
+    """One environment as read at startup: apply `updates` in order to an empty document."""
+
+    updates: list[bytes] = field(default_factory=list)  # snapshot first (if any), then log rows
+    meta: dict = field(default_factory=dict)
+
+
+class Ticket:
+    """Completion handle of one enqueued write.
+
+    `await wait()` returns once the write is committed (durable) and raises StoreError if it
+    failed. Any number of tasks may wait, before or after completion.
+    """
+
+    __slots__ = ("_event", "_error", "seq")
+
+    def __init__(self, seq: int | None = None) -> None:
+        self._event = trio.Event()
+        self._error: BaseException | None = None
+        self.seq = seq  # the log seq of an append, else None
+
+    @property
+    def done(self) -> bool:
+        return self._event.is_set()
+
+    @property
+    def failed(self) -> bool:
+        return self._error is not None
+
+    async def wait(self) -> None:
+        """Block until durable; raise StoreError if the write was not committed."""
+        await self._event.wait()
+        if self._error is not None:
+            raise StoreError(f"write failed: {self._error}") from self._error
+
+    def _complete(self, error: BaseException | None = None) -> None:
+        if not self._event.is_set():
+            self._error = error
+            self._event.set()
+
+
+@dataclass(slots=True)
+class _Op:
+    kind: str  # "append" | "meta" | "delete" | "compact" | "setting"
+    key: str  # env id, or setting key
+    blob: bytes | None
+    seq: int  # append: its seq; compact: last seq covered
+    ticket: Ticket
+
+
+_Outcome = list[BaseException | None] | BaseException  # per-op errors, or the batch's error
+
+
+@dataclass(slots=True)
+class _Batch:
+    """A batch taken off the queue; `outcome` is set once written (by the worker or close())."""
+
+    ops: list[_Op]
+    outcome: _Outcome | None = None
+
+
+class _Counts:
+    """Rows/bytes of the log since the env's last snapshot, as enqueued."""
+
+    __slots__ = ("rows", "bytes")
+
+    def __init__(self, rows: int = 0, nbytes: int = 0) -> None:
+        self.rows = rows
+        self.bytes = nbytes
+
+
+class Store:
+    """The update log + snapshots of every environment in one SQLite file, plus the dir lock.
+
+    Threading: every public method except `run()` is synchronous and must be called from the
+    trio thread (or before/after trio runs). The writer connection is only used by the worker
+    thread of `run()` (or by `close()` while no batch is in flight); sync reads (`load`,
+    `stats`, `env_stats`) go through a second, query-only connection, which in WAL mode never
+    blocks on the writer.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        lock: DataDirLock,
+        db: sqlite3.Connection,
+        reader: sqlite3.Connection,
+        *,
+        compact_count: int,
+        compact_bytes: int,
+    ) -> None:
+        self.data_dir = data_dir
+        self.db_path = data_dir / DB_NAME
+        self.compact_count = compact_count
+        self.compact_bytes = compact_bytes
+        self._lock = lock
+        self._db = db
+        self._db_lock = threading.Lock()  # writer connection: worker thread vs close()
+        self._reader = reader
+        self._reader_lock = threading.Lock()
+        self._queue: collections.deque[_Op] = collections.deque()
+        self._wakeup = trio.Event()
+        self._closed = False
+        self._db_closed = False
+        self._running = False
+        self._inflight: _Batch | None = None
+        self._next_seq = 1
+        self._counts: dict[str, _Counts] = {}
+        self._settings: dict[str, Any] = {}
+        self._commits = 0
+        self._batched_writes = 0
+        self._failed_writes = 0
+
+    # ------------------------------------------------------------------ open / close
+
+    @classmethod
+    def open(
+        cls, data_dir: Path, *, compact_count: int = 1000, compact_bytes: int = 8 << 20
+    ) -> Store:
+        """Lock `data_dir` (created 0700 if missing), open/upgrade the database, read counters.
+
+        Raises StoreLockedError if another process holds the directory, StoreError if the
+        database cannot be opened or was written by a newer peerdaemon.
+        """
+        if compact_count < 1 or compact_bytes < 1:
+            raise ValueError("compaction thresholds must be positive")
+        data_dir = Path(data_dir)
+        try:
+            data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"cannot create data directory {data_dir}: {e}") from e
+        lock = DataDirLock(data_dir)
+        lock.acquire()
+        db = reader = None
+        try:
+            db_path = data_dir / DB_NAME
+            db = _connect(db_path)
+            _init_writer(db)
+            reader = _connect(db_path)
+            reader.execute("PRAGMA query_only = ON")
+            store = cls(
+                data_dir,
+                lock,
+                db,
+                reader,
+                compact_count=compact_count,
+                compact_bytes=compact_bytes,
+            )
+            store._read_counters()
+            return store
+        except BaseException as e:
+            for conn in (reader, db):
+                if conn is not None:
+                    conn.close()
+            lock.release()
+            if isinstance(e, sqlite3.Error):
+                raise StoreError(f"cannot open database in {data_dir}: {e}") from e
+            raise
+
+    def close(self) -> None:
+        """Flush anything still queued (synchronously), close the database, release the lock.
+
+        Safe to call twice. Normally `run()` has already flushed during shutdown; the flush
+        here covers a store that was used without a running writer.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._wakeup.set()  # let a waiting run() notice and return
+        try:
+            with self._db_lock:  # waits for a batch of run() that is being written
+                inflight = self._inflight
+                if inflight is not None and inflight.outcome is None:
+                    # run() took this batch but its worker has not started: write it first,
+                    # the worker will find it done and run() completes its tickets.
+                    inflight.outcome = self._apply_batch_safe(inflight.ops)
+                while self._queue:
+                    ops = self._take_batch()
+                    self._finish_batch(ops, self._apply_batch_safe(ops))
+                try:
+                    self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                except sqlite3.Error:
+                    log.warning("store: WAL checkpoint at close failed", exc_info=True)
+                self._db.close()
+                self._db_closed = True
+            with self._reader_lock:
+                self._reader.close()
+        finally:
+            self._lock.release()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # ------------------------------------------------------------------ reads
+
+    def load(self) -> dict[str, LoadedEnv]:
+        """Every environment with a snapshot, log rows or meta, as committed.
+
+        One query per table inside one read transaction, so a concurrent compaction cannot
+        tear the view. Call at startup, before enqueueing: queued writes are not included.
+        """
+        envs: dict[str, LoadedEnv] = {}
+        uptos: dict[str, int] = {}
+        with self._read() as r:
+            for env_id, upto, blob in r.execute("SELECT env_id, upto, blob FROM snapshots"):
+                envs[env_id] = LoadedEnv(updates=[blob])
+                uptos[env_id] = upto
+            for seq, env_id, blob in r.execute("SELECT seq, env_id, blob FROM log ORDER BY seq"):
+                if seq <= uptos.get(env_id, 0):
+                    continue  # covered by the snapshot (cannot happen; compaction is atomic)
+                env = envs.get(env_id)
+                if env is None:
+                    env = envs[env_id] = LoadedEnv()
+                env.updates.append(blob)
+            for env_id, meta in r.execute("SELECT env_id, meta FROM env_meta"):
+                env = envs.get(env_id)
+                if env is None:
+                    env = envs[env_id] = LoadedEnv()
+                env.meta = _decode_map(meta, f"meta of {env_id!r}")
+        return envs
+
+    def needs_compaction(self, env_id: str) -> bool:
+        """Whether the log since the last snapshot reached a threshold, counting what is
+        enqueued (not only committed), so the caller can compact under sustained load."""
+        c = self._counts.get(env_id)
+        return c is not None and (c.rows >= self.compact_count or c.bytes >= self.compact_bytes)
+
+    def stats(self) -> dict:
+        """Committed totals plus writer counters since open."""
+        with self._read() as r:
+            n_envs = r.execute(
+                "SELECT count(*) FROM (SELECT env_id FROM log UNION SELECT env_id FROM snapshots"
+                " UNION SELECT env_id FROM env_meta)"
+            ).fetchone()[0]
+            log_rows, log_bytes = r.execute(
+                "SELECT count(*), coalesce(sum(length(blob)), 0) FROM log"
+            ).fetchone()
+            snap_bytes = r.execute(
+                "SELECT coalesce(sum(length(blob)), 0) FROM snapshots"
+            ).fetchone()[0]
+        return {
+            "environments": n_envs,
+            "log_rows": log_rows,
+            "log_bytes": log_bytes,
+            "snapshot_bytes": snap_bytes,
+            "db_bytes": self._db_bytes(),
+            "commits": self._commits,
+            "batched_writes": self._batched_writes,
+            "failed_writes": self._failed_writes,
+            "queued": len(self._queue),
+        }
+
+    def env_stats(self, env_id: str) -> dict:
+        """Committed size of one environment, plus the enqueued rows/bytes since its snapshot."""
+        with self._read() as r:
+            log_rows, log_bytes = r.execute(
+                "SELECT count(*), coalesce(sum(length(blob)), 0) FROM log WHERE env_id = ?",
+                (env_id,),
+            ).fetchone()
+            snap = r.execute(
+                "SELECT upto, length(blob) FROM snapshots WHERE env_id = ?", (env_id,)
+            ).fetchone()
+            has_meta = (
+                r.execute("SELECT 1 FROM env_meta WHERE env_id = ?", (env_id,)).fetchone()
+                is not None
+            )
+        c = self._counts.get(env_id) or _Counts()
+        return {
+            "log_rows": log_rows,
+            "log_bytes": log_bytes,
+            "snapshot_bytes": snap[1] if snap else 0,
+            "snapshot_upto": snap[0] if snap else None,
+            "has_meta": has_meta,
+            "rows_since_snapshot": c.rows,
+            "bytes_since_snapshot": c.bytes,
+        }
+
+    def get_setting(self, key: str, default: Any = None) -> Any:
+        """The latest value put for `key`, including puts not yet committed."""
+        return self._settings.get(key, default)
+
+    # ------------------------------------------------------------------ writes
+
+    def enqueue_append(self, env_id: str, update: bytes) -> Ticket:
+        """Queue one update for `env_id`; the log keeps enqueue order."""
+        blob = bytes(update)
+        seq = self._next_seq
+        self._next_seq += 1
+        ticket = Ticket(seq)
+        self._push(_Op("append", env_id, blob, seq, ticket))
+        c = self._counts.get(env_id)
+        if c is None:
+            c = self._counts[env_id] = _Counts()
+        c.rows += 1
+        c.bytes += len(blob)
+        return ticket
+
+    def enqueue_meta(self, env_id: str, meta: dict) -> Ticket:
+        """Queue a replacement of `env_id`'s metadata (CBOR-encoded now, so errors are sync)."""
+        if not isinstance(meta, dict):
+            raise StoreError(f"meta must be a dict, not {type(meta).__name__}")
+        return self._push(_Op("meta", env_id, _encode(meta), 0, Ticket()))
+
+    def enqueue_delete(self, env_id: str) -> Ticket:
+        """Queue removal of `env_id`'s log, snapshot and meta (appends queued later survive)."""
+        ticket = self._push(_Op("delete", env_id, None, 0, Ticket()))
+        self._counts.pop(env_id, None)
+        return ticket
+
+    def enqueue_compact(self, env_id: str, snapshot: bytes) -> Ticket:
+        """Queue `snapshot` (the full state as of now) to replace the older snapshot and every
+        log row of `env_id` enqueued before this call, atomically. Later appends are kept."""
+        ticket = self._push(_Op("compact", env_id, bytes(snapshot), self._next_seq - 1, Ticket()))
+        self._counts[env_id] = _Counts()
+        return ticket
+
+    def put_setting(self, key: str, value: Any) -> Ticket:
+        """Queue a CBOR value for `key`; `get_setting` sees it immediately."""
+        blob = _encode(value)
+        ticket = self._push(_Op("setting", key, blob, 0, Ticket()))
+        self._settings[key] = cbor2.loads(blob)  # a copy, as a reopen would see it
+        return ticket
+
+    def _push(self, op: _Op) -> Ticket:
+        if self._closed:
+            raise StoreError("store is closed")
+        if not isinstance(op.key, str):
+            raise StoreError(f"key must be str, not {type(op.key).__name__}")
+        self._queue.append(op)
+        self._wakeup.set()
+        return op.ticket
+
+    # ------------------------------------------------------------------ writer service
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The group-commit writer. Run it in the daemon's nursery; cancel it to shut down.
+
+        On cancellation it flushes everything still queued (shielded) before re-raising, so
+        nothing enqueued before shutdown is dropped. A failed batch fails its tickets and the
+        loop goes on.
+        """
+        if self._running:
+            raise RuntimeError("Store.run() is already running")
+        if self._closed:
+            raise StoreError("store is closed")
+        self._running = True
+        task_status.started()
+        try:
+            while not self._closed:
+                await trio.lowlevel.checkpoint_if_cancelled()
+                if not self._queue:
+                    self._wakeup = trio.Event()
+                    await self._wakeup.wait()
+                    continue
+                await self._flush_once()
+        finally:
+            with trio.CancelScope(shield=True):
+                while self._queue and not self._closed:
+                    await self._flush_once()
+            self._running = False
+
+    async def _flush_once(self) -> None:
+        """Commit one batch in a worker thread, then complete its tickets (shielded: a batch
+        taken off the queue is always finished)."""
+        batch = _Batch(self._take_batch())
+        self._inflight = batch
+        try:
+            with trio.CancelScope(shield=True):
+                outcome = await trio.to_thread.run_sync(self._apply_inflight, batch)
+        finally:
+            self._inflight = None
+        self._finish_batch(batch.ops, outcome)
+
+    def _take_batch(self) -> list[_Op]:
+        batch: list[_Op] = []
+        size = 0
+        q = self._queue
+        while q and len(batch) < MAX_BATCH_OPS:
+            n = len(q[0].blob or b"")
+            if batch and size + n > MAX_BATCH_BYTES:
+                break
+            batch.append(q.popleft())
+            size += n
+        return batch
+
+    def _apply_inflight(self, batch: _Batch) -> _Outcome:
+        """Worker thread: write `batch` unless close() already did."""
+        with self._db_lock:
+            if batch.outcome is None:
+                batch.outcome = self._apply_batch_safe(batch.ops)
+            return batch.outcome
+
+    def _apply_batch_safe(self, ops: list[_Op]) -> _Outcome:
+        """`_apply_batch`, with a failure of the whole batch returned instead of raised."""
+        if self._db_closed:
+            return StoreError("store was closed before the write")
+        try:
+            return self._apply_batch(ops)
+        except Exception as e:
+            log.exception("store: commit of %d writes failed", len(ops))
+            return e
+
+    def _apply_batch(self, batch: list[_Op]) -> list[BaseException | None]:
+        """Worker thread: one transaction for the whole batch; returns per-op errors.
+
+        A statement that fails on its own (e.g. a constraint) fails only its op: SQLite rolls
+        back just that statement, and multi-statement ops run in a SAVEPOINT. If SQLite instead
+        abandoned the whole transaction (I/O error, disk full), or COMMIT fails, this raises
+        and every op of the batch fails.
+        """
+        db = self._db
+        errors: list[BaseException | None] = [None] * len(batch)
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for i, op in enumerate(batch):
+                multi = op.kind in ("delete", "compact")
+                try:
+                    if multi:
+                        db.execute("SAVEPOINT op")
+                    _APPLY[op.kind](db, op)
+                    if multi:
+                        db.execute("RELEASE op")
+                except sqlite3.Error as e:
+                    if not db.in_transaction:
+                        raise
+                    if multi:
+                        db.execute("ROLLBACK TO op")
+                        db.execute("RELEASE op")
+                    errors[i] = e
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                try:
+                    db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    log.exception("store: rollback failed")
+            raise
+        return errors
+
+    def _finish_batch(self, batch: list[_Op], outcome: _Outcome) -> None:
+        """Trio thread (or close()): complete the batch's tickets, in order."""
+        if isinstance(outcome, BaseException):
+            errors: list[BaseException | None] = [outcome] * len(batch)
+        else:
+            errors = outcome
+            self._commits += 1
+        failed = 0
+        for op, err in zip(batch, errors, strict=True):
+            if err is None:
+                self._batched_writes += 1
+            else:
+                failed += 1
+                if not isinstance(outcome, BaseException):
+                    log.error("store: %s of %r failed: %s", op.kind, op.key, err)
+            op.ticket._complete(err)
+        if failed:
+            self._failed_writes += failed
+            self._recount()
+
+    def _recount(self) -> None:
+        """After a failure the enqueue-time counters over-count: rebuild them from the
+        committed log plus what is still queued."""
+        if self._closed:
+            return
+        try:
+            with self._read() as r:
+                self._counts = {
+                    env_id: _Counts(rows, nbytes)
+                    for env_id, rows, nbytes in r.execute(
+                        "SELECT env_id, count(*), sum(length(blob)) FROM log GROUP BY env_id"
+                    )
+                }
+        except (sqlite3.Error, StoreError):
+            log.exception("store: recount failed")
+            return
+        self._replay_counts(self._queue)
+
+    def _replay_counts(self, ops: Iterable[_Op]) -> None:
+        for op in ops:
+            if op.kind == "append":
+                c = self._counts.setdefault(op.key, _Counts())
+                c.rows += 1
+                c.bytes += len(op.blob or b"")
+            elif op.kind == "compact":
+                self._counts[op.key] = _Counts()
+            elif op.kind == "delete":
+                self._counts.pop(op.key, None)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _read_counters(self) -> None:
+        """At open: next seq, per-env counts since snapshot, settings."""
+        with self._read() as r:
+            max_log = r.execute("SELECT coalesce(max(seq), 0) FROM log").fetchone()[0]
+            max_snap = r.execute("SELECT coalesce(max(upto), 0) FROM snapshots").fetchone()[0]
+            self._next_seq = max(max_log, max_snap) + 1
+            self._counts = {
+                env_id: _Counts(rows, nbytes)
+                for env_id, rows, nbytes in r.execute(
+                    "SELECT env_id, count(*), sum(length(blob)) FROM log GROUP BY env_id"
+                )
+            }
+            self._settings = {
+                key: _decode(value, f"setting {key!r}")
+                for key, value in r.execute("SELECT key, value FROM settings")
+            }
+
+    def _read(self) -> _ReadTxn:
+        if self._closed:
+            raise StoreError("store is closed")
+        return _ReadTxn(self._reader, self._reader_lock)
+
+    def _db_bytes(self) -> int:
+        total = 0
+        for suffix in ("", "-wal"):
+            try:
+                total += os.path.getsize(str(self.db_path) + suffix)
+            except OSError:
+                pass
+        return total
+
+
+class _ReadTxn:
+    """One read transaction on the query-only connection: a consistent snapshot in WAL mode."""
+
+    def __init__(self, conn: sqlite3.Connection, lock: threading.Lock) -> None:
+        self._conn = conn
+        self._lock = lock
+
+    def __enter__(self) -> sqlite3.Connection:
+        self._lock.acquire()
+        try:
+            self._conn.execute("BEGIN")
+        except BaseException:
+            self._lock.release()
+            raise
+        return self._conn
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self._conn.execute("COMMIT")
+        finally:
+            self._lock.release()
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    # isolation_level=None: we issue BEGIN/COMMIT ourselves. check_same_thread=False: trio's
+    # worker threads differ from call to call; access is serialised by the Store's locks.
+    conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=10.0)
+    return conn
+
+
+def _init_writer(db: sqlite3.Connection) -> None:
+    mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+    if str(mode).lower() != "wal":
+        raise StoreError(f"cannot enable WAL journal mode (got {mode!r})")
+    db.execute("PRAGMA synchronous = FULL")  # fsync the WAL at every COMMIT
+    db.execute("PRAGMA fullfsync = ON")  # macOS: F_FULLFSYNC, else FULL is not durable there
+    db.execute("PRAGMA journal_size_limit = 67108864")  # shrink the WAL back after checkpoints
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise StoreError(
+            f"database schema version {version} is newer than this peerdaemon "
+            f"supports ({SCHEMA_VERSION}); upgrade peerdaemon"
+        )
+    for target in range(version + 1, SCHEMA_VERSION + 1):
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for stmt in _MIGRATIONS[target].split(";"):
+                if stmt.strip():
+                    db.execute(stmt)
+            db.execute(f"PRAGMA user_version = {target}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+
+def _encode(value: Any) -> bytes:
+    try:
+        return cbor2.dumps(value)
+    except (cbor2.CBOREncodeError, TypeError, ValueError) as e:
+        raise StoreError(f"value is not CBOR-encodable: {e}") from e
+
+
+def _decode(blob: bytes, what: str) -> Any:
+    try:
+        return cbor2.loads(blob)
+    except (cbor2.CBORDecodeError, ValueError) as e:
+        raise StoreError(f"corrupt {what}: {e}") from e
+
+
+def _decode_map(blob: bytes, what: str) -> dict:
+    value = _decode(blob, what)
+    if not isinstance(value, dict):
+        raise StoreError(f"corrupt {what}: not a map")
+    return value
+
+
+def _apply_append(db: sqlite3.Connection, op: _Op) -> None:
+    db.execute("INSERT INTO log (seq, env_id, blob) VALUES (?, ?, ?)", (op.seq, op.key, op.blob))
+
+
+def _apply_meta(db: sqlite3.Connection, op: _Op) -> None:
+    db.execute(
+        "INSERT INTO env_meta (env_id, meta) VALUES (?, ?)"
+        " ON CONFLICT (env_id) DO UPDATE SET meta = excluded.meta",
+        (op.key, op.blob),
+    )
+
+
+def _apply_delete(db: sqlite3.Connection, op: _Op) -> None:
+    db.execute("DELETE FROM log WHERE env_id = ?", (op.key,))
+    db.execute("DELETE FROM snapshots WHERE env_id = ?", (op.key,))
+    db.execute("DELETE FROM env_meta WHERE env_id = ?", (op.key,))
+
+
+def _apply_compact(db: sqlite3.Connection, op: _Op) -> None:
+    db.execute("DELETE FROM log WHERE env_id = ? AND seq <= ?", (op.key, op.seq))
+    db.execute(
+        "INSERT INTO snapshots (env_id, upto, blob) VALUES (?, ?, ?)"
+        " ON CONFLICT (env_id) DO UPDATE SET upto = excluded.upto, blob = excluded.blob",
+        (op.key, op.seq, op.blob),
+    )
+
+
+def _apply_setting(db: sqlite3.Connection, op: _Op) -> None:
+    db.execute(
+        "INSERT INTO settings (key, value) VALUES (?, ?)"
+        " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        (op.key, op.blob),
+    )
+
+
+_APPLY = {
+    "append": _apply_append,
+    "meta": _apply_meta,
+    "delete": _apply_delete,
+    "compact": _apply_compact,
+    "setting": _apply_setting,
+}
