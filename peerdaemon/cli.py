@@ -20,6 +20,7 @@ from typing import Any, NoReturn
 
 from peerdaemon.api.client import Client, ClientError
 from peerdaemon.daemon.paths import default_data_dir, default_socket_path
+from peerdaemon.model.schema import LAST_MIGRATION
 
 __all__ = ["CliError", "build_parser", "main"]
 
@@ -110,6 +111,15 @@ def _report_repairs(result: Any) -> None:
     if isinstance(result, dict):
         for repair in result.get("repairs") or ():
             _warn(f"repaired: {repair}")
+        if result.get("newer"):
+            _warn_newer()
+
+
+def _warn_newer() -> None:
+    _warn(
+        "warning: this environment was written by a newer Mockoon than peerdaemon knows "
+        f"(lastMigration > {LAST_MIGRATION}); it is kept exactly as it is"
+    )
 
 
 def _socket_path(args: argparse.Namespace) -> Path:
@@ -127,7 +137,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise CliError(f"the daemon is not available in this installation: {exc}") from None
     data_dir = Path(args.data_dir).expanduser() if args.data_dir else default_data_dir()
-    return int(run_daemon(data_dir, _socket_path(args)) or 0)
+    options = {"name": args.name} if getattr(args, "name", None) else {}
+    if getattr(args, "mirror_dir", None):
+        options["mirror_dir"] = Path(args.mirror_dir).expanduser().absolute()
+    return int(run_daemon(data_dir, _socket_path(args), **options) or 0)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -187,9 +200,15 @@ def cmd_env_list(args: argparse.Namespace) -> int:
 
 
 def cmd_env_import(args: argparse.Namespace) -> int:
+    if getattr(args, "link", False) and args.file == "-":
+        raise CliError("--link needs a FILE to link, not stdin")
     text = _read_text(args.file)
     with _connect(args) as client:
-        result = client.import_env(text, new_id=args.new_id)
+        if getattr(args, "link", False):  # import, then keep FILE linked (docs/mirror.md)
+            path = os.path.abspath(args.file)
+            result = client.call("env.import_link", json=text, new_id=args.new_id, path=path)
+        else:
+            result = client.import_env(text, new_id=args.new_id)
     _report_repairs(result)
     print(result["id"] if isinstance(result, dict) else result)
     return 0
@@ -211,6 +230,9 @@ def cmd_env_export(args: argparse.Namespace) -> int:
         else:
             _write_file_atomic(Path(args.output), data)
         return 0
+    last = result.get("lastMigration") if isinstance(result, dict) else None
+    if isinstance(last, int | float) and not isinstance(last, bool) and last > LAST_MIGRATION:
+        _warn_newer()
     text = _to_json(result)  # Mockoon's own layout: JSON.stringify(env, null, 2)
     if args.output is None:
         print(text)
@@ -273,6 +295,147 @@ def cmd_env_watch(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- spaces, sharing, config (docs/spaces.md) ---------------------------------------------------
+def _call(args: argparse.Namespace, op: str, **call_args: Any) -> Any:
+    with _connect(args) as client:
+        return client.call(op, **call_args)
+
+
+def cmd_space_create(args: argparse.Namespace) -> int:
+    print(_call(args, "space.create", name=args.name)["id"])
+    return 0
+
+
+def cmd_space_invite(args: argparse.Namespace) -> int:
+    call_args: dict[str, Any] = {"space": args.space}
+    if args.address:
+        call_args["addresses"] = args.address
+    print(_call(args, "space.invite", **call_args)["code"])
+    return 0
+
+
+def cmd_space_join(args: argparse.Namespace) -> int:
+    result = _call(args, "space.join", code=args.code)
+    print(result["id"])
+    return 0
+
+
+def cmd_space_list(args: argparse.Namespace) -> int:
+    spaces = _call(args, "space.list")
+    if args.json:
+        print(_to_json(spaces))
+        return 0
+    rows = [("ID", "NAME", "MEMBERS", "ENVIRONMENTS")]
+    for space in spaces or ():
+        members = [m.get("name") or m.get("device", "?")[:7] for m in space.get("members", ())]
+        envs = [e.get("name") or e.get("id") for e in space.get("environments", ())]
+        rows.append((_cell(space.get("id")), _cell(space.get("name")), _cell(members), _cell(envs)))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[3])
+    return 0
+
+
+def cmd_space_leave(args: argparse.Namespace) -> int:
+    _call(args, "space.leave", space=args.space)
+    return 0
+
+
+def cmd_env_share(args: argparse.Namespace) -> int:
+    result = _call(args, "env.share", id=args.id, space=args.space, copy=args.copy)
+    print(result["id"])
+    return 0
+
+
+def cmd_env_unshare(args: argparse.Namespace) -> int:
+    _call(args, "env.unshare", id=args.id)
+    return 0
+
+
+def cmd_config_get(args: argparse.Namespace) -> int:
+    value = _call(args, "config.get", key=args.key)
+    print(value if isinstance(value, str) else _to_json(value))
+    return 0
+
+
+def cmd_config_set(args: argparse.Namespace) -> int:
+    _call(args, "config.set", key=args.key, value=args.value)
+    return 0
+
+
+def _add_space_commands(commands: Any, envs: Any, command: Callable[..., Any]) -> None:
+    p = command(envs, "share", cmd_env_share, "share an environment in a space; prints its id")
+    p.add_argument("id", metavar="ID")
+    p.add_argument("--space", metavar="SPACE", required=True, help="space id or name")
+    p.add_argument(
+        "--copy", action="store_true", help="share a duplicate with a new id, keep this one local"
+    )
+    p = command(envs, "unshare", cmd_env_unshare, "convert a shared environment back to local")
+    p.add_argument("id", metavar="ID")
+
+    space = commands.add_parser(
+        "space", help="groups of devices sharing environments", description="manage spaces"
+    )
+    spaces = space.add_subparsers(dest="space_command", metavar="SPACE_COMMAND", required=True)
+    p = command(spaces, "create", cmd_space_create, "create a space; prints its id")
+    p.add_argument("name", metavar="NAME")
+    p = command(spaces, "invite", cmd_space_invite, "print an invite code for a space")
+    p.add_argument("space", metavar="SPACE", help="space id or name")
+    p.add_argument(
+        "--address", metavar="HOST:PORT", action="append",
+        help="where this daemon can be reached (repeatable; default: what the daemon knows)",
+    )
+    p = command(spaces, "join", cmd_space_join, "join a space with an invite code; prints its id")
+    p.add_argument("code", metavar="CODE")
+    p = command(spaces, "list", cmd_space_list, "list spaces, members and shared environments")
+    p.add_argument("--json", action="store_true", help="print the list as JSON")
+    p = command(spaces, "leave", cmd_space_leave, "leave a space (its environments stay local)")
+    p.add_argument("space", metavar="SPACE", help="space id or name")
+
+    config = commands.add_parser("config", help="daemon settings", description="daemon settings")
+    configs = config.add_subparsers(dest="config_command", metavar="CONFIG_COMMAND", required=True)
+    p = command(configs, "get", cmd_config_get, "print a setting (name)")
+    p.add_argument("key", metavar="KEY")
+    p = command(configs, "set", cmd_config_set, "change a setting (name)")
+    p.add_argument("key", metavar="KEY")
+    p.add_argument("value", metavar="VALUE")
+
+
+# --- mirrors (docs/mirror.md) ------------------------------------------------------------------
+def cmd_env_link(args: argparse.Namespace) -> int:
+    path = os.path.abspath(os.path.expanduser(args.file))  # the daemon's cwd is not ours
+    with _connect(args) as client:
+        result = client.call("env.link", id=args.id, path=path, overwrite=args.overwrite)
+    if isinstance(result, dict) and result.get("error"):  # linked, but not writable yet
+        _warn(f"linked, but: {result['error']} (retrying; see `peerdaemon env links`)")
+    return 0
+
+
+def cmd_env_unlink(args: argparse.Namespace) -> int:
+    with _connect(args) as client:
+        client.call("env.unlink", id=args.id)
+    return 0
+
+
+def cmd_env_links(args: argparse.Namespace) -> int:
+    with _connect(args) as client:
+        links = client.call("env.links")
+    if args.json:
+        print(_to_json(links))
+        return 0
+    rows = [("ID", "STATE", "PATH")]
+    for link in links or ():
+        state = _cell(link.get("state")) + (" (auto)" if link.get("auto") else "")
+        rows.append((_cell(link.get("id")), state, _cell(link.get("path"))))
+    widths = [max(len(row[i]) for row in rows) for i in range(2)]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[2])
+    for link in links or ():
+        if link.get("error"):
+            _warn(f"{link.get('id')}: {link['error']}")
+    return 0
+
+
 # --- parser -------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -299,6 +462,10 @@ def build_parser() -> argparse.ArgumentParser:
     run = command(commands, "run", cmd_run, "run the daemon in the foreground")
     run.add_argument("--data-dir", metavar="DIR", help="where environments are stored")
     run.add_argument("--socket", metavar="PATH", default=argparse.SUPPRESS, help="socket to listen on")
+    run.add_argument("--name", metavar="NAME", help="this device's name in spaces (kept)")
+    run.add_argument(
+        "--mirror-dir", metavar="DIR", help="mirror every environment into DIR, one file each"
+    )
 
     status = command(commands, "status", cmd_status, "show the daemon's status")
     status.add_argument("--json", action="store_true", help="print the raw status as JSON")
@@ -312,6 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(envs, "import", cmd_env_import, "import a Mockoon environment file; prints its id")
     p.add_argument("file", metavar="FILE", help="environment JSON file, or - for stdin")
     p.add_argument("--new-id", action="store_true", help="give the environment a fresh id")
+    p.add_argument("--link", action="store_true", help="keep FILE linked to the environment")
 
     p = command(envs, "export", cmd_env_export, "export an environment")
     p.add_argument("id", metavar="ID")
@@ -339,6 +507,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command(envs, "watch", cmd_env_watch, "print one JSON line per change (Ctrl-C to stop)")
     p.add_argument("id", metavar="ID")
+
+    p = command(envs, "link", cmd_env_link, "mirror an environment to FILE, both ways")
+    p.add_argument("id", metavar="ID")
+    p.add_argument("file", metavar="FILE", help="the file to keep in step (e.g. Mockoon's own)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace FILE even if it is not this environment"
+    )
+
+    p = command(envs, "unlink", cmd_env_unlink, "stop mirroring an environment (the file stays)")
+    p.add_argument("id", metavar="ID")
+
+    p = command(envs, "links", cmd_env_links, "list linked files and their state")
+    p.add_argument("--json", action="store_true", help="print the links as JSON")
+    _add_space_commands(commands, envs, command)
     return parser
 
 

@@ -92,10 +92,13 @@ def edit(doc, change):
 
     `change(env)` mutates the JSON in place (what it returns is ignored). Returns the applied JSON.
     """
-    env = copy.deepcopy(export_environment(doc))
+    before = export_environment(doc)
+    env = copy.deepcopy(before)
     change(env)
     prepared, _ = prepare(env)
-    apply_environment(doc, prepared)
+    apply_environment(doc, prepared, old=before)  # guided by the previous export, as the daemon
+    # the daemon caches `prepared` as the new export: it must be exactly what the document exports
+    assert_strict_equal(export_environment(doc), prepared)
     return prepared
 
 

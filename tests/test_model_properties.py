@@ -256,13 +256,13 @@ def check_final(docs, log):
     assert_strict_equal(assert_converged(*docs), out)
 
 
-@settings(max_examples=150, **SETTINGS)
+@settings(max_examples=200, **SETTINGS)
 @given(program(2))
 def test_two_replicas_converge_to_a_valid_environment(steps):
     check_final(*run_program(steps, 2))
 
 
-@settings(max_examples=120, **SETTINGS)
+@settings(max_examples=150, **SETTINGS)
 @given(program(3))
 def test_three_replicas_converge_to_a_valid_environment(steps):
     check_final(*run_program(steps, 3))

@@ -241,6 +241,37 @@ def test_numbers_are_written_as_javascript_writes_them():
     assert doc.get_update() == before
 
 
+def test_non_finite_numbers_are_written_as_null():
+    """Python's json reads NaN and Infinity; JSON.stringify writes them as null."""
+    env = json.loads(json.dumps(load("test-env.json")))
+    env["x"] = json.loads('{"nan": NaN, "inf": [Infinity, -Infinity], "huge": 1e999}')
+    doc, prepared, _ = import_environment(env)
+    out = export_environment(doc)
+    assert_strict_equal(out["x"], {"nan": None, "inf": [None, None], "huge": None})
+    assert_strict_equal(out, prepared)
+
+
+def test_lone_surrogates_do_not_crash_and_become_replacement_characters():
+    """JSON may escape half a UTF-16 pair; Yjs (TextEncoder) stores it as U+FFFD."""
+    text = '{"name": "a\\ud800b", "body": "x\\udc00y😀", "key\\ud83d": "\\ud83d\\ude00"}'
+    odd = json.loads(text)
+    env = load("test-env.json")
+    env["name"] = odd["name"]
+    env["routes"][0]["responses"][0]["body"] = odd["body"]
+    env["routes"][0]["documentation"] = odd["body"]
+    env["x"] = odd
+    doc, prepared, _ = import_environment(env)
+    out = export_environment(doc)
+    assert out["name"] == "a\ufffdb"
+    assert out["routes"][0]["responses"][0]["body"] == "x\ufffdy😀"
+    assert out["x"] == {"name": "a\ufffdb", "body": "x\ufffdy😀", "key\ufffd": "😀"}
+    assert_strict_equal(out, prepared)
+    # and as an edit of an existing text
+    env["routes"][1]["responses"][0]["body"] = odd["body"] + "é"
+    apply_environment(doc, prepare(env)[0])
+    assert export_environment(doc)["routes"][1]["responses"][0]["body"] == "x\ufffdy😀é"
+
+
 def test_big_ints_in_entities_and_lists():
     """Integers beyond 2**53 are what JavaScript makes of them, the same on every replica."""
     env = load("test-env.json")
@@ -590,6 +621,16 @@ def _body_to_number(doc, env):
     _route_map(doc, r["uuid"])["responses"][r["responses"][0]["uuid"]]["body"] = 5
 
 
+def _empty_uuid_keys(doc, env):
+    """An entity under the key "" has no uuid: repairing it would mean a random uuid."""
+    r = env["routes"][1]
+    doc.get("routes", type=Map)[""] = Map({"endpoint": "no uuid", "responses": Map()})
+    doc.get("routes.order", type=Array).append("")
+    _route_map(doc, r["uuid"])["responses"][""] = Map({"label": "no uuid"})
+    doc.get("folders", type=Map)[""] = Map({"name": "no uuid", "children": Array()})
+    doc.get("rootChildren", type=Array).append({"type": "folder", "uuid": ""})
+
+
 HOSTILE = [
     _set_route_to_number,
     _set_route_to_list,
@@ -606,20 +647,23 @@ HOSTILE = [
     _folder_garbage,
     _route_uuid_mismatch,
     _body_to_number,
+    _empty_uuid_keys,
 ]
 
 
 @pytest.mark.parametrize("hostile", HOSTILE, ids=[f.__name__.strip("_") for f in HOSTILE])
 def test_hostile_update_still_exports_a_valid_environment(hostile):
     env = load("test-env.json")
-    a, b = replicas(env)
+    a, b, c = replicas(env, 3)
     with b.transaction():
         hostile(b, env)
-    # what reaches A is a well-formed Yjs update
+    # what reaches A and C is a well-formed Yjs update; all export the same (no random repair)
     a.apply_update(b.get_update(a.get_state()))
+    c.apply_update(b.get_update(c.get_state()))
     out_a = export_environment(a, env_id=env["uuid"])
     out_b = export_environment(b, env_id=env["uuid"])
     assert_strict_equal(out_a, out_b)
+    assert_strict_equal(export_environment(c, env_id=env["uuid"]), out_a)
     assert_valid_environment(out_a)
     check_environment(out_a)
     assert out_a["uuid"] == env["uuid"]

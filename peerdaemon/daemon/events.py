@@ -27,6 +27,10 @@ class EventLog:
         return self._next_id - 1
 
     @property
+    def listening(self) -> bool:
+        return bool(self._listeners)
+
+    @property
     def oldest_id(self) -> int:
         return self._events[0]["id"] if self._events else self._next_id
 

@@ -67,6 +67,8 @@ class Registry:
     def load(self) -> int:
         """Rebuild every document from the store; called once at start."""
         for env_id, loaded in self.store.load().items():
+            if env_id.startswith("space:"):
+                continue  # space documents: loaded by the spaces service
             doc = Doc()
             for update in loaded.updates:
                 doc.apply_update(update)
@@ -119,8 +121,8 @@ class Registry:
 
     def create(self, env_id: str, prepared: dict[str, Any], origin: str) -> Ticket:
         env = self._track(Environment(env_id, Doc()))
+        apply_environment(env.doc, prepared)  # registered only once it holds the environment
         self.envs[env_id] = env
-        apply_environment(env.doc, prepared)
         self.events.emit("environment-created", id=env_id, origin=origin)
         self._commit(env, origin)
         assert env.last_ticket is not None
@@ -131,9 +133,16 @@ class Registry:
     ) -> tuple[bool, Ticket | None]:
         """A whole-environment write, as minimal edits."""
         env = self.get(env_id)
-        self._before_change(env)
-        apply_environment(env.doc, prepared)
-        return self._commit(env, origin), env.last_ticket
+        old = self.export(env_id)
+        state = env.doc.get_update()
+        try:
+            apply_environment(env.doc, prepared, old=old)
+        except BaseException:
+            self._rollback(env, state)
+            raise
+        # `prepared` is exactly what the document now exports (tests/modelutil.py checks it), so
+        # it becomes the cache: no export after a local write.
+        return self._commit(env, origin, new=prepared), env.last_ticket
 
     def merge(self, env_id: str, update: bytes, origin: str) -> tuple[bool, bool, Ticket | None]:
         """Apply a Yjs update; an unknown id creates the environment. -> (created, changed, ticket)"""
@@ -171,19 +180,33 @@ class Registry:
         self.events.emit("environment-deleted", id=env_id, origin=origin)
         return ticket
 
+    def _rollback(self, env: Environment, state: bytes) -> None:
+        """A write failed half-way (a bug, e.g. in the model): drop its partial transaction,
+        which was neither stored nor sent, and go back to a document holding `state`."""
+        env.pending.clear()
+        doc = Doc()  # a new client id: the dropped partial update's ids are never reused
+        doc.apply_update(state)
+        env.doc = doc
+        env.cache = None
+        self._track(env)
+
     def _before_change(self, env: Environment) -> None:
         if env.subscribers and env.cache is None:
             env.cache = export_environment(env.doc, env.id)
 
-    def _commit(self, env: Environment, origin: str) -> bool:
-        """Send the updates of the transactions just made down the stream; True if any."""
+    def _commit(self, env: Environment, origin: str, new: dict[str, Any] | None = None) -> bool:
+        """Send the updates of the transactions just made down the stream; True if any.
+
+        `new`: the environment's JSON after the change when the caller knows it.
+        """
         updates, env.pending = env.pending, []
         if not updates:
             return False
         for update in updates:
             env.last_ticket = self.store.enqueue_append(env.id, update)
-        old, env.cache = env.cache, None
+        old, env.cache = env.cache, new
         paths: list[str] | None = None
+        followed = bool(env.subscribers) or self.events.listening
         if env.subscribers:
             paths = changed_paths(old, self.export(env.id)) if old is not None else [""]
             update = updates[0] if len(updates) == 1 else _merge(updates)
@@ -199,10 +222,13 @@ class Registry:
         for update in updates:
             for listener in list(self._listeners.values()):
                 listener(env.id, update, origin)
-        data: dict[str, Any] = {"id": env.id, "origin": origin}
-        if paths is not None:
-            data["paths"] = paths
-        self.events.emit("environment-changed", **data)
+        if paths is None:
+            # The event log promises paths too (docs/local-api.md): precise when the JSON from
+            # before the change is at hand and someone follows the events (exporting a big
+            # environment after every merged update is not free), else "" (everything).
+            known = old is not None and (followed or env.cache is not None)
+            paths = changed_paths(old, self.export(env.id)) if known else [""]
+        self.events.emit("environment-changed", id=env.id, origin=origin, paths=paths)
         if self.store.needs_compaction(env.id):
             self.store.enqueue_compact(env.id, env.doc.get_update())
         return True

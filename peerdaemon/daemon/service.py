@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -25,6 +27,11 @@ from ..store import Ticket
 from .registry import Registry, UnknownEnvironment, UpdateRejected
 
 LOCAL = "local"
+
+log = logging.getLogger("peerdaemon.service")
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_ARRAY_INDEX = re.compile(r"0|[1-9][0-9]*")
 
 
 def _str_arg(args: dict[str, Any], name: str) -> str:
@@ -47,11 +54,43 @@ def _json_arg(args: dict[str, Any], obj_name: str) -> Any:
     if not isinstance(text, str):
         raise ApiError("bad-request", f"give {obj_name!r} (a value) or 'json' (its text)")
     try:
-        return json.loads(text)
+        value = json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
         raise ApiError(
             "malformed-json", f"malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
         ) from None
+    except ValueError as exc:
+        raise ApiError("malformed-json", f"malformed JSON: {exc}") from None
+    if _SURROGATE_ESCAPE.search(text):
+        # "\ud800" parses, but a lone surrogate is not Unicode text: pycrdt panics on it.
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ApiError(
+                "malformed-json", "a string holds a lone surrogate (\\ud800-\\udfff): not Unicode text"
+            ) from None
+    return value
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _resolve_pointer(value: Any, pointer: str) -> Any:
+    """RFC 6901 on JSON values: `bad-pointer` for a malformed pointer, `not-found` for a miss."""
+    try:
+        parts = jsonpointer.JsonPointer(pointer).parts
+    except jsonpointer.JsonPointerException as exc:
+        raise ApiError("bad-pointer", f"{pointer!r} is not a JSON Pointer: {exc}") from None
+    for i, part in enumerate(parts):
+        if isinstance(value, dict) and part in value:
+            value = value[part]
+        elif isinstance(value, list) and _ARRAY_INDEX.fullmatch(part) and int(part) < len(value):
+            value = value[int(part)]
+        else:
+            where = jsonpointer.JsonPointer.from_parts(parts[: i + 1]).path
+            raise ApiError("not-found", f"JSON Pointer {pointer!r}: nothing at {where!r}")
+    return value
 
 
 def _pending(ticket: Ticket | None, result: Any) -> Any:
@@ -68,6 +107,11 @@ class Service:
         self.data_dir = data_dir
         self.socket_path = socket_path
         self.started = time.time()
+        self.before_delete: list[Callable[[str], None]] = []
+        """Called with the id before `env.delete` deletes an environment (spaces: delete it
+        from its space, on every device)."""
+        self.status_hooks: list[Callable[[], dict[str, Any]]] = []
+        """Each adds keys to the `status` result (spaces: `device`, `name`)."""
         self._ops: dict[str, Callable[[dict[str, Any], Any], Awaitable[Any]]] = {
             "status": self.op_status,
             "env.list": self.op_list,
@@ -83,6 +127,12 @@ class Service:
             "unsubscribe": self.op_unsubscribe,
         }
 
+    def register(self, op: str, handler: Callable[[dict[str, Any], Any], Awaitable[Any]]) -> None:
+        """Let another service (mirrors, peers...) add its operations to the socket."""
+        if op in self._ops:
+            raise ValueError(f"operation {op!r} is registered already")
+        self._ops[op] = handler
+
     async def handle(self, op: str, args: dict[str, Any], session: Any) -> Any:
         handler = self._ops.get(op)
         if handler is None:
@@ -95,13 +145,19 @@ class Service:
             raise ApiError(exc.code, exc.message) from None
         except UpdateRejected as exc:
             raise ApiError("bad-update", str(exc)) from None
+        except BaseException as exc:
+            # A Rust panic in pycrdt is a BaseException: as such it would end the whole daemon.
+            if type(exc).__name__ != "PanicException":
+                raise
+            log.error("op %r: pycrdt panicked: %s", op, exc)
+            raise ApiError("internal", f"pycrdt panicked: {exc}") from None
 
     # -- daemon -------------------------------------------------------------------------------
 
     async def op_status(self, args: dict[str, Any], session: Any) -> Any:
         reg = self.registry
         newer = [i for i in reg.envs if reg.summary(i)["newer"]]
-        return {
+        status = {
             "version": __version__,
             "pid": os.getpid(),
             "uptime": time.time() - self.started,
@@ -114,6 +170,9 @@ class Service:
             "store": reg.store.stats(),
             "events": reg.events.last_id,
         }
+        for hook in self.status_hooks:
+            status.update(hook())
+        return status
 
     async def op_list(self, args: dict[str, Any], session: Any) -> Any:
         return [self.registry.summary(i) for i in sorted(self.registry.envs)]
@@ -141,14 +200,7 @@ class Service:
         pointer = args.get("pointer") or ""
         if not isinstance(pointer, str):
             raise ApiError("bad-pointer", "pointer must be a string")
-        try:
-            value = jsonpointer.resolve_pointer(env, pointer)
-        except jsonpointer.JsonPointerException as exc:
-            if not pointer.startswith("/"):
-                raise ApiError("bad-pointer", f"{pointer!r} is not a JSON Pointer") from None
-            reason = str(exc).split(" in ")[0][:200]  # the library's text embeds the whole value
-            raise ApiError("not-found", f"JSON Pointer {pointer!r}: {reason}") from None
-        return value
+        return _resolve_pointer(env, pointer)
 
     async def op_put(self, args: dict[str, Any], session: Any) -> Any:
         env_id = _str_arg(args, "id")
@@ -173,7 +225,10 @@ class Service:
         return _pending(ticket, {"changed": changed, "repairs": notes})
 
     async def op_delete(self, args: dict[str, Any], session: Any) -> Any:
-        ticket = self.registry.delete(_str_arg(args, "id"), LOCAL)
+        env_id = _str_arg(args, "id")
+        for hook in self.before_delete:
+            hook(env_id)
+        ticket = self.registry.delete(env_id, LOCAL)
         return _pending(ticket, {"deleted": True})
 
     async def op_export(self, args: dict[str, Any], session: Any) -> Any:

@@ -18,6 +18,9 @@ from pathlib import Path
 import trio
 
 from ..api.server import serve_unix
+from ..identity import Identity, load_or_create_identity
+from ..mirror import MirrorService
+from ..spaces import SpacesService
 from ..store import Store, StoreError
 from .events import EventLog
 from .registry import Registry
@@ -35,6 +38,8 @@ class DaemonConfig:
     max_frame: int = DEFAULT_MAX_FRAME
     compact_count: int = 1000
     compact_bytes: int = 8 << 20
+    name: str | None = None  # this device's display name (`run --name`); kept once given
+    mirror_dir: Path | None = None
     extra: dict[str, object] = field(default_factory=dict)
 
 
@@ -46,6 +51,9 @@ class Daemon:
     store: Store
     registry: Registry
     service: Service
+    mirror: MirrorService
+    identity: Identity | None = None
+    spaces: SpacesService | None = None
 
 
 async def serve(
@@ -61,8 +69,17 @@ async def serve(
         registry = Registry(store, events)
         count = registry.load()
         service = Service(registry, data_dir=config.data_dir, socket_path=config.socket_path)
+        try:
+            identity = load_or_create_identity(store, config.name)
+        except ValueError as exc:
+            raise RuntimeError(f"--name: {exc}") from None
+        spaces = SpacesService(registry, store, identity, events)
+        spaces.load()
+        spaces.register(service)
         async with trio.open_nursery() as nursery:
             await nursery.start(store.run)
+            mirror = MirrorService(registry, store, service, events, config.mirror_dir)
+            await nursery.start(mirror.run)
             await nursery.start(
                 partial(serve_unix, config.socket_path, service, max_frame=config.max_frame)
             )
@@ -77,7 +94,9 @@ async def serve(
                 config.socket_path,
                 config.data_dir,
             )
-            task_status.started(Daemon(config, store, registry, service))
+            task_status.started(
+                Daemon(config, store, registry, service, mirror, identity=identity, spaces=spaces)
+            )
     finally:
         store.close()
 

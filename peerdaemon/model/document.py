@@ -6,7 +6,7 @@ from typing import Any
 
 from pycrdt import Doc
 
-from .edits import sync_entities, sync_fields, sync_plain_array
+from .edits import sync_entities, sync_fields, sync_plain_array, unchanged
 from .layout import ENV_ROOT, META_ROOT, js_value, normalize, read, root_array, root_map
 from .repair import check_environment, check_storable, is_newer, repair
 from .schema import KINDS, MODEL_VERSION, ORDER_SUFFIX, ROOT_ENTITY_LISTS, ROOT_REF_LIST
@@ -28,22 +28,37 @@ def prepare(env: Any, env_id: str | None = None) -> tuple[dict[str, Any], list[s
     return env, notes
 
 
-def apply_environment(doc: Doc, env: dict[str, Any], origin: Any = None) -> None:
-    """Bring `doc` to the prepared environment `env` with the smallest change, in one transaction."""
-    env = js_value(env)
+def apply_environment(
+    doc: Doc, env: dict[str, Any], origin: Any = None, old: dict[str, Any] | None = None
+) -> None:
+    """Bring `doc` to `env` (a result of `prepare`) with the smallest change, in one transaction.
+
+    `old`, if given, must be what `export_environment(doc)` returns now: the parts of `env` equal
+    to it are skipped without reading the document, so a small edit of a big environment costs
+    little.
+    """
+    old = old or {}
     with doc.transaction(origin=origin):
         top = {k: v for k, v in env.items() if k not in _TOP_LISTS}
-        sync_fields(root_map(doc, ENV_ROOT), top, KINDS["environment"])
+        old_top = {k: v for k, v in old.items() if k not in _TOP_LISTS} if old else None
+        sync_fields(root_map(doc, ENV_ROOT), top, KINDS["environment"], old_top)
         for key, kind in ROOT_ENTITY_LISTS.items():
             value = env.get(key, [])
+            value = value if isinstance(value, list) else []
+            previous = old.get(key)
+            if isinstance(previous, list) and unchanged(previous, value):
+                continue
             sync_entities(
                 root_map(doc, key),
                 root_array(doc, key + ORDER_SUFFIX),
-                value if isinstance(value, list) else [],
+                value,
                 KINDS[kind],
+                previous if isinstance(previous, list) else None,
             )
         refs = env.get(ROOT_REF_LIST, [])
-        sync_plain_array(root_array(doc, ROOT_REF_LIST), refs if isinstance(refs, list) else [])
+        refs = refs if isinstance(refs, list) else []
+        if not unchanged(old.get(ROOT_REF_LIST), refs):
+            sync_plain_array(root_array(doc, ROOT_REF_LIST), refs)
         meta = root_map(doc, META_ROOT)
         absent = sorted(k for k in _TOP_LISTS if k not in env)
         if meta.get("model") != MODEL_VERSION:

@@ -14,10 +14,11 @@ from typing import Any
 
 from pycrdt import Array, Map, Text
 
-from .layout import GENERIC, build_fields, build_value, normalize
+from .layout import GENERIC, build_fields, build_value, js_value, normalize, storable
 from .schema import KINDS, ORDER_SUFFIX, Kind
 
 _SHARED = (Map, Array, Text)
+_MISSING = object()
 
 
 def same_scalar(current: Any, value: Any) -> bool:
@@ -31,14 +32,38 @@ def same_scalar(current: Any, value: Any) -> bool:
     return type(current) is type(value) and current == value
 
 
-def sync_fields(ymap: Map, target: dict[str, Any], kind: Kind) -> None:
-    """Bring a Y.Map holding one JSON object of `kind` to `target`."""
+def unchanged(old: Any, new: Any) -> bool:
+    """`old` (the JSON the document exported before) already equals `new` here.
+
+    Comparing plain JSON is far cheaper than reading pycrdt objects, so equal subtrees are
+    skipped without touching the document. The type check keeps `true` and `1` apart at the
+    top of the value.
+    """
+    return type(old) is type(new) and old == new
+
+
+def sync_fields(
+    ymap: Map, target: dict[str, Any], kind: Kind, old: dict[str, Any] | None = None
+) -> None:
+    """Bring a Y.Map holding one JSON object of `kind` to `target`.
+
+    `old`, when given, is the JSON this map exported before; subtrees equal in both are skipped.
+    """
+    if old is not None and not isinstance(old, dict):
+        old = None
     for key in list(ymap.keys()):
         base = key[: -len(ORDER_SUFFIX)] if key.endswith(ORDER_SUFFIX) else None
         keep_order = base is not None and base in kind.entity_lists and base in target
         if key not in target and not keep_order:
             del ymap[key]
     for key, value in target.items():
+        previous = _MISSING
+        if old is not None and key in old:
+            previous = old[key]
+            if unchanged(previous, value):
+                continue
+        if previous is _MISSING:
+            previous = None
         present = key in ymap
         current = ymap[key] if present else None
         if key in kind.texts and isinstance(value, str):
@@ -56,7 +81,7 @@ def sync_fields(ymap: Map, target: dict[str, Any], kind: Kind) -> None:
             if not isinstance(order, Array):
                 ymap[order_key] = Array()
                 order = ymap[order_key]
-            sync_entities(current, order, value, sub)
+            sync_entities(current, order, value, sub, previous)
         elif key in kind.object_lists and isinstance(value, list):
             sub = KINDS[kind.object_lists[key]]
             if isinstance(current, Array):
@@ -67,10 +92,10 @@ def sync_fields(ymap: Map, target: dict[str, Any], kind: Kind) -> None:
             if isinstance(current, Array):
                 sync_plain_array(current, value)
             else:
-                ymap[key] = Array(list(value))
+                ymap[key] = Array([js_value(v) for v in value])
         elif isinstance(value, dict):
             if isinstance(current, Map):
-                sync_fields(current, value, GENERIC)
+                sync_fields(current, value, GENERIC, previous)
             else:
                 ymap[key] = build_value(value)
         elif isinstance(value, list):
@@ -79,24 +104,38 @@ def sync_fields(ymap: Map, target: dict[str, Any], kind: Kind) -> None:
             else:
                 ymap[key] = build_value(value)
         elif not present or not same_scalar(current, value):
-            ymap[key] = value
+            ymap[key] = storable(value)
 
 
-def sync_entities(items: Map, order: Array, target: list[dict[str, Any]], kind: Kind) -> None:
+def sync_entities(
+    items: Map,
+    order: Array,
+    target: list[dict[str, Any]],
+    kind: Kind,
+    old: list[dict[str, Any]] | None = None,
+) -> None:
     """Entities are edited in place and only their uuids move, so a move never loses an edit."""
     ids = [e["uuid"] for e in target]
+    before: dict[str, Any] = {}
+    if isinstance(old, list):
+        before = {e.get("uuid"): e for e in old if isinstance(e, dict)}
     wanted = set(ids)
-    for uid in list(items.keys()):
-        if uid not in wanted:
-            del items[uid]
+    if before.keys() != wanted or not before:
+        for uid in list(items.keys()):
+            if uid not in wanted:
+                del items[uid]
     for entity in target:
         uid = entity["uuid"]
+        previous = before.get(uid)
+        if previous is not None and unchanged(previous, entity):
+            continue
         current = items[uid] if uid in items else None
         if isinstance(current, Map):
-            sync_fields(current, entity, kind)
+            sync_fields(current, entity, kind, previous)
         else:
             items[uid] = Map(build_fields(entity, kind))
-    sync_plain_array(order, ids)
+    if [e.get("uuid") for e in old or ()] != ids or not isinstance(old, list):
+        sync_plain_array(order, ids)
 
 
 def _key(value: Any) -> str:
@@ -120,7 +159,7 @@ def sync_plain_array(arr: Array, target: list[Any]) -> None:
             del arr[i1:i2]
         if tag in ("replace", "insert"):
             for offset, value in enumerate(target[j1:j2]):
-                arr.insert(i1 + offset, value)
+                arr.insert(i1 + offset, js_value(value))
 
 
 def sync_array(arr: Array, target: list[Any], kind: Kind) -> None:

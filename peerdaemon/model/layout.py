@@ -7,6 +7,7 @@ what fits the layout, drops what cannot be an entity, and leaves the rest to `re
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 from pycrdt import Array, Doc, Map, Text
@@ -36,6 +37,21 @@ def build_value(value: Any, kind: Kind = GENERIC) -> Any:
         return Map(build_fields(value, kind))
     if isinstance(value, list):
         return Array([build_value(v) for v in value])
+    return storable(value)
+
+
+def storable(value: Any) -> Any:
+    """A prepared scalar as the document must hold it.
+
+    `prepare` writes integers beyond 2**53 as JavaScript writes them (exact ints), but pycrdt
+    would store those as Yjs BigInts (or panic past 64 bits): they go in as the double they are.
+    """
+    if (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and not -_MAX_SAFE <= value <= _MAX_SAFE
+    ):
+        return float(value)
     return value
 
 
@@ -53,7 +69,7 @@ def build_fields(obj: dict[str, Any], kind: Kind) -> dict[str, Any]:
             sub = KINDS[kind.object_lists[key]]
             out[key] = Array([build_value(v, sub) for v in value])
         elif key in kind.ref_lists and isinstance(value, list):
-            out[key] = Array(list(value))
+            out[key] = Array([js_value(v) for v in value])
         else:
             out[key] = build_value(value)
     return out
@@ -75,8 +91,11 @@ def js_value(value: Any) -> Any:
     Integers beyond 2**53 are doubles in JavaScript; pycrdt would store them as Yjs BigInts
     (which JavaScript clients read as BigInt, which JSON.stringify refuses), reads some of them
     back rounded through a double, and panics on integers beyond 64 bits. `JSON.stringify`
-    writes non-finite numbers (Python's json reads NaN, Infinity) as null.
+    writes non-finite numbers (Python's json reads NaN, Infinity) as null. A lone UTF-16
+    surrogate ("\\ud800" in a file) cannot be UTF-8 (pycrdt panics); Yjs writes it as U+FFFD.
     """
+    if isinstance(value, str):
+        return _well_formed(value)
     if isinstance(value, int) and not isinstance(value, bool):
         if -_MAX_SAFE <= value <= _MAX_SAFE:
             return value
@@ -87,10 +106,19 @@ def js_value(value: Any) -> Any:
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {k: js_value(v) for k, v in value.items()}
+        return {_well_formed(k): js_value(v) for k, v in value.items()}
     if isinstance(value, list):
         return [js_value(v) for v in value]
     return value
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _well_formed(s: str) -> str:
+    if not _SURROGATE.search(s):
+        return s
+    return s.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
 
 
 def normalize(value: Any) -> Any:
@@ -145,7 +173,7 @@ def assemble(items: Any, order: Any, kind: Kind) -> list[dict[str, Any]]:
         return out  # (repairing the rest would give it random uuids: replicas would differ)
     if not isinstance(items, dict):
         return []
-    valid = {k for k, v in items.items() if isinstance(v, dict)}
+    valid = {k for k, v in items.items() if k and isinstance(v, dict)}  # "" is no uuid
     ids: list[str] = []
     seen: set[str] = set()
     for uid in order if isinstance(order, list) else []:

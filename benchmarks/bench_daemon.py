@@ -1,0 +1,269 @@
+"""Figures of the local core (issue 2), measured against real daemon processes.
+
+    .venv/bin/python benchmarks/bench_daemon.py [--rounds 3] [--quick]
+
+Prints one line per figure with the median over rounds (and each round's value), then a JSON
+summary. Each round starts fresh daemons in a temporary directory; everything runs on this
+machine's Unix sockets only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from envgen import FIXTURE, make_environment  # noqa: E402
+
+from peerdaemon.api.client import AsyncClient, Client, DaemonNotRunning  # noqa: E402
+
+
+class Daemon:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.data = root / "data"
+        self.sock = root / "d.sock"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> float:
+        """Start the daemon; returns seconds until it answered `status`."""
+        t0 = time.perf_counter()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "peerdaemon", "run", "--data-dir", str(self.data),
+             "--socket", str(self.sock)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                with Client.connect(self.sock) as c:
+                    c.status()
+                return time.perf_counter() - t0
+            except (DaemonNotRunning, OSError):
+                time.sleep(0.005)
+        raise RuntimeError("daemon did not start")
+
+    def rss_kb(self) -> int:
+        assert self.proc is not None
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        return 0
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.proc = None
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+async def patch_load(sock: Path, env_id: str, total: int, inflight: int) -> dict[str, float]:
+    """`total` patches, `inflight` at a time, each acknowledged only once durable."""
+    latencies: list[float] = []
+    counter = iter(range(total))
+
+    async with await AsyncClient.connect(sock) as client:
+
+        async def worker(w: int) -> None:
+            for n in counter:
+                op = [{"op": "replace", "path": "/routes/0/responses/0/label", "value": f"w{w}-{n}"}]
+                t = time.perf_counter()
+                await client.patch(env_id, op)
+                latencies.append(time.perf_counter() - t)
+
+        t0 = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            for w in range(inflight):
+                nursery.start_soon(worker, w)
+        elapsed = time.perf_counter() - t0
+    return {
+        "per_s": total / elapsed,
+        "p50_ms": pct(latencies, 0.5) * 1000,
+        "p99_ms": pct(latencies, 0.99) * 1000,
+    }
+
+
+def bench_patches(root: Path, total: int) -> dict[str, Any]:
+    d = Daemon(root)
+    d.start()
+    try:
+        with Client.connect(d.sock) as c:
+            env_id = c.import_env(FIXTURE.read_text())["id"]
+        seq = trio.run(patch_load, d.sock, env_id, max(200, total // 10), 1)
+        par = trio.run(patch_load, d.sock, env_id, total, 32)
+        with Client.connect(d.sock) as c:
+            store = c.status()["store"]
+        return {"sequential": seq, "concurrent32": par,
+                "writes_per_commit": store["batched_writes"] / max(1, store["commits"])}
+    finally:
+        d.stop()
+
+
+def bench_big(root: Path, size: int) -> dict[str, float]:
+    env = make_environment(size)
+    text = json.dumps(env)
+    d = Daemon(root)
+    d.start()
+    try:
+        with Client.connect(d.sock) as c:
+            t = time.perf_counter()
+            env_id = c.import_env(text)["id"]
+            t_import = time.perf_counter() - t
+            t = time.perf_counter()
+            out = c.export(env_id)
+            t_export = time.perf_counter() - t
+            t = time.perf_counter()
+            update = c.export(env_id, format="yjs")
+            t_export_yjs = time.perf_counter() - t
+        assert out == env, "15 MB round trip changed the environment"
+        return {"json_mb": len(text) / 1e6, "import_s": t_import, "export_json_s": t_export,
+                "export_yjs_s": t_export_yjs, "yjs_mb": len(update) / 1e6}
+    finally:
+        d.stop()
+
+
+def bench_rss(root: Path, count: int, size: int) -> dict[str, float]:
+    d = Daemon(root)
+    d.start()
+    try:
+        idle = d.rss_kb()
+        with Client.connect(d.sock) as c:
+            for i in range(count):
+                c.import_env(json.dumps(make_environment(size, seed=i)))
+        loaded = d.rss_kb()
+    finally:
+        d.stop()
+    d.start()  # the same environments loaded back from the store
+    try:
+        restarted = d.rss_kb()
+    finally:
+        d.stop()
+    return {"idle_mb": idle / 1024, "after_import_mb": loaded / 1024, "after_restart_mb": restarted / 1024}
+
+
+def bench_startup(root: Path, count: int, size: int, restarts: int) -> dict[str, Any]:
+    d = Daemon(root)
+    d.start()
+    try:
+        with Client.connect(d.sock) as c:
+            for i in range(count):
+                c.import_env(json.dumps(make_environment(size, seed=1000 + i)))
+    finally:
+        d.stop()
+    times = []
+    for _ in range(restarts):
+        times.append(d.start())
+        d.stop()
+    return {"startup_s": statistics.median(times), "each": times}
+
+
+def bench_db_size(root: Path, edits: int) -> dict[str, float]:
+    d = Daemon(root)
+    d.start()
+    try:
+        with Client.connect(d.sock) as c:
+            env_id = c.import_env(FIXTURE.read_text())["id"]
+        trio.run(patch_load, d.sock, env_id, edits, 64)
+        with Client.connect(d.sock) as c:
+            store = c.status()["store"]
+            state = c.export(env_id, format="yjs")
+    finally:
+        d.stop()
+    files = sum(p.stat().st_size for p in d.data.glob("peerdaemon.sqlite3*"))
+    return {
+        "edits": edits,
+        "db_files_kb_after_stop": files / 1024,
+        "db_bytes_running_kb": store["db_bytes"] / 1024,
+        "log_kb": store["log_bytes"] / 1024,
+        "snapshot_kb": store["snapshot_bytes"] / 1024,
+        "compacted_state_kb": len(state) / 1024,
+        "ratio_files_to_state": files / len(state),
+    }
+
+
+def median_of(rounds: list[dict[str, Any]], path: list[str]) -> float:
+    values = []
+    for r in rounds:
+        v: Any = r
+        for p in path:
+            v = v[p]
+        values.append(v)
+    return statistics.median(values)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, to check the script")
+    a = parser.parse_args()
+    q = a.quick
+    results: dict[str, list[dict[str, Any]]] = {k: [] for k in ("patch", "big", "rss", "start", "db")}
+    for r in range(a.rounds):
+        with tempfile.TemporaryDirectory(prefix="pdb") as tmp:
+            base = Path(tmp)
+            results["patch"].append(bench_patches(base / "p", 500 if q else 5000))
+            results["big"].append(bench_big(base / "b", 1_000_000 if q else 15_000_000))
+            results["rss"].append(bench_rss(base / "r", 20, 100_000 if q else 1_000_000))
+            results["start"].append(bench_startup(base / "s", 10 if q else 100, 100_000, 3))
+            if r == 0:
+                results["db"].append(bench_db_size(base / "d", 2000 if q else 100_000))
+        print(f"round {r + 1}/{a.rounds} done", file=sys.stderr)
+
+    def line(label: str, key: str, path: list[str], fmt: str = "{:.1f}") -> None:
+        vals = []
+        for res in results[key]:
+            v: Any = res
+            for p in path:
+                v = v[p]
+            vals.append(v)
+        print(f"{label}: median {fmt.format(statistics.median(vals))}  (rounds: "
+              + ", ".join(fmt.format(v) for v in vals) + ")")
+
+    line("patches/s, 1 client sequential, durable", "patch", ["sequential", "per_s"], "{:.0f}")
+    line("  ack latency p50 ms", "patch", ["sequential", "p50_ms"], "{:.2f}")
+    line("  ack latency p99 ms", "patch", ["sequential", "p99_ms"], "{:.2f}")
+    line("patches/s, 32 in flight, durable", "patch", ["concurrent32", "per_s"], "{:.0f}")
+    line("  ack latency p50 ms", "patch", ["concurrent32", "p50_ms"], "{:.2f}")
+    line("  ack latency p99 ms", "patch", ["concurrent32", "p99_ms"], "{:.2f}")
+    line("  writes per commit (group commit)", "patch", ["writes_per_commit"], "{:.1f}")
+    line("big env JSON MB", "big", ["json_mb"], "{:.1f}")
+    line("  import s", "big", ["import_s"], "{:.2f}")
+    line("  export json s", "big", ["export_json_s"], "{:.2f}")
+    line("  export yjs s", "big", ["export_yjs_s"], "{:.2f}")
+    line("RSS idle MB", "rss", ["idle_mb"])
+    line("RSS with 20 envs, after import MB", "rss", ["after_import_mb"])
+    line("RSS with 20 envs, after restart MB", "rss", ["after_restart_mb"])
+    line("startup with 100 envs s", "start", ["startup_s"], "{:.2f}")
+    for res in results["db"]:
+        print("db after {edits} edits: files {db_files_kb_after_stop:.0f} KiB after stop, "
+              "{db_bytes_running_kb:.0f} KiB while running (log {log_kb:.0f} KiB, snapshot "
+              "{snapshot_kb:.0f} KiB); compacted state {compacted_state_kb:.1f} KiB; ratio "
+              "{ratio_files_to_state:.1f}".format(**res))
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+"""The peer handshake as a sans-I/O state machine (docs/peer-protocol.md, "Handshake").
+
+    dialer                                   listener
+      hello (cleartext)            ->
+                                   <-        hello (cleartext)
+      box(auth: sig, tags)         ->
+                                   <-        box(auth: sig, tags)    or box(close unauthorized)
+
+The listener proves nothing until the dialer has: a stranger that dials us learns our device id
+and name from the hello, and nothing else (not even how many spaces we hold). Everything after
+the hellos is boxed with keys from an ephemeral X25519 exchange, so an eavesdropper sees neither
+tags nor documents. This module takes decoded messages and returns wire bytes; `session.py`
+wraps it with framing, timers and the sync session.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from . import messages
+from .crypto import (
+    DIALER,
+    LISTENER,
+    Ephemeral,
+    SecureChannel,
+    auth_payload,
+    derive_keys,
+    space_tag,
+    transcript_hash,
+)
+from .messages import (
+    INCOMPATIBLE_VERSION,
+    PROTOCOL_ERROR,
+    PROTOCOL_VERSION,
+    SELF,
+    UNAUTHORIZED,
+    ProtocolError,
+)
+
+__all__ = [
+    "Established",
+    "Handshake",
+    "IdentityLike",
+    "IncompatibleVersion",
+    "PeerHello",
+    "SpaceKeyLike",
+]
+
+
+class IdentityLike(Protocol):
+    """What the handshake needs of `peerdaemon.identity.Identity`."""
+
+    device_id: str
+    name: str
+    public_key: bytes
+
+    def sign(self, data: bytes) -> bytes: ...
+    def verify(self, public_key: bytes, signature: bytes, data: bytes) -> bool: ...
+    def device_id_of(self, public_key: bytes) -> str: ...
+
+
+class SpaceKeyLike(Protocol):
+    id: str
+    secret: bytes
+
+
+@dataclass(frozen=True)
+class PeerHello:
+    """The peer's claims from its hello: not yet authenticated (see `Established`)."""
+
+    device: str
+    name: str
+    key: bytes
+    proto: int
+    model: int
+
+
+@dataclass(frozen=True)
+class Established:
+    """The peer proved its device key and membership of `spaces` (our ids of the common spaces)."""
+
+    device: str
+    name: str
+    key: bytes
+    spaces: frozenset[str]
+    proto: int
+    model: int
+
+
+class IncompatibleVersion(ProtocolError):
+    def __init__(self, local: tuple[int, int], remote: tuple[int | None, int | None]) -> None:
+        super().__init__(
+            INCOMPATIBLE_VERSION,
+            f"peer speaks protocol {remote[0]} model {remote[1]}; "
+            f"we speak protocol {local[0]} model {local[1]}",
+        )
+        self.versions = versions_dict(local, remote)
+
+
+def versions_dict(
+    local: tuple[int | None, int | None], remote: tuple[int | None, int | None]
+) -> dict[str, dict[str, int | None]]:
+    return {
+        "local": {"proto": local[0], "model": local[1]},
+        "remote": {"proto": remote[0], "model": remote[1]},
+    }
+
+
+class Handshake:
+    """One side of the handshake. Feed it the peer's hello and auth; it returns what to send.
+
+    Raises `ProtocolError` (or `IncompatibleVersion`) when the connection must close; the caller
+    sends the close message (boxed once `channel` exists, cleartext before).
+    """
+
+    def __init__(
+        self,
+        identity: IdentityLike,
+        space_keys: Callable[[], Sequence[SpaceKeyLike]],
+        *,
+        dialer: bool,
+        model: int,
+        accepted_models: Iterable[int] | None = None,
+        random: Callable[[int], bytes] = os.urandom,
+    ) -> None:
+        self.identity = identity
+        self.space_keys = space_keys
+        self.dialer = dialer
+        self.role = DIALER if dialer else LISTENER
+        self.peer_role = LISTENER if dialer else DIALER
+        self.model = model
+        self.accepted_models = frozenset(accepted_models or (model,))
+        self._random = random
+        self._eph = Ephemeral(random)
+        self._hello: bytes | None = None
+        self.state = "start"
+        self.th: bytes | None = None
+        self.channel: SecureChannel | None = None
+        self.peer: PeerHello | None = None
+        self.result: Established | None = None
+        self.peer_tags: list[bytes] = []
+
+    @property
+    def done(self) -> bool:
+        return self.result is not None
+
+    def _make_hello(self) -> bytes:
+        return messages.encode(
+            {
+                "t": "hello",
+                "proto": PROTOCOL_VERSION,
+                "model": self.model,
+                "device": self.identity.device_id,
+                "name": self.identity.name[: messages.MAX_NAME],
+                "key": self.identity.public_key,
+                "eph": self._eph.public,
+                "nonce": self._random(32),
+            }
+        )
+
+    def start(self) -> list[bytes]:
+        """The dialer speaks first; the listener waits for the dialer's hello."""
+        if self.state != "start":
+            raise RuntimeError("handshake already started")
+        if not self.dialer:
+            self.state = "wait-hello"
+            return []
+        self._hello = self._make_hello()
+        self.state = "wait-hello"
+        return [self._hello]
+
+    def receive_hello(self, msg: dict[str, Any], raw: bytes) -> list[bytes]:
+        """A cleartext hello (already checked to be a map with integer proto and model)."""
+        if self.state != "wait-hello":
+            raise ProtocolError(PROTOCOL_ERROR, "unexpected hello")
+        proto, model = messages.versions_of(msg)
+        if proto != PROTOCOL_VERSION or model not in self.accepted_models:
+            raise IncompatibleVersion((PROTOCOL_VERSION, self.model), (proto, model))
+        messages.validate_hello(msg)
+        device, key = msg["device"], msg["key"]
+        if self.identity.device_id_of(key) != device:
+            raise ProtocolError(PROTOCOL_ERROR, "hello device id does not match its key")
+        self.peer = PeerHello(device, msg["name"], key, proto, model)
+        if device == self.identity.device_id:
+            raise ProtocolError(SELF, "connected to ourselves")
+        out: list[bytes] = []
+        if self.dialer:
+            assert self._hello is not None
+            self.th = transcript_hash(self._hello, raw)
+        else:
+            self._hello = self._make_hello()
+            out.append(self._hello)
+            self.th = transcript_hash(raw, self._hello)
+        keys = derive_keys(self._eph.exchange(msg["eph"]), self.th)
+        self.channel = SecureChannel(keys, dialer=self.dialer)
+        if self.dialer:
+            out.append(self.channel.seal(self._auth()))
+            self.state = "wait-auth"
+        else:
+            self.state = "wait-auth"
+        return out
+
+    def receive_auth(self, msg: dict[str, Any]) -> list[bytes]:
+        """The peer's (decrypted, validated) auth: verify it; the listener answers with its own."""
+        if self.state != "wait-auth":
+            raise ProtocolError(PROTOCOL_ERROR, "unexpected auth")
+        assert self.peer is not None and self.th is not None and self.channel is not None
+        if not self.identity.verify(
+            self.peer.key, msg["sig"], auth_payload(self.peer_role, self.th)
+        ):
+            raise ProtocolError(UNAUTHORIZED, "auth signature does not verify")
+        self.peer_tags = list(msg["tags"])
+        spaces = self.match(self.peer_tags)
+        if not spaces:
+            raise ProtocolError(UNAUTHORIZED, "no common space")
+        out = [] if self.dialer else [self.channel.seal(self._auth())]
+        peer = self.peer
+        self.result = Established(peer.device, peer.name, peer.key, spaces, peer.proto, peer.model)
+        self.state = "done"
+        return out
+
+    # -- space tags ----------------------------------------------------------------------------
+
+    def own_tags(self) -> list[bytes]:
+        """Our tags for every space we hold now, for this connection and our role."""
+        assert self.th is not None
+        keys = self.space_keys()[: messages.MAX_TAGS]
+        return [space_tag(k.secret, self.role, self.th) for k in keys]
+
+    def match(self, tags: Iterable[bytes]) -> frozenset[str]:
+        """Our ids of the spaces whose tag (made with the peer's role) the peer showed."""
+        assert self.th is not None
+        shown = set(tags)
+        return frozenset(
+            k.id for k in self.space_keys() if space_tag(k.secret, self.peer_role, self.th) in shown
+        )
+
+    def _auth(self) -> dict[str, Any]:
+        assert self.th is not None
+        return {
+            "t": "auth",
+            "sig": self.identity.sign(auth_payload(self.role, self.th)),
+            "tags": self.own_tags(),
+        }

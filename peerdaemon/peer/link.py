@@ -1,0 +1,265 @@
+"""The trio shell of one peer connection: moves websocket messages in and out of a
+`PeerConnection` and sleeps until its timer. All protocol decisions live in `session.py`.
+
+Three tasks per link: a reader (websocket -> `receive`), a writer (`data_to_send` -> websocket,
+woken whenever the connection may have something to send) and a ticker (`handle_timer` at
+`get_timer()`). Once the connection is closed the writer flushes the close message and hangs up;
+if a send is stuck (a peer that stopped reading), the ticker cuts the link after `close_grace`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Awaitable, Callable
+from functools import partial
+
+import trio
+from trio_websocket import (
+    ConnectionClosed,
+    HandshakeError,
+    WebSocketConnection,
+    WebSocketRequest,
+    open_websocket,
+    serve_websocket,
+)
+
+from .messages import CLOSED, SHUTDOWN, TOO_LARGE
+from .session import Closed, Event, PeerConfig, PeerConnection
+
+__all__ = ["PATH", "Link", "Unreachable", "dial", "format_address", "serve"]
+
+log = logging.getLogger("peerdaemon.peer")
+
+PATH = "/peer"
+RECEIVE_BUFFER = 256 * 1024
+WS_MESSAGE_TOO_BIG = 1009
+SHUTDOWN_FLUSH = 0.5
+"""How long a link cancelled by a daemon shutdown may spend telling the peer."""
+
+
+class Unreachable(Exception):
+    """The TCP connection or the websocket opening handshake of a dial failed."""
+
+
+def format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _lost_reason(exc: ConnectionClosed) -> str:
+    reason = exc.reason
+    return TOO_LARGE if reason is not None and reason.code == WS_MESSAGE_TOO_BIG else CLOSED
+
+
+class Link:
+    """One websocket connection driving one `PeerConnection`.
+
+    `on_event(link, event)` is called synchronously, on the trio thread, for every event of the
+    connection (`HelloReceived`, `Established`, `Synced`, `Closed`), in order.
+    """
+
+    def __init__(
+        self,
+        make_conn: Callable[[float], PeerConnection],
+        *,
+        dialer: bool,
+        address: str,
+        on_event: Callable[[Link, Event], None],
+        config: PeerConfig,
+    ) -> None:
+        self._make_conn = make_conn
+        self.dialer = dialer
+        self.address = address
+        self._on_event = on_event
+        self.config = config
+        self.conn: PeerConnection | None = None
+        self.target: object | None = None
+        """The owner's tag for a dialed link (the manager's dial target)."""
+        self.started = trio.current_time()
+        self._wakeup = trio.Event()
+        self._tick = trio.Event()
+        self._cancel: trio.CancelScope | None = None
+
+    def __repr__(self) -> str:
+        role = "dialer" if self.dialer else "listener"
+        return f"<Link {role} {self.address} {self.peer_device or '?'}>"
+
+    @property
+    def peer_device(self) -> str | None:
+        return self.conn.peer_device if self.conn is not None else None
+
+    @property
+    def closed(self) -> Closed | None:
+        return self.conn.closed if self.conn is not None else None
+
+    # -- called by the manager -----------------------------------------------------------------
+
+    def local_update(self, doc: str, update: bytes, origin: str) -> None:
+        if self.conn is not None:
+            self.conn.local_update(doc, update, origin)
+            self._pump()
+
+    def docs_changed(self) -> None:
+        if self.conn is not None:
+            self.conn.docs_changed()
+            self._pump()
+
+    def close(self, reason: str, detail: str = "") -> None:
+        if self.conn is not None:
+            self.conn.close(reason, detail)
+            self._pump()
+
+    # -- the tasks -----------------------------------------------------------------------------
+
+    async def run(self, ws: WebSocketConnection) -> Closed:
+        """Drive the connection until it is closed; returns why."""
+        self.conn = self._make_conn(trio.current_time())
+        conn = self.conn
+        try:
+            async with trio.open_nursery() as nursery:
+                self._cancel = nursery.cancel_scope
+                nursery.start_soon(self._reader, ws)
+                nursery.start_soon(self._ticker)
+                await self._writer(ws)
+                nursery.cancel_scope.cancel()
+        finally:
+            if conn.closed is None:  # cancelled from outside: the daemon is stopping
+                conn.close(SHUTDOWN)
+                self._pump()
+                with trio.move_on_after(SHUTDOWN_FLUSH) as scope:
+                    scope.shield = True
+                    await self._flush(ws)
+                    await ws.aclose()
+        assert conn.closed is not None
+        return conn.closed
+
+    def _pump(self) -> None:
+        """Hand the connection's events to the manager and wake the writer and the ticker."""
+        conn = self.conn
+        if conn is None:
+            return
+        while (event := conn.next_event()) is not None:
+            try:
+                self._on_event(self, event)
+            except Exception:  # the manager's bookkeeping must not kill the link's tasks
+                log.exception("peer event handler failed for %r", event)
+        self._wakeup.set()
+        self._tick.set()
+
+    async def _flush(self, ws: WebSocketConnection) -> bool:
+        """Send what the connection has queued; False if the websocket is gone."""
+        assert self.conn is not None
+        for data in self.conn.data_to_send():
+            try:
+                await ws.send_message(data)
+            except ConnectionClosed as exc:
+                self.conn.connection_lost(_lost_reason(exc))
+                self._pump()
+                return False
+        return True
+
+    async def _writer(self, ws: WebSocketConnection) -> None:
+        conn = self.conn
+        assert conn is not None
+        while True:
+            self._wakeup = trio.Event()
+            if not await self._flush(ws):
+                return
+            if conn.closed is not None:
+                break
+            await self._wakeup.wait()
+        with trio.move_on_after(self.config.close_grace):
+            await ws.aclose(1000, conn.closed.reason)
+
+    async def _reader(self, ws: WebSocketConnection) -> None:
+        conn = self.conn
+        assert conn is not None
+        while conn.closed is None:
+            try:
+                data = await ws.get_message()
+            except ConnectionClosed as exc:
+                conn.connection_lost(_lost_reason(exc))
+                self._pump()
+                return
+            conn.receive(data, trio.current_time())
+            self._pump()
+
+    async def _ticker(self) -> None:
+        conn = self.conn
+        assert conn is not None
+        while conn.closed is None:
+            deadline = conn.get_timer()
+            self._tick = trio.Event()
+            with trio.move_on_at(deadline if deadline is not None else math.inf):
+                await self._tick.wait()
+            if conn.closed is None and deadline is not None and trio.current_time() >= deadline:
+                conn.handle_timer(trio.current_time())
+                self._pump()
+        await trio.sleep(self.config.close_grace)
+        if self._cancel is not None:
+            self._cancel.cancel()
+
+
+async def dial(link: Link, host: str, port: int) -> Closed:
+    """Open a websocket to `host:port` and run `link` over it; `Unreachable` if it never opens."""
+    config = link.config
+    opened = False
+    try:
+        async with open_websocket(
+            host,
+            port,
+            PATH,
+            use_ssl=False,
+            max_message_size=config.max_message,
+            receive_buffer_size=RECEIVE_BUFFER,
+            connect_timeout=config.connect_timeout,
+            disconnect_timeout=config.close_grace,
+        ) as ws:
+            opened = True
+            return await link.run(ws)
+    except (HandshakeError, OSError, ConnectionClosed, trio.BrokenResourceError) as exc:
+        if opened and link.closed is not None:
+            return link.closed  # a failure while hanging up: the link had already ended
+        raise Unreachable(
+            f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        ) from None
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def serve(
+    host: str,
+    port: int,
+    handler: Callable[[WebSocketConnection], Awaitable[None]],
+    config: PeerConfig,
+    *,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Listen on `host:port` for peers (websocket path `/peer`); started() with the bound port."""
+
+    async def on_request(request: WebSocketRequest) -> None:
+        if request.path != PATH:
+            await request.reject(404, body=b"not a peerdaemon peer endpoint\n")
+            return
+        ws = await request.accept()
+        try:
+            await handler(ws)
+        except Exception:  # one bad connection must not stop the listener
+            log.exception("peer connection from %s failed", ws.remote)
+
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(
+            partial(
+                serve_websocket,
+                on_request,
+                host,
+                port,
+                None,
+                max_message_size=config.max_message,
+                receive_buffer_size=RECEIVE_BUFFER,
+                connect_timeout=config.connect_timeout,
+                disconnect_timeout=config.close_grace,
+            )
+        )
+        listeners = server.listeners
+        bound = listeners[0].port if listeners and not isinstance(listeners[0], str) else port
+        task_status.started(bound)

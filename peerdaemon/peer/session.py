@@ -1,0 +1,521 @@
+"""One peer connection without I/O: handshake, boxes, the Yjs sync session and keep-alive.
+
+`PeerConnection` is what a transport drives (like h11's `Connection` or aioquic's
+`QuicConnection`): feed it each received websocket message with `receive(data, now)`, call
+`handle_timer(now)` at `get_timer()`, send what `data_to_send()` returns, and read what happened
+from `next_event()`. It never sleeps or touches a socket, so every rule of the protocol (which
+documents, step 1 / step 2 / update, limits, timeouts, close reasons) is tested in memory with
+explicit times, and the hub can reuse it over another websocket.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ..model import MODEL_VERSION
+from . import messages
+from .handshake import (
+    Established,
+    Handshake,
+    IdentityLike,
+    IncompatibleVersion,
+    PeerHello,
+    SpaceKeyLike,
+    versions_dict,
+)
+from .messages import (
+    CLOSED,
+    INCOMPATIBLE_VERSION,
+    INTERNAL_ERROR,
+    PROTOCOL_ERROR,
+    PROTOCOL_VERSION,
+    SHUTDOWN,
+    SYNC_STEP1,
+    SYNC_STEP2,
+    SYNC_UPDATE,
+    TIMEOUT,
+    TOO_LARGE,
+    UNAUTHORIZED,
+    ProtocolError,
+)
+
+__all__ = [
+    "EMPTY_STATE_VECTOR",
+    "EMPTY_UPDATE",
+    "Closed",
+    "Event",
+    "HelloReceived",
+    "PeerConfig",
+    "PeerConnection",
+    "Synced",
+    "SyncHostLike",
+    "SyncSession",
+]
+
+log = logging.getLogger("peerdaemon.peer")
+
+EMPTY_UPDATE = b"\x00\x00"
+EMPTY_STATE_VECTOR = b"\x00"
+BOX_OVERHEAD = 64
+"""Upper bound of what boxing adds to an inner message (tag, CBOR map, counter)."""
+
+
+class SyncHostLike(Protocol):
+    """`peerdaemon.spaces.SyncHost`, as far as a peer connection uses it."""
+
+    def space_keys(self) -> list[SpaceKeyLike]: ...
+    def docs_of(self, space_ids: Iterable[str]) -> list[str]: ...
+    def allowed(self, doc_id: str, space_ids: Iterable[str]) -> bool: ...
+    def state_vector(self, doc_id: str) -> bytes | None: ...
+    def diff(self, doc_id: str, state_vector: bytes) -> bytes: ...
+    def apply(self, doc_id: str, update: bytes, origin: str) -> None: ...
+
+
+@dataclass
+class PeerConfig:
+    """Limits and timers of the peer protocol; the defaults are the protocol's recommendations."""
+
+    max_message: int = 256 << 20
+    """Largest websocket message accepted (and sent): a first sync of a big environment is one."""
+    ping_interval: float = 15.0
+    """Send a ping after this long without receiving anything."""
+    idle_timeout: float = 45.0
+    """Close with `timeout` after this long without receiving anything."""
+    handshake_timeout: float = 10.0
+    """Close with `timeout` if the handshake has not completed by then."""
+    connect_timeout: float = 10.0
+    """TCP + websocket opening handshake of a dial."""
+    close_grace: float = 2.0
+    """How long a closing link may spend flushing its close message before it is cut."""
+    backoff_initial: float = 0.5
+    backoff_max: float = 60.0
+    backoff_jitter: float = 0.2
+    max_deferred: int = 4096
+    """Step 1 requests remembered for documents not (yet) allowed on this link."""
+    max_rows: int = 512
+    """Rows of the peers table kept for devices we no longer dial or hear from."""
+
+
+# -- events --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HelloReceived:
+    """The peer's hello arrived: its claims, not yet proven (the manager maps addresses with it)."""
+
+    hello: PeerHello
+
+
+@dataclass(frozen=True)
+class Synced:
+    """Every document of the initial exchange got its step 2: this link has caught up once."""
+
+    docs: int
+
+
+@dataclass(frozen=True)
+class Closed:
+    reason: str
+    detail: str = ""
+    by_peer: bool = False
+    versions: dict[str, dict[str, int | None]] | None = None
+
+
+Event = HelloReceived | Established | Synced | Closed
+
+
+# -- the sync session ----------------------------------------------------------------------------
+
+
+class SyncSession:
+    """The Yjs sync protocol for every shared document of the common spaces, over one link.
+
+    Incoming messages for a document are applied only if `host.allowed(doc, spaces)`; a
+    document that is not (yet) allowed is ignored, but its step 1 is remembered and answered if
+    the document becomes allowed, so a share that arrives a moment later still syncs both ways.
+    """
+
+    def __init__(
+        self,
+        host: SyncHostLike,
+        peer_device: str,
+        spaces: frozenset[str],
+        send: Callable[[dict[str, Any]], None],
+        *,
+        max_deferred: int = 4096,
+    ) -> None:
+        self.host = host
+        self.origin = f"peer:{peer_device}"
+        self.spaces = spaces
+        self._send = send
+        self._max_deferred = max_deferred
+        self.sent_step1: set[str] = set()
+        self._awaiting: set[str] = set()
+        self._deferred: dict[str, bytes] = {}
+        self.synced = False
+        self.ignored = 0
+        """Messages dropped because their document is not allowed on this link."""
+
+    def open(self) -> None:
+        """Send step 1 for every document the common spaces share."""
+        for doc in self.host.docs_of(self.spaces):
+            self._step1(doc)
+        self._awaiting = set(self.sent_step1)
+        self._check_synced()
+
+    def set_spaces(self, spaces: frozenset[str]) -> None:
+        self.spaces = spaces
+        self.docs_changed()
+
+    def docs_changed(self) -> None:
+        """The syncable documents changed: step 1 for new ones, answer remembered step 1s."""
+        for doc in self.host.docs_of(self.spaces):
+            if doc not in self.sent_step1:
+                self._step1(doc)
+        for doc, sv in list(self._deferred.items()):
+            if self.host.allowed(doc, self.spaces):
+                del self._deferred[doc]
+                self._answer_step1(doc, sv)
+
+    def local_update(self, doc: str, update: bytes, origin: str) -> None:
+        """A change of a local document: forward it unless it came from this very peer."""
+        if origin == self.origin or not self.host.allowed(doc, self.spaces):
+            return
+        self._send({"t": "sync", "doc": doc, "m": messages.encode_sync(SYNC_UPDATE, update)})
+
+    def receive(self, msg: dict[str, Any]) -> None:
+        t = msg["t"]
+        if t == "awareness":
+            return  # reserved for presence; accepted and ignored in protocol version 1
+        if t != "sync":
+            raise ProtocolError(PROTOCOL_ERROR, f"unexpected {t!r} in the sync session")
+        doc = msg["doc"]
+        kind, payload = messages.decode_sync(msg["m"])
+        if not self.host.allowed(doc, self.spaces):
+            self.ignored += 1
+            if kind == SYNC_STEP1 and (
+                doc in self._deferred or len(self._deferred) < self._max_deferred
+            ):
+                self._deferred[doc] = payload
+            log.debug("ignoring sync for %s: not allowed on link to %s", doc, self.origin)
+            return
+        if kind == SYNC_STEP1:
+            self._answer_step1(doc, payload)
+            if doc not in self.sent_step1:
+                self._step1(doc)
+            return
+        if payload != EMPTY_UPDATE:
+            try:
+                self.host.apply(doc, payload, self.origin)
+            except ValueError as exc:
+                raise ProtocolError(PROTOCOL_ERROR, f"update for {doc} rejected: {exc}") from None
+        if kind == SYNC_STEP2 and doc in self._awaiting:
+            self._awaiting.discard(doc)
+            self._check_synced()
+
+    def _step1(self, doc: str) -> None:
+        sv = self.host.state_vector(doc)
+        self.sent_step1.add(doc)
+        m = messages.encode_sync(SYNC_STEP1, EMPTY_STATE_VECTOR if sv is None else sv)
+        self._send({"t": "sync", "doc": doc, "m": m})
+
+    def _answer_step1(self, doc: str, state_vector: bytes) -> None:
+        if self.host.state_vector(doc) is None:
+            update = EMPTY_UPDATE
+        else:
+            try:
+                update = self.host.diff(doc, state_vector)
+            except ValueError as exc:
+                raise ProtocolError(PROTOCOL_ERROR, f"bad state vector for {doc}: {exc}") from None
+        self._send({"t": "sync", "doc": doc, "m": messages.encode_sync(SYNC_STEP2, update)})
+
+    def _check_synced(self) -> None:
+        if not self._awaiting and not self.synced:
+            self.synced = True
+
+
+# -- the connection ------------------------------------------------------------------------------
+
+
+class PeerConnection:
+    """Everything one side of one peer connection decides, given messages and the time."""
+
+    def __init__(
+        self,
+        identity: IdentityLike,
+        host: SyncHostLike,
+        *,
+        dialer: bool,
+        now: float,
+        config: PeerConfig | None = None,
+        model: int = MODEL_VERSION,
+        accepted_models: Iterable[int] | None = None,
+        random: Callable[[int], bytes] = os.urandom,
+    ) -> None:
+        self.identity = identity
+        self.host = host
+        self.dialer = dialer
+        self.config = config or PeerConfig()
+        self.model = model
+        self.handshake = Handshake(
+            identity,
+            host.space_keys,
+            dialer=dialer,
+            model=model,
+            accepted_models=accepted_models,
+            random=random,
+        )
+        self.session: SyncSession | None = None
+        self.closed: Closed | None = None
+        self.hello: PeerHello | None = None
+        self.claimed_device: str | None = None
+        self.claimed_name: str | None = None
+        """What the peer's hello or cleartext close says, even when we could not accept it."""
+        self.established: Established | None = None
+        self._out: list[bytes] = []
+        self._events: deque[Event] = deque()
+        self._cleartext_ok = True  # until the peer's first box
+        self._handshake_deadline = now + self.config.handshake_timeout
+        self._last_received = now
+        self._next_ping = now + self.config.ping_interval
+        self._announced: frozenset[bytes] = frozenset()
+        self._synced_reported = False
+        self._out.extend(self.handshake.start())
+
+    # -- state ---------------------------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        """ "handshake", "open" or "closed"."""
+        if self.closed is not None:
+            return "closed"
+        return "open" if self.session is not None else "handshake"
+
+    @property
+    def spaces(self) -> frozenset[str]:
+        return self.session.spaces if self.session is not None else frozenset()
+
+    @property
+    def peer_device(self) -> str | None:
+        """The device id from the peer's hello (proven only once `established` is set)."""
+        return self.hello.device if self.hello is not None else self.claimed_device
+
+    @property
+    def peer_name(self) -> str | None:
+        return self.hello.name if self.hello is not None else self.claimed_name
+
+    # -- outputs -------------------------------------------------------------------------------
+
+    def data_to_send(self) -> list[bytes]:
+        """Websocket binary messages to send, in order. After a close, send them, then hang up."""
+        out, self._out = self._out, []
+        return out
+
+    def next_event(self) -> Event | None:
+        return self._events.popleft() if self._events else None
+
+    def get_timer(self) -> float | None:
+        """When `handle_timer` must next be called (None once closed)."""
+        if self.closed is not None:
+            return None
+        if self.session is None:
+            return self._handshake_deadline
+        return min(self._next_ping, self._last_received + self.config.idle_timeout)
+
+    # -- inputs --------------------------------------------------------------------------------
+
+    def receive(self, data: bytes | str, now: float) -> None:
+        """One websocket message from the peer. Anything wrong closes the connection."""
+        if self.closed is not None:
+            return
+        self._last_received = now
+        self._next_ping = now + self.config.ping_interval
+        try:
+            self._receive(data)
+        except ProtocolError as exc:
+            versions = exc.versions if isinstance(exc, IncompatibleVersion) else None
+            self._close(exc.reason, exc.detail, versions=versions)
+        except Exception as exc:  # a bug or a host failure must only cost this link
+            log.exception("peer link failed while handling a message")
+            self._close(INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
+
+    def handle_timer(self, now: float) -> None:
+        if self.closed is not None:
+            return
+        if self.session is None:
+            if now >= self._handshake_deadline:
+                self._close(TIMEOUT, "handshake did not complete in time")
+            return
+        if now >= self._last_received + self.config.idle_timeout:
+            self._close(TIMEOUT, f"nothing received for {now - self._last_received:.1f} s")
+        elif now >= self._next_ping:
+            self._send_inner({"t": "ping"})
+            self._next_ping = now + self.config.ping_interval
+
+    def local_update(self, doc: str, update: bytes, origin: str) -> None:
+        """A local document changed (`SyncHost.add_listener`)."""
+        if self.session is not None and self.closed is None:
+            self._guard(self.session.local_update, doc, update, origin)
+
+    def docs_changed(self) -> None:
+        """The syncable documents or our spaces changed (`SyncHost.add_docs_listener`)."""
+        if self.session is None or self.closed is not None:
+            return
+        self._guard(self._refresh_spaces)
+
+    def close(self, reason: str = SHUTDOWN, detail: str = "") -> None:
+        """Close from our side (shutdown, duplicate connection...): queues the close message."""
+        if self.closed is None:
+            self._close(reason, detail)
+
+    def connection_lost(self, reason: str = CLOSED, detail: str = "") -> None:
+        """The transport ended without a close message (or after ours)."""
+        if self.closed is None:
+            self._finish(Closed(reason, detail, by_peer=True))
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _guard(self, fn: Callable[..., None], *args: Any) -> None:
+        try:
+            fn(*args)
+        except ProtocolError as exc:
+            self._close(exc.reason, exc.detail)
+        except Exception as exc:
+            log.exception("peer link failed")
+            self._close(INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
+
+    def _receive(self, data: bytes | str) -> None:
+        outer = messages.decode(data, self.config.max_message)
+        messages.validate_cleartext(outer)
+        t = outer["t"]
+        if t == "box":
+            channel = self.handshake.channel
+            if channel is None:
+                raise ProtocolError(PROTOCOL_ERROR, "box before the hellos were exchanged")
+            inner = channel.open(outer, self.config.max_message)
+            self._cleartext_ok = False
+            self._receive_inner(inner)
+            return
+        if not self._cleartext_ok:
+            raise ProtocolError(PROTOCOL_ERROR, f"cleartext {t!r} after encryption started")
+        self._note_claims(outer)
+        if t == "close":
+            self._peer_closed(outer)
+            return
+        assert t == "hello"
+        try:
+            out = self.handshake.receive_hello(outer, bytes(data))
+        finally:
+            if self.handshake.peer is not None and self.hello is None:
+                self.hello = self.handshake.peer
+                self._events.append(HelloReceived(self.hello))
+        self._out.extend(out)
+
+    def _note_claims(self, msg: dict[str, Any]) -> None:
+        device, name = msg.get("device"), msg.get("name")
+        if isinstance(device, str) and 0 < len(device) <= messages.MAX_DEVICE_ID:
+            self.claimed_device = device
+            self.claimed_name = name[: messages.MAX_NAME] if isinstance(name, str) else None
+
+    def _receive_inner(self, msg: dict[str, Any]) -> None:
+        t = msg["t"]
+        if t == "close":
+            self._peer_closed(msg)
+        elif self.session is None:
+            if t != "auth":
+                raise ProtocolError(PROTOCOL_ERROR, f"{t!r} before authentication")
+            self._out.extend(self.handshake.receive_auth(msg))
+            self._open(self.handshake.result)
+        elif t == "ping":
+            self._send_inner({"t": "pong"})
+        elif t == "pong":
+            pass
+        elif t == "spaces":
+            self.handshake.peer_tags = list(msg["tags"])
+            self._refresh_spaces(announce=False)
+        elif t == "auth":
+            raise ProtocolError(PROTOCOL_ERROR, "second auth")
+        else:
+            self.session.receive(msg)
+            self._report_synced()
+
+    def _open(self, result: Established | None) -> None:
+        assert result is not None
+        self.established = result
+        self._announced = frozenset(self.handshake.own_tags())
+        self.session = SyncSession(
+            self.host,
+            result.device,
+            result.spaces,
+            self._send_inner,
+            max_deferred=self.config.max_deferred,
+        )
+        self._events.append(result)
+        self.session.open()
+        self._report_synced()
+
+    def _refresh_spaces(self, announce: bool = True) -> None:
+        """Recompute the common spaces after our spaces or the peer's announcement changed."""
+        assert self.session is not None
+        if announce:
+            tags = self.handshake.own_tags()
+            if frozenset(tags) != self._announced:
+                self._announced = frozenset(tags)
+                self._send_inner({"t": "spaces", "tags": tags})
+        spaces = self.handshake.match(self.handshake.peer_tags)
+        if not spaces:
+            raise ProtocolError(UNAUTHORIZED, "no common space any more")
+        if spaces != self.session.spaces:
+            self.session.set_spaces(spaces)
+        else:
+            self.session.docs_changed()
+        self._report_synced()
+
+    def _report_synced(self) -> None:
+        if self.session is not None and self.session.synced and not self._synced_reported:
+            self._synced_reported = True
+            self._events.append(Synced(len(self.session.sent_step1)))
+
+    def _send_inner(self, msg: dict[str, Any]) -> None:
+        channel = self.handshake.channel
+        assert channel is not None
+        size = len(messages.encode(msg)) + BOX_OVERHEAD
+        if size > self.config.max_message:
+            raise ProtocolError(TOO_LARGE, f"outgoing message of {size} bytes")
+        self._out.append(channel.seal(msg))
+
+    def _peer_closed(self, msg: dict[str, Any]) -> None:
+        reason = msg["reason"]
+        versions = None
+        if reason == INCOMPATIBLE_VERSION:
+            versions = versions_dict((PROTOCOL_VERSION, self.model), messages.versions_of(msg))
+        elif reason == SHUTDOWN:
+            reason = CLOSED
+        elif reason not in messages.REASONS:
+            reason = CLOSED
+        self._finish(Closed(reason, msg.get("detail", ""), by_peer=True, versions=versions))
+
+    def _close(
+        self, reason: str, detail: str = "", *, versions: dict[str, Any] | None = None
+    ) -> None:
+        msg: dict[str, Any] = {"t": "close", "reason": reason}
+        if detail:
+            msg["detail"] = detail[: messages.MAX_DETAIL]
+        channel = self.handshake.channel
+        if channel is not None:
+            self._out.append(channel.seal(msg))
+        else:
+            msg["proto"], msg["model"] = PROTOCOL_VERSION, self.model
+            msg["device"] = self.identity.device_id
+            msg["name"] = self.identity.name[: messages.MAX_NAME]
+            self._out.append(messages.encode(msg))
+        self._finish(Closed(reason, detail, by_peer=False, versions=versions))
+
+    def _finish(self, closed: Closed) -> None:
+        self.closed = closed
+        self._events.append(closed)

@@ -1,0 +1,127 @@
+"""The space document: a space's membership and environment list, replicated as one Yjs doc.
+
+Layout (docs/spaces.md), every value a plain JSON object so each key is last-writer-wins:
+
+    info          Y.Map  name, created (Unix s), creator (device id), layout (1)
+    members       Y.Map  device id -> {name, joined}
+    environments  Y.Map  env id -> {state: "shared" | "unshared" | "deleted", by, at}
+
+Why a document and not messages: members and shares must converge on every device whatever the
+order in which devices meet, including devices that were offline while things changed. Values
+read from peers are checked here, so a malformed entry reads as absent instead of crashing.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from pycrdt import Doc, Map
+
+__all__ = [
+    "DELETED",
+    "ENVIRONMENTS",
+    "INFO",
+    "LAYOUT",
+    "MEMBERS",
+    "SHARED",
+    "STATES",
+    "UNSHARED",
+    "SpaceDoc",
+]
+
+LAYOUT = 1
+INFO = "info"
+MEMBERS = "members"
+ENVIRONMENTS = "environments"
+
+SHARED = "shared"
+UNSHARED = "unshared"
+DELETED = "deleted"
+STATES = (SHARED, UNSHARED, DELETED)
+
+
+class SpaceDoc:
+    """Typed reads and writes of a space document (the `Doc` itself is `self.doc`)."""
+
+    def __init__(self, doc: Doc | None = None) -> None:
+        self.doc = doc if doc is not None else Doc()
+
+    def _map(self, name: str) -> Map:
+        return self.doc.get(name, type=Map)
+
+    # -- reading -------------------------------------------------------------------------------
+
+    @property
+    def name(self) -> str | None:
+        value = self._map(INFO).get("name")
+        return value if isinstance(value, str) else None
+
+    def info(self) -> dict[str, Any]:
+        return dict(self._map(INFO).to_py() or {})
+
+    def members(self) -> dict[str, dict[str, Any]]:
+        """device id -> {name, joined}; malformed entries are skipped."""
+        out: dict[str, dict[str, Any]] = {}
+        for device, entry in self._map(MEMBERS).items():
+            if isinstance(entry, dict):
+                name = entry.get("name")
+                joined = entry.get("joined")
+                out[device] = {
+                    "name": name if isinstance(name, str) else "",
+                    "joined": joined if isinstance(joined, int | float) else None,
+                }
+        return out
+
+    def entry(self, env_id: str) -> dict[str, Any] | None:
+        value = self._map(ENVIRONMENTS).get(env_id)
+        if isinstance(value, dict) and value.get("state") in STATES:
+            return value
+        return None
+
+    def state(self, env_id: str) -> str | None:
+        entry = self.entry(env_id)
+        return entry["state"] if entry is not None else None
+
+    def states(self) -> dict[str, str]:
+        """env id -> state, for every well-formed entry."""
+        out = {}
+        for env_id in self._map(ENVIRONMENTS).keys():
+            state = self.state(env_id)
+            if state is not None:
+                out[env_id] = state
+        return out
+
+    def shared(self) -> set[str]:
+        return {env_id for env_id, state in self.states().items() if state == SHARED}
+
+    # -- writing (each call is one transaction, so one update) ---------------------------------
+
+    def init(self, name: str, creator: str, member_name: str) -> None:
+        """The creator's first write: the space's name and itself as the first member."""
+        now = time.time()
+        with self.doc.transaction():
+            info = self._map(INFO)
+            info["name"] = name
+            info["created"] = now
+            info["creator"] = creator
+            info["layout"] = LAYOUT
+            self._map(MEMBERS)[creator] = {"name": member_name, "joined": now}
+
+    def set_member(self, device: str, name: str, joined: float | None = None) -> None:
+        current = self.members().get(device)
+        if joined is None:
+            joined = current["joined"] if current and current["joined"] else time.time()
+        if current == {"name": name, "joined": joined}:
+            return  # no update for a no-op
+        self._map(MEMBERS)[device] = {"name": name, "joined": joined}
+
+    def remove_member(self, device: str) -> None:
+        members = self._map(MEMBERS)
+        if device in members:
+            del members[device]
+
+    def set_state(self, env_id: str, state: str, by: str) -> None:
+        if state not in STATES:
+            raise ValueError(f"unknown environment state {state!r}")
+        self._map(ENVIRONMENTS)[env_id] = {"state": state, "by": by, "at": time.time()}

@@ -1,0 +1,774 @@
+"""This device's spaces, the sharing of environments, and `SyncHost` for peer links.
+
+State, all on the trio thread:
+
+* `spaces`: the spaces this device belongs to (key = id + secret, kept in the store setting
+  `"spaces"`), each with its space document (stored like an environment, id `space:<id>`);
+* `bindings`: env id -> space id, the environments this device syncs in a space (setting
+  `"spaces.bindings"`).
+
+The space documents are the truth every member converges on; `bindings` is this device's view.
+`_reconcile` brings the view in line with the documents after every change (and at start, which
+also repairs a crash between two writes): an environment whose entry says `unshared` stops
+syncing and stays as a local copy, one that says `deleted` is deleted here. Because this is a
+function of the converged state rather than of the order of messages, devices that were apart
+end up doing the same thing when they meet. See docs/spaces.md.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from pycrdt import Doc, Map
+
+from ..api.protocol import ApiError, Pending
+from ..daemon.events import EventLog
+from ..daemon.registry import EMPTY_UPDATE, Registry
+from ..identity import Identity, save_name
+from ..model import prepare
+from ..model.layout import ENV_ROOT
+from ..store import Store, Ticket
+from .document import DELETED, SHARED, UNSHARED, SpaceDoc
+from .invite import Invite, InviteError, decode_invite, encode_invite, parse_address
+
+log = logging.getLogger("peerdaemon.spaces")
+
+LOCAL = "local"
+SPACE_PREFIX = "space:"
+SPACES_SETTING = "spaces"
+BINDINGS_SETTING = "spaces.bindings"
+EMPTY_STATE_VECTOR = b"\x00"
+MAX_SPACE_NAME = 100
+MAX_EARLY_UPDATES = 256
+
+ChangeListener = Callable[[str, bytes, str], None]
+
+
+def space_doc_id(space_id: str) -> str:
+    return SPACE_PREFIX + space_id
+
+
+@dataclass(frozen=True)
+class SpaceKey:
+    id: str
+    secret: bytes  # 32 random bytes; never leaves the device except in invite codes
+
+
+@dataclass(frozen=True)
+class InvitePeer:
+    """An address from the invite a space was joined with: a static peer for the PeerManager."""
+
+    space_id: str
+    device_id: str  # the inviter, expected at that address
+    address: str  # "host:port"
+
+
+class SyncHost(Protocol):
+    """What a peer link needs from the daemon (docs/architecture.md)."""
+
+    def space_keys(self) -> list[SpaceKey]: ...
+    def docs_of(self, space_ids: Iterable[str]) -> list[str]: ...
+    def allowed(self, doc_id: str, space_ids: Iterable[str]) -> bool: ...
+    def state_vector(self, doc_id: str) -> bytes | None: ...
+    def diff(self, doc_id: str, state_vector: bytes) -> bytes: ...
+    def apply(self, doc_id: str, update: bytes, origin: str) -> None: ...
+    def add_listener(self, fn: ChangeListener) -> int: ...
+    def remove_listener(self, token: int) -> None: ...
+    def add_docs_listener(self, fn: Callable[[], None]) -> int: ...
+
+
+class SpaceError(Exception):
+    """A refused space operation; `code` becomes the API error code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(eq=False)
+class Space:
+    id: str
+    secret: bytes
+    name: str  # given at creation or by the invite; the document's name wins once known
+    joined: float
+    doc: SpaceDoc = field(default_factory=SpaceDoc)
+    inviter: str | None = None
+    addresses: tuple[str, ...] = ()
+    hub: str | None = None
+    pending: list[bytes] = field(default_factory=list)
+
+    @property
+    def doc_id(self) -> str:
+        return space_doc_id(self.id)
+
+    @property
+    def display_name(self) -> str:
+        return self.doc.name or self.name
+
+    def key(self) -> SpaceKey:
+        return SpaceKey(self.id, self.secret)
+
+    def setting(self) -> dict[str, Any]:
+        return {
+            "secret": self.secret,
+            "name": self.name,
+            "joined": self.joined,
+            "inviter": self.inviter,
+            "addresses": list(self.addresses),
+            "hub": self.hub,
+        }
+
+
+def _new_space_id() -> str:
+    return base64.b32encode(secrets.token_bytes(10)).decode("ascii").lower()
+
+
+def _validate_space_name(name: object) -> str:
+    if not isinstance(name, str) or not name.strip():
+        raise SpaceError("bad-request", "a space name must be a non-empty string")
+    name = name.strip()
+    if len(name) > MAX_SPACE_NAME or any(ch < " " for ch in name):
+        raise SpaceError(
+            "bad-request", f"a space name is one line of at most {MAX_SPACE_NAME} characters"
+        )
+    return name
+
+
+class SpacesService:
+    """Spaces, sharing and the daemon side of sync; implements `SyncHost`."""
+
+    def __init__(
+        self, registry: Registry, store: Store, identity: Identity, events: EventLog
+    ) -> None:
+        self.registry = registry
+        self.store = store
+        self.identity = identity
+        self.events = events
+        self.spaces: dict[str, Space] = {}
+        self.bindings: dict[str, str] = {}
+        self._listeners: dict[int, ChangeListener] = {}
+        self._docs_listeners: dict[int, Callable[[], None]] = {}
+        self._next_token = 1
+        self._docs: frozenset[str] = frozenset()
+        self._early: dict[str, list[bytes]] = {}  # updates that came before the env's state
+        self.address_provider: Callable[[], list[str]] | None = None
+        """Set by the peer side: this daemon's reachable `host:port`s, put into invites."""
+        registry.add_listener(self._on_env_change)
+
+    # -- start ---------------------------------------------------------------------------------
+
+    def load(self) -> int:
+        """Read the spaces, their documents and the bindings; reconcile. Called once at start,
+        after `Registry.load`. Returns the number of spaces."""
+        saved = self.store.get_setting(SPACES_SETTING) or {}
+        bindings = self.store.get_setting(BINDINGS_SETTING) or {}
+        loaded = self.store.load() if saved else {}  # a second read only for users of spaces
+        for space_id, entry in saved.items() if isinstance(saved, dict) else ():
+            try:
+                space = Space(
+                    id=space_id,
+                    secret=bytes(entry["secret"]),
+                    name=str(entry.get("name") or ""),
+                    joined=float(entry.get("joined") or 0.0),
+                    inviter=entry.get("inviter"),
+                    addresses=tuple(entry.get("addresses") or ()),
+                    hub=entry.get("hub"),
+                )
+            except (KeyError, TypeError, ValueError):
+                log.warning("spaces: ignoring a malformed saved space %r", space_id)
+                continue
+            stored = loaded.get(space.doc_id)
+            for update in stored.updates if stored is not None else ():
+                space.doc.doc.apply_update(update)
+            self.spaces[space_id] = self._track(space)
+        for doc_id in loaded:
+            if doc_id.startswith(SPACE_PREFIX) and doc_id[len(SPACE_PREFIX) :] not in self.spaces:
+                self.store.enqueue_delete(doc_id)  # left behind by a crash during create/leave
+        if isinstance(bindings, dict):
+            self.bindings = {
+                str(e): str(s) for e, s in bindings.items() if isinstance(s, str)
+            }
+        self._reconcile("local")
+        self._docs = self._syncable()
+        return len(self.spaces)
+
+    def register(self, service: Any) -> None:
+        """Add the socket operations and the env.delete / status hooks to the daemon's Service."""
+        ops: dict[str, Callable[[dict[str, Any], Any], Awaitable[Any]]] = {
+            "space.create": self.op_create,
+            "space.invite": self.op_invite,
+            "space.join": self.op_join,
+            "space.list": self.op_list,
+            "space.leave": self.op_leave,
+            "env.share": self.op_share,
+            "env.unshare": self.op_unshare,
+            "config.get": self.op_config_get,
+            "config.set": self.op_config_set,
+            "identity": self.op_identity,
+        }
+        for op, handler in ops.items():
+            service.register(op, handler)
+        service.before_delete.append(self.before_delete)
+        service.status_hooks.append(self.status)
+
+    def _track(self, space: Space) -> Space:
+        def on_transaction(event: Any) -> None:
+            if event.update != EMPTY_UPDATE:
+                space.pending.append(event.update)
+
+        space.doc.doc.observe(on_transaction)
+        return space
+
+    # -- the local operations (Python API; the op_* wrappers below speak the socket) -----------
+
+    def create_space(self, name: str) -> tuple[Space, list[Ticket]]:
+        name = _validate_space_name(name)
+        space = self._track(
+            Space(id=_new_space_id(), secret=secrets.token_bytes(32), name=name, joined=time.time())
+        )
+        space.doc.init(name, self.identity.device_id, self.identity.name)
+        self.spaces[space.id] = space
+        tickets = self._commit_space(space, LOCAL)
+        tickets.append(self._save_spaces())
+        self.events.emit("space-created", space=space.id, name=name)
+        self._docs_changed()
+        return space, tickets
+
+    def resolve(self, ref: str) -> Space:
+        """A space by id, by name, or by a unique id prefix (at least 4 characters)."""
+        if not isinstance(ref, str) or not ref:
+            raise SpaceError("bad-request", "name a space by its id or name")
+        if ref in self.spaces:
+            return self.spaces[ref]
+        matches = [s for s in self.spaces.values() if ref in (s.display_name, s.name)]
+        if not matches and len(ref) >= 4:
+            matches = [s for s in self.spaces.values() if s.id.startswith(ref.lower())]
+        if len(matches) == 1:
+            return matches[0]
+        if matches:
+            ids = ", ".join(sorted(s.id for s in matches))
+            raise SpaceError("ambiguous", f"{ref!r} names several spaces ({ids}); use the id")
+        raise SpaceError("not-found", f"no space {ref!r} (see `peerdaemon space list`)")
+
+    def invite(
+        self, ref: str, addresses: list[str] | None = None, hub: str | None = None
+    ) -> str:
+        space = self.resolve(ref)
+        if addresses is None:
+            addresses = list(self.address_provider()) if self.address_provider else []
+        for address in addresses:
+            try:
+                parse_address(address)
+            except ValueError as exc:
+                raise SpaceError("bad-request", str(exc)) from None
+        invite = Invite(
+            space_id=space.id,
+            name=space.display_name,
+            secret=space.secret,
+            inviter=self.identity.device_id,
+            addresses=tuple(addresses),
+            hub=hub or space.hub,
+        )
+        return encode_invite(invite)
+
+    def join(self, code: str) -> tuple[Space, list[Ticket]]:
+        try:
+            invite = decode_invite(code)
+        except InviteError as exc:
+            raise SpaceError("bad-invite", str(exc)) from None
+        if invite.space_id in self.spaces:
+            known = self.spaces[invite.space_id]
+            raise SpaceError(
+                "exists", f"this device is already in space {known.display_name!r} ({known.id})"
+            )
+        space = self._track(
+            Space(
+                id=invite.space_id,
+                secret=invite.secret,
+                name=invite.name,
+                joined=time.time(),
+                inviter=invite.inviter,
+                addresses=invite.addresses,
+                hub=invite.hub,
+            )
+        )
+        space.doc.set_member(self.identity.device_id, self.identity.name, space.joined)
+        self.spaces[space.id] = space
+        tickets = self._commit_space(space, LOCAL)
+        tickets.append(self._save_spaces())
+        self.events.emit("space-joined", space=space.id, name=space.name)
+        self._docs_changed()
+        return space, tickets
+
+    def leave(self, ref: str) -> tuple[Space, list[Ticket]]:
+        """Leave: drop this device from the members, forget the key, keep local copies."""
+        space = self.resolve(ref)
+        space.doc.remove_member(self.identity.device_id)
+        tickets = self._commit_space(space, LOCAL)  # listeners see it while the space exists
+        del self.spaces[space.id]
+        tickets.append(self._save_spaces())
+        tickets += self._reconcile(LOCAL)  # its environments become local copies
+        tickets.append(self.store.enqueue_delete(space.doc_id))
+        self.events.emit("space-left", space=space.id, name=space.display_name)
+        self._docs_changed()
+        return space, tickets
+
+    def share(self, env_id: str, ref: str, *, copy_: bool = False) -> tuple[str, list[Ticket]]:
+        """Share an environment in a space; with `copy_`, a duplicate under a new id."""
+        space = self.resolve(ref)
+        self.registry.get(env_id)  # UnknownEnvironment -> not-found
+        tickets: list[Ticket] = []
+        if copy_:
+            duplicate = copy.deepcopy(self.registry.export(env_id))
+            new_id = str(uuid.uuid4())
+            prepared, _ = prepare(duplicate, new_id)
+            tickets.append(self.registry.create(new_id, prepared, LOCAL))
+            env_id = new_id
+        elif env_id in self.bindings:
+            other = self.spaces[self.bindings[env_id]]
+            raise SpaceError(
+                "exists",
+                f"environment {env_id} is already shared in space {other.display_name!r}; "
+                "unshare it first, or share a duplicate with --copy",
+            )
+        self.bindings[env_id] = space.id
+        tickets.append(self._save_bindings())  # before the document: see _reconcile
+        space.doc.set_state(env_id, SHARED, self.identity.device_id)
+        tickets += self._commit_space(space, LOCAL)
+        self.events.emit("environment-shared", id=env_id, space=space.id, origin=LOCAL)
+        self._docs_changed()
+        return env_id, tickets
+
+    def unshare(self, env_id: str) -> tuple[Space, list[Ticket]]:
+        """Convert to local: the space marks it unshared; every member keeps its own copy."""
+        self.registry.get(env_id)
+        space = self.spaces.get(self.bindings.get(env_id, ""))
+        if space is None:
+            raise SpaceError("not-shared", f"environment {env_id} is not shared in a space")
+        space.doc.set_state(env_id, UNSHARED, self.identity.device_id)
+        tickets = self._commit_space(space, LOCAL)
+        tickets += self._reconcile(LOCAL)
+        self._docs_changed()
+        return space, tickets
+
+    def before_delete(self, env_id: str) -> None:
+        """`env.delete` hook: a shared environment is deleted from the space, on every device."""
+        space = self.spaces.get(self.bindings.get(env_id, ""))
+        if space is None or env_id not in self.registry.envs:
+            return
+        space.doc.set_state(env_id, DELETED, self.identity.device_id)
+        self._commit_space(space, LOCAL)
+        del self.bindings[env_id]
+        self._save_bindings()  # the env's own delete is enqueued next and acknowledged last
+        self._docs_changed()
+
+    def set_name(self, name: str) -> list[Ticket]:
+        """Rename this device, here and in the member list of every space."""
+        try:
+            tickets = [save_name(self.store, self.identity, name)]
+        except ValueError as exc:
+            raise SpaceError("bad-request", str(exc)) from None
+        for space in self.spaces.values():
+            space.doc.set_member(self.identity.device_id, self.identity.name)
+            tickets += self._commit_space(space, LOCAL)
+        return tickets
+
+    def env_space(self, env_id: str) -> str | None:
+        """The space this device syncs `env_id` in, if any (for listings)."""
+        return self._sharing_space(env_id)
+
+    def invite_addresses(self) -> list[InvitePeer]:
+        """The addresses of the invites this device joined with: static peers to dial."""
+        return [
+            InvitePeer(space.id, space.inviter, address)
+            for space in self.spaces.values()
+            if space.inviter
+            for address in space.addresses
+        ]
+
+    def list_spaces(self) -> list[dict[str, Any]]:
+        out = []
+        for space in sorted(self.spaces.values(), key=lambda s: (s.display_name, s.id)):
+            envs = []
+            for env_id, state in sorted(space.doc.states().items()):
+                if state != SHARED:
+                    continue
+                present = env_id in self.registry.envs
+                conflict = present and self.bindings.get(env_id) != space.id
+                entry: dict[str, Any] = {"id": env_id, "present": present}
+                if present:
+                    entry["name"] = self.registry.summary(env_id)["name"]
+                if conflict:
+                    entry["conflict"] = True  # a local environment with the same id: not synced
+                envs.append(entry)
+            members = [
+                {"device": device, **info, "self": device == self.identity.device_id}
+                for device, info in sorted(space.doc.members().items())
+            ]
+            out.append(
+                {
+                    "id": space.id,
+                    "name": space.display_name,
+                    "joined": space.joined,
+                    "members": members,
+                    "environments": envs,
+                }
+            )
+        return out
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "device": self.identity.device_id,
+            "name": self.identity.name,
+            "spaces": len(self.spaces),
+        }
+
+    # -- SyncHost ------------------------------------------------------------------------------
+
+    def space_keys(self) -> list[SpaceKey]:
+        return [space.key() for space in self.spaces.values()]
+
+    def docs_of(self, space_ids: Iterable[str]) -> list[str]:
+        """`space:<id>` and the environments shared there, including ones not received yet."""
+        out: list[str] = []
+        seen: set[str] = set()
+        for space_id in space_ids:
+            space = self.spaces.get(space_id)
+            if space is None or space.doc_id in seen:
+                continue
+            seen.add(space.doc_id)
+            out.append(space.doc_id)
+            for env_id in sorted(space.doc.shared()):
+                if env_id not in seen and self._sharing_space(env_id, (space_id,)) is not None:
+                    seen.add(env_id)
+                    out.append(env_id)
+        return out
+
+    def allowed(self, doc_id: str, space_ids: Iterable[str]) -> bool:
+        ids = tuple(space_ids)
+        if doc_id.startswith(SPACE_PREFIX):
+            space_id = doc_id[len(SPACE_PREFIX) :]
+            return space_id in ids and space_id in self.spaces
+        return self._sharing_space(doc_id, ids) is not None
+
+    def state_vector(self, doc_id: str) -> bytes | None:
+        """None for a doc not synced here; the empty state vector for an environment shared in
+        a space but not received yet, so that asking for it is the ordinary sync step."""
+        space = self._space_of_doc(doc_id)
+        if space is not None:
+            return space.doc.doc.get_state()
+        if self._sharing_space(doc_id) is None:
+            return None
+        env = self.registry.envs.get(doc_id)
+        return env.doc.get_state() if env is not None else EMPTY_STATE_VECTOR
+
+    def diff(self, doc_id: str, state_vector: bytes) -> bytes:
+        """What `state_vector` misses; the empty update for a doc that is not synced here."""
+        space = self._space_of_doc(doc_id)
+        try:
+            if space is not None:
+                return space.doc.doc.get_update(state_vector)
+            if self._sharing_space(doc_id) is None or doc_id not in self.registry.envs:
+                return EMPTY_UPDATE
+            return self.registry.state_update(doc_id, state_vector or EMPTY_STATE_VECTOR)
+        except ValueError as exc:
+            raise ValueError(f"bad state vector for {doc_id}: {exc}") from None
+
+    def apply(self, doc_id: str, update: bytes, origin: str) -> None:
+        """Merge a peer's update. A space document may change what is shared (reconciled here);
+        an environment shared in a space but absent here is created. Updates for docs that are
+        not (or no longer) shared are ignored: a deleted environment never comes back from a
+        late update. Raises ValueError on bytes that are not a Yjs update."""
+        if bytes(update) == EMPTY_UPDATE:
+            return  # the answer to a state vector that misses nothing
+        if doc_id.startswith(SPACE_PREFIX):
+            space = self._space_of_doc(doc_id)
+            if space is None:
+                log.debug("spaces: ignoring an update of unknown %s from %s", doc_id, origin)
+                return
+            self._apply_space(space, update, origin)
+            return
+        space_id = self._sharing_space(doc_id)
+        if space_id is None:
+            log.debug("spaces: ignoring an update of %s (not shared) from %s", doc_id, origin)
+            return
+        if doc_id in self.registry.envs:
+            self._merge(doc_id, update, origin)
+        else:
+            self._receive_new(doc_id, space_id, update, origin)
+
+    def add_listener(self, fn: ChangeListener) -> int:
+        token = self._token()
+        self._listeners[token] = fn
+        return token
+
+    def remove_listener(self, token: int) -> None:
+        self._listeners.pop(token, None)
+
+    def add_docs_listener(self, fn: Callable[[], None]) -> int:
+        token = self._token()
+        self._docs_listeners[token] = fn
+        return token
+
+    def remove_docs_listener(self, token: int) -> None:
+        self._docs_listeners.pop(token, None)
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _token(self) -> int:
+        token = self._next_token
+        self._next_token += 1
+        return token
+
+    def _space_of_doc(self, doc_id: str) -> Space | None:
+        if not doc_id.startswith(SPACE_PREFIX):
+            return None
+        return self.spaces.get(doc_id[len(SPACE_PREFIX) :])
+
+    def _sharing_space(self, env_id: str, space_ids: Iterable[str] | None = None) -> str | None:
+        """The space in which this device syncs `env_id` (limited to `space_ids`), if any.
+
+        A bound environment syncs in its space while the document says `shared`. An unbound
+        one syncs (to be received) only if it is absent here: a local environment with the same
+        id is never merged into a space behind the user's back (`env share` does that).
+        """
+        ids = self.spaces.keys() if space_ids is None else space_ids
+        bound = self.bindings.get(env_id)
+        if bound is not None:
+            space = self.spaces.get(bound)
+            ok = space is not None and bound in ids and space.doc.state(env_id) == SHARED
+            return bound if ok else None
+        if env_id in self.registry.envs:
+            return None
+        for space_id in ids:
+            space = self.spaces.get(space_id)
+            if space is not None and space.doc.state(env_id) == SHARED:
+                return space_id
+        return None
+
+    def _receive_new(self, env_id: str, space_id: str, update: bytes, origin: str) -> None:
+        """An environment shared in a space arrives here for the first time.
+
+        A live edit may overtake the full state this device asked for (the peer answers the
+        state vector after forwarding the edit). Such an update cannot create the environment
+        by itself; it is kept until the one that does arrives, rather than failing the link.
+        """
+        probe = Doc()
+        try:
+            probe.apply_update(update)
+        except BaseException as exc:
+            if not isinstance(exc, Exception) and type(exc).__name__ != "PanicException":
+                raise
+            raise ValueError(f"not a Yjs update: {exc}") from None
+        if not len(probe.get(ENV_ROOT, type=Map)):
+            early = self._early.setdefault(env_id, [])
+            if len(early) < MAX_EARLY_UPDATES:  # beyond that, the full state carries them
+                early.append(bytes(update))
+            return
+        self.bindings[env_id] = space_id  # first, so the listener forwards the new env
+        self._save_bindings()
+        self._merge(env_id, update, origin)
+        for early_update in self._early.pop(env_id, ()):
+            self._merge(env_id, early_update, origin)
+        self.events.emit("environment-shared", id=env_id, space=space_id, origin=origin)
+
+    def _merge(self, env_id: str, update: bytes, origin: str) -> None:
+        try:
+            self.registry.merge(env_id, update, origin)
+        except BaseException as exc:
+            if type(exc).__name__ != "PanicException":  # pycrdt's Rust panics
+                raise
+            raise ValueError(f"pycrdt could not apply the update: {exc}") from None
+
+    def _apply_space(self, space: Space, update: bytes, origin: str) -> None:
+        try:
+            space.doc.doc.apply_update(update)
+        except BaseException as exc:
+            if not isinstance(exc, Exception) and type(exc).__name__ != "PanicException":
+                raise
+            space.pending.clear()
+            raise ValueError(f"not a Yjs update: {exc}") from None
+        if self._commit_space(space, origin):
+            self._reconcile(origin)
+            self._docs_changed()
+
+    def _commit_space(self, space: Space, origin: str) -> list[Ticket]:
+        """Store the space document's new updates and hand them to the listeners."""
+        updates, space.pending = space.pending, []
+        tickets = [self.store.enqueue_append(space.doc_id, update) for update in updates]
+        for update in updates:
+            for listener in list(self._listeners.values()):
+                listener(space.doc_id, update, origin)
+        if updates and self.store.needs_compaction(space.doc_id):
+            self.store.enqueue_compact(space.doc_id, space.doc.doc.get_update())
+        return tickets
+
+    def _reconcile(self, origin: str) -> list[Ticket]:
+        """Make `bindings` (and the local environments) follow the space documents."""
+        tickets: list[Ticket] = []
+        changed = False
+        for env_id, space_id in list(self.bindings.items()):
+            space = self.spaces.get(space_id)
+            state = space.doc.state(env_id) if space is not None else None
+            present = env_id in self.registry.envs
+            if state == SHARED and present:
+                continue
+            del self.bindings[env_id]
+            changed = True
+            if not present:
+                continue  # deleted here, or never arrived: nothing to keep
+            if state == DELETED:
+                tickets.append(self.registry.delete(env_id, origin))
+            else:  # unshared, left, or unknown: this device keeps its copy as a local one
+                self.events.emit(
+                    "environment-unshared", id=env_id, space=space_id, origin=origin
+                )
+        if changed:
+            tickets.append(self._save_bindings())
+        return tickets
+
+    def _save_spaces(self) -> Ticket:
+        return self.store.put_setting(
+            SPACES_SETTING, {space_id: s.setting() for space_id, s in self.spaces.items()}
+        )
+
+    def _save_bindings(self) -> Ticket:
+        return self.store.put_setting(BINDINGS_SETTING, dict(self.bindings))
+
+    def _syncable(self) -> frozenset[str]:
+        return frozenset(self.docs_of(self.spaces))
+
+    def _docs_changed(self) -> None:
+        """Tell the docs listeners if the set of syncable docs changed."""
+        docs = self._syncable()
+        if docs == self._docs:
+            return
+        self._docs = docs
+        for env_id in [e for e in self._early if e not in docs]:
+            del self._early[env_id]
+        for listener in list(self._docs_listeners.values()):
+            listener()
+
+    def _on_env_change(self, env_id: str, update: bytes, origin: str) -> None:
+        if self._listeners and self._sharing_space(env_id) is not None:
+            for listener in list(self._listeners.values()):
+                listener(env_id, update, origin)
+
+    # -- socket operations ---------------------------------------------------------------------
+
+    async def op_create(self, args: dict[str, Any], session: Any) -> Any:
+        space, tickets = self._call(self.create_space, args.get("name"))
+        return _pending(tickets, {"id": space.id, "name": space.display_name})
+
+    async def op_invite(self, args: dict[str, Any], session: Any) -> Any:
+        addresses = args.get("addresses")
+        if addresses is not None and not (
+            isinstance(addresses, list) and all(isinstance(a, str) for a in addresses)
+        ):
+            raise ApiError("bad-request", "addresses must be a list of 'host:port' strings")
+        hub = args.get("hub")
+        if hub is not None and not isinstance(hub, str):
+            raise ApiError("bad-request", "hub must be a string")
+        code = self._call(self.invite, _space_arg(args), addresses, hub)
+        return {"code": code}
+
+    async def op_join(self, args: dict[str, Any], session: Any) -> Any:
+        code = args.get("code")
+        if not isinstance(code, str):
+            raise ApiError("bad-request", "argument 'code' must be a string")
+        space, tickets = self._call(self.join, code)
+        return _pending(tickets, {"id": space.id, "name": space.display_name})
+
+    async def op_list(self, args: dict[str, Any], session: Any) -> Any:
+        return self.list_spaces()
+
+    async def op_leave(self, args: dict[str, Any], session: Any) -> Any:
+        space, tickets = self._call(self.leave, _space_arg(args))
+        return _pending(tickets, {"id": space.id, "left": True})
+
+    async def op_share(self, args: dict[str, Any], session: Any) -> Any:
+        env_id = _str(args, "id")
+        copy_ = bool(args.get("copy", False))
+        shared_id, tickets = self._call(self.share, env_id, _space_arg(args), copy_=copy_)
+        space = self.spaces[self.bindings[shared_id]]
+        return _pending(tickets, {"id": shared_id, "space": space.id, "copy": copy_})
+
+    async def op_unshare(self, args: dict[str, Any], session: Any) -> Any:
+        env_id = _str(args, "id")
+        space, tickets = self._call(self.unshare, env_id)
+        return _pending(tickets, {"id": env_id, "space": space.id})
+
+    async def op_config_get(self, args: dict[str, Any], session: Any) -> Any:
+        config = {"name": self.identity.name}
+        key = args.get("key")
+        if key is None:
+            return config
+        if key not in config:
+            raise ApiError("not-found", f"unknown setting {key!r} (known: {', '.join(config)})")
+        return config[key]
+
+    async def op_config_set(self, args: dict[str, Any], session: Any) -> Any:
+        key = _str(args, "key")
+        if key != "name":
+            raise ApiError("not-found", f"unknown setting {key!r} (known: name)")
+        tickets = self._call(self.set_name, args.get("value"))
+        return _pending(tickets, {"key": key, "value": self.identity.name})
+
+    async def op_identity(self, args: dict[str, Any], session: Any) -> Any:
+        return {
+            "device": self.identity.device_id,
+            "name": self.identity.name,
+            "public_key": self.identity.public_key,
+        }
+
+    @staticmethod
+    def _call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except SpaceError as exc:
+            raise ApiError(exc.code, exc.message) from None
+
+
+def _str(args: dict[str, Any], name: str) -> str:
+    value = args.get(name)
+    if not isinstance(value, str) or not value:
+        raise ApiError("bad-request", f"argument {name!r} must be a non-empty string")
+    return value
+
+
+def _space_arg(args: dict[str, Any]) -> str:
+    return _str(args, "space")
+
+
+def _pending(tickets: list[Ticket], result: Any) -> Any:
+    """Acknowledge once every write of the operation is durable."""
+    if not tickets:
+        return result
+
+    async def wait() -> None:
+        for ticket in tickets:
+            await ticket.wait()
+
+    return Pending(wait, result)
+
+
+__all__ = [
+    "BINDINGS_SETTING",
+    "SPACES_SETTING",
+    "InvitePeer",
+    "Space",
+    "SpaceError",
+    "SpaceKey",
+    "SpacesService",
+    "SyncHost",
+    "space_doc_id",
+]

@@ -1,0 +1,192 @@
+"""Helpers for the peer tests: a SyncHost over a dict of pycrdt Docs, identities, space keys.
+
+`FakeHost` follows the SyncHost contract of docs/architecture.md without the registry or the
+store: docs belong to spaces by a plain mapping, every transaction's update goes to the change
+listeners with its origin, like the real host.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from pycrdt import Doc, Map
+
+from peerdaemon.identity import Identity
+from peerdaemon.spaces import SpaceKey
+
+EMPTY_UPDATE = b"\x00\x00"
+
+__all__ = ["FakeHost", "Identity", "SpaceKey", "make_identity", "make_space"]
+
+
+def make_identity(name: str) -> Identity:
+    return Identity.generate(name)
+
+
+def make_space(space_id: str) -> SpaceKey:
+    return SpaceKey(space_id, os.urandom(32))
+
+
+class FakeHost:
+    """docs: doc id -> (the spaces sharing it, its pycrdt Doc)."""
+
+    def __init__(self, spaces: Iterable[SpaceKey] = ()) -> None:
+        self.spaces: list[SpaceKey] = list(spaces)
+        self.docs: dict[str, Doc] = {}
+        self.shared: dict[str, set[str]] = {}
+        self.applied: list[tuple[str, bytes, str]] = []
+        self._listeners: dict[int, Callable[[str, bytes, str], None]] = {}
+        self._docs_listeners: dict[int, Callable[[], None]] = {}
+        self._next = 1
+        self._origin: str | None = None
+
+    # -- test controls ----------------------------------------------------------------------------
+
+    def add_doc(
+        self, doc_id: str, space_ids: Iterable[str], values: dict[str, Any] | None = None
+    ) -> Doc:
+        self.shared[doc_id] = set(space_ids)
+        doc = self._doc(doc_id)
+        if values:
+            self.edit(doc_id, values)
+        self.docs_changed()
+        return doc
+
+    def share(self, doc_id: str, space_id: str) -> None:
+        self.shared.setdefault(doc_id, set()).add(space_id)
+        self.docs_changed()
+
+    def join(self, key: SpaceKey) -> None:
+        self.spaces.append(key)
+        self.docs_changed()
+
+    def leave(self, space_id: str) -> None:
+        self.spaces = [k for k in self.spaces if k.id != space_id]
+        self.docs_changed()
+
+    def edit(self, doc_id: str, values: dict[str, Any], origin: str = "local") -> None:
+        doc = self._doc(doc_id)
+        self._origin = origin
+        try:
+            with doc.transaction():
+                m = doc.get("m", type=Map)
+                for k, v in values.items():
+                    m[k] = v
+        finally:
+            self._origin = None
+
+    def values(self, doc_id: str) -> dict[str, Any]:
+        doc = self.docs.get(doc_id)
+        return dict(doc.get("m", type=Map).to_py() or {}) if doc is not None else {}
+
+    def docs_changed(self) -> None:
+        for fn in list(self._docs_listeners.values()):
+            fn()
+
+    def _doc(self, doc_id: str) -> Doc:
+        doc = self.docs.get(doc_id)
+        if doc is None:
+            doc = self.docs[doc_id] = Doc()
+
+            def on_transaction(event: Any, doc_id: str = doc_id) -> None:
+                update = event.update
+                if update != EMPTY_UPDATE:
+                    origin = self._origin or "local"
+                    for fn in list(self._listeners.values()):
+                        fn(doc_id, update, origin)
+
+            doc.observe(on_transaction)
+        return doc
+
+    # -- SyncHost ---------------------------------------------------------------------------------
+
+    def space_keys(self) -> list[SpaceKey]:
+        return list(self.spaces)
+
+    def _mine(self, space_ids: Iterable[str]) -> set[str]:
+        return set(space_ids) & {k.id for k in self.spaces}
+
+    def docs_of(self, space_ids: Iterable[str]) -> list[str]:
+        ids = self._mine(space_ids)
+        return sorted(d for d, s in self.shared.items() if s & ids)
+
+    def allowed(self, doc_id: str, space_ids: Iterable[str]) -> bool:
+        return bool(self.shared.get(doc_id, set()) & self._mine(space_ids))
+
+    def state_vector(self, doc_id: str) -> bytes | None:
+        if doc_id not in self.shared:
+            return None
+        doc = self.docs.get(doc_id)
+        return doc.get_state() if doc is not None else b"\x00"
+
+    def diff(self, doc_id: str, state_vector: bytes) -> bytes:
+        doc = self.docs.get(doc_id)
+        if doc is None:
+            return EMPTY_UPDATE
+        return doc.get_update(state_vector)
+
+    def apply(self, doc_id: str, update: bytes, origin: str) -> None:
+        self.applied.append((doc_id, update, origin))
+        doc = self._doc(doc_id)
+        self._origin = origin
+        try:
+            doc.apply_update(update)
+        except Exception as exc:
+            raise ValueError(str(exc)) from None
+        finally:
+            self._origin = None
+
+    def add_listener(self, fn: Callable[[str, bytes, str], None]) -> int:
+        return self._add(self._listeners, fn)
+
+    def remove_listener(self, token: int) -> None:
+        self._listeners.pop(token, None)
+
+    def add_docs_listener(self, fn: Callable[[], None]) -> int:
+        return self._add(self._docs_listeners, fn)
+
+    def remove_docs_listener(self, token: int) -> None:
+        self._docs_listeners.pop(token, None)
+
+    def _add(self, table: dict[int, Any], fn: Any) -> int:
+        token = self._next
+        self._next += 1
+        table[token] = fn
+        return token
+
+
+# -- driving two sans-I/O connections in memory (like aioquic's roundtrip) ----------------------
+
+
+def drain_events(conn: Any) -> list[Any]:
+    out = []
+    while (event := conn.next_event()) is not None:
+        out.append(event)
+    return out
+
+
+def exchange(a: Any, b: Any, now: float = 0.0, *, max_rounds: int = 100) -> tuple[int, int]:
+    """Deliver everything each side sends until both are quiet; -> (messages a->b, b->a)."""
+    sent_ab = sent_ba = 0
+    for _ in range(max_rounds):
+        out_a = a.data_to_send()
+        for data in out_a:
+            b.receive(data, now)
+        out_b = b.data_to_send()
+        for data in out_b:
+            a.receive(data, now)
+        sent_ab += len(out_a)
+        sent_ba += len(out_b)
+        if not out_a and not out_b:
+            return sent_ab, sent_ba
+    raise AssertionError("the connections never went quiet")
+
+
+def wire(host: FakeHost, conns: Callable[[], Iterable[Any]]) -> None:
+    """Fan a host's changes and doc-set changes out to its connections, as the manager does."""
+    host.add_listener(
+        lambda doc, update, origin: [c.local_update(doc, update, origin) for c in conns()]
+    )
+    host.add_docs_listener(lambda: [c.docs_changed() for c in conns()])

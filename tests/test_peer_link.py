@@ -1,0 +1,321 @@
+"""Peer managers over real trio-websocket connections on 127.0.0.1, with fake hosts."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import cbor2
+import pytest
+import trio
+from peerutil import FakeHost, make_identity, make_space
+from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket
+
+from peerdaemon.peer import PeerConfig, PeerManager
+
+LOCAL = "127.0.0.1"
+S1, S2 = make_space("s1"), make_space("s2")
+FAST = PeerConfig(backoff_initial=0.05, backoff_max=0.4, connect_timeout=2.0, close_grace=0.5)
+
+
+class Events:
+    def __init__(self) -> None:
+        self.items: list[tuple[str, dict[str, Any]]] = []
+
+    def __call__(self, type_: str, **data: Any) -> None:
+        self.items.append((type_, data))
+
+    def of(self, type_: str) -> list[dict[str, Any]]:
+        return [d for t, d in self.items if t == type_]
+
+
+class Node:
+    """One daemon's peer side: identity, host, events, manager (restartable)."""
+
+    def __init__(self, name: str, *spaces: Any, config: PeerConfig = FAST, model: int = 1) -> None:
+        self.identity = make_identity(name)
+        self.host = FakeHost(spaces)
+        self.events = Events()
+        self.config = config
+        self.model = model
+        self.manager: PeerManager | None = None
+        self.port: int | None = None
+
+    @property
+    def id(self) -> str:
+        return self.identity.device_id
+
+    def new_manager(
+        self, static: list[tuple[str, int]] | None = None, listen: bool = True
+    ) -> PeerManager:
+        self.manager = PeerManager(
+            self.identity,
+            self.host,
+            self.events,
+            listen=(LOCAL, self.port or 0) if listen else None,
+            static_peers=static or [],
+            config=self.config,
+            model=self.model,
+        )
+        return self.manager
+
+    @asynccontextmanager
+    async def running(
+        self, static: list[tuple[str, int]] | None = None, listen: bool = True
+    ) -> AsyncIterator[PeerManager]:
+        manager = self.new_manager(static, listen)
+        async with trio.open_nursery() as nursery:
+            self.port = await nursery.start(manager.run)
+            yield manager
+            nursery.cancel_scope.cancel()
+
+    def row(
+        self, device: str | None = None, *, address: str | None = None
+    ) -> dict[str, Any] | None:
+        assert self.manager is not None
+        for r in self.manager.peers():
+            if (device is not None and r["device"] == device) or (
+                address is not None and r["address"] == address
+            ):
+                return r
+        return None
+
+    def state(self, other: Node) -> str | None:
+        r = self.row(other.id)
+        return r["state"] if r else None
+
+
+async def wait_for(pred: Callable[[], Any], timeout: float = 10.0) -> None:
+    with trio.fail_after(timeout):
+        while not pred():
+            await trio.sleep(0.01)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOCAL, 0))
+        return s.getsockname()[1]
+
+
+async def test_connect_converge_and_edit_both_ways():
+    a, b = Node("alice", S1), Node("bob", S1)
+    a.host.add_doc("env", ["s1"], {"from_a": 1})
+    b.host.add_doc("env", ["s1"], {"from_b": 2})
+    b.host.add_doc("env-b", ["s1"], {"only": "b"})
+    a.host.share("env-b", "s1")
+    async with b.running():
+        async with a.running(static=[(LOCAL, b.port)]):
+            await wait_for(lambda: a.state(b) == "connected" and b.state(a) == "connected")
+            await wait_for(
+                lambda: a.host.values("env") == b.host.values("env") == {"from_a": 1, "from_b": 2}
+            )
+            await wait_for(lambda: a.host.values("env-b") == {"only": "b"})
+            row_a = a.row(b.id)
+            assert row_a is not None
+            assert row_a["name"] == "bob" and row_a["address"] == f"{LOCAL}:{b.port}"
+            assert row_a["spaces"] == 1 and row_a["direction"] == "outgoing"
+            assert b.row(a.id)["direction"] == "incoming"  # type: ignore[index]
+            await wait_for(lambda: a.row(b.id)["synced"])  # type: ignore[index]
+
+            a.host.edit("env", {"live_a": True})
+            await wait_for(lambda: b.host.values("env").get("live_a") is True)
+            b.host.edit("env", {"live_b": True})
+            await wait_for(lambda: a.host.values("env").get("live_b") is True)
+            assert len(a.events.of("peer-connected")) == 1
+            assert a.events.of("peer-connected")[0]["device"] == b.id
+            assert not a.events.of("peer-disconnected")
+            # no update came back to where it started
+            assert all(origin == f"peer:{b.id}" for _, _, origin in a.host.applied)
+            assert not any(d == "env" and u for d, u, o in b.host.applied if o == f"peer:{b.id}")
+        await wait_for(lambda: b.state(a) == "disconnected")
+        assert b.row(a.id)["reason"] == "closed"  # type: ignore[index]
+        assert b.events.of("peer-disconnected")[-1]["reason"] == "closed"
+
+
+async def test_reconnect_after_the_listener_restarts():
+    a, b = Node("alice", S1), Node("bob", S1)
+    a.host.add_doc("env", ["s1"], {"v": 0})
+    b.host.share("env", "s1")
+    async with trio.open_nursery() as nursery:
+        async with a.running() as manager_a:
+            async with b.running():
+                manager_a.add_address(LOCAL, b.port)  # type: ignore[arg-type]
+                await wait_for(lambda: a.state(b) == "connected")
+                await wait_for(lambda: b.host.values("env") == {"v": 0})
+            # b is down: a notices, keeps editing, keeps retrying
+            await wait_for(lambda: a.state(b) == "disconnected")
+            assert a.events.of("peer-disconnected")[0]["reason"] == "closed"
+            a.host.edit("env", {"v": 1})
+            await wait_for(lambda: a.row(b.id)["reason"] == "unreachable")  # type: ignore[index]
+            async with b.running():  # same port, same identity and data
+                await wait_for(lambda: a.state(b) == "connected", timeout=5)
+                await wait_for(lambda: b.host.values("env") == {"v": 1})
+                b.host.edit("env", {"w": 2})
+                await wait_for(lambda: a.host.values("env") == {"v": 1, "w": 2})
+            kinds = [(t, d["reason"]) for t, d in a.events.items]
+            assert kinds[:3] == [
+                ("peer-connected", None),
+                ("peer-disconnected", "closed"),
+                ("peer-disconnected", "unreachable"),
+            ]
+            assert kinds[3] == ("peer-connected", None)
+        nursery.cancel_scope.cancel()
+
+
+async def test_simultaneous_dials_keep_the_connection_of_the_smaller_device_id(caplog):
+    caplog.set_level(logging.INFO, logger="peerdaemon.peer")
+    a, b = Node("alice", S1), Node("bob", S1)
+    a.host.add_doc("env", ["s1"], {"v": 0})
+    b.host.share("env", "s1")
+    async with a.running() as manager_a, b.running() as manager_b:
+        manager_a.add_address(LOCAL, b.port)  # type: ignore[arg-type]
+        manager_b.add_address(LOCAL, a.port)  # type: ignore[arg-type]
+        await wait_for(lambda: a.state(b) == "connected" and b.state(a) == "connected")
+        await trio.sleep(0.5)  # let the tie-break and any redial settle
+        small, large = (a, b) if a.id < b.id else (b, a)
+        assert small.row(large.id)["direction"] == "outgoing"  # type: ignore[index]
+        assert large.row(small.id)["direction"] == "incoming"  # type: ignore[index]
+        for node, other in ((a, b), (b, a)):
+            assert node.manager is not None
+            assert len(node.manager._rows[other.id].links) == 1
+            assert len(node.events.of("peer-connected")) == 1
+            assert node.events.of("peer-disconnected") == []
+        assert "duplicate" in caplog.text
+        a.host.edit("env", {"v": 1})
+        await wait_for(lambda: b.host.values("env") == {"v": 1})
+
+
+async def test_unreachable_address():
+    a = Node("alice", S1)
+    port = free_port()
+    async with a.running(static=[(LOCAL, port)]):
+        address = f"{LOCAL}:{port}"
+        await wait_for(lambda: (a.row(address=address) or {}).get("reason") == "unreachable")
+        row = a.row(address=address)
+        assert (
+            row is not None
+            and row["device"] is None
+            and row["state"] in ("disconnected", "connecting")
+        )
+        await trio.sleep(0.5)  # several retries, one event
+        events = a.events.of("peer-disconnected")
+        assert len(events) == 1 and events[0]["reason"] == "unreachable"
+        assert events[0]["address"] == address
+
+
+async def test_no_common_space_is_unauthorized_on_both_sides():
+    a, b = Node("alice", S1), Node("bob", S2)
+    a.host.add_doc("env", ["s1"], {"secret": 1})
+    async with b.running(), a.running(static=[(LOCAL, b.port)]):  # type: ignore[list-item]
+        await wait_for(lambda: (a.row(b.id) or {}).get("reason") == "unauthorized")
+        await wait_for(lambda: (b.row(a.id) or {}).get("reason") == "unauthorized")
+        assert a.row(b.id)["name"] == "bob"  # type: ignore[index]
+        await trio.sleep(0.3)
+        assert len(a.events.of("peer-disconnected")) == 1
+        assert b.host.applied == [] and "env" not in b.host.docs
+
+        b.host.join(S1)  # an invite accepted: the next attempt gets through
+        await wait_for(lambda: a.state(b) == "connected")
+
+
+async def test_incompatible_version_shows_both_versions():
+    a, b = Node("alice", S1), Node("bob", S1, model=2)
+    async with b.running(), a.running(static=[(LOCAL, b.port)]):  # type: ignore[list-item]
+        await wait_for(lambda: (a.row(b.id) or {}).get("reason") == "incompatible-version")
+        row = a.row(b.id)
+        assert row is not None and row["name"] == "bob"
+        assert row["versions"] == {
+            "local": {"proto": 1, "model": 1},
+            "remote": {"proto": 1, "model": 2},
+        }
+        await wait_for(lambda: (b.row(a.id) or {}).get("reason") == "incompatible-version")
+        assert b.row(a.id)["versions"]["remote"] == {"proto": 1, "model": 1}  # type: ignore[index]
+        assert a.events.of("peer-disconnected")[0]["versions"] == row["versions"]
+
+
+async def test_garbage_from_a_peer_closes_only_that_link():
+    a, b = Node("alice", S1), Node("bob", S1)
+    a.host.add_doc("env", ["s1"], {"v": 1})
+    b.host.share("env", "s1")
+    async with a.running():
+        async with open_websocket(LOCAL, a.port, "/peer", use_ssl=False) as ws:  # type: ignore[arg-type]
+            await ws.send_message(b"\xff\xfe not cbor")
+            reply = cbor2.loads(await ws.get_message())
+            assert (reply["t"], reply["reason"]) == ("close", "protocol-error")
+            with pytest.raises(ConnectionClosed):
+                await ws.get_message()
+        with pytest.raises(ConnectionRejected):
+            async with open_websocket(LOCAL, a.port, "/other", use_ssl=False):  # type: ignore[arg-type]
+                pass
+        async with b.running(static=[(LOCAL, a.port)]):  # type: ignore[list-item]
+            await wait_for(lambda: b.host.values("env") == {"v": 1})
+        assert a.host.values("env") == {"v": 1}
+
+
+async def test_oversized_message_closes_with_too_large():
+    small = PeerConfig(
+        max_message=64 * 1024, backoff_initial=5.0, connect_timeout=2.0, close_grace=0.5
+    )
+    a, b = Node("alice", S1), Node("bob", S1, config=small)
+    a.host.add_doc("env", ["s1"], {"v": 1})
+    b.host.share("env", "s1")
+    async with b.running(), a.running(static=[(LOCAL, b.port)]):  # type: ignore[list-item]
+        await wait_for(lambda: b.host.values("env") == {"v": 1})
+        a.host.edit("env", {"big": "x" * 100_000})
+        await wait_for(lambda: (b.row(a.id) or {}).get("reason") == "too-large")
+        await wait_for(lambda: (a.row(b.id) or {}).get("reason") == "too-large")
+        assert b.host.values("env") == {"v": 1}
+
+
+async def test_keepalive_holds_an_idle_link_and_silence_times_out():
+    cfg = PeerConfig(
+        ping_interval=0.05,
+        idle_timeout=0.2,
+        handshake_timeout=0.3,
+        backoff_initial=0.05,
+        close_grace=0.5,
+    )
+    a, b = Node("alice", S1, config=cfg), Node("bob", S1, config=cfg)
+    async with b.running(), a.running(static=[(LOCAL, b.port)]):  # type: ignore[list-item]
+        await wait_for(lambda: a.state(b) == "connected")
+        await trio.sleep(1.0)  # five idle timeouts long
+        assert a.state(b) == "connected" and b.events.of("peer-disconnected") == []
+
+        # a client that opens the websocket and says nothing is dropped after the handshake timeout
+        with trio.fail_after(3):
+            async with open_websocket(LOCAL, b.port, "/peer", use_ssl=False) as ws:  # type: ignore[arg-type]
+                reply = cbor2.loads(await ws.get_message())
+                assert reply["reason"] == "timeout"
+                with pytest.raises(ConnectionClosed):
+                    await ws.get_message()
+
+
+async def test_dialing_ourselves_is_dropped():
+    a = Node("alice", S1)
+    async with a.running() as manager:
+        manager.add_address(LOCAL, a.port)  # type: ignore[arg-type]
+        await wait_for(lambda: not manager._targets)
+        assert manager.peers() == []
+        assert a.events.items == []
+
+
+async def test_dial_only_manager_and_removed_address():
+    a, b = Node("alice", S1), Node("bob", S1)
+    b.host.add_doc("env", ["s1"], {"v": 1})
+    a.host.share("env", "s1")
+    async with b.running(), a.running(listen=False) as manager:
+        assert manager.port is None
+        port = free_port()
+        manager.add_address(LOCAL, port)
+        await wait_for(lambda: a.row(address=f"{LOCAL}:{port}") is not None)
+        manager.remove_address(LOCAL, port)
+        assert a.row(address=f"{LOCAL}:{port}") is None and len(manager._targets) == 0
+        manager.add_address(LOCAL, b.port, device_id=b.id, source="mdns")  # type: ignore[arg-type]
+        await wait_for(lambda: a.host.values("env") == {"v": 1})
+        assert a.row(b.id)["state"] == "connected"  # type: ignore[index]
+        manager.remove_address(LOCAL, b.port)  # type: ignore[arg-type]
+        await trio.sleep(0.2)
+        assert a.row(b.id)["state"] == "connected"  # type: ignore[index]  # the link stays up
