@@ -63,7 +63,9 @@ def _read_text(name: str) -> str:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         label = "stdin" if name == "-" else name
-        raise CliError(f"{label}: not valid UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        raise CliError(
+            f"{label}: not valid UTF-8 text ({exc.reason} at byte {exc.start})"
+        ) from None
 
 
 def _json_default(value: object) -> Any:
@@ -140,7 +142,57 @@ def cmd_run(args: argparse.Namespace) -> int:
     options = {"name": args.name} if getattr(args, "name", None) else {}
     if getattr(args, "mirror_dir", None):
         options["mirror_dir"] = Path(args.mirror_dir).expanduser().absolute()
+    if args.listen:
+        options["listen"] = args.listen
+    if args.peer:
+        options["peers"] = list(args.peer)
+    if args.no_mdns:
+        options["mdns"] = False
+    if args.mdns_interface:
+        options["mdns_interface"] = args.mdns_interface
     return int(run_daemon(data_dir, _socket_path(args), **options) or 0)
+
+
+def host_port(text: str) -> tuple[str, int]:
+    """HOST:PORT (IPv6 as [ADDR]:PORT), for argparse."""
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return host, int(port)
+
+
+def cmd_peers(args: argparse.Namespace) -> int:
+    with _connect(args) as client:
+        result = client.call("peers")
+    if args.json:
+        print(_to_json(result))
+        return 0
+    rows = [("NAME", "DEVICE", "ADDRESS", "STATE", "REASON")]
+    for peer in result.get("peers", []):
+        reason = peer.get("reason") or ""
+        versions = peer.get("versions")
+        if reason == "incompatible-version" and isinstance(versions, dict):
+            local, remote = versions.get("local", {}), versions.get("remote", {})
+            reason += (
+                f" (ours: proto {local.get('proto')} model {local.get('model')};"
+                f" theirs: proto {remote.get('proto')} model {remote.get('model')})"
+            )
+        rows.append(
+            (
+                _cell(peer.get("name")),
+                _cell(peer.get("device")),
+                _cell(peer.get("address")),
+                _cell(peer.get("state")),
+                reason or "-",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for row in rows:
+        print(
+            "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[4]
+        )
+    return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -195,7 +247,9 @@ def cmd_env_list(args: argparse.Namespace) -> int:
         )
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[3])
+        print(
+            "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[3]
+        )
     return 0
 
 
@@ -288,7 +342,11 @@ def cmd_env_watch(args: argparse.Namespace) -> int:
                     print(_to_json({"id": env_id, "deleted": True}, indent=None), flush=True)
                     return 0
                 if event.get("type") == "change":
-                    line = {"id": env_id, "paths": event.get("paths", []), "origin": event.get("origin")}
+                    line = {
+                        "id": env_id,
+                        "paths": event.get("paths", []),
+                        "origin": event.get("origin"),
+                    }
                     print(_to_json(line, indent=None), flush=True)
     except KeyboardInterrupt:
         return 0
@@ -332,7 +390,9 @@ def cmd_space_list(args: argparse.Namespace) -> int:
         rows.append((_cell(space.get("id")), _cell(space.get("name")), _cell(members), _cell(envs)))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[3])
+        print(
+            "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[3]
+        )
     return 0
 
 
@@ -382,7 +442,9 @@ def _add_space_commands(commands: Any, envs: Any, command: Callable[..., Any]) -
     p = command(spaces, "invite", cmd_space_invite, "print an invite code for a space")
     p.add_argument("space", metavar="SPACE", help="space id or name")
     p.add_argument(
-        "--address", metavar="HOST:PORT", action="append",
+        "--address",
+        metavar="HOST:PORT",
+        action="append",
         help="where this daemon can be reached (repeatable; default: what the daemon knows)",
     )
     p = command(spaces, "join", cmd_space_join, "join a space with an invite code; prints its id")
@@ -429,7 +491,9 @@ def cmd_env_links(args: argparse.Namespace) -> int:
         rows.append((_cell(link.get("id")), state, _cell(link.get("path"))))
     widths = [max(len(row[i]) for row in rows) for i in range(2)]
     for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[2])
+        print(
+            "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[2]
+        )
     for link in links or ():
         if link.get("error"):
             _warn(f"{link.get('id')}: {link['error']}")
@@ -461,11 +525,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = command(commands, "run", cmd_run, "run the daemon in the foreground")
     run.add_argument("--data-dir", metavar="DIR", help="where environments are stored")
-    run.add_argument("--socket", metavar="PATH", default=argparse.SUPPRESS, help="socket to listen on")
+    run.add_argument(
+        "--socket", metavar="PATH", default=argparse.SUPPRESS, help="socket to listen on"
+    )
     run.add_argument("--name", metavar="NAME", help="this device's name in spaces (kept)")
     run.add_argument(
         "--mirror-dir", metavar="DIR", help="mirror every environment into DIR, one file each"
     )
+    run.add_argument(
+        "--listen", metavar="HOST:PORT", type=host_port, help="accept LAN peers on this address"
+    )
+    run.add_argument(
+        "--peer",
+        metavar="HOST:PORT",
+        type=host_port,
+        action="append",
+        default=[],
+        help="a static peer to connect to (repeatable)",
+    )
+    run.add_argument("--no-mdns", action="store_true", help="do not use mDNS discovery")
+    run.add_argument("--mdns-interface", metavar="NAME", help="run mDNS on this interface only")
+
+    peers = command(commands, "peers", cmd_peers, "show known devices and their link state")
+    peers.add_argument("--json", action="store_true", help="print the peers as JSON")
 
     status = command(commands, "status", cmd_status, "show the daemon's status")
     status.add_argument("--json", action="store_true", help="print the raw status as JSON")

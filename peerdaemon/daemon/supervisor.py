@@ -8,6 +8,7 @@ or SIGINT the nursery is cancelled; the store writer flushes what is queued befo
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import time
@@ -18,8 +19,10 @@ from pathlib import Path
 import trio
 
 from ..api.server import serve_unix
+from ..discovery.mdns import MdnsDiscovery
 from ..identity import Identity, load_or_create_identity
 from ..mirror import MirrorService
+from ..peer.manager import PeerManager
 from ..spaces import SpacesService
 from ..store import Store, StoreError
 from .events import EventLog
@@ -40,6 +43,10 @@ class DaemonConfig:
     compact_bytes: int = 8 << 20
     name: str | None = None  # this device's display name (`run --name`); kept once given
     mirror_dir: Path | None = None
+    listen: tuple[str, int] | None = None  # LAN peers: `run --listen HOST:PORT`; None: no listener
+    peers: list[tuple[str, int]] = field(default_factory=list)  # static peers (`--peer`)
+    mdns: bool = True  # discovery runs only with a listener, and never when PEERDAEMON_NO_MDNS=1
+    mdns_interface: str | None = None
     extra: dict[str, object] = field(default_factory=dict)
 
 
@@ -54,6 +61,9 @@ class Daemon:
     mirror: MirrorService
     identity: Identity | None = None
     spaces: SpacesService | None = None
+    peers: PeerManager | None = None
+    peer_port: int | None = None
+    discovery: MdnsDiscovery | None = None
 
 
 async def serve(
@@ -80,6 +90,8 @@ async def serve(
             await nursery.start(store.run)
             mirror = MirrorService(registry, store, service, events, config.mirror_dir)
             await nursery.start(mirror.run)
+            manager, port, discovery = await _start_lan(nursery, config, identity, spaces, events)
+            service.register("peers", manager.op_peers)
             await nursery.start(
                 partial(serve_unix, config.socket_path, service, max_frame=config.max_frame)
             )
@@ -95,10 +107,83 @@ async def serve(
                 config.data_dir,
             )
             task_status.started(
-                Daemon(config, store, registry, service, mirror, identity=identity, spaces=spaces)
+                Daemon(
+                    config,
+                    store,
+                    registry,
+                    service,
+                    mirror,
+                    identity=identity,
+                    spaces=spaces,
+                    peers=manager,
+                    peer_port=port,
+                    discovery=discovery,
+                )
             )
     finally:
         store.close()
+
+
+def mdns_allowed(config: DaemonConfig) -> bool:
+    """mDNS needs a listener to advertise; PEERDAEMON_NO_MDNS=1 is the test suite's guard."""
+    return config.mdns and config.listen is not None and os.environ.get("PEERDAEMON_NO_MDNS") != "1"
+
+
+async def _start_lan(
+    nursery: trio.Nursery,
+    config: DaemonConfig,
+    identity: Identity,
+    spaces: SpacesService,
+    events: EventLog,
+) -> tuple[PeerManager, int | None, MdnsDiscovery | None]:
+    """The peer manager (listener, static peers, invite peers) and, if allowed, mDNS."""
+    manager = PeerManager(
+        identity, spaces, events.emit, listen=config.listen, static_peers=list(config.peers)
+    )
+    port = await nursery.start(manager.run)
+    if port is not None and config.listen is not None:
+        host = config.listen[0]
+        advertised = [f"{host}:{port}"] if host not in ("", "0.0.0.0", "::") else []
+        spaces.address_provider = lambda: advertised
+
+    dialed: set[tuple[str, str]] = set()
+
+    def dial_invite_peers() -> None:
+        for peer in spaces.invite_addresses():
+            if (peer.device_id, peer.address) in dialed:
+                continue
+            dialed.add((peer.device_id, peer.address))
+            try:
+                host, _, p = peer.address.rpartition(":")
+                manager.add_address(host.strip("[]"), int(p), peer.device_id, "invite")
+            except ValueError:
+                log.warning("ignoring invite address %r", peer.address)
+
+    dial_invite_peers()
+    spaces.add_docs_listener(dial_invite_peers)
+
+    discovery = None
+    if port is not None and mdns_allowed(config):
+
+        def found(device: str, addresses: list[str], found_port: int) -> None:
+            for address in addresses:
+                manager.add_address(address, found_port, device, "mdns")
+
+        def lost(device: str, addresses: list[str], lost_port: int) -> None:
+            for address in addresses:
+                manager.remove_address(address, lost_port)
+
+        discovery = MdnsDiscovery(
+            identity.device_id,
+            port,
+            spaces.space_keys,
+            found,
+            interface=config.mdns_interface,
+            on_lost=lost,
+        )
+        await nursery.start(discovery.run)
+        spaces.add_docs_listener(discovery.refresh)
+    return manager, port, discovery
 
 
 async def _main(config: DaemonConfig) -> None:

@@ -353,15 +353,21 @@ class LinkRunner:
 
     async def _supervised(self) -> None:
         """A bug in one link must not end the daemon: report it, wait, look at the file again."""
+        last_reason = None
         while True:
             try:
                 await self._loop()
-            except Exception as exc:
+            except BaseException as exc:
+                # pycrdt's Rust panics are BaseExceptions; anything else (Cancelled) goes on
+                if not isinstance(exc, Exception) and type(exc).__name__ != "PanicException":
+                    raise
                 log.exception("link %s -> %s failed", self.env_id, self.path)
-                self.mirror.events.emit(
-                    "mirror-error", id=self.env_id, path=str(self.path),
-                    reason=f"internal error: {type(exc).__name__}: {exc}",
-                )
+                reason = f"internal error: {type(exc).__name__}: {exc}"
+                if reason != last_reason:  # once per distinct failure, not once a second
+                    self.mirror.events.emit(
+                        "mirror-error", id=self.env_id, path=str(self.path), reason=reason
+                    )
+                last_reason = reason
                 self.first_sync.set()
                 self.m.in_flight = False
                 self.m.rendering = None
