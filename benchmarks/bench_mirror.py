@@ -39,7 +39,7 @@ BODY = "/routes/1/responses/0/body"
 def summary(name: str, values: list[float]) -> None:
     ms = sorted(v * 1000 for v in values)
     p90 = ms[min(len(ms) - 1, int(len(ms) * 0.9))]
-    print(f"{name:58s} median {statistics.median(ms):7.1f} ms   p90 {p90:7.1f} ms   (n={len(ms)})")
+    print(f"{name:66s} median {statistics.median(ms):7.1f} ms   p90 {p90:7.1f} ms   (n={len(ms)})")
 
 
 def http_body(url: str) -> str | None:

@@ -53,8 +53,8 @@ def netns_unavailable_reason() -> str:
             if made.returncode != 0:
                 _probe_result = f"`ip netns add` is not permitted: {made.stderr.strip()}"
             else:
-                up = _ip("-n", name, "link", "set", "lo", "up", check=False)
-                _probe_result = "" if up.returncode == 0 else f"`ip netns exec` fails: {up.stderr.strip()}"
+                run = _ip("netns", "exec", name, "ip", "link", "set", "lo", "up", check=False)
+                _probe_result = "" if run.returncode == 0 else f"`ip netns exec` fails: {run.stderr.strip()}"
         finally:
             _ip("netns", "del", name, check=False)
     return _probe_result

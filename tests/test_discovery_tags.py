@@ -234,21 +234,8 @@ def test_unknown_interface_is_an_error():
         mdns.ipv4_addresses("pd-no-such-if0")
 
 
-class FakeZeroconf:
-    """Records update_service calls; stands in for Zeroconf so no socket is ever opened."""
-
-    def __init__(self) -> None:
-        self.updates: list[ServiceInfo] = []
-
-    def update_service(self, info: ServiceInfo) -> None:
-        self.updates.append(info)
-
-
-async def test_republish_on_refresh_on_the_hour_and_on_address_change(mock_clock, monkeypatch):
+async def test_republish_on_refresh_on_the_hour_and_on_address_change(autojump_clock, monkeypatch):
     import trio
-
-    # Jump virtual time only after 20 ms of real idleness, so worker threads finish first.
-    mock_clock.autojump_threshold = 0.02
 
     addresses = ["10.0.0.2"]
     monkeypatch.setattr(mdns, "ipv4_addresses", lambda interface=None: list(addresses))
@@ -256,8 +243,12 @@ async def test_republish_on_refresh_on_the_hour_and_on_address_change(mock_clock
     keys = [S1]
     disc = mdns.MdnsDiscovery(B, 7002, lambda: keys, lambda *a: None,
                               clock=lambda: start + trio.current_time())
-    zc = FakeZeroconf()
-    disc._zc = zc  # type: ignore[assignment]
+    updates: list[ServiceInfo] = []
+
+    async def update_service(info: ServiceInfo) -> None:  # no Zeroconf, no worker thread
+        updates.append(info)
+
+    disc._update_service = update_service  # type: ignore[method-assign]
     txt = disc._build_txt()
     disc._info = disc._service_info(f"{B[:8]}.{SERVICE_TYPE}", txt, addresses)
     disc._published = (txt, list(addresses))
@@ -269,17 +260,17 @@ async def test_republish_on_refresh_on_the_hour_and_on_address_change(mock_clock
     async with trio.open_nursery() as nursery:
         nursery.start_soon(disc._maintain)
         await trio.sleep(150)  # address polls, nothing changed: no update
-        assert zc.updates == []
+        assert updates == []
         keys.append(S2)
         disc.refresh()
         await trio.sleep(1)
-        assert len(zc.updates) == 1 and current_match(zc.updates[0], S2)
-        assert zc.updates[0].name == disc._info.name  # same (possibly renamed) instance
+        assert len(updates) == 1 and current_match(updates[0], S2)
+        assert updates[0].name == disc._info.name  # same (possibly renamed) instance
         await trio.sleep(55)  # crossed the hour: tags rotated
-        assert len(zc.updates) == 2
-        assert current_match(zc.updates[1], S1) and current_match(zc.updates[1], S2)
+        assert len(updates) == 2
+        assert current_match(updates[1], S1) and current_match(updates[1], S2)
         addresses[:] = ["10.0.0.7"]
         await trio.sleep(61)
-        assert len(zc.updates) == 3 and zc.updates[2].parsed_addresses() == ["10.0.0.7"]
+        assert len(updates) == 3 and updates[2].parsed_addresses() == ["10.0.0.7"]
         assert disc.addresses == ["10.0.0.7"]
         nursery.cancel_scope.cancel()

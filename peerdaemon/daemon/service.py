@@ -99,6 +99,47 @@ def _pending(ticket: Ticket | None, result: Any) -> Any:
     return Pending(ticket.wait, result)
 
 
+def _pointer_tokens(pointer: str) -> list[str]:
+    return [t.replace("~1", "/").replace("~0", "~") for t in pointer.split("/")[1:]]
+
+
+def copy_along(env: Any, ops: Any) -> Any:
+    """A copy of `env` that a JSON Patch may change in place without touching `env`.
+
+    Only the containers on the way to each op's `path` and `from` are copied (copy on write):
+    a patch changes nothing else, and copying the whole of a big environment for every patch
+    would cost more than the edit. The cached export is shared, never mutated.
+    """
+    if not isinstance(env, dict | list):
+        return env
+    root = copy.copy(env)
+    copied = {id(root)}
+    for op in ops if isinstance(ops, list) else ():
+        if not isinstance(op, dict):
+            continue
+        for key in ("path", "from"):
+            pointer = op.get(key)
+            if not isinstance(pointer, str) or not pointer.startswith("/"):
+                continue
+            node: Any = root
+            for token in _pointer_tokens(pointer)[:-1]:
+                if isinstance(node, dict) and token in node:
+                    index: Any = token
+                elif isinstance(node, list) and token.isdigit() and int(token) < len(node):
+                    index = int(token)
+                else:
+                    break
+                child = node[index]
+                if not isinstance(child, dict | list):
+                    break
+                if id(child) not in copied:
+                    child = copy.copy(child)
+                    copied.add(id(child))
+                    node[index] = child
+                node = child
+    return root
+
+
 class Service:
     """The `Handler` of the local socket server."""
 
@@ -210,7 +251,7 @@ class Service:
     async def op_patch(self, args: dict[str, Any], session: Any) -> Any:
         env_id = _str_arg(args, "id")
         ops = _json_arg(args, "patch")
-        current = copy.deepcopy(self.registry.export(env_id))
+        current = copy_along(self.registry.export(env_id), ops)
         try:
             patched = jsonpatch.apply_patch(current, ops, in_place=True)
         except (jsonpatch.JsonPatchException, jsonpointer.JsonPointerException) as exc:

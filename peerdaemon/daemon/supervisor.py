@@ -19,7 +19,7 @@ from pathlib import Path
 import trio
 
 from ..api.server import serve_unix
-from ..discovery.mdns import MdnsDiscovery
+from ..discovery.mdns import DiscoveryError, MdnsDiscovery
 from ..identity import Identity, load_or_create_identity
 from ..mirror import MirrorService
 from ..peer.manager import PeerManager
@@ -181,8 +181,18 @@ async def _start_lan(
             interface=config.mdns_interface,
             on_lost=lost,
         )
-        await nursery.start(discovery.run)
-        spaces.add_docs_listener(discovery.refresh)
+        try:
+            await nursery.start(discovery.run)
+        except (DiscoveryError, BaseExceptionGroup) as exc:
+            if isinstance(exc, BaseExceptionGroup):
+                match, rest = exc.split(DiscoveryError)
+                if rest is not None or match is None:
+                    raise
+            log.warning("mDNS discovery off: %s", exc)
+            events.emit("discovery-error", reason=str(exc))
+            discovery = None
+        else:
+            spaces.add_docs_listener(discovery.refresh)
     return manager, port, discovery
 
 

@@ -213,7 +213,7 @@ class MdnsDiscovery:
             self._reevaluate()
 
     async def _republish(self) -> None:
-        assert self._zc is not None and self._info is not None
+        assert self._info is not None
         try:
             addresses = ipv4_addresses(self.interface)
         except DiscoveryError as exc:
@@ -228,12 +228,16 @@ class MdnsDiscovery:
                 log.warning("mDNS: addresses of %s changed; restart the daemon to rebind", self.interface)
         info = self._service_info(self._info.name, txt, addresses)
         try:
-            await trio.to_thread.run_sync(self._zc.update_service, info)
+            await self._update_service(info)
         except Exception:
             log.exception("mDNS: updating the advertisement failed; retrying later")
             return
         self._info = info
         self._published = (txt, addresses)
+
+    async def _update_service(self, info: ServiceInfo) -> None:
+        assert self._zc is not None
+        await trio.to_thread.run_sync(self._zc.update_service, info)
 
     def _close_sync(self, zc: Zeroconf, browser: ServiceBrowser | None, info: ServiceInfo | None) -> None:
         """Worker thread: stop the browser, send goodbyes, close the sockets."""

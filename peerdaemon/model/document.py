@@ -7,7 +7,7 @@ from typing import Any
 from pycrdt import Doc
 
 from .edits import sync_entities, sync_fields, sync_plain_array, unchanged
-from .layout import ENV_ROOT, META_ROOT, js_value, normalize, read, root_array, root_map
+from .layout import ENV_ROOT, META_ROOT, prepared_value, read, root_array, root_map
 from .repair import check_environment, check_storable, is_newer, repair
 from .schema import KINDS, MODEL_VERSION, ORDER_SUFFIX, ROOT_ENTITY_LISTS, ROOT_REF_LIST
 
@@ -17,7 +17,7 @@ _TOP_LISTS = (*ROOT_ENTITY_LISTS, ROOT_REF_LIST)
 def prepare(env: Any, env_id: str | None = None) -> tuple[dict[str, Any], list[str]]:
     """Check and repair a JSON environment before it touches a document; returns a copy."""
     check_environment(env)
-    env = normalize(js_value(env))  # a copy, with numbers as they will export
+    env = prepared_value(env)  # a copy, with numbers and strings as they will export
     if is_newer(env):
         check_storable(env)
     notes = repair(env)

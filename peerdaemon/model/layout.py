@@ -134,6 +134,30 @@ def normalize(value: Any) -> Any:
     return value
 
 
+def prepared_value(value: Any) -> Any:
+    """`normalize(js_value(value))` in one pass: a fresh copy as the document will export it.
+
+    Every write of the daemon goes through this, so it dispatches on exact types, most common
+    first, and skips the surrogate scan for ASCII strings.
+    """
+    t = type(value)
+    if t is str:
+        return value if value.isascii() else _well_formed(value)
+    if t is dict:
+        return {
+            (k if k.isascii() else _well_formed(k)): prepared_value(v) for k, v in value.items()
+        }
+    if t is list:
+        return [prepared_value(v) for v in value]
+    if t is int:
+        return value if -_MAX_SAFE <= value <= _MAX_SAFE else normalize(js_value(value))
+    if t is float:
+        return normalize(js_value(value))
+    if t is bool or value is None:
+        return value
+    return normalize(js_value(value))
+
+
 def read(doc: Doc) -> dict[str, Any]:
     """The environment as JSON, assembled from the document's root types."""
     env = normalize(root_map(doc, ENV_ROOT).to_py() or {})
