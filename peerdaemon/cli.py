@@ -401,6 +401,22 @@ def cmd_space_leave(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_space_hub(args: argparse.Namespace) -> int:
+    token = args.token
+    if token == "-":  # keeps the token out of the shell history and `ps`
+        token = sys.stdin.readline().strip()
+    call_args: dict[str, Any] = {"space": args.space, "token": token}
+    if args.url:
+        call_args["url"] = args.url
+    _call(args, "space.hub", **call_args)
+    return 0
+
+
+def cmd_space_unhub(args: argparse.Namespace) -> int:
+    _call(args, "space.unhub", space=args.space)
+    return 0
+
+
 def cmd_env_share(args: argparse.Namespace) -> int:
     result = _call(args, "env.share", id=args.id, space=args.space, copy=args.copy)
     print(result["id"])
@@ -453,6 +469,16 @@ def _add_space_commands(commands: Any, envs: Any, command: Callable[..., Any]) -
     p.add_argument("--json", action="store_true", help="print the list as JSON")
     p = command(spaces, "leave", cmd_space_leave, "leave a space (its environments stay local)")
     p.add_argument("space", metavar="SPACE", help="space id or name")
+    p = command(spaces, "hub", cmd_space_hub, "sync a space through a hub too (docs/hublink.md)")
+    p.add_argument("space", metavar="SPACE", help="space id or name")
+    p.add_argument(
+        "url", metavar="URL", nargs="?", help="ws(s)://HOST:PORT (default: the invite's hub)"
+    )
+    p.add_argument(
+        "--token", metavar="TOKEN", required=True, help="your hub token (- reads it from stdin)"
+    )
+    p = command(spaces, "unhub", cmd_space_unhub, "stop syncing a space through its hub")
+    p.add_argument("space", metavar="SPACE", help="space id or name")
 
     config = commands.add_parser("config", help="daemon settings", description="daemon settings")
     configs = config.add_subparsers(dest="config_command", metavar="CONFIG_COMMAND", required=True)
@@ -498,6 +524,177 @@ def cmd_env_links(args: argparse.Namespace) -> int:
         if link.get("error"):
             _warn(f"{link.get('id')}: {link['error']}")
     return 0
+
+
+# --- the hub (docs/hub.md) ----------------------------------------------------------------------
+def _hub_config(args: argparse.Namespace) -> Any:
+    from peerdaemon.hub.server import ConfigError, build_config
+
+    try:
+        return build_config(
+            config_file=Path(args.config).expanduser() if args.config else None,
+            data_dir=Path(args.data_dir).expanduser() if args.data_dir else None,
+            listen=getattr(args, "listen", None),
+            tls_cert=getattr(args, "tls_cert", None),
+            tls_key=getattr(args, "tls_key", None),
+        )
+    except ConfigError as exc:
+        raise CliError(str(exc)) from None
+
+
+def cmd_hub_serve(args: argparse.Namespace) -> int:
+    from peerdaemon.hub.server import run_hub
+
+    return int(run_hub(_hub_config(args)) or 0)
+
+
+def _hub_admin(args: argparse.Namespace, fn: Callable[[Any], Any]) -> Any:
+    """Run `fn(accounts)` on the hub's accounts file (beside a running hub, or without one)."""
+    import sqlite3
+
+    from peerdaemon.hub.accounts import Accounts, AccountsError
+
+    try:
+        with Accounts.open(_hub_config(args).data_dir) as accounts:
+            return fn(accounts)
+    except AccountsError as exc:
+        raise CliError(str(exc)) from None
+    except (OSError, sqlite3.Error) as exc:
+        raise CliError(f"cannot open the hub's accounts: {exc}") from None
+
+
+def cmd_hub_user_add(args: argparse.Namespace) -> int:
+    print(_hub_admin(args, lambda a: a.add_user(args.name)))
+    return 0
+
+
+def cmd_hub_user_list(args: argparse.Namespace) -> int:
+    users = _hub_admin(args, lambda a: a.users())
+    if args.json:
+        print(_to_json(users))
+    else:
+        for user in users:
+            print(f"{user['name']}  personal space {user['personal_space']}")
+    return 0
+
+
+def cmd_hub_token_add(args: argparse.Namespace) -> int:
+    print(_hub_admin(args, lambda a: a.add_token(args.user)))
+    return 0
+
+
+def cmd_hub_token_revoke(args: argparse.Namespace) -> int:
+    _hub_admin(args, lambda a: a.revoke_token(args.token))
+    return 0
+
+
+def cmd_hub_token_list(args: argparse.Namespace) -> int:
+    tokens = _hub_admin(args, lambda a: a.tokens(args.user))
+    if args.json:
+        print(_to_json(tokens))
+    else:
+        for t in tokens:
+            print(f"{t['prefix']}...  {t['user']}{'  revoked' if t['revoked'] else ''}")
+    return 0
+
+
+def cmd_hub_space_create(args: argparse.Namespace) -> int:
+    _hub_admin(args, lambda a: a.create_space(args.space, args.owner, args.name or ""))
+    return 0
+
+
+def cmd_hub_space_add_member(args: argparse.Namespace) -> int:
+    _hub_admin(args, lambda a: a.add_member(args.space, args.user))
+    return 0
+
+
+def cmd_hub_space_remove_member(args: argparse.Namespace) -> int:
+    _hub_admin(args, lambda a: a.remove_member(args.space, args.user))
+    return 0
+
+
+def cmd_hub_space_list(args: argparse.Namespace) -> int:
+    spaces = _hub_admin(args, lambda a: a.spaces())
+    if args.json:
+        print(_to_json(spaces))
+        return 0
+    rows = [("ID", "NAME", "OWNER", "MEMBERS")]
+    for sp in spaces:
+        rows.append((_cell(sp["id"]), _cell(sp["name"]), _cell(sp["owner"]), _cell(sp["members"])))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[3])
+    return 0
+
+
+def cmd_hub_limits_set(args: argparse.Namespace) -> int:
+    from peerdaemon.hub.server import parse_size
+
+    try:
+        value = parse_size(args.value)
+    except ValueError as exc:
+        raise CliError(f"{args.key}: {exc}") from None
+    _hub_admin(args, lambda a: a.set_limit(args.key, value, args.user))
+    return 0
+
+
+def _add_hub_commands(commands: Any, command: Callable[..., Any]) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--data-dir", metavar="DIR", help="the hub's data dir")
+    common.add_argument("--config", metavar="FILE", help="the hub's TOML config file")
+    hub = commands.add_parser("hub", help="the self-hosted hub", description="the hub (server)")
+    hubs = hub.add_subparsers(dest="hub_command", metavar="HUB_COMMAND", required=True)
+
+    def sub(group: Any, name: str, func: Callable[..., int], help: str) -> Any:
+        p = group.add_parser(name, help=help, description=help, parents=[common])
+        p.set_defaults(func=func)
+        return p
+
+    p = sub(hubs, "serve", cmd_hub_serve, "run the hub in the foreground")
+    p.add_argument("--listen", metavar="HOST:PORT", type=host_port, help="default 127.0.0.1:8765")
+    p.add_argument("--tls-cert", metavar="FILE", help="serve TLS with this certificate (PEM)")
+    p.add_argument("--tls-key", metavar="FILE", help="... and this private key (PEM)")
+    group = hubs.add_parser("user", help="hub users").add_subparsers(
+        dest="hub_user_command", metavar="USER_COMMAND", required=True
+    )
+    p = sub(group, "add", cmd_hub_user_add, "add a user (and its personal space); prints a token")
+    p.add_argument("name", metavar="NAME")
+    p = sub(group, "list", cmd_hub_user_list, "list users")
+    p.add_argument("--json", action="store_true", help="print the list as JSON")
+    group = hubs.add_parser("token", help="access tokens").add_subparsers(
+        dest="hub_token_command", metavar="TOKEN_COMMAND", required=True
+    )
+    p = sub(group, "add", cmd_hub_token_add, "another token for a user; prints it")
+    p.add_argument("user", metavar="USER")
+    p = sub(group, "revoke", cmd_hub_token_revoke, "revoke a token (whole, or a unique prefix)")
+    p.add_argument("token", metavar="TOKEN")
+    p = sub(group, "list", cmd_hub_token_list, "list tokens (their first characters)")
+    p.add_argument("user", metavar="USER", nargs="?")
+    p.add_argument("--json", action="store_true", help="print the list as JSON")
+    group = hubs.add_parser("space", help="spaces on the hub").add_subparsers(
+        dest="hub_space_command", metavar="SPACE_COMMAND", required=True
+    )
+    p = sub(group, "create", cmd_hub_space_create, "create a team space")
+    p.add_argument("space", metavar="SPACE_ID")
+    p.add_argument("--owner", metavar="USER", required=True)
+    p.add_argument("--name", metavar="NAME")
+    p = sub(group, "add-member", cmd_hub_space_add_member, "let a user reach a space")
+    p.add_argument("space", metavar="SPACE_ID")
+    p.add_argument("user", metavar="USER")
+    p = sub(group, "remove-member", cmd_hub_space_remove_member, "remove a user from a space")
+    p.add_argument("space", metavar="SPACE_ID")
+    p.add_argument("user", metavar="USER")
+    p = sub(group, "list", cmd_hub_space_list, "list spaces, owners and members")
+    p.add_argument("--json", action="store_true", help="print the list as JSON")
+    group = hubs.add_parser("limits", help="limits").add_subparsers(
+        dest="hub_limits_command", metavar="LIMITS_COMMAND", required=True
+    )
+    p = sub(group, "set", cmd_hub_limits_set, "set a limit for the hub or one user")
+    p.add_argument("--user", metavar="USER", help="only for this user")
+    p.add_argument(
+        "key", metavar="KEY", choices=("envs_per_space", "bytes_per_env", "devices_per_user")
+    )
+    p.add_argument("value", metavar="VALUE", help="an integer (bytes_per_env: also 15MB, 64MiB)")
 
 
 # --- parser -------------------------------------------------------------------------------------
@@ -603,6 +800,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(envs, "links", cmd_env_links, "list linked files and their state")
     p.add_argument("--json", action="store_true", help="print the links as JSON")
     _add_space_commands(commands, envs, command)
+    _add_hub_commands(commands, command)
     return parser
 
 

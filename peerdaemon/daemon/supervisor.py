@@ -7,6 +7,7 @@ or SIGINT the nursery is cancelled; the store writer flushes what is queued befo
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import signal
@@ -20,9 +21,11 @@ import trio
 
 from ..api.server import serve_unix
 from ..discovery.mdns import DiscoveryError, MdnsDiscovery
+from ..hublink import HubLinkService
 from ..identity import Identity, load_or_create_identity
 from ..mirror import MirrorService
 from ..peer.manager import PeerManager
+from ..peer.session import PeerConfig
 from ..spaces import SpacesService
 from ..store import Store, StoreError
 from .events import EventLog
@@ -47,6 +50,7 @@ class DaemonConfig:
     peers: list[tuple[str, int]] = field(default_factory=list)  # static peers (`--peer`)
     mdns: bool = True  # discovery runs only with a listener, and never when PEERDAEMON_NO_MDNS=1
     mdns_interface: str | None = None
+    peer_config: PeerConfig | None = None  # limits and timers of peer links (tests, benchmarks)
     extra: dict[str, object] = field(default_factory=dict)
 
 
@@ -64,6 +68,7 @@ class Daemon:
     peers: PeerManager | None = None
     peer_port: int | None = None
     discovery: MdnsDiscovery | None = None
+    hubs: HubLinkService | None = None
 
 
 async def serve(
@@ -91,7 +96,11 @@ async def serve(
             mirror = MirrorService(registry, store, service, events, config.mirror_dir)
             await nursery.start(mirror.run)
             manager, port, discovery = await _start_lan(nursery, config, identity, spaces, events)
-            service.register("peers", manager.op_peers)
+            hubs = HubLinkService(identity, spaces, store, events, config=config.peer_config)
+            hubs.load()
+            hubs.register(service)
+            await nursery.start(hubs.run)
+            service.register("peers", hubs.peers_op(manager.op_peers))
             await nursery.start(
                 partial(serve_unix, config.socket_path, service, max_frame=config.max_frame)
             )
@@ -118,6 +127,7 @@ async def serve(
                     peers=manager,
                     peer_port=port,
                     discovery=discovery,
+                    hubs=hubs,
                 )
             )
     finally:
@@ -125,8 +135,26 @@ async def serve(
 
 
 def mdns_allowed(config: DaemonConfig) -> bool:
-    """mDNS needs a listener to advertise; PEERDAEMON_NO_MDNS=1 is the test suite's guard."""
-    return config.mdns and config.listen is not None and os.environ.get("PEERDAEMON_NO_MDNS") != "1"
+    """mDNS needs a listener to advertise; PEERDAEMON_NO_MDNS=1 is the test suite's guard.
+
+    Not for a loopback listener either: discovery publishes the interfaces' addresses, where
+    nothing would answer (peers would dial them in vain and show them as the device's address).
+    """
+    return (
+        config.mdns
+        and config.listen is not None
+        and not _is_loopback(config.listen[0])
+        and os.environ.get("PEERDAEMON_NO_MDNS") != "1"
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 async def _start_lan(
@@ -138,7 +166,12 @@ async def _start_lan(
 ) -> tuple[PeerManager, int | None, MdnsDiscovery | None]:
     """The peer manager (listener, static peers, invite peers) and, if allowed, mDNS."""
     manager = PeerManager(
-        identity, spaces, events.emit, listen=config.listen, static_peers=list(config.peers)
+        identity,
+        spaces,
+        events.emit,
+        listen=config.listen,
+        static_peers=list(config.peers),
+        config=config.peer_config,
     )
     port = await nursery.start(manager.run)
     if port is not None and config.listen is not None:
@@ -163,6 +196,8 @@ async def _start_lan(
     spaces.add_docs_listener(dial_invite_peers)
 
     discovery = None
+    if config.mdns and config.listen is not None and _is_loopback(config.listen[0]):
+        log.info("mDNS discovery off: the peer listener is on a loopback address")
     if port is not None and mdns_allowed(config):
 
         def found(device: str, addresses: list[str], found_port: int) -> None:
@@ -181,19 +216,19 @@ async def _start_lan(
             interface=config.mdns_interface,
             on_lost=lost,
         )
-        try:
-            await nursery.start(discovery.run)
-        except (DiscoveryError, BaseExceptionGroup) as exc:
-            if isinstance(exc, BaseExceptionGroup):
-                match, rest = exc.split(DiscoveryError)
-                if rest is not None or match is None:
-                    raise
-            log.warning("mDNS discovery off: %s", exc)
-            events.emit("discovery-error", reason=str(exc))
-            discovery = None
-        else:
-            spaces.add_docs_listener(discovery.refresh)
+        nursery.start_soon(_run_discovery, discovery, events)
+        spaces.add_docs_listener(discovery.refresh)
     return manager, port, discovery
+
+
+async def _run_discovery(discovery: MdnsDiscovery, events: EventLog) -> None:
+    """mDNS in the background: registering takes a second or two, and the local socket must not
+    wait for it; a bad `--mdns-interface` turns discovery off, not the daemon."""
+    try:
+        await discovery.run()
+    except DiscoveryError as exc:
+        log.warning("mDNS discovery off: %s", exc)
+        events.emit("discovery-error", reason=str(exc))
 
 
 async def _main(config: DaemonConfig) -> None:

@@ -41,6 +41,7 @@ from .messages import (
 )
 
 __all__ = [
+    "AuthPolicy",
     "Established",
     "Handshake",
     "IdentityLike",
@@ -90,6 +91,28 @@ class Established:
     model: int
 
 
+class AuthPolicy(Protocol):
+    """What an auth proves besides the device key, when it is not the LAN's space tags.
+
+    Hub mode (docs/peer-protocol.md, "Hub mode") authorizes a daemon by an account token instead
+    of space secrets, which a hub never holds: the daemon's policy puts the token and the spaces
+    it wants into its auth, the hub's policy checks them and answers which spaces it accepted.
+    Without a policy a handshake uses space tags, exactly as before.
+    """
+
+    def auth_fields(self) -> dict[str, Any]:
+        """Fields of our auth besides `t` and `sig` (must include `tags`, possibly empty)."""
+        ...
+
+    def accept(self, peer: PeerHello, auth: dict[str, Any]) -> frozenset[str]:
+        """The peer's verified auth -> the spaces the link syncs; raises `ProtocolError`."""
+        ...
+
+    def spaces(self) -> frozenset[str]:
+        """The link's spaces now (asked again whenever the syncable documents change)."""
+        ...
+
+
 class IncompatibleVersion(ProtocolError):
     def __init__(self, local: tuple[int, int], remote: tuple[int | None, int | None]) -> None:
         super().__init__(
@@ -125,8 +148,10 @@ class Handshake:
         model: int,
         accepted_models: Iterable[int] | None = None,
         random: Callable[[int], bytes] = os.urandom,
+        auth: AuthPolicy | None = None,
     ) -> None:
         self.identity = identity
+        self.auth = auth
         self.space_keys = space_keys
         self.dialer = dialer
         self.role = DIALER if dialer else LISTENER
@@ -213,7 +238,10 @@ class Handshake:
         ):
             raise ProtocolError(UNAUTHORIZED, "auth signature does not verify")
         self.peer_tags = list(msg["tags"])
-        spaces = self.match(self.peer_tags)
+        if self.auth is not None:
+            spaces = self.auth.accept(self.peer, msg)
+        else:
+            spaces = self.match(self.peer_tags)
         if not spaces:
             raise ProtocolError(UNAUTHORIZED, "no common space")
         out = [] if self.dialer else [self.channel.seal(self._auth())]
@@ -225,8 +253,11 @@ class Handshake:
     # -- space tags ----------------------------------------------------------------------------
 
     def own_tags(self) -> list[bytes]:
-        """Our tags for every space we hold now, for this connection and our role."""
+        """Our tags for every space we hold now, for this connection and our role (none in hub
+        mode: a hub holds no space secrets)."""
         assert self.th is not None
+        if self.auth is not None:
+            return []
         keys = self.space_keys()[: messages.MAX_TAGS]
         return [space_tag(k.secret, self.role, self.th) for k in keys]
 
@@ -238,10 +269,17 @@ class Handshake:
             k.id for k in self.space_keys() if space_tag(k.secret, self.peer_role, self.th) in shown
         )
 
+    def common_spaces(self) -> frozenset[str]:
+        """The spaces the link syncs now: from the peer's latest tags, or the auth policy's."""
+        if self.auth is not None:
+            return self.auth.spaces()
+        return self.match(self.peer_tags)
+
     def _auth(self) -> dict[str, Any]:
         assert self.th is not None
+        fields = self.auth.auth_fields() if self.auth is not None else {"tags": self.own_tags()}
         return {
             "t": "auth",
             "sig": self.identity.sign(auth_payload(self.role, self.th)),
-            "tags": self.own_tags(),
+            **{k: v for k, v in fields.items() if k not in ("t", "sig")},
         }

@@ -79,6 +79,11 @@ class Link:
         self._wakeup = trio.Event()
         self._tick = trio.Event()
         self._cancel: trio.CancelScope | None = None
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        """Websocket message payload bytes (the protocol's CBOR messages), both directions."""
+        self.messages_sent = 0
+        self.messages_received = 0
 
     def __repr__(self) -> str:
         role = "dialer" if self.dialer else "listener"
@@ -156,6 +161,8 @@ class Link:
                 self.conn.connection_lost(_lost_reason(exc))
                 self._pump()
                 return False
+            self.bytes_sent += len(data)
+            self.messages_sent += 1
         return True
 
     async def _writer(self, ws: WebSocketConnection) -> None:
@@ -166,6 +173,10 @@ class Link:
             if not await self._flush(ws):
                 return
             if conn.closed is not None:
+                # Closed while that flush was sending (the reader got a bad message): the close
+                # message was queued after the flush took its batch, so send it too.
+                if not await self._flush(ws):
+                    return
                 break
             await self._wakeup.wait()
         with trio.move_on_after(self.config.close_grace):
@@ -181,6 +192,8 @@ class Link:
                 conn.connection_lost(_lost_reason(exc))
                 self._pump()
                 return
+            self.bytes_received += len(data)
+            self.messages_received += 1
             conn.receive(data, trio.current_time())
             self._pump()
 

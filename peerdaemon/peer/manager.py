@@ -245,9 +245,15 @@ class PeerManager:
         if row.links:
             link = row.links[0]
             assert link.conn is not None
+            # The live connection's address: a dialed address known for the device (say from
+            # discovery or an invite) need not be the one this connection came in on, and may
+            # not even work (a listener bound to another address).
+            out["address"] = link.address
             out["spaces"] = len(link.conn.spaces)
             out["direction"] = "outgoing" if link.dialer else "incoming"
             out["synced"] = row.synced
+            out["bytes_sent"] = link.bytes_sent
+            out["bytes_received"] = link.bytes_received
         return out
 
     def _refresh(self, row: _Row) -> None:

@@ -40,6 +40,8 @@ MAX_REASON = 64
 MAX_DETAIL = 1024
 MAX_TAGS = 1024
 """At most this many space tags per message: bounds the HMAC work a stranger can ask of us."""
+MAX_HUB_FIELD = 1024
+"""At most this many entries in a list or map of an auth's `hub` field (hub mode)."""
 
 # Close reasons (docs/peer-protocol.md, "Close reasons").
 INCOMPATIBLE_VERSION = "incompatible-version"
@@ -53,6 +55,12 @@ DUPLICATE = "duplicate"
 SELF = "self"
 SHUTDOWN = "shutdown"
 INTERNAL_ERROR = "internal-error"
+# Hub mode (docs/peer-protocol.md, "Hub mode"): close reasons a hub sends...
+FORBIDDEN = "forbidden"
+TOO_MANY_DEVICES = "too-many-devices"
+# ...and reasons of a per-document `error` (the link stays up).
+QUOTA_EXCEEDED = "quota-exceeded"
+ENVIRONMENT_TOO_LARGE = "environment-too-large"
 REASONS = frozenset(
     {
         INCOMPATIBLE_VERSION,
@@ -66,6 +74,8 @@ REASONS = frozenset(
         SELF,
         SHUTDOWN,
         INTERNAL_ERROR,
+        FORBIDDEN,
+        TOO_MANY_DEVICES,
     }
 )
 
@@ -197,6 +207,13 @@ def validate_inner(msg: dict[str, Any]) -> None:
     if t == "auth":
         _bytes(msg, "sig", 64)
         _tags(msg)
+        if "hub" in msg and not isinstance(msg["hub"], dict):
+            raise ProtocolError(PROTOCOL_ERROR, "auth.hub must be a map")
+    elif t == "error":
+        _str(msg, "doc", MAX_DOC_ID)
+        _str(msg, "reason", MAX_REASON)
+        if "detail" in msg:
+            _str(msg, "detail", MAX_DETAIL, min_len=0)
     elif t == "spaces":
         _tags(msg)
     elif t in ("sync", "awareness"):

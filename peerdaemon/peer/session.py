@@ -20,6 +20,7 @@ from typing import Any, Protocol
 from ..model import MODEL_VERSION
 from . import messages
 from .handshake import (
+    AuthPolicy,
     Established,
     Handshake,
     IdentityLike,
@@ -48,6 +49,8 @@ __all__ = [
     "EMPTY_STATE_VECTOR",
     "EMPTY_UPDATE",
     "Closed",
+    "DocError",
+    "DocRefused",
     "Event",
     "HelloReceived",
     "PeerConfig",
@@ -119,6 +122,15 @@ class Synced:
 
 
 @dataclass(frozen=True)
+class DocError:
+    """The peer refused our changes of one document (hub mode: a limit); the link stays up."""
+
+    doc: str
+    reason: str
+    detail: str = ""
+
+
+@dataclass(frozen=True)
 class Closed:
     reason: str
     detail: str = ""
@@ -126,7 +138,17 @@ class Closed:
     versions: dict[str, dict[str, int | None]] | None = None
 
 
-Event = HelloReceived | Established | Synced | Closed
+Event = HelloReceived | Established | Synced | DocError | Closed
+
+
+class DocRefused(Exception):
+    """Raised by `SyncHost.apply` for an update it will not store (a hub's limits): the peer
+    gets a per-document `error` instead of the link closing, so other documents keep syncing."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
 
 
 # -- the sync session ----------------------------------------------------------------------------
@@ -148,9 +170,14 @@ class SyncSession:
         send: Callable[[dict[str, Any]], None],
         *,
         max_deferred: int = 4096,
+        origin: str | None = None,
+        on_error: Callable[[DocError], None] | None = None,
     ) -> None:
         self.host = host
-        self.origin = f"peer:{peer_device}"
+        self.origin = origin or f"peer:{peer_device}"
+        self._on_error = on_error
+        self.refused: dict[str, DocError] = {}
+        """Documents the peer refused on this link: not sent again until the docs change."""
         self.spaces = spaces
         self._send = send
         self._max_deferred = max_deferred
@@ -174,9 +201,17 @@ class SyncSession:
 
     def docs_changed(self) -> None:
         """The syncable documents changed: step 1 for new ones, answer remembered step 1s."""
-        for doc in self.host.docs_of(self.spaces):
+        docs = self.host.docs_of(self.spaces)
+        for doc in docs:
             if doc not in self.sent_step1:
                 self._step1(doc)
+        for doc in [d for d in self.refused if d in docs]:
+            # A share, unshare or delete may have made room (hub quotas): offer it once more.
+            del self.refused[doc]
+            update = self.host.diff(doc, EMPTY_STATE_VECTOR)
+            if update != EMPTY_UPDATE:
+                m = messages.encode_sync(SYNC_UPDATE, update)
+                self._send({"t": "sync", "doc": doc, "m": m})
         for doc, sv in list(self._deferred.items()):
             if self.host.allowed(doc, self.spaces):
                 del self._deferred[doc]
@@ -184,7 +219,9 @@ class SyncSession:
 
     def local_update(self, doc: str, update: bytes, origin: str) -> None:
         """A change of a local document: forward it unless it came from this very peer."""
-        if origin == self.origin or not self.host.allowed(doc, self.spaces):
+        if origin == self.origin or doc in self.refused:
+            return
+        if not self.host.allowed(doc, self.spaces):
             return
         self._send({"t": "sync", "doc": doc, "m": messages.encode_sync(SYNC_UPDATE, update)})
 
@@ -192,6 +229,12 @@ class SyncSession:
         t = msg["t"]
         if t == "awareness":
             return  # reserved for presence; accepted and ignored in protocol version 1
+        if t == "error":
+            error = DocError(msg["doc"], msg["reason"], msg.get("detail", ""))
+            self.refused[error.doc] = error
+            if self._on_error is not None:
+                self._on_error(error)
+            return
         if t != "sync":
             raise ProtocolError(PROTOCOL_ERROR, f"unexpected {t!r} in the sync session")
         doc = msg["doc"]
@@ -212,6 +255,11 @@ class SyncSession:
         if payload != EMPTY_UPDATE:
             try:
                 self.host.apply(doc, payload, self.origin)
+            except DocRefused as exc:
+                error = {"t": "error", "doc": doc, "reason": exc.reason[: messages.MAX_REASON]}
+                if exc.detail:
+                    error["detail"] = exc.detail[: messages.MAX_DETAIL]
+                self._send(error)
             except ValueError as exc:
                 raise ProtocolError(PROTOCOL_ERROR, f"update for {doc} rejected: {exc}") from None
         if kind == SYNC_STEP2 and doc in self._awaiting:
@@ -256,10 +304,14 @@ class PeerConnection:
         model: int = MODEL_VERSION,
         accepted_models: Iterable[int] | None = None,
         random: Callable[[int], bytes] = os.urandom,
+        auth: AuthPolicy | None = None,
+        origin: str | None = None,
     ) -> None:
         self.identity = identity
         self.host = host
         self.dialer = dialer
+        self.origin = origin
+        """The origin of the peer's updates (default `peer:<device id>`; hub links: `hub:<url>`)."""
         self.config = config or PeerConfig()
         self.model = model
         self.handshake = Handshake(
@@ -269,6 +321,7 @@ class PeerConnection:
             model=model,
             accepted_models=accepted_models,
             random=random,
+            auth=auth,
         )
         self.session: SyncSession | None = None
         self.closed: Closed | None = None
@@ -454,6 +507,8 @@ class PeerConnection:
             result.spaces,
             self._send_inner,
             max_deferred=self.config.max_deferred,
+            origin=self.origin,
+            on_error=self._events.append,
         )
         self._events.append(result)
         self.session.open()
@@ -467,7 +522,7 @@ class PeerConnection:
             if frozenset(tags) != self._announced:
                 self._announced = frozenset(tags)
                 self._send_inner({"t": "spaces", "tags": tags})
-        spaces = self.handshake.match(self.handshake.peer_tags)
+        spaces = self.handshake.common_spaces()
         if not spaces:
             raise ProtocolError(UNAUTHORIZED, "no common space any more")
         if spaces != self.session.spaces:

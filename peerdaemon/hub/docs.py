@@ -1,0 +1,375 @@
+"""HubDocs: every document of every space the hub keeps, in memory and in the Store.
+
+Documents are keyed by (space id, doc id): `space:<space id>` for the space document, or an
+environment id. In the store they live under `<space id>/<doc id>` (one log + snapshot each,
+the daemon's store and its guarantees: docs/store.md).
+
+Why the relay waits for the disk: `apply()` changes the in-memory document and enqueues the
+update (group commit), but listeners hear of it only from `run()`, after the store's ticket
+completed. So whatever the hub hands to anyone else (a y-websocket room, a daemon) has been
+acknowledged by the store and survives a `kill -9`. Listeners are called in enqueue order; the
+flush listeners after each batch, so a room can merge the updates that became durable
+together into one message.
+
+Limits are checked in `apply()` before anything changes: a new environment in a full space
+(`quota-exceeded`), or an update whose new content would take an environment past its byte
+limit (`environment-too-large`) raises `LimitExceeded` and leaves the document, the store and
+every other document as they were.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+from pycrdt import Doc, Map, get_update
+
+from ..daemon.events import EventLog
+from ..spaces.document import ENVIRONMENTS, SHARED
+from ..store import Store, StoreError, Ticket
+from .accounts import LimitExceeded, Limits
+
+__all__ = ["EMPTY_STATE_VECTOR", "EMPTY_UPDATE", "SPACE_PREFIX", "HubDocs", "LimitExceeded"]
+
+log = logging.getLogger("peerdaemon.hub.docs")
+
+SPACE_PREFIX = "space:"
+EMPTY_UPDATE = b"\x00\x00"
+EMPTY_STATE_VECTOR = b"\x00"
+
+_SPACE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_DOC_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+
+Listener = Callable[[str, str, bytes, str], None]
+"""(space id, doc id, update, origin): a durable change of a document."""
+
+
+def check_ids(space_id: str, doc_id: str) -> None:
+    """ValueError unless the ids are well-formed (and a space document belongs to its space)."""
+    if not isinstance(space_id, str) or not _SPACE_RE.fullmatch(space_id):
+        raise ValueError(f"invalid space id {space_id!r}")
+    if not isinstance(doc_id, str) or not _DOC_RE.fullmatch(doc_id):
+        raise ValueError(f"invalid document id {doc_id!r}")
+    if doc_id.startswith(SPACE_PREFIX) and doc_id != SPACE_PREFIX + space_id:
+        raise ValueError(f"{doc_id!r} is not the space document of space {space_id!r}")
+
+
+class _Entry:
+    __slots__ = (
+        "space",
+        "doc_id",
+        "key",
+        "doc",
+        "pending",
+        "size",
+        "snapshot_bytes",
+        "rows_since",
+        "bytes_since",
+        "last_ticket",
+    )
+
+    def __init__(self, space: str, doc_id: str, doc: Doc) -> None:
+        self.space = space
+        self.doc_id = doc_id
+        self.key = f"{space}/{doc_id}"
+        self.doc = doc
+        self.pending: list[bytes] = []  # updates of the transaction(s) just applied
+        self.size = 0  # stored bytes: snapshot + log since (an upper bound of the state's size)
+        self.snapshot_bytes = 0
+        self.rows_since = 0
+        self.bytes_since = 0
+        self.last_ticket: Ticket | None = None
+        doc.observe(self._on_transaction)
+
+    def _on_transaction(self, event: Any) -> None:
+        update = event.update
+        if update != EMPTY_UPDATE:
+            self.pending.append(update)
+
+
+@dataclass(slots=True)
+class _Relay:
+    ticket: Ticket
+    space: str
+    doc_id: str
+    update: bytes
+    origin: str
+
+
+class HubDocs:
+    """The hub's documents; all methods but `run`/`wait_durable` are synchronous (trio thread).
+
+    `limits(space_id) -> Limits` (optional) gives the limits of a space's documents; without it
+    nothing is limited.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        events: EventLog,
+        *,
+        limits: Callable[[str], Limits] | None = None,
+        compact_count: int = 1000,
+        compact_bytes: int = 8 << 20,
+    ) -> None:
+        self.store = store
+        self.events = events
+        self.limits = limits
+        self.compact_count = compact_count
+        self.compact_bytes = compact_bytes
+        self._docs: dict[tuple[str, str], _Entry] = {}
+        self._by_space: dict[str, dict[str, _Entry]] = {}
+        self._relay: deque[_Relay] = deque()
+        self._relay_wakeup = trio.Event()
+        self._listeners: dict[int, Listener] = {}
+        self._flush_listeners: dict[int, Callable[[], None]] = {}
+        self._next_token = 1
+
+    # -- loading ---------------------------------------------------------------------------------
+    def load(self) -> int:
+        """Rebuild every document from the store; returns how many."""
+        for key, loaded in self.store.load().items():
+            space, sep, doc_id = key.partition("/")
+            if not sep:
+                log.warning("hub store: ignoring %r (not <space>/<doc>)", key)
+                continue
+            doc = Doc()
+            try:
+                for update in loaded.updates:
+                    doc.apply_update(update)
+            except Exception as exc:
+                log.error("hub store: %s is unreadable (%s); skipped", key, exc)
+                continue
+            entry = self._add(space, doc_id, doc)
+            entry.pending.clear()
+            sizes = [len(u) for u in loaded.updates]
+            entry.snapshot_bytes = sizes[0] if sizes else 0
+            entry.rows_since = max(0, len(sizes) - 1)
+            entry.bytes_since = sum(sizes[1:])
+            entry.size = sum(sizes)
+        return len(self._docs)
+
+    def _add(self, space: str, doc_id: str, doc: Doc) -> _Entry:
+        entry = _Entry(space, doc_id, doc)
+        self._docs[(space, doc_id)] = entry
+        self._by_space.setdefault(space, {})[doc_id] = entry
+        return entry
+
+    # -- reading ---------------------------------------------------------------------------------
+    def has(self, space_id: str, doc_id: str) -> bool:
+        return (space_id, doc_id) in self._docs
+
+    def spaces(self) -> list[str]:
+        """Spaces that hold at least one document."""
+        return sorted(self._by_space)
+
+    def doc_ids(self, space_id: str) -> list[str]:
+        """Every document stored in a space (its space document and environments)."""
+        return sorted(self._by_space.get(space_id, {}))
+
+    def state_vector(self, space_id: str, doc_id: str) -> bytes:
+        entry = self._docs.get((space_id, doc_id))
+        return entry.doc.get_state() if entry is not None else EMPTY_STATE_VECTOR
+
+    def diff(self, space_id: str, doc_id: str, state_vector: bytes) -> bytes:
+        """What a holder of `state_vector` lacks; ValueError on a bad state vector."""
+        entry = self._docs.get((space_id, doc_id))
+        if entry is None:
+            if state_vector != EMPTY_STATE_VECTOR:
+                Doc().get_update(state_vector)  # still reject garbage
+            return EMPTY_UPDATE
+        try:
+            return entry.doc.get_update(state_vector)
+        except Exception as exc:
+            raise ValueError(f"bad state vector: {exc}") from None
+
+    def env_ids(self, space_id: str) -> list[str]:
+        """Environments listed as shared in the space document (docs/spaces.md)."""
+        entry = self._docs.get((space_id, SPACE_PREFIX + space_id))
+        if entry is None:
+            return []
+        out = []
+        for env_id, value in entry.doc.get(ENVIRONMENTS, type=Map).items():
+            if isinstance(value, dict) and value.get("state") == SHARED:
+                out.append(env_id)
+        return sorted(out)
+
+    def size(self, space_id: str, doc_id: str) -> int:
+        """Bytes the document takes in the store: the size `bytes_per_env` limits."""
+        entry = self._docs.get((space_id, doc_id))
+        return entry.size if entry is not None else 0
+
+    def env_count(self, space_id: str) -> int:
+        docs = self._by_space.get(space_id, {})
+        return sum(1 for doc_id in docs if not doc_id.startswith(SPACE_PREFIX))
+
+    def get_doc(self, space_id: str, doc_id: str) -> Doc | None:
+        """The live document, to read (exports, tests). Change it only through `apply`."""
+        entry = self._docs.get((space_id, doc_id))
+        return entry.doc if entry is not None else None
+
+    def pending_ticket(self, space_id: str, doc_id: str) -> Ticket | None:
+        """The ticket of the document's last append if it is not durable yet, else None."""
+        entry = self._docs.get((space_id, doc_id))
+        if entry is None or entry.last_ticket is None or entry.last_ticket.done:
+            return None
+        return entry.last_ticket
+
+    async def wait_durable(self, space_id: str, doc_id: str) -> None:
+        """Until everything applied to the document so far is durable (e.g. before a diff)."""
+        ticket = self.pending_ticket(space_id, doc_id)
+        if ticket is not None:
+            try:
+                await ticket.wait()
+            except StoreError:
+                pass  # logged by the store; the caller goes on with what is in memory
+
+    # -- changing --------------------------------------------------------------------------------
+    def apply(self, space_id: str, doc_id: str, update: bytes, origin: str) -> Ticket | None:
+        """Apply a Yjs update (creating the document); the ticket of its last append, or None
+        if it changed nothing. ValueError on bad ids or bytes, LimitExceeded on a limit."""
+        check_ids(space_id, doc_id)
+        update = bytes(update)
+        entry = self._docs.get((space_id, doc_id))
+        if self.limits is not None:
+            self._check_limits(space_id, doc_id, entry, update, origin)
+        created = entry is None
+        if entry is None:
+            entry = _Entry(space_id, doc_id, Doc())
+        try:
+            entry.doc.apply_update(update)
+        except Exception as exc:  # pycrdt raises ValueError on undecodable bytes
+            entry.pending.clear()
+            raise ValueError(f"not a Yjs update: {exc}") from None
+        if not entry.pending:
+            return None  # nothing new (a duplicate, or only structs still missing a dependency)
+        if created:
+            self._docs[(space_id, doc_id)] = entry
+            self._by_space.setdefault(space_id, {})[doc_id] = entry
+            self.events.emit("hub-doc-created", space=space_id, doc=doc_id, origin=origin)
+        updates, entry.pending = entry.pending, []
+        for u in updates:
+            ticket = self.store.enqueue_append(entry.key, u)
+            entry.last_ticket = ticket
+            entry.size += len(u)
+            entry.rows_since += 1
+            entry.bytes_since += len(u)
+            self._relay.append(_Relay(ticket, space_id, doc_id, u, origin))
+        self._relay_wakeup.set()
+        # Compact after `compact_count` rows, or once the log outweighs the snapshot (and
+        # `compact_bytes`); never for a single row (a big first upload), which gains nothing.
+        if entry.rows_since > 1 and (
+            entry.rows_since >= self.compact_count
+            or entry.bytes_since >= max(self.compact_bytes, entry.snapshot_bytes)
+        ):
+            self._compact(entry)
+        return entry.last_ticket
+
+    def _check_limits(
+        self, space_id: str, doc_id: str, entry: _Entry | None, update: bytes, origin: str
+    ) -> None:
+        assert self.limits is not None
+        limits = self.limits(space_id)
+        try:
+            if entry is None:
+                if not doc_id.startswith(SPACE_PREFIX) and (
+                    self.env_count(space_id) >= limits.envs_per_space
+                ):
+                    raise LimitExceeded(
+                        "quota-exceeded",
+                        f"space {space_id} already holds {self.env_count(space_id)} "
+                        f"environment(s) (limit {limits.envs_per_space})",
+                    )
+                new = len(update)
+            elif entry.size + len(update) <= limits.bytes_per_env:
+                return  # the new content cannot be larger than the update: no need to diff
+            else:
+                try:
+                    new = len(get_update(update, entry.doc.get_state()))
+                except ValueError as exc:
+                    raise ValueError(f"not a Yjs update: {exc}") from None
+                if new <= len(EMPTY_UPDATE):
+                    return
+            size = entry.size if entry is not None else 0
+            if size + new > limits.bytes_per_env:
+                raise LimitExceeded(
+                    "environment-too-large",
+                    f"{doc_id} would hold {size + new} bytes (limit {limits.bytes_per_env})",
+                )
+        except LimitExceeded as exc:
+            self.events.emit(
+                "limit-exceeded", space=space_id, doc=doc_id, reason=exc.reason, origin=origin
+            )
+            raise
+
+    def _compact(self, entry: _Entry) -> None:
+        snapshot = entry.doc.get_update()
+        self.store.enqueue_compact(entry.key, snapshot)
+        entry.size = entry.snapshot_bytes = len(snapshot)
+        entry.rows_since = entry.bytes_since = 0
+
+    # -- followers -------------------------------------------------------------------------------
+    def add_listener(self, fn: Listener) -> int:
+        """`fn(space, doc, update, origin)` for every change, once durable, in order."""
+        token = self._token()
+        self._listeners[token] = fn
+        return token
+
+    def remove_listener(self, token: int) -> None:
+        self._listeners.pop(token, None)
+        self._flush_listeners.pop(token, None)
+
+    def add_flush_listener(self, fn: Callable[[], None]) -> int:
+        """`fn()` after each batch of listener calls (changes that became durable together)."""
+        token = self._token()
+        self._flush_listeners[token] = fn
+        return token
+
+    def _token(self) -> int:
+        token = self._next_token
+        self._next_token += 1
+        return token
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The relay: hands each update to the listeners once the store made it durable."""
+        task_status.started()
+        relay = self._relay
+        while True:
+            if not relay:
+                self._relay_wakeup = trio.Event()
+                await self._relay_wakeup.wait()
+                continue
+            head = relay[0].ticket
+            if not head.done:
+                try:
+                    await head.wait()
+                except StoreError:
+                    pass
+            while relay and relay[0].ticket.done:
+                item = relay.popleft()
+                if item.ticket.failed:
+                    log.error("hub: %s/%s: update not stored; not relayed", item.space, item.doc_id)
+                    continue
+                for fn in list(self._listeners.values()):
+                    try:
+                        fn(item.space, item.doc_id, item.update, item.origin)
+                    except Exception:
+                        log.exception("hub: update listener failed")
+            for fn in list(self._flush_listeners.values()):
+                try:
+                    fn()
+                except Exception:
+                    log.exception("hub: flush listener failed")
+            await trio.lowlevel.checkpoint()
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "documents": len(self._docs),
+            "spaces": len(self._by_space),
+            "relay_queued": len(self._relay),
+        }

@@ -1,0 +1,508 @@
+"""The hub's endpoint for daemons: the peer protocol in hub mode (docs/peer-protocol.md).
+
+A daemon dials the hub's `/peer` path and speaks the LAN protocol unchanged (hellos, key
+schedule, boxes, the Yjs sync session), except for what its auth proves: a hub holds no space
+secrets, so instead of space tags the daemon shows an account token and names the spaces it
+wants. `HubAuth` checks the token (`Accounts`), the user's simultaneous devices, and each space
+(registering an unknown one with that user as its owner: the first attach), then answers which
+spaces it accepted. The session then syncs those spaces' documents with `HubDocs` through
+`_ScopedDocs`, a `SyncHost` limited to the link's spaces.
+
+A document the hub will not store (a limit) is refused with a per-document `error` rather than a
+closed link, so the daemon's other environments keep syncing and nothing stored is lost. Tokens
+and memberships are checked again whenever the accounts change (an admin command's commit is
+seen by `Accounts.refresh`), so a revoked token or a withdrawn membership ends a live link too.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ..identity import Identity, load_or_create_identity
+from ..model import MODEL_VERSION
+from ..peer import messages
+from ..peer.handshake import Established, PeerHello
+from ..peer.link import Link, format_address
+from ..peer.messages import (
+    DUPLICATE,
+    FORBIDDEN,
+    PROTOCOL_ERROR,
+    SHUTDOWN,
+    TOO_MANY_DEVICES,
+    UNAUTHORIZED,
+    ProtocolError,
+)
+from ..peer.session import Closed, DocRefused, Event, PeerConfig, PeerConnection
+from .accounts import LimitExceeded
+
+__all__ = ["HubAuth", "PeerEndpoint", "create_peer_endpoint"]
+
+log = logging.getLogger("peerdaemon.hub.peers")
+
+SPACE_PREFIX = "space:"
+MAX_TOKEN = 1024
+MAX_SPACE_ID = 128
+OK = "ok"
+REGISTERED = "registered"
+
+
+class HubDocsLike(Protocol):
+    """`peerdaemon.hub.docs.HubDocs`, as far as the endpoint uses it (docs/architecture.md)."""
+
+    def has(self, space_id: str, doc_id: str) -> bool: ...
+    def state_vector(self, space_id: str, doc_id: str) -> bytes: ...
+    def diff(self, space_id: str, doc_id: str, state_vector: bytes) -> bytes: ...
+    def apply(self, space_id: str, doc_id: str, update: bytes, origin: str) -> Any: ...
+    def env_ids(self, space_id: str) -> list[str]: ...
+    def add_listener(self, fn: Callable[[str, str, bytes, str], None]) -> int: ...
+    def remove_listener(self, token: int) -> None: ...
+
+
+class DevicesLike(Protocol):
+    def acquire(self, user: str, device: str) -> Any: ...  # a lease with release()
+
+
+class AccountsLike(Protocol):
+    """`peerdaemon.hub.accounts.Accounts`, as far as the endpoint uses it."""
+
+    devices: DevicesLike
+
+    def user_of(self, token: str) -> Any: ...
+    def user_of_hash(self, token_hash: str) -> Any: ...
+    def space(self, space_id: str) -> dict[str, Any] | None: ...
+    def create_space(self, space_id: str, owner: str, name: str = "") -> None: ...
+    def can_access(self, user: str, space_id: str) -> bool: ...
+    def limits_for(self, user: str) -> Any: ...
+    def add_change_listener(self, fn: Callable[[], None]) -> int: ...
+    def remove_change_listener(self, token: int) -> None: ...
+
+
+def _limits_dict(limits: Any) -> dict[str, int]:
+    out = {}
+    for key in ("envs_per_space", "bytes_per_env", "devices_per_user"):
+        value = getattr(limits, key, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            out[key] = value
+    return out
+
+
+# -- the auth policy ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HubRequest:
+    """The `hub` field of a daemon's auth, validated."""
+
+    token: str
+    spaces: tuple[str, ...]
+    register: dict[str, str]  # space id -> name, for spaces the daemon may register
+
+    @classmethod
+    def parse(cls, auth: dict[str, Any]) -> HubRequest:
+        hub = auth.get("hub")
+        if hub is None:
+            raise ProtocolError(UNAUTHORIZED, "this is a hub: authenticate with a token (hub mode)")
+        token = hub.get("token")
+        if not isinstance(token, str) or not 0 < len(token) <= MAX_TOKEN:
+            raise ProtocolError(UNAUTHORIZED, "auth.hub.token must be a non-empty string")
+        spaces = hub.get("spaces", [])
+        if not isinstance(spaces, list) or len(spaces) > messages.MAX_HUB_FIELD:
+            raise ProtocolError(PROTOCOL_ERROR, "auth.hub.spaces must be a list of space ids")
+        for space in spaces:
+            if not isinstance(space, str) or not 0 < len(space) <= MAX_SPACE_ID:
+                raise ProtocolError(PROTOCOL_ERROR, "auth.hub.spaces must hold space ids")
+        register: dict[str, str] = {}
+        entries = hub.get("register", [])
+        if not isinstance(entries, list) or len(entries) > messages.MAX_HUB_FIELD:
+            raise ProtocolError(PROTOCOL_ERROR, "auth.hub.register must be a list")
+        for entry in entries:
+            space = entry.get("space") if isinstance(entry, dict) else None
+            name = entry.get("name", "") if isinstance(entry, dict) else None
+            if not isinstance(space, str) or not isinstance(name, str):
+                raise ProtocolError(PROTOCOL_ERROR, "auth.hub.register holds {space, name} maps")
+            register[space] = name[: messages.MAX_NAME]
+        return cls(token, tuple(dict.fromkeys(spaces)), register)
+
+
+class HubAuth:
+    """The hub's `AuthPolicy` for one connection: token, devices per user, spaces."""
+
+    def __init__(self, endpoint: PeerEndpoint) -> None:
+        self.endpoint = endpoint
+        self.user: str | None = None
+        self.token_hash: str | None = None
+        self.device: str | None = None
+        self.lease: Any = None
+        """The device slot (`Accounts.devices`) this connection holds; released when it ends."""
+        self.statuses: dict[str, str] = {}
+        self.accepted: frozenset[str] = frozenset()
+        self.limits: dict[str, int] = {}
+
+    def auth_fields(self) -> dict[str, Any]:
+        return {
+            "tags": [],
+            "hub": {"user": self.user, "spaces": dict(self.statuses), "limits": self.limits},
+        }
+
+    def accept(self, peer: PeerHello, auth: dict[str, Any]) -> frozenset[str]:
+        request = HubRequest.parse(auth)
+        accounts = self.endpoint.accounts
+        user = accounts.user_of(request.token)
+        if user is None:
+            raise ProtocolError(UNAUTHORIZED, "unknown or revoked token")
+        name = user.name
+        self.limits = _limits_dict(accounts.limits_for(name))
+        try:  # before the spaces: a refused device registers nothing
+            lease = accounts.devices.acquire(name, peer.device)
+        except LimitExceeded as exc:
+            raise ProtocolError(TOO_MANY_DEVICES, exc.detail) from None
+        try:
+            accepted = self._spaces(name, request)
+        except BaseException:
+            lease.release()  # a refused connection must not hold a slot
+            raise
+        self.lease = lease
+        self.user, self.token_hash, self.device = name, user.token_hash, peer.device
+        return accepted
+
+    def _spaces(self, name: str, request: HubRequest) -> frozenset[str]:
+        accounts = self.endpoint.accounts
+        statuses: dict[str, str] = {}
+        for space in request.spaces:
+            if accounts.can_access(name, space):
+                statuses[space] = OK
+            elif space in request.register and self.endpoint.register_space(
+                space, name, request.register[space]
+            ):
+                statuses[space] = REGISTERED
+            else:
+                statuses[space] = FORBIDDEN
+        accepted = frozenset(s for s, status in statuses.items() if status != FORBIDDEN)
+        if not accepted:
+            forbidden = ", ".join(sorted(statuses)) or "none asked"
+            raise ProtocolError(FORBIDDEN, f"user {name!r} may not sync spaces: {forbidden}")
+        self.statuses, self.accepted = statuses, accepted
+        return accepted
+
+    def spaces(self) -> frozenset[str]:
+        return self.accepted
+
+
+# -- the documents a link syncs ------------------------------------------------------------------
+
+
+class _ScopedDocs:
+    """A `SyncHost` over HubDocs for one daemon: only its accepted spaces' documents.
+
+    Doc ids are the daemons' (`space:<id>` and env ids); HubDocs keys them by space, so an env id
+    is mapped to the accepted space whose document lists it as shared.
+    """
+
+    def __init__(self, endpoint: PeerEndpoint, auth: HubAuth) -> None:
+        self.endpoint = endpoint
+        self.auth = auth
+        self.refused: dict[str, tuple[str, Any]] = {}
+        """doc -> (space, the space's limits when it was refused): a change of those limits
+        makes the daemon reconnect and offer the document again."""
+
+    def space_keys(self) -> list[Any]:
+        return []  # a hub holds no space secrets
+
+    def _space_of(self, doc_id: str, space_ids: Iterable[str]) -> str | None:
+        ids = [s for s in space_ids if s in self.auth.accepted]
+        if doc_id.startswith(SPACE_PREFIX):
+            space = doc_id[len(SPACE_PREFIX) :]
+            return space if space in ids else None
+        for space in ids:
+            if doc_id in self.endpoint.envs_of(space):
+                return space
+        return None
+
+    def docs_of(self, space_ids: Iterable[str]) -> list[str]:
+        out: list[str] = []
+        seen: set[str] = set()
+        for space in space_ids:
+            if space not in self.auth.accepted:
+                continue
+            for doc in [SPACE_PREFIX + space, *sorted(self.endpoint.envs_of(space))]:
+                if doc not in seen:
+                    seen.add(doc)
+                    out.append(doc)
+        return out
+
+    def allowed(self, doc_id: str, space_ids: Iterable[str]) -> bool:
+        return self._space_of(doc_id, space_ids) is not None
+
+    def state_vector(self, doc_id: str) -> bytes | None:
+        space = self._space_of(doc_id, self.auth.accepted)
+        if space is None:
+            return None
+        docs = self.endpoint.hub_docs
+        return docs.state_vector(space, doc_id) if docs.has(space, doc_id) else b"\x00"
+
+    def diff(self, doc_id: str, state_vector: bytes) -> bytes:
+        space = self._space_of(doc_id, self.auth.accepted)
+        docs = self.endpoint.hub_docs
+        if space is None or not docs.has(space, doc_id):
+            return b"\x00\x00"
+        return docs.diff(space, doc_id, state_vector)
+
+    def apply(self, doc_id: str, update: bytes, origin: str) -> None:
+        space = self._space_of(doc_id, self.auth.accepted)
+        if space is None:
+            return
+        try:
+            self.endpoint.hub_docs.apply(space, doc_id, update, origin)
+        except LimitExceeded as exc:
+            log.info("hub: refused %s/%s from %s: %s", space, doc_id, origin, exc)
+            self.refused[doc_id] = (space, self.endpoint.space_limits(space))
+            raise DocRefused(exc.reason, exc.detail) from None
+        self.refused.pop(doc_id, None)
+        if doc_id == SPACE_PREFIX + space:
+            self.endpoint.space_doc_changed(space)  # shares now, not once the update is durable
+
+
+# -- the endpoint --------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Daemon:
+    """One authenticated daemon connection."""
+
+    link: Link
+    auth: HubAuth
+    host: _ScopedDocs
+    since: float = field(default_factory=time.time)
+
+
+class PeerEndpoint:
+    """Serves daemons on the hub's `/peer` path; the server calls `handle_peer(ws)` per socket."""
+
+    def __init__(
+        self,
+        hub_docs: HubDocsLike,
+        accounts: AccountsLike,
+        events: Any = None,
+        *,
+        identity: Identity | None = None,
+        config: PeerConfig | None = None,
+        model: int = MODEL_VERSION,
+    ) -> None:
+        self.hub_docs = hub_docs
+        self.accounts = accounts
+        self.events = events
+        self.identity = identity or self._identity(hub_docs)
+        self.config = config or PeerConfig()
+        self.model = model
+        self._daemons: dict[Link, _Daemon] = {}
+        self._envs: dict[str, frozenset[str]] = {}
+        self._listener = hub_docs.add_listener(self._on_change)
+        self._accounts_listener = accounts.add_change_listener(self._recheck)
+
+    @staticmethod
+    def _identity(hub_docs: Any) -> Identity:
+        """The hub's device key: kept in the hub store's settings when there is one, so daemons
+        see the same hub device id across restarts."""
+        store = getattr(hub_docs, "store", None)
+        if store is not None and hasattr(store, "get_setting"):
+            try:
+                return load_or_create_identity(store, "hub")
+            except Exception:
+                log.exception("hub: could not keep an identity in the store; using a new one")
+        return Identity.generate("hub")
+
+    def close(self) -> None:
+        """Stop following HubDocs and Accounts (the links end with the server's nursery)."""
+        self.hub_docs.remove_listener(self._listener)
+        self.accounts.remove_change_listener(self._accounts_listener)
+
+    # -- for the auth policy and the scoped hosts --------------------------------------------------
+
+    def register_space(self, space_id: str, owner: str, name: str) -> bool:
+        """Create an unknown space with `owner` (the first attach); False if it exists."""
+        if self.accounts.space(space_id) is not None:
+            return False
+        try:
+            self.accounts.create_space(space_id, owner, name)
+        except Exception as exc:  # it exists (someone else's), or the id is refused
+            log.info("hub: not registering space %s for %s: %s", space_id, owner, exc)
+            return False
+        log.info("hub: registered space %s (%r) for user %s", space_id, name, owner)
+        self._emit("space-registered", space=space_id, owner=owner, name=name)
+        return self.accounts.can_access(owner, space_id)
+
+    def space_doc_changed(self, space_id: str) -> None:
+        self._envs.pop(space_id, None)
+
+    def space_limits(self, space_id: str) -> Any:
+        limits = getattr(self.accounts, "space_limits", None)
+        return limits(space_id) if callable(limits) else None
+
+    def envs_of(self, space_id: str) -> frozenset[str]:
+        envs = self._envs.get(space_id)
+        if envs is None:
+            envs = self._envs[space_id] = frozenset(self.hub_docs.env_ids(space_id))
+        return envs
+
+    # -- connections ---------------------------------------------------------------------------
+
+    async def handle_peer(self, ws: Any) -> None:
+        """Run one daemon's connection until it ends (`ws`: the hub's `HubWebSocket`, or a
+        trio-websocket connection)."""
+        address = _address(getattr(ws, "remote", None))
+        auth = HubAuth(self)
+        host = _ScopedDocs(self, auth)
+
+        def make_conn(now: float) -> PeerConnection:
+            return PeerConnection(
+                self.identity,
+                host,
+                dialer=False,
+                now=now,
+                config=self.config,
+                model=self.model,
+                auth=auth,
+            )
+
+        link = Link(
+            make_conn, dialer=False, address=address, on_event=self._on_event, config=self.config
+        )
+        self._daemons[link] = _Daemon(link, auth, host)
+        try:
+            await link.run(ws)
+        finally:
+            self._daemons.pop(link, None)
+            if auth.lease is not None:
+                auth.lease.release()
+
+    def daemons(self) -> list[dict[str, Any]]:
+        """The connected daemons (for the hub's status)."""
+        return [
+            {
+                "device": d.link.peer_device,
+                "name": d.link.conn.peer_name if d.link.conn is not None else None,
+                "user": d.auth.user,
+                "address": d.link.address,
+                "spaces": sorted(d.auth.accepted),
+                "since": d.since,
+            }
+            for d in self._daemons.values()
+            if d.auth.user is not None and d.link.closed is None
+        ]
+
+    def _recheck(self) -> None:
+        """The accounts changed: end the links whose token was revoked or whose membership of a
+        space was withdrawn, and those that would now get more (a space they were refused, a
+        limit that refused a document changed): the daemon redials and learns where it stands."""
+        accounts = self.accounts
+        for daemon in list(self._daemons.values()):
+            auth, link = daemon.auth, daemon.link
+            if auth.user is None or auth.token_hash is None or link.closed is not None:
+                continue
+            try:
+                user = accounts.user_of_hash(auth.token_hash)
+                if user is None or user.name != auth.user:
+                    link.close(UNAUTHORIZED, "the token was revoked")
+                    continue
+                lost = sorted(s for s in auth.accepted if not accounts.can_access(auth.user, s))
+                gained = sorted(
+                    s
+                    for s, status in auth.statuses.items()
+                    if status == FORBIDDEN and accounts.can_access(auth.user, s)
+                )
+                limits_changed = any(
+                    self.space_limits(space) != limits
+                    for space, limits in daemon.host.refused.values()
+                )
+            except Exception:
+                log.exception("hub: rechecking a daemon's access failed")
+                continue
+            if lost:
+                link.close(FORBIDDEN, f"access to spaces {', '.join(lost)} was withdrawn")
+            elif gained:
+                link.close(SHUTDOWN, f"access to spaces {', '.join(gained)} was granted: redial")
+            elif limits_changed:
+                link.close(SHUTDOWN, "the limits changed: redial to offer refused documents")
+
+    def _on_event(self, link: Link, event: Event) -> None:
+        daemon = self._daemons.get(link)
+        if daemon is None:
+            return
+        if isinstance(event, Established):
+            for other in list(self._daemons.values()):
+                if (
+                    other is not daemon
+                    and other.auth.device == event.device
+                    and other.link.closed is None
+                ):
+                    other.link.close(DUPLICATE, "the device connected again")
+            daemon.since = time.time()
+            log.info(
+                "hub: daemon %s (%s) of user %s connected from %s: spaces %s",
+                event.name,
+                event.device,
+                daemon.auth.user,
+                link.address,
+                ", ".join(sorted(daemon.auth.accepted)),
+            )
+            self._emit(
+                "daemon-connected",
+                device=event.device,
+                name=event.name,
+                user=daemon.auth.user,
+                spaces=sorted(daemon.auth.accepted),
+                statuses=dict(daemon.auth.statuses),
+            )
+        elif isinstance(event, Closed):
+            if daemon.auth.user is not None or event.reason != UNAUTHORIZED:
+                log.info(
+                    "hub: daemon %s closed: %s %s", link.peer_device, event.reason, event.detail
+                )
+            self._emit(
+                "daemon-disconnected",
+                device=link.peer_device,
+                user=daemon.auth.user,
+                reason=event.reason,
+                detail=event.detail,
+            )
+
+    def _on_change(self, space_id: str, doc_id: str, update: bytes, origin: str) -> None:
+        """A stored document changed (any origin): forward it; a space document may change
+        which environments the space shares."""
+        is_space_doc = doc_id == SPACE_PREFIX + space_id
+        if is_space_doc:
+            self.space_doc_changed(space_id)
+        for daemon in list(self._daemons.values()):
+            if space_id not in daemon.auth.accepted or daemon.link.closed is not None:
+                continue
+            daemon.link.local_update(doc_id, update, origin)
+            if is_space_doc:
+                daemon.link.docs_changed()
+
+    def _emit(self, kind: str, **data: Any) -> None:
+        emit = getattr(self.events, "emit", None)
+        if emit is None:
+            return
+        try:
+            emit(kind, **data)
+        except Exception:
+            log.exception("hub: emitting %s failed", kind)
+
+
+def _address(remote: Any) -> str:
+    if isinstance(remote, tuple) and len(remote) == 2:
+        return format_address(str(remote[0]), int(remote[1]))
+    if hasattr(remote, "address") and hasattr(remote, "port"):  # trio-websocket's Endpoint
+        return format_address(str(remote.address), int(remote.port))
+    return str(remote) if remote else "?"
+
+
+def create_peer_endpoint(
+    hub_docs: HubDocsLike, accounts: AccountsLike, events: Any
+) -> PeerEndpoint:
+    """The factory the hub server builds its `/peer` endpoint with (`HubConfig.peer_endpoint`)."""
+    return PeerEndpoint(hub_docs, accounts, events)

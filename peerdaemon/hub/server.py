@@ -1,0 +1,387 @@
+"""`peerdaemon hub serve`: the hub's supervisor, like the daemon's (daemon/supervisor.py).
+
+One nursery: the store writer first (every relay waits on it), then the HubDocs relay, the
+peer endpoint (if it has a background task), the accounts watcher, and the listener. SIGTERM
+or SIGINT: every client is told `1001 shutdown`, the nursery is cancelled, and the store
+writer commits what is still queued before the process exits.
+
+The daemons' protocol (`/peer`) plugs in through `HubConfig.peer_endpoint`, a factory
+`(hub_docs, accounts, events) -> PeerEndpoint`; without one, `peerdaemon.hub.peers.
+create_peer_endpoint` is used if that module provides it, else a stub that closes every
+`/peer` connection with "not-available".
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import logging
+import os
+import re
+import signal
+import sqlite3
+import ssl
+import sys
+import time
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, replace
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+import trio
+
+from .. import __version__
+from ..daemon.events import EventLog
+from ..store import Store, StoreError
+from .accounts import Accounts, Limits
+from .docs import HubDocs
+from .http import HttpConfig, HubHttp, NotAvailablePeerEndpoint, PeerEndpoint, ws_frame
+from .ywebsocket import CLOSE_CODES, Rooms
+
+__all__ = [
+    "DEFAULT_LISTEN",
+    "ConfigError",
+    "HubConfig",
+    "HubServer",
+    "PeerEndpointFactory",
+    "build_config",
+    "default_hub_dir",
+    "parse_listen",
+    "parse_size",
+    "run_hub",
+    "serve_hub",
+]
+
+log = logging.getLogger("peerdaemon.hub")
+
+DEFAULT_LISTEN = ("127.0.0.1", 8765)
+SHUTDOWN_GRACE = 1.0
+
+PeerEndpointFactory = Callable[[HubDocs, Accounts, EventLog], PeerEndpoint]
+
+
+class ConfigError(Exception):
+    """A bad `--config` file or option (reported in one line, exit status 1)."""
+
+
+def default_hub_dir() -> Path:
+    """`$PEERDAEMON_HUB_DIR`, else `<user data dir>/peerdaemon/hub`."""
+    env = os.environ.get("PEERDAEMON_HUB_DIR")
+    if env:
+        return Path(env).expanduser()
+    return platformdirs.user_data_path("peerdaemon", appauthor=False) / "hub"
+
+
+@dataclass
+class HubConfig:
+    data_dir: Path
+    listen: tuple[str, int] = DEFAULT_LISTEN
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    limits: Limits = field(default_factory=Limits)  # hub defaults; `hub limits set` overrides
+    http: HttpConfig = field(default_factory=HttpConfig)
+    compact_count: int = 1000
+    compact_bytes: int = 8 << 20
+    accounts_poll: float = 1.0  # how often admin commands' changes are picked up
+    peer_endpoint: PeerEndpointFactory | None = None
+
+
+@dataclass
+class HubServer:
+    """A running hub, as `serve_hub` reports it (for tests and the peer endpoint's owner)."""
+
+    config: HubConfig
+    store: Store
+    docs: HubDocs
+    accounts: Accounts
+    events: EventLog
+    rooms: Rooms
+    http: HubHttp
+    peer_endpoint: PeerEndpoint
+    host: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        scheme = "wss" if self.config.tls_cert else "ws"
+        return f"{scheme}://{self.host}:{self.port}"
+
+    def close_clients(self, code: int = CLOSE_CODES["shutdown"], reason: str = "shutdown") -> None:
+        for conn in self.rooms.connections():
+            conn.close(code, reason)
+
+
+def default_peer_endpoint_factory() -> PeerEndpointFactory:
+    """`peerdaemon.hub.peers.create_peer_endpoint` if it exists, else the "not-available" stub."""
+    try:
+        module = importlib.import_module("peerdaemon.hub.peers")
+    except ModuleNotFoundError as exc:
+        if exc.name != "peerdaemon.hub.peers":
+            log.exception("hub: cannot import the peer endpoint")
+        module = None
+    except Exception:
+        log.exception("hub: cannot import the peer endpoint")
+        module = None
+    factory = getattr(module, "create_peer_endpoint", None)
+    if callable(factory):
+        return factory
+    return lambda docs, accounts, events: NotAvailablePeerEndpoint()
+
+
+async def serve_hub(
+    config: HubConfig, *, task_status: trio.TaskStatus[HubServer] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Run the hub until cancelled; `task_status.started(HubServer)` once it listens."""
+    started = time.monotonic()
+    ssl_context = _ssl_context(config) if config.tls_cert else None
+    store = Store.open(
+        config.data_dir, compact_count=config.compact_count, compact_bytes=config.compact_bytes
+    )
+    accounts = None
+    try:
+        accounts = Accounts.open(config.data_dir, defaults=config.limits)
+        events = EventLog()
+        docs = HubDocs(
+            store,
+            events,
+            limits=accounts.space_limits,
+            compact_count=config.compact_count,
+            compact_bytes=config.compact_bytes,
+        )
+        count = docs.load()
+        rooms = Rooms(docs, framer=ws_frame)
+        docs.add_listener(rooms.on_update)
+        docs.add_flush_listener(rooms.flush)
+        factory = config.peer_endpoint or default_peer_endpoint_factory()
+        endpoint = factory(docs, accounts, events)
+        http = HubHttp(
+            rooms,
+            accounts,
+            endpoint,
+            config=config.http,
+            version=__version__,
+            stats=lambda: {"documents": docs.stats()["documents"]},
+            events=events,
+        )
+        accounts.add_change_listener(http.revalidate)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            await nursery.start(docs.run)
+            run = getattr(endpoint, "run", None)
+            if run is not None:
+                await nursery.start(run)
+            nursery.start_soon(_watch_accounts, accounts, config.accounts_poll)
+            host, port = config.listen
+            listeners: list[Any] = await trio.open_tcp_listeners(port, host=host)
+            bound = listeners[0].socket.getsockname()[1]
+            if ssl_context is not None:
+                listeners = [trio.SSLListener(lis, ssl_context) for lis in listeners]
+            nursery.start_soon(partial(trio.serve_listeners, http.handle, listeners))
+            server = HubServer(
+                config, store, docs, accounts, events, rooms, http, endpoint, host, bound
+            )
+            events.emit(
+                "hub-started",
+                documents=count,
+                port=bound,
+                startup_seconds=round(time.monotonic() - started, 4),
+            )
+            log.info(
+                "hub listening on %s:%d (%s), %d documents, data %s",
+                host,
+                bound,
+                "TLS" if ssl_context else "no TLS",
+                count,
+                config.data_dir,
+            )
+            task_status.started(server)
+    finally:
+        if accounts is not None:
+            accounts.close()
+        store.close()
+
+
+async def _watch_accounts(accounts: Accounts, poll: float) -> None:
+    """Pick up admin commands' changes (revoked tokens, members) from the shared file."""
+    while True:
+        await trio.sleep(poll)
+        try:
+            accounts.refresh()
+        except sqlite3.Error:
+            log.exception("hub: cannot read the accounts file")
+
+
+def _ssl_context(config: HubConfig) -> ssl.SSLContext:
+    if not config.tls_key:
+        raise ConfigError("--tls-cert needs --tls-key")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        ctx.load_cert_chain(str(config.tls_cert), str(config.tls_key))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load the TLS certificate or key: {exc}") from None
+    return ctx
+
+
+# ------------------------------------------------------------------------------- config file
+_SIZE_RE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kmg]i?b|b)?\s*", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
+
+
+def parse_size(value: object) -> int:
+    """An int, or a string like "15MB" / "64MiB" -> bytes."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError("must be >= 0")
+        return value
+    m = _SIZE_RE.fullmatch(str(value))
+    if not m:
+        raise ValueError(f"not a size: {value!r} (e.g. 1000, 15MB, 64MiB)")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "b").lower()])
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    host, sep, port = str(text).rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT, got {text!r}")
+    return host, int(port)
+
+
+_TOP_KEYS = {"listen", "data_dir", "tls", "limits", "fanout", "store"}
+
+
+def build_config(
+    *,
+    config_file: Path | None = None,
+    data_dir: Path | None = None,
+    listen: tuple[str, int] | None = None,
+    tls_cert: Path | None = None,
+    tls_key: Path | None = None,
+) -> HubConfig:
+    """The config file (TOML, docs/hub.md) overlaid by command-line options."""
+    raw: dict[str, Any] = {}
+    base = Path.cwd()
+    if config_file is not None:
+        try:
+            raw = tomllib.loads(Path(config_file).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"cannot read {config_file}: {exc.strerror or exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{config_file}: {exc}") from None
+        base = Path(config_file).expanduser().resolve().parent
+    where = str(config_file)
+    unknown = set(raw) - _TOP_KEYS
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s): {', '.join(sorted(unknown))}")
+
+    def path_of(value: object) -> Path:
+        p = Path(str(value)).expanduser()
+        return p if p.is_absolute() else base / p
+
+    config = HubConfig(data_dir=default_hub_dir())
+    try:
+        if "data_dir" in raw:
+            config.data_dir = path_of(raw["data_dir"])
+        if "listen" in raw:
+            config.listen = parse_listen(raw["listen"])
+        tls = _table(raw, "tls", {"cert", "key"}, where)
+        if "cert" in tls:
+            config.tls_cert = path_of(tls["cert"])
+        if "key" in tls:
+            config.tls_key = path_of(tls["key"])
+        limits = _table(raw, "limits", {f.name for f in fields(Limits)}, where)
+        config.limits = replace(
+            config.limits,
+            **{
+                k: parse_size(v) if k == "bytes_per_env" else _int(v, k)
+                for k, v in limits.items()
+            },
+        )
+        fanout = _table(
+            raw, "fanout", {"coalesce_bytes", "limit_bytes", "stall_seconds", "max_message"}, where
+        )
+        for key, value in fanout.items():
+            parsed = float(value) if key == "stall_seconds" else parse_size(value)
+            setattr(config.http, key, parsed)
+        store = _table(raw, "store", {"compact_count", "compact_bytes"}, where)
+        if "compact_count" in store:
+            config.compact_count = _int(store["compact_count"], "compact_count")
+        if "compact_bytes" in store:
+            config.compact_bytes = parse_size(store["compact_bytes"])
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    if data_dir is not None:
+        config.data_dir = Path(data_dir).expanduser()
+    if listen is not None:
+        config.listen = listen
+    if tls_cert is not None:
+        config.tls_cert = Path(tls_cert).expanduser()
+    if tls_key is not None:
+        config.tls_key = Path(tls_key).expanduser()
+    if bool(config.tls_cert) != bool(config.tls_key):
+        raise ConfigError("TLS needs both a certificate and a key (--tls-cert and --tls-key)")
+    return config
+
+
+def _table(raw: dict[str, Any], name: str, keys: set[str], where: str) -> dict[str, Any]:
+    table = raw.get(name, {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: [{name}] must be a table")
+    unknown = set(table) - keys
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) in [{name}]: {', '.join(sorted(unknown))}")
+    return table
+
+
+def _int(value: object, name: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0")
+    return value
+
+
+# ------------------------------------------------------------------------------------ process
+async def _main(config: HubConfig) -> None:
+    async with trio.open_nursery() as nursery:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            server: HubServer = await nursery.start(serve_hub, config)
+            async for signum in signals:
+                log.info("received %s, shutting down", signal.Signals(signum).name)
+                server.close_clients()
+                with trio.move_on_after(SHUTDOWN_GRACE):
+                    while server.rooms.clients:
+                        await trio.sleep(0.02)
+                nursery.cancel_scope.cancel()
+                break
+
+
+def run_hub(config: HubConfig) -> int:
+    """`peerdaemon hub serve`: returns the process exit code."""
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # Fewer cyclic-GC passes: the hub holds many long-lived objects (connections, rooms,
+    # documents), and frequent collections that walk them all show up as fan-out delays.
+    gc.set_threshold(50_000, 20, 20)
+    gc.freeze()
+    try:
+        trio.run(_main, config)
+    except BaseException as exc:
+        reason = _expected_failure(exc)
+        if reason is None:
+            raise
+        print(f"peerdaemon: {' '.join(str(reason).split())}", file=sys.stderr)
+        return 1
+    log.info("hub stopped")
+    return 0
+
+
+def _expected_failure(exc: BaseException) -> BaseException | None:
+    if isinstance(exc, BaseExceptionGroup):
+        leaves = [_expected_failure(e) for e in exc.exceptions]
+        return leaves[0] if leaves and all(leaves) else None
+    return exc if isinstance(exc, StoreError | OSError | ConfigError | sqlite3.Error) else None

@@ -1,0 +1,643 @@
+"""The y-websocket protocol on the hub, without I/O: message codec, rooms, awareness, fan-out.
+
+A room is one document (`/yjs/SPACE/DOC`). Its connections are `YConn`s: sans-I/O state plus an
+`Outbox` of ready-to-write frames that the trio shell (`http.py`) drains. Why it is shaped so:
+
+* The server speaks first (sync step 1), answers a client's step 1 with step 2, and applies the
+  client's step 2 and updates through `HubDocs`, which relays them back here only once they are
+  durable (`Rooms.on_update` / `Rooms.flush`). Updates that became durable together and came
+  from the same origin are merged into one message, encoded ONCE, and the same frame bytes go
+  to every recipient.
+* Awareness is relayed only for entries whose clock advanced (or a removal of a known state):
+  y-websocket clients re-send every awareness update they apply, so relaying blindly turns one
+  join into O(N^2) messages. A connection's awareness clients are removed (and the removal
+  broadcast) when it goes away.
+* A slow reader never stalls the room: its outbox grows; past `coalesce_bytes` its queued
+  document updates of a room are merged into one (pycrdt `merge_updates`); past `limit_bytes`
+  it is dropped with close code 1013 `too-slow`.
+
+Wire format (y-protocols): varuint message type, then
+  0 sync:      varuint sub (0 step1 + varbytes state vector, 1 step2 / 2 update + varbytes update)
+  1 awareness: varbytes(varuint n, n x (varuint client, varuint clock, varstring JSON state))
+  2 auth:      varuint 0 (permission denied) + varstring reason
+  3 query awareness (no payload)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from pycrdt import merge_updates
+
+from .accounts import LimitExceeded
+
+__all__ = [
+    "CLOSE_CODES",
+    "MSG_AUTH",
+    "MSG_AWARENESS",
+    "MSG_QUERY_AWARENESS",
+    "MSG_SYNC",
+    "QUERY_AWARENESS",
+    "SYNC_STEP1",
+    "SYNC_STEP2",
+    "SYNC_UPDATE",
+    "AwarenessEntry",
+    "Message",
+    "Outbox",
+    "ProtocolError",
+    "Room",
+    "Rooms",
+    "YConn",
+    "awareness_message",
+    "decode_awareness",
+    "decode_message",
+    "encode_awareness",
+    "permission_denied",
+    "read_var_uint",
+    "sync_step1",
+    "sync_step2",
+    "sync_update",
+    "write_var_uint",
+]
+
+log = logging.getLogger("peerdaemon.hub.yws")
+
+MSG_SYNC = 0
+MSG_AWARENESS = 1
+MSG_AUTH = 2
+MSG_QUERY_AWARENESS = 3
+SYNC_STEP1 = 0
+SYNC_STEP2 = 1
+SYNC_UPDATE = 2
+AUTH_PERMISSION_DENIED = 0
+
+EMPTY_UPDATE = b"\x00\x00"
+MAX_REMOVED_CLOCKS = 10_000  # awareness clocks kept for clients that left, per room
+
+# Close codes. 4400-4499 are "permanent" for the y-websocket provider (it stops reconnecting);
+# 1013 ("try again later") lets a dropped slow client reconnect and resync.
+CLOSE_CODES: dict[str, int] = {
+    "bad-request": 4400,
+    "protocol-error": 4400,
+    "bad-update": 4400,
+    "unauthorized": 4401,
+    "forbidden": 4403,
+    "environment-too-large": 4413,
+    "quota-exceeded": 4422,
+    "too-many-devices": 4429,
+    "too-slow": 1013,
+    "too-large": 1009,
+    "shutdown": 1001,
+}
+
+
+class ProtocolError(ValueError):
+    """Bytes that are not a y-websocket message (the remote's fault)."""
+
+
+# ------------------------------------------------------------------------------------- codec
+def write_var_uint(n: int) -> bytes:
+    """lib0 varuint: 7 bits per byte, little end first, high bit = more."""
+    if n < 0:
+        raise ValueError("varuint must be >= 0")
+    if n < 0x80:
+        return bytes((n,))
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def read_var_uint(data: bytes, pos: int) -> tuple[int, int]:
+    """-> (value, next position); ProtocolError on truncation or an absurd length."""
+    n = 0
+    shift = 0
+    end = len(data)
+    while True:
+        if pos >= end:
+            raise ProtocolError("truncated varuint")
+        b = data[pos]
+        pos += 1
+        n |= (b & 0x7F) << shift
+        if b < 0x80:
+            return n, pos
+        shift += 7
+        if shift > 63:
+            raise ProtocolError("varuint too long")
+
+
+def _read_var_bytes(data: bytes, pos: int) -> tuple[bytes, int]:
+    n, pos = read_var_uint(data, pos)
+    if pos + n > len(data):
+        raise ProtocolError("truncated byte string")
+    return data[pos : pos + n], pos + n
+
+
+def _var_bytes(payload: bytes) -> bytes:
+    return write_var_uint(len(payload)) + payload
+
+
+def sync_step1(state_vector: bytes) -> bytes:
+    return b"\x00\x00" + _var_bytes(state_vector)
+
+
+def sync_step2(update: bytes) -> bytes:
+    return b"\x00\x01" + _var_bytes(update)
+
+
+def sync_update(update: bytes) -> bytes:
+    return b"\x00\x02" + _var_bytes(update)
+
+
+def _sync_head(sub: int, update: bytes) -> bytes:
+    """The bytes before `update` in a sync message (framed with it, without copying it twice)."""
+    return bytes((MSG_SYNC, sub)) + write_var_uint(len(update))
+
+
+def awareness_message(awareness_update: bytes) -> bytes:
+    return b"\x01" + _var_bytes(awareness_update)
+
+
+def permission_denied(reason: str) -> bytes:
+    return b"\x02\x00" + _var_bytes(reason.encode("utf-8"))
+
+
+QUERY_AWARENESS = b"\x03"
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One decoded message: `kind` (MSG_*), `sub` (sync/auth subtype or -1), `payload`."""
+
+    kind: int
+    sub: int
+    payload: bytes
+
+
+def decode_message(data: bytes) -> Message:
+    """Decode one websocket message; unknown message types decode with an empty payload."""
+    kind, pos = read_var_uint(data, 0)
+    if kind == MSG_SYNC:
+        sub, pos = read_var_uint(data, pos)
+        if sub not in (SYNC_STEP1, SYNC_STEP2, SYNC_UPDATE):
+            raise ProtocolError(f"unknown sync message type {sub}")
+        payload, pos = _read_var_bytes(data, pos)
+        return Message(kind, sub, payload)
+    if kind == MSG_AWARENESS:
+        payload, pos = _read_var_bytes(data, pos)
+        return Message(kind, -1, payload)
+    if kind == MSG_AUTH:
+        sub, pos = read_var_uint(data, pos)
+        payload, pos = _read_var_bytes(data, pos) if pos < len(data) else (b"", pos)
+        return Message(kind, sub, payload)
+    return Message(kind, -1, b"")
+
+
+@dataclass(frozen=True, slots=True)
+class AwarenessEntry:
+    client: int
+    clock: int
+    state: str  # JSON text as sent; "null" removes the client's state
+
+    @property
+    def removed(self) -> bool:
+        return self.state == "null"
+
+
+def decode_awareness(payload: bytes) -> list[AwarenessEntry]:
+    """Decode an awareness update; states must be JSON (checked, so no client relays junk)."""
+    count, pos = read_var_uint(payload, 0)
+    entries = []
+    for _ in range(count):
+        client, pos = read_var_uint(payload, pos)
+        clock, pos = read_var_uint(payload, pos)
+        raw, pos = _read_var_bytes(payload, pos)
+        try:
+            text = raw.decode("utf-8")
+            if text != "null":
+                json.loads(text)
+        except (UnicodeDecodeError, ValueError):
+            raise ProtocolError("awareness state is not JSON") from None
+        entries.append(AwarenessEntry(client, clock, text))
+    return entries
+
+
+def encode_awareness(entries: Iterable[AwarenessEntry]) -> bytes:
+    items = list(entries)
+    out = [write_var_uint(len(items))]
+    for e in items:
+        out.append(write_var_uint(e.client))
+        out.append(write_var_uint(e.clock))
+        out.append(_var_bytes(e.state.encode("utf-8")))
+    return b"".join(out)
+
+
+# ------------------------------------------------------------------------------------ outbox
+Framer = Callable[..., bytes]
+"""`framer(*parts)`: a y-websocket message given in parts -> the bytes written for it (a
+websocket frame in the server), built with one copy of a possibly large payload."""
+
+
+def _identity(*parts: bytes) -> bytes:
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+class Outbox:
+    """A connection's queue of frames waiting for its writer.
+
+    Items are `[frame, room key | None, update | None]`; those with an update are document
+    updates of that room and may be merged. `nbytes` counts what is queued, not what the writer
+    already took. `push` returns False when the connection should be dropped (more than
+    `limit_bytes` queued even after coalescing, and more than one item: a single big message,
+    such as the first sync of a large document, never counts as falling behind).
+
+    `partial` is the unsent tail of a frame that was partly written already; it goes out first
+    and is never merged or dropped (the byte stream must stay well-formed).
+    """
+
+    __slots__ = (
+        "_items",
+        "nbytes",
+        "coalesce_bytes",
+        "limit_bytes",
+        "framer",
+        "coalesced",
+        "partial",
+    )
+
+    def __init__(
+        self,
+        framer: Framer = _identity,
+        *,
+        coalesce_bytes: int = 1 << 20,
+        limit_bytes: int = 64 << 20,
+    ) -> None:
+        self._items: deque[list] = deque()
+        self.nbytes = 0
+        self.coalesce_bytes = coalesce_bytes
+        self.limit_bytes = limit_bytes
+        self.framer = framer
+        self.coalesced = 0  # how many times updates were merged (for stats and tests)
+        self.partial: memoryview | None = None
+
+    def __len__(self) -> int:
+        return len(self._items) + (self.partial is not None)
+
+    def push(self, frame: bytes, key: object = None, update: bytes | None = None) -> bool:
+        self._items.append([frame, key, update])
+        self.nbytes += len(frame)
+        if self.nbytes > self.coalesce_bytes and len(self._items) > 1:
+            self.coalesce()
+            if self.nbytes > self.limit_bytes and len(self._items) > 1:
+                return False
+        return True
+
+    def coalesce(self) -> None:
+        """Merge the queued updates of each room into one, at the place of the first."""
+        groups: dict[object, list[list]] = {}
+        for item in self._items:
+            if item[2] is not None:
+                groups.setdefault(item[1], []).append(item)
+        merged_any = False
+        for items in groups.values():
+            if len(items) < 2:
+                continue
+            update = merge_updates(*(item[2] for item in items))
+            first = items[0]
+            first[0] = self.framer(_sync_head(SYNC_UPDATE, update), update)
+            first[2] = update
+            for item in items[1:]:
+                item[0] = None  # tombstone, dropped below
+            merged_any = True
+        if merged_any:
+            self._items = deque(item for item in self._items if item[0] is not None)
+            self.nbytes = sum(len(item[0]) for item in self._items)
+            if self.partial is not None:
+                self.nbytes += len(self.partial)
+            self.coalesced += 1
+
+    def take(self) -> list[bytes | memoryview]:
+        """Everything queued, in order (the writer's next batch)."""
+        frames: list[bytes | memoryview] = [item[0] for item in self._items]
+        if self.partial is not None:
+            frames.insert(0, self.partial)
+            self.partial = None
+        self._items.clear()
+        self.nbytes = 0
+        return frames
+
+    def put_back(self, rest: memoryview) -> None:
+        """The unsent tail of what `take()` returned: it goes out before anything else."""
+        self.partial = rest
+        self.nbytes += len(rest)
+
+    def clear(self) -> None:
+        """Drop every queued frame (a frame already half-written is kept)."""
+        self._items.clear()
+        self.nbytes = len(self.partial) if self.partial is not None else 0
+
+
+# ------------------------------------------------------------------------------ connections
+class YConn:
+    """One y-websocket connection as the rooms see it.
+
+    `wake()` tells the I/O shell that the outbox has frames or the connection is closing.
+    `closing` is `(code, reason)` once the server decided to close it; nothing more is queued.
+    """
+
+    def __init__(
+        self,
+        number: int,
+        outbox: Outbox | None = None,
+        *,
+        user: str = "",
+        device: str = "",
+        wake: Callable[[], None] | None = None,
+    ) -> None:
+        self.number = number
+        self.origin = f"yws:{number}"
+        self.outbox = outbox if outbox is not None else Outbox()
+        self.user = user
+        self.device = device
+        self.wake: Callable[[], None] = wake or (lambda: None)
+        self.room: Room | None = None
+        self.awareness_ids: set[int] = set()
+        self.closing: tuple[int, str] | None = None
+        self.dropped_slow = False
+        self.token_hash = ""  # the token it was admitted with (re-checked on accounts changes)
+        self.space_id = ""
+
+    def __repr__(self) -> str:
+        return f"<YConn {self.number} {self.user}>"
+
+    def send(self, frame: bytes, key: object = None, update: bytes | None = None) -> None:
+        if self.closing is not None:
+            return
+        if not self.outbox.push(frame, key, update):
+            self.dropped_slow = True
+            self.outbox.clear()
+            self.close(CLOSE_CODES["too-slow"], "too-slow")
+            return
+        self.wake()
+
+    def deny(self, reason: str, code: int | None = None) -> None:
+        """The auth message's permission-denied with `reason`, then a close (data dropped)."""
+        if self.closing is not None:
+            return
+        self.outbox.clear()
+        self.outbox.push(self.outbox.framer(permission_denied(reason)))
+        self.close(code if code is not None else CLOSE_CODES.get(reason, 4403), reason)
+
+    def close(self, code: int, reason: str) -> None:
+        if self.closing is None:
+            self.closing = (code, reason)
+            self.wake()
+
+
+# ------------------------------------------------------------------------------------- rooms
+class DocsLike(Protocol):
+    """What a room needs from `HubDocs` (docs/architecture.md)."""
+
+    def state_vector(self, space_id: str, doc_id: str) -> bytes: ...
+    def diff(self, space_id: str, doc_id: str, state_vector: bytes) -> bytes: ...
+    def apply(self, space_id: str, doc_id: str, update: bytes, origin: str) -> object: ...
+    def pending_ticket(self, space_id: str, doc_id: str) -> object: ...
+
+
+@dataclass
+class _Waiting:
+    conn: YConn
+    state_vector: bytes
+    ticket: object  # has `.done`
+
+
+@dataclass
+class Room:
+    """One document's connections and awareness states."""
+
+    docs: DocsLike
+    space_id: str
+    doc_id: str
+    framer: Framer = _identity
+    conns: dict[int, YConn] = field(default_factory=dict)
+    clocks: dict[int, int] = field(default_factory=dict)  # awareness client -> last clock
+    states: dict[int, str] = field(default_factory=dict)  # awareness client -> JSON state
+    relay: list[tuple[bytes, str]] = field(default_factory=list)  # durable, not yet sent
+    waiting: list[_Waiting] = field(default_factory=list)  # step 1s waiting for durability
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.space_id, self.doc_id)
+
+    # -- connections ---------------------------------------------------------------------------
+    def join(self, conn: YConn) -> None:
+        """Add `conn`; the server speaks first: sync step 1, then the awareness states."""
+        conn.room = self
+        self.conns[conn.number] = conn
+        conn.send(self.framer(sync_step1(self.docs.state_vector(self.space_id, self.doc_id))))
+        if self.states:
+            conn.send(self.framer(awareness_message(self._all_states())))
+
+    def leave(self, conn: YConn) -> None:
+        """Remove `conn` and broadcast the removal of the awareness clients it controlled."""
+        if self.conns.pop(conn.number, None) is None:
+            return
+        conn.room = None
+        self.waiting = [w for w in self.waiting if w.conn is not conn]
+        removed = []
+        for client in sorted(conn.awareness_ids):
+            if client in self.states:
+                del self.states[client]
+                clock = self.clocks.get(client, 0) + 1
+                self.clocks[client] = clock
+                removed.append(AwarenessEntry(client, clock, "null"))
+        conn.awareness_ids.clear()
+        if removed:
+            self._broadcast(awareness_message(encode_awareness(removed)), exclude=None)
+        if len(self.clocks) - len(self.states) > MAX_REMOVED_CLOCKS:
+            # forget the clocks of long-gone clients (every page reload is a new client id)
+            self.clocks = {c: k for c, k in self.clocks.items() if c in self.states}
+
+    # -- incoming ------------------------------------------------------------------------------
+    def receive(self, conn: YConn, data: bytes) -> None:
+        """One websocket message from `conn`. Errors close `conn`, never the room."""
+        if conn.closing is not None:
+            return
+        try:
+            msg = decode_message(data)
+            if msg.kind == MSG_SYNC:
+                if msg.sub == SYNC_STEP1:
+                    self._on_step1(conn, msg.payload)
+                else:
+                    self._on_update(conn, msg.payload)
+            elif msg.kind == MSG_AWARENESS:
+                self._on_awareness(conn, msg.payload)
+            elif msg.kind == MSG_QUERY_AWARENESS:
+                conn.send(self.framer(awareness_message(self._all_states())))
+            # auth messages from a client and unknown types are ignored, as y-websocket does
+        except ProtocolError as exc:
+            log.info("yws %s: protocol error: %s", conn.number, exc)
+            conn.close(CLOSE_CODES["protocol-error"], "protocol-error")
+
+    def _on_step1(self, conn: YConn, state_vector: bytes) -> None:
+        ticket = self.docs.pending_ticket(self.space_id, self.doc_id)
+        if ticket is None or getattr(ticket, "done", True):
+            self._answer_step1(conn, state_vector)
+        else:  # answer once what the doc holds now is durable: never hand out unsaved data
+            self.waiting.append(_Waiting(conn, state_vector, ticket))
+
+    def _answer_step1(self, conn: YConn, state_vector: bytes) -> None:
+        try:
+            update = self.docs.diff(self.space_id, self.doc_id, state_vector)
+        except ValueError:
+            conn.close(CLOSE_CODES["bad-request"], "bad-state-vector")
+            return
+        conn.send(self.framer(_sync_head(SYNC_STEP2, update), update))
+
+    def _on_update(self, conn: YConn, update: bytes) -> None:
+        if update == EMPTY_UPDATE:
+            return
+        try:
+            self.docs.apply(self.space_id, self.doc_id, update, conn.origin)
+        except LimitExceeded as exc:
+            log.info("yws %s (%s): %s", conn.number, conn.user, exc)
+            conn.deny(exc.reason)
+        except ValueError as exc:
+            log.info("yws %s: bad update: %s", conn.number, exc)
+            conn.close(CLOSE_CODES["bad-update"], "bad-update")
+
+    def _on_awareness(self, conn: YConn, payload: bytes) -> None:
+        accepted = []
+        for e in decode_awareness(payload):
+            current = self.clocks.get(e.client, 0)
+            if current < e.clock or (current == e.clock and e.removed and e.client in self.states):
+                self.clocks[e.client] = e.clock
+                if e.removed:
+                    self.states.pop(e.client, None)
+                    conn.awareness_ids.discard(e.client)
+                else:
+                    self.states[e.client] = e.state
+                    conn.awareness_ids.add(e.client)
+                accepted.append(e)
+        if accepted:
+            self._broadcast(awareness_message(encode_awareness(accepted)), exclude=conn.number)
+
+    def _all_states(self) -> bytes:
+        return encode_awareness(
+            AwarenessEntry(client, self.clocks.get(client, 0), state)
+            for client, state in self.states.items()
+        )
+
+    # -- outgoing ------------------------------------------------------------------------------
+    def _broadcast(self, message: bytes, exclude: int | None) -> None:
+        frame = self.framer(message)  # encoded once; the same bytes go to every recipient
+        for number, conn in list(self.conns.items()):
+            if number != exclude:
+                conn.send(frame)
+
+    def on_update(self, update: bytes, origin: str) -> None:
+        """A durable change of this room's document (any origin); sent at `flush()`."""
+        self.relay.append((update, origin))
+
+    def flush(self) -> None:
+        """Send the durable updates (merged per run of one origin), then due step 2 answers."""
+        relay, self.relay = self.relay, []
+        # Connections whose step 1 is answered below get all of this in their step 2.
+        answering = {w.conn.number for w in self.waiting if getattr(w.ticket, "done", True)}
+        i = 0
+        while i < len(relay):
+            origin = relay[i][1]
+            j = i
+            while j < len(relay) and relay[j][1] == origin:
+                j += 1
+            updates = [u for u, _ in relay[i:j]]
+            update = updates[0] if len(updates) == 1 else merge_updates(*updates)
+            frame = self.framer(_sync_head(SYNC_UPDATE, update), update)
+            key = self.key
+            for conn in list(self.conns.values()):
+                if conn.origin != origin and conn.number not in answering:
+                    conn.send(frame, key, update)
+            i = j
+        if self.waiting:
+            still = []
+            for w in self.waiting:
+                if getattr(w.ticket, "done", True):
+                    if w.conn.closing is None:
+                        self._answer_step1(w.conn, w.state_vector)
+                else:
+                    still.append(w)
+            self.waiting = still
+
+
+class Rooms:
+    """Every open room, keyed by (space id, doc id); a room lives while it has connections.
+
+    Hook it to `HubDocs` with `docs.add_listener(rooms.on_update)` and
+    `docs.add_flush_listener(rooms.flush)` (done by the server).
+    """
+
+    def __init__(self, docs: DocsLike, framer: Framer = _identity) -> None:
+        self.docs = docs
+        self.framer = framer
+        self.rooms: dict[tuple[str, str], Room] = {}
+        self._dirty: set[tuple[str, str]] = set()
+
+    @property
+    def clients(self) -> int:
+        return sum(len(room.conns) for room in self.rooms.values())
+
+    def connections(self) -> list[YConn]:
+        return [conn for room in self.rooms.values() for conn in room.conns.values()]
+
+    def join(self, space_id: str, doc_id: str, conn: YConn) -> Room:
+        key = (space_id, doc_id)
+        room = self.rooms.get(key)
+        if room is None:
+            room = self.rooms[key] = Room(self.docs, space_id, doc_id, self.framer)
+        room.join(conn)
+        return room
+
+    def leave(self, conn: YConn) -> None:
+        room = conn.room
+        if room is None:
+            return
+        room.leave(conn)
+        if not room.conns:
+            self.rooms.pop(room.key, None)
+            self._dirty.discard(room.key)
+
+    def receive(self, conn: YConn, data: bytes) -> None:
+        room = conn.room
+        if room is not None:
+            room.receive(conn, data)
+            if room.waiting:
+                self._dirty.add(room.key)
+
+    def on_update(self, space_id: str, doc_id: str, update: bytes, origin: str) -> None:
+        """HubDocs listener: a durable update of any document."""
+        room = self.rooms.get((space_id, doc_id))
+        if room is not None:
+            room.on_update(update, origin)
+            self._dirty.add(room.key)
+
+    def flush(self) -> None:
+        """HubDocs flush listener: after each batch of durable updates."""
+        dirty, self._dirty = self._dirty, set()
+        for key in dirty:
+            room = self.rooms.get(key)
+            if room is None:
+                continue
+            try:
+                room.flush()
+            except Exception:  # one room's failure must not stop the others
+                log.exception("room %s/%s: flush failed", *key)
+                room.relay.clear()
+            if room.waiting:
+                self._dirty.add(key)

@@ -1,0 +1,739 @@
+"""The daemon's links to hubs: `space hub SPACE URL --token TOKEN` and what keeps it synced.
+
+Attachments live in the store setting `"hubs"`: `{url: {"token": str, "spaces": [space id]}}`
+(the token is a secret: it is never returned by an operation, printed or logged). One `HubLink`
+per hub URL dials `ws(s)://HOST:PORT[/PREFIX]/peer`, runs the peer protocol's hub-mode handshake
+(docs/peer-protocol.md, "Hub mode"), then a sync session over the attached spaces with the
+`SpacesService` as its `SyncHost`, exactly like a LAN link. Updates from the hub carry the
+origin `hub:<url>` and are never sent back to it; the LAN links forward them like any other
+change, and Yjs makes the copies that come back the other way no-ops, so an update never loops
+between the LAN and the hub, whichever path it takes first.
+
+A hub may refuse one document (`quota-exceeded`, `environment-too-large`) without closing the
+link: the refusal shows in `status` and `peers` and as a `hub-limit` event, the daemon keeps its
+copy, and the other documents keep syncing. The link redials with the LAN's backoff after any
+failure (`unauthorized`, `too-many-devices`, `incompatible-version`...), whose reason shows too.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import trio
+from trio_websocket import ConnectionClosed, HandshakeError, open_websocket
+
+from ..api.protocol import ApiError, Pending
+from ..daemon.events import EventLog
+from ..identity import Identity
+from ..model import MODEL_VERSION
+from ..peer import messages
+from ..peer.handshake import Established, PeerHello
+from ..peer.link import RECEIVE_BUFFER, Link, Unreachable
+from ..peer.messages import (
+    FORBIDDEN,
+    INCOMPATIBLE_VERSION,
+    SHUTDOWN,
+    UNAUTHORIZED,
+    UNREACHABLE,
+    ProtocolError,
+)
+from ..peer.session import (
+    Closed,
+    DocError,
+    Event,
+    HelloReceived,
+    PeerConfig,
+    PeerConnection,
+    Synced,
+)
+from ..spaces import SpaceError, SpacesService
+from ..store import Store, Ticket
+
+__all__ = ["HUBS_SETTING", "HubClientAuth", "HubLink", "HubLinkService", "HubUrl", "parse_hub_url"]
+
+log = logging.getLogger("peerdaemon.hublink")
+
+HUBS_SETTING = "hubs"
+PEER_PATH = "/peer"
+MAX_TOKEN = 1024
+CONNECTED = "connected"
+CONNECTING = "connecting"
+DISCONNECTED = "disconnected"
+IDLE = "idle"
+"""Attached, but to no space this device still holds: nothing to dial."""
+PENDING = "pending"
+"""A space's status before the hub has answered for it."""
+
+
+# -- URLs ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HubUrl:
+    """Where a hub's daemon endpoint is; `url` is the canonical form used as key and origin."""
+
+    url: str
+    host: str
+    port: int
+    path: str
+    tls: bool
+
+
+def parse_hub_url(text: str) -> HubUrl:
+    """`ws://`, `wss://`, `http://` or `https://` `HOST[:PORT][/PREFIX]` -> where to dial.
+
+    The daemons' endpoint is `PREFIX/peer` (a trailing `/peer` in the URL is accepted too), so
+    the URL a user gets for the hub's web clients works here as well.
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("the hub URL is empty")
+    parts = urlsplit(text.strip())
+    scheme = {"ws": "ws", "http": "ws", "wss": "wss", "https": "wss"}.get(parts.scheme.lower())
+    if scheme is None:
+        raise ValueError(f"{text!r}: a hub URL starts with ws://, wss://, http:// or https://")
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError as exc:
+        raise ValueError(f"{text!r}: {exc}") from None
+    if not host:
+        raise ValueError(f"{text!r} names no host")
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise ValueError(f"{text!r}: a hub URL has no query, fragment or credentials")
+    tls = scheme == "wss"
+    port = port or (443 if tls else 80)
+    prefix = parts.path.rstrip("/")
+    if prefix.endswith(PEER_PATH):
+        prefix = prefix[: -len(PEER_PATH)]
+    netloc = f"[{host}]" if ":" in host else host
+    url = f"{scheme}://{netloc}:{port}{prefix}"
+    return HubUrl(url, host, port, prefix + PEER_PATH, tls)
+
+
+async def dial(link: Link, target: HubUrl) -> Closed:
+    """Open the hub's websocket and run `link` over it; `Unreachable` if it never opens."""
+    config = link.config
+    opened = False
+    try:
+        async with open_websocket(
+            target.host,
+            target.port,
+            target.path,
+            use_ssl=ssl.create_default_context() if target.tls else False,
+            max_message_size=config.max_message,
+            receive_buffer_size=RECEIVE_BUFFER,
+            connect_timeout=config.connect_timeout,
+            disconnect_timeout=config.close_grace,
+        ) as ws:
+            opened = True
+            return await link.run(ws)
+    except (HandshakeError, OSError, ConnectionClosed, trio.BrokenResourceError) as exc:
+        if opened and link.closed is not None:
+            return link.closed
+        raise Unreachable(
+            f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        ) from None
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+# -- the daemon's auth policy --------------------------------------------------------------------
+
+
+class HubClientAuth:
+    """The daemon's `AuthPolicy` in hub mode: a token and the spaces to attach, instead of tags."""
+
+    def __init__(self, token: str, spaces: dict[str, str]) -> None:
+        self.token = token
+        self.requested = dict(spaces)  # space id -> name (for the hub to register it)
+        self.statuses: dict[str, str] = {}
+        self.user: str | None = None
+        self.limits: dict[str, Any] = {}
+        self.accepted: frozenset[str] = frozenset()
+
+    def auth_fields(self) -> dict[str, Any]:
+        return {
+            "tags": [],
+            "hub": {
+                "token": self.token,
+                "spaces": list(self.requested),
+                "register": [{"space": s, "name": n} for s, n in self.requested.items()],
+            },
+        }
+
+    def accept(self, peer: PeerHello, auth: dict[str, Any]) -> frozenset[str]:
+        hub = auth.get("hub")
+        if not isinstance(hub, dict):
+            raise ProtocolError(UNAUTHORIZED, "the peer at this URL is not a hub")
+        statuses = hub.get("spaces")
+        if not isinstance(statuses, dict):
+            raise ProtocolError(messages.PROTOCOL_ERROR, "auth.hub.spaces must be a map")
+        self.statuses = {
+            s: str(v)[: messages.MAX_REASON]
+            for s, v in statuses.items()
+            if isinstance(s, str) and s in self.requested
+        }
+        user, limits = hub.get("user"), hub.get("limits")
+        self.user = user if isinstance(user, str) else None
+        self.limits = limits if isinstance(limits, dict) else {}
+        self.accepted = frozenset(s for s, v in self.statuses.items() if v in ("ok", "registered"))
+        if not self.accepted:
+            raise ProtocolError(FORBIDDEN, "the hub accepted none of the spaces")
+        return self.accepted
+
+    def spaces(self) -> frozenset[str]:
+        return self.accepted
+
+
+# -- one hub -------------------------------------------------------------------------------------
+
+
+class HubLink:
+    """The dial loop and the state of one hub URL (all on the trio thread)."""
+
+    def __init__(self, service: HubLinkService, target: HubUrl, token: str) -> None:
+        self.service = service
+        self.target = target
+        self.token = token
+        self.state = DISCONNECTED
+        self.reason: str | None = None
+        self.detail = ""
+        self.versions: dict[str, Any] | None = None
+        self.since = time.time()
+        self.device: str | None = None
+        self.name: str | None = None
+        self.auth: HubClientAuth | None = None
+        self.statuses: dict[str, str] = {}
+        self.errors: dict[str, DocError] = {}
+        self.synced = False
+        self.link: Link | None = None
+        self.requested: frozenset[str] = frozenset()
+        self.backoff = service.config.backoff_initial
+        self.wake = trio.Event()
+        self.scope: trio.CancelScope | None = None
+        self._emitted: tuple[str, str | None] | None = None
+
+    @property
+    def url(self) -> str:
+        return self.target.url
+
+    @property
+    def origin(self) -> str:
+        return f"hub:{self.url}"
+
+    # -- control -------------------------------------------------------------------------------
+
+    def restart(self) -> None:
+        """Redial at once (attachments or the token changed): close the live link, if any."""
+        self.backoff = self.service.config.backoff_initial
+        if self.link is not None and self.link.closed is None:
+            self.link.close(SHUTDOWN, "the attached spaces changed")
+        self.wake.set()
+
+    def stop(self) -> None:
+        if self.scope is not None:
+            self.scope.cancel()
+
+    def local_update(self, doc: str, update: bytes, origin: str) -> None:
+        if self.link is not None:
+            self.link.local_update(doc, update, origin)
+
+    def docs_changed(self) -> None:
+        if self.service.requested(self.url) != self.requested and self.state != IDLE:
+            self.restart()  # a space was left or (re)joined: ask the hub for the new set
+        elif self.state == IDLE and self.service.requested(self.url):
+            self.wake.set()
+        elif self.link is not None:
+            self.link.docs_changed()
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        with trio.CancelScope() as scope:
+            self.scope = scope
+            while True:
+                self.wake = trio.Event()
+                spaces = self.service.requested(self.url)
+                if not spaces:
+                    self._set(IDLE, None)
+                    await self.wake.wait()
+                    continue
+                await self._connect_once(spaces)
+                config = self.service.config
+                delay = self.backoff * self.service.rng.uniform(
+                    1 - config.backoff_jitter, 1 + config.backoff_jitter
+                )
+                self.backoff = min(self.backoff * 2, config.backoff_max)
+                with trio.move_on_after(delay):
+                    await self.wake.wait()
+
+    async def _connect_once(self, spaces: frozenset[str]) -> None:
+        service = self.service
+        names = {s: service.space_name(s) for s in sorted(spaces)}
+        auth = HubClientAuth(self.token, names)
+
+        def make_conn(now: float) -> PeerConnection:
+            return PeerConnection(
+                service.identity,
+                service.spaces,
+                dialer=True,
+                now=now,
+                config=service.config,
+                model=service.model,
+                auth=auth,
+                origin=self.origin,
+            )
+
+        link = Link(
+            make_conn,
+            dialer=True,
+            address=self.url,
+            on_event=self._on_event,
+            config=service.config,
+        )
+        self.link, self.auth, self.requested = link, auth, spaces
+        self.synced = False
+        self._set(CONNECTING, self.reason)
+        try:
+            await dial(link, self.target)
+        except Unreachable as exc:
+            log.debug("hub %s unreachable: %s", self.url, exc)
+            self.detail, self.versions = str(exc), None
+            self._set(DISCONNECTED, UNREACHABLE)
+        except Exception as exc:
+            log.exception("hub %s: the link failed", self.url)
+            self.detail, self.versions = f"{type(exc).__name__}: {exc}", None
+            self._set(DISCONNECTED, messages.INTERNAL_ERROR)
+        finally:
+            self.link = None
+            if self.state != DISCONNECTED:  # cancelled, or ended without a Closed event
+                self._set(DISCONNECTED, self.reason or messages.CLOSED)
+
+    def _on_event(self, link: Link, event: Event) -> None:
+        if isinstance(event, HelloReceived):
+            self.device, self.name = event.hello.device, event.hello.name
+        elif isinstance(event, Established):
+            auth = self.auth
+            assert auth is not None
+            if self.service.requested(self.url) != self.requested or auth.token != self.token:
+                link.close(SHUTDOWN, "the attached spaces changed while connecting")
+                return  # attached or detached meanwhile: redial with the new set at once
+            self.statuses = dict(auth.statuses)
+            self.errors = {}
+            self.detail, self.versions = "", None
+            log.info(
+                "hub %s: connected as user %s; spaces %s",
+                self.url,
+                auth.user,
+                ", ".join(f"{s} {v}" for s, v in sorted(self.statuses.items())),
+            )
+            self._set(CONNECTED, None)
+        elif isinstance(event, Synced):
+            self.synced = True
+            self.backoff = self.service.config.backoff_initial
+        elif isinstance(event, DocError):
+            self.errors[event.doc] = event
+            log.warning("hub %s refused %s: %s %s", self.url, event.doc, event.reason, event.detail)
+            self.service.emit(
+                "hub-limit",
+                url=self.url,
+                doc=event.doc,
+                space=self.service.spaces.env_space(event.doc),
+                reason=event.reason,
+                detail=event.detail,
+            )
+        elif isinstance(event, Closed):
+            self.detail, self.versions = event.detail, event.versions
+            if event.reason == FORBIDDEN and self.auth is not None and not self.auth.statuses:
+                self.statuses = dict.fromkeys(self.auth.requested, FORBIDDEN)
+            if event.reason == SHUTDOWN and not event.by_peer:
+                reason: str = messages.CLOSED  # we closed it to redial
+            else:
+                reason = event.reason
+            if event.reason != SHUTDOWN or event.by_peer:
+                log.info("hub %s: link closed: %s %s", self.url, event.reason, event.detail)
+            self._set(DISCONNECTED, reason)
+
+    def _set(self, state: str, reason: str | None) -> None:
+        """Change state; emit `hub-connected` / `hub-disconnected` when it means something."""
+        if state != self.state:
+            self.since = time.time()
+        self.state, self.reason = state, reason
+        if state in (CONNECTING, IDLE) or self._emitted == (state, reason):
+            return
+        self._emitted = (state, reason)
+        if state == CONNECTED:
+            self.service.emit(
+                "hub-connected",
+                url=self.url,
+                device=self.device,
+                name=self.name,
+                spaces=dict(self.statuses),
+            )
+        else:
+            self.service.emit(
+                "hub-disconnected",
+                url=self.url,
+                reason=reason,
+                detail=self.describe(),
+                versions=self.versions,
+            )
+
+    # -- reports -------------------------------------------------------------------------------
+
+    def live_errors(self) -> list[DocError]:
+        """Refusals of the live session (a retried document drops out once the hub takes it),
+        else of the last one."""
+        conn = self.link.conn if self.link is not None else None
+        if conn is not None and conn.session is not None and conn.closed is None:
+            return list(conn.session.refused.values())
+        return list(self.errors.values())
+
+    def describe(self) -> str:
+        """The detail to show: for a version mismatch, which versions the hub needs."""
+        if self.reason == INCOMPATIBLE_VERSION and self.versions:
+            remote = self.versions.get("remote") or {}
+            local = self.versions.get("local") or {}
+            newer = (remote.get("proto") or 0, remote.get("model") or 0) > (
+                local.get("proto") or 0,
+                local.get("model") or 0,
+            )
+            advice = "upgrade peerdaemon" if newer else "the hub needs an upgrade"
+            return (
+                f"the hub needs protocol {remote.get('proto')} model {remote.get('model')}; "
+                f"this daemon speaks protocol {local.get('proto')} model {local.get('model')} "
+                f"({advice})"
+            )
+        return self.detail
+
+    def shown_reason(self) -> str | None:
+        """The reason for `status` and `peers`: the link's, or while connected, a limit or a
+        forbidden space (the link is up, but not everything syncs)."""
+        if self.state != CONNECTED:
+            return self.reason
+        errors = self.live_errors()
+        if errors:
+            return errors[0].reason
+        if any(v == FORBIDDEN for v in self.statuses.values()):
+            return FORBIDDEN
+        return None
+
+    def space_statuses(self) -> dict[str, str]:
+        held = self.service.spaces.spaces
+        out = {}
+        for space in self.service.attached_spaces(self.url):
+            if space not in held:
+                out[space] = "left"
+            else:
+                out[space] = self.statuses.get(space, PENDING)
+        return out
+
+    def status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "url": self.url,
+            "state": self.state,
+            "reason": self.shown_reason(),
+            "detail": self.describe() if self.state != CONNECTED else "",
+            "since": self.since,
+            "device": self.device,
+            "name": self.name,
+            "user": self.auth.user if self.auth is not None and self.state == CONNECTED else None,
+            "spaces": self.space_statuses(),
+            "synced": self.synced and self.state == CONNECTED,
+            "errors": [
+                {
+                    "doc": e.doc,
+                    "space": self.service.spaces.env_space(e.doc),
+                    "reason": e.reason,
+                    "detail": e.detail,
+                }
+                for e in self.live_errors()
+            ],
+        }
+        if self.state == DISCONNECTED and self.versions is not None:
+            out["versions"] = self.versions
+        if self.auth is not None and self.auth.limits:
+            out["limits"] = dict(self.auth.limits)
+        return out
+
+    def row(self) -> dict[str, Any]:
+        """A line of `peerdaemon peers`, shaped like the LAN's rows."""
+        reason = self.shown_reason()
+        row: dict[str, Any] = {
+            "kind": "hub",
+            "device": self.device,
+            "name": self.name or "hub",
+            "address": self.url,
+            "state": self.state,
+            "reason": reason,
+            "since": self.since,
+        }
+        if self.state == DISCONNECTED and self.versions is not None:
+            row["versions"] = self.versions
+        detail = self.describe() if self.state != CONNECTED else ""
+        errors = self.live_errors() if self.state == CONNECTED else []
+        if errors:
+            detail = "; ".join(f"{e.doc}: {e.reason}" for e in errors)
+        if detail:
+            row["detail"] = detail
+        if self.state == CONNECTED:
+            link = self.link
+            row["spaces"] = sum(v != FORBIDDEN for v in self.statuses.values())
+            row["direction"] = "outgoing"
+            row["synced"] = self.synced
+            if link is not None:
+                row["bytes_sent"] = getattr(link, "bytes_sent", 0)
+                row["bytes_received"] = getattr(link, "bytes_received", 0)
+        return row
+
+
+# -- the service ---------------------------------------------------------------------------------
+
+
+class HubLinkService:
+    """Every hub this daemon is attached to. `run` is started with `nursery.start`."""
+
+    def __init__(
+        self,
+        identity: Identity,
+        spaces: SpacesService,
+        store: Store,
+        events: EventLog,
+        *,
+        config: PeerConfig | None = None,
+        model: int = MODEL_VERSION,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.identity = identity
+        self.spaces = spaces
+        self.store = store
+        self.events = events
+        self.config = config or PeerConfig()
+        self.model = model
+        self.rng = rng or random.Random()
+        self.attached: dict[str, dict[str, Any]] = {}
+        """url -> {"token": str, "spaces": [space id]}, as in the store setting."""
+        self.links: dict[str, HubLink] = {}
+        self._nursery: trio.Nursery | None = None
+
+    # -- settings ------------------------------------------------------------------------------
+
+    def load(self) -> None:
+        saved = self.store.get_setting(HUBS_SETTING, {}) or {}
+        for url, entry in saved.items() if isinstance(saved, dict) else ():
+            try:
+                target = parse_hub_url(url)
+            except ValueError:
+                log.warning("hub: ignoring a saved attachment with a bad URL %r", url)
+                continue
+            token, spaces = entry.get("token"), entry.get("spaces")
+            if not isinstance(token, str) or not isinstance(spaces, list):
+                log.warning("hub: ignoring a malformed saved attachment to %s", target.url)
+                continue
+            self.attached[target.url] = {"token": token, "spaces": [str(s) for s in spaces]}
+            self.links[target.url] = HubLink(self, target, token)
+        self._mark_spaces()
+
+    def _save(self) -> Ticket:
+        return self.store.put_setting(HUBS_SETTING, self.attached)
+
+    def _mark_spaces(self) -> None:
+        """Let invites of an attached space carry its hub URL (`Space.hub`)."""
+        for url, entry in self.attached.items():
+            for space_id in entry["spaces"]:
+                space = self.spaces.spaces.get(space_id)
+                if space is not None:
+                    space.hub = url
+
+    # -- queries -------------------------------------------------------------------------------
+
+    def attached_spaces(self, url: str) -> list[str]:
+        entry = self.attached.get(url)
+        return list(entry["spaces"]) if entry is not None else []
+
+    def requested(self, url: str) -> frozenset[str]:
+        """The attached spaces this device still holds: what a link to `url` asks for."""
+        return frozenset(s for s in self.attached_spaces(url) if s in self.spaces.spaces)
+
+    def hub_of(self, space_id: str) -> str | None:
+        for url, entry in self.attached.items():
+            if space_id in entry["spaces"]:
+                return url
+        return None
+
+    def space_name(self, space_id: str) -> str:
+        space = self.spaces.spaces.get(space_id)
+        return space.display_name if space is not None else ""
+
+    def emit(self, kind: str, **data: Any) -> None:
+        try:
+            self.events.emit(kind, **data)
+        except Exception:
+            log.exception("emitting %s failed", kind)
+
+    # -- attach / detach -----------------------------------------------------------------------
+
+    def attach(self, ref: str, url: str | None, token: str) -> tuple[str, str, Ticket]:
+        """Attach a space to a hub (the URL defaults to the one its invite carried)."""
+        space = self.spaces.resolve(ref)
+        if url is None or url == "":
+            url = space.hub
+            if not url:
+                raise SpaceError(
+                    "bad-request", "give the hub's URL (this space's invite carried none)"
+                )
+        try:
+            target = parse_hub_url(url)
+        except ValueError as exc:
+            raise SpaceError("bad-request", str(exc)) from None
+        if not isinstance(token, str) or not 0 < len(token) <= MAX_TOKEN or token != token.strip():
+            raise SpaceError("bad-request", "the token must be a non-empty string without spaces")
+        restart: set[str] = set()
+        previous = self.hub_of(space.id)
+        if previous is not None and previous != target.url:
+            self._remove(space.id, previous)
+            restart.add(previous)
+        entry = self.attached.setdefault(target.url, {"token": token, "spaces": []})
+        if entry["token"] != token or space.id not in entry["spaces"]:
+            restart.add(target.url)
+        entry["token"] = token
+        if space.id not in entry["spaces"]:
+            entry["spaces"].append(space.id)
+        ticket = self._save()
+        space.hub = target.url
+        link = self.links.get(target.url)
+        if link is None:
+            link = self.links[target.url] = HubLink(self, target, token)
+            if self._nursery is not None:
+                self._nursery.start_soon(link.run)
+        link.token = token
+        for url_ in restart:
+            if url_ in self.links:
+                self.links[url_].restart()
+        log.info("hub: space %s attached to %s", space.id, target.url)
+        return space.id, target.url, ticket
+
+    def detach(self, ref: str) -> tuple[str, str, Ticket]:
+        space_id = self._space_id(ref)
+        url = self.hub_of(space_id)
+        if url is None:
+            raise SpaceError("not-found", f"space {ref!r} is not attached to a hub")
+        self._remove(space_id, url)
+        ticket = self._save()
+        space = self.spaces.spaces.get(space_id)
+        if space is not None and space.hub == url:
+            space.hub = None
+        if url in self.links:
+            self.links[url].restart()
+        log.info("hub: space %s detached from %s", space_id, url)
+        return space_id, url, ticket
+
+    def _space_id(self, ref: str) -> str:
+        """A held space (by id, name or prefix), or an attached id of a space since left."""
+        try:
+            return self.spaces.resolve(ref).id
+        except SpaceError:
+            if any(ref in e["spaces"] for e in self.attached.values()):
+                return ref
+            raise
+
+    def _remove(self, space_id: str, url: str) -> None:
+        entry = self.attached.get(url)
+        if entry is None:
+            return
+        entry["spaces"] = [s for s in entry["spaces"] if s != space_id]
+        if not entry["spaces"]:
+            del self.attached[url]
+            link = self.links.pop(url, None)
+            if link is not None:
+                if link.link is not None and link.link.closed is None:
+                    link.link.close(SHUTDOWN, "detached")
+                link.stop()
+
+    # -- running -------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Dial every attached hub until cancelled."""
+        change = self.spaces.add_listener(self._on_local_change)
+        docs = self.spaces.add_docs_listener(self._on_docs_changed)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                for link in self.links.values():
+                    nursery.start_soon(link.run)
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+            self.spaces.remove_listener(change)
+            self.spaces.remove_docs_listener(docs)
+
+    def _on_local_change(self, doc: str, update: bytes, origin: str) -> None:
+        for link in list(self.links.values()):
+            link.local_update(doc, update, origin)
+
+    def _on_docs_changed(self) -> None:
+        self._mark_spaces()
+        for link in list(self.links.values()):
+            link.docs_changed()
+
+    # -- reports -------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """The `hub` section of `status` (never the token)."""
+        return {"hub": [self.links[url].status() for url in sorted(self.links)]}
+
+    def rows(self) -> list[dict[str, Any]]:
+        return [self.links[url].row() for url in sorted(self.links)]
+
+    def peers_op(
+        self, lan: Callable[[dict[str, Any], Any], Awaitable[dict[str, Any]]] | None
+    ) -> Callable[[dict[str, Any], Any], Awaitable[dict[str, Any]]]:
+        """The `peers` operation: the LAN's rows, then one row per hub."""
+
+        async def op_peers(args: dict[str, Any], session: Any) -> dict[str, Any]:
+            if lan is not None:
+                result = dict(await lan(args, session))
+            else:
+                result = {"device": self.identity.device_id, "name": self.identity.name}
+            result["peers"] = list(result.get("peers", [])) + self.rows()
+            return result
+
+        return op_peers
+
+    # -- socket operations ---------------------------------------------------------------------
+
+    def register(self, service: Any) -> None:
+        """Add `space.hub` / `space.unhub` and the `hub` section of `status`."""
+        service.register("space.hub", self.op_hub)
+        service.register("space.unhub", self.op_unhub)
+        service.status_hooks.append(self.status)
+
+    async def op_hub(self, args: dict[str, Any], session: Any) -> Any:
+        space, url, token = args.get("space"), args.get("url"), args.get("token")
+        if not isinstance(space, str) or not space:
+            raise ApiError("bad-request", "argument 'space' must be a non-empty string")
+        if url is not None and not isinstance(url, str):
+            raise ApiError("bad-request", "argument 'url' must be a string")
+        if not isinstance(token, str):
+            raise ApiError("bad-request", "argument 'token' must be a string")
+        try:
+            space_id, canonical, ticket = self.attach(space, url, token)
+        except SpaceError as exc:
+            raise ApiError(exc.code, exc.message) from None
+        return Pending(ticket.wait, {"space": space_id, "url": canonical})
+
+    async def op_unhub(self, args: dict[str, Any], session: Any) -> Any:
+        space = args.get("space")
+        if not isinstance(space, str) or not space:
+            raise ApiError("bad-request", "argument 'space' must be a non-empty string")
+        try:
+            space_id, url, ticket = self.detach(space)
+        except SpaceError as exc:
+            raise ApiError(exc.code, exc.message) from None
+        return Pending(ticket.wait, {"space": space_id, "url": url})

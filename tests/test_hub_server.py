@@ -1,0 +1,597 @@
+"""The hub server for real, on 127.0.0.1 port 0: health, y-websocket auth (ok / wrong / revoked
+/ forbidden), limits hit and reported with nothing lost, slow clients, restart durability,
+kill -9 of a real `peerdaemon hub serve`, TLS, and the admin commands."""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import ipaddress
+import json
+import os
+import re
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+from pycrdt import Doc, Map, Text
+from trio_websocket import ConnectionClosed, open_websocket_url
+
+from peerdaemon.cli import main as cli_main
+from peerdaemon.daemon.events import EventLog
+from peerdaemon.hub.accounts import Accounts, AccountsError, Limits
+from peerdaemon.hub.docs import HubDocs
+from peerdaemon.hub.http import HttpConfig, NotAvailablePeerEndpoint
+from peerdaemon.hub.server import ConfigError, HubConfig, build_config, serve_hub
+from peerdaemon.hub.ywebsocket import (
+    MSG_AUTH,
+    MSG_SYNC,
+    SYNC_STEP1,
+    SYNC_STEP2,
+    SYNC_UPDATE,
+    decode_message,
+    sync_step1,
+    sync_step2,
+    sync_update,
+)
+from peerdaemon.store import Store
+
+SPACE = "team"
+
+
+# ------------------------------------------------------------------------------------ helpers
+@asynccontextmanager
+async def running_hub(data_dir: Path, **options):
+    config = HubConfig(data_dir=data_dir, listen=("127.0.0.1", 0), accounts_poll=0.05)
+    for key, value in options.items():
+        setattr(config, key, value)
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(serve_hub, config)
+        yield server
+        nursery.cancel_scope.cancel()
+
+
+def setup_accounts(data_dir: Path, *users: str) -> dict[str, str]:
+    """Users (the first owns SPACE) -> tokens, written like the admin command does."""
+    with Accounts.open(data_dir) as accounts:
+        tokens = {user: accounts.add_user(user) for user in users}
+        accounts.create_space(SPACE, users[0], "Team")
+        return tokens
+
+
+class YClient:
+    """A minimal y-websocket client: a pycrdt doc kept in sync over one websocket."""
+
+    def __init__(self, ws) -> None:
+        self.ws = ws
+        self.doc = Doc()
+        self.messages: list = []
+
+    async def recv(self):
+        msg = decode_message(bytes(await self.ws.get_message()))
+        self.messages.append(msg)
+        if msg.kind == MSG_SYNC and msg.sub in (SYNC_STEP2, SYNC_UPDATE):
+            self.doc.apply_update(msg.payload)
+        elif msg.kind == MSG_SYNC and msg.sub == SYNC_STEP1:
+            await self.ws.send_message(sync_step2(self.doc.get_update(msg.payload)))
+        return msg
+
+    async def sync(self) -> None:
+        """Answer the server's step 1, send ours, wait for its step 2."""
+        first = await self.recv()
+        assert (first.kind, first.sub) == (MSG_SYNC, SYNC_STEP1)
+        await self.ws.send_message(sync_step1(self.doc.get_state()))
+        while True:
+            msg = await self.recv()
+            if msg.kind == MSG_SYNC and msg.sub == SYNC_STEP2:
+                return
+
+    async def edit(self, key: str, value: object) -> None:
+        before = self.doc.get_state()
+        self.doc.get("m", type=Map)[key] = value
+        await self.ws.send_message(sync_update(self.doc.get_update(before)))
+
+    def map(self) -> dict:
+        return dict(self.doc.get("m", type=Map))
+
+    async def wait_for(self, predicate, timeout: float = 5.0) -> None:
+        with trio.fail_after(timeout):
+            while not predicate():
+                await self.recv()
+
+
+def url(server, space: str, doc: str, token: str, **params: str) -> str:
+    query = "&".join(f"{k}={v}" for k, v in {"token": token, **params}.items())
+    return f"ws://127.0.0.1:{server.port}/yjs/{space}/{doc}?{query}"
+
+
+@asynccontextmanager
+async def client(server, space: str, doc: str, token: str, *, sync: bool = True, **params):
+    async with open_websocket_url(
+        url(server, space, doc, token, **params), max_message_size=64 << 20
+    ) as ws:
+        c = YClient(ws)
+        if sync:
+            await c.sync()
+        yield c
+
+
+async def expect_denied(server, space: str, doc: str, token: str, reason: str, code: int, **params):
+    """Connecting gets the auth message's permission-denied, then a close: no data at all."""
+    async with open_websocket_url(url(server, space, doc, token, **params)) as ws:
+        first = decode_message(bytes(await ws.get_message()))
+        assert (first.kind, first.sub, first.payload) == (MSG_AUTH, 0, reason.encode())
+        with pytest.raises(ConnectionClosed) as info:
+            await ws.get_message()
+        assert info.value.reason.code == code
+        assert info.value.reason.reason == reason
+
+
+async def http_get(port: int, path: str, *, ssl_context: ssl.SSLContext | None = None):
+    if ssl_context is None:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+    else:
+        stream = await trio.open_ssl_over_tcp_stream(
+            "127.0.0.1", port, ssl_context=ssl_context
+        )
+    async with stream:
+        await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        data = b""
+        while chunk := await stream.receive_some(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+# -------------------------------------------------------------------------------- HTTP, auth
+async def test_health_and_unknown_paths(tmp_path):
+    async with running_hub(tmp_path) as server:
+        status, body = await http_get(server.port, "/health")
+        assert status == 200
+        assert body["status"] == "ok" and body["rooms"] == 0 and body["clients"] == 0
+        assert body["version"]
+        status, _ = await http_get(server.port, "/nope")
+        assert status == 404
+
+
+async def test_token_ok_syncs_and_relays(tmp_path):
+    tokens = setup_accounts(tmp_path, "alice", "bob")
+    with Accounts.open(tmp_path) as accounts:
+        accounts.add_member(SPACE, "bob")
+    async with running_hub(tmp_path) as server:
+        async with client(server, SPACE, "env-1", tokens["alice"]) as a:
+            async with client(server, SPACE, "env-1", tokens["bob"]) as b:
+                await a.edit("hello", "world")
+                await b.wait_for(lambda: b.map().get("hello") == "world")
+                status, body = await http_get(server.port, "/health")
+                assert body["rooms"] == 1 and body["clients"] == 2
+        assert server.docs.has(SPACE, "env-1")
+        # the personal space of each user: reachable by its owner only
+        personal = server.accounts.user_of(tokens["bob"]).personal_space
+        async with client(server, personal, "notes", tokens["bob"]) as p:
+            await p.edit("mine", 1)
+        await expect_denied(server, personal, "notes", tokens["alice"], "forbidden", 4403)
+
+
+async def test_wrong_missing_and_revoked_tokens_get_nothing(tmp_path):
+    tokens = setup_accounts(tmp_path, "alice")
+    async with running_hub(tmp_path) as server:
+        async with client(server, SPACE, "env-1", tokens["alice"]) as a:
+            await a.edit("secret", 42)
+            await trio.sleep(0.1)
+        await expect_denied(server, SPACE, "env-1", "wrong-token", "unauthorized", 4401)
+        await expect_denied(server, SPACE, "env-1", "", "unauthorized", 4401)
+        spare = server.accounts.add_token("alice")
+        async with client(server, SPACE, "env-1", spare) as live:
+            # revoked by the admin command, from another process's view of the file
+            with Accounts.open(tmp_path) as admin:
+                admin.revoke_token(spare[:8])
+            with trio.fail_after(5):
+                while True:
+                    try:
+                        msg = await live.recv()
+                    except ConnectionClosed as exc:
+                        assert exc.reason.code == 4401
+                        break
+                    if msg.kind == MSG_AUTH:
+                        assert msg.payload == b"unauthorized"
+        await expect_denied(server, SPACE, "env-1", spare, "unauthorized", 4401)
+        # the other token of the same user still works
+        async with client(server, SPACE, "env-1", tokens["alice"]) as again:
+            assert again.map() == {"secret": 42}
+
+
+async def test_removed_member_is_cut_off(tmp_path):
+    tokens = setup_accounts(tmp_path, "alice", "bob")
+    with Accounts.open(tmp_path) as accounts:
+        accounts.add_member(SPACE, "bob")
+    async with running_hub(tmp_path) as server:
+        async with client(server, SPACE, "env-1", tokens["bob"]) as b:
+            with Accounts.open(tmp_path) as admin:
+                admin.remove_member(SPACE, "bob")
+            with pytest.raises(ConnectionClosed) as info:
+                with trio.fail_after(5):
+                    while True:
+                        await b.recv()
+            assert info.value.reason.code == 4403
+        await expect_denied(server, SPACE, "env-1", tokens["bob"], "forbidden", 4403)
+
+
+async def test_peer_path_stub_closes_not_available(tmp_path):
+    stub = lambda docs, accounts, events: NotAvailablePeerEndpoint()  # noqa: E731
+    async with running_hub(tmp_path, peer_endpoint=stub) as server:
+        async with open_websocket_url(f"ws://127.0.0.1:{server.port}/peer") as ws:
+            with pytest.raises(ConnectionClosed) as info:
+                await ws.get_message()
+            assert info.value.reason.reason == "not-available"
+
+
+async def test_peer_endpoint_plugs_in(tmp_path):
+    """The factory gets (HubDocs, Accounts, EventLog); its handler gets a trio-websocket-like
+    socket with the query string."""
+    seen = {}
+
+    class Echo:
+        async def handle_peer(self, ws):
+            seen["token"] = ws.query.get("token")
+            message = await ws.get_message()
+            await ws.send_message(message + b"!")
+            await ws.aclose(1000, "bye")
+
+    def factory(docs, accounts, events):
+        seen["args"] = (type(docs), type(accounts), type(events))
+        return Echo()
+
+    async with running_hub(tmp_path, peer_endpoint=factory) as server:
+        async with open_websocket_url(f"ws://127.0.0.1:{server.port}/peer?token=t0k") as ws:
+            await ws.send_message(b"ping")
+            assert await ws.get_message() == b"ping!"
+            with pytest.raises(ConnectionClosed) as info:
+                await ws.get_message()
+            assert info.value.reason.reason == "bye"
+    assert seen == {"token": "t0k", "args": (HubDocs, Accounts, EventLog)}
+
+
+# ------------------------------------------------------------------------------------ limits
+async def test_environments_per_space_limit(tmp_path):
+    tokens = setup_accounts(tmp_path, "alice")
+    with Accounts.open(tmp_path) as accounts:
+        accounts.set_limit("envs_per_space", 1, "alice")
+        accounts.set_limit("devices_per_user", 10, "alice")
+    async with running_hub(tmp_path) as server:
+        async with client(server, SPACE, "env-1", tokens["alice"]) as a1:
+            await a1.edit("first", 1)
+            async with client(server, SPACE, "env-1", tokens["alice"]) as a2:
+                await a2.wait_for(lambda: a2.map().get("first") == 1)
+                async with client(server, SPACE, "env-2", tokens["alice"]) as over:
+                    await over.edit("second", 2)
+                    with pytest.raises(ConnectionClosed) as info:
+                        with trio.fail_after(5):
+                            while True:
+                                await over.recv()
+                    assert info.value.reason.code == 4422
+                    assert info.value.reason.reason == "quota-exceeded"
+                    assert over.messages[-1].kind == MSG_AUTH
+                    assert over.messages[-1].payload == b"quota-exceeded"
+                # the other environment keeps syncing; nothing stored was touched
+                await a1.edit("after", 3)
+                await a2.wait_for(lambda: a2.map().get("after") == 3)
+        assert not server.docs.has(SPACE, "env-2")
+        assert server.events.since(0)[-1]["type"] in ("limit-exceeded", "hub-doc-created")
+        assert any(e["data"].get("reason") == "quota-exceeded" for e in server.events.since(0))
+
+
+async def test_bytes_per_environment_limit_loses_nothing(tmp_path):
+    tokens = setup_accounts(tmp_path, "alice")
+    with Accounts.open(tmp_path) as accounts:
+        accounts.set_limit("bytes_per_env", 3000, "alice")
+    async with running_hub(tmp_path) as server:
+        async with client(server, SPACE, "env-1", tokens["alice"]) as a:
+            await a.edit("small", "x" * 100)
+            await a.edit("big", "y" * 5000)
+            with pytest.raises(ConnectionClosed) as info:
+                with trio.fail_after(5):
+                    while True:
+                        await a.recv()
+            assert (info.value.reason.code, info.value.reason.reason) == (
+                4413,
+                "environment-too-large",
+            )
+        assert server.docs.size(SPACE, "env-1") < 3000
+        async with client(server, SPACE, "env-1", tokens["alice"]) as b:
+            assert b.map() == {"small": "x" * 100}  # what was stored is intact
+    async with running_hub(tmp_path) as server:  # and on disk
+        async with client(server, SPACE, "env-1", tokens["alice"]) as c:
+            assert c.map() == {"small": "x" * 100}
+
+
+async def test_devices_per_user_limit(tmp_path):
+    tokens = setup_accounts(tmp_path, "alice")
+    async with running_hub(tmp_path) as server:  # the default: 2
+        async with client(server, SPACE, "env-1", tokens["alice"], device="laptop"):
+            async with client(server, SPACE, "env-2", tokens["alice"], device="laptop"):
+                async with client(server, SPACE, "env-1", tokens["alice"], device="phone"):
+                    await expect_denied(
+                        server, SPACE, "env-1", tokens["alice"], "too-many-devices", 4429,
+                        device="tablet",
+                    )
+                    await expect_denied(
+                        server, SPACE, "env-1", tokens["alice"], "too-many-devices", 4429
+                    )
+        # slots are given back when connections end
+        async with client(server, SPACE, "env-1", tokens["alice"], device="tablet"):
+            pass
+        assert server.accounts.devices.of("alice") == []
+
+
+async def test_slow_reader_is_dropped_and_the_room_goes_on(tmp_path):
+    tokens = setup_accounts(tmp_path, "alice")
+    with Accounts.open(tmp_path) as accounts:
+        accounts.set_limit("devices_per_user", 10, "alice")
+    http = HttpConfig(coalesce_bytes=32 << 10, limit_bytes=256 << 10, stall_seconds=1.0)
+    async with running_hub(tmp_path, http=http) as server:
+        async with client(server, SPACE, "env-1", tokens["alice"]) as writer:
+            async with client(server, SPACE, "env-1", tokens["alice"]) as reader:
+                # a client that reads nothing, with a tiny receive buffer
+                sock = trio.socket.socket()
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                await sock.connect(("127.0.0.1", server.port))
+                key = base64.b64encode(os.urandom(16)).decode()
+                await sock.send(
+                    (
+                        f"GET /yjs/{SPACE}/env-1?token={tokens['alice']} HTTP/1.1\r\nHost: x\r\n"
+                        "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                    ).encode()
+                )
+                with trio.fail_after(5):
+                    while server.rooms.clients < 3:
+                        await trio.sleep(0.01)
+                text = writer.doc.get("t", type=Text)
+                for i in range(120):
+                    before = writer.doc.get_state()
+                    text += f"{i:05d}" * 2000  # 10 kB of distinct text each
+                    await writer.ws.send_message(sync_update(writer.doc.get_update(before)))
+                    if i % 10 == 0:
+                        await trio.sleep(0)
+                with trio.fail_after(10):
+                    while server.rooms.clients > 2:
+                        await trio.sleep(0.02)
+                await reader.wait_for(
+                    lambda: len(str(reader.doc.get("t", type=Text))) == 120 * 10_000, 10
+                )
+                sock.close()
+        assert any(e["type"] == "client-dropped" for e in server.events.since(0))
+
+
+# -------------------------------------------------------------------------------- durability
+async def test_restart_keeps_everything(tmp_path):
+    tokens = setup_accounts(tmp_path, "alice")
+    async with running_hub(tmp_path) as server:
+        async with client(server, SPACE, "env-1", tokens["alice"]) as a:
+            for i in range(50):
+                await a.edit(f"k{i}", i)
+            async with client(server, SPACE, "env-1", tokens["alice"]) as b:
+                await b.wait_for(lambda: len(b.map()) == 50)
+    async with running_hub(tmp_path, compact_count=10) as server:
+        async with client(server, SPACE, "env-1", tokens["alice"]) as c:
+            assert c.map() == {f"k{i}": i for i in range(50)}
+            for i in range(50, 80):
+                await c.edit(f"k{i}", i)
+            async with client(server, SPACE, "env-1", tokens["alice"]) as d:
+                await d.wait_for(lambda: len(d.map()) == 80)
+    store = Store.open(tmp_path)
+    try:
+        docs = HubDocs(store, EventLog())
+        docs.load()
+        assert dict(docs.get_doc(SPACE, "env-1").get("m", type=Map)) == {
+            f"k{i}": i for i in range(80)
+        }
+    finally:
+        store.close()
+
+
+def start_hub_process(data_dir: Path, log_path: Path) -> tuple[subprocess.Popen, int]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PEERDAEMON_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "peerdaemon", "hub", "serve", "--data-dir", str(data_dir),
+             "--listen", "127.0.0.1:0"],
+            stdout=log, stderr=subprocess.STDOUT, env=env,
+        )
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        m = re.search(r"hub listening on 127\.0\.0\.1:(\d+)", log_path.read_text())
+        if m:
+            return proc, int(m.group(1))
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"hub did not start: {log_path.read_text()}")
+
+
+async def test_kill9_loses_nothing_acknowledged(tmp_path):
+    """Acknowledged = relayed to another client: the hub relays an update only after the store
+    committed it. A writer streams edits, a reader records what reaches it, the hub is killed
+    with SIGKILL mid-stream, and every recorded edit must be in the data dir."""
+    tokens = setup_accounts(tmp_path, "alice")
+    proc, port = start_hub_process(tmp_path, tmp_path / "hub.log")
+    acknowledged: set[str] = set()
+    try:
+        base = f"ws://127.0.0.1:{port}/yjs/{SPACE}/env-1?token={tokens['alice']}"
+        async with trio.open_nursery() as nursery:
+            async with open_websocket_url(base) as wa, open_websocket_url(base) as wb:
+                writer, reader = YClient(wa), YClient(wb)
+                await writer.sync()
+                await reader.sync()
+                observed = reader.doc.get("m", type=Map)  # keep it: the subscription lives on it
+                subscription = observed.observe(lambda ev: acknowledged.update(ev.keys.keys()))
+
+                async def write() -> None:
+                    i = 0
+                    while True:
+                        await writer.edit(f"k{i}", i)
+                        i += 1
+                        if i % 5 == 0:
+                            await trio.sleep(0.001)
+
+                async def read() -> None:
+                    while True:
+                        await reader.recv()
+
+                nursery.start_soon(write)
+                nursery.start_soon(read)
+                with trio.fail_after(20):
+                    while len(acknowledged) < 300:
+                        await trio.sleep(0.005)
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+                await trio.sleep(0.2)
+                nursery.cancel_scope.cancel()
+    except* (ConnectionClosed, trio.BrokenResourceError):
+        pass
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    del subscription, observed
+    assert len(acknowledged) >= 300
+    store = Store.open(tmp_path)
+    try:
+        docs = HubDocs(store, EventLog())
+        docs.load()
+        stored = set(docs.get_doc(SPACE, "env-1").get("m", type=Map).keys())
+    finally:
+        store.close()
+    assert acknowledged <= stored, sorted(acknowledged - stored)[:10]
+
+
+# --------------------------------------------------------------------------------------- TLS
+def self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+async def test_tls_directly(tmp_path):
+    tokens = setup_accounts(tmp_path, "alice")
+    cert, key = self_signed(tmp_path)
+    context = ssl.create_default_context(cafile=str(cert))
+    async with running_hub(tmp_path, tls_cert=cert, tls_key=key) as server:
+        assert server.url.startswith("wss://")
+        status, body = await http_get(server.port, "/health", ssl_context=context)
+        assert status == 200 and body["status"] == "ok"
+        wss = f"wss://127.0.0.1:{server.port}/yjs/{SPACE}/env-1?token={tokens['alice']}"
+        async with open_websocket_url(wss, ssl_context=context) as ws:
+            c = YClient(ws)
+            await c.sync()
+            await c.edit("over", "tls")
+        async with open_websocket_url(wss, ssl_context=context) as ws:
+            c = YClient(ws)
+            await c.sync()
+            assert c.map() == {"over": "tls"}
+
+
+# ----------------------------------------------------------------------- config and commands
+def test_config_file_and_overrides(tmp_path):
+    path = tmp_path / "hub.toml"
+    path.write_text(
+        'listen = "0.0.0.0:9000"\ndata_dir = "data"\n'
+        '[limits]\nbytes_per_env = "15MB"\ndevices_per_user = 5\n'
+        '[fanout]\nstall_seconds = 5\nlimit_bytes = "8MiB"\n'
+    )
+    config = build_config(config_file=path)
+    assert config.listen == ("0.0.0.0", 9000)
+    assert config.data_dir == tmp_path / "data"
+    assert config.limits == Limits(bytes_per_env=15_000_000, devices_per_user=5)
+    assert config.http.stall_seconds == 5 and config.http.limit_bytes == 8 << 20
+    config = build_config(config_file=path, listen=("127.0.0.1", 0), data_dir=tmp_path / "x")
+    assert config.listen == ("127.0.0.1", 0) and config.data_dir == tmp_path / "x"
+    path.write_text("[limits]\nenvs_per_spaces = 3\n")
+    with pytest.raises(ConfigError, match="envs_per_spaces"):
+        build_config(config_file=path)
+    with pytest.raises(ConfigError, match="tls-key"):
+        build_config(tls_cert=tmp_path / "c.pem")
+
+
+def test_admin_commands(tmp_path, capsys):
+    d = ["--data-dir", str(tmp_path)]
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        code = cli_main(["hub", *argv, *d])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    code, out, err = run("user", "add", "alice")
+    assert code == 0 and err == ""
+    token = out.strip()
+    assert re.fullmatch(r"[A-Za-z0-9_-]{43}", token) and out == token + "\n"
+    assert run("user", "add", "bob")[0] == 0
+    code, _, err = run("user", "add", "alice")
+    assert code == 1 and err.count("\n") == 1 and "already exists" in err
+    assert run("space", "create", "team", "--owner", "alice", "--name", "Team")[0] == 0
+    assert run("space", "add-member", "team", "bob")[0] == 0
+    code, _, err = run("space", "add-member", "team", "carol")
+    assert code == 1 and "no such user" in err
+    code, out, _ = run("space", "list", "--json")
+    spaces = {s["id"]: s for s in json.loads(out)}
+    assert spaces["team"]["members"] == ["bob"] and spaces["team"]["owner"] == "alice"
+    assert sum(s["personal"] for s in spaces.values()) == 2
+    assert run("space", "remove-member", "team", "bob")[0] == 0
+    assert run("limits", "set", "--user", "alice", "devices_per_user", "5")[0] == 0
+    assert run("limits", "set", "bytes_per_env", "15MB")[0] == 0
+    with pytest.raises(SystemExit) as info:
+        run("limits", "set", "no_such_limit", "5")
+    assert info.value.code == 2
+    capsys.readouterr()
+    code, out, _ = run("token", "add", "alice")
+    second = out.strip()
+    assert run("token", "revoke", token[:8])[0] == 0
+    code, _, err = run("token", "revoke", token[:8])
+    assert code == 1 and "no such token" in err
+    with Accounts.open(tmp_path) as accounts:
+        assert accounts.user_of(token) is None
+        assert accounts.user_of(second).name == "alice"
+        assert accounts.limits_for("alice") == Limits(bytes_per_env=15_000_000, devices_per_user=5)
+        assert accounts.limits_for("bob").devices_per_user == 2
+        assert not accounts.can_access("bob", "team")
+        with pytest.raises(AccountsError):
+            accounts.revoke_token("abc")  # too short to be a prefix

@@ -1,0 +1,363 @@
+"""The hub's y-websocket rooms without I/O: codec, sync, relay after durability, awareness only
+when it changed, removal on disconnect, limits, coalescing and dropping of slow clients."""
+
+from __future__ import annotations
+
+import pytest
+from pycrdt import Doc, Map, Text
+
+from peerdaemon.hub.accounts import LimitExceeded
+from peerdaemon.hub.ywebsocket import (
+    MSG_AUTH,
+    MSG_AWARENESS,
+    MSG_SYNC,
+    QUERY_AWARENESS,
+    SYNC_STEP1,
+    SYNC_STEP2,
+    SYNC_UPDATE,
+    AwarenessEntry,
+    Outbox,
+    ProtocolError,
+    Rooms,
+    YConn,
+    awareness_message,
+    decode_awareness,
+    decode_message,
+    encode_awareness,
+    permission_denied,
+    read_var_uint,
+    sync_step1,
+    sync_update,
+    write_var_uint,
+)
+
+SPACE = "s1"
+DOC = "env-1"
+
+
+class FakeTicket:
+    def __init__(self) -> None:
+        self.done = False
+
+
+class FakeDocs:
+    """HubDocs as the rooms see it: `commit()` plays the store making everything durable and
+    the relay calling the listeners, then the flush listener."""
+
+    def __init__(self) -> None:
+        self.docs: dict[tuple[str, str], Doc] = {}
+        self.queued: list[tuple[str, str, bytes, str]] = []
+        self.ticket: FakeTicket | None = None
+        self.rooms: Rooms | None = None
+        self.limit: str | None = None
+
+    def _doc(self, space: str, doc_id: str) -> Doc:
+        return self.docs.setdefault((space, doc_id), Doc())
+
+    def state_vector(self, space: str, doc_id: str) -> bytes:
+        return self._doc(space, doc_id).get_state()
+
+    def diff(self, space: str, doc_id: str, sv: bytes) -> bytes:
+        try:
+            return self._doc(space, doc_id).get_update(sv)
+        except Exception as exc:
+            raise ValueError(str(exc)) from None
+
+    def apply(self, space: str, doc_id: str, update: bytes, origin: str) -> FakeTicket:
+        if self.limit:
+            raise LimitExceeded(self.limit, "test")
+        doc = self._doc(space, doc_id)
+        try:
+            doc.apply_update(update)
+        except Exception as exc:
+            raise ValueError(str(exc)) from None
+        self.queued.append((space, doc_id, update, origin))
+        self.ticket = FakeTicket()
+        return self.ticket
+
+    def pending_ticket(self, space: str, doc_id: str) -> FakeTicket | None:
+        return self.ticket if self.ticket is not None and not self.ticket.done else None
+
+    def commit(self) -> None:
+        assert self.rooms is not None
+        if self.ticket is not None:
+            self.ticket.done = True
+        queued, self.queued = self.queued, []
+        for item in queued:
+            self.rooms.on_update(*item)
+        self.rooms.flush()
+
+
+@pytest.fixture
+def hub():
+    docs = FakeDocs()
+    rooms = Rooms(docs)
+    docs.rooms = rooms
+    return docs, rooms
+
+
+def connect(rooms: Rooms, number: int, doc_id: str = DOC, **outbox_options) -> YConn:
+    conn = YConn(number, Outbox(**outbox_options), user="u")
+    rooms.join(SPACE, doc_id, conn)
+    return conn
+
+
+def received(conn: YConn) -> list:
+    return [decode_message(bytes(frame)) for frame in conn.outbox.take()]
+
+
+def edit(key: str, value: object, doc: Doc | None = None) -> tuple[Doc, bytes]:
+    doc = doc or Doc()
+    before = doc.get_state()
+    doc.get("m", type=Map)[key] = value
+    return doc, doc.get_update(before)
+
+
+# ------------------------------------------------------------------------------------- codec
+def test_var_uint_roundtrip_and_truncation():
+    for n in (0, 1, 127, 128, 300, 2**32 - 1, 2**53):
+        data = write_var_uint(n)
+        assert read_var_uint(data, 0) == (n, len(data))
+    with pytest.raises(ProtocolError):
+        read_var_uint(b"\x80", 0)
+
+
+def test_message_codec():
+    assert decode_message(sync_step1(b"\x00")) == decode_message(b"\x00\x00\x01\x00")
+    m = decode_message(sync_update(b"abc"))
+    assert (m.kind, m.sub, m.payload) == (MSG_SYNC, SYNC_UPDATE, b"abc")
+    m = decode_message(permission_denied("unauthorized"))
+    assert (m.kind, m.sub, m.payload) == (MSG_AUTH, 0, b"unauthorized")
+    with pytest.raises(ProtocolError):
+        decode_message(b"\x00\x02\x05ab")  # length beyond the end
+    with pytest.raises(ProtocolError):
+        decode_message(b"\x00\x07\x00")  # unknown sync type
+
+
+def test_awareness_codec_checks_json():
+    entries = [AwarenessEntry(1, 3, '{"user":{"name":"a"}}'), AwarenessEntry(2**32 - 1, 9, "null")]
+    assert decode_awareness(encode_awareness(entries)) == entries
+    bad = encode_awareness([AwarenessEntry(1, 1, "{not json")])
+    with pytest.raises(ProtocolError):
+        decode_awareness(bad)
+
+
+# -------------------------------------------------------------------------------------- sync
+def test_server_speaks_first_and_answers_step1(hub):
+    docs, rooms = hub
+    _, update = edit("a", 1)
+    docs.apply(SPACE, DOC, update, "peer:X")
+    docs.commit()
+    a = connect(rooms, 1)
+    first = received(a)
+    assert (first[0].kind, first[0].sub) == (MSG_SYNC, SYNC_STEP1)
+    assert first[0].payload == docs.state_vector(SPACE, DOC)
+    rooms.receive(a, sync_step1(b"\x00"))
+    (answer,) = received(a)
+    assert answer.sub == SYNC_STEP2
+    client = Doc()
+    client.apply_update(answer.payload)
+    assert client.get("m", type=Map)["a"] == 1
+
+
+def test_updates_are_relayed_only_once_durable_and_never_echoed(hub):
+    docs, rooms = hub
+    a, b, c = (connect(rooms, n) for n in (1, 2, 3))
+    for conn in (a, b, c):
+        received(conn)
+    _, update = edit("k", "v")
+    rooms.receive(a, sync_update(update))
+    assert received(b) == [] and received(c) == []  # not durable yet: nothing leaves
+    docs.commit()
+    assert received(a) == []  # never back to its origin
+    for conn in (b, c):
+        (msg,) = received(conn)
+        assert (msg.kind, msg.sub) == (MSG_SYNC, SYNC_UPDATE)
+        doc = Doc()
+        doc.apply_update(msg.payload)
+        assert doc.get("m", type=Map)["k"] == "v"
+
+
+def test_fanout_encodes_once_and_merges_a_durable_batch(hub):
+    docs, rooms = hub
+    a = connect(rooms, 1)
+    readers = [connect(rooms, n) for n in range(2, 12)]
+    for conn in (a, *readers):
+        received(conn)
+    writer = Doc()
+    for i in range(5):
+        _, update = edit(f"k{i}", i, writer)
+        rooms.receive(a, sync_update(update))
+    docs.commit()
+    frames = [r.outbox.take() for r in readers]
+    assert all(len(f) == 1 for f in frames)  # five durable updates, one message
+    assert all(f[0] is frames[0][0] for f in frames)  # the very same bytes object for everyone
+    doc = Doc()
+    doc.apply_update(decode_message(frames[0][0]).payload)
+    assert dict(doc.get("m", type=Map)) == {f"k{i}": i for i in range(5)}
+
+
+def test_step1_waits_until_the_doc_is_durable(hub):
+    docs, rooms = hub
+    a = connect(rooms, 1)
+    b = connect(rooms, 2)
+    received(a), received(b)
+    _, update = edit("x", 1)
+    rooms.receive(a, sync_update(update))
+    rooms.receive(b, sync_step1(b"\x00"))
+    assert received(b) == []  # would hand out data not yet on disk
+    docs.commit()
+    (msg,) = received(b)  # the step 2 holds the update: it is not relayed to b as well
+    assert msg.sub == SYNC_STEP2
+    doc = Doc()
+    doc.apply_update(msg.payload)
+    assert doc.get("m", type=Map)["x"] == 1
+
+
+def test_bad_messages_close_only_that_connection(hub):
+    docs, rooms = hub
+    a, b = connect(rooms, 1), connect(rooms, 2)
+    received(a), received(b)
+    rooms.receive(a, b"\x00\x02\xff\xff")  # truncated
+    assert a.closing == (4400, "protocol-error")
+    rooms.receive(b, sync_update(b"\x01\x02garbage"))
+    assert b.closing == (4400, "bad-update")
+    c = connect(rooms, 3)
+    _, update = edit("ok", True)
+    d = connect(rooms, 4)
+    received(c), received(d)
+    rooms.receive(c, sync_update(update))
+    docs.commit()
+    assert len(received(d)) == 1  # the room still works
+
+
+def test_limit_denies_with_reason_and_closes(hub):
+    docs, rooms = hub
+    a = connect(rooms, 1)
+    received(a)
+    docs.limit = "environment-too-large"
+    _, update = edit("big", "x" * 100)
+    rooms.receive(a, sync_update(update))
+    (msg,) = received(a)
+    assert (msg.kind, msg.payload) == (MSG_AUTH, b"environment-too-large")
+    assert a.closing == (4413, "environment-too-large")
+    rooms.receive(a, sync_step1(b"\x00"))  # a closing connection gets nothing more
+    assert received(a) == []
+
+
+# --------------------------------------------------------------------------------- awareness
+def aw(*entries: tuple[int, int, str]) -> bytes:
+    return awareness_message(encode_awareness(AwarenessEntry(*e) for e in entries))
+
+
+def awareness_of(msgs: list) -> list[AwarenessEntry]:
+    out = []
+    for m in msgs:
+        assert m.kind == MSG_AWARENESS
+        out.extend(decode_awareness(m.payload))
+    return out
+
+
+def test_awareness_is_relayed_only_when_it_changed(hub):
+    _, rooms = hub
+    a, b, c = (connect(rooms, n) for n in (1, 2, 3))
+    for conn in (a, b, c):
+        received(conn)
+    rooms.receive(a, aw((100, 1, '{"user":"a"}')))
+    assert received(a) == []  # not echoed to its sender
+    assert awareness_of(received(b)) == [AwarenessEntry(100, 1, '{"user":"a"}')]
+    received(c)
+    # y-websocket clients re-send what they applied: same clock, nothing new -> no relay
+    rooms.receive(b, aw((100, 1, '{"user":"a"}')))
+    rooms.receive(c, aw((100, 1, '{"user":"a"}')))
+    assert received(a) == received(b) == received(c) == []
+    # a renewal (clock advanced) is relayed, even with the same state: it keeps clients alive
+    rooms.receive(a, aw((100, 2, '{"user":"a"}')))
+    assert awareness_of(received(b)) == [AwarenessEntry(100, 2, '{"user":"a"}')]
+    # a stale clock is ignored
+    rooms.receive(c, aw((100, 1, '{"user":"forged"}')))
+    assert received(a) == [] and received(b) == []
+
+
+def test_join_gets_states_and_query_awareness_answers(hub):
+    _, rooms = hub
+    a = connect(rooms, 1)
+    rooms.receive(a, aw((100, 4, '{"n":1}')))
+    b = connect(rooms, 2)
+    msgs = received(b)
+    assert msgs[0].sub == SYNC_STEP1
+    assert awareness_of(msgs[1:]) == [AwarenessEntry(100, 4, '{"n":1}')]
+    rooms.receive(b, QUERY_AWARENESS)
+    assert awareness_of(received(b)) == [AwarenessEntry(100, 4, '{"n":1}')]
+
+
+def test_disconnect_removes_its_awareness_and_broadcasts_it(hub):
+    _, rooms = hub
+    a, b = connect(rooms, 1), connect(rooms, 2)
+    rooms.receive(a, aw((100, 5, '{"n":1}'), (101, 1, '{"n":2}')))
+    received(b)
+    rooms.leave(a)
+    removal = awareness_of(received(b))
+    assert sorted(removal, key=lambda e: e.client) == [
+        AwarenessEntry(100, 6, "null"),
+        AwarenessEntry(101, 2, "null"),
+    ]
+    rooms.receive(b, aw((100, 6, "null")))  # b echoes the removal: nothing to relay
+    c = connect(rooms, 3)
+    assert [m.kind for m in received(c)] == [MSG_SYNC]  # no states left
+    rooms.receive(b, aw((100, 5, '{"n":1}')))  # an old state cannot come back
+    assert received(c) == []
+
+
+def test_room_is_dropped_with_its_last_connection(hub):
+    _, rooms = hub
+    a = connect(rooms, 1)
+    assert rooms.clients == 1 and len(rooms.rooms) == 1
+    rooms.leave(a)
+    assert rooms.clients == 0 and rooms.rooms == {}
+
+
+# ------------------------------------------------------------------------ slow clients
+def test_outbox_coalesces_updates_of_a_room():
+    outbox = Outbox(coalesce_bytes=200, limit_bytes=1 << 20)
+    writer = Doc()
+    text = writer.get("t", type=Text)
+    outbox.push(b"other")  # not an update: kept in place
+    for i in range(40):
+        before = writer.get_state()
+        text += f"chunk {i};"
+        update = writer.get_update(before)
+        assert outbox.push(sync_update(update), ("s", "d"), update)
+    assert outbox.coalesced >= 1
+    frames = outbox.take()
+    assert frames[0] == b"other"
+    reader = Doc()
+    for frame in frames[1:]:
+        reader.apply_update(decode_message(frame).payload)
+    assert str(reader.get("t", type=Text)) == "".join(f"chunk {i};" for i in range(40))
+    assert len(frames) < 10
+
+
+def test_slow_client_is_dropped_not_the_room(hub):
+    docs, rooms = hub
+    writer = connect(rooms, 1)
+    slow = connect(rooms, 2, coalesce_bytes=2_000, limit_bytes=20_000)
+    fast = connect(rooms, 3)
+    received(writer), received(fast)
+    doc = Doc()
+    text = doc.get("t", type=Text)
+    for i in range(60):
+        before = doc.get_state()
+        text += f"{i:04d}" * 100  # distinct content: merging cannot make it small
+        rooms.receive(writer, sync_update(doc.get_update(before)))
+        docs.commit()
+        fast.outbox.take()  # the fast reader keeps up
+    assert slow.closing == (1013, "too-slow") and slow.dropped_slow
+    assert writer.closing is None and fast.closing is None
+    assert len(slow.outbox) == 0  # its backlog is freed
+
+
+def test_a_single_big_message_is_not_falling_behind():
+    outbox = Outbox(coalesce_bytes=10, limit_bytes=100)
+    assert outbox.push(b"x" * 10_000)  # the first sync of a large document
+    assert not outbox.push(b"y" * 200)
