@@ -264,7 +264,8 @@ def test_awareness_is_relayed_only_when_it_changed(hub):
     for conn in (a, b, c):
         received(conn)
     rooms.receive(a, aw((100, 1, '{"user":"a"}')))
-    assert received(a) == []  # not echoed to its sender
+    # to everyone, the sender too: a lone y-websocket client needs to hear something
+    assert awareness_of(received(a)) == [AwarenessEntry(100, 1, '{"user":"a"}')]
     assert awareness_of(received(b)) == [AwarenessEntry(100, 1, '{"user":"a"}')]
     received(c)
     # y-websocket clients re-send what they applied: same clock, nothing new -> no relay
@@ -274,6 +275,7 @@ def test_awareness_is_relayed_only_when_it_changed(hub):
     # a renewal (clock advanced) is relayed, even with the same state: it keeps clients alive
     rooms.receive(a, aw((100, 2, '{"user":"a"}')))
     assert awareness_of(received(b)) == [AwarenessEntry(100, 2, '{"user":"a"}')]
+    received(a), received(c)
     # a stale clock is ignored
     rooms.receive(c, aw((100, 1, '{"user":"forged"}')))
     assert received(a) == [] and received(b) == []

@@ -99,6 +99,10 @@ class _Relay:
     doc_id: str
     update: bytes
     origin: str
+    attempts: int = 1
+
+
+MAX_STORE_ATTEMPTS = 3
 
 
 class HubDocs:
@@ -353,7 +357,7 @@ class HubDocs:
             while relay and relay[0].ticket.done:
                 item = relay.popleft()
                 if item.ticket.failed:
-                    log.error("hub: %s/%s: update not stored; not relayed", item.space, item.doc_id)
+                    self._store_failed(item)
                     continue
                 for fn in list(self._listeners.values()):
                     try:
@@ -366,6 +370,25 @@ class HubDocs:
                 except Exception:
                     log.exception("hub: flush listener failed")
             await trio.lowlevel.checkpoint()
+
+    def _store_failed(self, item: _Relay) -> None:
+        """A write failed (disk full, I/O error): it is in memory but not on disk, so it is not
+        relayed; enqueue it again (Yjs does not mind the order), a few times."""
+        entry = self._docs.get((item.space, item.doc_id))
+        if entry is None or item.attempts >= MAX_STORE_ATTEMPTS:
+            log.error(
+                "hub: %s/%s: an update could not be stored; it is in memory only until a"
+                " client sends it again",
+                item.space,
+                item.doc_id,
+            )
+            self.events.emit("store-error", space=item.space, doc=item.doc_id)
+            return
+        log.warning("hub: %s/%s: store write failed; retrying", item.space, item.doc_id)
+        item.ticket = self.store.enqueue_append(entry.key, item.update)
+        item.attempts += 1
+        entry.last_ticket = item.ticket
+        self._relay.append(item)
 
     def stats(self) -> dict[str, int]:
         return {

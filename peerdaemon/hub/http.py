@@ -61,6 +61,7 @@ class HttpConfig:
     coalesce_bytes: int = 1 << 20  # a client's queued updates get merged past this
     limit_bytes: int = 64 << 20  # ... and the client is dropped (1013 too-slow) past this
     stall_seconds: float = 30.0  # a writer without progress this long: the client is dropped
+    ping_interval: float = 30.0  # a silent client is pinged; silent for twice this: dropped
 
 
 def ws_frame(*parts: bytes, opcode: int = 0x2) -> bytes:
@@ -129,7 +130,22 @@ class _Session:
         self.on_reader_done: Callable[[], None] | None = None
         self._raw = _raw_socket(stream)
         self._idle = False  # the writer waits with nothing queued
+        self.last_received = trio.current_time()
+        self._scope: trio.CancelScope | None = None
         conn.wake = self.wake
+
+    def ping(self) -> None:
+        """Ask a silent client for a pong (any frame it sends counts as alive)."""
+        if self.conn.closing is None and self.proto.state is ConnectionState.OPEN:
+            self.conn.send(self.proto.send(Ping(b"")))
+
+    def abort(self, reason: str) -> None:
+        """Hang up without a closing handshake (the client is gone or stuck)."""
+        log.info("websocket client %s: %s; dropped", self.conn.number, reason)
+        self.lost = True
+        self.conn.close(1006, reason)
+        if self._scope is not None:
+            self._scope.cancel()
 
     def wake(self) -> None:
         """Called for every queued frame: an idle writer's frames go out right here with one
@@ -174,6 +190,7 @@ class _Session:
 
         try:
             async with trio.open_nursery() as nursery:
+                self._scope = nursery.cancel_scope
                 nursery.start_soon(self._reader, on_message)
                 if handler is not None:
                     nursery.start_soon(run_handler)
@@ -210,6 +227,7 @@ class _Session:
                     self.proto.receive_data(data)
                 else:
                     data = await self._receive()
+                    self.last_received = trio.current_time()
                     if data is None:
                         self._close_from_remote(1006, "connection lost", lost=True)
                         return
@@ -414,6 +432,22 @@ class HubHttp:
         self.stats = stats
         self.peer_connections = 0
         self._next_conn = 1
+        self.sessions: set[_Session] = set()
+
+    async def keepalive(self) -> None:
+        """Ping clients that have been silent for `ping_interval`; drop those silent for twice
+        that (a laptop that went to sleep must not hold its device slot or awareness forever).
+        One task for every connection: the sessions are swept, not timed one by one."""
+        interval = self.config.ping_interval
+        while True:
+            await trio.sleep(interval / 2)
+            now = trio.current_time()
+            for session in list(self.sessions):
+                idle = now - session.last_received
+                if idle >= 2 * interval:
+                    session.abort("timeout")
+                elif idle >= interval:
+                    session.ping()
 
     # -- entry -----------------------------------------------------------------------------------
     async def handle(self, stream: trio.abc.Stream) -> None:
@@ -545,9 +579,11 @@ class HubHttp:
                 log.exception("yws %d: message handling failed", conn.number)
                 conn.close(1011, "internal-error")
 
+        self.sessions.add(session)
         try:
             await session.run(on_message)
         finally:
+            self.sessions.discard(session)
             rooms.leave(conn)
             if lease is not None:
                 lease.release()
@@ -603,9 +639,11 @@ class HubHttp:
                 ws._incoming.close()
 
         self.peer_connections += 1
+        self.sessions.add(session)
         try:
             await session.run(on_message, handler)
         finally:
+            self.sessions.discard(session)
             self.peer_connections -= 1
 
 

@@ -174,8 +174,12 @@ async def serve_hub(
             if run is not None:
                 await nursery.start(run)
             nursery.start_soon(_watch_accounts, accounts, config.accounts_poll)
+            nursery.start_soon(http.keepalive)
             host, port = config.listen
-            listeners: list[Any] = await trio.open_tcp_listeners(port, host=host)
+            try:
+                listeners: list[Any] = await trio.open_tcp_listeners(port, host=host)
+            except OSError as exc:
+                raise OSError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
             bound = listeners[0].socket.getsockname()[1]
             if ssl_context is not None:
                 listeners = [trio.SSLListener(lis, ssl_context) for lis in listeners]
@@ -301,10 +305,14 @@ def build_config(
             },
         )
         fanout = _table(
-            raw, "fanout", {"coalesce_bytes", "limit_bytes", "stall_seconds", "max_message"}, where
+            raw,
+            "fanout",
+            {"coalesce_bytes", "limit_bytes", "stall_seconds", "ping_interval", "max_message"},
+            where,
         )
         for key, value in fanout.items():
-            parsed = float(value) if key == "stall_seconds" else parse_size(value)
+            seconds = key in ("stall_seconds", "ping_interval")
+            parsed = float(value) if seconds else parse_size(value)
             setattr(config.http, key, parsed)
         store = _table(raw, "store", {"compact_count", "compact_bytes"}, where)
         if "compact_count" in store:

@@ -8,10 +8,10 @@ A room is one document (`/yjs/SPACE/DOC`). Its connections are `YConn`s: sans-I/
   durable (`Rooms.on_update` / `Rooms.flush`). Updates that became durable together and came
   from the same origin are merged into one message, encoded ONCE, and the same frame bytes go
   to every recipient.
-* Awareness is relayed only for entries whose clock advanced (or a removal of a known state):
-  y-websocket clients re-send every awareness update they apply, so relaying blindly turns one
-  join into O(N^2) messages. A connection's awareness clients are removed (and the removal
-  broadcast) when it goes away.
+* Awareness is relayed (to the whole room, the sender included) only for entries whose clock
+  advanced, or the removal of a known state: y-websocket clients re-send every awareness
+  update they apply, so relaying blindly turns one join into O(N^2) messages. A connection's
+  awareness clients are removed (and the removal broadcast) when it goes away.
 * A slow reader never stalls the room: its outbox grows; past `coalesce_bytes` its queued
   document updates of a room are merged into one (pycrdt `merge_updates`); past `limit_bytes`
   it is dropped with close code 1013 `too-slow`.
@@ -527,7 +527,10 @@ class Room:
                     conn.awareness_ids.add(e.client)
                 accepted.append(e)
         if accepted:
-            self._broadcast(awareness_message(encode_awareness(accepted)), exclude=conn.number)
+            # To the sender too, as the Node server does: a client alone in a room otherwise
+            # hears nothing, and y-websocket providers reconnect after 30 s of silence. Its own
+            # entries come back with the clocks it has, so it does not send them again.
+            self._broadcast(awareness_message(encode_awareness(accepted)), exclude=None)
 
     def _all_states(self) -> bytes:
         return encode_awareness(
