@@ -2,9 +2,9 @@
 
     .venv/bin/python benchmarks/bench_hub.py [--rounds 3] [--out DIR]
 
-Runs the shared harness (`/work/shared/bench/yjs-bench/bench.mjs`, stock y-websocket 3.1.0
+Runs the shared harness (`shared/bench/yjs-bench/bench.mjs` beside the checkout, stock y-websocket 3.1.0
 clients in one Node process) against `peerdaemon hub serve` and against the reference server
-(`/work/shared/bench/run-ywebsocket.sh`: y-websocket 1.5.4's bin/server.js), alternately, on a
+(`shared/bench/run-ywebsocket.sh`: y-websocket 1.5.4's bin/server.js), alternately, on a
 fresh server for every run. The shared folder is read-only, so it is copied into a temporary
 directory and `npm ci` runs there. Everything listens on 127.0.0.1 only.
 
@@ -34,7 +34,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-SHARED = Path(os.environ.get("YJS_BENCH_DIR", "/work/shared/bench"))
+SHARED = Path(
+    os.environ.get("YJS_BENCH_DIR", Path(__file__).resolve().parents[2] / "shared" / "bench")
+)
 SPACE = "bench"
 
 SCENARIOS: dict[str, list[str]] = {
@@ -62,12 +64,16 @@ def prepare_harness(work: Path) -> Path:
     shutil.copytree(SHARED, copy, ignore=shutil.ignore_patterns("node_modules"))
     for root, dirs, files in os.walk(copy):
         for name in dirs + files:
-            os.chmod(os.path.join(root, name), 0o755 if name in dirs or name.endswith(".sh") else 0o644)
+            os.chmod(
+                os.path.join(root, name), 0o755 if name in dirs or name.endswith(".sh") else 0o644
+            )
     os.chmod(copy, 0o755)
     for sub in ("yjs-bench", "ref-ywebsocket"):
         subprocess.run(
             ["npm", "ci", "--silent", "--no-audit", "--no-fund"],
-            cwd=copy / sub, check=True, stdout=subprocess.DEVNULL,
+            cwd=copy / sub,
+            check=True,
+            stdout=subprocess.DEVNULL,
         )
     return copy
 
@@ -86,7 +92,9 @@ class Hub:
     def _cli(self, *argv: str) -> str:
         done = subprocess.run(
             [sys.executable, "-m", "peerdaemon", "hub", *argv, "--data-dir", str(self.data)],
-            check=True, capture_output=True, text=True,
+            check=True,
+            capture_output=True,
+            text=True,
         )
         return done.stdout.strip()
 
@@ -96,9 +104,19 @@ class Hub:
         self._cli("limits", "set", "--user", "bench", "devices_per_user", "10000")
         with self.log.open("wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "peerdaemon", "hub", "serve", "--data-dir", str(self.data),
-                 "--listen", "127.0.0.1:0"],
-                stdout=log, stderr=subprocess.STDOUT,
+                [
+                    sys.executable,
+                    "-m",
+                    "peerdaemon",
+                    "hub",
+                    "serve",
+                    "--data-dir",
+                    str(self.data),
+                    "--listen",
+                    "127.0.0.1:0",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -140,10 +158,19 @@ def run_hub(harness: Path, work: Path, scenario: str, n: int) -> dict[str, Any]:
         hub.start()
         assert hub.proc is not None
         return run_json(
-            ["node", str(harness / "yjs-bench" / "bench.mjs"),
-             "--url", f"ws://127.0.0.1:{hub.port}/yjs/{SPACE}", "--query", f"token={hub.token}",
-             "--server-pid", str(hub.proc.pid), "--label", "peerdaemon-hub",
-             *SCENARIOS[scenario]],
+            [
+                "node",
+                str(harness / "yjs-bench" / "bench.mjs"),
+                "--url",
+                f"ws://127.0.0.1:{hub.port}/yjs/{SPACE}",
+                "--query",
+                f"token={hub.token}",
+                "--server-pid",
+                str(hub.proc.pid),
+                "--label",
+                "peerdaemon-hub",
+                *SCENARIOS[scenario],
+            ],
             timeout=300,
         )
     finally:

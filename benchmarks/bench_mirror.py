@@ -31,7 +31,15 @@ from peerdaemon.api.client import AsyncClient
 from peerdaemon.daemon.supervisor import DaemonConfig, serve
 
 ROOT = Path(__file__).resolve().parent.parent
-FIXTURE = Path(os.environ.get("PEERDAEMON_FIXTURES", "/work/shared/fixtures/mockoon")) / "test-env.json"
+FIXTURE = (
+    Path(
+        os.environ.get(
+            "PEERDAEMON_FIXTURES",
+            Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "mockoon",
+        )
+    )
+    / "test-env.json"
+)
 MOCKOON_CLI = ROOT / "tests" / "interop" / "node_modules" / ".bin" / "mockoon-cli"
 BODY = "/routes/1/responses/0/body"
 
@@ -69,7 +77,9 @@ async def main(samples: int, polling_ms: int) -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(serve, config)
             async with await AsyncClient.connect(config.socket_path) as c:
-                env_id = (await c.call("env.import_link", json=data.read_text(), path=str(data)))["id"]
+                env_id = (await c.call("env.import_link", json=data.read_text(), path=str(data)))[
+                    "id"
+                ]
 
                 # 1. socket edit -> file
                 to_file = []
@@ -104,10 +114,25 @@ async def main(samples: int, polling_ms: int) -> None:
                         port = s.getsockname()[1]
                     log = (root / "mockoon.log").open("wb")
                     proc = subprocess.Popen(
-                        ["node", str(MOCKOON_CLI), "start", "--data", str(data), "--port", str(port),
-                         "--hostname", "127.0.0.1", "--watch", "--polling-interval", str(polling_ms),
-                         "--disable-log-to-file", "--disable-admin-api"],
-                        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HOME": str(root)},
+                        [
+                            "node",
+                            str(MOCKOON_CLI),
+                            "start",
+                            "--data",
+                            str(data),
+                            "--port",
+                            str(port),
+                            "--hostname",
+                            "127.0.0.1",
+                            "--watch",
+                            "--polling-interval",
+                            str(polling_ms),
+                            "--disable-log-to-file",
+                            "--disable-admin-api",
+                        ],
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        env={**os.environ, "HOME": str(root)},
                     )
                     url = f"http://127.0.0.1:{port}/test2"
                     with trio.fail_after(30):
@@ -123,10 +148,14 @@ async def main(samples: int, polling_ms: int) -> None:
                         to_http.append(time.perf_counter() - start)
                         await trio.sleep(0.3)
             nursery.cancel_scope.cancel()
-        print(f"peerdaemon mirror latencies (environment: {FIXTURE.name}, {data.stat().st_size} bytes)")
+        print(
+            f"peerdaemon mirror latencies (environment: {FIXTURE.name}, {data.stat().st_size} bytes)"
+        )
         summary("socket edit -> linked file holds it", to_file)
         if to_http:
-            summary(f"socket edit -> mockoon-cli --watch serves it ({polling_ms} ms polling)", to_http)
+            summary(
+                f"socket edit -> mockoon-cli --watch serves it ({polling_ms} ms polling)", to_http
+            )
         else:
             print("socket edit -> mockoon-cli: skipped (run `npm ci --prefix tests/interop`)")
         summary("file save -> document holds it", to_doc)
@@ -140,7 +169,11 @@ async def main(samples: int, polling_ms: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=30)
-    parser.add_argument("--polling-interval", type=int, default=100,
-                        help="mockoon-cli --polling-interval in ms (its default is 2000)")
+    parser.add_argument(
+        "--polling-interval",
+        type=int,
+        default=100,
+        help="mockoon-cli --polling-interval in ms (its default is 2000)",
+    )
     args = parser.parse_args()
     trio.run(main, args.samples, args.polling_interval)

@@ -9,7 +9,8 @@ from pycrdt import Doc
 
 from peerdaemon.model import apply_environment, export_environment, import_environment, prepare
 
-FIXTURE_DIR = Path(os.environ.get("PEERDAEMON_FIXTURES", "/work/shared/fixtures/mockoon"))
+SHARED = Path(__file__).resolve().parents[2] / "shared"  # shared/ beside the checkout
+FIXTURE_DIR = Path(os.environ.get("PEERDAEMON_FIXTURES", SHARED / "fixtures" / "mockoon"))
 
 
 def fixture_names():

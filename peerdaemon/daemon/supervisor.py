@@ -11,7 +11,6 @@ import ipaddress
 import logging
 import os
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -26,6 +25,7 @@ from ..identity import Identity, load_or_create_identity
 from ..mirror import MirrorService
 from ..peer.manager import PeerManager
 from ..peer.session import PeerConfig
+from ..runner import run_process
 from ..spaces import SpacesService
 from ..store import Store, StoreError
 from .events import EventLog
@@ -243,30 +243,10 @@ async def _main(config: DaemonConfig) -> None:
 
 def run_daemon(data_dir: Path, socket_path: Path, **options: object) -> int:
     """`peerdaemon run`: returns the process exit code."""
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
     config = DaemonConfig(data_dir=Path(data_dir), socket_path=Path(socket_path))
     for key, value in options.items():
         if value is not None and hasattr(config, key):
             setattr(config, key, value)
-    try:
-        trio.run(_main, config)
-    except BaseException as exc:
-        reason = _expected_failure(exc)
-        if reason is None:
-            raise
-        print(f"peerdaemon: {reason}", file=sys.stderr)
-        return 1
-    log.info("peerdaemon stopped")
-    return 0
-
-
-def _expected_failure(exc: BaseException) -> BaseException | None:
-    """A start-up failure to report in one line (data dir locked, socket in use...), if that is all."""
-    if isinstance(exc, BaseExceptionGroup):
-        leaves = [_expected_failure(e) for e in exc.exceptions]
-        return leaves[0] if leaves and all(leaves) else None
-    return exc if isinstance(exc, StoreError | OSError | RuntimeError) else None
+    return run_process(
+        _main, config, expected=(StoreError, OSError, RuntimeError), stopped="peerdaemon stopped"
+    )

@@ -21,7 +21,6 @@ import re
 import signal
 import sqlite3
 import ssl
-import sys
 import time
 import tomllib
 from collections.abc import Callable
@@ -35,6 +34,7 @@ import trio
 
 from .. import __version__
 from ..daemon.events import EventLog
+from ..runner import run_process
 from ..store import Store, StoreError
 from .accounts import Accounts, Limits
 from .docs import HubDocs
@@ -231,7 +231,15 @@ def _ssl_context(config: HubConfig) -> ssl.SSLContext:
 
 # ------------------------------------------------------------------------------- config file
 _SIZE_RE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kmg]i?b|b)?\s*", re.IGNORECASE)
-_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
+_UNITS = {
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "kib": 1 << 10,
+    "mib": 1 << 20,
+    "gib": 1 << 30,
+}
 
 
 def parse_size(value: object) -> int:
@@ -299,10 +307,7 @@ def build_config(
         limits = _table(raw, "limits", {f.name for f in fields(Limits)}, where)
         config.limits = replace(
             config.limits,
-            **{
-                k: parse_size(v) if k == "bytes_per_env" else _int(v, k)
-                for k, v in limits.items()
-            },
+            **{k: parse_size(v) if k == "bytes_per_env" else _int(v, k) for k, v in limits.items()},
         )
         fanout = _table(
             raw,
@@ -367,29 +372,13 @@ async def _main(config: HubConfig) -> None:
 
 def run_hub(config: HubConfig) -> int:
     """`peerdaemon hub serve`: returns the process exit code."""
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
     # Fewer cyclic-GC passes: the hub holds many long-lived objects (connections, rooms,
     # documents), and frequent collections that walk them all show up as fan-out delays.
     gc.set_threshold(50_000, 20, 20)
     gc.freeze()
-    try:
-        trio.run(_main, config)
-    except BaseException as exc:
-        reason = _expected_failure(exc)
-        if reason is None:
-            raise
-        print(f"peerdaemon: {' '.join(str(reason).split())}", file=sys.stderr)
-        return 1
-    log.info("hub stopped")
-    return 0
-
-
-def _expected_failure(exc: BaseException) -> BaseException | None:
-    if isinstance(exc, BaseExceptionGroup):
-        leaves = [_expected_failure(e) for e in exc.exceptions]
-        return leaves[0] if leaves and all(leaves) else None
-    return exc if isinstance(exc, StoreError | OSError | ConfigError | sqlite3.Error) else None
+    return run_process(
+        _main,
+        config,
+        expected=(StoreError, OSError, ConfigError, sqlite3.Error),
+        stopped="hub stopped",
+    )
