@@ -150,6 +150,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         options["mdns"] = False
     if args.mdns_interface:
         options["mdns_interface"] = args.mdns_interface
+    if args.max_frame:
+        options["max_frame"] = args.max_frame
     return int(run_daemon(data_dir, _socket_path(args), **options) or 0)
 
 
@@ -742,6 +744,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--no-mdns", action="store_true", help="do not use mDNS discovery")
     run.add_argument("--mdns-interface", metavar="NAME", help="run mDNS on this interface only")
+    run.add_argument(
+        "--max-frame", metavar="BYTES", type=int, help="largest socket frame accepted (64 MiB)"
+    )
 
     peers = command(commands, "peers", cmd_peers, "show known devices and their link state")
     peers.add_argument("--json", action="store_true", help="print the peers as JSON")

@@ -28,6 +28,7 @@ from ..peer.session import PeerConfig
 from ..runner import run_process
 from ..spaces import SpacesService
 from ..store import Store, StoreError
+from . import settings
 from .events import EventLog
 from .registry import Registry
 from .service import Service
@@ -80,6 +81,7 @@ async def serve(
         config.data_dir, compact_count=config.compact_count, compact_bytes=config.compact_bytes
     )
     try:
+        settings.apply(config, store)
         events = EventLog()
         registry = Registry(store, events)
         count = registry.load()

@@ -30,6 +30,7 @@ from typing import Any, Protocol
 from pycrdt import Doc, Map
 
 from ..api.protocol import ApiError, Pending
+from ..daemon import settings
 from ..daemon.events import EventLog
 from ..daemon.registry import EMPTY_UPDATE, Registry
 from ..identity import Identity, save_name
@@ -708,7 +709,7 @@ class SpacesService:
         return _pending(tickets, {"id": env_id, "space": space.id})
 
     async def op_config_get(self, args: dict[str, Any], session: Any) -> Any:
-        config = {"name": self.identity.name}
+        config = {"name": self.identity.name, **settings.get_all(self.store)}
         key = args.get("key")
         if key is None:
             return config
@@ -719,7 +720,13 @@ class SpacesService:
     async def op_config_set(self, args: dict[str, Any], session: Any) -> Any:
         key = _str(args, "key")
         if key != "name":
-            raise ApiError("not-found", f"unknown setting {key!r} (known: name)")
+            try:
+                ticket = settings.set_one(self.store, key, args.get("value"))
+            except settings.SettingError as exc:
+                code = "not-found" if str(exc).startswith("unknown setting") else "bad-request"
+                raise ApiError(code, str(exc)) from None
+            shown = settings.get_all(self.store)[key]
+            return _pending([ticket], {"key": key, "value": shown, "restart": True})
         tickets = self._call(self.set_name, args.get("value"))
         return _pending(tickets, {"key": key, "value": self.identity.name})
 
