@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from peerdaemon.addresses import parse_address
 from peerdaemon.api.client import Client, ClientError
 from peerdaemon.daemon.paths import default_data_dir, default_socket_path
 from peerdaemon.model.schema import LAST_MIGRATION
@@ -157,11 +158,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def host_port(text: str) -> tuple[str, int]:
     """HOST:PORT (IPv6 as [ADDR]:PORT), for argparse."""
-    host, sep, port = text.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
-    return host, int(port)
+    try:
+        return parse_address(text, any_port=True)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def cmd_peers(args: argparse.Namespace) -> int:
@@ -189,11 +189,7 @@ def cmd_peers(args: argparse.Namespace) -> int:
                 reason or "-",
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    for row in rows:
-        print(
-            "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[4]
-        )
+    _print_table(rows)
     return 0
 
 
@@ -212,6 +208,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     else:
         print(_to_json(status))
     return 0
+
+
+def _print_table(rows: list[tuple[str, ...]]) -> None:
+    """Columns padded to their widest cell; the last one is left ragged."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print(
+            "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[-1]
+        )
 
 
 def _cell(value: Any) -> str:
@@ -247,11 +252,7 @@ def cmd_env_list(args: argparse.Namespace) -> int:
                 _cell(_flags(env)),
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    for row in rows:
-        print(
-            "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[3]
-        )
+    _print_table(rows)
     return 0
 
 
@@ -390,11 +391,7 @@ def cmd_space_list(args: argparse.Namespace) -> int:
         members = [m.get("name") or m.get("device", "?")[:7] for m in space.get("members", ())]
         envs = [e.get("name") or e.get("id") for e in space.get("environments", ())]
         rows.append((_cell(space.get("id")), _cell(space.get("name")), _cell(members), _cell(envs)))
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    for row in rows:
-        print(
-            "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[3]
-        )
+    _print_table(rows)
     return 0
 
 
@@ -517,11 +514,7 @@ def cmd_env_links(args: argparse.Namespace) -> int:
     for link in links or ():
         state = _cell(link.get("state")) + (" (auto)" if link.get("auto") else "")
         rows.append((_cell(link.get("id")), state, _cell(link.get("path"))))
-    widths = [max(len(row[i]) for row in rows) for i in range(2)]
-    for row in rows:
-        print(
-            "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[2]
-        )
+    _print_table(rows)
     for link in links or ():
         if link.get("error"):
             _warn(f"{link.get('id')}: {link['error']}")
@@ -623,9 +616,7 @@ def cmd_hub_space_list(args: argparse.Namespace) -> int:
     rows = [("ID", "NAME", "OWNER", "MEMBERS")]
     for sp in spaces:
         rows.append((_cell(sp["id"]), _cell(sp["name"]), _cell(sp["owner"]), _cell(sp["members"])))
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    for row in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[3])
+    _print_table(rows)
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..addresses import parse_address
 from ..store import Store, Ticket
 
 SETTING = "daemon-config"
@@ -20,11 +21,10 @@ class SettingError(ValueError):
 
 
 def _host_port(text: str) -> list[Any]:
-    host, sep, port = text.strip().rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise SettingError(f"expected HOST:PORT, got {text!r}")
-    return [host, int(port)]
+    try:
+        return list(parse_address(text, any_port=True))
+    except ValueError as exc:
+        raise SettingError(str(exc)) from None
 
 
 def _parse(key: str, value: str) -> Any:
@@ -76,7 +76,7 @@ def get_all(store: Store) -> dict[str, Any]:
 
 def set_one(store: Store, key: str, value: Any) -> Ticket:
     if not isinstance(value, str):
-        raise SettingError("the value is text (\"\" clears it)")
+        raise SettingError('the value is text ("" clears it)')
     current = dict(stored(store))
     parsed = _parse(key, value)
     if parsed is None:

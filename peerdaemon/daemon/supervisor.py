@@ -18,6 +18,7 @@ from pathlib import Path
 
 import trio
 
+from ..addresses import parse_address
 from ..api.server import serve_unix
 from ..discovery.mdns import DiscoveryError, MdnsDiscovery
 from ..hublink import HubLinkService
@@ -189,8 +190,8 @@ async def _start_lan(
                 continue
             dialed.add((peer.device_id, peer.address))
             try:
-                host, _, p = peer.address.rpartition(":")
-                manager.add_address(host.strip("[]"), int(p), peer.device_id, "invite")
+                host, port_ = parse_address(peer.address)
+                manager.add_address(host, port_, peer.device_id, "invite")
             except ValueError:
                 log.warning("ignoring invite address %r", peer.address)
 

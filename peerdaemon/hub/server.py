@@ -33,6 +33,7 @@ import platformdirs
 import trio
 
 from .. import __version__
+from ..addresses import parse_address
 from ..daemon.events import EventLog
 from ..runner import run_process
 from ..store import Store, StoreError
@@ -255,11 +256,7 @@ def parse_size(value: object) -> int:
 
 
 def parse_listen(text: str) -> tuple[str, int]:
-    host, sep, port = str(text).rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"expected HOST:PORT, got {text!r}")
-    return host, int(port)
+    return parse_address(str(text), any_port=True)
 
 
 _TOP_KEYS = {"listen", "data_dir", "tls", "limits", "fanout", "store"}

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import cbor2
 
+from ..addresses import parse_address
+
 __all__ = ["PREFIX", "Invite", "InviteError", "decode_invite", "encode_invite", "parse_address"]
 
 VERSION = 1
@@ -40,21 +42,6 @@ class Invite:
     inviter: str  # device id of the inviting device
     addresses: tuple[str, ...] = field(default=())  # "host:port" where the inviter listens
     hub: str | None = None
-
-
-def parse_address(text: str) -> tuple[str, int]:
-    """`host:port` or `[v6 address]:port` -> (host, port); ValueError if it is neither."""
-    if not isinstance(text, str):
-        raise ValueError("an address must be a string 'host:port'")
-    if text.startswith("["):
-        host, sep, rest = text[1:].partition("]:")
-    else:
-        host, sep, rest = text.rpartition(":")
-        if ":" in host:
-            raise ValueError(f"{text!r}: write an IPv6 address as [address]:port")
-    if not sep or not host or not rest.isdigit() or not 0 < int(rest) < 65536:
-        raise ValueError(f"{text!r} is not an address of the form host:port")
-    return host, int(rest)
 
 
 def _checksum(payload: bytes) -> bytes:
