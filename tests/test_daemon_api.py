@@ -773,11 +773,6 @@ async def test_restart_in_process_keeps_every_environment(dirs):
         assert_strict_equal(after[env_id], env)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="model: export key order follows the pycrdt map's hash order, which differs between "
-    "document instances, so the exported text changes across a restart (and between replicas)",
-)
 async def test_export_text_is_identical_across_a_restart(dirs):
     before, after = await restarted_exports(DaemonConfig(*dirs), [fixture_text(TEST_ENV)])
     for env_id, env in before.items():

@@ -14,7 +14,6 @@ from peerdaemon.mirror.format import (
     format_environment,
     js_number,
     json_hash,
-    order_like,
     stringify,
     text_style,
 )
@@ -30,6 +29,7 @@ from peerdaemon.mirror.link import (
     Render,
     Write,
 )
+from peerdaemon.model.keyorder import order_like
 
 ENV = {"uuid": "e1", "name": "A", "port": 3000, "routes": []}
 

@@ -23,6 +23,7 @@ import jsonpointer
 from .. import __version__
 from ..api.protocol import ApiError, Pending
 from ..model import LAST_MIGRATION, MODEL_VERSION, ModelError, is_newer, prepare
+from ..model.keyorder import order_like
 from ..store import Ticket
 from .registry import Registry, UnknownEnvironment, UpdateRejected
 
@@ -241,6 +242,8 @@ class Service:
         pointer = args.get("pointer") or ""
         if not isinstance(pointer, str):
             raise ApiError("bad-pointer", "pointer must be a string")
+        if not pointer:
+            return order_like(env, None)  # the same text on every replica and after restarts
         return _resolve_pointer(env, pointer)
 
     async def op_put(self, args: dict[str, Any], session: Any) -> Any:
@@ -276,7 +279,7 @@ class Service:
         env_id = _str_arg(args, "id")
         fmt = args.get("format", "json")
         if fmt == "json":
-            return self.registry.export(env_id)
+            return order_like(self.registry.export(env_id), None)
         if fmt == "yjs":
             sv = args.get("state_vector")
             if sv is not None and not isinstance(sv, bytes):
