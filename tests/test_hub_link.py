@@ -9,7 +9,9 @@ nothing; each limit (environments per space, bytes per environment, devices per 
 and reported in `status` and `peers` with nothing lost and the other environments syncing; a
 daemon with an older document model gets `incompatible-version` with the versions the hub
 needs; LAN and hub links at once do not loop; the CLI commands; the attachment survives a
-restart and never shows the token.
+restart and never shows the token; nothing the daemon sends to the hub holds the token (only a
+proof of it, tests/test_hub_auth.py); a hub whose device key changed is refused with
+`hub-key-changed` (nothing syncs) until `space hub ... --token` attaches again.
 """
 
 from __future__ import annotations
@@ -32,12 +34,14 @@ from trio_websocket import open_websocket
 from peerdaemon import cli
 from peerdaemon.api.client import ClientError, DaemonError, open_client
 from peerdaemon.daemon.supervisor import DaemonConfig, serve
-from peerdaemon.hub.accounts import Accounts
+from peerdaemon.hub.accounts import Accounts, hash_token
 from peerdaemon.hub.peers import HubRequest, PeerEndpoint
 from peerdaemon.hub.server import HubConfig, HubServer, serve_hub
 from peerdaemon.hublink import HubClientAuth, parse_hub_url
+from peerdaemon.identity import Identity
 from peerdaemon.model import MODEL_VERSION
 from peerdaemon.peer import PROTOCOL_VERSION, PeerConfig, PeerConnection, ProtocolError
+from peerdaemon.peer.crypto import SecureChannel
 from peerdaemon.peer.session import Closed, DocError, DocRefused
 from peerdaemon.spaces.invite import decode_invite
 
@@ -63,6 +67,8 @@ class Hub:
         self.dir = base / "hub"
         self.port: int | None = None
         self.server: HubServer | None = None
+        self.identity: Identity | None = None
+        """The hub's device key (None: the one kept in its store)."""
         self._scope: trio.CancelScope | None = None
         self._stopped: trio.Event | None = None
 
@@ -76,7 +82,7 @@ class Hub:
             listen=(LOCAL, self.port or 0),
             accounts_poll=0.05,
             peer_endpoint=lambda docs, accounts, events: PeerEndpoint(
-                docs, accounts, events, config=FAST
+                docs, accounts, events, config=FAST, identity=self.identity
             ),
         )
         self.server = await nursery.start(self._run, config)
@@ -248,16 +254,16 @@ class RefusingHost(FakeHost):
 
 
 class HubSide:
-    """A hub-side `AuthPolicy` that accepts token "t" for the given spaces."""
+    """A hub-side `AuthPolicy` that accepts (a proof of) token "t" for the given spaces."""
 
     def __init__(self, *spaces: str) -> None:
         self.accepted = frozenset(spaces)
 
-    def auth_fields(self) -> dict[str, Any]:
+    def auth_fields(self, peer: Any, th: bytes, role: bytes) -> dict[str, Any]:
         return {"tags": [], "hub": {"user": "u", "spaces": dict.fromkeys(self.accepted, "ok")}}
 
-    def accept(self, peer: Any, auth: dict[str, Any]) -> frozenset[str]:
-        if HubRequest.parse(auth).token != "t":
+    def accept(self, peer: Any, auth: dict[str, Any], th: bytes, role: bytes) -> frozenset[str]:
+        if not HubRequest.parse(auth).verify(hash_token("t"), th, role):
             raise ProtocolError("unauthorized", "bad token")
         return self.accepted
 
@@ -635,6 +641,104 @@ async def test_cli_attach_detach_status_and_restart(base, nursery, capsys, monke
     monkeypatch.setattr("sys.stdin", io.StringIO(token + "\n"))  # --token -: from stdin
     assert await run("space", "hub", space, hub.url, "--token", "-") == 0
     await hub_state(a, "connected")
+    admin.close()
+
+
+async def test_the_token_never_reaches_the_hub(base, nursery, monkeypatch):
+    """Everything the daemon sends to the hub (hellos, and every box's plaintext) is captured:
+    the token, its hash, and its listed prefix never appear; the hub still admits the daemon."""
+    sent: list[bytes] = []
+    seal = SecureChannel.seal
+
+    def recording_seal(channel: SecureChannel, inner: dict[str, Any]) -> bytes:
+        if getattr(channel, "_test_dialer", False):
+            sent.append(cbor2.dumps(inner))
+        return seal(channel, inner)
+
+    init = SecureChannel.__init__
+
+    def recording_init(channel: SecureChannel, keys: Any, *, dialer: bool) -> None:
+        init(channel, keys, dialer=dialer)
+        channel._test_dialer = dialer  # type: ignore[attr-defined]
+
+    send = PeerConnection.data_to_send
+
+    def recording_send(conn: PeerConnection) -> list[bytes]:
+        data = send(conn)
+        if conn.dialer:
+            sent.extend(data)
+        return data
+
+    monkeypatch.setattr(SecureChannel, "seal", recording_seal)
+    monkeypatch.setattr(SecureChannel, "__init__", recording_init)
+    monkeypatch.setattr(PeerConnection, "data_to_send", recording_send)
+
+    hub = await Hub(base).start(nursery)
+    admin = Accounts.open(hub.dir)
+    token = admin.add_user("alice")
+    a = await Dev(base, "a").start(nursery)
+    space, [env] = await team(a, hub, token)
+    await hub_state(a, "connected")
+    await wait_until(lambda: _async(env in hub.stored(space)))
+    await a.set_name(env, "after connecting")
+    await trio.sleep(0.2)
+    assert admin.space(space)["owner"] == "alice"
+    auths = [m for m in map(cbor2.loads, sent) if m.get("t") == "auth"]
+    assert auths and all(
+        set(m["hub"]) == {"token_id", "proof", "spaces", "register"} for m in auths
+    )
+    digest = bytes.fromhex(hash_token(token))
+    for data in sent:
+        for secret in (token.encode(), digest, digest.hex().encode(), token[:8].encode()):
+            assert secret not in data
+    admin.close()
+
+
+async def test_a_changed_hub_key_is_refused_until_attached_again(base, nursery):
+    hub = await Hub(base).start(nursery)
+    admin = Accounts.open(hub.dir)
+    token1, token2 = admin.add_user("alice"), admin.add_token("alice")
+    a = await Dev(base, "a").start(nursery)
+    b = await Dev(base, "b").start(nursery)
+    space, [env] = await team(a, hub, token1)
+    first = (await hub_state(a, "connected"))["device"]
+    assert a.daemon.hubs.attached[hub.url]["device"] == first  # pinned on first use
+
+    # the pin survives a restart of the daemon (it is stored with the attachment)
+    await a.stop()
+    await a.start(nursery)
+    assert a.daemon.hubs.attached[hub.url]["device"] == first
+    await hub_state(a, "connected")
+
+    # the hub comes back with another key (or something else answers at its URL)
+    await hub.stop()
+    hub.identity = Identity.generate("impostor")
+    await hub.start(nursery)
+    state = await hub_state(a, "disconnected", "hub-key-changed")
+    assert first in state["detail"] and hub.identity.device_id in state["detail"]
+    assert "space hub" in state["detail"]
+    row = await a.hub_row()
+    assert (row["state"], row["reason"]) == ("disconnected", "hub-key-changed")
+    assert a.daemon.hubs.attached[hub.url]["device"] == first  # the pin is kept
+
+    # nothing syncs through it: b (attached after the change, so it trusts the new key) does
+    # not get a's edits, and the hub never admits a
+    await join(b, a, space, token2)
+    await hub_state(b, "connected")
+    await wait_until(lambda: same_env(a, b, env))  # what the hub stored before the change
+    await a.set_name(env, "not through an unknown hub")
+    await trio.sleep(0.5)
+    assert await b.get(env, "/name") != "not through an unknown hub"
+    assert (await a.hub())["reason"] == "hub-key-changed"
+    assert [d["device"] for d in hub.server.peer_endpoint.daemons()] == [
+        b.daemon.identity.device_id
+    ]
+
+    # attaching again (`space hub ... --token`) trusts the key the hub shows next
+    await a.op("space.hub", space=space, url=hub.url, token=token1)
+    await hub_state(a, "connected")
+    assert a.daemon.hubs.attached[hub.url]["device"] == hub.identity.device_id
+    await wait_until(lambda: _eq(b.get(env, "/name"), "not through an unknown hub"))
     admin.close()
 
 

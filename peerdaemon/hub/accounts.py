@@ -40,6 +40,8 @@ __all__ = [
 ACCOUNTS_DB = "hub-accounts.sqlite3"
 TOKEN_PREFIX_LEN = 8
 MIN_REVOKE_PREFIX = 6
+MAX_HASH_CANDIDATES = 16
+"""At most this many tokens share a daemon's 8-byte `token_id` (in practice: one)."""
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 _SPACE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -286,6 +288,20 @@ class Accounts:
         if row is None or not hmac.compare_digest(row[0], token_hash):
             return None
         return User(row[1], row[2], row[0])
+
+    def users_by_hash_prefix(self, prefix: bytes) -> list[tuple[str, User]]:
+        """The valid (not revoked) tokens whose SHA-256 starts with `prefix` (a daemon's
+        `token_id`, hub mode), as `(token hash hex, user)`: the candidates to check its proof
+        against. A range scan of the primary key (hashes are lower-case hex)."""
+        if not isinstance(prefix, bytes) or not 0 < len(prefix) <= 32:
+            return []
+        low = prefix.hex()
+        rows = self._db.execute(
+            "SELECT t.hash, u.name, u.personal_space FROM tokens t JOIN users u ON u.name = t.user"
+            " WHERE t.hash >= ? AND t.hash < ? AND t.revoked IS NULL ORDER BY t.hash LIMIT ?",
+            (low, low + "g", MAX_HASH_CANDIDATES),
+        ).fetchall()
+        return [(h, User(name, space, h)) for h, name, space in rows if h.startswith(low)]
 
     def users(self) -> list[dict[str, Any]]:
         rows = self._db.execute(

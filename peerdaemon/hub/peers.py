@@ -3,7 +3,9 @@
 A daemon dials the hub's `/peer` path and speaks the LAN protocol unchanged (hellos, key
 schedule, boxes, the Yjs sync session), except for what its auth proves: a hub holds no space
 secrets, so instead of space tags the daemon shows an account token and names the spaces it
-wants. `HubAuth` checks the token (`Accounts`), the user's simultaneous devices, and each space
+wants. `HubAuth` checks the token (`Accounts`: the daemon never sends it, only an HMAC keyed
+with its hash over this connection's transcript, which the hub checks against the hashes it
+stores), the user's simultaneous devices, and each space
 (registering an unknown one with that user as its owner: the first attach), then answers which
 spaces it accepted. The session then syncs those spaces' documents with `HubDocs` through
 `_ScopedDocs`, a `SyncHost` limited to the link's spaces.
@@ -16,6 +18,7 @@ seen by `Accounts.refresh`), so a revoked token or a withdrawn membership ends a
 
 from __future__ import annotations
 
+import hmac
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -25,6 +28,7 @@ from typing import Any, Protocol
 from ..identity import Identity, load_or_create_identity
 from ..model import MODEL_VERSION
 from ..peer import messages
+from ..peer.crypto import HUB_TOKEN_ID_LEN, hub_token_proof
 from ..peer.handshake import Established, PeerHello
 from ..peer.link import Link, format_address
 from ..peer.messages import (
@@ -44,7 +48,7 @@ __all__ = ["HubAuth", "PeerEndpoint", "create_peer_endpoint"]
 log = logging.getLogger("peerdaemon.hub.peers")
 
 SPACE_PREFIX = "space:"
-MAX_TOKEN = 1024
+PROOF_LEN = 32
 MAX_SPACE_ID = 128
 OK = "ok"
 REGISTERED = "registered"
@@ -71,7 +75,7 @@ class AccountsLike(Protocol):
 
     devices: DevicesLike
 
-    def user_of(self, token: str) -> Any: ...
+    def users_by_hash_prefix(self, prefix: bytes) -> list[tuple[str, Any]]: ...
     def user_of_hash(self, token_hash: str) -> Any: ...
     def space(self, space_id: str) -> dict[str, Any] | None: ...
     def create_space(self, space_id: str, owner: str, name: str = "") -> None: ...
@@ -95,9 +99,10 @@ def _limits_dict(limits: Any) -> dict[str, int]:
 
 @dataclass(frozen=True)
 class HubRequest:
-    """The `hub` field of a daemon's auth, validated."""
+    """The `hub` field of a daemon's auth, validated (docs/peer-protocol.md, "Hub mode")."""
 
-    token: str
+    token_id: bytes  # the first 8 bytes of sha256(token)
+    proof: bytes  # HMAC-SHA256(sha256(token), "peerdaemon-hub-token-v1" || role || th)
     spaces: tuple[str, ...]
     register: dict[str, str]  # space id -> name, for spaces the daemon may register
 
@@ -106,9 +111,13 @@ class HubRequest:
         hub = auth.get("hub")
         if hub is None:
             raise ProtocolError(UNAUTHORIZED, "this is a hub: authenticate with a token (hub mode)")
-        token = hub.get("token")
-        if not isinstance(token, str) or not 0 < len(token) <= MAX_TOKEN:
-            raise ProtocolError(UNAUTHORIZED, "auth.hub.token must be a non-empty string")
+        token_id, proof = hub.get("token_id"), hub.get("proof")
+        if not isinstance(token_id, bytes) or len(token_id) != HUB_TOKEN_ID_LEN:
+            raise ProtocolError(
+                UNAUTHORIZED, f"auth.hub.token_id must be {HUB_TOKEN_ID_LEN} bytes (a token proof)"
+            )
+        if not isinstance(proof, bytes) or len(proof) != PROOF_LEN:
+            raise ProtocolError(UNAUTHORIZED, f"auth.hub.proof must be {PROOF_LEN} bytes")
         spaces = hub.get("spaces", [])
         if not isinstance(spaces, list) or len(spaces) > messages.MAX_HUB_FIELD:
             raise ProtocolError(PROTOCOL_ERROR, "auth.hub.spaces must be a list of space ids")
@@ -125,7 +134,16 @@ class HubRequest:
             if not isinstance(space, str) or not isinstance(name, str):
                 raise ProtocolError(PROTOCOL_ERROR, "auth.hub.register holds {space, name} maps")
             register[space] = name[: messages.MAX_NAME]
-        return cls(token, tuple(dict.fromkeys(spaces)), register)
+        return cls(token_id, proof, tuple(dict.fromkeys(spaces)), register)
+
+    def verify(self, token_hash: str, th: bytes, role: bytes) -> bool:
+        """Does the proof show knowledge of the token whose stored hash (hex) is `token_hash`,
+        on the connection whose transcript hash is `th`, by the sender of role `role`?"""
+        try:
+            key = bytes.fromhex(token_hash)
+        except ValueError:
+            return False
+        return hmac.compare_digest(hub_token_proof(key, role, th), self.proof)
 
 
 class HubAuth:
@@ -142,16 +160,21 @@ class HubAuth:
         self.accepted: frozenset[str] = frozenset()
         self.limits: dict[str, int] = {}
 
-    def auth_fields(self) -> dict[str, Any]:
+    def auth_fields(self, peer: PeerHello, th: bytes, role: bytes) -> dict[str, Any]:
         return {
             "tags": [],
             "hub": {"user": self.user, "spaces": dict(self.statuses), "limits": self.limits},
         }
 
-    def accept(self, peer: PeerHello, auth: dict[str, Any]) -> frozenset[str]:
+    def accept(
+        self, peer: PeerHello, auth: dict[str, Any], th: bytes, role: bytes
+    ) -> frozenset[str]:
         request = HubRequest.parse(auth)
         accounts = self.endpoint.accounts
-        user = accounts.user_of(request.token)
+        user = None
+        for token_hash, candidate in accounts.users_by_hash_prefix(request.token_id):
+            if request.verify(token_hash, th, role):  # every candidate: no early exit
+                user = user or candidate
         if user is None:
             raise ProtocolError(UNAUTHORIZED, "unknown or revoked token")
         name = user.name

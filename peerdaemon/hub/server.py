@@ -6,15 +6,13 @@ or SIGINT: every client is told `1001 shutdown`, the nursery is cancelled, and t
 writer commits what is still queued before the process exits.
 
 The daemons' protocol (`/peer`) plugs in through `HubConfig.peer_endpoint`, a factory
-`(hub_docs, accounts, events) -> PeerEndpoint`; without one, `peerdaemon.hub.peers.
-create_peer_endpoint` is used if that module provides it, else a stub that closes every
-`/peer` connection with "not-available".
+`(hub_docs, accounts, events) -> PeerEndpoint`, by default `peerdaemon.hub.peers.
+create_peer_endpoint`.
 """
 
 from __future__ import annotations
 
 import gc
-import importlib
 import logging
 import os
 import re
@@ -39,7 +37,8 @@ from ..runner import run_process
 from ..store import Store, StoreError
 from .accounts import Accounts, Limits
 from .docs import HubDocs
-from .http import HttpConfig, HubHttp, NotAvailablePeerEndpoint, PeerEndpoint, ws_frame
+from .http import HttpConfig, HubHttp, PeerEndpoint, ws_frame
+from .peers import create_peer_endpoint
 from .ywebsocket import CLOSE_CODES, Rooms
 
 __all__ = [
@@ -115,23 +114,6 @@ class HubServer:
             conn.close(code, reason)
 
 
-def default_peer_endpoint_factory() -> PeerEndpointFactory:
-    """`peerdaemon.hub.peers.create_peer_endpoint` if it exists, else the "not-available" stub."""
-    try:
-        module = importlib.import_module("peerdaemon.hub.peers")
-    except ModuleNotFoundError as exc:
-        if exc.name != "peerdaemon.hub.peers":
-            log.exception("hub: cannot import the peer endpoint")
-        module = None
-    except Exception:
-        log.exception("hub: cannot import the peer endpoint")
-        module = None
-    factory = getattr(module, "create_peer_endpoint", None)
-    if callable(factory):
-        return factory
-    return lambda docs, accounts, events: NotAvailablePeerEndpoint()
-
-
 async def serve_hub(
     config: HubConfig, *, task_status: trio.TaskStatus[HubServer] = trio.TASK_STATUS_IGNORED
 ) -> None:
@@ -156,7 +138,7 @@ async def serve_hub(
         rooms = Rooms(docs, framer=ws_frame)
         docs.add_listener(rooms.on_update)
         docs.add_flush_listener(rooms.flush)
-        factory = config.peer_endpoint or default_peer_endpoint_factory()
+        factory = config.peer_endpoint or create_peer_endpoint
         endpoint = factory(docs, accounts, events)
         http = HubHttp(
             rooms,

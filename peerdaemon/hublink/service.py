@@ -1,9 +1,13 @@
 """The daemon's links to hubs: `space hub SPACE URL --token TOKEN` and what keeps it synced.
 
-Attachments live in the store setting `"hubs"`: `{url: {"token": str, "spaces": [space id]}}`
-(the token is a secret: it is never returned by an operation, printed or logged). One `HubLink`
-per hub URL dials `ws(s)://HOST:PORT[/PREFIX]/peer`, runs the peer protocol's hub-mode handshake
-(docs/peer-protocol.md, "Hub mode"), then a sync session over the attached spaces with the
+Attachments live in the store setting `"hubs"`: `{url: {"token": str, "spaces": [space id],
+"device": str?}}` (the token is a secret: it is never returned by an operation, printed, logged,
+or sent to the hub, which gets only a proof of it bound to the connection). `device` is the hub's
+device id, pinned on the first successful connection (trust on first use): a hub at that URL
+showing another key is refused with `hub-key-changed` until `space hub ... --token` attaches
+again. One `HubLink` per hub URL dials `ws(s)://HOST:PORT[/PREFIX]/peer`, runs the peer
+protocol's hub-mode handshake (docs/peer-protocol.md, "Hub mode"), then a sync session over the
+attached spaces with the
 `SpacesService` as its `SyncHost`, exactly like a LAN link. Updates from the hub carry the
 origin `hub:<url>` and are never sent back to it; the LAN links forward them like any other
 change, and Yjs makes the copies that come back the other way no-ops, so an update never loops
@@ -34,10 +38,12 @@ from ..daemon.events import EventLog
 from ..identity import Identity
 from ..model import MODEL_VERSION
 from ..peer import messages
+from ..peer.crypto import hub_token_hash, hub_token_id, hub_token_proof
 from ..peer.handshake import Established, PeerHello
 from ..peer.link import RECEIVE_BUFFER, Link, Unreachable
 from ..peer.messages import (
     FORBIDDEN,
+    HUB_KEY_CHANGED,
     INCOMPATIBLE_VERSION,
     SHUTDOWN,
     UNAUTHORIZED,
@@ -146,27 +152,48 @@ async def dial(link: Link, target: HubUrl) -> Closed:
 
 
 class HubClientAuth:
-    """The daemon's `AuthPolicy` in hub mode: a token and the spaces to attach, instead of tags."""
+    """The daemon's `AuthPolicy` in hub mode: a proof of the token and the spaces to attach,
+    instead of tags.
 
-    def __init__(self, token: str, spaces: dict[str, str]) -> None:
+    The token itself is never sent: the auth carries `token_id` (the first 8 bytes of its
+    SHA-256, for the hub to find it) and `proof`, an HMAC keyed with that SHA-256 (which the hub
+    stores) over this connection's transcript hash and our role. A man in the middle sees a
+    different transcript on each side, so a proof it relays (or replays) does not verify.
+    `pinned`: the hub's device id from an earlier connection; a hub showing another one is
+    refused before anything is sent (`hub-key-changed`).
+    """
+
+    def __init__(self, token: str, spaces: dict[str, str], pinned: str | None = None) -> None:
         self.token = token
+        self._token_hash = hub_token_hash(token)
+        self.pinned = pinned
         self.requested = dict(spaces)  # space id -> name (for the hub to register it)
         self.statuses: dict[str, str] = {}
         self.user: str | None = None
         self.limits: dict[str, Any] = {}
         self.accepted: frozenset[str] = frozenset()
 
-    def auth_fields(self) -> dict[str, Any]:
+    def auth_fields(self, peer: PeerHello, th: bytes, role: bytes) -> dict[str, Any]:
+        if self.pinned is not None and peer.device != self.pinned:
+            raise ProtocolError(
+                HUB_KEY_CHANGED,
+                f"the hub shows device id {peer.device}, not {self.pinned} as when this daemon "
+                "first connected to it; if the hub's key really changed, attach again with "
+                "`space hub SPACE URL --token TOKEN`",
+            )
         return {
             "tags": [],
             "hub": {
-                "token": self.token,
+                "token_id": hub_token_id(self._token_hash),
+                "proof": hub_token_proof(self._token_hash, role, th),
                 "spaces": list(self.requested),
                 "register": [{"space": s, "name": n} for s, n in self.requested.items()],
             },
         }
 
-    def accept(self, peer: PeerHello, auth: dict[str, Any]) -> frozenset[str]:
+    def accept(
+        self, peer: PeerHello, auth: dict[str, Any], th: bytes, role: bytes
+    ) -> frozenset[str]:
         hub = auth.get("hub")
         if not isinstance(hub, dict):
             raise ProtocolError(UNAUTHORIZED, "the peer at this URL is not a hub")
@@ -275,7 +302,7 @@ class HubLink:
     async def _connect_once(self, spaces: frozenset[str]) -> None:
         service = self.service
         names = {s: service.space_name(s) for s in sorted(spaces)}
-        auth = HubClientAuth(self.token, names)
+        auth = HubClientAuth(self.token, names, service.pinned(self.url))
 
         def make_conn(now: float) -> PeerConnection:
             return PeerConnection(
@@ -323,6 +350,8 @@ class HubLink:
             if self.service.requested(self.url) != self.requested or auth.token != self.token:
                 link.close(SHUTDOWN, "the attached spaces changed while connecting")
                 return  # attached or detached meanwhile: redial with the new set at once
+            if auth.pinned is None:
+                self.service.pin(self.url, event.device)  # trust on first use
             self.statuses = dict(auth.statuses)
             self.errors = {}
             self.detail, self.versions = "", None
@@ -517,7 +546,8 @@ class HubLinkService:
         self.model = model
         self.rng = rng or random.Random()
         self.attached: dict[str, dict[str, Any]] = {}
-        """url -> {"token": str, "spaces": [space id]}, as in the store setting."""
+        """url -> {"token": str, "spaces": [space id], "device": pinned hub device id?}, as in
+        the store setting."""
         self.links: dict[str, HubLink] = {}
         self._nursery: trio.Nursery | None = None
 
@@ -536,6 +566,9 @@ class HubLinkService:
                 log.warning("hub: ignoring a malformed saved attachment to %s", target.url)
                 continue
             self.attached[target.url] = {"token": token, "spaces": [str(s) for s in spaces]}
+            device = entry.get("device")
+            if isinstance(device, str) and device:
+                self.attached[target.url]["device"] = device
             self.links[target.url] = HubLink(self, target, token)
         self._mark_spaces()
 
@@ -559,6 +592,21 @@ class HubLinkService:
     def requested(self, url: str) -> frozenset[str]:
         """The attached spaces this device still holds: what a link to `url` asks for."""
         return frozenset(s for s in self.attached_spaces(url) if s in self.spaces.spaces)
+
+    def pinned(self, url: str) -> str | None:
+        """The hub device id trusted for `url` (None until the first successful connection)."""
+        entry = self.attached.get(url)
+        device = entry.get("device") if entry is not None else None
+        return device if isinstance(device, str) else None
+
+    def pin(self, url: str, device: str) -> None:
+        """Trust `device` as the hub at `url` from now on (its first successful connection)."""
+        entry = self.attached.get(url)
+        if entry is None or entry.get("device") == device:
+            return
+        entry["device"] = device
+        self._save()
+        log.info("hub %s: pinned the hub's device id %s", url, device)
 
     def hub_of(self, space_id: str) -> str | None:
         for url, entry in self.attached.items():
@@ -601,6 +649,8 @@ class HubLinkService:
         entry = self.attached.setdefault(target.url, {"token": token, "spaces": []})
         if entry["token"] != token or space.id not in entry["spaces"]:
             restart.add(target.url)
+        if entry.pop("device", None) is not None:
+            restart.add(target.url)  # attaching again trusts the key the hub shows next
         entry["token"] = token
         if space.id not in entry["spaces"]:
             entry["spaces"].append(space.id)

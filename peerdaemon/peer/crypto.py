@@ -27,6 +27,8 @@ from .messages import PROTOCOL_ERROR, ProtocolError
 __all__ = [
     "AUTH_LABEL",
     "DIALER",
+    "HUB_TOKEN_ID_LEN",
+    "HUB_TOKEN_LABEL",
     "KEYS_LABEL",
     "LISTENER",
     "SPACE_LABEL",
@@ -35,6 +37,9 @@ __all__ = [
     "SessionKeys",
     "auth_payload",
     "derive_keys",
+    "hub_token_hash",
+    "hub_token_id",
+    "hub_token_proof",
     "nonce_of",
     "space_tag",
     "transcript_hash",
@@ -45,6 +50,8 @@ LISTENER = b"L"
 AUTH_LABEL = b"peerdaemon-auth-v1"
 SPACE_LABEL = b"peerdaemon-space-v1"
 KEYS_LABEL = b"peerdaemon-keys-v1"
+HUB_TOKEN_LABEL = b"peerdaemon-hub-token-v1"
+HUB_TOKEN_ID_LEN = 8
 MAX_COUNTER = (1 << 64) - 1
 
 
@@ -87,6 +94,23 @@ def auth_payload(role: bytes, th: bytes) -> bytes:
 def space_tag(secret: bytes, role: bytes, th: bytes) -> bytes:
     """Proof of holding a space's secret, fresh per connection and role; reveals nothing else."""
     return hmac.new(secret, SPACE_LABEL + role + th, hashlib.sha256).digest()
+
+
+def hub_token_hash(token: str) -> bytes:
+    """SHA-256 of a hub token (UTF-8): what the hub stores (as hex), and the proof's key."""
+    return hashlib.sha256(token.encode("utf-8")).digest()
+
+
+def hub_token_id(token_hash: bytes) -> bytes:
+    """The first bytes of the token's hash: lets the hub find the candidate token(s) to check a
+    proof against, and reveals nothing that helps to authenticate."""
+    return token_hash[:HUB_TOKEN_ID_LEN]
+
+
+def hub_token_proof(token_hash: bytes, role: bytes, th: bytes) -> bytes:
+    """Proof of knowing a hub token on this connection, in this role (hub mode): the token itself
+    never travels, and the proof is worthless on any other connection (another `th`)."""
+    return hmac.new(token_hash, HUB_TOKEN_LABEL + role + th, hashlib.sha256).digest()
 
 
 def nonce_of(counter: int) -> bytes:

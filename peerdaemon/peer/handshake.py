@@ -95,16 +95,26 @@ class AuthPolicy(Protocol):
     """What an auth proves besides the device key, when it is not the LAN's space tags.
 
     Hub mode (docs/peer-protocol.md, "Hub mode") authorizes a daemon by an account token instead
-    of space secrets, which a hub never holds: the daemon's policy puts the token and the spaces
-    it wants into its auth, the hub's policy checks them and answers which spaces it accepted.
-    Without a policy a handshake uses space tags, exactly as before.
+    of space secrets, which a hub never holds: the daemon's policy puts a proof of its token
+    (bound to this connection's transcript, like a space tag) and the spaces it wants into its
+    auth, the hub's policy checks them and answers which spaces it accepted. Without a policy a
+    handshake uses space tags, exactly as before.
+
+    Both methods get the transcript hash `th` and the role byte of the auth's sender (ours for
+    `auth_fields`, the peer's for `accept`), so that what an auth proves is bound to this
+    connection.
     """
 
-    def auth_fields(self) -> dict[str, Any]:
-        """Fields of our auth besides `t` and `sig` (must include `tags`, possibly empty)."""
+    def auth_fields(self, peer: PeerHello, th: bytes, role: bytes) -> dict[str, Any]:
+        """Fields of our auth besides `t` and `sig` (must include `tags`, possibly empty).
+
+        `peer` is the peer's hello (not yet authenticated); raising `ProtocolError` here closes
+        the connection before our auth is sent (a dialer refusing a hub whose key changed)."""
         ...
 
-    def accept(self, peer: PeerHello, auth: dict[str, Any]) -> frozenset[str]:
+    def accept(
+        self, peer: PeerHello, auth: dict[str, Any], th: bytes, role: bytes
+    ) -> frozenset[str]:
         """The peer's verified auth -> the spaces the link syncs; raises `ProtocolError`."""
         ...
 
@@ -239,7 +249,7 @@ class Handshake:
             raise ProtocolError(UNAUTHORIZED, "auth signature does not verify")
         self.peer_tags = list(msg["tags"])
         if self.auth is not None:
-            spaces = self.auth.accept(self.peer, msg)
+            spaces = self.auth.accept(self.peer, msg, self.th, self.peer_role)
         else:
             spaces = self.match(self.peer_tags)
         if not spaces:
@@ -276,8 +286,11 @@ class Handshake:
         return self.match(self.peer_tags)
 
     def _auth(self) -> dict[str, Any]:
-        assert self.th is not None
-        fields = self.auth.auth_fields() if self.auth is not None else {"tags": self.own_tags()}
+        assert self.th is not None and self.peer is not None
+        if self.auth is not None:
+            fields = self.auth.auth_fields(self.peer, self.th, self.role)
+        else:
+            fields = {"tags": self.own_tags()}
         return {
             "t": "auth",
             "sig": self.identity.sign(auth_payload(self.role, self.th)),

@@ -58,6 +58,8 @@ INTERNAL_ERROR = "internal-error"
 # Hub mode (docs/peer-protocol.md, "Hub mode"): close reasons a hub sends...
 FORBIDDEN = "forbidden"
 TOO_MANY_DEVICES = "too-many-devices"
+# ...and the one a daemon closes with when a hub's device key is not the one it pinned.
+HUB_KEY_CHANGED = "hub-key-changed"
 # ...and reasons of a per-document `error` (the link stays up).
 QUOTA_EXCEEDED = "quota-exceeded"
 ENVIRONMENT_TOO_LARGE = "environment-too-large"
@@ -76,6 +78,7 @@ REASONS = frozenset(
         INTERNAL_ERROR,
         FORBIDDEN,
         TOO_MANY_DEVICES,
+        HUB_KEY_CHANGED,
     }
 )
 
