@@ -16,9 +16,12 @@ Event = dict[str, Any]
 
 
 class EventLog:
-    def __init__(self, capacity: int = 10_000) -> None:
+    def __init__(self, capacity: int = 10_000, first_id: int | None = None) -> None:
         self._events: deque[Event] = deque(maxlen=capacity)
-        self._next_id = 1
+        # Ids go on increasing across restarts (they start at the start time in milliseconds),
+        # so a cursor from an earlier run is recognisably older than anything this run holds.
+        self.first_id = first_id if first_id is not None else int(time.time() * 1000)
+        self._next_id = self.first_id
         self._listeners: dict[int, Callable[[Event], None]] = {}
         self._next_listener = 1
 

@@ -324,10 +324,19 @@ class Service:
             raise ApiError("bad-request", "since must be a non-negative integer")
         backlog = events.since(since)
         missed = max(0, events.oldest_id - since - 1) if since < events.last_id else 0
+        # a cursor from before this daemon started (or from the future): the events between
+        # are unknown, so the client must re-read the state
+        reset = 0 < since < events.first_id - 1 or since > events.last_id
         token = 0
         sub = session.open_subscription(on_close=lambda: events.unlisten(token))
         token = events.listen(lambda event: session.push(sub, event))
-        return {"sub": sub, "cursor": events.last_id, "missed": missed, "events": backlog}
+        return {
+            "sub": sub,
+            "cursor": events.last_id,
+            "missed": missed,
+            "reset": reset,
+            "events": backlog if not since > events.last_id else [],
+        }
 
     async def op_unsubscribe(self, args: dict[str, Any], session: Any) -> Any:
         sub = args.get("sub")
