@@ -5,6 +5,14 @@ Three tasks per link: a reader (websocket -> `receive`), a writer (`data_to_send
 woken whenever the connection may have something to send) and a ticker (`handle_timer` at
 `get_timer()`). Once the connection is closed the writer flushes the close message and hangs up;
 if a send is stuck (a peer that stopped reading), the ticker cuts the link after `close_grace`.
+
+Nothing here ever waits for a peer on behalf of the code producing changes: `local_update` only
+queues (the connection bounds its queue: merged past `coalesce_bytes`, `too-slow` past
+`max_queued`), and a write that makes no progress for `send_timeout` closes with `too-slow`.
+
+`serve` bounds the incoming connections that have not authenticated yet (`Admission`): in total
+and per remote address, from the TCP accept to `Established`. One more is refused at once with
+an HTTP 503 `busy` instead of the websocket upgrade, which a dialer reports as `busy`.
 """
 
 from __future__ import annotations
@@ -17,17 +25,27 @@ from functools import partial
 import trio
 from trio_websocket import (
     ConnectionClosed,
+    ConnectionRejected,
     HandshakeError,
     WebSocketConnection,
     WebSocketRequest,
     open_websocket,
-    serve_websocket,
+    wrap_server_stream,
 )
 
-from .messages import CLOSED, SHUTDOWN, TOO_LARGE
+from .messages import BUSY, CLOSED, SHUTDOWN, TOO_LARGE, TOO_SLOW, UNREACHABLE
 from .session import Closed, Event, PeerConfig, PeerConnection
 
-__all__ = ["PATH", "Link", "Unreachable", "dial", "format_address", "serve"]
+__all__ = [
+    "PATH",
+    "Admission",
+    "Link",
+    "Ticket",
+    "Unreachable",
+    "dial",
+    "format_address",
+    "serve",
+]
 
 log = logging.getLogger("peerdaemon.peer")
 
@@ -36,10 +54,63 @@ RECEIVE_BUFFER = 256 * 1024
 WS_MESSAGE_TOO_BIG = 1009
 SHUTDOWN_FLUSH = 0.5
 """How long a link cancelled by a daemon shutdown may spend telling the peer."""
+BUSY_STATUS = 503
+BUSY_BODY = b"busy\n"
+REFUSE_TIMEOUT = 1.0
+"""How long refusing one connection over the limits may take (reading its HTTP request)."""
 
 
 class Unreachable(Exception):
-    """The TCP connection or the websocket opening handshake of a dial failed."""
+    """The TCP connection or the websocket opening handshake of a dial failed (`reason`
+    `busy` if the listener refused it for having too many connections in their handshake)."""
+
+    def __init__(self, message: str, reason: str = UNREACHABLE) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class Ticket:
+    """One admitted connection's place among the unauthenticated ones; `release` when it
+    authenticates or ends (idempotent)."""
+
+    __slots__ = ("_admission", "ip")
+
+    def __init__(self, admission: Admission, ip: str) -> None:
+        self._admission: Admission | None = admission
+        self.ip = ip
+
+    def release(self) -> None:
+        admission, self._admission = self._admission, None
+        if admission is not None:
+            admission._release(self.ip)
+
+
+class Admission:
+    """Counts incoming connections that have not authenticated yet, in total and per remote
+    address, and refuses one more past either limit."""
+
+    def __init__(self, total: int, per_ip: int) -> None:
+        self.total = total
+        self.per_ip = per_ip
+        self.count = 0
+        self.by_ip: dict[str, int] = {}
+        self.refused = 0
+
+    def admit(self, ip: str) -> Ticket | None:
+        if self.count >= self.total or self.by_ip.get(ip, 0) >= self.per_ip:
+            self.refused += 1
+            return None
+        self.count += 1
+        self.by_ip[ip] = self.by_ip.get(ip, 0) + 1
+        return Ticket(self, ip)
+
+    def _release(self, ip: str) -> None:
+        self.count -= 1
+        left = self.by_ip[ip] - 1
+        if left:
+            self.by_ip[ip] = left
+        else:
+            del self.by_ip[ip]
 
 
 def format_address(host: str, port: int) -> str:
@@ -75,6 +146,10 @@ class Link:
         self.conn: PeerConnection | None = None
         self.target: object | None = None
         """The owner's tag for a dialed link (the manager's dial target)."""
+        self.ticket: Ticket | None = None
+        """An incoming link's place among the unauthenticated connections (`serve`)."""
+        self._send_since: float | None = None
+        """While the writer is sending: when it last made progress (for `send_timeout`)."""
         self.started = trio.current_time()
         self._wakeup = trio.Event()
         self._tick = trio.Event()
@@ -153,16 +228,25 @@ class Link:
 
     async def _flush(self, ws: WebSocketConnection) -> bool:
         """Send what the connection has queued; False if the websocket is gone."""
-        assert self.conn is not None
-        for data in self.conn.data_to_send():
-            try:
-                await ws.send_message(data)
-            except ConnectionClosed as exc:
-                self.conn.connection_lost(_lost_reason(exc))
-                self._pump()
-                return False
-            self.bytes_sent += len(data)
-            self.messages_sent += 1
+        conn = self.conn
+        assert conn is not None
+        try:
+            while batch := conn.data_to_send():
+                if self._send_since is None:
+                    self._send_since = trio.current_time()
+                    self._tick.set()  # the ticker now watches for a stalled write
+                for data in batch:
+                    try:
+                        await ws.send_message(data)
+                    except ConnectionClosed as exc:
+                        conn.connection_lost(_lost_reason(exc))
+                        self._pump()
+                        return False
+                    self._send_since = trio.current_time()
+                    self.bytes_sent += len(data)
+                    self.messages_sent += 1
+        finally:
+            self._send_since = None
         return True
 
     async def _writer(self, ws: WebSocketConnection) -> None:
@@ -200,13 +284,25 @@ class Link:
     async def _ticker(self) -> None:
         conn = self.conn
         assert conn is not None
+        send_timeout = self.config.send_timeout
         while conn.closed is None:
             deadline = conn.get_timer()
+            if deadline is None:
+                deadline = math.inf
+            since = self._send_since
+            stall = since + send_timeout if since is not None else math.inf
             self._tick = trio.Event()
-            with trio.move_on_at(deadline if deadline is not None else math.inf):
+            with trio.move_on_at(min(deadline, stall)):
                 await self._tick.wait()
-            if conn.closed is None and deadline is not None and trio.current_time() >= deadline:
-                conn.handle_timer(trio.current_time())
+            if conn.closed is not None:
+                break
+            now = trio.current_time()
+            since = self._send_since
+            if since is not None and now >= since + send_timeout:
+                conn.close(TOO_SLOW, f"no progress writing to the peer for {now - since:.1f} s")
+                self._pump()
+            elif now >= deadline:
+                conn.handle_timer(now)
                 self._pump()
         await trio.sleep(self.config.close_grace)
         if self._cancel is not None:
@@ -233,46 +329,100 @@ async def dial(link: Link, host: str, port: int) -> Closed:
     except (HandshakeError, OSError, ConnectionClosed, trio.BrokenResourceError) as exc:
         if opened and link.closed is not None:
             return link.closed  # a failure while hanging up: the link had already ended
+        busy = (
+            isinstance(exc, ConnectionRejected)
+            and exc.status_code == BUSY_STATUS
+            and exc.body == BUSY_BODY
+        )
         raise Unreachable(
-            f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__,
+            BUSY if busy else UNREACHABLE,
         ) from None
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _remote_ip(stream: trio.abc.Stream) -> str:
+    sock = getattr(stream, "socket", None)
+    try:
+        return str(sock.getpeername()[0]) if sock is not None else "?"
+    except (OSError, IndexError, TypeError):
+        return "?"
 
 
 async def serve(
     host: str,
     port: int,
-    handler: Callable[[WebSocketConnection], Awaitable[None]],
+    handler: Callable[[WebSocketConnection, Ticket], Awaitable[None]],
     config: PeerConfig,
     *,
+    admission: Admission | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Listen on `host:port` for peers (websocket path `/peer`); started() with the bound port."""
+    """Listen on `host:port` for peers (websocket path `/peer`); started() with the bound port.
 
-    async def on_request(request: WebSocketRequest) -> None:
-        if request.path != PATH:
-            await request.reject(404, body=b"not a peerdaemon peer endpoint\n")
+    `handler(ws, ticket)` runs each admitted connection; it releases `ticket` once the peer has
+    authenticated (it is released when the handler returns in any case). Connections over the
+    `admission` limits (default: `config.max_half_open` and `max_half_open_per_ip`) are refused.
+    """
+    if admission is None:
+        admission = Admission(config.max_half_open, config.max_half_open_per_ip)
+    refusing = 0
+
+    async def refuse(stream: trio.abc.Stream) -> None:
+        """HTTP 503 `busy` in place of the upgrade; while many are being refused, just hang up."""
+        nonlocal refusing
+        if refusing >= config.max_half_open:
+            await trio.aclose_forcefully(stream)
             return
-        ws = await request.accept()
+        refusing += 1
         try:
-            await handler(ws)
-        except Exception:  # one bad connection must not stop the listener
-            log.exception("peer connection from %s failed", ws.remote)
+            with trio.move_on_after(min(REFUSE_TIMEOUT, config.connect_timeout)):
+                async with trio.open_nursery() as nursery:
+                    request = await wrap_server_stream(
+                        nursery, stream, max_message_size=config.max_message
+                    )
+                    await request.reject(BUSY_STATUS, body=BUSY_BODY)
+                    nursery.cancel_scope.cancel()
+        finally:
+            refusing -= 1
+            await trio.aclose_forcefully(stream)
+
+    async def on_connection(stream: trio.abc.Stream) -> None:
+        ticket = admission.admit(_remote_ip(stream))
+        if ticket is None:
+            log.debug("peer connection from %s refused: busy", _remote_ip(stream))
+            await refuse(stream)
+            return
+        try:
+            async with trio.open_nursery() as nursery:
+                request: WebSocketRequest | None = None
+                with trio.move_on_after(config.connect_timeout):
+                    request = await wrap_server_stream(
+                        nursery,
+                        stream,
+                        max_message_size=config.max_message,
+                        receive_buffer_size=RECEIVE_BUFFER,
+                    )
+                    if request.path != PATH:
+                        await request.reject(404, body=b"not a peerdaemon peer endpoint\n")
+                        request = None
+                if request is None or request.path != PATH:
+                    nursery.cancel_scope.cancel()
+                    await trio.aclose_forcefully(stream)
+                    return
+                ws = await request.accept()
+                try:
+                    await handler(ws, ticket)
+                except Exception:  # one bad connection must not stop the listener
+                    log.exception("peer connection from %s failed", ws.remote)
+                finally:
+                    with trio.move_on_after(config.close_grace):
+                        await ws.aclose()
+                    nursery.cancel_scope.cancel()
+        finally:
+            ticket.release()
 
     async with trio.open_nursery() as nursery:
-        server = await nursery.start(
-            partial(
-                serve_websocket,
-                on_request,
-                host,
-                port,
-                None,
-                max_message_size=config.max_message,
-                receive_buffer_size=RECEIVE_BUFFER,
-                connect_timeout=config.connect_timeout,
-                disconnect_timeout=config.close_grace,
-            )
-        )
-        listeners = server.listeners
-        bound = listeners[0].port if listeners and not isinstance(listeners[0], str) else port
-        task_status.started(bound)
+        listeners = await nursery.start(partial(trio.serve_tcp, on_connection, port, host=host))
+        sockname = listeners[0].socket.getsockname() if listeners else None
+        task_status.started(sockname[1] if sockname else port)

@@ -24,8 +24,8 @@ from trio_websocket import WebSocketConnection
 
 from ..model import MODEL_VERSION
 from .handshake import Established, IdentityLike
-from .link import Link, Unreachable, dial, format_address, serve
-from .messages import CLOSED, DUPLICATE, SELF, UNREACHABLE
+from .link import Link, Ticket, Unreachable, dial, format_address, serve
+from .messages import CLOSED, DUPLICATE, SELF
 from .session import (
     Closed,
     Event,
@@ -314,7 +314,7 @@ class PeerManager:
             make_conn, dialer=dialer, address=address, on_event=self._on_event, config=self.config
         )
 
-    async def _serve_inbound(self, ws: WebSocketConnection) -> None:
+    async def _serve_inbound(self, ws: WebSocketConnection, ticket: Ticket | None = None) -> None:
         remote = ws.remote
         address = (
             format_address(str(remote.address), remote.port)
@@ -322,7 +322,12 @@ class PeerManager:
             else remote
         )
         link = self._new_link(dialer=False, address=address)
-        await link.run(ws)
+        link.ticket = ticket  # released once the peer authenticates (`_on_established`)
+        try:
+            await link.run(ws)
+        finally:
+            if ticket is not None:
+                ticket.release()
 
     async def _dial_loop(self, target: _Target) -> None:
         with trio.CancelScope() as scope:
@@ -361,7 +366,7 @@ class PeerManager:
             row = self._row(self._target_key(target), target.device)
             row.pending.discard(link)
             if not row.links:
-                row.reason, row.versions = UNREACHABLE, None
+                row.reason, row.versions = exc.reason, None
             self._refresh(row)
         except Exception:
             log.exception("peers: dialing %s failed", target.address)
@@ -402,6 +407,8 @@ class PeerManager:
         self._refresh(row)
 
     def _on_established(self, link: Link, event: Established) -> None:
+        if link.ticket is not None:
+            link.ticket.release()
         row = self._row(event.device, event.device)
         row.pending.discard(link)
         row.name = event.name

@@ -55,6 +55,10 @@ DUPLICATE = "duplicate"
 SELF = "self"
 SHUTDOWN = "shutdown"
 INTERNAL_ERROR = "internal-error"
+TOO_SLOW = "too-slow"
+"""The peer does not read what we send fast enough (its queue hit a limit, or a write stalled)."""
+BUSY = "busy"
+"""Too many connections have not finished their handshake; try again later."""
 # Hub mode (docs/peer-protocol.md, "Hub mode"): close reasons a hub sends...
 FORBIDDEN = "forbidden"
 TOO_MANY_DEVICES = "too-many-devices"
@@ -76,6 +80,8 @@ REASONS = frozenset(
         SELF,
         SHUTDOWN,
         INTERNAL_ERROR,
+        TOO_SLOW,
+        BUSY,
         FORBIDDEN,
         TOO_MANY_DEVICES,
         HUB_KEY_CHANGED,

@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from pycrdt import merge_updates
+
 from ..model import MODEL_VERSION
 from . import messages
 from .handshake import (
@@ -41,6 +43,7 @@ from .messages import (
     SYNC_UPDATE,
     TIMEOUT,
     TOO_LARGE,
+    TOO_SLOW,
     UNAUTHORIZED,
     ProtocolError,
 )
@@ -66,6 +69,8 @@ EMPTY_UPDATE = b"\x00\x00"
 EMPTY_STATE_VECTOR = b"\x00"
 BOX_OVERHEAD = 64
 """Upper bound of what boxing adds to an inner message (tag, CBOR map, counter)."""
+UPDATE_OVERHEAD = BOX_OVERHEAD + 32
+"""Upper bound of what a `sync` update message adds to its doc id and update bytes."""
 
 
 class SyncHostLike(Protocol):
@@ -102,6 +107,19 @@ class PeerConfig:
     """Step 1 requests remembered for documents not (yet) allowed on this link."""
     max_rows: int = 512
     """Rows of the peers table kept for devices we no longer dial or hear from."""
+    coalesce_bytes: int = 8 << 20
+    """Past this many bytes queued for a peer, its queued updates are merged, one per document."""
+    max_queued: int = 64 << 20
+    """Past this many bytes queued for a peer (beyond its largest single message, even after
+    merging), the link is closed with `too-slow`."""
+    send_timeout: float = 60.0
+    """Close with `too-slow` when writing one message to the peer takes longer than this."""
+    write_batch: int = 1 << 20
+    """`data_to_send` hands out about this many bytes at a time (at least one message)."""
+    max_half_open: int = 64
+    """Incoming connections that have not finished the handshake, at most; more get `busy`."""
+    max_half_open_per_ip: int = 8
+    """The same, per remote address."""
 
 
 # -- events --------------------------------------------------------------------------------------
@@ -172,6 +190,7 @@ class SyncSession:
         max_deferred: int = 4096,
         origin: str | None = None,
         on_error: Callable[[DocError], None] | None = None,
+        send_update: Callable[[str, bytes], None] | None = None,
     ) -> None:
         self.host = host
         self.origin = origin or f"peer:{peer_device}"
@@ -180,6 +199,7 @@ class SyncSession:
         """Documents the peer refused on this link: not sent again until the docs change."""
         self.spaces = spaces
         self._send = send
+        self._send_update = send_update or self._update_message
         self._max_deferred = max_deferred
         self.sent_step1: set[str] = set()
         self._awaiting: set[str] = set()
@@ -210,8 +230,7 @@ class SyncSession:
             del self.refused[doc]
             update = self.host.diff(doc, EMPTY_STATE_VECTOR)
             if update != EMPTY_UPDATE:
-                m = messages.encode_sync(SYNC_UPDATE, update)
-                self._send({"t": "sync", "doc": doc, "m": m})
+                self._send_update(doc, update)
         for doc, sv in list(self._deferred.items()):
             if self.host.allowed(doc, self.spaces):
                 del self._deferred[doc]
@@ -223,6 +242,9 @@ class SyncSession:
             return
         if not self.host.allowed(doc, self.spaces):
             return
+        self._send_update(doc, update)
+
+    def _update_message(self, doc: str, update: bytes) -> None:
         self._send({"t": "sync", "doc": doc, "m": messages.encode_sync(SYNC_UPDATE, update)})
 
     def receive(self, msg: dict[str, Any]) -> None:
@@ -287,6 +309,41 @@ class SyncSession:
             self.synced = True
 
 
+# -- the outgoing queue --------------------------------------------------------------------------
+
+
+class _Out:
+    """One queued outgoing message: wire bytes, an inner message to box, or the update(s) of one
+    document to send as a single `sync` update (`parts`, merged when it is sent)."""
+
+    __slots__ = ("base", "doc", "extra", "msg", "parts", "size", "wire")
+
+    def __init__(
+        self,
+        *,
+        wire: bytes | None = None,
+        msg: dict[str, Any] | None = None,
+        doc: str | None = None,
+        update: bytes | None = None,
+        size: int = 0,
+    ) -> None:
+        self.wire = wire
+        self.msg = msg
+        self.doc = doc
+        self.parts: list[bytes] | None = [update] if update is not None else None
+        self.extra = size - (len(update) if update is not None else 0)
+        self.size = size
+        self.base = size
+        """The largest single message this one is made of (merged updates count one by one)."""
+
+    def resize(self) -> int:
+        """Recompute `size` after `parts` changed; -> the change."""
+        assert self.parts is not None
+        size = self.extra + sum(len(p) for p in self.parts)
+        delta, self.size = size - self.size, size
+        return delta
+
+
 # -- the connection ------------------------------------------------------------------------------
 
 
@@ -330,7 +387,13 @@ class PeerConnection:
         self.claimed_name: str | None = None
         """What the peer's hello or cleartext close says, even when we could not accept it."""
         self.established: Established | None = None
-        self._out: list[bytes] = []
+        self._out: deque[_Out] = deque()
+        self._updates: dict[str, _Out] = {}
+        """Per document, the queued update message later updates of it are merged into."""
+        self.queued_bytes = 0
+        """Bytes waiting in `_out` (what `data_to_send` has not handed out yet)."""
+        self.coalesced = 0
+        """Updates merged into an already queued update message instead of queued on their own."""
         self._events: deque[Event] = deque()
         self._cleartext_ok = True  # until the peer's first box
         self._handshake_deadline = now + self.config.handshake_timeout
@@ -338,7 +401,7 @@ class PeerConnection:
         self._next_ping = now + self.config.ping_interval
         self._announced: frozenset[bytes] = frozenset()
         self._synced_reported = False
-        self._out.extend(self.handshake.start())
+        self._queue_wire(self.handshake.start())
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -365,8 +428,17 @@ class PeerConnection:
     # -- outputs -------------------------------------------------------------------------------
 
     def data_to_send(self) -> list[bytes]:
-        """Websocket binary messages to send, in order. After a close, send them, then hang up."""
-        out, self._out = self._out, []
+        """Websocket binary messages to send, in order: about `write_batch` bytes (at least one
+        message), so call it again until it returns nothing. After a close, send them, then hang
+        up. Messages are boxed here, so queued updates can still be merged until then."""
+        out: list[bytes] = []
+        budget = self.config.write_batch
+        while self._out and budget > 0:
+            entry = self._out.popleft()
+            self.queued_bytes -= entry.size
+            data = self._wire(entry)
+            out.append(data)
+            budget -= len(data)
         return out
 
     def next_event(self) -> Event | None:
@@ -407,7 +479,7 @@ class PeerConnection:
         if now >= self._last_received + self.config.idle_timeout:
             self._close(TIMEOUT, f"nothing received for {now - self._last_received:.1f} s")
         elif now >= self._next_ping:
-            self._send_inner({"t": "ping"})
+            self._guard(self._send_inner, {"t": "ping"})
             self._next_ping = now + self.config.ping_interval
 
     def local_update(self, doc: str, update: bytes, origin: str) -> None:
@@ -467,7 +539,7 @@ class PeerConnection:
             if self.handshake.peer is not None and self.hello is None:
                 self.hello = self.handshake.peer
                 self._events.append(HelloReceived(self.hello))
-        self._out.extend(out)
+        self._queue_wire(out)
 
     def _note_claims(self, msg: dict[str, Any]) -> None:
         device, name = msg.get("device"), msg.get("name")
@@ -482,7 +554,7 @@ class PeerConnection:
         elif self.session is None:
             if t != "auth":
                 raise ProtocolError(PROTOCOL_ERROR, f"{t!r} before authentication")
-            self._out.extend(self.handshake.receive_auth(msg))
+            self._queue_wire(self.handshake.receive_auth(msg))
             self._open(self.handshake.result)
         elif t == "ping":
             self._send_inner({"t": "pong"})
@@ -509,6 +581,7 @@ class PeerConnection:
             max_deferred=self.config.max_deferred,
             origin=self.origin,
             on_error=self._events.append,
+            send_update=self._send_update,
         )
         self._events.append(result)
         self.session.open()
@@ -537,12 +610,123 @@ class PeerConnection:
             self._events.append(Synced(len(self.session.sent_step1)))
 
     def _send_inner(self, msg: dict[str, Any]) -> None:
-        channel = self.handshake.channel
-        assert channel is not None
+        assert self.handshake.channel is not None
+        if self.closed is not None:
+            return
         size = len(messages.encode(msg)) + BOX_OVERHEAD
         if size > self.config.max_message:
             raise ProtocolError(TOO_LARGE, f"outgoing message of {size} bytes")
-        self._out.append(channel.seal(msg))
+        self._push(_Out(msg=msg, size=size))
+
+    def _send_update(self, doc: str, update: bytes) -> None:
+        """A `sync` update of `doc`: merged into the one already queued for `doc` if any."""
+        if self.closed is not None:
+            return
+        size = len(update) + len(doc.encode()) + UPDATE_OVERHEAD
+        if size > self.config.max_message:
+            raise ProtocolError(TOO_LARGE, f"outgoing message of {size} bytes")
+        head = self._updates.get(doc)
+        if head is not None and head.size + len(update) <= self.config.max_message:
+            assert head.parts is not None
+            head.parts.append(update)
+            self.queued_bytes += len(update)
+            head.size += len(update)
+            head.base = max(head.base, head.extra + len(update))
+            self.coalesced += 1
+            self._merge_tail(head)
+            self._check_queue()
+            return
+        self._push(_Out(doc=doc, update=update, size=size))
+
+    # -- the outgoing queue --------------------------------------------------------------------
+
+    def _queue_wire(self, data: Iterable[bytes]) -> None:
+        for wire in data:
+            self._out.append(_Out(wire=wire, size=len(wire)))
+            self.queued_bytes += len(wire)
+
+    def _push(self, entry: _Out) -> None:
+        self._out.append(entry)
+        self.queued_bytes += entry.size
+        self._check_queue()
+
+    def _check_queue(self) -> None:
+        """Past `coalesce_bytes` merge queued updates per document; past `max_queued` (beyond
+        the largest single message queued, which `max_message` bounds anyway: the first sync of
+        a large document is one message) the peer is not keeping up: `too-slow`."""
+        if self.queued_bytes <= self.config.coalesce_bytes:
+            return
+        self._coalesce()
+        if self.queued_bytes > self.config.max_queued:
+            largest = max(entry.base for entry in self._out)
+            if self.queued_bytes - largest > self.config.max_queued:
+                raise ProtocolError(
+                    TOO_SLOW, f"{self.queued_bytes} bytes queued: the peer does not keep up"
+                )
+
+    def _coalesce(self) -> None:
+        """Fold every queued update message into the first queued one of its document."""
+        limit = self.config.max_message
+        folded = False
+        for entry in self._out:
+            if entry.parts is None:
+                continue
+            assert entry.doc is not None
+            head = self._updates.get(entry.doc)
+            if head is entry:
+                continue
+            if head is None or head.size + entry.size - entry.extra > limit:
+                self._updates[entry.doc] = entry
+                continue
+            assert head.parts is not None
+            head.parts.extend(entry.parts)
+            head.size += entry.size - entry.extra
+            head.base = max(head.base, entry.base)
+            self.queued_bytes -= entry.extra
+            self.coalesced += len(entry.parts)
+            entry.parts = None
+            entry.size = -1  # dropped below
+            folded = True
+        if folded:
+            self._out = deque(entry for entry in self._out if entry.size >= 0)
+        for head in self._updates.values():
+            assert head.parts is not None
+            if len(head.parts) > 1:
+                head.parts = [merge_updates(*head.parts)]
+                self.queued_bytes += head.resize()
+
+    def _merge_tail(self, head: _Out) -> None:
+        """Merge the newest parts while they are not much smaller than the ones before them:
+        each update gets merged O(log n) times, however many are queued."""
+        parts = head.parts
+        assert parts is not None
+        merged = False
+        while len(parts) > 1 and len(parts[-2]) <= 2 * len(parts[-1]):
+            parts[-2:] = [merge_updates(parts[-2], parts[-1])]
+            merged = True
+        if merged:
+            self.queued_bytes += head.resize()
+
+    def _wire(self, entry: _Out) -> bytes:
+        if entry.wire is not None:
+            return entry.wire
+        channel = self.handshake.channel
+        assert channel is not None
+        if entry.parts is not None:
+            assert entry.doc is not None
+            if self._updates.get(entry.doc) is entry:
+                del self._updates[entry.doc]
+            parts = entry.parts
+            update = parts[0] if len(parts) == 1 else merge_updates(*parts)
+            m = messages.encode_sync(SYNC_UPDATE, update)
+            return channel.seal({"t": "sync", "doc": entry.doc, "m": m})
+        assert entry.msg is not None
+        return channel.seal(entry.msg)
+
+    def _drop_queue(self) -> None:
+        self._out.clear()
+        self._updates.clear()
+        self.queued_bytes = 0
 
     def _peer_closed(self, msg: dict[str, Any]) -> None:
         reason = msg["reason"]
@@ -561,14 +745,18 @@ class PeerConnection:
         msg: dict[str, Any] = {"t": "close", "reason": reason}
         if detail:
             msg["detail"] = detail[: messages.MAX_DETAIL]
+        if reason == TOO_SLOW:
+            self._drop_queue()  # the peer would not read it; reconnecting resyncs everything
         channel = self.handshake.channel
         if channel is not None:
-            self._out.append(channel.seal(msg))
+            size = len(messages.encode(msg)) + BOX_OVERHEAD
+            self._out.append(_Out(msg=msg, size=size))
+            self.queued_bytes += size
         else:
             msg["proto"], msg["model"] = PROTOCOL_VERSION, self.model
             msg["device"] = self.identity.device_id
             msg["name"] = self.identity.name[: messages.MAX_NAME]
-            self._out.append(messages.encode(msg))
+            self._queue_wire([messages.encode(msg)])
         self._finish(Closed(reason, detail, by_peer=False, versions=versions))
 
     def _finish(self, closed: Closed) -> None:
