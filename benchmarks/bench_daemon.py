@@ -40,9 +40,18 @@ class Daemon:
         """Start the daemon; returns seconds until it answered `status`."""
         t0 = time.perf_counter()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "peerdaemon", "run", "--data-dir", str(self.data),
-             "--socket", str(self.sock)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                sys.executable,
+                "-m",
+                "peerdaemon",
+                "run",
+                "--data-dir",
+                str(self.data),
+                "--socket",
+                str(self.sock),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -89,7 +98,9 @@ async def patch_load(sock: Path, env_id: str, total: int, inflight: int) -> dict
 
         async def worker(w: int) -> None:
             for n in counter:
-                op = [{"op": "replace", "path": "/routes/0/responses/0/label", "value": f"w{w}-{n}"}]
+                op = [
+                    {"op": "replace", "path": "/routes/0/responses/0/label", "value": f"w{w}-{n}"}
+                ]
                 t = time.perf_counter()
                 await client.patch(env_id, op)
                 latencies.append(time.perf_counter() - t)
@@ -116,8 +127,11 @@ def bench_patches(root: Path, total: int) -> dict[str, Any]:
         par = trio.run(patch_load, d.sock, env_id, total, 32)
         with Client.connect(d.sock) as c:
             store = c.status()["store"]
-        return {"sequential": seq, "concurrent32": par,
-                "writes_per_commit": store["batched_writes"] / max(1, store["commits"])}
+        return {
+            "sequential": seq,
+            "concurrent32": par,
+            "writes_per_commit": store["batched_writes"] / max(1, store["commits"]),
+        }
     finally:
         d.stop()
 
@@ -139,8 +153,13 @@ def bench_big(root: Path, size: int) -> dict[str, float]:
             update = c.export(env_id, format="yjs")
             t_export_yjs = time.perf_counter() - t
         assert out == env, "15 MB round trip changed the environment"
-        return {"json_mb": len(text) / 1e6, "import_s": t_import, "export_json_s": t_export,
-                "export_yjs_s": t_export_yjs, "yjs_mb": len(update) / 1e6}
+        return {
+            "json_mb": len(text) / 1e6,
+            "import_s": t_import,
+            "export_json_s": t_export,
+            "export_yjs_s": t_export_yjs,
+            "yjs_mb": len(update) / 1e6,
+        }
     finally:
         d.stop()
 
@@ -161,7 +180,11 @@ def bench_rss(root: Path, count: int, size: int) -> dict[str, float]:
         restarted = d.rss_kb()
     finally:
         d.stop()
-    return {"idle_mb": idle / 1024, "after_import_mb": loaded / 1024, "after_restart_mb": restarted / 1024}
+    return {
+        "idle_mb": idle / 1024,
+        "after_import_mb": loaded / 1024,
+        "after_restart_mb": restarted / 1024,
+    }
 
 
 def bench_startup(root: Path, count: int, size: int, restarts: int) -> dict[str, Any]:
@@ -220,7 +243,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller sizes, to check the script")
     a = parser.parse_args()
     q = a.quick
-    results: dict[str, list[dict[str, Any]]] = {k: [] for k in ("patch", "big", "rss", "start", "db")}
+    results: dict[str, list[dict[str, Any]]] = {
+        k: [] for k in ("patch", "big", "rss", "start", "db")
+    }
     for r in range(a.rounds):
         with tempfile.TemporaryDirectory(prefix="pdb") as tmp:
             base = Path(tmp)
@@ -239,8 +264,11 @@ def main() -> None:
             for p in path:
                 v = v[p]
             vals.append(v)
-        print(f"{label}: median {fmt.format(statistics.median(vals))}  (rounds: "
-              + ", ".join(fmt.format(v) for v in vals) + ")")
+        print(
+            f"{label}: median {fmt.format(statistics.median(vals))}  (rounds: "
+            + ", ".join(fmt.format(v) for v in vals)
+            + ")"
+        )
 
     line("patches/s, 1 client sequential, durable", "patch", ["sequential", "per_s"], "{:.0f}")
     line("  ack latency p50 ms", "patch", ["sequential", "p50_ms"], "{:.2f}")
@@ -258,10 +286,12 @@ def main() -> None:
     line("RSS with 20 envs, after restart MB", "rss", ["after_restart_mb"])
     line("startup with 100 envs s", "start", ["startup_s"], "{:.2f}")
     for res in results["db"]:
-        print("db after {edits} edits: files {db_files_kb_after_stop:.0f} KiB after stop, "
-              "{db_bytes_running_kb:.0f} KiB while running (log {log_kb:.0f} KiB, snapshot "
-              "{snapshot_kb:.0f} KiB); compacted state {compacted_state_kb:.1f} KiB; ratio "
-              "{ratio_files_to_state:.1f}".format(**res))
+        print(
+            "db after {edits} edits: files {db_files_kb_after_stop:.0f} KiB after stop, "
+            "{db_bytes_running_kb:.0f} KiB while running (log {log_kb:.0f} KiB, snapshot "
+            "{snapshot_kb:.0f} KiB); compacted state {compacted_state_kb:.1f} KiB; ratio "
+            "{ratio_files_to_state:.1f}".format(**res)
+        )
     print(json.dumps(results))
 
 

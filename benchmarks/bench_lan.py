@@ -99,19 +99,37 @@ class Proc:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def argv(self) -> list[str]:
-        argv = [sys.executable, "-m", "peerdaemon", "run", "--data-dir", str(self.root / "data"),
-                "--socket", str(self.sock), "--name", self.name, "--no-mdns",
-                "--listen", f"{LOCAL}:{self.port}"]
+        argv = [
+            sys.executable,
+            "-m",
+            "peerdaemon",
+            "run",
+            "--data-dir",
+            str(self.root / "data"),
+            "--socket",
+            str(self.sock),
+            "--name",
+            self.name,
+            "--no-mdns",
+            "--listen",
+            f"{LOCAL}:{self.port}",
+        ]
         for port in self.peers:
             argv += ["--peer", f"{LOCAL}:{port}"]
         return argv
 
-    def spawn(self, argv: list[str] | None = None, popen: Any = subprocess.Popen,
-              mdns: bool = False) -> None:
+    def spawn(
+        self, argv: list[str] | None = None, popen: Any = subprocess.Popen, mdns: bool = False
+    ) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         with open(self.root / "log", "ab") as log:
-            self.proc = popen(argv or self.argv(), stdin=subprocess.DEVNULL, stdout=log,
-                              stderr=log, env=child_env(mdns))
+            self.proc = popen(
+                argv or self.argv(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env=child_env(mdns),
+            )
 
     def wait_ready(self, timeout: float = 30) -> None:
         assert self.proc is not None
@@ -197,14 +215,17 @@ class Proxy:
                     upstream = await trio.open_tcp_stream(LOCAL, self.target)
                     async with upstream, trio.open_nursery() as nursery:
                         nursery.start_soon(self._pipe, client, upstream, True, nursery.cancel_scope)
-                        nursery.start_soon(self._pipe, upstream, client, False, nursery.cancel_scope)
+                        nursery.start_soon(
+                            self._pipe, upstream, client, False, nursery.cancel_scope
+                        )
             except (trio.BrokenResourceError, OSError):
                 pass
             finally:
                 self._scopes.discard(scope)
 
-    async def _pipe(self, src: trio.SocketStream, dst: trio.SocketStream, up: bool,
-                    done: trio.CancelScope) -> None:
+    async def _pipe(
+        self, src: trio.SocketStream, dst: trio.SocketStream, up: bool, done: trio.CancelScope
+    ) -> None:
         try:
             while data := await src.receive_some(65536):
                 if up:
@@ -284,8 +305,10 @@ async def bench_latency(base: Path, edits: int) -> dict[str, float]:
             await wait_for(lambda: exports_equal([ca, cb], env_id), "first sync")
             latencies: list[float] = []
             local: list[float] = []  # the same edit's change event on a subscriber of A itself
-            async with await cb.subscribe_env(env_id) as sub, \
-                    await ca.subscribe_env(env_id) as sub_a:
+            async with (
+                await cb.subscribe_env(env_id) as sub,
+                await ca.subscribe_env(env_id) as sub_a,
+            ):
                 for n in range(edits + 20):  # the first 20 are warm-up
                     t0 = time.perf_counter()
                     async with trio.open_nursery() as nursery:
@@ -299,9 +322,14 @@ async def bench_latency(base: Path, edits: int) -> dict[str, float]:
                     if n >= 20:
                         latencies.append((t1 - t0) * 1000)
                         local.append((t_local - t0) * 1000)
-    return {"p50_ms": statistics.median(latencies), "p99_ms": pct(latencies, 0.99),
-            "max_ms": max(latencies), "edits": len(latencies),
-            "local_p50_ms": statistics.median(local), "local_p99_ms": pct(local, 0.99)}
+    return {
+        "p50_ms": statistics.median(latencies),
+        "p99_ms": pct(latencies, 0.99),
+        "max_ms": max(latencies),
+        "edits": len(latencies),
+        "local_p50_ms": statistics.median(local),
+        "local_p99_ms": pct(local, 0.99),
+    }
 
 
 async def bench_bytes(base: Path, edits: int = 10) -> dict[str, float]:
@@ -342,9 +370,15 @@ async def bench_bytes(base: Path, edits: int = 10) -> dict[str, float]:
                         event = await sub.__anext__()
                         after = await settled()
                         d = [y - x for x, y in zip(before, after, strict=True)]
-                        rows.append({"yjs_update": len(event["update"]), "message_a_to_b": d[0],
-                                     "message_b_to_a": d[1], "tcp_a_to_b": d[3],
-                                     "tcp_b_to_a": d[2]})
+                        rows.append(
+                            {
+                                "yjs_update": len(event["update"]),
+                                "message_a_to_b": d[0],
+                                "message_b_to_a": d[1],
+                                "tcp_a_to_b": d[3],
+                                "tcp_b_to_a": d[2],
+                            }
+                        )
             nursery.cancel_scope.cancel()
     return {k: statistics.median(r[k] for r in rows) for k in rows[0]}
 
@@ -403,8 +437,12 @@ async def bench_convergence(base: Path, per_daemon: int, count: int = 5) -> dict
                     body = final["routes"][i]["responses"][0]["body"]
                     assert all(f"[d{i}:{n}]" in body for n in range(1, per_daemon, 2)), i
             nursery.cancel_scope.cancel()
-    return {"converge_s": t1 - t0, "offline_edits": count * per_daemon,
-            "edit_phase_s": t_edited - t_cut, "daemons": count}
+    return {
+        "converge_s": t1 - t0,
+        "offline_edits": count * per_daemon,
+        "edit_phase_s": t_edited - t_cut,
+        "daemons": count,
+    }
 
 
 async def _true(value: bool) -> bool:
@@ -421,8 +459,21 @@ def bench_discovery(base: Path) -> dict[str, float] | None:
     procs = [Proc(base, n, NETNS_PORT) for n in names]
     # Spaces first, with no network at all (no listener, no mDNS): A's space, joined by B and C.
     for p in procs:
-        p.spawn([sys.executable, "-m", "peerdaemon", "run", "--data-dir", str(p.root / "data"),
-                 "--socket", str(p.sock), "--name", p.name, "--no-mdns"])
+        p.spawn(
+            [
+                sys.executable,
+                "-m",
+                "peerdaemon",
+                "run",
+                "--data-dir",
+                str(p.root / "data"),
+                "--socket",
+                str(p.sock),
+                "--name",
+                p.name,
+                "--no-mdns",
+            ]
+        )
     try:
         for p in procs:
             p.wait_ready()
@@ -443,9 +494,20 @@ def bench_discovery(base: Path) -> dict[str, float] | None:
     with NetnsLab(3) as lab:
         t0 = time.perf_counter()
         for i, p in enumerate(procs):
-            argv = [sys.executable, "-c", NETNS_CHILD, "run", "--data-dir", str(p.root / "data"),
-                    "--socket", str(p.sock), "--listen", f"0.0.0.0:{NETNS_PORT}",
-                    "--mdns-interface", lab.interface]
+            argv = [
+                sys.executable,
+                "-c",
+                NETNS_CHILD,
+                "run",
+                "--data-dir",
+                str(p.root / "data"),
+                "--socket",
+                str(p.sock),
+                "--listen",
+                f"0.0.0.0:{NETNS_PORT}",
+                "--mdns-interface",
+                lab.interface,
+            ]
             p.spawn(argv, popen=lambda argv, i=i, **kw: lab.popen(i, argv, **kw), mdns=True)
         found: dict[str, float] = {}
         startup: dict[str, float] = {}
@@ -472,8 +534,7 @@ def bench_discovery(base: Path) -> dict[str, float] | None:
                 started = [e for e in sub.initial["events"] if e["type"] == "daemon-started"]
                 startup[p.name] = started[0]["data"]["startup_seconds"]
             p.stop()
-    return {"spawn_to_connected_s": max(found.values()),
-            "daemon_startup_s": max(startup.values())}
+    return {"spawn_to_connected_s": max(found.values()), "daemon_startup_s": max(startup.values())}
 
 
 # --- main -------------------------------------------------------------------------------------------
@@ -485,8 +546,12 @@ def main() -> None:
     args = parser.parse_args()
     edits = 50 if args.quick else 300
     per_daemon = 20 if args.quick else 200
-    results: dict[str, list[dict[str, Any]]] = {"latency": [], "bytes": [], "converge": [],
-                                                "discovery": []}
+    results: dict[str, list[dict[str, Any]]] = {
+        "latency": [],
+        "bytes": [],
+        "converge": [],
+        "discovery": [],
+    }
     for r in range(args.rounds):
         with tempfile.TemporaryDirectory(prefix="pdl") as tmp:
             base = Path(tmp)
@@ -504,27 +569,38 @@ def main() -> None:
         if not vals:
             print(f"{label}: skipped (network namespaces unavailable)")
             return
-        print(f"{label}: median {fmt.format(statistics.median(vals))}  (rounds: "
-              + ", ".join(fmt.format(v) for v in vals) + ")")
+        print(
+            f"{label}: median {fmt.format(statistics.median(vals))}  (rounds: "
+            + ", ".join(fmt.format(v) for v in vals)
+            + ")"
+        )
 
     n_lat = results["latency"][0]["edits"]
     line(f"edit A -> change event on B, p50 ms ({n_lat} edits/round)", "latency", "p50_ms")
     line("edit A -> change event on B, p99 ms", "latency", "p99_ms")
-    line("  (same edit -> change event on a subscriber of A itself, p50 ms)", "latency",
-         "local_p50_ms")
+    line(
+        "  (same edit -> change event on a subscriber of A itself, p50 ms)",
+        "latency",
+        "local_p50_ms",
+    )
     c0 = results["converge"][0]
-    line(f"convergence of {c0['daemons']} daemons after {c0['offline_edits']} offline edits, s",
-         "converge", "converge_s")
+    line(
+        f"convergence of {c0['daemons']} daemons after {c0['offline_edits']} offline edits, s",
+        "converge",
+        "converge_s",
+    )
     line("  (time to make those edits while apart, s)", "converge", "edit_phase_s")
     line("one small edit: Yjs update bytes", "bytes", "yjs_update", "{:.0f}")
     line("  peer message bytes A->B (link counter)", "bytes", "message_a_to_b", "{:.0f}")
     line("  peer message bytes B->A", "bytes", "message_b_to_a", "{:.0f}")
     line("  TCP payload bytes A->B (websocket framing included)", "bytes", "tcp_a_to_b", "{:.0f}")
     line("  TCP payload bytes B->A", "bytes", "tcp_b_to_a", "{:.0f}")
-    line("discovery in 3 namespaces: spawn -> all connected, s", "discovery",
-         "spawn_to_connected_s")
-    line("  of which the daemons' own start-up (mDNS registered), s", "discovery",
-         "daemon_startup_s")
+    line(
+        "discovery in 3 namespaces: spawn -> all connected, s", "discovery", "spawn_to_connected_s"
+    )
+    line(
+        "  of which the daemons' own start-up (mDNS registered), s", "discovery", "daemon_startup_s"
+    )
     print(json.dumps({"rounds": args.rounds, **results}))
 
 

@@ -31,8 +31,13 @@ def make_environment(target_bytes: int, seed: int = 0, routes: int | None = None
         "proxyHost": "",
         "proxyRemovePrefix": False,
         "tlsOptions": {
-            "enabled": False, "type": "CERT", "pfxPath": "", "certPath": "",
-            "keyPath": "", "caPath": "", "passphrase": "",
+            "enabled": False,
+            "type": "CERT",
+            "pfxPath": "",
+            "certPath": "",
+            "keyPath": "",
+            "caPath": "",
+            "passphrase": "",
         },
         "cors": True,
         "headers": [{"key": "Content-Type", "value": "application/json"}],
@@ -48,25 +53,52 @@ def make_environment(target_bytes: int, seed: int = 0, routes: int | None = None
             body_items = []
             size = 0
             while size < per_body:
-                item = json.dumps({rng.choice(words): rng.choice(words) + str(rng.randint(0, 9999))})
+                item = json.dumps(
+                    {rng.choice(words): rng.choice(words) + str(rng.randint(0, 9999))}
+                )
                 body_items.append(item)
                 size += len(item) + 2
-            responses.append({
-                "uuid": str(uuid.UUID(int=rng.getrandbits(128))),
-                "body": "[\n  " + ",\n  ".join(body_items) + "\n]",
-                "latency": 0, "statusCode": 200 + s, "label": f"response {s}",
-                "headers": [{"key": "Content-Type", "value": "application/json"}],
-                "bodyType": "INLINE", "filePath": "", "databucketID": "", "sendFileAsBody": False,
-                "rules": [{"target": "query", "modifier": "id", "value": str(s), "invert": False,
-                           "operator": "equals"}] if s else [],
-                "rulesOperator": "OR", "disableTemplating": False, "fallbackTo404": False,
-                "default": s == 0, "crudKey": "id", "callbacks": [],
-            })
+            responses.append(
+                {
+                    "uuid": str(uuid.UUID(int=rng.getrandbits(128))),
+                    "body": "[\n  " + ",\n  ".join(body_items) + "\n]",
+                    "latency": 0,
+                    "statusCode": 200 + s,
+                    "label": f"response {s}",
+                    "headers": [{"key": "Content-Type", "value": "application/json"}],
+                    "bodyType": "INLINE",
+                    "filePath": "",
+                    "databucketID": "",
+                    "sendFileAsBody": False,
+                    "rules": [
+                        {
+                            "target": "query",
+                            "modifier": "id",
+                            "value": str(s),
+                            "invert": False,
+                            "operator": "equals",
+                        }
+                    ]
+                    if s
+                    else [],
+                    "rulesOperator": "OR",
+                    "disableTemplating": False,
+                    "fallbackTo404": False,
+                    "default": s == 0,
+                    "crudKey": "id",
+                    "callbacks": [],
+                }
+            )
         route = {
             "uuid": str(uuid.UUID(int=rng.getrandbits(128))),
-            "type": "http", "documentation": f"route {r}", "method": "get",
-            "endpoint": f"resource{r}/:id", "responses": responses, "responseMode": None,
-            "streamingMode": None, "streamingInterval": 0,
+            "type": "http",
+            "documentation": f"route {r}",
+            "method": "get",
+            "endpoint": f"resource{r}/:id",
+            "responses": responses,
+            "responseMode": None,
+            "streamingMode": None,
+            "streamingInterval": 0,
         }
         env["routes"].append(route)
         env["rootChildren"].append({"type": "route", "uuid": route["uuid"]})

@@ -57,15 +57,26 @@ def short_tempdir() -> Path:
 class DaemonProcess:
     """One daemon process (restartable: `start()` again after `stop()`/`kill9()`)."""
 
-    def __init__(self, data_dir: Path, socket_path: Path, log_path: Path,
-                 argv: Sequence[str] | None = None) -> None:
+    def __init__(
+        self, data_dir: Path, socket_path: Path, log_path: Path, argv: Sequence[str] | None = None
+    ) -> None:
         self.data_dir = data_dir
         self.socket_path = socket_path
         self.log_path = log_path
-        self.argv = list(argv) if argv is not None else [
-            PYTHON, "-m", "peerdaemon", "run",
-            "--data-dir", str(data_dir), "--socket", str(socket_path),
-        ]
+        self.argv = (
+            list(argv)
+            if argv is not None
+            else [
+                PYTHON,
+                "-m",
+                "peerdaemon",
+                "run",
+                "--data-dir",
+                str(data_dir),
+                "--socket",
+                str(socket_path),
+            ]
+        )
         self.proc: subprocess.Popen[bytes] | None = None
         self._log_offset = 0
 
@@ -155,8 +166,13 @@ class Daemons:
     def path(self, name: str) -> Path:
         return self.base / name
 
-    def new(self, data_dir: Path | None = None, socket_path: Path | None = None, *,
-            argv: Sequence[str] | None = None) -> DaemonProcess:
+    def new(
+        self,
+        data_dir: Path | None = None,
+        socket_path: Path | None = None,
+        *,
+        argv: Sequence[str] | None = None,
+    ) -> DaemonProcess:
         self._n += 1
         n = self._n
         data_dir = data_dir or self.base / f"data{n}"
@@ -165,13 +181,24 @@ class Daemons:
         self.all.append(daemon)
         return daemon
 
-    def compacting(self, data_dir: Path | None = None, socket_path: Path | None = None, *,
-                   compact_count: int = 20, compact_bytes: int = 8 << 20) -> DaemonProcess:
+    def compacting(
+        self,
+        data_dir: Path | None = None,
+        socket_path: Path | None = None,
+        *,
+        compact_count: int = 20,
+        compact_bytes: int = 8 << 20,
+    ) -> DaemonProcess:
         """A daemon started by `run_daemon` with small compaction thresholds."""
         daemon = self.new(data_dir, socket_path)
         daemon.argv = [
-            PYTHON, "-c", COMPACTING_CHILD, str(daemon.data_dir), str(daemon.socket_path),
-            str(compact_count), str(compact_bytes),
+            PYTHON,
+            "-c",
+            COMPACTING_CHILD,
+            str(daemon.data_dir),
+            str(daemon.socket_path),
+            str(compact_count),
+            str(compact_bytes),
         ]
         return daemon
 

@@ -52,18 +52,32 @@ async def main(args: argparse.Namespace) -> None:
     run_start = time.monotonic()
 
     def on_found(device_id: str, addresses: list[str], port: int) -> None:
-        emit("found", since_run=round(time.monotonic() - run_start, 4), device_id=device_id,
-             addresses=addresses, port=port)
+        emit(
+            "found",
+            since_run=round(time.monotonic() - run_start, 4),
+            device_id=device_id,
+            addresses=addresses,
+            port=port,
+        )
 
     def on_lost(device_id: str, addresses: list[str], port: int) -> None:
         emit("lost", device_id=device_id, addresses=addresses, port=port)
 
-    discovery = MdnsDiscovery(args.device_id, args.port, lambda: spaces, on_found,
-                              interface=args.interface, on_lost=on_lost)
+    discovery = MdnsDiscovery(
+        args.device_id,
+        args.port,
+        lambda: spaces,
+        on_found,
+        interface=args.interface,
+        on_lost=on_lost,
+    )
     async with trio.open_nursery() as nursery:
         await nursery.start(discovery.run)
-        emit("started", since_run=round(time.monotonic() - run_start, 4),
-             addresses=discovery.addresses)
+        emit(
+            "started",
+            since_run=round(time.monotonic() - run_start, 4),
+            addresses=discovery.addresses,
+        )
         stdin = trio.lowlevel.FdStream(os.dup(0))
         buffer = b""
         while True:

@@ -54,7 +54,9 @@ def netns_unavailable_reason() -> str:
                 _probe_result = f"`ip netns add` is not permitted: {made.stderr.strip()}"
             else:
                 run = _ip("netns", "exec", name, "ip", "link", "set", "lo", "up", check=False)
-                _probe_result = "" if run.returncode == 0 else f"`ip netns exec` fails: {run.stderr.strip()}"
+                _probe_result = (
+                    "" if run.returncode == 0 else f"`ip netns exec` fails: {run.stderr.strip()}"
+                )
         finally:
             _ip("netns", "del", name, check=False)
     return _probe_result
@@ -93,8 +95,9 @@ def private_namespace_problem() -> str:
             return "in PID 1's network namespace"
     except OSError:
         pass  # not readable in some sandboxes; the other checks stand
-    name = subprocess.run(["ip", "netns", "identify", str(os.getpid())], capture_output=True,
-                          text=True, timeout=10).stdout.strip()
+    name = subprocess.run(
+        ["ip", "netns", "identify", str(os.getpid())], capture_output=True, text=True, timeout=10
+    ).stdout.strip()
     if not name.startswith("pdtest-"):
         return f"not in a pdtest- namespace (ip netns identify: {name!r})"
     return ""
@@ -136,8 +139,20 @@ class NetnsLab:
             _ip("netns", "add", name)
             self._created.append(name)
             port = f"p{i}"
-            _ip("-n", self.hub, "link", "add", port, "type", "veth",
-                "peer", "name", INTERFACE, "netns", name)
+            _ip(
+                "-n",
+                self.hub,
+                "link",
+                "add",
+                port,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                INTERFACE,
+                "netns",
+                name,
+            )
             _ip("-n", self.hub, "link", "set", port, "master", "br0")
             _ip("-n", self.hub, "link", "set", port, "up")
             _ip("-n", name, "link", "set", "lo", "up")
@@ -156,17 +171,20 @@ class NetnsLab:
         self._procs.append(proc)
         return proc
 
-    def run(self, index: int, argv: Sequence[str], timeout: float = 30, **kwargs: Any
-            ) -> subprocess.CompletedProcess[Any]:
+    def run(
+        self, index: int, argv: Sequence[str], timeout: float = 30, **kwargs: Any
+    ) -> subprocess.CompletedProcess[Any]:
         """Run `argv` to completion inside namespace `index`."""
         kwargs["env"] = {**(kwargs.get("env") or os.environ), OUTER_NETNS_ENV: str(netns_inode())}
         return subprocess.run(self.exec_argv(index, argv), timeout=timeout, **kwargs)
 
-    def run_python(self, index: int, code: str, timeout: float = 30
-                   ) -> subprocess.CompletedProcess[str]:
+    def run_python(
+        self, index: int, code: str, timeout: float = 30
+    ) -> subprocess.CompletedProcess[str]:
         """Run a Python snippet (this interpreter, so the venv) inside namespace `index`."""
-        return self.run(index, [sys.executable, "-c", code], timeout=timeout,
-                        capture_output=True, text=True)
+        return self.run(
+            index, [sys.executable, "-c", code], timeout=timeout, capture_output=True, text=True
+        )
 
     def destroy(self) -> None:
         """Kill what we started (by pid), then delete our namespaces (by name). Idempotent."""
@@ -183,7 +201,9 @@ class NetnsLab:
         self._procs.clear()
         errors = []
         # Members first, then the hub (deleting it removes the bridge and the veth ends).
-        for name in [n for n in self._created if n != self.hub] + [n for n in self._created if n == self.hub]:
+        for name in [n for n in self._created if n != self.hub] + [
+            n for n in self._created if n == self.hub
+        ]:
             done = _ip("netns", "del", name, check=False)
             if done.returncode != 0 and "No such file" not in done.stderr:
                 errors.append(f"{name}: {done.stderr.strip()}")

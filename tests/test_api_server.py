@@ -359,7 +359,9 @@ async def test_bad_frames_keep_the_connection_usable(conn, handler):
         await conn.send_raw(frame_of(payload))
         resp = await conn.recv()
         assert resp["id"] is None and resp["error"]["code"] == "bad-frame"
-    assert (await conn.call({"id": 9, "op": "echo", "args": {"ok": True}}))["result"] == {"ok": True}
+    assert (await conn.call({"id": 9, "op": "echo", "args": {"ok": True}}))["result"] == {
+        "ok": True
+    }
     assert handler.applied == [("echo", {"ok": True})]
 
 
@@ -503,7 +505,9 @@ async def test_subscription_events_follow_the_response(conn, handler):
     assert handler.closed_subs == [sub]
     session.push(sub, {"n": 4})  # dropped: closed
     assert await conn.call({"id": 3, "op": "echo"}) == {"id": 3, "result": {}}
-    assert (await conn.call({"id": 4, "op": "unsubscribe", "args": {"sub": sub}}))["result"] is False
+    assert (await conn.call({"id": 4, "op": "unsubscribe", "args": {"sub": sub}}))[
+        "result"
+    ] is False
 
 
 async def test_failed_subscribe_closes_the_subscription(conn, handler):

@@ -59,8 +59,7 @@ def test_missing_daemon_is_one_line_exit_1():
     assert proc.returncode == 1
     assert proc.stdout == ""
     assert proc.stderr == (
-        "peerdaemon: no peerdaemon is running on /nonexistent/x "
-        "(start one with `peerdaemon run`)\n"
+        "peerdaemon: no peerdaemon is running on /nonexistent/x (start one with `peerdaemon run`)\n"
     )
 
 
@@ -181,7 +180,10 @@ def _umask() -> int:
 
 async def test_env_export_yjs(sock, tmp_path, capsys):
     out = tmp_path / "out.yjs"
-    assert await run_cli("--socket", sock, "env", "export", "e1", "--format", "yjs", "-o", str(out)) == 0
+    assert (
+        await run_cli("--socket", sock, "env", "export", "e1", "--format", "yjs", "-o", str(out))
+        == 0
+    )
     assert out.read_bytes() == b"\x01\x00yjs"
     assert await run_cli("--socket", sock, "env", "export", "e1", "--format", "yjs") == 0
     assert capsys.readouterr().out == "\x01\x00yjs"
@@ -241,7 +243,13 @@ async def test_unreadable_and_non_utf8_files(sock, handler, tmp_path, capsys):
 async def test_env_watch_prints_json_lines_until_deleted(sock, handler, capsys):
     early = [
         {"type": "change", "id": "e1", "paths": ["/name"], "update": b"\x01", "origin": "local"},
-        {"type": "change", "id": "e1", "paths": ["/routes/0", "/routes/1"], "update": b"", "origin": "peer"},
+        {
+            "type": "change",
+            "id": "e1",
+            "paths": ["/routes/0", "/routes/1"],
+            "update": b"",
+            "origin": "peer",
+        },
         {"type": "deleted", "id": "e1"},
     ]
     orig = handler.handle

@@ -240,8 +240,7 @@ async def test_async_daemon_not_running(tmp_path):
     with pytest.raises(DaemonNotRunning) as info:
         await AsyncClient.connect(tmp_path / "missing.sock")
     assert str(info.value) == (
-        f"no peerdaemon is running on {tmp_path / 'missing.sock'} "
-        "(start one with `peerdaemon run`)"
+        f"no peerdaemon is running on {tmp_path / 'missing.sock'} (start one with `peerdaemon run`)"
     )
 
 

@@ -91,9 +91,11 @@ def crash_round(daemon: DaemonProcess, state: Round, rng: random.Random) -> None
         threading.Thread(target=blocking_writer, args=(daemon.socket_path, state, f"b{i}"))
         for i in range(2)
     ]
-    threads.append(threading.Thread(
-        target=pipelined_writer, args=(daemon.socket_path, state, "p", rng.choice([16, 32, 64]))
-    ))
+    threads.append(
+        threading.Thread(
+            target=pipelined_writer, args=(daemon.socket_path, state, "p", rng.choice([16, 32, 64]))
+        )
+    )
     for thread in threads:
         thread.start()
     try:
@@ -120,7 +122,9 @@ def check(daemon: DaemonProcess, rounds: list[Round]) -> None:
             keys = [h["key"] for h in client.get(state.env_id, "/headers")]
             ours = [k for k in keys if k in state.sent]
             missing = set(state.acked) - set(ours)
-            assert not missing, f"{len(missing)} acknowledged edits lost, e.g. {sorted(missing)[:5]}"
+            assert not missing, (
+                f"{len(missing)} acknowledged edits lost, e.g. {sorted(missing)[:5]}"
+            )
             assert len(ours) == len(set(ours)), "an edit was applied twice"
             # Besides the fixture's own headers, only keys that were really sent.
             assert keys[: len(FIXTURE_HEADERS)] == FIXTURE_HEADERS

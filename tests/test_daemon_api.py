@@ -306,7 +306,10 @@ async def test_patch_applies_rfc6902(client, env_id):
 @pytest.mark.parametrize(
     "patch",
     [
-        [{"op": "test", "path": "/name", "value": "not the name"}, {"op": "remove", "path": "/port"}],
+        [
+            {"op": "test", "path": "/name", "value": "not the name"},
+            {"op": "remove", "path": "/port"},
+        ],
         [{"op": "remove", "path": "/nope"}],
         [{"op": "replace", "path": "/routes/99/endpoint", "value": "x"}],
         [{"op": "frobnicate", "path": "/name"}],
@@ -454,8 +457,13 @@ async def test_env_subscribe_snapshot_then_one_event_per_edit(daemon, client, en
                     ["/routes/3/responses/0/body"],
                 ),
                 (
-                    [{"op": "add", "path": "/routes/0/responses/0/headers/0",
-                      "value": {"key": "k", "value": "v"}}],
+                    [
+                        {
+                            "op": "add",
+                            "path": "/routes/0/responses/0/headers/0",
+                            "value": {"key": "k", "value": "v"},
+                        }
+                    ],
                     ["/routes/0/responses/0/headers"],
                 ),
                 ([{"op": "replace", "path": "/data/1/value", "value": "[]"}], ["/data/1/value"]),
@@ -483,7 +491,8 @@ async def test_two_subscriptions_on_one_connection_and_unsubscribe(daemon, env_i
         s1, s2, s3 = first["result"]["sub"], second["result"]["sub"], events["result"]["sub"]
         assert len({s1, s2, s3}) == 3
         assert await raw.call({"id": 4, "op": "unsubscribe", "args": {"sub": s1}}) == {
-            "id": 4, "result": {"unsubscribed": s1}
+            "id": 4,
+            "result": {"unsubscribed": s1},
         }
         unknown = await raw.call({"id": 5, "op": "unsubscribe", "args": {"sub": s1}})
         assert unknown["error"]["code"] == "not-found"
@@ -547,8 +556,16 @@ async def test_malformed_and_non_environment_json(client, env_id):
     before = await client.export(env_id)
     err = await expect_error("malformed-json", client.import_env('{\n  "uuid": "x",\n  oops\n}'))
     assert "line 3" in err.message
-    for text in ("", "[1, 2]", '"a string"', "null", '{"name": "no uuid, no lastMigration"}',
-                 '{"uuid": 5}', '{"uuid": "x", "lastMigration": "33"}', '{"uuid": "x", "routes": 1}'):
+    for text in (
+        "",
+        "[1, 2]",
+        '"a string"',
+        "null",
+        '{"name": "no uuid, no lastMigration"}',
+        '{"uuid": 5}',
+        '{"uuid": "x", "lastMigration": "33"}',
+        '{"uuid": "x", "routes": 1}',
+    ):
         code = "malformed-json" if text == "" else "not-an-environment"
         await expect_error(code, client.import_env(text))
     await expect_error("not-an-environment", client.import_env([1, 2]))  # as a CBOR value
@@ -576,7 +593,9 @@ async def test_newer_environment_is_kept_exactly_and_flagged(client, env_id):
     newer_id = source["uuid"]
     assert result == {"id": newer_id, "repairs": [], "newer": True}
     assert_strict_equal(await client.export(newer_id), source)
-    assert_strict_equal(export_environment(replica_of(await client.export(newer_id, "yjs"))), source)
+    assert_strict_equal(
+        export_environment(replica_of(await client.export(newer_id, "yjs"))), source
+    )
     status = await client.status()
     assert status["newer"] == [newer_id] and status["environments"] == 2
     flags = {e["id"]: e["newer"] for e in await client.list_envs()}
@@ -595,8 +614,9 @@ async def test_unknown_op_and_bad_requests(daemon, client, env_id):
     assert "env.frobnicate" in err.message
     await expect_error("bad-request", client.call("env.get"))
     await expect_error("bad-request", client.call("env.get", id=5))
-    await expect_error("bad-request", client.call("env.export", id=env_id, format="yjs",
-                                                  state_vector="not bytes"))
+    await expect_error(
+        "bad-request", client.call("env.export", id=env_id, format="yjs", state_vector="not bytes")
+    )
     await expect_error("not-found", client.call("unsubscribe", sub=12345))
     await assert_intact(client, {env_id: before})
 
@@ -622,7 +642,9 @@ async def test_malformed_frames_keep_the_connection_and_the_daemon(daemon, clien
         assert resp["id"] == 7 and resp["error"]["code"] == "bad-request"
         resp = await raw.call({"id": 8, "op": "env.get", "args": [env_id]})
         assert resp["id"] == 8 and resp["error"]["code"] == "bad-request"
-        resp = await raw.call({"id": "s", "op": "env.get", "args": {"id": env_id, "pointer": "/name"}})
+        resp = await raw.call(
+            {"id": "s", "op": "env.get", "args": {"id": env_id, "pointer": "/name"}}
+        )
         assert resp == {"id": "s", "result": before["name"]}
     finally:
         await raw.aclose()
@@ -666,7 +688,9 @@ async def test_response_too_large_for_a_frame(client, env_id):
     # Smaller reads of the same environment still work, and so does the connection.
     assert await client.get(env_id, "/big3") == body
     assert (await client.status())["environments"] == 1
-    await client.patch(env_id, [{"op": "remove", "path": "/big0"}, {"op": "remove", "path": "/big1"}])
+    await client.patch(
+        env_id, [{"op": "remove", "path": "/big0"}, {"op": "remove", "path": "/big1"}]
+    )
     assert len((await client.get(env_id))["big2"]) == len(body)
 
 

@@ -28,8 +28,12 @@ def cli(socket_path, *args: str, stdin: bytes | None = None) -> subprocess.Compl
     if socket_path is not None:
         argv += ["--socket", str(socket_path)]
     return subprocess.run(
-        [*argv, *args], input=stdin if stdin is not None else b"", capture_output=True,
-        env=child_env(), timeout=CLI_TIMEOUT, check=False,
+        [*argv, *args],
+        input=stdin if stdin is not None else b"",
+        capture_output=True,
+        env=child_env(),
+        timeout=CLI_TIMEOUT,
+        check=False,
     )
 
 
@@ -312,10 +316,15 @@ def test_delete(sock):
 
 def test_watch_prints_one_line_per_change(daemons, sock):
     env_id = imported(sock, unique_env())
-    watch = daemons.track(subprocess.Popen(
-        [PYTHON, "-m", "peerdaemon", "--socket", str(sock), "env", "watch", env_id],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env(),
-    ))
+    watch = daemons.track(
+        subprocess.Popen(
+            [PYTHON, "-m", "peerdaemon", "--socket", str(sock), "env", "watch", env_id],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=child_env(),
+        )
+    )
     lines = LineReader(watch.stdout)
 
     def patch(path: str, value) -> None:
@@ -353,10 +362,15 @@ def test_watch_prints_one_line_per_change(daemons, sock):
 
 def test_watch_ends_when_the_environment_is_deleted(daemons, sock):
     env_id = imported(sock, unique_env())
-    watch = daemons.track(subprocess.Popen(
-        [PYTHON, "-m", "peerdaemon", "--socket", str(sock), "env", "watch", env_id],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env(),
-    ))
+    watch = daemons.track(
+        subprocess.Popen(
+            [PYTHON, "-m", "peerdaemon", "--socket", str(sock), "env", "watch", env_id],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=child_env(),
+        )
+    )
     lines = LineReader(watch.stdout)
     deadline = time.monotonic() + 20
     n = 0
@@ -385,9 +399,13 @@ def test_restart_keeps_everything(daemons):
     d.start()
     sock = d.socket_path
     with api(sock) as client:
-        ids = [client.import_env((FIXTURE_DIR / name).read_text())["id"]
-               for name in ("test-env.json", "response-rules.json", "incompatible.json")]
-        client.patch(ids[0], [{"op": "replace", "path": "/routes/0/responses/0/body", "value": "e"}])
+        ids = [
+            client.import_env((FIXTURE_DIR / name).read_text())["id"]
+            for name in ("test-env.json", "response-rules.json", "incompatible.json")
+        ]
+        client.patch(
+            ids[0], [{"op": "replace", "path": "/routes/0/responses/0/body", "value": "e"}]
+        )
         client.put(ids[1], {**client.export(ids[1]), "name": "put"})
         gone = client.import_env((FIXTURE_DIR / "callbacks.json").read_text())["id"]
         client.delete(gone)

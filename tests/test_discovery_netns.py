@@ -34,18 +34,39 @@ Event = dict[str, Any]
 class Runner:
     """One `discovery_runner.py` process; its JSON lines are collected by a reader thread."""
 
-    def __init__(self, lab: NetnsLab, index: int, device_id: str, port: int, spaces: list[str],
-                 interface: str | None = None) -> None:
+    def __init__(
+        self,
+        lab: NetnsLab,
+        index: int,
+        device_id: str,
+        port: int,
+        spaces: list[str],
+        interface: str | None = None,
+    ) -> None:
         self.device_id = device_id
-        argv = [sys.executable, str(RUNNER), "--device-id", device_id, "--port", str(port),
-                "--debug"]
+        argv = [
+            sys.executable,
+            str(RUNNER),
+            "--device-id",
+            device_id,
+            "--port",
+            str(port),
+            "--debug",
+        ]
         for space in spaces:
             argv += ["--space", space]
         if interface:
             argv += ["--interface", interface]
         self.spawned = time.monotonic()
-        self.proc = lab.popen(index, argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, bufsize=1)
+        self.proc = lab.popen(
+            index,
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+        )
         self.events: list[Event] = []
         self._queue: queue.Queue[Event | None] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
@@ -81,16 +102,22 @@ class Runner:
                     return event
             left = deadline - time.monotonic()
             if left <= 0 or not self._drain(min(left, 0.2)) and self.proc.poll() is not None:
-                raise AssertionError(f"{self.device_id}: no {what} within {timeout}s; output:\n"
-                                     + "\n".join(json.dumps(e) for e in self.events))
+                raise AssertionError(
+                    f"{self.device_id}: no {what} within {timeout}s; output:\n"
+                    + "\n".join(json.dumps(e) for e in self.events)
+                )
 
     def found(self, device_id: str, timeout: float = TIMEOUT) -> Event:
-        return self.wait_for(f"found {device_id}", lambda e: e["event"] == "found"
-                             and e["device_id"] == device_id, timeout)
+        return self.wait_for(
+            f"found {device_id}",
+            lambda e: e["event"] == "found" and e["device_id"] == device_id,
+            timeout,
+        )
 
     def logged(self, text: str, timeout: float = TIMEOUT) -> Event:
-        return self.wait_for(f"log {text!r}", lambda e: e["event"] == "log" and text in e["msg"],
-                             timeout)
+        return self.wait_for(
+            f"log {text!r}", lambda e: e["event"] == "log" and text in e["msg"], timeout
+        )
 
     def found_ids(self) -> set[str]:
         while self._drain(0):
@@ -149,15 +176,19 @@ def test_three_daemons_discover_each_other_in_private_namespaces(capsys):
         # Clean cancellation: C unregisters (goodbye packets) and the others see it go.
         assert c.stop() == 0
         for runner in (a, b):
-            lost = runner.wait_for("lost DEV-CCCC", lambda e: e["event"] == "lost"
-                                   and e["device_id"] == "DEV-CCCC")
+            lost = runner.wait_for(
+                "lost DEV-CCCC", lambda e: e["event"] == "lost" and e["device_id"] == "DEV-CCCC"
+            )
             assert lost["addresses"] == [lab.addresses[2]] and lost["port"] == 7003
         assert a.stop() == 0
         assert b.stop() == 0
 
         for runner in (a, b, c):
-            own = [e for e in runner.events if e["event"] == "found"
-                   and e["device_id"] == runner.device_id]
+            own = [
+                e
+                for e in runner.events
+                if e["event"] == "found" and e["device_id"] == runner.device_id
+            ]
             assert not own, f"{runner.device_id} reported itself"
 
     def since_spawn(runner: Runner, event: Event) -> float:

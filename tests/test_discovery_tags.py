@@ -70,15 +70,20 @@ def test_tag_is_bound_to_device_so_co_members_are_not_linkable():
 
 def test_tag_format_and_known_value():
     tag = space_tag(S1.secret, A, 5)
-    assert len(tag) == TAG_LENGTH and tag.isupper() and set(tag) <= set("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567")
+    assert (
+        len(tag) == TAG_LENGTH
+        and tag.isupper()
+        and set(tag) <= set("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567")
+    )
     assert tag == space_tag(S1.secret, A, 5)  # deterministic
     # Pin the algorithm: base32(HMAC-SHA256(secret, context || id || epoch as 8 bytes BE))[:10].
     import base64
     import hashlib
     import hmac
 
-    digest = hmac.new(S1.secret, b"peerdaemon-discovery-v1" + A.encode() + (5).to_bytes(8, "big"),
-                      hashlib.sha256).digest()
+    digest = hmac.new(
+        S1.secret, b"peerdaemon-discovery-v1" + A.encode() + (5).to_bytes(8, "big"), hashlib.sha256
+    ).digest()
     assert tag == base64.b32encode(digest).decode()[:10]
 
 
@@ -92,8 +97,12 @@ def test_tags_rotate_per_epoch():
 
 def test_previous_epoch_accepted_older_and_future_not():
     hour = EPOCH_SECONDS
-    for built_at, ok in [(NOW, True), (NOW - hour, True), (NOW - 2 * hour, False),
-                         (NOW + hour, False)]:
+    for built_at, ok in [
+        (NOW, True),
+        (NOW - hour, True),
+        (NOW - 2 * hour, False),
+        (NOW + hour, False),
+    ]:
         advert = parse_txt(txt_of(A, [S1], now=built_at))
         assert (matching_spaces(advert, [S1], now=NOW) == ["space-1"]) is ok, built_at
     # Right after the hour, an advert published a second before it still matches.
@@ -103,8 +112,10 @@ def test_previous_epoch_accepted_older_and_future_not():
 
 
 def test_decoys_hide_the_number_of_spaces():
-    counts = {n: len(tags_in(txt_of(A, [SpaceKey(f"s{i}", bytes([i]) * 32) for i in range(n)])))
-              for n in range(0, 10)}
+    counts = {
+        n: len(tags_in(txt_of(A, [SpaceKey(f"s{i}", bytes([i]) * 32) for i in range(n)])))
+        for n in range(0, 10)
+    }
     assert counts == {0: 4, 1: 4, 2: 4, 3: 4, 4: 4, 5: 8, 6: 8, 7: 8, 8: 8, 9: 12}
     epoch = epoch_of(NOW)
     tags = advertised_tags([S1], A, epoch, DECOY_KEY)
@@ -170,15 +181,23 @@ def test_malformed_txt_is_ignored(props):
 
 def test_bad_tags_are_dropped_and_case_ignored():
     good = space_tag(S1.secret, A, epoch_of(NOW))
-    props = {b"v": b"1", b"id": A.encode(), b"m": b"zz",
-             b"t": f"short,{good.lower()},TOOLONGTAG1,!!!!!!!!!!,,".encode(), b"tx": b"AAAAAAAAAA"}
+    props = {
+        b"v": b"1",
+        b"id": A.encode(),
+        b"m": b"zz",
+        b"t": f"short,{good.lower()},TOOLONGTAG1,!!!!!!!!!!,,".encode(),
+        b"tx": b"AAAAAAAAAA",
+    }
     advert = parse_txt(props)
     assert advert is not None and advert.tags == {good} and advert.model_version is None
     assert matching_spaces(advert, [S1], now=NOW) == ["space-1"]
 
 
-@given(st.dictionaries(st.binary(max_size=12), st.one_of(st.none(), st.binary(max_size=300)),
-                       max_size=8))
+@given(
+    st.dictionaries(
+        st.binary(max_size=12), st.one_of(st.none(), st.binary(max_size=300)), max_size=8
+    )
+)
 def test_parse_never_raises(props):
     advert = parse_txt(props)
     if advert is not None:
@@ -191,7 +210,10 @@ def test_accept_decisions():
     assert accept(member, own_device_id=A, keys=[S1], now=NOW)[1] == "own service"
     assert accept(member, own_device_id=B, keys=[S2], now=NOW)[1] == "no shared space"
     other = txt_of(A, [S1], protocol_version=PROTOCOL_VERSION + 1)
-    assert accept(other, own_device_id=B, keys=[S1], now=NOW)[1] == f"protocol version {PROTOCOL_VERSION + 1}"
+    assert (
+        accept(other, own_device_id=B, keys=[S1], now=NOW)[1]
+        == f"protocol version {PROTOCOL_VERSION + 1}"
+    )
 
 
 def test_mdns_evaluation_reports_once_per_change_without_starting_zeroconf():
@@ -199,12 +221,23 @@ def test_mdns_evaluation_reports_once_per_change_without_starting_zeroconf():
     keys = [S1]
     found: list[tuple[str, list[str], int]] = []
     lost: list[tuple[str, list[str], int]] = []
-    disc = mdns.MdnsDiscovery(B, 7002, lambda: keys, lambda *a: found.append(a),
-                              on_lost=lambda *a: lost.append(a), clock=lambda: NOW)
+    disc = mdns.MdnsDiscovery(
+        B,
+        7002,
+        lambda: keys,
+        lambda *a: found.append(a),
+        on_lost=lambda *a: lost.append(a),
+        clock=lambda: NOW,
+    )
 
     def info(device: str, spaces: list[SpaceKey], addresses: list[str], port: int = 7001):
-        return ServiceInfo(SERVICE_TYPE, f"{device[:8]}.{SERVICE_TYPE}", port=port,
-                           properties=txt_of(device, spaces), parsed_addresses=addresses)
+        return ServiceInfo(
+            SERVICE_TYPE,
+            f"{device[:8]}.{SERVICE_TYPE}",
+            port=port,
+            properties=txt_of(device, spaces),
+            parsed_addresses=addresses,
+        )
 
     disc._evaluate("a", info(A, [S1], ["10.0.0.1"]))
     disc._evaluate("a", info(A, [S1], ["10.0.0.1"]))  # an hourly update: nothing new
@@ -241,8 +274,9 @@ async def test_republish_on_refresh_on_the_hour_and_on_address_change(autojump_c
     monkeypatch.setattr(mdns, "ipv4_addresses", lambda interface=None: list(addresses))
     start = (epoch_of(NOW) + 1) * EPOCH_SECONDS - 200.0  # 200 s before the hour
     keys = [S1]
-    disc = mdns.MdnsDiscovery(B, 7002, lambda: keys, lambda *a: None,
-                              clock=lambda: start + trio.current_time())
+    disc = mdns.MdnsDiscovery(
+        B, 7002, lambda: keys, lambda *a: None, clock=lambda: start + trio.current_time()
+    )
     updates: list[ServiceInfo] = []
 
     async def update_service(info: ServiceInfo) -> None:  # no Zeroconf, no worker thread

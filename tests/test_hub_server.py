@@ -139,9 +139,7 @@ async def http_get(port: int, path: str, *, ssl_context: ssl.SSLContext | None =
     if ssl_context is None:
         stream = await trio.open_tcp_stream("127.0.0.1", port)
     else:
-        stream = await trio.open_ssl_over_tcp_stream(
-            "127.0.0.1", port, ssl_context=ssl_context
-        )
+        stream = await trio.open_ssl_over_tcp_stream("127.0.0.1", port, ssl_context=ssl_context)
     async with stream:
         await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
         data = b""
@@ -456,7 +454,12 @@ async def test_devices_per_user_limit(tmp_path):
             async with client(server, SPACE, "env-2", tokens["alice"], device="laptop"):
                 async with client(server, SPACE, "env-1", tokens["alice"], device="phone"):
                     await expect_denied(
-                        server, SPACE, "env-1", tokens["alice"], "too-many-devices", 4429,
+                        server,
+                        SPACE,
+                        "env-1",
+                        tokens["alice"],
+                        "too-many-devices",
+                        4429,
                         device="tablet",
                     )
                     await expect_denied(
@@ -567,9 +570,20 @@ def start_hub_process(data_dir: Path, log_path: Path) -> tuple[subprocess.Popen,
     env["PYTHONUNBUFFERED"] = "1"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "peerdaemon", "hub", "serve", "--data-dir", str(data_dir),
-             "--listen", "127.0.0.1:0"],
-            stdout=log, stderr=subprocess.STDOUT, env=env,
+            [
+                sys.executable,
+                "-m",
+                "peerdaemon",
+                "hub",
+                "serve",
+                "--data-dir",
+                str(data_dir),
+                "--listen",
+                "127.0.0.1:0",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
         )
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:

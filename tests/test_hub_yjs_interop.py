@@ -60,9 +60,22 @@ async def run_js(port: int, space: str, env_id: str, token: str, expect_name: st
     if not (INTEROP / "node_modules" / "y-websocket").exists():
         pytest.fail(f"y-websocket is not installed: run `npm ci --prefix {INTEROP}`")
     argv = [
-        NODE or "node", str(SCRIPT), "--url", f"ws://127.0.0.1:{port}/yjs/{space}",
-        "--room", env_id, "--token", token, "--device", "interop-js",
-        "--expect-name", expect_name, "--set-name", NEW_NAME, "--body-prefix", PREFIX,
+        NODE or "node",
+        str(SCRIPT),
+        "--url",
+        f"ws://127.0.0.1:{port}/yjs/{space}",
+        "--room",
+        env_id,
+        "--token",
+        token,
+        "--device",
+        "interop-js",
+        "--expect-name",
+        expect_name,
+        "--set-name",
+        NEW_NAME,
+        "--body-prefix",
+        PREFIX,
     ]
     with trio.fail_after(40):
         done = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False)
@@ -104,9 +117,7 @@ async def test_yjs_client_and_a_daemon_through_the_hub(base):
                 with trio.fail_after(15):  # the daemon's export shows the JavaScript edit
                     while True:
                         exported = await daemon.export(env_id)
-                        if exported["name"] == NEW_NAME and first_body(exported).startswith(
-                            PREFIX
-                        ):
+                        if exported["name"] == NEW_NAME and first_body(exported).startswith(PREFIX):
                             break
                         await trio.sleep(0.05)
                 assert first_body(exported) == PREFIX + first_body(env_json)

@@ -124,7 +124,9 @@ class Dev:
         await self.client.patch(env_id, list(ops))
 
     async def set_endpoint(self, env_id: str, index: int, value: str) -> None:
-        await self.patch(env_id, {"op": "replace", "path": f"/routes/{index}/endpoint", "value": value})
+        await self.patch(
+            env_id, {"op": "replace", "path": f"/routes/{index}/endpoint", "value": value}
+        )
 
     async def rows(self) -> list[dict]:
         return (await self.op("peers"))["peers"]
@@ -244,7 +246,9 @@ async def test_two_daemons_share_converge_and_edit_on_each_side(devs, nursery):
         assert event["type"] == "change" and event["origin"] == f"peer:{a.device}"
         assert "/routes/0/endpoint" in event["paths"]
     await b.set_endpoint(env_id, 1, "edited-on-b")
-    await b.patch(env_id, {"op": "replace", "path": "/routes/2/responses/0/body", "value": "from b"})
+    await b.patch(
+        env_id, {"op": "replace", "path": "/routes/2/responses/0/body", "value": "from b"}
+    )
     after = await converged([a, b], env_id)
     assert [r["endpoint"] for r in after["routes"][:3]] == ["edited-on-a", "edited-on-b", "file"]
     assert after["routes"][2]["responses"][0]["body"] == "from b"

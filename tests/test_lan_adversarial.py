@@ -101,9 +101,7 @@ class RawPeer:
         self.ws = ws
         self.identity = Identity.generate(name)
         self.keys = list(keys)
-        self.hs = Handshake(
-            self.identity, lambda: self.keys, dialer=True, model=MODEL_VERSION
-        )
+        self.hs = Handshake(self.identity, lambda: self.keys, dialer=True, model=MODEL_VERSION)
         self.auth_box: bytes | None = None
 
     @property
@@ -381,9 +379,23 @@ def test_a_daemon_process_of_protocol_version_2_is_incompatible(daemons):
     port_a, port_b = free_port(), free_port()
     a, b = daemons.new(), daemons.new()
     a.argv += ["--listen", f"{LOCAL}:{port_a}", "--no-mdns", "--name", "current"]
-    b.argv = [PYTHON, "-c", VERSION_2_CHILD, "run", "--data-dir", str(b.data_dir),
-              "--socket", str(b.socket_path), "--listen", f"{LOCAL}:{port_b}", "--no-mdns",
-              "--name", "future", "--peer", f"{LOCAL}:{port_a}"]
+    b.argv = [
+        PYTHON,
+        "-c",
+        VERSION_2_CHILD,
+        "run",
+        "--data-dir",
+        str(b.data_dir),
+        "--socket",
+        str(b.socket_path),
+        "--listen",
+        f"{LOCAL}:{port_b}",
+        "--no-mdns",
+        "--name",
+        "future",
+        "--peer",
+        f"{LOCAL}:{port_a}",
+    ]
     a.start()
     b.start()
     dev_a = json.loads(pd(a.socket_path, "status", "--json"))["device"]
@@ -391,9 +403,14 @@ def test_a_daemon_process_of_protocol_version_2_is_incompatible(daemons):
     row_a = wait_sync(lambda: (r := peer_row(a, dev_b)) and r["reason"] and r, "a's row for b")
     row_b = wait_sync(lambda: (r := peer_row(b, dev_a)) and r["reason"] and r, "b's row for a")
     assert (row_a["name"], row_a["state"], row_a["reason"]) == (
-        "future", "disconnected", "incompatible-version")
-    assert row_a["versions"] == {"local": {"proto": 1, "model": MODEL_VERSION},
-                                 "remote": {"proto": 2, "model": MODEL_VERSION}}
+        "future",
+        "disconnected",
+        "incompatible-version",
+    )
+    assert row_a["versions"] == {
+        "local": {"proto": 1, "model": MODEL_VERSION},
+        "remote": {"proto": 2, "model": MODEL_VERSION},
+    }
     assert (row_b["name"], row_b["reason"]) == ("current", "incompatible-version")
     assert row_b["versions"]["local"]["proto"] == 2 and row_b["versions"]["remote"]["proto"] == 1
     table = pd(a.socket_path, "peers")

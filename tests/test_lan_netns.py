@@ -44,15 +44,29 @@ raise SystemExit(main(sys.argv[1:]))
 def spawn_in_namespace(lab: NetnsLab, index: int, daemon: DaemonProcess, name: str) -> None:
     """Start `daemon` inside namespace `index` with mDNS on its veth (no PEERDAEMON_NO_MDNS:
     child_env() drops every PEERDAEMON_ variable)."""
-    argv = [PYTHON, "-c", CHILD, "run", "--data-dir", str(daemon.data_dir),
-            "--socket", str(daemon.socket_path), "--listen", f"0.0.0.0:{PORT}",
-            "--mdns-interface", lab.interface, "--name", name]
+    argv = [
+        PYTHON,
+        "-c",
+        CHILD,
+        "run",
+        "--data-dir",
+        str(daemon.data_dir),
+        "--socket",
+        str(daemon.socket_path),
+        "--listen",
+        f"0.0.0.0:{PORT}",
+        "--mdns-interface",
+        lab.interface,
+        "--name",
+        name,
+    ]
     env = child_env()
     assert "PEERDAEMON_NO_MDNS" not in env
     daemon.socket_path.parent.mkdir(parents=True, exist_ok=True)
     with open(daemon.log_path, "ab") as log:  # the child keeps its own copy of the fd
-        daemon.proc = lab.popen(index, argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                env=env)
+        daemon.proc = lab.popen(
+            index, argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env
+        )
 
 
 def connected_devices(daemon: DaemonProcess) -> dict[str, dict]:
@@ -90,7 +104,9 @@ def test_three_daemons_discover_each_other_by_mdns_and_converge(daemons, fixture
         discovered = time.monotonic() - spawned
         first = wait_sync(
             lambda: (e := export(a, env_id)) and all(export(d, env_id) == e for d in (b, c)) and e,
-            "the shared environment on all three", TIMEOUT)
+            "the shared environment on all three",
+            TIMEOUT,
+        )
         assert first["name"] == "Test env"
 
         # found by mDNS: the rows carry the namespace addresses (no invite had one)
@@ -104,9 +120,12 @@ def test_three_daemons_discover_each_other_by_mdns_and_converge(daemons, fixture
         patch = json.dumps([{"op": "replace", "path": "/routes/0/endpoint", "value": "from-c"}])
         pd(c.socket_path, "env", "patch", env_id, "-", input=patch)
         wait_sync(
-            lambda: all((export(d, env_id) or {})["routes"][0]["endpoint"] == "from-c"
-                        for d in (a, b)),
-            "c's edit on a and b", TIMEOUT)
+            lambda: all(
+                (export(d, env_id) or {})["routes"][0]["endpoint"] == "from-c" for d in (a, b)
+            ),
+            "c's edit on a and b",
+            TIMEOUT,
+        )
         for daemon in procs:
             assert daemon.stop() == 0, daemon.output()
             assert "mDNS discovery off" not in daemon.output()

@@ -95,7 +95,14 @@ def test_a_steady_stream_of_edits_is_written_at_least_every_max_delay():
             renders.append(t)
             env = {**ENV, "name": f"n{t}"}
             m.rendered(t, "file", b"x%f" % t, json_hash(env))
-            m.write_done(t, "file", "ok", content=b"x%f" % t, json_hash=json_hash(env), sig=(int(t * 100), 1, 1))
+            m.write_done(
+                t,
+                "file",
+                "ok",
+                content=b"x%f" % t,
+                json_hash=json_hash(env),
+                sig=(int(t * 100), 1, 1),
+            )
         t = round(t + 0.02, 4)
     # every change is written at most MAX_DELAY (+ the 20 ms sampling step) after it was made
     gaps = [b - a for a, b in zip(renders, renders[1:], strict=False)]
@@ -159,7 +166,9 @@ def test_merged_concurrent_edit_is_written_back_once():
     assert m.poll(1.3) == [Render("file")]
     (write,) = m.rendered(1.3, "file", json.dumps(merged).encode(), json_hash(merged))
     assert write.expect == (3, 3, 3)
-    m.write_done(1.3, "file", "ok", content=write.content, json_hash=json_hash(merged), sig=(5, 5, 5))
+    m.write_done(
+        1.3, "file", "ok", content=write.content, json_hash=json_hash(merged), sig=(5, 5, 5)
+    )
     assert m.observed(1.5, obs_for(merged, sig=(5, 5, 5), text=write.content.decode())) == []
     assert m.stats["writes"] == 1 and m.stats["applies"] == 1
 
@@ -292,7 +301,9 @@ def test_write_errors_are_reported_once_and_retried_with_backoff():
         retries.append(now)
         assert m.poll(now) == [Render("file")]
         m.rendered(now, "file", b"x", "j")
-        acts = m.write_done(now, "file", "failed", error="cannot write /d/env.json: permission denied")
+        acts = m.write_done(
+            now, "file", "failed", error="cannot write /d/env.json: permission denied"
+        )
         assert acts == []  # the same reason is not repeated
     gaps = [b - a for a, b in zip(retries, retries[1:], strict=False)]
     assert gaps == sorted(gaps) and gaps[-1] <= BACKOFF_MAX
@@ -321,7 +332,9 @@ def test_file_replaced_by_a_directory():
 
 def test_unreadable_file_is_an_error_until_readable():
     m = started()
-    acts = m.observed(1.0, Observation("error", (1, 1, 1), error="cannot read /d/env.json: permission denied"))
+    acts = m.observed(
+        1.0, Observation("error", (1, 1, 1), error="cannot read /d/env.json: permission denied")
+    )
     assert types(acts) == ["Emit:mirror-error"]
     assert m.poll(m.deadline()) == [] and m.want_observe
     acts = m.observed(3.0, obs_for(ENV))
@@ -386,9 +399,22 @@ def test_format_keeps_layout_conventions():
 
 @pytest.mark.parametrize(
     ("value", "js"),
-    [(0.1, "0.1"), (1e-7, "1e-7"), (1e-6, "0.000001"), (1e21, "1e+21"), (1e16 + 2, "10000000000000002"),
-     (-2.5, "-2.5"), (100.0, "100"), (5e-324, "5e-324"), (1.5e300, "1.5e+300"), (10**22, "1e+22"),
-     (123456789.125, "123456789.125"), (float("nan"), "null"), (0.0, "0"), (-0.0, "0")],
+    [
+        (0.1, "0.1"),
+        (1e-7, "1e-7"),
+        (1e-6, "0.000001"),
+        (1e21, "1e+21"),
+        (1e16 + 2, "10000000000000002"),
+        (-2.5, "-2.5"),
+        (100.0, "100"),
+        (5e-324, "5e-324"),
+        (1.5e300, "1.5e+300"),
+        (10**22, "1e+22"),
+        (123456789.125, "123456789.125"),
+        (float("nan"), "null"),
+        (0.0, "0"),
+        (-0.0, "0"),
+    ],
 )
 def test_numbers_are_written_as_javascript_writes_them(value, js):
     assert js_number(value) == js
@@ -399,15 +425,19 @@ def test_stringify_matches_node_json_stringify():
     if node is None:
         pytest.skip("node is not installed")
     value = {
-        "s": "é \u2028 \x7f \x01 \" \\ \n \t ✓ 😀",
+        "s": 'é \u2028 \x7f \x01 " \\ \n \t ✓ 😀',
         "n": [0.1, 1e-7, 2.5e-5, 1e21, 123.0, -7, 1.7976931348623157e308, 3e-310],
         "e": [{}, [], None, True, False],
         "nested": {"a": [{"b": {}}]},
     }
     text = json.dumps(value)
-    script = "const fs=require('fs');const v=JSON.parse(fs.readFileSync(0,'utf8'));" \
-             "process.stdout.write(JSON.stringify(v,null,2)+'\\u0000'+JSON.stringify(v))"
-    out = subprocess.run([node, "-e", script], input=text, capture_output=True, text=True, check=True)
+    script = (
+        "const fs=require('fs');const v=JSON.parse(fs.readFileSync(0,'utf8'));"
+        "process.stdout.write(JSON.stringify(v,null,2)+'\\u0000'+JSON.stringify(v))"
+    )
+    out = subprocess.run(
+        [node, "-e", script], input=text, capture_output=True, text=True, check=True
+    )
     pretty, compact = out.stdout.split("\0")
     assert stringify(value) == pretty
     assert stringify(value, None) == compact

@@ -89,12 +89,22 @@ async def test_socket_edit_reaches_the_file_within_a_second_as_a_one_line_diff(s
         assert before == (FIXTURE_DIR / TEST_ENV).read_text()  # nothing rewritten
         route = (await c.get(env_id))["routes"][0]
         start = trio.current_time()
-        await c.patch(env_id, [{"op": "replace", "path": "/routes/0/responses/0/body",
-                                "value": "hello from the socket"}])
+        await c.patch(
+            env_id,
+            [
+                {
+                    "op": "replace",
+                    "path": "/routes/0/responses/0/body",
+                    "value": "hello from the socket",
+                }
+            ],
+        )
         await until(lambda: "hello from the socket" in path.read_text(), 1.0, "the file")
         assert trio.current_time() - start < 1.0
         after = path.read_text()
-        changed = [(a, b) for a, b in zip(before.splitlines(), after.splitlines(), strict=True) if a != b]
+        changed = [
+            (a, b) for a, b in zip(before.splitlines(), after.splitlines(), strict=True) if a != b
+        ]
         assert len(changed) == 1 and '"body": "hello from the socket"' in changed[0][1]
         assert read_json(path) == await c.get(env_id)
         links = await c.call("env.links")
@@ -110,7 +120,7 @@ async def test_merged_yjs_update_reaches_the_file(short_tmp):
         doc = Doc()
         doc.apply_update(await c.export(env_id, "yjs"))
         sv = doc.get_state()
-        route_id = (await c.get(env_id, "/routes/0/uuid"))
+        route_id = await c.get(env_id, "/routes/0/uuid")
         with doc.transaction():
             route = doc.get("routes", type=Map)[route_id]
             doc_text = route["documentation"]
@@ -132,8 +142,14 @@ async def test_file_save_merges_with_a_concurrent_socket_edit(short_tmp):
         save_as_editor(path, env)  # the editor saves the content it had...
         await c.patch(env_id, [{"op": "replace", "path": "/name", "value": "renamed by a peer"}])
         # ...while the document changed elsewhere: both survive, in the document and the file
-        await until(lambda: (read_json(path) or {}).get("name") == "renamed by a peer"
-                    and read_json(path)["port"] == 4321, 3.0, "the merged file")
+        await until(
+            lambda: (
+                (read_json(path) or {}).get("name") == "renamed by a peer"
+                and read_json(path)["port"] == 4321
+            ),
+            3.0,
+            "the merged file",
+        )
         doc = await c.get(env_id)
         assert doc["name"] == "renamed by a peer" and doc["port"] == 4321
         assert doc["routes"][1]["responses"][0]["body"] == "typed in the editor"
@@ -154,7 +170,9 @@ async def test_file_save_made_from_an_older_copy_keeps_newer_edits_elsewhere(sho
         old["endpointPrefix"] = "v2"
         save_as_editor(path, old)  # the user restores the file and changes something
         await until(lambda: events(daemon, "mirror-resumed"), 3.0, "mirror-resumed")
-        await until(lambda: (read_json(path) or {}).get("latency") == 250, 2.0, "merge written back")
+        await until(
+            lambda: (read_json(path) or {}).get("latency") == 250, 2.0, "merge written back"
+        )
         doc = await c.get(env_id)
         assert doc["latency"] == 250 and doc["endpointPrefix"] == "v2"
 
@@ -342,7 +360,9 @@ async def test_two_environments_cannot_share_a_file(short_tmp):
         await c.call("env.link", id=other, path=str(path), overwrite=True)
         assert read_json(path)["uuid"] == other
         assert {x["id"]: x["path"] for x in await c.call("env.links")} == {
-            env_id: str(short_tmp / "moved.json"), other: str(path)}
+            env_id: str(short_tmp / "moved.json"),
+            other: str(path),
+        }
 
 
 async def test_deleted_file_is_written_again_with_an_event(short_tmp):
@@ -375,8 +395,11 @@ async def test_file_replaced_by_a_directory_and_missing_folder(short_tmp):
         await c.call("env.link", id=env_id, path=str(sub_path))
         shutil.rmtree(folder)
         await c.patch(env_id, [{"op": "replace", "path": "/name", "value": "folder gone"}])
-        await until(lambda: [e for e in events(daemon, "mirror-error")
-                             if "does not exist" in e["reason"]], 3.0, "the missing folder error")
+        await until(
+            lambda: [e for e in events(daemon, "mirror-error") if "does not exist" in e["reason"]],
+            3.0,
+            "the missing folder error",
+        )
         assert (await c.get(env_id, "/name")) == "folder gone"
         links = await c.call("env.links")
         assert links[0]["state"] == "error" and "does not exist" in links[0]["error"]
@@ -455,7 +478,9 @@ async def test_mirror_dir_mirrors_every_environment_under_stable_names(short_tmp
     async with daemon_at(short_tmp, mirror_dir=mirror) as (daemon, c):
         links = await c.call("env.links")
         assert [(x["id"], x["path"], x["auto"]) for x in links] == [(a, str(file_a), True)]
-        name_b = mirror_file_name(json.loads((FIXTURE_DIR / "callbacks.json").read_text())["name"], b)
+        name_b = mirror_file_name(
+            json.loads((FIXTURE_DIR / "callbacks.json").read_text())["name"], b
+        )
         assert sorted(p.name for p in mirror.iterdir()) == sorted([name_a, name_b])
         await c.delete(a)
         await until(lambda: events(daemon, "mirror-unlinked"), 1.0)

@@ -57,11 +57,25 @@ def start_mockoon_cli(data: Path, port: int, log: Path) -> subprocess.Popen[byte
     home.mkdir(exist_ok=True)
     with log.open("wb") as out:
         return subprocess.Popen(
-            [NODE or "node", str(MOCKOON_CLI), "start", "--data", str(data),
-             "--port", str(port), "--hostname", "127.0.0.1", "--watch",
-             "--polling-interval", str(POLLING_MS), "--disable-log-to-file",
-             "--disable-admin-api"],
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            [
+                NODE or "node",
+                str(MOCKOON_CLI),
+                "start",
+                "--data",
+                str(data),
+                "--port",
+                str(port),
+                "--hostname",
+                "127.0.0.1",
+                "--watch",
+                "--polling-interval",
+                str(POLLING_MS),
+                "--disable-log-to-file",
+                "--disable-admin-api",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
             env={**os.environ, "HOME": str(home)},
         )
 
@@ -85,7 +99,9 @@ async def served(url: str, expected: str, timeout: float, log: Path) -> float:
 async def peerdaemon_cli(sock: Path, *args: str) -> str:
     result = await trio.run_process(
         [sys.executable, "-m", "peerdaemon", "--socket", str(sock), *args],
-        capture_stdout=True, capture_stderr=True, check=False,
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
     )
     assert result.returncode == 0, result.stderr.decode()
     return result.stdout.decode()
@@ -115,9 +131,9 @@ async def test_mockoon_cli_serves_a_linked_file_and_follows_both_ways():
             # 1. an edit through the socket: daemon -> file -> mockoon-cli --watch -> HTTP
             async with await AsyncClient.connect(sock) as client:
                 body = '{"route": "edited through the peerdaemon socket"}'
-                await client.patch(env_id, [
-                    {"op": "replace", "path": "/routes/1/responses/0/body", "value": body}
-                ])
+                await client.patch(
+                    env_id, [{"op": "replace", "path": "/routes/1/responses/0/body", "value": body}]
+                )
                 took = await served(url, body, 20.0, log)
                 assert took < 20.0
 
@@ -129,8 +145,10 @@ async def test_mockoon_cli_serves_a_linked_file_and_follows_both_ways():
                 os.replace(tmp, data)
                 pointer = "/routes/1/responses/0/body"
                 with trio.fail_after(5):
-                    while json.loads(await peerdaemon_cli(sock, "env", "get", env_id, pointer)) \
-                            != "saved in an editor":
+                    while (
+                        json.loads(await peerdaemon_cli(sock, "env", "get", env_id, pointer))
+                        != "saved in an editor"
+                    ):
                         await trio.sleep(0.05)
                 await served(url, "saved in an editor", 20.0, log)
                 assert proc.poll() is None, log.read_text(errors="replace")

@@ -130,7 +130,11 @@ class Relay:
         return {space_id for space_id, _ in keys_a & keys_b}
 
     def _on_change(self, src: Node, dst: Node, doc_id: str, update: bytes, origin: str) -> None:
-        if self.online and origin != f"peer:{dst.device}" and src.spaces.allowed(doc_id, self.linked):
+        if (
+            self.online
+            and origin != f"peer:{dst.device}"
+            and src.spaces.allowed(doc_id, self.linked)
+        ):
             self.queue.append((src, dst, doc_id, update))
 
     def _on_docs(self) -> None:

@@ -66,9 +66,7 @@ class DaemonError(ClientError):
 
 class DaemonNotRunning(ClientError):
     def __init__(self, path: Path | str) -> None:
-        super().__init__(
-            f"no peerdaemon is running on {path} (start one with `peerdaemon run`)"
-        )
+        super().__init__(f"no peerdaemon is running on {path} (start one with `peerdaemon run`)")
         self.path = Path(path)
 
 

@@ -503,9 +503,7 @@ class _ConnectionHandler:
             pid, uid = (creds[0], creds[1]) if creds else (None, None)
             if not check_peer_uid(uid):
                 log.warning("connection #%d from uid %s (pid %s) refused", number, uid, pid)
-                await _refuse(
-                    stream, f"uid {uid} may not use the peerdaemon of uid {os.getuid()}"
-                )
+                await _refuse(stream, f"uid {uid} may not use the peerdaemon of uid {os.getuid()}")
                 return
             conn = _Connection(
                 stream, self.handler, number=number, peer_uid=uid, peer_pid=pid, **self.limits

@@ -68,7 +68,8 @@ def _json_arg(args: dict[str, Any], obj_name: str) -> Any:
             json.dumps(value, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:
             raise ApiError(
-                "malformed-json", "a string holds a lone surrogate (\\ud800-\\udfff): not Unicode text"
+                "malformed-json",
+                "a string holds a lone surrogate (\\ud800-\\udfff): not Unicode text",
             ) from None
     return value
 
@@ -231,7 +232,8 @@ class Service:
             env_id = prepared["uuid"]
             if env_id in self.registry.envs:
                 raise ApiError(
-                    "exists", f"an environment with id {env_id} exists already (import with a new id: --new-id)"
+                    "exists",
+                    f"an environment with id {env_id} exists already (import with a new id: --new-id)",
                 )
         ticket = self.registry.create(env_id, prepared, LOCAL)
         result = {"id": env_id, "repairs": notes, "newer": is_newer(prepared)}

@@ -156,8 +156,12 @@ class MdnsDiscovery:
                 )
                 self._info = info
                 self._published = (txt, addresses)
-                log.info("mDNS: advertising %s on %s port %d", info.name,
-                         ", ".join(addresses) or "(no address yet)", self.port)
+                log.info(
+                    "mDNS: advertising %s on %s port %d",
+                    info.name,
+                    ", ".join(addresses) or "(no address yet)",
+                    self.port,
+                )
                 task_status.started()
                 nursery.start_soon(self._maintain)
         finally:
@@ -186,12 +190,23 @@ class MdnsDiscovery:
             return []
 
     def _build_txt(self) -> dict[str, str]:
-        return build_txt(self.device_id, self._keys(), now=self._clock(),
-                         decoy_key=self._decoy_key, protocol_version=self._protocol_version)
+        return build_txt(
+            self.device_id,
+            self._keys(),
+            now=self._clock(),
+            decoy_key=self._decoy_key,
+            protocol_version=self._protocol_version,
+        )
 
     def _service_info(self, name: str, txt: dict[str, str], addresses: list[str]) -> ServiceInfo:
-        return ServiceInfo(SERVICE_TYPE, name, port=self.port, properties=txt,
-                           server=self._server_name(), parsed_addresses=list(addresses))
+        return ServiceInfo(
+            SERVICE_TYPE,
+            name,
+            port=self.port,
+            properties=txt,
+            server=self._server_name(),
+            parsed_addresses=list(addresses),
+        )
 
     def _next_wakeup(self) -> float:
         # Just after the hour (tags rotate; small jitter so a LAN does not update in lockstep).
@@ -225,7 +240,9 @@ class MdnsDiscovery:
         if self._published and self._published[1] != addresses:
             log.info("mDNS: addresses now %s", ", ".join(addresses) or "(none)")
             if self.interface is not None:
-                log.warning("mDNS: addresses of %s changed; restart the daemon to rebind", self.interface)
+                log.warning(
+                    "mDNS: addresses of %s changed; restart the daemon to rebind", self.interface
+                )
         info = self._service_info(self._info.name, txt, addresses)
         try:
             await self._update_service(info)
@@ -239,7 +256,9 @@ class MdnsDiscovery:
         assert self._zc is not None
         await trio.to_thread.run_sync(self._zc.update_service, info)
 
-    def _close_sync(self, zc: Zeroconf, browser: ServiceBrowser | None, info: ServiceInfo | None) -> None:
+    def _close_sync(
+        self, zc: Zeroconf, browser: ServiceBrowser | None, info: ServiceInfo | None
+    ) -> None:
         """Worker thread: stop the browser, send goodbyes, close the sockets."""
         try:
             if browser is not None:
@@ -254,14 +273,16 @@ class MdnsDiscovery:
 
     # -- browsing ------------------------------------------------------------------------------
 
-    def _on_change(self, zeroconf: Zeroconf, service_type: str, name: str,
-                   state_change: ServiceStateChange) -> None:
+    def _on_change(
+        self, zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange
+    ) -> None:
         """Browser thread: hand the event to trio (never block the browser on resolution)."""
         if self._closed or self._token is None:
             return
         try:
-            trio.from_thread.run_sync(self._state_changed, name, state_change,
-                                      trio_token=self._token)
+            trio.from_thread.run_sync(
+                self._state_changed, name, state_change, trio_token=self._token
+            )
         except trio.RunFinishedError:
             pass
 
@@ -294,8 +315,12 @@ class MdnsDiscovery:
             while True:
                 self._again.discard(name)
                 info = await trio.to_thread.run_sync(
-                    self._zc.get_service_info, SERVICE_TYPE, name, RESOLVE_TIMEOUT_MS,
-                    abandon_on_cancel=True, limiter=self._limiter,
+                    self._zc.get_service_info,
+                    SERVICE_TYPE,
+                    name,
+                    RESOLVE_TIMEOUT_MS,
+                    abandon_on_cancel=True,
+                    limiter=self._limiter,
                 )
                 if name not in self._live:
                     return
@@ -323,8 +348,13 @@ class MdnsDiscovery:
             self._evaluate(name, info)
 
     def _evaluate(self, name: str, info: ServiceInfo) -> None:
-        advert, reason = accept(info.properties, own_device_id=self.device_id, keys=self._keys(),
-                                now=self._clock(), protocol_version=self._protocol_version)
+        advert, reason = accept(
+            info.properties,
+            own_device_id=self.device_id,
+            keys=self._keys(),
+            now=self._clock(),
+            protocol_version=self._protocol_version,
+        )
         addresses = info.parsed_scoped_addresses()
         port = info.port
         if not reason and (not addresses or not port):
@@ -332,8 +362,12 @@ class MdnsDiscovery:
         if reason or advert is None:
             gone = self._reported.pop(name, None)
             if gone is None:
-                log.debug("mDNS: ignoring %s (device %s): %s", name,
-                          advert.device_id if advert else "?", reason)
+                log.debug(
+                    "mDNS: ignoring %s (device %s): %s",
+                    name,
+                    advert.device_id if advert else "?",
+                    reason,
+                )
             else:
                 log.debug("mDNS: %s no longer matches: %s", name, reason)
                 self._lost(gone[0], list(gone[1]), gone[2])

@@ -613,7 +613,9 @@ class HubHttp:
         return cut
 
     # -- daemons ---------------------------------------------------------------------------------
-    async def _serve_peer(self, stream: trio.abc.Stream, leftover: bytes, request: _Request) -> None:
+    async def _serve_peer(
+        self, stream: trio.abc.Stream, leftover: bytes, request: _Request
+    ) -> None:
         conn = self._new_conn()
         session = _Session(stream, conn, leftover, self.config)
         ws = _PeerSocket(session, request.path, request.query, request.headers, _remote(stream))

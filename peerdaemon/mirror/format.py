@@ -66,7 +66,9 @@ def _js_string(s: str) -> str:
 def stringify(value: Any, indent: int | None = 2) -> str:
     """`JSON.stringify(value, null, indent)` for JSON values (no trailing newline)."""
     parts: list[str] = []
-    _emit(value, parts, "\n" if indent else "", " " * (indent or 0), indent is not None and indent > 0)
+    _emit(
+        value, parts, "\n" if indent else "", " " * (indent or 0), indent is not None and indent > 0
+    )
     return "".join(parts)
 
 
@@ -128,7 +130,9 @@ def text_style(text: str | bytes | None) -> tuple[bool, bool]:
     if isinstance(text, bytes):
         text = text.decode("utf-8", "replace")
     stripped = text.strip()
-    pretty = "\n" in stripped or len(stripped) <= 2  # Mockoon's "pretty print" setting off: one line
+    pretty = (
+        "\n" in stripped or len(stripped) <= 2
+    )  # Mockoon's "pretty print" setting off: one line
     return pretty, text.endswith("\n")
 
 

@@ -383,9 +383,13 @@ class LinkMachine:
         return {"id": self.env_id, "path": self.path, **extra}
 
     def _deleted_event(self) -> Emit:
-        return Emit("mirror-file-deleted", self._data(
-            reason=f"{self.path} was deleted; writing it again from the document "
-            f"(`peerdaemon env unlink {self.env_id}` stops mirroring)"))
+        return Emit(
+            "mirror-file-deleted",
+            self._data(
+                reason=f"{self.path} was deleted; writing it again from the document "
+                f"(`peerdaemon env unlink {self.env_id}` stops mirroring)"
+            ),
+        )
 
     def _apply(self, obs: Observation) -> list[Action]:
         self.file_json = obs.json_hash
@@ -408,11 +412,16 @@ class LinkMachine:
         self.conflict = True
         self.conflict_dirty = True
         self.dirty_since = self.last_change = -1e9  # write the conflict file at once
-        return [Emit("mirror-conflict", self._data(
-            conflict_path=self.conflict_path,
-            reason=f"{self.path} cannot be applied ({self.invalid_reason}); it is left as it is "
-            f"and the merged environment is in {self.conflict_path} until the file is valid again",
-        ))]
+        return [
+            Emit(
+                "mirror-conflict",
+                self._data(
+                    conflict_path=self.conflict_path,
+                    reason=f"{self.path} cannot be applied ({self.invalid_reason}); it is left as it is "
+                    f"and the merged environment is in {self.conflict_path} until the file is valid again",
+                ),
+            )
+        ]
 
     def _fail(self, now: float, reason: str, source: str = "write") -> list[Action]:
         actions: list[Action] = []

@@ -137,7 +137,9 @@ def parse_environment(data: bytes, env_id: str) -> tuple[dict[str, Any], Any, st
     try:
         raw = json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+        raise ValueError(
+            f"malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
+        ) from None
     except RecursionError:
         raise ValueError("malformed JSON: nested too deeply") from None
     if "\\u" in text:  # "\ud800" parses, but a lone surrogate is not text (pycrdt panics on it)
@@ -217,7 +219,7 @@ def _write_atomic(
         try:
             view = memoryview(data)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
             os.fsync(fd)
             os.fchmod(fd, mode)
             sig = _sig(os.fstat(fd))  # rename keeps mtime, size and inode
@@ -241,9 +243,7 @@ def _write_atomic(
     return "ok", sig, None
 
 
-def _render(
-    env: dict[str, Any], template: Any, style: tuple[bool, bool]
-) -> tuple[bytes, str, Any]:
+def _render(env: dict[str, Any], template: Any, style: tuple[bool, bool]) -> tuple[bytes, str, Any]:
     """-> (file bytes, JSON hash, the written object parsed back: the next template)."""
     text = format_environment(env, template=template, style=style)
     return text.encode("utf-8", "surrogatepass"), json_hash(env), json.loads(text)
@@ -430,10 +430,17 @@ class LinkRunner:
                 base, template = self._render
                 if outcome == "ok" and action.target == "file":
                     self.base, self.template = base, template
-                queue.extend(self.m.write_done(
-                    now(), action.target, outcome, content=action.content,
-                    json_hash=self._render_hash, sig=sig, error=error,
-                ))
+                queue.extend(
+                    self.m.write_done(
+                        now(),
+                        action.target,
+                        outcome,
+                        content=action.content,
+                        json_hash=self._render_hash,
+                        sig=sig,
+                        error=error,
+                    )
+                )
             elif isinstance(action, Apply):
                 queue.extend(await self._apply(action.content))
             elif isinstance(action, Emit):
@@ -540,8 +547,10 @@ class MirrorService:
         for env_id, entry in sorted(saved.items()):
             path = Path(entry.get("path", ""))
             auto = bool(entry.get("auto"))
-            if env_id not in self.registry.envs or not path.is_absolute() or (
-                auto and (self.mirror_dir is None or path.parent != self.mirror_dir)
+            if (
+                env_id not in self.registry.envs
+                or not path.is_absolute()
+                or (auto and (self.mirror_dir is None or path.parent != self.mirror_dir))
             ):
                 del saved[env_id]
                 dropped = True
@@ -593,7 +602,10 @@ class MirrorService:
 
     def _mirror_setting(self) -> dict[str, Any]:
         value = self.store.get_setting(MIRROR_KEY) or {}
-        return {"names": dict(value.get("names") or {}), "excluded": list(value.get("excluded") or [])}
+        return {
+            "names": dict(value.get("names") or {}),
+            "excluded": list(value.get("excluded") or []),
+        }
 
     def save_synced(self, env_id: str, content_hash: str) -> None:
         links = self._links_setting()
@@ -628,7 +640,9 @@ class MirrorService:
             self._put_links(links)
         if runner is not None:
             self.events.emit(
-                "mirror-unlinked", id=env_id, path=str(runner.path),
+                "mirror-unlinked",
+                id=env_id,
+                path=str(runner.path),
                 reason="the environment was deleted; the file is left as it is",
             )
 
@@ -659,7 +673,9 @@ class MirrorService:
         links[env_id] = {"path": str(path), "synced": None, "auto": True}
         self._put_links(links)
         await self._start(
-            LinkRunner(self, env_id, path, auto=True, machine=self._machine(env_id, path, None, mode))
+            LinkRunner(
+                self, env_id, path, auto=True, machine=self._machine(env_id, path, None, mode)
+            )
         )
 
     def _owner(self, path: Path) -> str | None:
@@ -675,7 +691,9 @@ class MirrorService:
         if not isinstance(raw, str) or not raw:
             raise ApiError("bad-request", "argument 'path' must be a non-empty string")
         if not os.path.isabs(raw):
-            raise ApiError("bad-request", f"path {raw!r} must be absolute (the daemon's cwd is not yours)")
+            raise ApiError(
+                "bad-request", f"path {raw!r} must be absolute (the daemon's cwd is not yours)"
+            )
         path = Path(os.path.realpath(raw))
         owner = self._owner(path)
         if owner is not None and owner != env_id:
@@ -695,7 +713,9 @@ class MirrorService:
         if env_id in mirror["excluded"]:
             mirror["excluded"].remove(env_id)
             self.store.put_setting(MIRROR_KEY, mirror)
-        runner = LinkRunner(self, env_id, path, auto=False, machine=self._machine(env_id, path, None, mode))
+        runner = LinkRunner(
+            self, env_id, path, auto=False, machine=self._machine(env_id, path, None, mode)
+        )
         await self._start(runner)
         self.events.emit("mirror-linked", id=env_id, path=str(path), mode=mode)
         with trio.move_on_after(FIRST_SYNC_TIMEOUT):

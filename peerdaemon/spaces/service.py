@@ -195,9 +195,7 @@ class SpacesService:
             if doc_id.startswith(SPACE_PREFIX) and doc_id[len(SPACE_PREFIX) :] not in self.spaces:
                 self.store.enqueue_delete(doc_id)  # left behind by a crash during create/leave
         if isinstance(bindings, dict):
-            self.bindings = {
-                str(e): str(s) for e, s in bindings.items() if isinstance(s, str)
-            }
+            self.bindings = {str(e): str(s) for e, s in bindings.items() if isinstance(s, str)}
         self._reconcile("local")
         self._docs = self._syncable()
         return len(self.spaces)
@@ -260,9 +258,7 @@ class SpacesService:
             raise SpaceError("ambiguous", f"{ref!r} names several spaces ({ids}); use the id")
         raise SpaceError("not-found", f"no space {ref!r} (see `peerdaemon space list`)")
 
-    def invite(
-        self, ref: str, addresses: list[str] | None = None, hub: str | None = None
-    ) -> str:
+    def invite(self, ref: str, addresses: list[str] | None = None, hub: str | None = None) -> str:
         space = self.resolve(ref)
         if addresses is None:
             addresses = list(self.address_provider()) if self.address_provider else []
@@ -630,9 +626,7 @@ class SpacesService:
             if state == DELETED:
                 tickets.append(self.registry.delete(env_id, origin))
             else:  # unshared, left, or unknown: this device keeps its copy as a local one
-                self.events.emit(
-                    "environment-unshared", id=env_id, space=space_id, origin=origin
-                )
+                self.events.emit("environment-unshared", id=env_id, space=space_id, origin=origin)
         if changed:
             tickets.append(self._save_bindings())
         return tickets
