@@ -124,7 +124,7 @@ class Registry:
         apply_environment(env.doc, prepared)  # registered only once it holds the environment
         self.envs[env_id] = env
         self.events.emit("environment-created", id=env_id, origin=origin)
-        self._commit(env, origin)
+        self._commit(env, origin, new=prepared)
         assert env.last_ticket is not None
         return env.last_ticket
 
