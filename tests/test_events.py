@@ -6,7 +6,7 @@ from pathlib import Path
 import trio
 from modelutil import FIXTURE_DIR
 
-from peerdaemon.api.client import AsyncClient
+from peerdaemon.api.client import AsyncClient, DaemonError
 from peerdaemon.daemon.events import EventLog
 from peerdaemon.daemon.supervisor import DaemonConfig, serve
 
@@ -43,4 +43,26 @@ async def test_a_cursor_from_an_earlier_run_says_reset():
             assert ahead["reset"] is True and ahead["events"] == []
             now = await c.call("events.subscribe", since=again["cursor"])
             assert now["reset"] is False and now["events"] == []
+        nursery.cancel_scope.cancel()
+
+
+async def test_deeply_nested_json_is_refused_and_the_daemon_goes_on():
+    root = Path(tempfile.mkdtemp(prefix="pdn"))
+    config = DaemonConfig(root / "data", root / "d.sock")
+    text = (FIXTURE_DIR / "test-env.json").read_text()
+    deep = '{"uuid": "x", "lastMigration": 33, "routes": [], "x": ' + "[" * 5000 + "]" * 5000 + "}"
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve, config)
+        async with await AsyncClient.connect(config.socket_path) as c:
+            env_id = (await c.import_env(text))["id"]
+            before = await c.export(env_id)
+            for call in (c.import_env(deep), c.put(env_id, deep)):
+                try:
+                    await call
+                except DaemonError as exc:
+                    assert exc.code in ("bad-request", "malformed-json")
+                else:
+                    raise AssertionError("deep JSON accepted")
+            assert await c.export(env_id) == before
+            assert (await c.status())["environments"] == 1
         nursery.cancel_scope.cancel()

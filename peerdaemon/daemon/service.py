@@ -188,6 +188,10 @@ class Service:
             raise ApiError(exc.code, exc.message) from None
         except UpdateRejected as exc:
             raise ApiError("bad-update", str(exc)) from None
+        except RecursionError:
+            # before anything is stored: parsing or `prepare` (a write that fails half-way is
+            # rolled back by the registry)
+            raise ApiError("bad-request", "the JSON is nested too deeply") from None
         except BaseException as exc:
             # A Rust panic in pycrdt is a BaseException: as such it would end the whole daemon.
             if type(exc).__name__ != "PanicException":
