@@ -8,6 +8,14 @@ writer task per connection drains its outbox with as few `send_all` calls as it 
 only parses what clients send (masking, fragments, ping, close). A writer that makes no
 progress for `stall_seconds` is cut off; an outbox that overflows is dropped by the room logic
 (`ywebsocket.Outbox`), so no client can stall a room or the hub.
+
+Connections that have not authenticated yet are bounded like the LAN listener's
+(`peer.admission.Admission`): every accepted connection holds a `Ticket` until it is answered
+(plain HTTP), its token is accepted (`/yjs`) or the daemon's auth is (`/peer`: the endpoint
+releases `ws.ticket`), or it ends. Past `max_half_open` in total or `max_half_open_per_ip` from
+one address, one more is answered `503 busy` at once and closed. The request head must arrive
+within `head_timeout`, and a websocket still unauthenticated `handshake_timeout` (plus a grace
+to close politely) after its upgrade is cut.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import base64
 import hashlib
 import json
 import logging
+import math
 import os
 import socket
 import struct
@@ -32,6 +41,7 @@ from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from ..daemon.events import EventLog
+from ..peer.admission import BUSY_BODY, BUSY_STATUS, Admission, Ticket
 from .accounts import Accounts, LimitExceeded
 from .docs import check_ids
 from .ywebsocket import CLOSE_CODES, Outbox, Rooms, YConn
@@ -48,11 +58,16 @@ __all__ = [
 log = logging.getLogger("peerdaemon.hub.http")
 
 MAX_HEAD = 16 * 1024
-HEAD_TIMEOUT = 10.0
+REFUSE_TIMEOUT = 1.0
+"""How long refusing one connection over the limits may take (reading its request head)."""
 RECEIVE_SIZE = 256 * 1024
 SEND_CHUNK = 1 << 20
 CLOSE_TIMEOUT = 2.0
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+BUSY_RESPONSE = (
+    f"HTTP/1.1 {BUSY_STATUS} Service Unavailable\r\nContent-Type: text/plain\r\n"
+    f"Content-Length: {len(BUSY_BODY)}\r\nConnection: close\r\n\r\n"
+).encode("ascii") + BUSY_BODY
 
 
 @dataclass
@@ -62,6 +77,11 @@ class HttpConfig:
     limit_bytes: int = 64 << 20  # ... and the client is dropped (1013 too-slow) past this
     stall_seconds: float = 30.0  # a writer without progress this long: the client is dropped
     ping_interval: float = 30.0  # a silent client is pinged; silent for twice this: dropped
+    # Connections not authenticated yet (docs/hub.md, "Connections in their handshake"):
+    max_half_open: int = 256  # at most this many at once; one more gets 503 busy
+    max_half_open_per_ip: int = 16  # ... and this many from one remote address
+    head_timeout: float = 10.0  # the request head must arrive (and be answered) by then
+    handshake_timeout: float = 10.0  # a websocket must authenticate by then (+ CLOSE_TIMEOUT)
 
 
 def ws_frame(*parts: bytes, opcode: int = 0x2) -> bytes:
@@ -88,6 +108,10 @@ class HubWebSocket(Protocol):
     query: dict[str, str]
     headers: dict[str, str]
     remote: tuple[str, int] | None
+    ticket: Ticket | None
+    """The connection's place among the unauthenticated ones: `release()` it once the daemon
+    has authenticated (until then it counts against the hub's half-open limits, and is cut
+    `handshake_timeout` + `CLOSE_TIMEOUT` after the upgrade)."""
 
     async def get_message(self) -> bytes | str: ...
     async def send_message(self, message: bytes | str) -> None: ...
@@ -176,9 +200,14 @@ class _Session:
         self,
         on_message: Callable[[bytes | str], Awaitable[None] | None],
         handler: Callable[[], Awaitable[None]] | None = None,
+        *,
+        ticket: Ticket | None = None,
+        auth_deadline: float = math.inf,
     ) -> None:
         """Until closed. `on_message` gets each message (an async one applies back-pressure);
-        `handler` (the /peer endpoint) runs beside and may finish its close within the grace."""
+        `handler` (the /peer endpoint) runs beside and may finish its close within the grace.
+        If `ticket` is still held at `auth_deadline` (not authenticated yet), the connection is
+        cut."""
         handler_done = trio.Event()
 
         async def run_handler() -> None:
@@ -191,6 +220,8 @@ class _Session:
         try:
             async with trio.open_nursery() as nursery:
                 self._scope = nursery.cancel_scope
+                if ticket is not None and not ticket.released:
+                    nursery.start_soon(self._watchdog, ticket, auth_deadline)
                 nursery.start_soon(self._reader, on_message)
                 if handler is not None:
                     nursery.start_soon(run_handler)
@@ -208,6 +239,11 @@ class _Session:
             with trio.move_on_after(CLOSE_TIMEOUT) as scope:
                 scope.shield = True
                 await self.stream.aclose()
+
+    async def _watchdog(self, ticket: Ticket, deadline: float) -> None:
+        await trio.sleep_until(deadline)
+        if not ticket.released:
+            self.abort("not authenticated in time")
 
     def _close_from_remote(self, code: int, reason: str, *, lost: bool = False) -> None:
         self.remote_close = (code, reason)
@@ -350,12 +386,14 @@ class _PeerSocket:
         query: dict[str, str],
         headers: dict[str, str],
         remote: tuple[str, int] | None,
+        ticket: Ticket | None = None,
     ) -> None:
         self._session = session
         self.path = path
         self.query = query
         self.headers = headers
         self.remote = remote
+        self.ticket = ticket
         send, self._incoming = trio.open_memory_channel[bytes | str](64)
         self._send_incoming = send
 
@@ -433,6 +471,9 @@ class HubHttp:
         self.peer_connections = 0
         self._next_conn = 1
         self.sessions: set[_Session] = set()
+        self.admission = Admission(self.config.max_half_open, self.config.max_half_open_per_ip)
+        """Connections not authenticated yet (every path), in total and per remote address."""
+        self._refusing = 0
 
     async def keepalive(self) -> None:
         """Ping clients that have been silent for `ping_interval`; drop those silent for twice
@@ -451,49 +492,90 @@ class HubHttp:
 
     # -- entry -----------------------------------------------------------------------------------
     async def handle(self, stream: trio.abc.Stream) -> None:
+        remote = _remote(stream)
+        ticket = self.admission.admit(remote[0] if remote is not None else "?")
         try:
-            await self._handle(stream)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, OSError):
+            if ticket is None:
+                await self._refuse(stream, remote)
+            else:
+                await self._handle(stream, ticket)
+        except trio.TooSlowError:
+            log.debug("hub connection from %s: no request head in time; closed", remote)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
         except Exception:  # one connection's failure never takes the hub down
             log.exception("hub connection failed")
         finally:
+            if ticket is not None:
+                ticket.release()
             with trio.move_on_after(CLOSE_TIMEOUT) as scope:
                 scope.shield = True
                 await stream.aclose()
 
-    async def _handle(self, stream: trio.abc.Stream) -> None:
+    async def _refuse(self, stream: trio.abc.Stream, remote: tuple[str, int] | None) -> None:
+        """Over the half-open limits: `503 busy` and close, at once. The request head is read
+        first (closing with it unread would reset the connection before the client reads the
+        answer); while many are being refused, just hang up."""
+        log.debug("hub connection from %s refused: busy", remote)
+        if self._refusing >= self.config.max_half_open:
+            await trio.aclose_forcefully(stream)
+            return
+        self._refusing += 1
         try:
-            with trio.fail_after(HEAD_TIMEOUT):
-                head, leftover = await _read_head(stream)
+            with trio.move_on_after(REFUSE_TIMEOUT):
+                try:
+                    await _read_head(stream)
+                except (_BadRequest, EOFError):
+                    pass
+                await stream.send_all(BUSY_RESPONSE)
+        finally:
+            self._refusing -= 1
+            await trio.aclose_forcefully(stream)
+
+    async def _handle(self, stream: trio.abc.Stream, ticket: Ticket) -> None:
+        with trio.fail_after(self.config.head_timeout):  # the head, and the answer to it
+            opened = await self._open(stream)
+        if opened is None:
+            ticket.release()  # answered
+            return
+        request, leftover = opened
+        deadline = trio.current_time() + self.config.handshake_timeout + CLOSE_TIMEOUT
+        if request.path == "/peer":
+            await self._serve_peer(stream, leftover, request, ticket, deadline)
+        else:
+            space_id, doc_id = (unquote(p) for p in request.path[len("/yjs/") :].split("/"))
+            await self._serve_yws(stream, leftover, request, space_id, doc_id, ticket, deadline)
+
+    async def _open(self, stream: trio.abc.Stream) -> tuple[_Request, bytes] | None:
+        """Read the request head and answer it: plain HTTP and bad requests get their response
+        (None), a websocket upgrade of `/yjs/SPACE/DOC` or `/peer` its `101` (the request and
+        the bytes read past the head)."""
+        try:
+            head, leftover = await _read_head(stream)
             request = _parse_request(head)
         except _BadRequest as exc:
             await _respond(stream, exc.status, {"error": str(exc)})
-            return
+            return None
         except EOFError:
-            return
+            return None
         upgrade = request.headers.get("upgrade", "").lower() == "websocket"
         if not upgrade:
             if request.path == "/health" and request.method in ("GET", "HEAD"):
                 await _respond(stream, 200, self.health(), head_only=request.method == "HEAD")
             else:
                 await _respond(stream, 404, {"error": "not found"})
-            return
+            return None
         if request.path.startswith("/yjs/"):
             parts = request.path[len("/yjs/") :].split("/")
             if len(parts) != 2 or not all(parts):
                 await _respond(stream, 404, {"error": "expected /yjs/SPACE_ID/DOC_ID"})
-                return
-            space_id, doc_id = (unquote(p) for p in parts)
-            if not await self._accept(stream, request):
-                return
-            await self._serve_yws(stream, leftover, request, space_id, doc_id)
-        elif request.path == "/peer":
-            if not await self._accept(stream, request):
-                return
-            await self._serve_peer(stream, leftover, request)
-        else:
+                return None
+        elif request.path != "/peer":
             await _respond(stream, 404, {"error": "not found"})
+            return None
+        if not await self._accept(stream, request):
+            return None
+        return request, leftover
 
     def health(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -539,6 +621,8 @@ class HubHttp:
         request: _Request,
         space_id: str,
         doc_id: str,
+        ticket: Ticket,
+        auth_deadline: float,
     ) -> None:
         conn = self._new_conn()
         session = _Session(stream, conn, leftover, self.config)
@@ -565,6 +649,7 @@ class HubHttp:
                 conn.deny("bad-request")
             else:
                 self.rooms.join(space_id, doc_id, conn)
+                ticket.release()  # authenticated: no longer counts as half-open
         if conn.closing is not None:
             log.info("yws %d: refused: %s", conn.number, conn.closing[1])
         rooms = self.rooms
@@ -581,7 +666,7 @@ class HubHttp:
 
         self.sessions.add(session)
         try:
-            await session.run(on_message)
+            await session.run(on_message, ticket=ticket, auth_deadline=auth_deadline)
         finally:
             self.sessions.discard(session)
             rooms.leave(conn)
@@ -614,11 +699,18 @@ class HubHttp:
 
     # -- daemons ---------------------------------------------------------------------------------
     async def _serve_peer(
-        self, stream: trio.abc.Stream, leftover: bytes, request: _Request
+        self,
+        stream: trio.abc.Stream,
+        leftover: bytes,
+        request: _Request,
+        ticket: Ticket,
+        auth_deadline: float,
     ) -> None:
         conn = self._new_conn()
         session = _Session(stream, conn, leftover, self.config)
-        ws = _PeerSocket(session, request.path, request.query, request.headers, _remote(stream))
+        ws = _PeerSocket(
+            session, request.path, request.query, request.headers, _remote(stream), ticket
+        )
         send = ws._send_incoming
         session.on_reader_done = send.close  # get_message raises ConnectionClosed after the rest
 
@@ -643,7 +735,7 @@ class HubHttp:
         self.peer_connections += 1
         self.sessions.add(session)
         try:
-            await session.run(on_message, handler)
+            await session.run(on_message, handler, ticket=ticket, auth_deadline=auth_deadline)
         finally:
             self.sessions.discard(session)
             self.peer_connections -= 1

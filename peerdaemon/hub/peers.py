@@ -394,6 +394,7 @@ class PeerEndpoint:
         link = Link(
             make_conn, dialer=False, address=address, on_event=self._on_event, config=self.config
         )
+        link.ticket = getattr(ws, "ticket", None)  # released once the hub accepted the daemon
         self._daemons[link] = _Daemon(link, auth, host)
         try:
             await link.run(ws)
@@ -456,6 +457,8 @@ class PeerEndpoint:
         if daemon is None:
             return
         if isinstance(event, Established):
+            if link.ticket is not None:  # authenticated: no longer half-open on the hub's port
+                link.ticket.release()
             for other in list(self._daemons.values()):
                 if (
                     other is not daemon

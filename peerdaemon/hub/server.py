@@ -241,7 +241,7 @@ def parse_listen(text: str) -> tuple[str, int]:
     return parse_address(str(text), any_port=True)
 
 
-_TOP_KEYS = {"listen", "data_dir", "tls", "limits", "fanout", "store"}
+_TOP_KEYS = {"listen", "data_dir", "tls", "limits", "fanout", "connections", "store"}
 
 
 def build_config(
@@ -298,6 +298,19 @@ def build_config(
             seconds = key in ("stall_seconds", "ping_interval")
             parsed = float(value) if seconds else parse_size(value)
             setattr(config.http, key, parsed)
+        connections = _table(
+            raw,
+            "connections",
+            {"max_half_open", "max_half_open_per_ip", "head_timeout", "handshake_timeout"},
+            where,
+        )
+        for key, value in connections.items():
+            if key.endswith("_timeout"):
+                setattr(config.http, key, _seconds(value, key))
+            elif _int(value, key) < 1:
+                raise ValueError(f"{key} must be at least 1")
+            else:
+                setattr(config.http, key, value)
         store = _table(raw, "store", {"compact_count", "compact_bytes"}, where)
         if "compact_count" in store:
             config.compact_count = _int(store["compact_count"], "compact_count")
@@ -326,6 +339,12 @@ def _table(raw: dict[str, Any], name: str, keys: set[str], where: str) -> dict[s
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) in [{name}]: {', '.join(sorted(unknown))}")
     return table
+
+
+def _seconds(value: object, name: str) -> float:
+    if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
+        raise ValueError(f"{name} must be a number of seconds > 0")
+    return float(value)
 
 
 def _int(value: object, name: str) -> int:

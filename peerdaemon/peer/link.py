@@ -10,9 +10,10 @@ Nothing here ever waits for a peer on behalf of the code producing changes: `loc
 queues (the connection bounds its queue: merged past `coalesce_bytes`, `too-slow` past
 `max_queued`), and a write that makes no progress for `send_timeout` closes with `too-slow`.
 
-`serve` bounds the incoming connections that have not authenticated yet (`Admission`): in total
-and per remote address, from the TCP accept to `Established`. One more is refused at once with
-an HTTP 503 `busy` instead of the websocket upgrade, which a dialer reports as `busy`.
+`serve` bounds the incoming connections that have not authenticated yet (`Admission`, shared
+with the hub: `admission.py`): in total and per remote address, from the TCP accept to
+`Established`. One more is refused at once with an HTTP 503 `busy` instead of the websocket
+upgrade, which a dialer reports as `busy`.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from trio_websocket import (
     wrap_server_stream,
 )
 
+from .admission import BUSY_BODY, BUSY_STATUS, Admission, Ticket
 from .messages import BUSY, CLOSED, SHUTDOWN, TOO_LARGE, TOO_SLOW, UNREACHABLE
 from .session import Closed, Event, PeerConfig, PeerConnection
 
@@ -54,8 +56,6 @@ RECEIVE_BUFFER = 256 * 1024
 WS_MESSAGE_TOO_BIG = 1009
 SHUTDOWN_FLUSH = 0.5
 """How long a link cancelled by a daemon shutdown may spend telling the peer."""
-BUSY_STATUS = 503
-BUSY_BODY = b"busy\n"
 REFUSE_TIMEOUT = 1.0
 """How long refusing one connection over the limits may take (reading its HTTP request)."""
 
@@ -67,50 +67,6 @@ class Unreachable(Exception):
     def __init__(self, message: str, reason: str = UNREACHABLE) -> None:
         super().__init__(message)
         self.reason = reason
-
-
-class Ticket:
-    """One admitted connection's place among the unauthenticated ones; `release` when it
-    authenticates or ends (idempotent)."""
-
-    __slots__ = ("_admission", "ip")
-
-    def __init__(self, admission: Admission, ip: str) -> None:
-        self._admission: Admission | None = admission
-        self.ip = ip
-
-    def release(self) -> None:
-        admission, self._admission = self._admission, None
-        if admission is not None:
-            admission._release(self.ip)
-
-
-class Admission:
-    """Counts incoming connections that have not authenticated yet, in total and per remote
-    address, and refuses one more past either limit."""
-
-    def __init__(self, total: int, per_ip: int) -> None:
-        self.total = total
-        self.per_ip = per_ip
-        self.count = 0
-        self.by_ip: dict[str, int] = {}
-        self.refused = 0
-
-    def admit(self, ip: str) -> Ticket | None:
-        if self.count >= self.total or self.by_ip.get(ip, 0) >= self.per_ip:
-            self.refused += 1
-            return None
-        self.count += 1
-        self.by_ip[ip] = self.by_ip.get(ip, 0) + 1
-        return Ticket(self, ip)
-
-    def _release(self, ip: str) -> None:
-        self.count -= 1
-        left = self.by_ip[ip] - 1
-        if left:
-            self.by_ip[ip] = left
-        else:
-            del self.by_ip[ip]
 
 
 def format_address(host: str, port: int) -> str:
