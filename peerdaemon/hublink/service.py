@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import random
-import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -31,7 +30,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import trio
-from trio_websocket import ConnectionClosed, HandshakeError, open_websocket
 
 from ..api.protocol import ApiError, Pending
 from ..daemon.events import EventLog
@@ -40,7 +38,8 @@ from ..model import MODEL_VERSION
 from ..peer import messages
 from ..peer.crypto import hub_token_hash, hub_token_id, hub_token_proof
 from ..peer.handshake import Established, PeerHello
-from ..peer.link import RECEIVE_BUFFER, Link, Unreachable
+from ..peer.link import Link, Unreachable
+from ..peer.link import dial as peer_dial
 from ..peer.messages import (
     FORBIDDEN,
     HUB_KEY_CHANGED,
@@ -124,28 +123,7 @@ def parse_hub_url(text: str) -> HubUrl:
 
 async def dial(link: Link, target: HubUrl) -> Closed:
     """Open the hub's websocket and run `link` over it; `Unreachable` if it never opens."""
-    config = link.config
-    opened = False
-    try:
-        async with open_websocket(
-            target.host,
-            target.port,
-            target.path,
-            use_ssl=ssl.create_default_context() if target.tls else False,
-            max_message_size=config.max_message,
-            receive_buffer_size=RECEIVE_BUFFER,
-            connect_timeout=config.connect_timeout,
-            disconnect_timeout=config.close_grace,
-        ) as ws:
-            opened = True
-            return await link.run(ws)
-    except (HandshakeError, OSError, ConnectionClosed, trio.BrokenResourceError) as exc:
-        if opened and link.closed is not None:
-            return link.closed
-        raise Unreachable(
-            f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        ) from None
-    raise AssertionError("unreachable")  # pragma: no cover
+    return await peer_dial(link, target.host, target.port, path=target.path, tls=target.tls)
 
 
 # -- the daemon's auth policy --------------------------------------------------------------------
@@ -331,7 +309,7 @@ class HubLink:
         except Unreachable as exc:
             log.debug("hub %s unreachable: %s", self.url, exc)
             self.detail, self.versions = str(exc), None
-            self._set(DISCONNECTED, UNREACHABLE)
+            self._set(DISCONNECTED, exc.reason)  # `unreachable`, or `busy` (503 from the hub)
         except Exception as exc:
             log.exception("hub %s: the link failed", self.url)
             self.detail, self.versions = f"{type(exc).__name__}: {exc}", None

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import ssl
 from collections.abc import Awaitable, Callable
 from functools import partial
 
@@ -265,16 +266,20 @@ class Link:
             self._cancel.cancel()
 
 
-async def dial(link: Link, host: str, port: int) -> Closed:
-    """Open a websocket to `host:port` and run `link` over it; `Unreachable` if it never opens."""
+async def dial(link: Link, host: str, port: int, *, path: str = PATH, tls: bool = False) -> Closed:
+    """Open a websocket to `host:port` and run `link` over it; `Unreachable` if it never opens.
+
+    LAN peers use plain websockets on `/peer` (the protocol encrypts); a hub may sit behind TLS
+    and a path prefix (`tls`, `path`).
+    """
     config = link.config
     opened = False
     try:
         async with open_websocket(
             host,
             port,
-            PATH,
-            use_ssl=False,
+            path,
+            use_ssl=ssl.create_default_context() if tls else False,
             max_message_size=config.max_message,
             receive_buffer_size=RECEIVE_BUFFER,
             connect_timeout=config.connect_timeout,
