@@ -46,7 +46,6 @@ from ..peer.messages import (
     INCOMPATIBLE_VERSION,
     SHUTDOWN,
     UNAUTHORIZED,
-    UNREACHABLE,
     ProtocolError,
 )
 from ..peer.session import (
