@@ -27,13 +27,14 @@ from typing import Any
 import cbor2
 import pytest
 import trio
+from daemonutil import InProcessDaemon
 from modelutil import load
 from peerutil import FakeHost, drain_events, exchange, make_identity, make_space, wire
 from trio_websocket import open_websocket
 
 from peerdaemon import cli
-from peerdaemon.api.client import ClientError, DaemonError, open_client
-from peerdaemon.daemon.supervisor import DaemonConfig, serve
+from peerdaemon.api.client import ClientError, DaemonError
+from peerdaemon.daemon.supervisor import DaemonConfig
 from peerdaemon.hub.accounts import Accounts, hash_token
 from peerdaemon.hub.peers import HubRequest, PeerEndpoint
 from peerdaemon.hub.server import HubConfig, HubServer, serve_hub
@@ -109,20 +110,13 @@ class Hub:
 
 
 # --- daemons --------------------------------------------------------------------------------------
-class Dev:
+class Dev(InProcessDaemon):
     """One whole daemon in this process (no LAN listener, no mDNS), with a socket client."""
 
     def __init__(self, base: Path, name: str) -> None:
-        self.base = base
-        self.name = name
-        self.data_dir = base / name
-        self.socket_path = base / f"{name}.s"
-        self.daemon: Any = None
-        self.client: Any = None
+        super().__init__(base, name)
         self.listen: tuple[str, int] | None = None
         self.peers: list[tuple[str, int]] = []
-        self._scope: trio.CancelScope | None = None
-        self._stopped: trio.Event | None = None
 
     async def start(self, nursery: trio.Nursery) -> Dev:
         config = DaemonConfig(
@@ -134,30 +128,8 @@ class Dev:
             mdns=False,
             peer_config=FAST,
         )
-        self.daemon = await nursery.start(self._run, config)
+        await self.start_with(nursery, config)
         return self
-
-    async def _run(self, config: DaemonConfig, task_status: trio.TaskStatus[Any]) -> None:
-        self._stopped = trio.Event()
-        try:
-            with trio.CancelScope() as self._scope:
-                async with trio.open_nursery() as nursery:
-                    daemon = await nursery.start(serve, config)
-                    async with open_client(config.socket_path) as client:
-                        self.client = client
-                        task_status.started(daemon)
-                        await trio.sleep_forever()
-        finally:
-            self.client = None
-            self._stopped.set()
-
-    async def stop(self) -> None:
-        assert self._scope is not None and self._stopped is not None
-        self._scope.cancel()
-        await self._stopped.wait()
-
-    async def op(self, op: str, **args: Any) -> Any:
-        return await self.client.call(op, **args)
 
     async def import_env(self, name: str = "Test env", *, new_id: bool = True) -> str:
         env = load(ENV_FILE)

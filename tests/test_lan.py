@@ -24,11 +24,12 @@ from typing import Any
 import pytest
 import trio
 from daemonproc import PYTHON, child_env, daemons_fixture  # noqa: F401  (fixture)
+from daemonutil import InProcessDaemon
 from modelutil import load
 
 from peerdaemon import cli
-from peerdaemon.api.client import ClientError, DaemonError, open_client
-from peerdaemon.daemon.supervisor import DaemonConfig, mdns_allowed, serve
+from peerdaemon.api.client import ClientError, DaemonError
+from peerdaemon.daemon.supervisor import DaemonConfig, mdns_allowed
 from peerdaemon.peer import PeerConfig
 
 LOCAL = "127.0.0.1"
@@ -38,22 +39,15 @@ TIMEOUT = 10.0
 
 
 # --- in-process daemons ---------------------------------------------------------------------------
-class Dev:
+class Dev(InProcessDaemon):
     """One whole daemon in this process, with a client on its socket; restartable (same data
     directory, same peer port)."""
 
     def __init__(self, base: Path, name: str, peer_config: PeerConfig = FAST) -> None:
-        self.base = base
-        self.name = name
-        self.data_dir = base / name
-        self.socket_path = base / f"{name}.s"
+        super().__init__(base, name)
         self.peer_config = peer_config
         self.port: int | None = None
         self.peers: list[tuple[str, int]] = []
-        self.daemon: Any = None
-        self.client: Any = None
-        self._scope: trio.CancelScope | None = None
-        self._stopped: trio.Event | None = None
 
     async def start(self, nursery: trio.Nursery, *peers: Dev | tuple[str, int]) -> Dev:
         self.peers = [(LOCAL, p.port) if isinstance(p, Dev) else p for p in peers]
@@ -65,28 +59,9 @@ class Dev:
             peers=list(self.peers),
             peer_config=self.peer_config,
         )
-        self.daemon = await nursery.start(self._run, config)
+        await self.start_with(nursery, config)
         self.port = self.daemon.peer_port
         return self
-
-    async def _run(self, config: DaemonConfig, task_status: trio.TaskStatus[Any]) -> None:
-        self._stopped = trio.Event()
-        try:
-            with trio.CancelScope() as self._scope:
-                async with trio.open_nursery() as nursery:
-                    daemon = await nursery.start(serve, config)
-                    async with open_client(config.socket_path) as client:
-                        self.client = client
-                        task_status.started(daemon)
-                        await trio.sleep_forever()
-        finally:
-            self.client = None
-            self._stopped.set()
-
-    async def stop(self) -> None:
-        assert self._scope is not None and self._stopped is not None
-        self._scope.cancel()
-        await self._stopped.wait()
 
     @property
     def running(self) -> bool:
@@ -99,9 +74,6 @@ class Dev:
     @property
     def address(self) -> str:
         return f"{LOCAL}:{self.port}"
-
-    async def op(self, op: str, **args: Any) -> Any:
-        return await self.client.call(op, **args)
 
     async def import_env(self, *, new_id: bool = False, name: str | None = None) -> str:
         env = load(ENV_FILE)
