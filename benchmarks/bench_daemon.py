@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -25,6 +23,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from envgen import FIXTURE, make_environment  # noqa: E402
+from procutil import stop_process  # noqa: E402
 
 from peerdaemon.api.client import AsyncClient, Client, DaemonNotRunning  # noqa: E402
 
@@ -71,13 +70,7 @@ class Daemon:
         return 0
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_process(self.proc)
         self.proc = None
 
 

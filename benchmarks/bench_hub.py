@@ -25,7 +25,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from procutil import stop_process  # noqa: E402
 
 SHARED = Path(
     os.environ.get("YJS_BENCH_DIR", Path(__file__).resolve().parents[2] / "shared" / "bench")
@@ -130,15 +131,7 @@ class Hub:
         raise RuntimeError(f"hub did not start:\n{self.log.read_text()}")
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_process(self.proc)
         self.proc = None
 
 

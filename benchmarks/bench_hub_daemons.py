@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import socket
 import statistics
 import subprocess
@@ -33,6 +32,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from envgen import FIXTURE  # noqa: E402
+from procutil import stop_process  # noqa: E402
 
 from peerdaemon.api.client import Client, DaemonNotRunning, open_client  # noqa: E402
 
@@ -54,13 +54,7 @@ class Proc:
         )
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_process(self.proc)
         self._log.close()
 
 

@@ -30,7 +30,6 @@ import argparse
 import json
 import math
 import os
-import signal
 import socket
 import statistics
 import subprocess
@@ -47,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # netns.py: the namespace lab and its safety checks
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from envgen import FIXTURE  # noqa: E402
+from procutil import stop_process  # noqa: E402
 
 from peerdaemon.api.client import AsyncClient, Client, ClientError, open_client  # noqa: E402
 
@@ -153,13 +153,7 @@ class Proc:
         return self
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_process(self.proc)
         self.proc = None
 
 
