@@ -50,6 +50,13 @@ def child_env() -> dict[str, str]:
     return env
 
 
+def sigint_as_from_a_terminal() -> None:
+    """`preexec_fn` for a child a test stops with SIGINT (Ctrl-C). A test run started in the
+    background by a non-interactive shell inherits SIGINT ignored, and a Python child then keeps
+    ignoring it: the signal would be lost and the test would hang."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def short_tempdir() -> Path:
     return Path(tempfile.mkdtemp(prefix="pd"))
 

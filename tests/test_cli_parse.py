@@ -13,6 +13,7 @@ from functools import partial
 
 import pytest
 import trio
+from daemonproc import sigint_as_from_a_terminal
 from test_api_server import FakeHandler
 
 from peerdaemon import cli
@@ -282,25 +283,27 @@ async def test_env_watch_sigint_in_a_real_process(sock, handler):
         return result
 
     handler.handle = handle
-    async with trio.open_nursery() as nursery:
-        proc = await nursery.start(
-            partial(
-                trio.run_process,
-                [sys.executable, "-m", "peerdaemon", "--socket", sock, "env", "watch", "e1"],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                check=False,
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            proc = await nursery.start(
+                partial(
+                    trio.run_process,
+                    [sys.executable, "-m", "peerdaemon", "--socket", sock, "env", "watch", "e1"],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    check=False,
+                    preexec_fn=sigint_as_from_a_terminal,
+                )
             )
-        )
-        await subscribed.wait()
-        line = b""
-        while not line.endswith(b"\n"):  # the change line is out: the CLI is blocked reading
-            line += await proc.stdout.receive_some(1024)
-        proc.send_signal(signal.SIGINT)
-        err = b""
-        while chunk := await proc.stderr.receive_some(1024):
-            err += chunk
-        assert await proc.wait() == 0
+            await subscribed.wait()
+            line = b""
+            while not line.endswith(b"\n"):  # the change line is out: the CLI is blocked reading
+                line += await proc.stdout.receive_some(1024)
+            proc.send_signal(signal.SIGINT)
+            err = b""
+            while chunk := await proc.stderr.receive_some(1024):
+                err += chunk
+            assert await proc.wait() == 0
     assert json.loads(line) == {"id": "e1", "paths": [], "origin": "x"}
     assert err == b""
 

@@ -11,7 +11,13 @@ import threading
 import time
 
 import pytest
-from daemonproc import PYTHON, Daemons, child_env, daemons_fixture  # noqa: F401
+from daemonproc import (  # noqa: F401
+    PYTHON,
+    Daemons,
+    child_env,
+    daemons_fixture,
+    sigint_as_from_a_terminal,
+)
 from modelutil import FIXTURE_DIR, assert_strict_equal, load
 from pycrdt import Doc
 
@@ -323,6 +329,7 @@ def test_watch_prints_one_line_per_change(daemons, sock):
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env=child_env(),
+            preexec_fn=sigint_as_from_a_terminal,
         )
     )
     lines = LineReader(watch.stdout)

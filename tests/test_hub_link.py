@@ -180,6 +180,19 @@ async def same_env(a: Dev, b: Dev, env_id: str) -> bool:
     return x is not None and x == y
 
 
+async def hub_holds(hub: Hub, space: str, dev: Dev, env_id: str) -> None:
+    """Wait until the hub has stored all that `dev` holds of `env_id` (compared by state vector,
+    so a test that stops the hub next does not race the upload)."""
+
+    async def check() -> bool:
+        if hub.server is None or env_id not in hub.stored(space):
+            return False
+        mine = dev.daemon.registry.get(env_id).doc.get_state()
+        return hub.server.docs.state_vector(space, env_id) == mine
+
+    await wait_until(check)
+
+
 async def team(a: Dev, hub: Hub, token: str, envs: int = 1) -> tuple[str, list[str]]:
     """A space on `a` with `envs` shared environments, attached to the hub."""
     space = (await a.op("space.create", name="Team"))["id"]
@@ -675,6 +688,7 @@ async def test_a_changed_hub_key_is_refused_until_attached_again(base, nursery):
     space, [env] = await team(a, hub, token1)
     first = (await hub_state(a, "connected"))["device"]
     assert a.daemon.hubs.attached[hub.url]["device"] == first  # pinned on first use
+    await hub_holds(hub, space, a, env)  # b will read it from the hub's store
 
     # the pin survives a restart of the daemon (it is stored with the attachment)
     await a.stop()
