@@ -6,6 +6,7 @@ import logging
 import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import Any
 
 import cbor2
@@ -204,6 +205,21 @@ async def test_unreachable_address():
         events = a.events.of("peer-disconnected")
         assert len(events) == 1 and events[0]["reason"] == "unreachable"
         assert events[0]["address"] == address
+
+
+async def test_a_listener_that_never_answers_is_unreachable_and_redialed():
+    """A dial is bounded by `connect_timeout` even when the other side accepts TCP and never
+    answers the websocket upgrade (trio-websocket alone would wait forever); while the next
+    attempt is under way the row reads `connecting` with the last failure, as hub rows do."""
+    a = Node("alice", S1, config=replace(FAST, connect_timeout=0.3))
+    with trio.socket.socket() as silent:  # the kernel accepts TCP, nobody ever answers
+        await silent.bind((LOCAL, 0))
+        silent.listen(8)
+        address = f"{LOCAL}:{silent.getsockname()[1]}"
+        async with a.running(static=[(LOCAL, silent.getsockname()[1])]):
+            await wait_for(lambda: (a.row(address=address) or {}).get("reason") == "unreachable")
+            await wait_for(lambda: (a.row(address=address) or {}).get("state") == "connecting")
+            assert a.row(address=address)["reason"] == "unreachable"  # type: ignore[index]
 
 
 async def test_no_common_space_is_unauthorized_on_both_sides():

@@ -275,18 +275,26 @@ async def dial(link: Link, host: str, port: int, *, path: str = PATH, tls: bool 
     config = link.config
     opened = False
     try:
-        async with open_websocket(
-            host,
-            port,
-            path,
-            use_ssl=ssl.create_default_context() if tls else False,
-            max_message_size=config.max_message,
-            receive_buffer_size=RECEIVE_BUFFER,
-            connect_timeout=config.connect_timeout,
-            disconnect_timeout=config.close_grace,
-        ) as ws:
-            opened = True
-            return await link.run(ws)
+        # trio-websocket's own connect_timeout raises but then waits for its reader task, which
+        # never ends if the other side accepts TCP and stays silent (0.12.2): bound the opening
+        # here, and lift the bound once the websocket is open
+        with trio.CancelScope(deadline=trio.current_time() + config.connect_timeout) as opening:
+            async with open_websocket(
+                host,
+                port,
+                path,
+                use_ssl=ssl.create_default_context() if tls else False,
+                max_message_size=config.max_message,
+                receive_buffer_size=RECEIVE_BUFFER,
+                connect_timeout=config.connect_timeout,
+                disconnect_timeout=config.close_grace,
+            ) as ws:
+                opened = True
+                opening.deadline = math.inf
+                return await link.run(ws)
+        raise Unreachable(
+            f"no websocket handshake within {config.connect_timeout:g} s", UNREACHABLE
+        )
     except (HandshakeError, OSError, ConnectionClosed, trio.BrokenResourceError) as exc:
         if opened and link.closed is not None:
             return link.closed  # a failure while hanging up: the link had already ended
@@ -299,7 +307,6 @@ async def dial(link: Link, host: str, port: int, *, path: str = PATH, tls: bool 
             f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__,
             BUSY if busy else UNREACHABLE,
         ) from None
-    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _remote_ip(stream: trio.abc.Stream) -> str:

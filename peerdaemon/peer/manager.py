@@ -237,7 +237,9 @@ class PeerManager:
             "name": row.name,
             "address": row.address,
             "state": row.state,
-            "reason": row.reason if row.state == DISCONNECTED else None,
+            # while redialing, why the last attempt failed (as hub rows do): a peer retried for
+            # minutes should not read as a fresh `connecting` with no reason
+            "reason": row.reason if row.state != CONNECTED else None,
             "since": row.since,
         }
         if row.state == DISCONNECTED and row.versions is not None:
