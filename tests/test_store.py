@@ -375,6 +375,30 @@ async def test_delete(data_dir: Path) -> None:
     assert loaded["c"] == LoadedEnv(updates=[reborn], meta={})
 
 
+async def test_updates_of_lists_what_is_committed_and_what_is_queued(data_dir: Path) -> None:
+    """What a rollback rebuilds a document from: committed rows first, then the queue."""
+    with Store.open(data_dir, compact_count=100) as store:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            await store.enqueue_append("a", b"a1").wait()
+            await store.enqueue_compact("a", b"snap").wait()
+            await store.enqueue_append("a", b"a2").wait()
+            await store.enqueue_append("b", b"b1").wait()
+            nursery.cancel_scope.cancel()
+        assert store.updates_of("a") == [b"snap", b"a2"]
+        # the writer is stopped: what follows stays queued
+        store.enqueue_append("a", b"a3")
+        store.enqueue_compact("a", b"snap2")
+        store.enqueue_append("b", b"b2")
+        assert store.updates_of("a") == [b"snap", b"a2", b"a3", b"snap2"]
+        assert store.updates_of("b") == [b"b1", b"b2"]
+        store.enqueue_delete("b")  # a queued delete hides the rows it will remove
+        store.enqueue_append("b", b"b-again")
+        assert store.updates_of("b") == [b"b-again"]
+        assert store.updates_of("nothing") == []
+    assert reopen_load(data_dir)["b"].updates == [b"b-again"]
+
+
 async def test_meta_replaces_and_settings(data_dir: Path) -> None:
     with Store.open(data_dir) as store:
         async with trio.open_nursery() as nursery:

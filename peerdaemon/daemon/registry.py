@@ -134,11 +134,10 @@ class Registry:
         """A whole-environment write, as minimal edits."""
         env = self.get(env_id)
         old = self.export(env_id)
-        state = env.doc.get_update()
         try:
             apply_environment(env.doc, prepared, old=old)
         except BaseException:
-            self._rollback(env, state)
+            self._rollback(env)
             raise
         # `prepared` is exactly what the document now exports (tests/modelutil.py checks it), so
         # it becomes the cache: no export after a local write.
@@ -180,12 +179,15 @@ class Registry:
         self.events.emit("environment-deleted", id=env_id, origin=origin)
         return ticket
 
-    def _rollback(self, env: Environment, state: bytes) -> None:
+    def _rollback(self, env: Environment) -> None:
         """A write failed half-way (a bug, e.g. in the model): drop its partial transaction,
-        which was neither stored nor sent, and go back to a document holding `state`."""
+        which was neither stored nor sent, and rebuild the document from the store, which holds
+        (committed or queued) every change the document had before. Rebuilding only on failure
+        saves a full-state copy on every write (tens of ms on a 15 MB environment)."""
         env.pending.clear()
         doc = Doc()  # a new client id: the dropped partial update's ids are never reused
-        doc.apply_update(state)
+        for update in self.store.updates_of(env.id):
+            doc.apply_update(update)
         env.doc = doc
         env.cache = None
         self._track(env)

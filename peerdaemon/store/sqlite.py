@@ -304,6 +304,35 @@ class Store:
                 env.meta = _decode_map(meta, f"meta of {env_id!r}")
         return envs
 
+    def updates_of(self, env_id: str) -> list[bytes]:
+        """What rebuilds `env_id`'s document as it is stored and queued right now: the committed
+        snapshot and log rows, then the writes still queued or being written.
+
+        Lets a caller roll a document back after a write failed half-way without keeping a copy
+        of every document. A write committed while this reads may be listed twice, which is
+        harmless for Yjs updates; a queued delete hides everything before it.
+        """
+        queued = [*(self._inflight.ops if self._inflight is not None else ()), *self._queue]
+        mine = [
+            op for op in queued if op.key == env_id and op.kind in ("append", "compact", "delete")
+        ]
+        last_delete = max((i for i, op in enumerate(mine) if op.kind == "delete"), default=-1)
+        pending = [op.blob for op in mine[last_delete + 1 :] if op.blob is not None]
+        if last_delete >= 0:
+            return pending
+        with self._read() as r:
+            stored = [
+                blob
+                for (blob,) in r.execute("SELECT blob FROM snapshots WHERE env_id = ?", (env_id,))
+            ]
+            stored += [
+                blob
+                for (blob,) in r.execute(
+                    "SELECT blob FROM log WHERE env_id = ? ORDER BY seq", (env_id,)
+                )
+            ]
+        return stored + pending
+
     def needs_compaction(self, env_id: str) -> bool:
         """Whether the log since the last snapshot reached a threshold, counting what is
         enqueued (not only committed), so the caller can compact under sustained load."""
