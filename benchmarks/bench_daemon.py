@@ -1,6 +1,6 @@
 """Figures of the local core (issue 2), measured against real daemon processes.
 
-    .venv/bin/python benchmarks/bench_daemon.py [--rounds 3] [--quick]
+    .venv/bin/python benchmarks/bench_daemon.py [--rounds 3] [--quick] [--only big,patch]
 
 Prints one line per figure with the median over rounds (and each round's value), then a JSON
 summary. Each round starts fresh daemons in a temporary directory; everything runs on this
@@ -146,12 +146,15 @@ def bench_big(root: Path, size: int) -> dict[str, float]:
             update = c.export(env_id, format="yjs")
             t_export_yjs = time.perf_counter() - t
         assert out == env, "15 MB round trip changed the environment"
+        small = trio.run(patch_load, d.sock, env_id, 50, 1)  # small edits of the big environment
         return {
             "json_mb": len(text) / 1e6,
             "import_s": t_import,
             "export_json_s": t_export,
             "export_yjs_s": t_export_yjs,
             "yjs_mb": len(update) / 1e6,
+            "patch_p50_ms": small["p50_ms"],
+            "patch_per_s": small["per_s"],
         }
     finally:
         d.stop()
@@ -234,23 +237,31 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="smaller sizes, to check the script")
+    parser.add_argument("--only", help="comma-separated figures: patch,big,rss,start,db")
     a = parser.parse_args()
     q = a.quick
     results: dict[str, list[dict[str, Any]]] = {
         k: [] for k in ("patch", "big", "rss", "start", "db")
     }
+    only = set(a.only.split(",")) if a.only else set(results)
     for r in range(a.rounds):
         with tempfile.TemporaryDirectory(prefix="pdb") as tmp:
             base = Path(tmp)
-            results["patch"].append(bench_patches(base / "p", 500 if q else 5000))
-            results["big"].append(bench_big(base / "b", 1_000_000 if q else 15_000_000))
-            results["rss"].append(bench_rss(base / "r", 20, 100_000 if q else 1_000_000))
-            results["start"].append(bench_startup(base / "s", 10 if q else 100, 100_000, 3))
-            if r == 0:
+            if "patch" in only:
+                results["patch"].append(bench_patches(base / "p", 500 if q else 5000))
+            if "big" in only:
+                results["big"].append(bench_big(base / "b", 1_000_000 if q else 15_000_000))
+            if "rss" in only:
+                results["rss"].append(bench_rss(base / "r", 20, 100_000 if q else 1_000_000))
+            if "start" in only:
+                results["start"].append(bench_startup(base / "s", 10 if q else 100, 100_000, 3))
+            if r == 0 and "db" in only:
                 results["db"].append(bench_db_size(base / "d", 2000 if q else 100_000))
         print(f"round {r + 1}/{a.rounds} done", file=sys.stderr)
 
     def line(label: str, key: str, path: list[str], fmt: str = "{:.1f}") -> None:
+        if not results[key]:
+            return
         vals = []
         for res in results[key]:
             v: Any = res
@@ -274,6 +285,8 @@ def main() -> None:
     line("  import s", "big", ["import_s"], "{:.2f}")
     line("  export json s", "big", ["export_json_s"], "{:.2f}")
     line("  export yjs s", "big", ["export_yjs_s"], "{:.2f}")
+    line("  small patch, ack latency p50 ms", "big", ["patch_p50_ms"], "{:.1f}")
+    line("  small patches/s, sequential", "big", ["patch_per_s"], "{:.0f}")
     line("RSS idle MB", "rss", ["idle_mb"])
     line("RSS with 20 envs, after import MB", "rss", ["after_import_mb"])
     line("RSS with 20 envs, after restart MB", "rss", ["after_restart_mb"])
