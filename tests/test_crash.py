@@ -10,15 +10,24 @@ there (and nothing that was never sent). Later rounds check the earlier rounds' 
 from __future__ import annotations
 
 import json
+import os
 import random
+import shutil
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
+import pytest
 import trio
-from daemonproc import DaemonProcess, daemons_fixture  # noqa: F401
+from daemonproc import PYTHON, DaemonProcess, child_env, daemons_fixture  # noqa: F401
 from modelutil import FIXTURE_DIR
 
-from peerdaemon.api.client import AsyncClient, Client, ClientError
+from peerdaemon.api.client import AsyncClient, Client, ClientError, DaemonError
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from envgen import make_environment  # noqa: E402
 
 FIXTURE_ENV = FIXTURE_DIR / "test-env.json"
 JOIN_TIMEOUT = 30
@@ -169,3 +178,69 @@ def test_kill9_during_compaction(daemons):
     assert store["snapshot_bytes"] > 0
     assert store["log_rows"] < sum(len(r.acked) for r in rounds) / 4, store
     assert daemon.stop() == 0
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("mount") is None, reason="mounts a small tmpfs (root)"
+)
+def test_a_full_disk_loses_nothing_acknowledged(daemons, tmp_path):
+    """A real daemon on a 2 MiB file system: an import that does not fit fails with
+    `store-failed` and the daemon keeps running; a later edit of that environment is not
+    acknowledged on top of the missing import. Once there is room, the daemon stores both by
+    itself, and after a kill -9 the environment is back whole, with every acknowledged edit."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], check=True)
+    try:
+        daemon = daemons.new(data_dir=disk / "data")
+        daemon.start()
+        env = make_environment(3_000_000, seed=7)
+        env_id = env["uuid"]
+        rename = [{"op": "replace", "path": "/name", "value": "renamed while the disk was full"}]
+        with daemon.client() as c:
+            with pytest.raises(DaemonError) as refused:
+                c.import_env(json.dumps(env))
+            assert refused.value.code == "store-failed"
+            assert "kept in memory" in refused.value.message
+            assert "full" in c.status()["store"]["error"]
+            with pytest.raises(DaemonError) as also:  # behind the import, so not durable either
+                c.patch(env_id, rename)
+            assert also.value.code == "store-failed"
+            cli = subprocess.run(
+                [
+                    PYTHON,
+                    "-m",
+                    "peerdaemon",
+                    "--socket",
+                    str(daemon.socket_path),
+                    "env",
+                    "patch",
+                    env_id,
+                    "-",
+                ],
+                input=json.dumps(rename),
+                capture_output=True,
+                text=True,
+                env=child_env(),
+                timeout=60,
+            )
+            assert cli.returncode == 1 and cli.stderr.count("\n") == 1
+            assert "(store-failed)" in cli.stderr and "Traceback" not in cli.stderr
+
+            subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+            deadline = time.monotonic() + 30
+            while c.status()["store"]["error"] is not None:  # stored by itself
+                assert time.monotonic() < deadline, c.status()["store"]
+                time.sleep(0.05)
+            port = {"op": "replace", "path": "/port", "value": 4321}
+            assert c.patch(env_id, [port])["changed"]  # acknowledged: durable
+        daemon.kill9()
+        daemon.start()
+        with daemon.client() as c:
+            after = c.get(env_id)
+        assert after == {**env, "name": "renamed while the disk was full", "port": 4321}
+    finally:
+        for d in daemons.all:
+            if d.running:
+                d.kill9()
+        subprocess.run(["umount", "-l", str(disk)], check=False)

@@ -525,6 +525,60 @@ async def test_failed_transaction_fails_whole_batch_and_writer_survives(
     assert reopen_load(data_dir)["a"].updates == [b"three"]
 
 
+async def durable(ticket: Ticket) -> int:
+    """Wait for a write through its retries; how many attempts failed."""
+    failures = 0
+    while True:
+        try:
+            await ticket.wait()
+            return failures
+        except StoreError:
+            assert ticket.retry is not None, "a failure that may pass is tried again"
+            ticket, failures = ticket.retry, failures + 1
+
+
+async def test_a_full_disk_keeps_the_writes_and_stores_them_in_order_later(
+    data_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SQLite's own "database or disk is full" (max_page_count): the failed writes fail their
+    tickets but are kept and retried ahead of later ones, so no later write is durable on top
+    of a hole; once there is room again, all of them are stored, in enqueue order."""
+    big = os.urandom(300_000)
+    with Store.open(data_dir) as store:
+
+        def limit_pages(n: int) -> None:
+            with store._db_lock:
+                store._db.execute(f"PRAGMA max_page_count = {n}")
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            await store.enqueue_append("a", b"first").wait()
+            with store._db_lock:
+                used = store._db.execute("PRAGMA page_count").fetchone()[0]
+            limit_pages(used + 2)  # the disk is full
+            failed = store.enqueue_append("a", big)
+            with pytest.raises(StoreError, match="kept in memory"):
+                await failed.wait()
+            assert "full" in store.stats()["error"]
+            later = store.enqueue_append("a", b"later")
+            other = store.enqueue_append("b", b"other")
+            with trio.move_on_after(1.0):  # retried, and failing, while the disk is full
+                await durable(later)
+            assert not later.done or later.failed
+            assert store.load()["a"].updates == [b"first"]  # nothing committed past the hole
+            limit_pages(1 << 30)  # room again
+            assert await durable(failed) >= 1
+            await durable(later)
+            await durable(other)
+            assert store.stats()["error"] is None
+            nursery.cancel_scope.cancel()
+    assert caplog.text.count("kept in memory, trying again") == 1  # once per outage
+    assert "writes succeed again" in caplog.text
+    loaded = reopen_load(data_dir)
+    assert loaded["a"].updates == [b"first", big, b"later"]
+    assert loaded["b"].updates == [b"other"]
+
+
 async def test_newer_schema_is_refused_and_lock_released(data_dir: Path) -> None:
     Store.open(data_dir).close()
     conn = sqlite3.connect(data_dir / DB_NAME)

@@ -49,6 +49,7 @@ BAD_PATCH = "bad-patch"
 BAD_UPDATE = "bad-update"
 FORBIDDEN = "forbidden"  # peer uid differs from the daemon's
 INTERNAL = "internal"
+STORE_FAILED = "store-failed"  # applied in memory, but the store could not make it durable
 
 ERROR_CODES = frozenset(
     {
@@ -65,6 +66,7 @@ ERROR_CODES = frozenset(
         BAD_UPDATE,
         FORBIDDEN,
         INTERNAL,
+        STORE_FAILED,
     }
 )
 

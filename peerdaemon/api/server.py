@@ -23,11 +23,13 @@ from typing import Any, Protocol
 
 import trio
 
+from ..store.errors import StoreError
 from .framing import DEFAULT_MAX_FRAME, FrameDecoder, FrameError, FrameTooLarge, encode_frame
 from .protocol import (
     FORBIDDEN,
     FRAME_TOO_LARGE,
     INTERNAL,
+    STORE_FAILED,
     ApiError,
     Pending,
     error_message,
@@ -449,6 +451,10 @@ class _Connection:
             except ApiError as exc:
                 self.session._discard(opened)
                 self.respond_error(req_id, exc.code, exc.message)
+                return
+            except StoreError as exc:  # logged by the store
+                self.session._discard(opened)
+                self.respond_error(req_id, STORE_FAILED, str(exc))
                 return
             except Exception as exc:
                 log.exception("%r: waiting for request %r failed", self.session, req_id)

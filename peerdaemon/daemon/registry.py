@@ -45,10 +45,17 @@ class Environment:
     id: str
     doc: Doc
     created: float = field(default_factory=time.time)
-    last_ticket: Ticket | None = None
+    ticket: Ticket | None = None
+    """The store ticket of the document's last change."""
     cache: dict[str, Any] | None = None
     subscribers: dict[int, Subscriber] = field(default_factory=dict)
     pending: list[bytes] = field(default_factory=list)
+
+    @property
+    def last_ticket(self) -> Ticket | None:
+        """What says the document as it is now is durable: the newest attempt of its last
+        write (a write that failed for a passing reason is retried by the store)."""
+        return self.ticket.latest if self.ticket is not None else None
 
     def environment_map(self) -> Map:
         return self.doc.get(ENV_ROOT, type=Map)
@@ -205,7 +212,7 @@ class Registry:
         if not updates:
             return False
         for update in updates:
-            env.last_ticket = self.store.enqueue_append(env.id, update)
+            env.ticket = self.store.enqueue_append(env.id, update)
         old, env.cache = env.cache, new
         paths: list[str] | None = None
         followed = bool(env.subscribers) or self.events.listening

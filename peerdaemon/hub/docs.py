@@ -373,8 +373,16 @@ class HubDocs:
 
     def _store_failed(self, item: _Relay) -> None:
         """A write failed (disk full, I/O error): it is in memory but not on disk, so it is not
-        relayed; enqueue it again (Yjs does not mind the order), a few times."""
+        relayed yet. The store tries again by itself when the failure may pass (`retry`: relay
+        once that attempt is durable); otherwise enqueue it again (Yjs does not mind the order),
+        a few times."""
         entry = self._docs.get((item.space, item.doc_id))
+        if entry is not None and item.ticket.retry is not None:
+            item.ticket = item.ticket.retry
+            if entry.last_ticket is not None and entry.last_ticket.retry is not None:
+                entry.last_ticket = entry.last_ticket.retry
+            self._relay.append(item)
+            return
         if entry is None or item.attempts >= MAX_STORE_ATTEMPTS:
             log.error(
                 "hub: %s/%s: an update could not be stored; it is in memory only until a"

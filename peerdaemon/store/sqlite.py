@@ -9,6 +9,10 @@ Why this shape (details in docs/store.md):
   rate, not the write rate.
 - Every append gets a global `seq` at enqueue time; a compaction records the last seq enqueued
   before it and deletes only rows up to it, atomically with writing the snapshot.
+- A batch that fails for a reason that may pass (disk full, I/O error) fails its tickets but
+  goes back to the head of the queue and is retried with backoff: the callers' documents already
+  hold those changes, and a later write of the same document must not become durable on top of
+  a hole (it would be acknowledged, and lost at the next start).
 """
 
 from __future__ import annotations
@@ -49,6 +53,22 @@ SCHEMA_VERSION = 1
 MAX_BATCH_OPS = 2048
 MAX_BATCH_BYTES = 32 << 20
 
+# Retrying a batch that failed for a reason that may pass: first delay, then doubling to the max.
+RETRY_INITIAL = 0.25
+RETRY_MAX = 5.0
+
+# SQLite primary result codes of failures that may pass: BUSY, LOCKED, NOMEM, IOERR, FULL,
+# CANTOPEN, PROTOCOL (extended codes carry the primary code in their low byte).
+_TRANSIENT_CODES = frozenset({5, 6, 7, 10, 13, 14, 15})
+
+
+def _transient(exc: BaseException) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return (
+        isinstance(exc, sqlite3.Error) and isinstance(code, int) and code & 0xFF in _TRANSIENT_CODES
+    )
+
+
 _SCHEMA_V1 = """
 CREATE TABLE log (
     seq    INTEGER PRIMARY KEY,      -- global, assigned at enqueue time, increasing
@@ -87,14 +107,16 @@ class Ticket:
     """Completion handle of one enqueued write.
 
     `await wait()` returns once the write is committed (durable) and raises StoreError if it
-    failed. Any number of tasks may wait, before or after completion.
+    failed. Any number of tasks may wait, before or after completion. A write that failed for a
+    reason that may pass is tried again: `retry` is then the ticket of that next attempt.
     """
 
-    __slots__ = ("_event", "_error", "seq")
+    __slots__ = ("_event", "_error", "retry", "seq")
 
     def __init__(self, seq: int | None = None) -> None:
         self._event = trio.Event()
         self._error: BaseException | None = None
+        self.retry: Ticket | None = None
         self.seq = seq  # the log seq of an append, else None
 
     @property
@@ -105,10 +127,23 @@ class Ticket:
     def failed(self) -> bool:
         return self._error is not None
 
+    @property
+    def latest(self) -> Ticket:
+        """The newest attempt of this write (itself unless it failed and is being retried)."""
+        ticket = self
+        while ticket.retry is not None:
+            ticket = ticket.retry
+        return ticket
+
     async def wait(self) -> None:
         """Block until durable; raise StoreError if the write was not committed."""
         await self._event.wait()
         if self._error is not None:
+            if self.retry is not None:
+                raise StoreError(
+                    f"not stored: {self._error}. The change is kept in memory and stored as soon"
+                    " as the disk accepts it (until then, stopping the daemon would lose it)"
+                ) from self._error
             raise StoreError(f"write failed: {self._error}") from self._error
 
     def _complete(self, error: BaseException | None = None) -> None:
@@ -188,6 +223,8 @@ class Store:
         self._commits = 0
         self._batched_writes = 0
         self._failed_writes = 0
+        self._retry_delay = 0.0  # > 0 while failed batches wait to be tried again
+        self._last_error: str | None = None  # why they failed
 
     # ------------------------------------------------------------------ open / close
 
@@ -363,6 +400,7 @@ class Store:
             "batched_writes": self._batched_writes,
             "failed_writes": self._failed_writes,
             "queued": len(self._queue),
+            "error": self._last_error if self._retry_delay else None,
         }
 
     def env_stats(self, env_id: str) -> dict:
@@ -467,16 +505,23 @@ class Store:
                     self._wakeup = trio.Event()
                     await self._wakeup.wait()
                     continue
-                await self._flush_once()
+                if await self._flush_once(requeue=True):
+                    if self._retry_delay:
+                        log.warning("store: writes succeed again (%s is over)", self._last_error)
+                    self._retry_delay = 0.0
+                else:  # failed, and back in the queue: let the disk recover first
+                    self._retry_delay = min(max(self._retry_delay * 2, RETRY_INITIAL), RETRY_MAX)
+                    await trio.sleep(self._retry_delay)
         finally:
-            with trio.CancelScope(shield=True):
+            with trio.CancelScope(shield=True):  # one last attempt each, no retry
                 while self._queue and not self._closed:
-                    await self._flush_once()
+                    await self._flush_once(requeue=False)
             self._running = False
 
-    async def _flush_once(self) -> None:
+    async def _flush_once(self, requeue: bool) -> bool:
         """Commit one batch in a worker thread, then complete its tickets (shielded: a batch
-        taken off the queue is always finished)."""
+        taken off the queue is always finished). False if it failed and went back to the queue
+        (`requeue`) to be tried again."""
         batch = _Batch(self._take_batch())
         self._inflight = batch
         try:
@@ -484,7 +529,7 @@ class Store:
                 outcome = await trio.to_thread.run_sync(self._apply_inflight, batch)
         finally:
             self._inflight = None
-        self._finish_batch(batch.ops, outcome)
+        return self._finish_batch(batch.ops, outcome, requeue)
 
     def _take_batch(self) -> list[_Op]:
         batch: list[_Op] = []
@@ -512,7 +557,8 @@ class Store:
         try:
             return self._apply_batch(ops)
         except Exception as e:
-            log.exception("store: commit of %d writes failed", len(ops))
+            if not _transient(e):  # those are logged once per outage by _finish_batch
+                log.exception("store: commit of %d writes failed", len(ops))
             return e
 
     def _apply_batch(self, batch: list[_Op]) -> list[BaseException | None]:
@@ -520,8 +566,8 @@ class Store:
 
         A statement that fails on its own (e.g. a constraint) fails only its op: SQLite rolls
         back just that statement, and multi-statement ops run in a SAVEPOINT. If SQLite instead
-        abandoned the whole transaction (I/O error, disk full), or COMMIT fails, this raises
-        and every op of the batch fails.
+        abandoned the whole transaction, a statement fails for a reason that may pass (I/O error,
+        disk full), or COMMIT fails, this raises and every op of the batch fails.
         """
         db = self._db
         errors: list[BaseException | None] = [None] * len(batch)
@@ -536,8 +582,8 @@ class Store:
                     if multi:
                         db.execute("RELEASE op")
                 except sqlite3.Error as e:
-                    if not db.in_transaction:
-                        raise
+                    if not db.in_transaction or _transient(e):
+                        raise  # the whole batch fails (and may be tried again)
                     if multi:
                         db.execute("ROLLBACK TO op")
                         db.execute("RELEASE op")
@@ -552,10 +598,29 @@ class Store:
             raise
         return errors
 
-    def _finish_batch(self, batch: list[_Op], outcome: _Outcome) -> None:
-        """Trio thread (or close()): complete the batch's tickets, in order."""
+    def _finish_batch(self, batch: list[_Op], outcome: _Outcome, requeue: bool = False) -> bool:
+        """Trio thread (or close()): complete the batch's tickets, in order. With `requeue`, a
+        batch that failed for a reason that may pass goes back to the head of the queue, with
+        new tickets (each failed ticket's `retry`). True if the batch was committed."""
         if isinstance(outcome, BaseException):
             errors: list[BaseException | None] = [outcome] * len(batch)
+            if requeue and _transient(outcome) and not self._closed:
+                self._last_error = str(outcome)
+                log.log(
+                    logging.DEBUG if self._retry_delay else logging.ERROR,  # once per outage
+                    "store: %d writes failed (%s); kept in memory, trying again",
+                    len(batch),
+                    outcome,
+                )
+                again = [
+                    _Op(op.kind, op.key, op.blob, op.seq, Ticket(op.ticket.seq)) for op in batch
+                ]
+                for op, retry in zip(batch, again, strict=True):
+                    op.ticket.retry = retry.ticket
+                    op.ticket._complete(outcome)
+                self._queue.extendleft(reversed(again))
+                self._failed_writes += len(batch)
+                return False
         else:
             errors = outcome
             self._commits += 1
@@ -571,6 +636,7 @@ class Store:
         if failed:
             self._failed_writes += failed
             self._recount()
+        return not isinstance(outcome, BaseException)
 
     def _recount(self) -> None:
         """After a failure the enqueue-time counters over-count: rebuild them from the
