@@ -208,6 +208,50 @@ async def test_hubdocs_relays_in_order_once_durable(tmp_path):
         store.close()
 
 
+async def test_hubdocs_relay_what_a_full_disk_refused_once_it_is_stored(tmp_path):
+    """Nothing is relayed before it is durable: on a full disk (SQLite's max_page_count) the
+    updates wait, and once the store's retry commits them they are relayed, each once."""
+    store = Store.open(tmp_path)
+    try:
+        docs = HubDocs(store, EventLog())
+        heard: list[bytes] = []
+        docs.add_listener(lambda space, doc_id, update, origin: heard.append(update))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            await nursery.start(docs.run)
+            writer = Doc()
+            docs.apply(SPACE, "env-1", map_update(writer, "k0", 0), "yws:1")
+            await docs.wait_durable(SPACE, "env-1")
+            await trio.testing.wait_all_tasks_blocked()
+            with store._db_lock:
+                used = store._db.execute("PRAGMA page_count").fetchone()[0]
+                store._db.execute(f"PRAGMA max_page_count = {used + 2}")
+            updates = [map_update(writer, f"k{i}", "x" * 200_000) for i in (1, 2)]
+            for update in updates:
+                docs.apply(SPACE, "env-1", update, "yws:1")
+            with trio.move_on_after(0.8):  # failing and retried meanwhile
+                while not store.stats()["error"]:
+                    await trio.sleep(0.01)
+            assert store.stats()["error"] and len(heard) == 1
+            with store._db_lock:
+                store._db.execute("PRAGMA max_page_count = 1073741823")
+            with trio.fail_after(20):
+                while len(heard) < 3:
+                    await trio.sleep(0.01)
+            await trio.sleep(0.3)
+            assert sorted(heard[1:]) == sorted(updates) and store.stats()["error"] is None
+            nursery.cancel_scope.cancel()
+    finally:
+        store.close()
+    store = Store.open(tmp_path)
+    try:
+        again = HubDocs(store, EventLog())
+        again.load()
+        assert set(again.get_doc(SPACE, "env-1").get("m", type=Map)) == {"k0", "k1", "k2"}
+    finally:
+        store.close()
+
+
 async def test_hubdocs_env_ids_come_from_the_space_document(tmp_path):
     from peerdaemon.spaces.document import SpaceDoc
 

@@ -220,9 +220,8 @@ class HubDocs:
     def pending_ticket(self, space_id: str, doc_id: str) -> Ticket | None:
         """The ticket of the document's last append if it is not durable yet, else None."""
         entry = self._docs.get((space_id, doc_id))
-        if entry is None or entry.last_ticket is None or entry.last_ticket.done:
-            return None
-        return entry.last_ticket
+        ticket = entry.last_ticket.latest if entry is not None and entry.last_ticket else None
+        return None if ticket is None or ticket.done else ticket
 
     async def wait_durable(self, space_id: str, doc_id: str) -> None:
         """Until everything applied to the document so far is durable (e.g. before a diff)."""
@@ -379,8 +378,6 @@ class HubDocs:
         entry = self._docs.get((item.space, item.doc_id))
         if entry is not None and item.ticket.retry is not None:
             item.ticket = item.ticket.retry
-            if entry.last_ticket is not None and entry.last_ticket.retry is not None:
-                entry.last_ticket = entry.last_ticket.retry
             self._relay.append(item)
             return
         if entry is None or item.attempts >= MAX_STORE_ATTEMPTS:
