@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,26 @@ def sigint_as_from_a_terminal() -> None:
     background by a non-interactive shell inherits SIGINT ignored, and a Python child then keeps
     ignoring it: the signal would be lost and the test would hang."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+ROOT_FOR_MOUNTS = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("mount") is None, reason="mounts a small tmpfs (root)"
+)
+
+
+@contextmanager
+def small_disk(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` (say "2m") mounted at `path` for the duration: a disk that fills up."""
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def grow_disk(path: Path, size: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,size={size}", str(path)], check=True)
 
 
 def short_tempdir() -> Path:

@@ -10,9 +10,7 @@ there (and nothing that was never sent). Later rounds check the earlier rounds' 
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
 import subprocess
 import sys
 import threading
@@ -21,7 +19,15 @@ from pathlib import Path
 
 import pytest
 import trio
-from daemonproc import PYTHON, DaemonProcess, child_env, daemons_fixture  # noqa: F401
+from daemonproc import (  # noqa: F401
+    PYTHON,
+    ROOT_FOR_MOUNTS,
+    DaemonProcess,
+    child_env,
+    daemons_fixture,
+    grow_disk,
+    small_disk,
+)
 from modelutil import FIXTURE_DIR
 
 from peerdaemon.api.client import AsyncClient, Client, ClientError, DaemonError
@@ -180,18 +186,13 @@ def test_kill9_during_compaction(daemons):
     assert daemon.stop() == 0
 
 
-@pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("mount") is None, reason="mounts a small tmpfs (root)"
-)
+@ROOT_FOR_MOUNTS
 def test_a_full_disk_loses_nothing_acknowledged(daemons, tmp_path):
     """A real daemon on a 2 MiB file system: an import that does not fit fails with
     `store-failed` and the daemon keeps running; a later edit of that environment is not
     acknowledged on top of the missing import. Once there is room, the daemon stores both by
     itself, and after a kill -9 the environment is back whole, with every acknowledged edit."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], check=True)
-    try:
+    with small_disk(tmp_path / "disk", "2m") as disk:
         daemon = daemons.new(data_dir=disk / "data")
         daemon.start()
         env = make_environment(3_000_000, seed=7)
@@ -227,7 +228,7 @@ def test_a_full_disk_loses_nothing_acknowledged(daemons, tmp_path):
             assert cli.returncode == 1 and cli.stderr.count("\n") == 1
             assert "(store-failed)" in cli.stderr and "Traceback" not in cli.stderr
 
-            subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+            grow_disk(disk, "64m")
             deadline = time.monotonic() + 30
             while c.status()["store"]["error"] is not None:  # stored by itself
                 assert time.monotonic() < deadline, c.status()["store"]
@@ -239,8 +240,4 @@ def test_a_full_disk_loses_nothing_acknowledged(daemons, tmp_path):
         with daemon.client() as c:
             after = c.get(env_id)
         assert after == {**env, "name": "renamed while the disk was full", "port": 4321}
-    finally:
-        for d in daemons.all:
-            if d.running:
-                d.kill9()
-        subprocess.run(["umount", "-l", str(disk)], check=False)
+        daemon.kill9()  # before the disk goes

@@ -17,6 +17,7 @@ from pathlib import Path
 import cbor2
 import pytest
 import trio
+from daemonproc import ROOT_FOR_MOUNTS, small_disk
 
 from peerdaemon.store import (
     DB_NAME,
@@ -577,6 +578,21 @@ async def test_a_full_disk_keeps_the_writes_and_stores_them_in_order_later(
     loaded = reopen_load(data_dir)
     assert loaded["a"].updates == [b"first", big, b"later"]
     assert loaded["b"].updates == [b"other"]
+
+
+@ROOT_FOR_MOUNTS
+def test_a_full_disk_at_open_is_a_clear_error(tmp_path: Path) -> None:
+    with small_disk(tmp_path / "disk", "256k") as disk:
+        filler = disk / "filler"
+        with open(filler, "wb", buffering=0) as f:  # fill it up
+            with pytest.raises(OSError):
+                for _ in range(1024):
+                    f.write(b"\0" * 4096)
+        with pytest.raises(StoreError, match=r"cannot write .*peerdaemon.lock: No space left"):
+            Store.open(disk / "a")
+        os.truncate(filler, filler.stat().st_size - (12 << 10))  # room for the lock, not the db
+        with pytest.raises(StoreError, match=r"cannot open database in .*(full|I/O)"):
+            Store.open(disk / "b")
 
 
 async def test_newer_schema_is_refused_and_lock_released(data_dir: Path) -> None:

@@ -45,8 +45,12 @@ class DataDirLock:
         # Write then truncate, so a concurrent reader sees either pid on the first line,
         # never an empty file.
         data = f"{os.getpid()}\n".encode()
-        os.pwrite(fd, data, 0)
-        os.ftruncate(fd, len(data))
+        try:
+            os.pwrite(fd, data, 0)
+            os.ftruncate(fd, len(data))
+        except OSError as e:  # a full disk, say: not a bare errno without the file
+            os.close(fd)
+            raise StoreError(f"cannot write {self.path}: {e.strerror or e}") from e
         self._fd = fd
 
     def release(self) -> None:
