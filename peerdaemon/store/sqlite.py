@@ -621,6 +621,8 @@ class Store:
                 self._queue.extendleft(reversed(again))
                 self._failed_writes += len(batch)
                 return False
+            if _transient(outcome):  # (other failures were logged with their traceback)
+                log.error("store: %d writes failed for good: %s", len(batch), outcome)
         else:
             errors = outcome
             self._commits += 1
