@@ -18,7 +18,8 @@ from modelutil import FIXTURE_DIR
 
 from peerdaemon.api.client import AsyncClient, DaemonError
 from peerdaemon.daemon.supervisor import Daemon, DaemonConfig, serve
-from peerdaemon.mirror.service import mirror_file_name
+from peerdaemon.mirror.format import content_hash
+from peerdaemon.mirror.service import _sig, _write_atomic, mirror_file_name
 
 TEST_ENV = "test-env.json"  # written by Mockoon: the mirror reproduces it byte for byte
 
@@ -229,6 +230,47 @@ async def test_each_external_save_is_applied_once(short_tmp):
         assert runner.m.stats["writes"] == 0  # the file already said it all
         from_file = [e for e in events(daemon, "environment-changed") if e["origin"] == "file"]
         assert len(from_file) == 3
+
+
+def rewrite_keeping_the_stat(path: Path, old: bytes, new: bytes) -> None:
+    """A second save within one timestamp tick: same size, same inode, same mtime."""
+    assert len(old) == len(new) and old != new
+    st = path.stat()
+    with open(path, "r+b") as f:  # in place: the inode stays
+        f.write(new)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_size, after.st_ino, after.st_mtime_ns) == (
+        st.st_size,
+        st.st_ino,
+        st.st_mtime_ns,
+    )
+
+
+async def test_a_save_that_keeps_the_stat_is_still_applied(short_tmp):
+    """A file saved twice within its timestamp's granularity keeps its size, inode and mtime;
+    while the mtime is that recent, the link compares the content too."""
+    async with daemon_at(short_tmp) as (daemon, c):
+        env_id, path = await linked_fixture(c, short_tmp)
+        await c.patch(env_id, [{"op": "replace", "path": "/port", "value": 3001}])
+        await until(lambda: (read_json(path) or {}).get("port") == 3001, 2.0)
+        await trio.sleep(0.3)  # the daemon's write has been seen, stat and all
+        old = path.read_bytes()
+        rewrite_keeping_the_stat(path, old, old.replace(b'"port": 3001', b'"port": 3002'))
+        await until(lambda: _equals(c.get(env_id, "/port"), 3002), 3.0, "the port from the file")
+
+
+def test_a_write_does_not_replace_a_save_that_kept_the_stat(short_tmp):
+    """The write side of the same race: the link's sig still matches, the content does not."""
+    path = short_tmp / "env.json"
+    path.write_bytes(b'{"port": 3001}')
+    sig = _sig(path.stat())
+    rewrite_keeping_the_stat(path, b'{"port": 3001}', b'{"port": 3002}')
+    known = content_hash(b'{"port": 3001}')
+    outcome = _write_atomic(path, b'{"port": 9999}', sig, 0o022, known)
+    assert outcome == ("changed", None, None) and path.read_bytes() == b'{"port": 3002}'
+    outcome = _write_atomic(path, b'{"port": 9999}', sig, 0o022, content_hash(b'{"port": 3002}'))
+    assert outcome[0] == "ok" and path.read_bytes() == b'{"port": 9999}'
 
 
 # -- restarts -----------------------------------------------------------------------------------

@@ -64,11 +64,13 @@ class Render:
 
 @dataclass(frozen=True)
 class Write:
-    """Write `content` atomically to the target; only if the file's sig is still `expect`."""
+    """Write `content` atomically to the target; only if the file's sig is still `expect` (and,
+    where a sig cannot tell, its content still hashes to `expect_hash`)."""
 
     target: Literal["file", "conflict"]
     content: bytes
     expect: Sig | None | Literal["any"]
+    expect_hash: str | None = None
 
 
 @dataclass(frozen=True)
@@ -250,7 +252,7 @@ class LinkMachine:
             return actions + self.poll(now)
         self.in_flight = True
         self.dirty = False  # a change during the write sets it again
-        return [Write("file", content, self.sig)]
+        return [Write("file", content, self.sig, self.file_hash)]
 
     def write_done(
         self,

@@ -21,6 +21,7 @@ import os
 import re
 import stat
 import tempfile
+import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -50,6 +51,10 @@ log = logging.getLogger("peerdaemon.mirror")
 
 POLL_INTERVAL = 0.2
 """Seconds between two stats of a linked file."""
+
+RACY_NS = 2_000_000_000
+"""A file whose mtime is this recent may change again without its sig changing (timestamps are
+as coarse as a clock tick, 1 s on ext3, 2 s on FAT): its content is compared as well."""
 FIRST_SYNC_TIMEOUT = 10.0
 """How long `env.link` waits for the first write or apply before answering anyway."""
 FLUSH_TIMEOUT = 2.0
@@ -192,13 +197,34 @@ def _observe(path: Path, env_id: str) -> tuple[Observation, dict[str, Any] | Non
     return Observation("file", sig, data, jh), prepared, raw
 
 
+def _racy(sig: Sig) -> bool:
+    """Whether the file may have changed since `sig` without its sig changing: its mtime is so
+    recent that another save within the timestamp's granularity would keep it (git's "racy"
+    entries). Then only the content can tell."""
+    return time.time_ns() - sig[0] < RACY_NS
+
+
+def _content_is(path: Path, known: str | None) -> bool:
+    """Whether the file's bytes still hash to `known` (for a stat that cannot tell)."""
+    try:
+        with open(path, "rb") as f:
+            return content_hash(f.read()) == known
+    except OSError:
+        return False  # let an observation say what is wrong
+
+
 def _write_atomic(
-    path: Path, data: bytes, expect: Sig | None | Literal["any"], umask: int
+    path: Path,
+    data: bytes,
+    expect: Sig | None | Literal["any"],
+    umask: int,
+    expect_hash: str | None = None,
 ) -> tuple[WriteOutcome, Sig | None, str | None]:
     """Temporary file in the same folder, fsync, rename: a reader never sees half a file.
 
     Unless `expect` is "any", nothing is written when the file is no longer what the link last
-    saw (someone saved it meanwhile): the link reads it first, so their save is not lost.
+    saw (someone saved it meanwhile): the link reads it first, so their save is not lost. While
+    the sig is racy, the content is compared with `expect_hash` too.
     """
     try:
         current = os.stat(path)
@@ -209,6 +235,13 @@ def _write_atomic(
     if current is not None and stat.S_ISDIR(current.st_mode):
         return "failed", None, f"{path} is a directory, not a file: not writing there"
     if expect != "any" and (None if current is None else _sig(current)) != expect:
+        return "changed", None, None
+    if (
+        expect not in ("any", None)
+        and expect_hash is not None
+        and _racy(expect)
+        and not _content_is(path, expect_hash)
+    ):
         return "changed", None, None
     mode = stat.S_IMODE(current.st_mode) if current is not None else 0o666 & ~umask
     try:
@@ -381,11 +414,15 @@ class LinkRunner:
             if self.m.want_observe or now >= next_stat:
                 next_stat = now + POLL_INTERVAL
                 kind, sig = await trio.to_thread.run_sync(_stat, self.path)
-                if (
+                changed = (
                     self.m.want_observe
                     or sig != self.m.sig
                     or (kind != self.m.kind and self.m.kind != "error")
-                ):
+                )
+                if not changed and kind == "file" and sig is not None and _racy(sig):
+                    known = self.m.file_hash
+                    changed = not await trio.to_thread.run_sync(_content_is, self.path, known)
+                if changed:
                     await self._observe_and_feed()
             await self._do(self.m.poll(trio.current_time()))
             deadline = self.m.deadline()
@@ -425,7 +462,12 @@ class LinkRunner:
             elif isinstance(action, Write):
                 path = self.path if action.target == "file" else self.conflict_path
                 outcome, sig, error = await trio.to_thread.run_sync(
-                    _write_atomic, path, action.content, action.expect, self.mirror.umask
+                    _write_atomic,
+                    path,
+                    action.content,
+                    action.expect,
+                    self.mirror.umask,
+                    action.expect_hash,
                 )
                 base, template = self._render
                 if outcome == "ok" and action.target == "file":
