@@ -294,8 +294,8 @@ class Store:
                     self._finish_batch(ops, self._apply_batch_safe(ops))
                 try:
                     self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-                except sqlite3.Error:
-                    log.warning("store: WAL checkpoint at close failed", exc_info=True)
+                except sqlite3.Error as e:  # harmless: the WAL is replayed at the next open
+                    log.warning("store: WAL checkpoint at close failed: %s", e)
                 self._db.close()
                 self._db_closed = True
             with self._reader_lock:
