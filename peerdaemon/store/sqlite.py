@@ -347,8 +347,8 @@ class Store:
 
         Lets a caller roll a document back after a write failed half-way without keeping a copy
         of every document. A write committed while this reads may be listed twice, which is
-        harmless for Yjs updates; a queued delete hides everything before it. A write whose
-        commit failed (its ticket failed) is in neither place, so it is not listed.
+        harmless for Yjs updates; a queued delete hides everything before it. A write being
+        retried is queued, so it is listed; one that failed for good is not.
         """
         queued = [*(self._inflight.ops if self._inflight is not None else ()), *self._queue]
         mine = [
