@@ -200,8 +200,9 @@ def _observe(path: Path, env_id: str) -> tuple[Observation, dict[str, Any] | Non
 def _racy(sig: Sig) -> bool:
     """Whether the file may have changed since `sig` without its sig changing: its mtime is so
     recent that another save within the timestamp's granularity would keep it (git's "racy"
-    entries). Then only the content can tell."""
-    return time.time_ns() - sig[0] < RACY_NS
+    entries). Then only the content can tell. (A save sets the mtime to now, so an mtime far
+    from now, even in the future, would change with any save.)"""
+    return abs(time.time_ns() - sig[0]) < RACY_NS
 
 
 def _content_is(path: Path, known: str | None) -> bool:
