@@ -1,0 +1,121 @@
+"""Two real daemons with no LAN link and a real hub process, writing at once while the hub or a
+daemon is kill -9ed and restarted again and again: afterwards the daemons converge, every edit
+either of them acknowledged is there once, and the hub's own store holds all of it."""
+
+from __future__ import annotations
+
+import json
+import random
+import socket
+import subprocess
+import threading
+import time
+
+from daemonproc import PYTHON, Daemons, child_env, daemons_fixture  # noqa: F401  (fixture)
+from modelutil import FIXTURE_DIR
+from pycrdt import Doc
+from test_lan import LOCAL, free_port
+from test_lan_chaos import TIMEOUT, Writer, call, converged
+
+from peerdaemon.model import export_environment
+from peerdaemon.store import Store
+
+CHAOS_SECONDS = 8.0
+
+
+class HubProcess:
+    def __init__(self, daemons: Daemons) -> None:
+        self.daemons = daemons
+        self.dir = daemons.base / "hub"
+        self.port = free_port()
+        self.url = f"ws://{LOCAL}:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def admin(self, *argv: str) -> str:
+        argv = (PYTHON, "-m", "peerdaemon", "hub", *argv, "--data-dir", str(self.dir))
+        done = subprocess.run(argv, capture_output=True, text=True, env=child_env(), timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    def start(self) -> None:
+        argv = [PYTHON, "-m", "peerdaemon", "hub", "serve", "--data-dir", str(self.dir)]
+        with open(self.daemons.base / "hub.log", "ab") as log:
+            self.proc = self.daemons.track(
+                subprocess.Popen(
+                    [*argv, "--listen", f"{LOCAL}:{self.port}"],
+                    stdout=log,
+                    stderr=log,
+                    env=child_env(),
+                )
+            )
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            try:
+                socket.create_connection((LOCAL, self.port), 0.5).close()
+                return
+            except OSError:
+                assert self.proc.poll() is None and time.monotonic() < deadline, "hub start"
+                time.sleep(0.05)  # bounded wait for the listening port
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()  # SIGKILL, by pid
+        self.proc.wait(TIMEOUT)
+
+
+def test_acknowledged_edits_survive_kill9_chaos_through_a_hub(daemons):
+    hub = HubProcess(daemons)
+    tokens = [hub.admin("user", "add", "alice"), hub.admin("token", "add", "alice")]
+    hub.start()
+    nodes = [daemons.new() for _ in range(2)]
+    for i, d in enumerate(nodes):
+        d.argv += ["--no-mdns", "--name", f"n{i}"]
+        d.start()
+    space = call(nodes[0], "space.create", name="Chaos")["id"]
+    call(nodes[0], "space.hub", space=space, url=hub.url, token=tokens[0])
+    call(nodes[1], "space.join", code=call(nodes[0], "space.invite", space=space)["code"])
+    call(nodes[1], "space.hub", space=space, token=tokens[1])
+    env = json.loads((FIXTURE_DIR / "test-env.json").read_text())
+    env_id = call(nodes[0], "env.import", env=env)["id"]
+    call(nodes[0], "env.share", id=env_id, space=space)
+    converged(nodes, env_id)
+
+    stop = threading.Event()
+    writers = [Writer(d, env_id, f"n{i}", stop) for i, d in enumerate(nodes)]
+    for w in writers:
+        w.start()
+    rng = random.Random(5)
+    kills = {"hub": 0, "daemon": 0}
+    end = time.monotonic() + CHAOS_SECONDS
+    while time.monotonic() < end:
+        time.sleep(rng.uniform(0.3, 1.0))
+        if rng.random() < 0.5:
+            hub.kill9()
+            kills["hub"] += 1
+            time.sleep(rng.uniform(0.1, 0.6))
+            hub.start()
+        else:
+            victim = rng.choice(nodes)
+            victim.kill9()
+            kills["daemon"] += 1
+            time.sleep(rng.uniform(0.1, 0.6))
+            victim.start()
+    stop.set()
+    for w in writers:
+        w.join(TIMEOUT)
+    acked = {key for w in writers for key in w.acked}
+    assert min(kills.values()) >= 1 and sum(kills.values()) >= 5 and all(w.acked for w in writers)
+
+    merged = converged(nodes, env_id)
+    keys = [h["key"] for h in merged["headers"]]
+    assert len(keys) == len(set(keys))
+    assert acked <= set(keys), sorted(acked - set(keys))[:10]
+    for d in nodes:
+        assert d.stop() == 0
+    hub.kill9()
+    with Store.open(hub.dir) as store:  # what the hub made durable: everything
+        [key] = [k for k in store.load() if k.endswith(f"/{env_id}")]
+        doc = Doc()
+        for update in store.load()[key].updates:
+            doc.apply_update(update)
+    assert {h["key"] for h in export_environment(doc, env_id)["headers"]} == set(keys)
