@@ -4,23 +4,26 @@ either of them acknowledged is there once, and the hub's own store holds all of 
 
 from __future__ import annotations
 
-import json
 import random
 import socket
 import subprocess
-import threading
 import time
 
 from daemonproc import PYTHON, Daemons, child_env, daemons_fixture  # noqa: F401  (fixture)
-from modelutil import FIXTURE_DIR
 from pycrdt import Doc
 from test_lan import LOCAL, free_port
-from test_lan_chaos import TIMEOUT, Writer, call, converged
+from test_lan_chaos import (
+    TIMEOUT,
+    Writers,
+    call,
+    check_everything_acknowledged_is_there,
+    share_fixture,
+)
 
 from peerdaemon.model import export_environment
 from peerdaemon.store import Store
 
-CHAOS_SECONDS = 8.0
+KILLS = 8
 
 
 class HubProcess:
@@ -75,41 +78,17 @@ def test_acknowledged_edits_survive_kill9_chaos_through_a_hub(daemons):
     call(nodes[0], "space.hub", space=space, url=hub.url, token=tokens[0])
     call(nodes[1], "space.join", code=call(nodes[0], "space.invite", space=space)["code"])
     call(nodes[1], "space.hub", space=space, token=tokens[1])
-    env = json.loads((FIXTURE_DIR / "test-env.json").read_text())
-    env_id = call(nodes[0], "env.import", env=env)["id"]
-    call(nodes[0], "env.share", id=env_id, space=space)
-    converged(nodes, env_id)
+    env_id = share_fixture(nodes, space)
 
-    stop = threading.Event()
-    writers = [Writer(d, env_id, f"n{i}", stop) for i, d in enumerate(nodes)]
-    for w in writers:
-        w.start()
     rng = random.Random(5)
-    kills = {"hub": 0, "daemon": 0}
-    end = time.monotonic() + CHAOS_SECONDS
-    while time.monotonic() < end:
-        time.sleep(rng.uniform(0.3, 1.0))
-        if rng.random() < 0.5:
-            hub.kill9()
-            kills["hub"] += 1
-            time.sleep(rng.uniform(0.1, 0.6))
-            hub.start()
-        else:
-            victim = rng.choice(nodes)
+    with Writers(nodes, env_id) as writers:
+        for n in range(KILLS):  # the hub and a daemon in turn, at random moments
+            time.sleep(rng.uniform(0.3, 1.0))
+            victim = hub if n % 2 == 0 else rng.choice(nodes)
             victim.kill9()
-            kills["daemon"] += 1
             time.sleep(rng.uniform(0.1, 0.6))
             victim.start()
-    stop.set()
-    for w in writers:
-        w.join(TIMEOUT)
-    acked = {key for w in writers for key in w.acked}
-    assert min(kills.values()) >= 1 and sum(kills.values()) >= 5 and all(w.acked for w in writers)
-
-    merged = converged(nodes, env_id)
-    keys = [h["key"] for h in merged["headers"]]
-    assert len(keys) == len(set(keys))
-    assert acked <= set(keys), sorted(acked - set(keys))[:10]
+    keys = check_everything_acknowledged_is_there(nodes, env_id, writers.acked)
     for d in nodes:
         assert d.stop() == 0
     hub.kill9()

@@ -16,7 +16,8 @@ import ssl
 import subprocess
 import sys
 import time
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import pytest
@@ -156,6 +157,15 @@ def map_update(doc: Doc, key: str, value: object) -> bytes:
     return doc.get_update(before)
 
 
+@contextmanager
+def reloaded_docs(data_dir: Path) -> Iterator[HubDocs]:
+    """The hub's documents as a restart on `data_dir` loads them."""
+    with Store.open(data_dir) as store:
+        docs = HubDocs(store, EventLog())
+        docs.load()
+        yield docs
+
+
 async def test_hubdocs_relays_in_order_once_durable(tmp_path):
     store = Store.open(tmp_path, compact_count=5)
     try:
@@ -243,13 +253,8 @@ async def test_hubdocs_relay_what_a_full_disk_refused_once_it_is_stored(tmp_path
             nursery.cancel_scope.cancel()
     finally:
         store.close()
-    store = Store.open(tmp_path)
-    try:
-        again = HubDocs(store, EventLog())
-        again.load()
+    with reloaded_docs(tmp_path) as again:
         assert set(again.get_doc(SPACE, "env-1").get("m", type=Map)) == {"k0", "k1", "k2"}
-    finally:
-        store.close()
 
 
 async def test_hubdocs_env_ids_come_from_the_space_document(tmp_path):
@@ -303,13 +308,8 @@ async def test_hubdocs_retries_a_failed_store_write(tmp_path):
             nursery.cancel_scope.cancel()
     finally:
         store.close()
-    store = Store.open(tmp_path)
-    try:
-        again = HubDocs(store, EventLog())
-        again.load()
+    with reloaded_docs(tmp_path) as again:
         assert dict(again.get_doc(SPACE, "env-1").get("m", type=Map)) == {"k": 1}
-    finally:
-        store.close()
 
 
 # -------------------------------------------------------------------------------- HTTP, auth
