@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import struct
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -220,6 +221,38 @@ async def test_a_listener_that_never_answers_is_unreachable_and_redialed():
             await wait_for(lambda: (a.row(address=address) or {}).get("reason") == "unreachable")
             await wait_for(lambda: (a.row(address=address) or {}).get("state") == "connecting")
             assert a.row(address=address)["reason"] == "unreachable"  # type: ignore[index]
+
+
+UPGRADE = (
+    b"GET /peer HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+async def reset_after(port: int, payload: bytes, pause: float) -> None:
+    """Connect, send `payload`, wait, then reset the connection (RST, not FIN)."""
+    sock = trio.socket.socket()
+    await sock.connect((LOCAL, port))
+    if payload:
+        await sock.send(payload)
+    await trio.sleep(pause)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+async def test_connections_reset_mid_handshake_do_not_stop_the_listener():
+    """A peer killed mid-handshake resets its connection; asking the socket for the peer's
+    address then fails (ENOTCONN). That took the whole daemon down once."""
+    a, b = Node("alice", S1), Node("bob", S1)
+    a.host.add_doc("env", ["s1"], {"v": 1})
+    b.host.add_doc("env", ["s1"], {})
+    async with b.running():
+        for _ in range(15):
+            for payload in (b"", UPGRADE[:20], UPGRADE):
+                for pause in (0, 0.001, 0.01):
+                    await reset_after(b.port, payload, pause)
+        async with a.running(static=[(LOCAL, b.port)]):  # the listener still serves
+            await wait_for(lambda: b.host.values("env") == {"v": 1}, timeout=30)
 
 
 async def test_no_common_space_is_unauthorized_on_both_sides():

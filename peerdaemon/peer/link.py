@@ -309,6 +309,26 @@ async def dial(link: Link, host: str, port: int, *, path: str = PATH, tls: bool 
         ) from None
 
 
+_TRANSPORT_ERRORS = (OSError, trio.BrokenResourceError, ConnectionClosed, HandshakeError)
+
+
+def _transport_failure(exc: BaseException) -> bool:
+    """Whether `exc` (or every leaf of an exception group) is a connection that went away."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_transport_failure(e) for e in exc.exceptions)
+    return isinstance(exc, _TRANSPORT_ERRORS)
+
+
+def remote_address(ws: WebSocketConnection) -> str:
+    """`host:port` of the other end, or "?" once it is gone: `ws.remote` asks the socket, which
+    raises ENOTCONN after a reset, and a log line must not end the listener."""
+    try:
+        remote = ws.remote
+    except OSError:
+        return "?"
+    return remote if isinstance(remote, str) else format_address(str(remote.address), remote.port)
+
+
 def _remote_ip(stream: trio.abc.Stream) -> str:
     sock = getattr(stream, "socket", None)
     try:
@@ -356,6 +376,15 @@ async def serve(
             await trio.aclose_forcefully(stream)
 
     async def on_connection(stream: trio.abc.Stream) -> None:
+        try:
+            await serve_one(stream)
+        except Exception as exc:  # one bad connection must not stop the listener
+            if _transport_failure(exc):  # the other end reset or vanished mid-handshake
+                log.debug("peer connection from %s dropped: %r", _remote_ip(stream), exc)
+            else:
+                log.exception("peer connection from %s failed", _remote_ip(stream))
+
+    async def serve_one(stream: trio.abc.Stream) -> None:
         ticket = admission.admit(_remote_ip(stream))
         if ticket is None:
             log.debug("peer connection from %s refused: busy", _remote_ip(stream))
@@ -382,7 +411,7 @@ async def serve(
                 try:
                     await handler(ws, ticket)
                 except Exception:  # one bad connection must not stop the listener
-                    log.exception("peer connection from %s failed", ws.remote)
+                    log.exception("peer connection from %s failed", remote_address(ws))
                 finally:
                     with trio.move_on_after(config.close_grace):
                         await ws.aclose()

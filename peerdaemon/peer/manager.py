@@ -24,7 +24,7 @@ from trio_websocket import WebSocketConnection
 
 from ..model import MODEL_VERSION
 from .handshake import Established, IdentityLike
-from .link import Link, Ticket, Unreachable, dial, format_address, serve
+from .link import Link, Ticket, Unreachable, dial, format_address, remote_address, serve
 from .messages import CLOSED, DUPLICATE, SELF
 from .session import (
     Closed,
@@ -317,13 +317,7 @@ class PeerManager:
         )
 
     async def _serve_inbound(self, ws: WebSocketConnection, ticket: Ticket | None = None) -> None:
-        remote = ws.remote
-        address = (
-            format_address(str(remote.address), remote.port)
-            if not isinstance(remote, str)
-            else remote
-        )
-        link = self._new_link(dialer=False, address=address)
+        link = self._new_link(dialer=False, address=remote_address(ws))
         link.ticket = ticket  # released once the peer authenticates (`_on_established`)
         try:
             await link.run(ws)
