@@ -49,3 +49,43 @@ def test_rollback_keeps_changes_not_yet_committed(tmp_path: Path, monkeypatch) -
             replica.apply_update(update)
         assert_strict_equal(export_environment(replica, e1), {**edited, "latency": 7})
         assert len(sent) == 1
+
+
+def test_an_update_after_a_gap_in_clocks_is_kept_and_not_written_over(tmp_path: Path) -> None:
+    """pycrdt (yrs) integrates an update that follows a gap in its client's clocks, shows its
+    content, and reports no transaction update. The registry must still store it and must not
+    export from a stale cache: a later local write would delete that content everywhere."""
+    env = load("test-env.json")
+    e1 = env["uuid"]
+    with Store.open(tmp_path) as store:
+        registry = Registry(store, EventLog())
+        registry.create(e1, prepare(env, e1)[0], "local")
+        writer = Doc()
+        writer.apply_update(registry.state_update(e1))
+        headers = writer.get("environment", type=Map)["headers"]
+
+        def header(key: str, at: int | None = None) -> bytes:
+            before = writer.get_state()
+            headers.insert(len(headers) if at is None else at, Map({"key": key, "value": "v"}))
+            return writer.get_update(before)
+
+        # "after-gap" goes in front: its neighbours are known, only its clock follows a gap
+        first, skipped, after_gap = header("first"), header("skipped"), header("after-gap", 0)
+        registry.merge(e1, first, "peer:w")
+        registry.export(e1)  # the export is cached
+        registry.merge(e1, after_gap, "peer:w")  # "skipped" has not arrived yet
+        shown = [h["key"] for h in export_environment(registry.get(e1).doc, e1)["headers"]]
+        assert "after-gap" in shown  # what yrs does (Yjs would wait for "skipped")
+        assert [h["key"] for h in registry.export(e1)["headers"]] == shown
+
+        # a local write from that export keeps what the document shows
+        local = {**registry.export(e1), "port": 4242}
+        registry.apply(e1, prepare(local, e1)[0], "local")
+        registry.merge(e1, skipped, "peer:w")
+        keys = [h["key"] for h in registry.export(e1)["headers"]]
+        assert {"first", "skipped", "after-gap"} <= set(keys)
+
+        replica = Doc()  # and the store holds all of it
+        for update in store.updates_of(e1):
+            replica.apply_update(update)
+        assert export_environment(replica, e1) == registry.export(e1)

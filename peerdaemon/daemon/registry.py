@@ -173,8 +173,21 @@ class Registry:
             except Exception as exc:
                 env.pending.clear()
                 raise UpdateRejected(f"not a Yjs update: {exc}") from None
+            if not env.pending and bytes(update) != EMPTY_UPDATE:
+                self._keep_quiet_update(env, bytes(update))
         changed = self._commit(env, origin)
         return created, changed, env.last_ticket
+
+    def _keep_quiet_update(self, env: Environment, update: bytes) -> None:
+        """An update that changed nothing the transaction reports: already known, waiting for
+        what it depends on, or (pycrdt 0.14, yrs) integrated after a gap in a client's clocks:
+        yrs then shows its content behind a Skip block, leaves the state vector where it was and
+        reports an empty update. Yjs would keep it pending. Store it as received, so what the
+        document shows is durable, and drop the cached export, which may no longer be what the
+        document holds (a whole-environment write computed from it would delete that content).
+        It is not forwarded: it changed no state that peers could lack because of us."""
+        env.ticket = self.store.enqueue_append(env.id, update)
+        env.cache = None
 
     def delete(self, env_id: str, origin: str) -> Ticket:
         env = self.get(env_id)
