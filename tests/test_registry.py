@@ -72,6 +72,9 @@ def test_an_update_after_a_gap_in_clocks_is_kept_and_not_written_over(tmp_path: 
         # "after-gap" goes in front: its neighbours are known, only its clock follows a gap
         first, skipped, after_gap = header("first"), header("skipped"), header("after-gap", 0)
         registry.merge(e1, first, "peer:w")
+        stored = len(store.updates_of(e1))
+        registry.merge(e1, first, "peer:v")  # the same update along another path: not stored
+        assert len(store.updates_of(e1)) == stored
         registry.export(e1)  # the export is cached
         registry.merge(e1, after_gap, "peer:w")  # "skipped" has not arrived yet
         shown = [h["key"] for h in export_environment(registry.get(e1).doc, e1)["headers"]]

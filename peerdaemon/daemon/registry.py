@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pycrdt import Doc, Map
+from pycrdt import Doc, Map, get_update
 
 from ..model import LAST_MIGRATION, apply_environment, export_environment
 from ..model.layout import ENV_ROOT
@@ -173,19 +173,20 @@ class Registry:
             except Exception as exc:
                 env.pending.clear()
                 raise UpdateRejected(f"not a Yjs update: {exc}") from None
-            if not env.pending and bytes(update) != EMPTY_UPDATE:
+            if not env.pending and _beyond(update, env.doc):
                 self._keep_quiet_update(env, bytes(update))
         changed = self._commit(env, origin)
         return created, changed, env.last_ticket
 
     def _keep_quiet_update(self, env: Environment, update: bytes) -> None:
-        """An update that changed nothing the transaction reports: already known, waiting for
-        what it depends on, or (pycrdt 0.14, yrs) integrated after a gap in a client's clocks:
-        yrs then shows its content behind a Skip block, leaves the state vector where it was and
-        reports an empty update. Yjs would keep it pending. Store it as received, so what the
-        document shows is durable, and drop the cached export, which may no longer be what the
-        document holds (a whole-environment write computed from it would delete that content).
-        It is not forwarded: it changed no state that peers could lack because of us."""
+        """An update with structs beyond the document's state vector that the transaction did
+        not report: waiting for what it depends on, or (pycrdt 0.14, yrs) integrated after a gap
+        in a client's clocks: yrs then shows its content behind a Skip block, leaves the state
+        vector where it was and reports an empty update (Yjs would keep it pending). Store it as
+        received, so what the document shows is durable, and drop the cached export, which may
+        no longer be what the document holds (a whole-environment write computed from it would
+        delete that content). Not forwarded: copies of known updates (a mesh delivers each one
+        along several paths) never get here, so nothing can ping-pong."""
         env.ticket = self.store.enqueue_append(env.id, update)
         env.cache = None
 
@@ -286,3 +287,10 @@ def _merge(updates: list[bytes]) -> bytes:
     from pycrdt import merge_updates
 
     return merge_updates(*updates)
+
+
+
+def _beyond(update: bytes, doc: Doc) -> bool:
+    """Whether `update` holds structs the document's state vector does not cover. The diff
+    against that state vector starts with its count of clients with structs: a 0 byte, none."""
+    return get_update(update, doc.get_state())[0] != 0
