@@ -6,7 +6,9 @@ Runs the shared harness (`shared/bench/yjs-bench/bench.mjs` beside the checkout,
 clients in one Node process) against `peerdaemon hub serve` and against the reference server
 (`shared/bench/run-ywebsocket.sh`: y-websocket 1.5.4's bin/server.js), alternately, on a
 fresh server for every run. The shared folder is read-only, so it is copied into a temporary
-directory and `npm ci` runs there. Everything listens on 127.0.0.1 only.
+directory and `npm ci` runs there. Everything listens on 127.0.0.1 only. The harness is optional
+and outside this repository (`YJS_BENCH_DIR` points elsewhere): without it, or without Node, the
+benchmark says what it skips and why, and exits 0.
 
 Figures (medians over the rounds, each round's values listed):
   latency  A -> B through the server, 500 edits 5 ms apart: p50 and p99 (ms)
@@ -57,6 +59,23 @@ FIGURES: list[tuple[str, str, str, Any]] = [
     ("bigdoc", "15 MB initial sync", "ms", lambda r: r["result"]["initial_sync_ms"]),
     ("idle", "RSS, 200 idle clients", "MB", lambda r: round(r["server"]["vm_rss_kb"] / 1024, 1)),
 ]
+
+
+def harness_missing() -> str:
+    """Why the optional outside harness cannot run here, or "" when it can. It is not part of
+    this repository (it lives beside the checkout, or where YJS_BENCH_DIR says)."""
+    needed = [
+        SHARED / "yjs-bench" / "bench.mjs",
+        SHARED / "ref-ywebsocket",
+        SHARED / "run-ywebsocket.sh",
+    ]
+    absent = [str(p) for p in needed if not p.exists()]
+    if absent:
+        return f"the y-websocket bench harness is absent ({', '.join(absent)}; set YJS_BENCH_DIR)"
+    tools = [t for t in ("node", "npm") if shutil.which(t) is None]
+    if tools:
+        return f"{' and '.join(tools)} not installed"
+    return ""
 
 
 def prepare_harness(work: Path) -> Path:
@@ -185,6 +204,10 @@ def main() -> int:
     parser.add_argument("--out", metavar="DIR", help="keep every JSON line in DIR/results.jsonl")
     args = parser.parse_args()
     scenarios = [s for s in args.scenarios.split(",") if s]
+    missing = harness_missing()
+    if missing:
+        print(f"bench_hub: skipped every scenario ({', '.join(scenarios)}): {missing}")
+        return 0
     work = Path(tempfile.mkdtemp(prefix="pdbench-hub"))
     results: list[dict[str, Any]] = []
     try:

@@ -561,7 +561,10 @@ def main() -> None:
     def line(label: str, key: str, field: str, fmt: str = "{:.2f}") -> None:
         vals = [res[field] for res in results[key]]
         if not vals:
-            print(f"{label}: skipped (network namespaces unavailable)")
+            from netns import netns_unavailable_reason
+
+            why = "--no-netns" if args.no_netns else netns_unavailable_reason()
+            print(f"{label}: skipped (needs private network namespaces: {why or 'none ran'})")
             return
         print(
             f"{label}: median {fmt.format(statistics.median(vals))}  (rounds: "

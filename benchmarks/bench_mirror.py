@@ -31,15 +31,7 @@ from peerdaemon.api.client import AsyncClient
 from peerdaemon.daemon.supervisor import DaemonConfig, serve
 
 ROOT = Path(__file__).resolve().parent.parent
-FIXTURE = (
-    Path(
-        os.environ.get(
-            "PEERDAEMON_FIXTURES",
-            Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "mockoon",
-        )
-    )
-    / "test-env.json"
-)
+FIXTURE = ROOT / "tests" / "fixtures" / "mockoon" / "test-env.json"
 MOCKOON_CLI = ROOT / "tests" / "interop" / "node_modules" / ".bin" / "mockoon-cli"
 BODY = "/routes/1/responses/0/body"
 

@@ -8,7 +8,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "mockoon" / "test-env.json"
+FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "mockoon" / "test-env.json"
 
 
 def make_environment(target_bytes: int, seed: int = 0, routes: int | None = None) -> dict[str, Any]:

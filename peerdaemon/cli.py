@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from peerdaemon.addresses import parse_address
-from peerdaemon.api.client import Client, ClientError
+from peerdaemon.api.client import Client, ClientError, DaemonError
+from peerdaemon.api.protocol import UUID_MISMATCH
 from peerdaemon.daemon.paths import default_data_dir, default_socket_path
 from peerdaemon.model.schema import LAST_MIGRATION
 
@@ -308,7 +309,16 @@ def cmd_env_get(args: argparse.Namespace) -> int:
 def cmd_env_put(args: argparse.Namespace) -> int:
     text = _read_text(args.file)
     with _connect(args) as client:
-        result = client.put(args.id, text)
+        try:
+            result = client.put(args.id, text, force_id=args.force_id)
+        except DaemonError as exc:
+            if exc.code != UUID_MISMATCH:
+                raise
+            label = "stdin" if args.file == "-" else args.file
+            raise CliError(
+                f"{label} is not environment {args.id} (its uuid is another id): refusing "
+                f"to replace {args.id} with it; use --force-id to do it anyway ({exc.code})"
+            ) from None
     _report_repairs(result)
     return 0
 
@@ -404,11 +414,40 @@ def cmd_space_hub(args: argparse.Namespace) -> int:
     token = args.token
     if token == "-":  # keeps the token out of the shell history and `ps`
         token = sys.stdin.readline().strip()
-    call_args: dict[str, Any] = {"space": args.space, "token": token}
+    call_args: dict[str, Any] = {"space": args.space, "token": token, "wait": args.wait}
     if args.url:
         call_args["url"] = args.url
-    _call(args, "space.hub", **call_args)
+    if args.hub_key:
+        call_args["hub_key"] = args.hub_key
+    if args.trust_first_use:
+        call_args["trust_first_use"] = True
+    result = _call(args, "space.hub", **call_args)
+    outcome = result.get("outcome")
+    url, key = result.get("url"), result.get("hub_key") or "not pinned"
+    if outcome == "accepted":
+        print(f"{args.space}: syncing through {url} (hub key {key})")
+    elif outcome == "refused":
+        raise CliError(
+            f"the hub at {url} refused: {result.get('reason')}: {result.get('detail') or '-'} "
+            "(the attachment is kept and retried; `peerdaemon space unhub` removes it)"
+        )
+    elif outcome == "no-answer":
+        raise CliError(
+            f"no answer from the hub at {url} within {args.wait:g} s "
+            f"(last: {result.get('reason') or 'connecting'}); the attachment is kept and "
+            "retried: see `peerdaemon peers`"
+        )
     return 0
+
+
+def _wait_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 60:
+        raise argparse.ArgumentTypeError(f"{text!r}: give 0 to 60 seconds")
+    return value
 
 
 def cmd_space_unhub(args: argparse.Namespace) -> int:
@@ -475,6 +514,24 @@ def _add_space_commands(commands: Any, envs: Any, command: Callable[..., Any]) -
     )
     p.add_argument(
         "--token", metavar="TOKEN", required=True, help="your hub token (- reads it from stdin)"
+    )
+    trust = p.add_mutually_exclusive_group()
+    trust.add_argument(
+        "--hub-key",
+        metavar="FINGERPRINT",
+        help="the hub's key, as `peerdaemon hub status` prints it (default: the invite's)",
+    )
+    trust.add_argument(
+        "--trust-first-use",
+        action="store_true",
+        help="trust the key the hub shows first, over a channel that does not authenticate it",
+    )
+    p.add_argument(
+        "--wait",
+        metavar="SECONDS",
+        type=_wait_seconds,
+        default=15.0,
+        help="wait this long for the hub's answer (default 15; 0: only store the attachment)",
     )
     p = command(spaces, "unhub", cmd_space_unhub, "stop syncing a space through its hub")
     p.add_argument("space", metavar="SPACE", help="space id or name")
@@ -543,6 +600,24 @@ def cmd_hub_serve(args: argparse.Namespace) -> int:
     return int(run_hub(_hub_config(args)) or 0)
 
 
+def cmd_hub_status(args: argparse.Namespace) -> int:
+    from peerdaemon.hub.server import hub_status
+    from peerdaemon.store import StoreError
+
+    try:
+        status = hub_status(_hub_config(args).data_dir)
+    except StoreError as exc:
+        raise CliError(str(exc)) from None
+    if args.json:
+        print(_to_json(status))
+        return 0
+    print(f"data dir: {status['data_dir']}")
+    print(f"hub key: {status['hub_key'] or '(none yet: start the hub once)'}")
+    running = f"yes (pid {status['pid']})" if status["pid"] else "yes"
+    print(f"running: {running if status['running'] else 'no'}")
+    return 0
+
+
 def _hub_admin(args: argparse.Namespace, fn: Callable[[Any], Any]) -> Any:
     """Run `fn(accounts)` on the hub's accounts file (beside a running hub, or without one)."""
     import sqlite3
@@ -579,7 +654,10 @@ def cmd_hub_token_add(args: argparse.Namespace) -> int:
 
 
 def cmd_hub_token_revoke(args: argparse.Namespace) -> int:
-    _hub_admin(args, lambda a: a.revoke_token(args.token))
+    token = args.token if args.token_option is None else args.token_option
+    if token == "-":  # keeps the token out of the shell history and `ps`
+        token = sys.stdin.readline().strip()
+    _hub_admin(args, lambda a: a.revoke_token(token))
     return 0
 
 
@@ -647,6 +725,8 @@ def _add_hub_commands(commands: Any, command: Callable[..., Any]) -> None:
     p.add_argument("--listen", metavar="HOST:PORT", type=host_port, help="default 127.0.0.1:8765")
     p.add_argument("--tls-cert", metavar="FILE", help="serve TLS with this certificate (PEM)")
     p.add_argument("--tls-key", metavar="FILE", help="... and this private key (PEM)")
+    p = sub(hubs, "status", cmd_hub_status, "print the hub's key fingerprint and if it runs")
+    p.add_argument("--json", action="store_true", help="print the status as JSON")
     group = hubs.add_parser("user", help="hub users").add_subparsers(
         dest="hub_user_command", metavar="USER_COMMAND", required=True
     )
@@ -660,7 +740,14 @@ def _add_hub_commands(commands: Any, command: Callable[..., Any]) -> None:
     p = sub(group, "add", cmd_hub_token_add, "another token for a user; prints it")
     p.add_argument("user", metavar="USER")
     p = sub(group, "revoke", cmd_hub_token_revoke, "revoke a token (whole, or a unique prefix)")
-    p.add_argument("token", metavar="TOKEN")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("token", metavar="TOKEN", nargs="?", help="- reads it from stdin")
+    which.add_argument(
+        "--token",
+        dest="token_option",
+        metavar="TOKEN",
+        help="the same, for any value: --token=VALUE (a token of the older form may start with -)",
+    )
     p = sub(group, "list", cmd_hub_token_list, "list tokens (their first characters)")
     p.add_argument("user", metavar="USER", nargs="?")
     p.add_argument("--json", action="store_true", help="print the list as JSON")
@@ -768,6 +855,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(envs, "put", cmd_env_put, "replace an environment with the content of FILE")
     p.add_argument("id", metavar="ID")
     p.add_argument("file", metavar="FILE", help="environment JSON file, or - for stdin")
+    p.add_argument(
+        "--force-id",
+        action="store_true",
+        help="put FILE even if its uuid names another environment (ID keeps its id)",
+    )
 
     p = command(envs, "patch", cmd_env_patch, "apply an RFC 6902 JSON Patch file")
     p.add_argument("id", metavar="ID")

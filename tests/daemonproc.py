@@ -14,20 +14,24 @@ the base dir comes from `tempfile.mkdtemp(prefix="pd")`, not from pytest's long 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from helpers import until_sync
+from modelutil import FIXTURE_DIR
 
-from peerdaemon.api.client import Client, ClientError
+from peerdaemon.api.client import Client, ClientError, DaemonError
 
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 20.0
@@ -263,3 +267,140 @@ def daemons_fixture() -> Iterator[Daemons]:
         yield factory
     finally:
         factory.cleanup()
+
+
+# -- talking to daemon processes (test_lan*.py) -------------------------------------------
+def pd(sock: Path, *argv: str, input: str | None = None) -> str:
+    """`peerdaemon --socket SOCK ...` as a child process; its stdout (raises on failure)."""
+    done = subprocess.run(
+        [PYTHON, "-m", "peerdaemon", "--socket", str(sock), *argv],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=child_env(),
+        input=input,
+    )
+    assert done.returncode == 0, f"peerdaemon {' '.join(argv)}: {done.stderr}"
+    return done.stdout
+
+
+def export(daemon, env_id: str) -> dict | None:
+    with daemon.client() as c:
+        try:
+            return c.export(env_id)
+        except DaemonError as exc:
+            if exc.code == "not-found":
+                return None
+            raise
+
+
+# -- chaos: writers through real daemons that are killed and restarted (test_*_chaos.py) ----
+CHAOS_TIMEOUT = 60.0
+
+
+def call(daemon: DaemonProcess, op: str, **args: object) -> dict:
+    with daemon.client(timeout=10) as c:
+        return c.call(op, **args)
+
+
+def exports(daemons: list[DaemonProcess], env_id: str) -> list[dict | None]:
+    """Each daemon's export; None from one that is down or does not hold `env_id` yet. Any
+    other error answer fails the test: a daemon that refuses to export is not converging."""
+    out: list[dict | None] = []
+    for d in daemons:
+        try:
+            with d.client(timeout=10) as c:
+                out.append(c.export(env_id))
+        except DaemonError as exc:
+            if exc.code != "not-found":
+                raise
+            out.append(None)
+        except (ClientError, OSError):  # down (killed, restarting): a connection failure
+            out.append(None)
+    return out
+
+
+def processes_converged(daemons: list[DaemonProcess], env_id: str) -> dict:
+    """Wait until every daemon exports the same JSON for `env_id`; returns it."""
+
+    def same() -> dict | None:
+        first, *rest = exports(daemons, env_id)
+        return first if first is not None and all(e == first for e in rest) else None
+
+    return until_sync(same, CHAOS_TIMEOUT, f"{env_id} to converge")
+
+
+class Writer(threading.Thread):
+    """Appends headers with distinct keys through one daemon; records each acknowledged key.
+
+    Only a connection failure means the daemon is down (killed or restarting): the edit was
+    never acknowledged, and the writer tries again on a new connection. An error answer is the
+    daemon refusing a valid write while it runs: the writer keeps it in `error` and stops all
+    writers, and `Writers` fails the test with it.
+    """
+
+    def __init__(self, daemon: DaemonProcess, env_id: str, name: str, stop: threading.Event):
+        super().__init__(daemon=True)
+        self.d, self.env_id, self.prefix, self.stop = daemon, env_id, name, stop
+        self.acked: list[str] = []
+        self.error: DaemonError | None = None
+
+    def run(self) -> None:
+        n = 0
+        while not self.stop.is_set():
+            try:
+                with self.d.client(timeout=10) as c:
+                    while not self.stop.is_set():
+                        key = f"{self.prefix}-{n}"
+                        n += 1
+                        header = {"key": key, "value": "v"}
+                        c.patch(self.env_id, [{"op": "add", "path": "/headers/-", "value": header}])
+                        self.acked.append(key)
+            except DaemonError as exc:  # an answer: the daemon is up and refused the write
+                self.error = exc
+                self.stop.set()
+            except (ClientError, OSError):  # down: that edit was never acknowledged
+                time.sleep(0.05)  # (bounded: until the daemon listens again)
+
+
+def share_fixture(nodes: list[DaemonProcess], space: str) -> str:
+    """Share the test fixture from the first node into `space`; once all hold it, its id."""
+    env = json.loads((FIXTURE_DIR / "test-env.json").read_text())
+    env_id = call(nodes[0], "env.import", env=env)["id"]
+    call(nodes[0], "env.share", id=env_id, space=space)
+    processes_converged(nodes, env_id)
+    return env_id
+
+
+class Writers:
+    """A writer per node while the block runs; `acked` after it: every acknowledged key."""
+
+    def __init__(self, nodes: list[DaemonProcess], env_id: str) -> None:
+        self.stop = threading.Event()
+        self.writers = [Writer(d, env_id, f"n{i}", self.stop) for i, d in enumerate(nodes)]
+        self.acked: set[str] = set()
+
+    def __enter__(self) -> Writers:
+        for w in self.writers:
+            w.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for w in self.writers:
+            w.join(CHAOS_TIMEOUT)
+        assert not any(w.is_alive() for w in self.writers), "a writer is stuck"
+        refused = [f"{w.prefix}: {w.error}" for w in self.writers if w.error is not None]
+        assert not refused, f"a running daemon refused a write: {refused}"
+        assert all(w.acked for w in self.writers), "every node acknowledged some edits"
+        self.acked = {key for w in self.writers for key in w.acked}
+
+
+def check_everything_acknowledged_is_there(
+    nodes: list[DaemonProcess], env_id: str, acked: set[str]
+) -> list[str]:
+    merged = processes_converged(nodes, env_id)
+    keys = [h["key"] for h in merged["headers"]]
+    assert len(keys) == len(set(keys))
+    assert acked <= set(keys), sorted(acked - set(keys))[:10]
+    return keys

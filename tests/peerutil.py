@@ -8,17 +8,30 @@ listeners with its origin, like the real host.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import asynccontextmanager
 from typing import Any
 
+import trio
+from helpers import LOCAL
 from pycrdt import Doc, Map
 
 from peerdaemon.identity import Identity
+from peerdaemon.peer import PeerConfig, PeerManager
 from peerdaemon.spaces import SpaceKey
 
 EMPTY_UPDATE = b"\x00\x00"
 
-__all__ = ["FakeHost", "Identity", "SpaceKey", "make_identity", "make_space"]
+__all__ = [
+    "FAST",
+    "Events",
+    "FakeHost",
+    "Identity",
+    "Node",
+    "SpaceKey",
+    "make_identity",
+    "make_space",
+]
 
 
 def make_identity(name: str) -> Identity:
@@ -190,3 +203,74 @@ def wire(host: FakeHost, conns: Callable[[], Iterable[Any]]) -> None:
         lambda doc, update, origin: [c.local_update(doc, update, origin) for c in conns()]
     )
     host.add_docs_listener(lambda: [c.docs_changed() for c in conns()])
+
+
+# -- peer managers over real websockets on 127.0.0.1 (test_peer_link.py, test_peer_limits.py)
+FAST = PeerConfig(backoff_initial=0.05, backoff_max=0.4, connect_timeout=2.0, close_grace=0.5)
+
+
+class Events:
+    def __init__(self) -> None:
+        self.items: list[tuple[str, dict[str, Any]]] = []
+
+    def __call__(self, type_: str, **data: Any) -> None:
+        self.items.append((type_, data))
+
+    def of(self, type_: str) -> list[dict[str, Any]]:
+        return [d for t, d in self.items if t == type_]
+
+
+class Node:
+    """One daemon's peer side: identity, host, events, manager (restartable)."""
+
+    def __init__(self, name: str, *spaces: Any, config: PeerConfig = FAST, model: int = 1) -> None:
+        self.identity = make_identity(name)
+        self.host = FakeHost(spaces)
+        self.events = Events()
+        self.config = config
+        self.model = model
+        self.manager: PeerManager | None = None
+        self.port: int | None = None
+
+    @property
+    def id(self) -> str:
+        return self.identity.device_id
+
+    def new_manager(
+        self, static: list[tuple[str, int]] | None = None, listen: bool = True
+    ) -> PeerManager:
+        self.manager = PeerManager(
+            self.identity,
+            self.host,
+            self.events,
+            listen=(LOCAL, self.port or 0) if listen else None,
+            static_peers=static or [],
+            config=self.config,
+            model=self.model,
+        )
+        return self.manager
+
+    @asynccontextmanager
+    async def running(
+        self, static: list[tuple[str, int]] | None = None, listen: bool = True
+    ) -> AsyncIterator[PeerManager]:
+        manager = self.new_manager(static, listen)
+        async with trio.open_nursery() as nursery:
+            self.port = await nursery.start(manager.run)
+            yield manager
+            nursery.cancel_scope.cancel()
+
+    def row(
+        self, device: str | None = None, *, address: str | None = None
+    ) -> dict[str, Any] | None:
+        assert self.manager is not None
+        for r in self.manager.peers():
+            if (device is not None and r["device"] == device) or (
+                address is not None and r["address"] == address
+            ):
+                return r
+        return None
+
+    def state(self, other: Node) -> str | None:
+        r = self.row(other.id)
+        return r["state"] if r else None

@@ -1,6 +1,6 @@
 """The trio socket server against a fake Handler, spoken to with raw frames.
 
-FakeHandler and RawConn are also imported by test_client.py and test_cli_parse.py.
+FakeHandler (tests/helpers.py) is also used by test_client.py and test_cli_parse.py.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import cbor2
 import pytest
 import trio
 import trio.testing
+from helpers import FakeHandler
 
 from peerdaemon.api import server as server_mod
 from peerdaemon.api.framing import FrameDecoder, FrameError, encode_frame
@@ -24,94 +25,11 @@ from peerdaemon.api.protocol import ApiError, Pending, arg, parse_request, reque
 from peerdaemon.api.server import (
     DaemonAlreadyRunning,
     ServerStartError,
-    Session,
     check_peer_uid,
     peer_credentials,
     prepare_socket_dir,
     serve_unix,
 )
-
-
-class FakeHandler:
-    """Records what it applies; ops let tests control durability, failures and pushes."""
-
-    def __init__(self) -> None:
-        self.applied: list[tuple[str, dict]] = []
-        self.gates: dict[str, trio.Event] = {}
-        self.sessions: list[Session] = []
-        self.closed_subs: list[int] = []
-        self.sessions_closed: list[Session] = []
-        self.session_closed = trio.Event()
-        self.sub_closed = trio.Event()
-        self.blocked = trio.Event()
-        self.block_returned = trio.Event()
-        self.responses: dict[str, Any] = {}  # op -> canned result (for client tests)
-
-    def gate(self, name: str) -> trio.Event:
-        return self.gates.setdefault(name, trio.Event())
-
-    def _sub_closed(self, sub: int) -> None:
-        self.closed_subs.append(sub)
-        self.sub_closed.set()
-
-    async def handle(self, op: str, args: dict, session: Session) -> Any:
-        self.applied.append((op, dict(args)))
-        if session not in self.sessions:
-            self.sessions.append(session)
-
-            def closed(s: Session = session) -> None:
-                self.sessions_closed.append(s)
-                self.session_closed.set()
-
-            session.on_close(closed)
-        if op in self.responses:
-            value = self.responses[op]
-            return value(args) if callable(value) else value
-        if op == "echo":
-            return args
-        if op == "fail":
-            raise ApiError("not-found", "no such thing")
-        if op == "boom":
-            raise RuntimeError("kaboom")
-        if op == "durable":
-            return Pending(self.gate(args["gate"]).wait, {"n": args.get("n")})
-        if op == "durable-fail":
-
-            async def fail() -> None:
-                await self.gate(args["gate"]).wait()
-                raise ApiError("bad-update", "could not persist")
-
-            return Pending(fail, None)
-        if op == "block":
-            self.blocked.set()
-            await self.gate(args["gate"]).wait()
-            self.block_returned.set()
-            return "unblocked"
-        if op in ("subscribe", "env.subscribe", "events.subscribe", "subscribe-fail"):
-            box: list[int] = []
-            sub = session.open_subscription(on_close=lambda: self._sub_closed(box[0]))
-            box.append(sub)
-            for event in args.get("early", []):
-                session.push(sub, event)
-            if op == "subscribe-fail":
-                raise ApiError("not-found", "cannot subscribe")
-            if op == "env.subscribe":
-                return {"sub": sub, "snapshot": {"uuid": args.get("id")}, "update": b"\x00\x00"}
-            if op == "events.subscribe":
-                return {"sub": sub, "cursor": args.get("since", 0)}
-            return {"sub": sub}
-        if op == "emit":
-            session.push(args["sub"], args["event"])
-            return None
-        if op == "unsubscribe":
-            return session.close_subscription(args["sub"])
-        if op == "bytes":
-            return b"\x00\x01\x02"
-        if op == "unencodable":
-            return object()
-        if op == "big":
-            return b"x" * args["n"]
-        raise ApiError("unknown-op", f"unknown operation {op!r}")
 
 
 class RawConn:

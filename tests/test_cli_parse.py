@@ -14,7 +14,7 @@ from functools import partial
 import pytest
 import trio
 from daemonproc import sigint_as_from_a_terminal
-from test_api_server import FakeHandler
+from helpers import FakeHandler, run_cli
 
 from peerdaemon import cli
 from peerdaemon.api.server import serve_unix
@@ -85,6 +85,35 @@ def test_socket_option_is_global_and_per_run(monkeypatch, tmp_path):
     ]
 
 
+def test_token_values_that_start_with_a_dash_are_taken_with_token_equals():
+    """1 in 64 hub tokens of the older form starts with `-`: `--token=VALUE` takes any value,
+    wherever a token is taken (`space hub`, `hub token revoke`), and so does `--` + TOKEN."""
+    parser = cli.build_parser()
+    args = parser.parse_args(["space", "hub", "team", "ws://127.0.0.1:1", "--token=-a_b-c"])
+    assert args.token == "-a_b-c"
+    args = parser.parse_args(["hub", "token", "revoke", "--token=-a_b-c"])
+    assert (args.token, args.token_option) == (None, "-a_b-c")
+    args = parser.parse_args(["hub", "token", "revoke", "--", "-a_b-c"])
+    assert (args.token, args.token_option) == ("-a_b-c", None)
+    args = parser.parse_args(["hub", "token", "revoke", "pdh_abcdef"])
+    assert (args.token, args.token_option) == ("pdh_abcdef", None)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["hub", "token", "revoke"],
+        ["hub", "token", "revoke", "-a_b-c"],
+        ["hub", "token", "revoke", "pdh_abcdef", "--token=pdh_abcdef"],
+    ],
+)
+def test_hub_token_revoke_needs_exactly_one_token(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == 2
+    assert "usage:" in capsys.readouterr().err
+
+
 # --- commands against a fake daemon -------------------------------------------------------------------
 @pytest.fixture
 def handler():
@@ -113,10 +142,6 @@ async def sock(nursery, tmp_path_factory, handler):
     path = tmp_path_factory.mktemp("cli") / "peerdaemon" / "pd.sock"
     await nursery.start(partial(serve_unix, path, handler))
     return str(path)
-
-
-async def run_cli(*argv: str) -> int:
-    return await trio.to_thread.run_sync(cli.main, list(argv))
 
 
 async def test_status(sock, capsys):
@@ -215,6 +240,28 @@ async def test_env_put_patch_merge_delete(sock, handler, tmp_path, capsys):
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err == "peerdaemon: repaired: r1\n"
+    argv = ["--socket", sock, "env", "put", "--force-id", "e1", str(tmp_path / "env.json")]
+    assert await run_cli(*argv) == 0
+    assert handler.applied[-1] == (
+        "env.put",
+        {"id": "e1", "json": '{"uuid": "e1"}', "force_id": True},
+    )
+
+
+async def test_env_put_of_another_environment_is_one_line_naming_force_id(
+    sock, handler, tmp_path, capsys
+):
+    def mismatch(args):
+        from peerdaemon.api.protocol import ApiError
+
+        raise ApiError("uuid-mismatch", "the environment given has uuid 'e2', not e1")
+
+    handler.responses["env.put"] = mismatch
+    (tmp_path / "env.json").write_text('{"uuid": "e2"}')
+    assert await run_cli("--socket", sock, "env", "put", "e1", str(tmp_path / "env.json")) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1
+    assert "--force-id" in captured.err and "(uuid-mismatch)" in captured.err
 
 
 async def test_daemon_error_is_one_line_exit_1(sock, handler, capsys):

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
+import threading
 from functools import partial
+from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
-from test_api_server import FakeHandler
+from helpers import FakeHandler
+from helpers import until_sync as _wait_for
 
 from peerdaemon.api import server as server_mod
 from peerdaemon.api.client import (
@@ -18,6 +22,7 @@ from peerdaemon.api.client import (
     ConnectionLost,
     DaemonError,
     DaemonNotRunning,
+    ForeignListener,
     open_client,
 )
 from peerdaemon.api.server import serve_unix
@@ -383,3 +388,148 @@ async def test_blocking_env_subscription_ends_after_deleted(server, handler):
             return [e["type"] for e in sub]
 
     assert await trio.to_thread.run_sync(work) == ["change", "deleted"]
+
+
+# --- who is listening ------------------------------------------------------------------------------
+class RawListener:
+    """A plain listener that records every byte each client sends until it closes: the
+    impostor a client must not talk to."""
+
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(str(path))
+        self.sock.listen(8)
+        self.received: list[bytes] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(10)
+                data = b""
+                while chunk := conn.recv(1 << 16):
+                    data += chunk
+                self.received.append(data)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def other_uid() -> int:
+    return 65534 if os.getuid() != 65534 else 4242
+
+
+async def test_a_listener_of_another_user_gets_nothing(tmp_path, monkeypatch):
+    """SO_PEERCRED of the listener (faked here: no second user needed): both clients refuse a
+    listener of another uid right after connecting, before sending a byte; root's and our own
+    are accepted. (Without the check, `space hub ... --token SECRET` handed the token to
+    whoever bound a shared `--socket` path first.)"""
+    from peerdaemon import cli
+    from peerdaemon.api import peercred
+
+    path = tmp_path / "pd.sock"
+    impostor = RawListener(path)
+    listener_uid = other_uid()
+    monkeypatch.setattr(peercred, "peer_credentials", lambda sock: (1, listener_uid, 1))
+    try:
+        with pytest.raises(ForeignListener) as info:
+            Client.connect(path, timeout=10)
+        assert f"uid {listener_uid}" in str(info.value) and str(path) in str(info.value)
+        with pytest.raises(ForeignListener):
+            await AsyncClient.connect(path)
+        argv = ["--socket", str(path), "space", "hub", "team", "ws://127.0.0.1:9", "--token=s3"]
+        assert await trio.to_thread.run_sync(cli.main, argv) == 1
+
+        def broken(sock):
+            raise OSError(95, "Operation not supported")
+
+        monkeypatch.setattr(peercred, "peer_credentials", broken)
+        with pytest.raises(ForeignListener, match="cannot be checked"):
+            Client.connect(path, timeout=10)
+        await trio.to_thread.run_sync(_wait_for, lambda: len(impostor.received) == 4)
+        assert impostor.received == [b""] * 4  # four connections, not one byte
+
+        for uid in (0, os.getuid()):  # root's daemon, or our own: fine
+            monkeypatch.setattr(peercred, "peer_credentials", lambda sock, uid=uid: (1, uid, 1))
+            Client.connect(path, timeout=10).close()
+            await (await AsyncClient.connect(path)).aclose()
+    finally:
+        impostor.close()
+
+
+def _impostor(path: Path, connections: int, report: int) -> None:
+    """In a forked child: become uid 65534, bind `path`, and report on the pipe `report` how
+    many bytes each of `connections` clients sent."""
+    try:
+        os.setgroups([])
+        os.setgid(65534)
+        os.setuid(65534)
+        os.umask(0)
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.bind(str(path))
+        s.listen(4)
+        s.settimeout(30)  # the parent failed: do not wait for it forever
+        os.write(report, b"ready\n")
+        for _ in range(connections):
+            conn, _ = s.accept()
+            conn.settimeout(20)
+            n = 0
+            while chunk := conn.recv(65536):
+                n += len(chunk)
+            os.write(report, f"{n}\n".encode())
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent, never raised here
+        os.write(report, f"error {exc!r}\n".encode())
+    finally:
+        os._exit(0)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to run a listener as another uid")
+def test_a_real_listener_of_another_uid_is_refused(capsys):
+    """The same with a real second user: as root, a forked child that setuid()s to 65534 binds
+    the socket path first (as another user could in a shared directory). Both clients and
+    `space hub --token` refuse it, and it reads 0 bytes."""
+    from peerdaemon import cli
+
+    shared = Path(tempfile.mkdtemp(prefix="pd-shared-", dir="/tmp"))
+    shared.chmod(0o1777)  # like /tmp
+    path = shared / "pd.sock"
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_end)
+        _impostor(path, 3, write_end)
+    os.close(write_end)
+    report = os.fdopen(read_end, "r")
+    try:
+        first = report.readline().strip()
+        if first != "ready":
+            pytest.skip(f"cannot run a listener as uid 65534: {first}")
+        assert os.stat(path).st_uid == 65534
+        with pytest.raises(ForeignListener, match="uid 65534"):
+            Client.connect(path, timeout=10)
+
+        async def async_client() -> None:
+            with pytest.raises(ForeignListener, match="uid 65534"):
+                await AsyncClient.connect(path)
+
+        trio.run(async_client)
+        argv = ["--socket", str(path), "space", "hub", "team", "ws://127.0.0.1:9"]
+        assert cli.main([*argv, "--token=SECRET"]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "uid 65534" in err and "SECRET" not in err
+        assert [report.readline().strip() for _ in range(3)] == ["0", "0", "0"]  # not one byte
+    finally:
+        report.close()
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+        os.waitpid(pid, 0)
+        for entry in shared.iterdir():
+            entry.unlink()
+        shared.rmdir()

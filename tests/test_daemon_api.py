@@ -176,8 +176,8 @@ async def test_import_reports_the_repairs_of_the_generated_demo_api(client):
     result = await client.import_env(fixture_text("demo-api-generated-commons-9.9.0.json"))
     assert result["id"] == "f1622b6a-d8ee-4cb9-8bff-3c9f0d6f1bd0" and result["newer"] is False
     repairs = result["repairs"]
-    assert any(r.startswith("routes[6]") and "uuid" in r for r in repairs), repairs
-    assert any(r.startswith("rootChildren") for r in repairs), repairs
+    assert any(r.startswith("/routes/6") and "uuid" in r for r in repairs), repairs
+    assert any(r.startswith("/rootChildren") for r in repairs), repairs
     exported = await client.export(result["id"])
     assigned = exported["routes"][6]["uuid"]
     assert assigned and {"type": "route", "uuid": assigned} in exported["rootChildren"]
@@ -254,13 +254,30 @@ async def test_put_is_applied_as_minimal_edits_seen_by_a_concurrent_subscriber(
     assert_strict_equal(await client.get(env_id), edited)
 
 
-async def test_put_keeps_the_id(client, env_id):
+async def test_put_of_another_environment_is_refused_unless_forced(client, env_id):
+    """A file whose uuid is another environment (the wrong file, the wrong ID) must not
+    silently replace this one: `uuid-mismatch`, nothing changed; `force_id` does it, keeping
+    the id; content without a uuid is this environment's."""
+    before = await client.export(env_id)
+    other = (await client.import_env({**load(TEST_ENV), "name": "Other"}, new_id=True))["id"]
+    other_before = await client.export(other)
+    error = await expect_error("uuid-mismatch", client.put(env_id, other_before))
+    assert other in error.message and env_id in error.message and "force_id" in error.message
     edited = {**load(TEST_ENV), "uuid": "another-id", "name": "put"}
-    result = await client.put(env_id, edited)
+    await expect_error("uuid-mismatch", client.put(env_id, json.dumps(edited)))
+    await assert_intact(client, {env_id: before, other: other_before})
+
+    result = await client.put(env_id, edited, force_id=True)
     assert result["changed"] is True
     assert [r for r in result["repairs"] if "another-id" in r], result
     assert await client.get(env_id, "/uuid") == env_id
-    assert [e["id"] for e in await client.list_envs()] == [env_id]
+    assert await client.get(env_id, "/name") == "put"
+    assert sorted(e["id"] for e in await client.list_envs()) == sorted([env_id, other])
+
+    no_uuid = {k: v for k, v in load(TEST_ENV).items() if k != "uuid"}
+    assert (await client.put(env_id, no_uuid))["changed"] is True
+    assert await client.get(env_id, "/uuid") == env_id
+    assert await client.get(env_id, "/name") == load(TEST_ENV)["name"]
 
 
 async def test_put_that_is_not_an_environment_changes_nothing(client, env_id):
@@ -281,7 +298,7 @@ async def test_patch_applies_rfc6902(client, env_id):
         {"op": "add", "path": "/headers/-", "value": {"key": "X-A", "value": "1"}},
         {"op": "remove", "path": "/routes/10"},
         {"op": "move", "from": "/routes/0", "path": "/routes/1"},
-        {"op": "copy", "from": "/port", "path": "/proxyRemovePrefix"},
+        {"op": "copy", "from": "/port", "path": "/x-port"},
     ]
     result = await client.patch(env_id, patch)
     assert result["changed"] is True
@@ -293,7 +310,7 @@ async def test_patch_applies_rfc6902(client, env_id):
     expected["headers"].append({"key": "X-A", "value": "1"})
     removed = expected["routes"].pop(10)
     expected["routes"].insert(1, expected["routes"].pop(0))
-    expected["proxyRemovePrefix"] = expected["port"]
+    expected["x-port"] = expected["port"]
     expected["rootChildren"] = [
         ref for ref in expected["rootChildren"] if ref["uuid"] != removed["uuid"]
     ]
@@ -573,6 +590,72 @@ async def test_malformed_and_non_environment_json(client, env_id):
     await assert_intact(client, {env_id: before})
 
 
+def wrong_values(kind) -> list:
+    """Values of CBOR kinds other than `kind`, including numbers no 64-bit integer holds."""
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    samples = ["1" * 5000, b"\xff\xff", 2**70, -(2**70), True, ["x", ["y"]], {"k": ["v"]}, 1.5]
+
+    def fits(value) -> bool:
+        if isinstance(value, bool):
+            return bool in kinds
+        if isinstance(value, int):
+            return int in kinds or float in kinds
+        return isinstance(value, kinds)
+
+    return [value for value in samples if not fits(value)]
+
+
+async def test_every_argument_of_the_wrong_type_is_a_bad_request(daemon, client, env_id):
+    """Table-driven over every operation's arguments (`ARG_KINDS`): a list, a map, a huge number
+    or a string where another type belongs is `bad-request` naming the argument, never
+    `internal` (`config.get` with a list as key was `internal`), and nothing changes."""
+    from peerdaemon.daemon.service import ARG_KINDS
+
+    no_args = {"status", "env.list", "env.links", "space.list", "identity", "peers"}
+    undeclared = set(daemon.service._ops) - set(ARG_KINDS) - no_args
+    assert not undeclared, f"declare the arguments of {undeclared} in service.ARG_KINDS"
+    before = await client.export(env_id)
+    tried = 0
+    for op, kinds in ARG_KINDS.items():
+        for name, kind in kinds.items():
+            for value in wrong_values(kind):
+                args = {"id": env_id, "space": "s", "key": "name", name: value}
+                error = await expect_error("bad-request", client.call(op, **args))
+                assert repr(name) in error.message and op in error.message, error
+                tried += 1
+    assert tried > 60
+    await assert_intact(client, {env_id: before})
+
+
+async def test_args_with_keys_that_are_not_text_are_a_bad_request(daemon, client, env_id):
+    stream = await trio.open_unix_socket(str(daemon.config.socket_path))
+    async with stream:
+        payload = cbor2.dumps({"id": 7, "op": "env.get", "args": {"id": env_id, 1: "x"}})
+        await stream.send_all(struct.pack(">I", len(payload)) + payload)
+        data = b""
+        with trio.fail_after(WAIT):
+            while len(data) < 4 or len(data) < 4 + struct.unpack(">I", data[:4])[0]:
+                data += await stream.receive_some(1 << 16)
+    error = cbor2.loads(data[4:])["error"]
+    assert error["code"] == "bad-request" and "keys" in error["message"]
+
+
+@pytest.mark.parametrize(
+    "pointer", ["/routes/" + "1" * 5000, "/routes/" + "9" * 30, "/routes/\u00b2", "/routes/01"]
+)
+async def test_array_indexes_too_big_or_not_ascii_digits_resolve_to_nothing(
+    client, env_id, pointer
+):
+    """A 5,000-digit index used to be `internal` (Python's limit on int() of long strings) in
+    `env.get`, and so was it or a superscript digit in an `env.patch` path."""
+    before = await client.export(env_id)
+    await expect_error("not-found", client.get(env_id, pointer))
+    for op in ("replace", "remove"):
+        patch = [{"op": op, "path": pointer + "/name", "value": 1}]
+        await expect_error("bad-patch", client.patch(env_id, patch))
+    await assert_intact(client, {env_id: before})
+
+
 @pytest.mark.parametrize("value", ["NaN", "-Infinity", '"a\\ud800b"', '{"\\udfff": 1}'])
 async def test_json_that_is_not_json_or_not_unicode_is_refused(client, env_id, value):
     """NaN/Infinity are not JSON; a lone surrogate escape is not Unicode (it used to make pycrdt
@@ -591,10 +674,12 @@ async def test_newer_environment_is_kept_exactly_and_flagged(client, env_id):
     source = load("incompatible.json")
     result = await client.import_env(fixture_text("incompatible.json"))
     newer_id = source["uuid"]
-    assert result == {"id": newer_id, "repairs": [], "newer": True}
-    assert_strict_equal(await client.export(newer_id), source)
+    # made valid for Mockoon's schema (docs/model.md), with a note per repair; flagged
+    expected, notes = prepare(source)
+    assert result == {"id": newer_id, "repairs": notes, "newer": True} and notes
+    assert_strict_equal(await client.export(newer_id), expected)
     assert_strict_equal(
-        export_environment(replica_of(await client.export(newer_id, "yjs"))), source
+        export_environment(replica_of(await client.export(newer_id, "yjs"))), expected
     )
     status = await client.status()
     assert status["newer"] == [newer_id] and status["environments"] == 2
@@ -602,8 +687,8 @@ async def test_newer_environment_is_kept_exactly_and_flagged(client, env_id):
     assert flags == {env_id: False, newer_id: True}
     entry = next(e for e in await client.list_envs() if e["id"] == newer_id)
     assert entry["lastMigration"] == 9999999999999
-    # A whole-file write of it is kept as it is too (no repair, no defaults).
-    edited = {**source, "name": "still newer"}
+    # A whole-file write of it is kept as it is (nothing more to repair).
+    edited = {**expected, "name": "still newer"}
     assert await client.put(newer_id, json.dumps(edited)) == {"changed": True, "repairs": []}
     assert_strict_equal(await client.export(newer_id), edited)
 

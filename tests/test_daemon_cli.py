@@ -275,6 +275,28 @@ def test_put_from_a_file_and_stdin(sock, workdir):
     assert_strict_equal(exported(sock, env_id), env)
 
 
+def test_put_of_another_environments_file_is_refused_unless_forced(sock, workdir):
+    """`env put ID FILE` where FILE is another environment: exit 1, one line, nothing changed
+    (it used to replace ID with the other one's content and exit 0 with a warning)."""
+    env, other = unique_env(name="Mine"), unique_env(name="Other")
+    env_id, other_id = imported(sock, env), imported(sock, other)
+    other_file = write_json(workdir / "other.json", other)
+    line = one_line_error(cli(sock, "env", "put", env_id, other_file))
+    assert "--force-id" in line and "uuid-mismatch" in line, line
+    assert_strict_equal(exported(sock, env_id), env)
+    assert_strict_equal(exported(sock, other_id), other)
+    stdin = json.dumps(other).encode()
+    assert "--force-id" in one_line_error(cli(sock, "env", "put", env_id, "-", stdin=stdin))
+
+    proc = cli(sock, "env", "put", "--force-id", env_id, other_file)
+    assert ok(proc) == "" and other_id in proc.stderr.decode()  # the repair note: uuid kept
+    assert_strict_equal(exported(sock, env_id), {**other, "uuid": env_id})
+    assert_strict_equal(exported(sock, other_id), other)
+    no_uuid = {k: v for k, v in env.items() if k != "uuid"}
+    assert ok(cli(sock, "env", "put", env_id, write_json(workdir / "no-uuid.json", no_uuid))) == ""
+    assert_strict_equal(exported(sock, env_id), env)
+
+
 def test_patch_from_a_file_and_stdin(sock, workdir):
     env = unique_env()
     env_id = imported(sock, env)

@@ -239,25 +239,25 @@ def test_mdns_evaluation_reports_once_per_change_without_starting_zeroconf():
             parsed_addresses=addresses,
         )
 
-    disc._evaluate("a", info(A, [S1], ["10.0.0.1"]))
-    disc._evaluate("a", info(A, [S1], ["10.0.0.1"]))  # an hourly update: nothing new
-    assert found == [(A, ["10.0.0.1"], 7001)]
-    disc._evaluate("a", info(A, [S1], ["10.0.0.9"]))  # moved
-    assert found[-1] == (A, ["10.0.0.9"], 7001)
-    assert lost == [(A, ["10.0.0.1"], 7001)]  # only the stale address
-    disc._evaluate("own", info(B, [S1], ["10.0.0.2"]))
-    disc._evaluate("c", info("CCCC", [S2], ["10.0.0.3"]))
+    disc._evaluate("a", info(A, [S1], ["192.0.2.1"]))
+    disc._evaluate("a", info(A, [S1], ["192.0.2.1"]))  # an hourly update: nothing new
+    assert found == [(A, ["192.0.2.1"], 7001)]
+    disc._evaluate("a", info(A, [S1], ["192.0.2.9"]))  # moved
+    assert found[-1] == (A, ["192.0.2.9"], 7001)
+    assert lost == [(A, ["192.0.2.1"], 7001)]  # only the stale address
+    disc._evaluate("own", info(B, [S1], ["192.0.2.2"]))
+    disc._evaluate("c", info("CCCC", [S2], ["192.0.2.3"]))
     disc._evaluate("noaddr", info("DDDD", [S1], []))
     assert len(found) == 2
     keys.append(S2)  # joined C's space: a re-check reports it
-    disc._evaluate("c", info("CCCC", [S2], ["10.0.0.3"]))
-    assert found[-1] == ("CCCC", ["10.0.0.3"], 7001)
+    disc._evaluate("c", info("CCCC", [S2], ["192.0.2.3"]))
+    assert found[-1] == ("CCCC", ["192.0.2.3"], 7001)
     keys.remove(S2)  # left it again: C no longer matches
-    disc._evaluate("c", info("CCCC", [S2], ["10.0.0.3"]))
-    assert lost[-1] == ("CCCC", ["10.0.0.3"], 7001)
+    disc._evaluate("c", info("CCCC", [S2], ["192.0.2.3"]))
+    assert lost[-1] == ("CCCC", ["192.0.2.3"], 7001)
     disc._live.add("a")
     disc._state_changed("a", ServiceStateChange.Removed)  # goodbye
-    assert lost[-1] == (A, ["10.0.0.9"], 7001)
+    assert lost[-1] == (A, ["192.0.2.9"], 7001)
     disc._state_changed("own", ServiceStateChange.Removed)  # never reported: nothing
     assert len(lost) == 3 and len(found) == 3
 
@@ -270,7 +270,7 @@ def test_unknown_interface_is_an_error():
 async def test_republish_on_refresh_on_the_hour_and_on_address_change(autojump_clock, monkeypatch):
     import trio
 
-    addresses = ["10.0.0.2"]
+    addresses = ["192.0.2.2"]
     monkeypatch.setattr(mdns, "ipv4_addresses", lambda interface=None: list(addresses))
     start = (epoch_of(NOW) + 1) * EPOCH_SECONDS - 200.0  # 200 s before the hour
     keys = [S1]
@@ -303,8 +303,8 @@ async def test_republish_on_refresh_on_the_hour_and_on_address_change(autojump_c
         await trio.sleep(55)  # crossed the hour: tags rotated
         assert len(updates) == 2
         assert current_match(updates[1], S1) and current_match(updates[1], S2)
-        addresses[:] = ["10.0.0.7"]
+        addresses[:] = ["192.0.2.7"]
         await trio.sleep(61)
-        assert len(updates) == 3 and updates[2].parsed_addresses() == ["10.0.0.7"]
-        assert disc.addresses == ["10.0.0.7"]
+        assert len(updates) == 3 and updates[2].parsed_addresses() == ["192.0.2.7"]
+        assert disc.addresses == ["192.0.2.7"]
         nursery.cancel_scope.cancel()

@@ -8,15 +8,14 @@ y-websocket clients and daemons keep syncing. A request head that does not arriv
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import cbor2
 import pytest
 import trio
+from helpers import SPACE, client, running_hub, setup_accounts, until, url
 from peerutil import FakeHost, make_identity, make_space
-from test_hub_server import SPACE, client, running_hub, setup_accounts, url
 from trio_websocket import (
     ConnectionClosed,
     ConnectionRejected,
@@ -34,12 +33,6 @@ from peerdaemon.peer.admission import Admission
 
 SPACE_DOC = f"space:{SPACE}"
 MANY_DEVICES = Limits(devices_per_user=10)
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    with trio.fail_after(timeout):
-        while not predicate():
-            await trio.sleep(0.01)
 
 
 async def read_all(stream: trio.abc.Stream) -> bytes:
@@ -88,7 +81,7 @@ class Daemon:
                 dialer=True,
                 now=now,
                 config=config,
-                auth=HubClientAuth(token, {SPACE: "Team"}),
+                auth=HubClientAuth(token, {SPACE: "Team"}, trust_first_use=True),
             )
 
         def on_event(link: Link, event: Any) -> None:

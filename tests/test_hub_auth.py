@@ -105,7 +105,7 @@ def closed(conn: PeerConnection) -> Closed:
 def test_the_token_never_leaves_the_daemon(accounts, monkeypatch):
     token = accounts.add_user("alice")
     capture = Capture(monkeypatch)
-    d, h = pair(HubClientAuth(token, {"s1": "Team"}), accounts)
+    d, h = pair(HubClientAuth(token, {"s1": "Team"}, trust_first_use=True), accounts)
     capture.watch(d)
     exchange(d, h)
     assert d.state == h.state == "open" and d.spaces == {"s1"}
@@ -127,7 +127,7 @@ def test_the_token_never_leaves_the_daemon(accounts, monkeypatch):
 def test_a_proof_from_another_connection_is_refused(accounts, monkeypatch):
     token = accounts.add_user("alice")
     capture = Capture(monkeypatch)
-    d1, h1 = pair(HubClientAuth(token, {"s1": "Team"}), accounts)
+    d1, h1 = pair(HubClientAuth(token, {"s1": "Team"}, trust_first_use=True), accounts)
     exchange(d1, h1)
     assert h1.state == "open"
     [auth] = [m for ch, m in capture.sealed if ch is d1.handshake.channel and m["t"] == "auth"]
@@ -158,7 +158,7 @@ def test_wrong_revoked_and_plain_tokens_are_unauthorized(accounts):
     spare = accounts.add_token("alice")
     accounts.revoke_token(spare)
     for token in ("not-a-token", spare):
-        d, h = pair(HubClientAuth(token, {"s1": "Team"}), accounts)
+        d, h = pair(HubClientAuth(token, {"s1": "Team"}, trust_first_use=True), accounts)
         exchange(d, h)
         event = closed(h)
         assert (event.reason, event.detail) == ("unauthorized", "unknown or revoked token")
@@ -175,7 +175,8 @@ def test_wrong_revoked_and_plain_tokens_are_unauthorized(accounts):
     exchange(d, h)
     assert closed(h).reason == "unauthorized" and h.session is None
 
-    d, h = pair(HubClientAuth(good, {"s1": "Team"}), accounts)  # the good one still works
+    # the good one still works
+    d, h = pair(HubClientAuth(good, {"s1": "Team"}, trust_first_use=True), accounts)
     exchange(d, h)
     assert d.state == h.state == "open"
 

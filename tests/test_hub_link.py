@@ -11,16 +11,21 @@ daemon with an older document model gets `incompatible-version` with the version
 needs; LAN and hub links at once do not loop; the CLI commands; the attachment survives a
 restart and never shows the token; nothing the daemon sends to the hub holds the token (only a
 proof of it, tests/test_hub_auth.py); a hub whose device key changed is refused with
-`hub-key-changed` (nothing syncs) until `space hub ... --token` attaches again.
+`hub-key-changed` (nothing syncs) until `space hub ... --hub-key NEW` attaches again; an impostor
+at the hub's URL receives nothing but the daemon's hello when the daemon knows the hub's key
+(given, or from the invite) or may not trust a first key, and `--trust-first-use` pins the first
+key over ws://; `space hub` waits for the hub's answer and reports it.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import tempfile
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +33,7 @@ import cbor2
 import pytest
 import trio
 from daemonutil import InProcessDaemon
+from helpers import until as wait_until
 from modelutil import load
 from peerutil import FakeHost, drain_events, exchange, make_identity, make_space, wire
 from trio_websocket import open_websocket
@@ -38,13 +44,13 @@ from peerdaemon.daemon.supervisor import DaemonConfig
 from peerdaemon.hub.accounts import Accounts, hash_token
 from peerdaemon.hub.peers import HubRequest, PeerEndpoint
 from peerdaemon.hub.server import HubConfig, HubServer, serve_hub
-from peerdaemon.hublink import HubClientAuth, parse_hub_url
+from peerdaemon.hublink import HUB_KEY_UNKNOWN, HubClientAuth, normalize_hub_key, parse_hub_url
 from peerdaemon.identity import Identity
 from peerdaemon.model import MODEL_VERSION
 from peerdaemon.peer import PROTOCOL_VERSION, PeerConfig, PeerConnection, ProtocolError
 from peerdaemon.peer.crypto import SecureChannel
 from peerdaemon.peer.session import Closed, DocError, DocRefused
-from peerdaemon.spaces.invite import decode_invite
+from peerdaemon.spaces.invite import Invite, decode_invite, encode_invite
 
 LOCAL = "127.0.0.1"
 ENV_FILE = "test-env.json"
@@ -76,6 +82,12 @@ class Hub:
     @property
     def url(self) -> str:
         return f"ws://{LOCAL}:{self.port}"
+
+    @property
+    def key(self) -> str:
+        """The key fingerprint the hub shows (its device id), as `hub status` prints it."""
+        assert self.server is not None
+        return self.server.peer_endpoint.identity.device_id
 
     async def start(self, nursery: trio.Nursery) -> Hub:
         config = HubConfig(
@@ -158,15 +170,6 @@ class Dev(InProcessDaemon):
         return next(r for r in rows if r.get("kind") == "hub")
 
 
-async def wait_until(pred: Callable[[], Awaitable[Any]], timeout: float = TIMEOUT) -> Any:
-    with trio.fail_after(timeout):
-        while True:
-            value = await pred()
-            if value:
-                return value
-            await trio.sleep(0.02)
-
-
 async def hub_state(dev: Dev, state: str, reason: str | None = None) -> dict[str, Any]:
     async def check() -> Any:
         h = await dev.hub()
@@ -205,23 +208,27 @@ async def hub_holds(hub: Hub, space: str, dev: Dev, env_id: str) -> None:
 
 
 async def team(a: Dev, hub: Hub, token: str, envs: int = 1) -> tuple[str, list[str]]:
-    """A space on `a` with `envs` shared environments, attached to the hub."""
+    """A space on `a` with `envs` shared environments, attached to the hub (by its key: the
+    hub is on ws://, which does not authenticate it)."""
     space = (await a.op("space.create", name="Team"))["id"]
     ids = []
     for i in range(envs):
         env_id = await a.import_env(f"env {i}")
         await a.op("env.share", id=env_id, space=space)
         ids.append(env_id)
-    result = await a.op("space.hub", space=space, url=hub.url, token=token)
+    result = await a.op("space.hub", space=space, url=hub.url, token=token, hub_key=hub.key)
     assert result == {"space": space, "url": hub.url}
     return space, ids
 
 
-async def join(b: Dev, a: Dev, space: str, token: str) -> None:
+async def join(b: Dev, a: Dev, space: str, token: str, **hub_args: Any) -> None:
     code = (await a.op("space.invite", space=space, addresses=[]))["code"]
-    assert decode_invite(code).hub == (await a.hub())["url"]  # the invite carries the hub
+    invite = decode_invite(code)
+    assert invite.hub == (await a.hub())["url"]  # the invite carries the hub...
+    assert invite.hub_key == a.daemon.hubs.pinned(invite.hub)  # ...and the key a trusts
     await b.op("space.join", code=code)
-    await b.op("space.hub", space=space, token=token)  # the URL comes from the invite
+    # the URL and the hub's key come from the invite
+    await b.op("space.hub", space=space, token=token, **hub_args)
 
 
 # --- tests ----------------------------------------------------------------------------------------
@@ -281,7 +288,7 @@ def test_hub_mode_session_refuses_one_doc_and_keeps_the_others_syncing():
         dh,
         dialer=True,
         now=0.0,
-        auth=HubClientAuth("t", {"s1": "Team"}),
+        auth=HubClientAuth("t", {"s1": "Team"}, trust_first_use=True),
         origin="hub:ws://hub:1",
     )
     h = PeerConnection(hub, hh, dialer=False, now=0.0, auth=HubSide("s1"))
@@ -320,9 +327,9 @@ def test_hub_mode_auths_and_lan_peers_do_not_mix():
     def closed(events: list[Any]) -> Closed:
         return next(e for e in events if isinstance(e, Closed))
 
-    _, ev_h = pair(HubClientAuth("wrong", {"s1": ""}), HubSide("s1"))
+    _, ev_h = pair(HubClientAuth("wrong", {"s1": ""}, trust_first_use=True), HubSide("s1"))
     assert closed(ev_h).reason == "unauthorized"
-    ev_d, _ = pair(HubClientAuth("t", {"s1": ""}), None, lan)  # a LAN daemon at the hub's URL
+    ev_d, _ = pair(HubClientAuth("t", {"s1": ""}, lan.device_id), None, lan)  # a LAN daemon
     assert closed(ev_d).reason == "unauthorized"
     _, ev_h = pair(None, HubSide("s1"))  # a LAN-mode auth at a hub
     assert closed(ev_h).reason == "unauthorized"
@@ -401,8 +408,9 @@ async def test_a_wrong_or_revoked_token_gets_nothing(base, nursery):
     state = await hub_state(b, "disconnected", "unauthorized")
     assert state["user"] is None and state["errors"] == []
     await hub_row_state(b, "disconnected", "unauthorized")
-    await b.op("space.hub", space=space, token=spare)  # revoked
-    await trio.sleep(0.3)
+    # revoked: wait for the hub's answer to an attempt with that token (not a fixed sleep)
+    answer = await b.op("space.hub", space=space, token=spare, wait=TIMEOUT)
+    assert (answer["outcome"], answer["reason"]) == ("refused", "unauthorized")
     await hub_state(b, "disconnected", "unauthorized")
     assert await b.get(env) is None
     [listed] = await b.op("space.list")
@@ -410,8 +418,10 @@ async def test_a_wrong_or_revoked_token_gets_nothing(base, nursery):
 
     # a wrong token registers nothing either
     own = (await b.op("space.create", name="Mine"))["id"]
-    await b.op("space.hub", space=own, url=hub.url, token="still-wrong")
-    await trio.sleep(0.3)
+    answer = await b.op(
+        "space.hub", space=own, url=hub.url, token="still-wrong", hub_key=hub.key, wait=TIMEOUT
+    )
+    assert (answer["outcome"], answer["reason"]) == ("refused", "unauthorized")  # answered
     assert admin.space(own) is None and hub.stored(own) == []
 
     # a token revoked while connected ends the link
@@ -609,8 +619,12 @@ async def test_cli_attach_detach_status_and_restart(base, nursery, capsys, monke
     assert "ws://" in capsys.readouterr().err
     assert await run("space", "hub", "Team", "--token", token) == 1  # no URL known yet
     assert "URL" in capsys.readouterr().err
-    assert await run("space", "hub", "Team", f"http://{LOCAL}:{hub.port}/", "--token", token) == 0
-    await hub_state(a, "connected")
+    key = ["--hub-key", hub.key.lower().replace("-", "")]  # as typed: case, dashes ignored
+    url = f"http://{LOCAL}:{hub.port}/"
+    assert await run("space", "hub", "Team", url, "--token", token, *key) == 0
+    out = capsys.readouterr().out  # the hub's answer, once it came
+    assert out == f"Team: syncing through {hub.url} (hub key {hub.key})\n"
+    assert (await a.hub())["state"] == "connected"
     assert await run("status") == 0
     out = capsys.readouterr().out
     assert f'"url": "{hub.url}"' in out and token not in out
@@ -632,8 +646,50 @@ async def test_cli_attach_detach_status_and_restart(base, nursery, capsys, monke
     assert await run("space", "unhub", "Team") == 1
     assert "not attached" in capsys.readouterr().err
     monkeypatch.setattr("sys.stdin", io.StringIO(token + "\n"))  # --token -: from stdin
-    assert await run("space", "hub", space, hub.url, "--token", "-") == 0
+    assert await run("space", "hub", space, hub.url, "--token", "-", *key) == 0
     await hub_state(a, "connected")
+    admin.close()
+
+
+async def test_cli_space_hub_waits_for_the_hubs_answer(base, nursery, capsys):
+    """`space hub` exits 0 once the hub accepted the space, and 1 with one line naming the
+    hub's refusal (the old command stored the attachment and exited 0 whatever the hub said);
+    the attachment is kept in every case, and retried."""
+    hub = await Hub(base).start(nursery)
+    admin = Accounts.open(hub.dir)
+    token = admin.add_user("alice")
+    a = await Dev(base, "a").start(nursery)
+    sock = ["--socket", str(a.socket_path)]
+    await a.op("space.create", name="Team")
+
+    async def run(*argv: str) -> tuple[int, str, str]:
+        code = await trio.to_thread.run_sync(cli.main, [*sock, "space", "hub", "Team", *argv])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    key = ("--hub-key", hub.key)
+    code, out, err = await run(hub.url, "--token", "WRONG", *key)
+    assert (code, out) == (1, "")
+    assert err.count("\n") == 1 and "refused: unauthorized" in err and "kept" in err
+    assert (await a.hub())["reason"] == "unauthorized"  # kept, and retried
+
+    code, out, err = await run(hub.url, "--token", token)  # no key given: the URL's pin
+    assert (code, err) == (0, "") and "syncing through" in out
+
+    stranger = Identity.generate("x").device_id
+    code, _, err = await run(hub.url, "--token", token, "--hub-key", stranger)
+    assert code == 1 and "refused: hub-key-changed" in err and stranger in err
+    code, _, err = await run(hub.url, "--token", token, "--hub-key", "not-a-key")
+    assert code == 1 and "fingerprint" in err
+    with pytest.raises(SystemExit) as usage:  # a key, or trust the first one: not both
+        cli.build_parser().parse_args(["space", "hub", "T", "--token=t", *key, "--trust-first-use"])
+    assert usage.value.code == 2
+
+    await hub.stop()  # nobody answers: refused as unreachable, at once
+    code, _, err = await run(hub.url, "--token", token, *key)
+    assert code == 1 and "refused: unreachable" in err
+    code, out, err = await run(hub.url, "--token", token, *key, "--wait", "0")
+    assert (code, out, err) == (0, "", "")  # only stored, as before
     admin.close()
 
 
@@ -674,7 +730,7 @@ async def test_the_token_never_reaches_the_hub(base, nursery, monkeypatch):
     await hub_state(a, "connected")
     await wait_until(lambda: _async(env in hub.stored(space)))
     await a.set_name(env, "after connecting")
-    await trio.sleep(0.2)
+    await hub_holds(hub, space, a, env)  # so the boxes that carried the edit were captured
     assert admin.space(space)["owner"] == "alice"
     auths = [m for m in map(cbor2.loads, sent) if m.get("t") == "auth"]
     assert auths and all(
@@ -714,28 +770,243 @@ async def test_a_changed_hub_key_is_refused_until_attached_again(base, nursery):
     await hub_row_state(a, "disconnected", "hub-key-changed")
     assert a.daemon.hubs.attached[hub.url]["device"] == first  # the pin is kept
 
-    # nothing syncs through it: b (attached after the change, so it trusts the new key) does
-    # not get a's edits, and the hub never admits a
-    await join(b, a, space, token2)
+    # nothing syncs through it: b (attached after the change, given the new key) does not get
+    # a's edits, and the hub never admits a
+    await join(b, a, space, token2, hub_key=hub.key)
     await hub_state(b, "connected")
     await wait_until(lambda: same_env(a, b, env))  # what the hub stored before the change
+    link = a.daemon.hubs.links[hub.url]
+    tried = link.attempt
     await a.set_name(env, "not through an unknown hub")
-    await trio.sleep(0.5)
+    # a dials again after the edit and is refused before it sends anything (not a fixed sleep)
+    outcome = await link.wait_settled(tried, TIMEOUT)
+    assert outcome is not None and outcome["reason"] == "hub-key-changed"
+    assert hub.server.docs.state_vector(space, env) != a.daemon.registry.get(env).doc.get_state()
     assert await b.get(env, "/name") != "not through an unknown hub"
     assert (await a.hub())["reason"] == "hub-key-changed"
     assert [d["device"] for d in hub.server.peer_endpoint.daemons()] == [
         b.daemon.identity.device_id
     ]
 
-    # attaching again (`space hub ... --token`) trusts the key the hub shows next
+    # attaching again without a key keeps the pin; with the new key (or --trust-first-use),
+    # the hub is trusted again
     await a.op("space.hub", space=space, url=hub.url, token=token1)
+    await hub_state(a, "disconnected", "hub-key-changed")
+    answer = await a.op("space.hub", space=space, url=hub.url, token=token1, wait=TIMEOUT)
+    assert (answer["outcome"], answer["reason"]) == ("refused", "hub-key-changed")
+    answer = await a.op(
+        "space.hub", space=space, url=hub.url, token=token1, hub_key=hub.key, wait=TIMEOUT
+    )
+    assert answer == {
+        "space": space,
+        "url": hub.url,
+        "outcome": "accepted",
+        "status": "ok",
+        "user": "alice",
+        "hub_key": hub.key,
+    }
     await hub_state(a, "connected")
     assert a.daemon.hubs.attached[hub.url]["device"] == hub.identity.device_id
     await wait_until(lambda: _eq(b.get(env, "/name"), "not through an unknown hub"))
     admin.close()
 
 
+# --- the hub's key: fingerprints, invites, impostors ---------------------------------------------
+def test_hub_key_fingerprints_are_normalized():
+    key = make_identity("hub").device_id
+    for typed in (key, key.lower(), key.replace("-", ""), f"  {key.lower()} "):
+        assert normalize_hub_key(typed) == key
+    for bad in ("", key[:-1], key + "A", "1" + key[1:], 42):
+        with pytest.raises(ValueError):
+            normalize_hub_key(bad)
+
+
+OLD_CODE = (
+    "pd1-uzqxgzdumvqw2ylomrkgkylnmfvvqiaha4dqobyha4dqobyha4dqobyha4dqobyha4dqobyha4dqobyha5qwiz2"
+    "eirceirceirqwdadbnbyho4z2f4xtcmrxfyyc4mboge5dsg6nic3a"
+)
+"""`encode_invite` of `OLD_INVITE` before invites could carry a hub key (no "hk" in the map)."""
+OLD_INVITE = Invite("team", "Team", b"\x07" * 32, "D" * 7, (), "ws://127.0.0.1:9")
+
+
+def test_invites_carry_the_hub_key_and_old_codes_still_decode():
+    key = make_identity("hub").device_id
+    invite = replace(OLD_INVITE, hub_key=key)
+    assert decode_invite(encode_invite(invite)) == invite
+    assert decode_invite(OLD_CODE) == OLD_INVITE  # a code made before hub keys existed
+    assert encode_invite(OLD_INVITE) == OLD_CODE  # no key: exactly the old format
+    assert decode_invite(encode_invite(replace(invite, hub=None))).hub_key is None  # no URL
+
+
+def test_an_unpinned_hub_gets_only_the_hello_unless_trusted_on_first_use():
+    """Sans-I/O: without a key for the hub and without leave to trust its first one, the daemon
+    closes the handshake after the hub's hello: the hub never gets an auth (no token proof, no
+    space id) nor a sync message."""
+    daemon, hub = make_identity("daemon"), make_identity("hub")
+    for trust, pinned in ((False, None), (False, daemon.device_id), (True, None)):
+        dh, hh = FakeHost([make_space("s1")]), FakeHost([make_space("s1")])
+        dh.add_doc("env1", ["s1"], {"secret": 1})
+        hh.share("env1", "s1")
+        auth = HubClientAuth("t", {"s1": "Team"}, pinned, trust_first_use=trust)
+        d = PeerConnection(daemon, dh, dialer=True, now=0.0, auth=auth)
+        h = PeerConnection(hub, hh, dialer=False, now=0.0, auth=HubSide("s1"))
+        exchange(d, h)
+        if trust:
+            assert d.state == h.state == "open" and hh.values("env1") == {"secret": 1}
+            continue
+        [closed] = [e for e in drain_events(d) if isinstance(e, Closed)]
+        assert closed.reason == ("hub-key-changed" if pinned else HUB_KEY_UNKNOWN)
+        assert hub.device_id in closed.detail
+        assert h.handshake.state == "wait-auth" and h.established is None
+        assert hh.applied == [] and h.closed is not None
+
+
+def record_dialers(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """Every message the in-process dialers send: cleartext ones as they are, boxes as the
+    plaintext sealed in them (what the other end, impostor or not, can read)."""
+    sent: list[dict[str, Any]] = []
+    seal, init, send = SecureChannel.seal, SecureChannel.__init__, PeerConnection.data_to_send
+
+    def recording_init(channel: SecureChannel, keys: Any, *, dialer: bool) -> None:
+        init(channel, keys, dialer=dialer)
+        channel._test_dialer = dialer  # type: ignore[attr-defined]
+
+    def recording_seal(channel: SecureChannel, inner: dict[str, Any]) -> bytes:
+        if getattr(channel, "_test_dialer", False):
+            sent.append(inner)
+        return seal(channel, inner)
+
+    def recording_send(conn: PeerConnection) -> list[bytes]:
+        data = send(conn)
+        if conn.dialer:
+            sent.extend(m for m in map(cbor2.loads, data) if m.get("t") != "box")
+        return data
+
+    monkeypatch.setattr(SecureChannel, "__init__", recording_init)
+    monkeypatch.setattr(SecureChannel, "seal", recording_seal)
+    monkeypatch.setattr(PeerConnection, "data_to_send", recording_send)
+    return sent
+
+
+async def test_an_impostor_at_the_hubs_url_receives_no_document(base, nursery, monkeypatch):
+    """A second hub instance with another key answers at the hub's URL (ws://, loopback). A
+    daemon given the real key, or given none and not allowed to trust a first key, sends it its
+    hello and a close, nothing else; the real hub, back at the URL, gets everything. (The old
+    daemon trusted whatever key answered first and synced the space's documents to it.)"""
+    hub = await Hub(base).start(nursery)
+    real_key = hub.key
+    admin = Accounts.open(hub.dir)
+    token = admin.add_user("alice")
+    await hub.stop()
+    hub.identity = Identity.generate("impostor")  # same URL, same accounts: only the key differs
+    await hub.start(nursery)
+    assert hub.key != real_key
+    sent = record_dialers(monkeypatch)
+    a = await Dev(base, "a").start(nursery)
+    b = await Dev(base, "b").start(nursery)
+    spaces = {}
+    for dev in (a, b):
+        spaces[dev] = await team_without_hub(dev, f"{dev.name}'s env")
+
+    async def attach(dev: Dev, **key: Any) -> dict[str, Any]:
+        space, _ = spaces[dev]
+        return await dev.op("space.hub", space=space, url=hub.url, token=token, wait=TIMEOUT, **key)
+
+    answer = await attach(a, hub_key=real_key)  # the real key was given
+    assert (answer["outcome"], answer["reason"]) == ("refused", "hub-key-changed")
+    assert hub.key in answer["detail"] and answer["hub_key"] == real_key
+    answer = await attach(b)  # no key known, ws:// does not authenticate: no first-use trust
+    assert (answer["outcome"], answer["reason"]) == ("refused", HUB_KEY_UNKNOWN)
+    assert answer["hub_key"] is None and "--hub-key" in answer["detail"]
+    await hub_row_state(b, "disconnected", HUB_KEY_UNKNOWN)
+    assert (await b.hub())["device"] is None  # the impostor's claims are not shown as facts
+
+    assert {m["t"] for m in sent} == {"hello", "close"}  # no auth, no sync: no document
+    assert {m["device"] for m in sent if m["t"] == "hello"} == {
+        d.daemon.identity.device_id for d in (a, b)
+    }
+    for space, [env] in spaces.values():
+        assert admin.space(space) is None and hub.stored(space) == []
+        assert not any(env.encode() in cbor2.dumps(m) for m in sent)
+    assert hub.server is not None and hub.server.peer_endpoint.daemons() == []
+    assert a.daemon.hubs.pinned(hub.url) == real_key and b.daemon.hubs.pinned(hub.url) is None
+
+    # the real hub is back at its URL: a (given its key) and b (now given it too) sync
+    await hub.stop()
+    hub.identity = None
+    await hub.start(nursery)
+    assert hub.key == real_key
+    for dev, key in ((a, {}), (b, {"hub_key": real_key})):
+        answer = await attach(dev, **key)
+        assert (answer["outcome"], answer["status"], answer["hub_key"]) == (
+            "accepted",
+            "registered",
+            real_key,
+        )
+        space, [env] = spaces[dev]
+        await hub_holds(hub, space, dev, env)
+        assert (await dev.hub())["device"] == real_key
+    admin.close()
+
+
+async def test_trust_first_use_pins_the_first_key_over_ws(base, nursery):
+    hub = await Hub(base).start(nursery)
+    admin = Accounts.open(hub.dir)
+    token = admin.add_user("alice")
+    a = await Dev(base, "a").start(nursery)
+    space, [env] = await team_without_hub(a, "env")
+    answer = await a.op(
+        "space.hub", space=space, url=hub.url, token=token, trust_first_use=True, wait=TIMEOUT
+    )
+    assert (answer["outcome"], answer["hub_key"]) == ("accepted", hub.key)
+    assert a.daemon.hubs.attached[hub.url] == {"token": token, "spaces": [space], "device": hub.key}
+    assert (await a.hub())["hub_key"] == hub.key
+    await hub_holds(hub, space, a, env)
+    code = (await a.op("space.invite", space=space, addresses=[]))["code"]
+    assert decode_invite(code).hub_key == hub.key  # invites now vouch for the pinned key
+
+    # pinned: another key at the URL is refused from now on
+    await hub.stop()
+    hub.identity = Identity.generate("impostor")
+    await hub.start(nursery)
+    await hub_state(a, "disconnected", "hub-key-changed")
+    admin.close()
+
+
+async def test_hub_status_prints_the_key_the_hub_serves_with(base, nursery, capsys):
+    hub_dir = base / "hub"
+
+    async def status(*extra: str) -> str:
+        code = await trio.to_thread.run_sync(
+            cli.main, ["hub", "status", "--data-dir", str(hub_dir), *extra]
+        )
+        assert code == 0
+        return capsys.readouterr().out
+
+    before = await status()  # before the hub ever ran: the key is made now, to hand out
+    [key] = [line.split(": ", 1)[1] for line in before.splitlines() if line.startswith("hub key")]
+    assert normalize_hub_key(key) == key and "running: no" in before
+    hub = await Hub(base).start(nursery)
+    assert hub.key == key  # the hub serves with that key
+    running = json.loads(await status("--json"))
+    assert running == {
+        "data_dir": str(hub_dir),
+        "running": True,
+        "pid": os.getpid(),
+        "hub_key": key,
+    }
+    await hub.stop()
+
+
 # --- small helpers --------------------------------------------------------------------------------
+async def team_without_hub(dev: Dev, name: str) -> tuple[str, list[str]]:
+    """A space on `dev` with one shared environment, not attached to any hub yet."""
+    space = (await dev.op("space.create", name=f"{dev.name}'s team"))["id"]
+    env_id = await dev.import_env(name)
+    await dev.op("env.share", id=env_id, space=space)
+    return space, [env_id]
+
+
 async def _async(value: Any) -> Any:
     return value
 
@@ -746,3 +1017,75 @@ def _errors_of(dev: Dev) -> list[Any]:
 
 async def _eq(value: Awaitable[Any], expected: Any) -> bool:
     return (await value) == expected
+
+
+async def test_an_environment_that_fails_on_one_side_is_its_error_not_the_links(
+    base, nursery, monkeypatch
+):
+    """Issue 8, section 3: an update that fails to apply (on the daemon, then on the hub) is an
+    `environment-error` event for that environment; the hub link stays up and the other
+    environment goes on syncing both ways."""
+    hub = await Hub(base).start(nursery)
+    admin = Accounts.open(hub.dir)
+    alice = admin.add_user("alice")
+    a = await Dev(base, "a").start(nursery)
+    b = await Dev(base, "b").start(nursery)
+    space, [bad, good] = await team(a, hub, alice, envs=2)
+    await join(b, a, space, alice)
+    await hub_state(b, "connected")
+    await wait_until(lambda: same_env(a, b, bad))
+    await wait_until(lambda: same_env(a, b, good))
+
+    # b fails on every update of `bad` from the hub
+    merge = b.daemon.registry.merge
+
+    def failing_merge(env_id: str, update: bytes, origin: str, *args: Any, **kw: Any) -> Any:
+        if env_id == bad and origin.startswith("hub:"):
+            raise RuntimeError("a bug in b's merge")
+        return merge(env_id, update, origin, *args, **kw)
+
+    monkeypatch.setattr(b.daemon.registry, "merge", failing_merge)
+    cursor = (await b.op("status"))["events"]
+    await a.set_name(bad, "never reaches b")
+    await a.set_name(good, "reaches b")
+    await wait_until(lambda: _eq(b.get(good, "/name"), "reaches b"))
+
+    async def b_error() -> Any:
+        events = (await b.op("events.subscribe", since=cursor))["events"]
+        errors = [e["data"] for e in events if e["type"] == "environment-error"]
+        return errors[0] if errors else None
+
+    error = await wait_until(b_error)
+    assert error["id"] == bad and error["origin"] == f"hub:{hub.url}"
+    assert "a bug in b's merge" in error["reason"]
+    assert (await b.hub())["state"] == "connected"
+    await b.set_name(good, "b still writes")
+    await wait_until(lambda: _eq(a.get(good, "/name"), "b still writes"))
+    monkeypatch.undo()
+
+    # the hub fails on `good` from now on: its error, the link and `bad` go on
+    assert hub.server is not None
+    hub_events = hub.server.events
+    hub_cursor = hub_events.last_id
+    apply = hub.server.docs.apply
+
+    def failing_apply(space_id: str, doc_id: str, *args: Any) -> Any:
+        if doc_id == good:
+            raise RuntimeError("a bug in the hub's store")
+        return apply(space_id, doc_id, *args)
+
+    monkeypatch.setattr(hub.server.docs, "apply", failing_apply)
+    await a.set_name(good, "stays on a")
+    await a.op("env.patch", id=bad, patch=[{"op": "replace", "path": "/port", "value": 4999}])
+    await wait_until(lambda: _eq(b.get(bad, "/port"), 4999))
+
+    async def hub_error() -> Any:
+        errors = [
+            e["data"] for e in hub_events.since(hub_cursor) if e["type"] == "environment-error"
+        ]
+        return errors[0] if errors else None
+
+    error = await wait_until(hub_error)
+    assert error["id"] == good and "a bug in the hub's store" in error["reason"]
+    assert (await a.hub())["state"] == "connected" and (await b.hub())["state"] == "connected"
+    admin.close()

@@ -104,7 +104,8 @@ async def test_yjs_client_and_a_daemon_through_the_hub(base):
                 env_id = (await daemon.import_env(env_json, new_id=True))["id"]
                 await daemon.call("env.share", id=env_id, space=space)
                 hub_url = f"ws://127.0.0.1:{hub.port}"
-                await daemon.call("space.hub", space=space, url=hub_url, token=token)
+                key = hub.peer_endpoint.identity.device_id  # ws:// does not authenticate it
+                await daemon.call("space.hub", space=space, url=hub_url, token=token, hub_key=key)
                 with trio.fail_after(15):
                     while not hub.docs.has(space, env_id):
                         await trio.sleep(0.02)

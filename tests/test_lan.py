@@ -6,190 +6,30 @@ stopped merge when it is back; `env share --copy`, `env unshare` and `env delete
 member; `peers [--json]` and the `peer-connected` / `peer-disconnected` events report states and
 reasons. Everything listens on 127.0.0.1 only and mDNS is off (conftest: PEERDAEMON_NO_MDNS=1).
 
-The helpers here (`Dev`, `wait_until`, `converged`...) are also used by test_lan_adversarial.py.
+Their helpers (`Dev`, `converged`...) are in daemonutil.py and daemonproc.py, shared with
+test_lan_adversarial.py and test_lan_netns.py.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import socket
-import subprocess
-import tempfile
-import time
-from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
-import pytest
 import trio
-from daemonproc import PYTHON, child_env, daemons_fixture  # noqa: F401  (fixture)
-from daemonutil import InProcessDaemon
-from modelutil import load
+from daemonproc import daemons_fixture, export, pd  # noqa: F401  (fixture)
+from daemonutil import (
+    ENV_FILE,
+    Dev,
+    absent,
+    base_fixture,  # noqa: F401  (fixture)
+    converged,
+    devs_fixture,  # noqa: F401  (fixture)
+    make_space,
+    wait_state,
+)
+from helpers import LOCAL, TIMEOUT, free_port, run_cli, until, until_sync
 
-from peerdaemon import cli
-from peerdaemon.api.client import ClientError, DaemonError
 from peerdaemon.daemon.supervisor import DaemonConfig, mdns_allowed
-from peerdaemon.peer import PeerConfig
-
-LOCAL = "127.0.0.1"
-ENV_FILE = "test-env.json"
-FAST = PeerConfig(backoff_initial=0.05, backoff_max=0.5, connect_timeout=2.0, close_grace=0.5)
-TIMEOUT = 10.0
-
-
-# --- in-process daemons ---------------------------------------------------------------------------
-class Dev(InProcessDaemon):
-    """One whole daemon in this process, with a client on its socket; restartable (same data
-    directory, same peer port)."""
-
-    def __init__(self, base: Path, name: str, peer_config: PeerConfig = FAST) -> None:
-        super().__init__(base, name)
-        self.peer_config = peer_config
-        self.port: int | None = None
-        self.peers: list[tuple[str, int]] = []
-
-    async def start(self, nursery: trio.Nursery, *peers: Dev | tuple[str, int]) -> Dev:
-        self.peers = [(LOCAL, p.port) if isinstance(p, Dev) else p for p in peers]
-        config = DaemonConfig(
-            self.data_dir,
-            self.socket_path,
-            name=self.name,
-            listen=(LOCAL, self.port or 0),
-            peers=list(self.peers),
-            peer_config=self.peer_config,
-        )
-        await self.start_with(nursery, config)
-        self.port = self.daemon.peer_port
-        return self
-
-    @property
-    def running(self) -> bool:
-        return self._stopped is not None and not self._stopped.is_set()
-
-    @property
-    def device(self) -> str:
-        return self.daemon.identity.device_id
-
-    @property
-    def address(self) -> str:
-        return f"{LOCAL}:{self.port}"
-
-    async def import_env(self, *, new_id: bool = False, name: str | None = None) -> str:
-        env = load(ENV_FILE)
-        if name is not None:
-            env["name"] = name
-        return (await self.client.import_env(env, new_id=new_id))["id"]
-
-    async def export(self, env_id: str) -> dict | None:
-        try:
-            return await self.client.export(env_id)
-        except DaemonError as exc:
-            if exc.code == "not-found":
-                return None
-            raise
-
-    async def env_ids(self) -> set[str]:
-        return {e["id"] for e in await self.client.list_envs()}
-
-    async def patch(self, env_id: str, *ops: dict) -> None:
-        await self.client.patch(env_id, list(ops))
-
-    async def set_endpoint(self, env_id: str, index: int, value: str) -> None:
-        await self.patch(
-            env_id, {"op": "replace", "path": f"/routes/{index}/endpoint", "value": value}
-        )
-
-    async def rows(self) -> list[dict]:
-        return (await self.op("peers"))["peers"]
-
-    async def row(self, other: Dev | str) -> dict | None:
-        device = other.device if isinstance(other, Dev) else other
-        return next((r for r in await self.rows() if r["device"] == device), None)
-
-    async def events(self) -> list[dict]:
-        """Every event the daemon still holds (a subscription from 0, closed again)."""
-        sub = await self.client.subscribe_events(since=0)
-        await sub.aclose()
-        return sub.initial["events"]
-
-    async def peer_events(self) -> list[tuple[str, str | None, str | None]]:
-        return [
-            (e["type"], e["data"]["device"], e["data"]["reason"])
-            for e in await self.events()
-            if e["type"].startswith("peer-")
-        ]
-
-
-async def wait_until(
-    probe: Callable[[], Awaitable[Any]], what: str = "condition", timeout: float = TIMEOUT
-) -> Any:
-    """Poll `probe` (an async callable) until it returns something truthy; bounded."""
-    last: Any = None
-    with trio.move_on_after(timeout):
-        while True:
-            last = await probe()
-            if last:
-                return last
-            await trio.sleep(0.01)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
-
-
-async def wait_state(dev: Dev, other: Dev | str, state: str, reason: str | None = None) -> dict:
-    async def probe() -> dict | None:
-        row = await dev.row(other)
-        if row and row["state"] == state and (reason is None or row["reason"] == reason):
-            return row
-        return None
-
-    return await wait_until(probe, f"{dev.name}: peer row {state} {reason or ''}")
-
-
-async def converged(devs: list[Dev], env_id: str, timeout: float = TIMEOUT) -> dict:
-    """Wait until every daemon exports the same JSON for `env_id`; returns it."""
-
-    async def probe() -> dict | None:
-        exports = [await d.export(env_id) for d in devs]
-        first = exports[0]
-        return first if first is not None and all(e == first for e in exports) else None
-
-    return await wait_until(probe, f"{env_id} to converge on {[d.name for d in devs]}", timeout)
-
-
-async def absent(dev: Dev, env_id: str) -> bool:
-    return await dev.export(env_id) is None
-
-
-async def make_space(owner: Dev, *members: Dev, name: str = "Team") -> str:
-    """`owner` creates a space and invites each member (who joins with the code)."""
-    space_id = (await owner.op("space.create", name=name))["id"]
-    for member in members:
-        code = (await owner.op("space.invite", space=space_id))["code"]
-        assert (await member.op("space.join", code=code))["id"] == space_id
-    return space_id
-
-
-@pytest.fixture(name="base")
-def base_fixture():
-    path = Path(tempfile.mkdtemp(prefix="pd"))  # short: AF_UNIX paths are limited to ~107 bytes
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture(name="devs")
-async def devs_fixture(base, nursery):
-    """`await devs("a")` -> a not yet started `Dev` (start it with `await d.start(nursery, ...)`)."""
-    made: list[Dev] = []
-
-    def make(name: str, peer_config: PeerConfig = FAST) -> Dev:
-        dev = Dev(base, name, peer_config)
-        made.append(dev)
-        return dev
-
-    yield make
-    for dev in made:
-        if dev.running:
-            await dev.stop()
 
 
 # --- two and three daemons -----------------------------------------------------------------------
@@ -262,8 +102,8 @@ async def test_three_daemons_converge_through_the_middle_one(devs, nursery):
     env2 = await c.import_env(new_id=True, name="from c")
     await c.op("env.share", id=env2, space=space_id)
     assert (await converged([a, b, c], env2))["name"] == "from c"
-    await wait_until(
-        lambda: _members_are(a, space_id, ["a", "b", "c"]), "a sees c as a member via b"
+    await until(
+        lambda: _members_are(a, space_id, ["a", "b", "c"]), what="a sees c as a member via b"
     )
 
 
@@ -351,8 +191,8 @@ async def test_copy_unshare_and_delete_act_on_every_member(devs, nursery):
     # unshare: every member keeps its own local copy, and it stops syncing
     await b.op("env.unshare", id=copied)
     for dev in (a, b, c):
-        await wait_until(
-            lambda dev=dev: _space_envs_are(dev, space_id, {barrier}), f"{dev.name}: unshared"
+        await until(
+            lambda dev=dev: _space_envs_are(dev, space_id, {barrier}), what=f"{dev.name}: unshared"
         )
     await a.set_endpoint(copied, 1, "a-after-unshare")
     await c.set_endpoint(copied, 1, "c-after-unshare")
@@ -374,7 +214,7 @@ async def test_copy_unshare_and_delete_act_on_every_member(devs, nursery):
     # delete of a shared environment: gone from every member's device
     await c.op("env.delete", id=barrier)
     for dev in (a, b, c):
-        await wait_until(lambda dev=dev: absent(dev, barrier), f"{dev.name}: {barrier} deleted")
+        await until(lambda dev=dev: absent(dev, barrier), what=f"{dev.name}: {barrier} deleted")
     assert await a.env_ids() == {original, copied}
     assert await b.env_ids() == {copied} and await c.env_ids() == {copied}
     deleted = [e for e in await a.events() if e["type"] == "environment-deleted"]
@@ -389,16 +229,6 @@ async def _space_envs_are(dev: Dev, space_id: str, ids: set[str]) -> bool:
 
 
 # --- peers: states, reasons, events, the command -------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOCAL, 0))
-        return s.getsockname()[1]
-
-
-async def run_cli(*argv: str) -> int:
-    return await trio.to_thread.run_sync(cli.main, list(argv))
-
-
 async def test_peers_command_and_events_report_states_and_reasons(devs, nursery, capsys):
     a, b, stranger = devs("a"), devs("b"), devs("stranger")
     nobody = free_port()
@@ -411,8 +241,8 @@ async def test_peers_command_and_events_report_states_and_reasons(devs, nursery,
         await make_space(stranger, name="Elsewhere")
         await wait_state(a, b, "connected")
         await wait_state(a, stranger, "disconnected", "unauthorized")
-        await wait_until(
-            lambda: _row_by_address(a, f"{LOCAL}:{nobody}", "unreachable"), "unreachable row"
+        await until(
+            lambda: _row_by_address(a, f"{LOCAL}:{nobody}", "unreachable"), what="unreachable row"
         )
 
         # a re-dials `nobody` and the stranger re-dials a every 0.5 s, each attempt a brief
@@ -424,7 +254,7 @@ async def test_peers_command_and_events_report_states_and_reasons(devs, nursery,
             retried = (rows[f"{LOCAL}:{nobody}"], rows["stranger"])
             return out if all(r["state"] == "disconnected" for r in retried) else None
 
-        result = await wait_until(peers_json, "a reading between two dials")
+        result = await until(peers_json, what="a reading between two dials")
         assert result["device"] == a.device and result["name"] == "a"
         rows = {r["name"] or r["address"]: r for r in result["peers"]}
         assert rows["b"]["state"] == "connected" and rows["b"]["reason"] is None
@@ -443,7 +273,7 @@ async def test_peers_command_and_events_report_states_and_reasons(devs, nursery,
             retried = (table["-"][3], table["stranger"][3])
             return table if retried == ("disconnected", "disconnected") else None
 
-        table = await wait_until(peers_table, "a table between two dials")
+        table = await until(peers_table, what="a table between two dials")
         assert table["b"][1:] == [b.device, rows["b"]["address"], "connected", "-"]
         assert table["stranger"][3:] == ["disconnected", "unauthorized"]
         assert table["-"][1:] == ["-", f"{LOCAL}:{nobody}", "disconnected", "unreachable"]
@@ -517,51 +347,12 @@ def test_no_mdns_for_a_loopback_listener(monkeypatch, tmp_path):
     assert not mdns_allowed(config("::1"))
     assert not mdns_allowed(config("localhost"))
     assert mdns_allowed(config("0.0.0.0"))
-    assert mdns_allowed(config("10.77.0.1"))
+    assert mdns_allowed(config("192.0.2.1"))
     monkeypatch.setenv("PEERDAEMON_NO_MDNS", "1")
     assert not mdns_allowed(config("0.0.0.0"))
 
 
 # --- real daemon processes -----------------------------------------------------------------------
-def pd(sock: Path, *argv: str, input: str | None = None) -> str:
-    """`peerdaemon --socket SOCK ...` as a child process; its stdout (raises on failure)."""
-    done = subprocess.run(
-        [PYTHON, "-m", "peerdaemon", "--socket", str(sock), *argv],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env=child_env(),
-        input=input,
-    )
-    assert done.returncode == 0, f"peerdaemon {' '.join(argv)}: {done.stderr}"
-    return done.stdout
-
-
-def wait_sync(probe: Callable[[], Any], what: str, timeout: float = TIMEOUT) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            last = probe()
-        except ClientError as exc:
-            last = exc
-        else:
-            if last:
-                return last
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
-        time.sleep(0.02)  # bounded polling of the socket
-
-
-def export(daemon, env_id: str) -> dict | None:
-    with daemon.client() as c:
-        try:
-            return c.export(env_id)
-        except DaemonError as exc:
-            if exc.code == "not-found":
-                return None
-            raise
-
-
 def peer_row(daemon, device: str) -> dict | None:
     with daemon.client() as c:
         return next((r for r in c.call("peers")["peers"] if r["device"] == device), None)
@@ -582,7 +373,11 @@ def test_real_processes_share_survive_kill9_and_converge(daemons, fixture_dir):
     assert pd(b.socket_path, "space", "join", code).strip() == space
     env_id = pd(a.socket_path, "env", "import", str(fixture_dir / ENV_FILE)).strip()
     assert pd(a.socket_path, "env", "share", env_id, "--space", space).strip() == env_id
-    wait_sync(lambda: export(a, env_id) == export(b, env_id) != None, "first sync")  # noqa: E711
+    until_sync(
+        lambda: export(a, env_id) == export(b, env_id) != None,  # noqa: E711
+        what="first sync",
+        while_down=True,
+    )
 
     rows = json.loads(pd(b.socket_path, "peers", "--json"))["peers"]
     assert [(r["device"], r["state"], r["direction"]) for r in rows] == [
@@ -590,16 +385,26 @@ def test_real_processes_share_survive_kill9_and_converge(daemons, fixture_dir):
     ]
     patch = json.dumps([{"op": "replace", "path": "/routes/0/endpoint", "value": "from-b"}])
     pd(b.socket_path, "env", "patch", env_id, "-", input=patch)
-    wait_sync(lambda: (export(a, env_id) or {})["routes"][0]["endpoint"] == "from-b", "b -> a")
+    until_sync(
+        lambda: (export(a, env_id) or {})["routes"][0]["endpoint"] == "from-b",
+        what="b -> a",
+        while_down=True,
+    )
 
     b.kill9()
-    wait_sync(lambda: (peer_row(a, dev_b) or {}).get("state") == "disconnected", "a sees b go")
+    until_sync(
+        lambda: (peer_row(a, dev_b) or {}).get("state") == "disconnected",
+        what="a sees b go",
+        while_down=True,
+    )
     assert peer_row(a, dev_b)["reason"] == "closed"
     patch = json.dumps([{"op": "replace", "path": "/routes/1/endpoint", "value": "a-alone"}])
     pd(a.socket_path, "env", "patch", env_id, "-", input=patch)
     b.start()
-    merged = wait_sync(
-        lambda: (e := export(b, env_id)) and e == export(a, env_id) and e, "b catches up"
+    merged = until_sync(
+        lambda: (e := export(b, env_id)) and e == export(a, env_id) and e,
+        what="b catches up",
+        while_down=True,
     )
     assert [r["endpoint"] for r in merged["routes"][:2]] == ["from-b", "a-alone"]
     assert a.stop() == 0 and b.stop() == 0

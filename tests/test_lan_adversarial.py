@@ -7,7 +7,11 @@ model version, and a stranger's auth. Each time the daemon closes that link with
 reason (and the websocket close reason), and afterwards: its socket still answers, its documents
 are unchanged, and its link to a real member daemon stayed up (same link, still syncing). A daemon
 of another space gets `unauthorized` and no environment; a daemon process announcing protocol
-version 2 gets `incompatible-version`, with both versions on both sides.
+version 2 gets `incompatible-version`, with both versions on the dialing side.
+
+Only authenticated facts change a device's row in `peers`: a hello is a claim (a device id and
+its public key are public), so a failure before the peer proved its key is the dialed address's,
+or no row's at all for an incoming connection, and names from unproven hellos never show.
 """
 
 from __future__ import annotations
@@ -19,21 +23,17 @@ from typing import Any
 import cbor2
 import pytest
 import trio
-from daemonproc import PYTHON, daemons_fixture  # noqa: F401  (fixture)
-from test_lan import (
+from daemonproc import PYTHON, daemons_fixture, pd  # noqa: F401  (fixture)
+from daemonutil import (
     FAST,
-    LOCAL,
     Dev,
     base_fixture,  # noqa: F401  (fixture)
     converged,
     devs_fixture,  # noqa: F401  (fixture)
-    free_port,
     make_space,
-    pd,
-    peer_row,
     wait_state,
-    wait_sync,
 )
+from helpers import LOCAL, free_port, until_sync
 from trio_websocket import ConnectionClosed, open_websocket
 
 from peerdaemon.identity import Identity
@@ -92,6 +92,16 @@ async def unaffected(lan: Lan) -> None:
     await lan.a.set_endpoint(lan.env, 0, "still-syncing")
     after = await converged([lan.a, lan.b], lan.env)
     assert after["routes"][0]["endpoint"] == "still-syncing"
+
+
+async def wait_address(dev: Dev, address: str, state: str, reason: str) -> dict:
+    """Wait until `dev`'s row for the dialed `address` is in `state` for `reason`."""
+    with trio.fail_after(TIMEOUT):
+        while True:
+            for row in await dev.rows():
+                if (row["address"], row["state"], row["reason"]) == (address, state, reason):
+                    return row
+            await trio.sleep(0.02)
 
 
 class RawPeer:
@@ -222,9 +232,8 @@ async def test_oversized_message_closes_the_link(devs, nursery):
             while True:
                 await peer.receive()
         assert closed.value.reason.code == 1009
-    row = await wait_state(lan.a, peer.device, "disconnected", "too-large")
-    assert row["name"] == "raw"
     await unaffected(lan)
+    assert await lan.a.row(peer.device) is None  # it never proved its key: no row, no name
 
 
 # --- after the hellos: boxes ---------------------------------------------------------------------
@@ -237,8 +246,8 @@ async def test_box_with_a_skipped_counter_closes_with_protocol_error(devs, nurse
         peer.hs.channel.sent = 1  # re-seal the auth as the second box: n = 1, nothing before
         await peer.ws.send_message(peer.seal(peer.hs._auth()))
         assert await peer.closed_with("protocol-error") == []  # a boxed close: no auth, no sync
-    await wait_state(lan.a, peer.device, "disconnected", "protocol-error")
     await unaffected(lan)
+    assert await lan.a.row(peer.device) is None
 
 
 async def test_tampered_box_closes_with_protocol_error(devs, nursery):
@@ -249,8 +258,8 @@ async def test_tampered_box_closes_with_protocol_error(devs, nursery):
         box["c"] = bytes([box["c"][0] ^ 1]) + box["c"][1:]
         await peer.send(box)
         assert await peer.closed_with("protocol-error") == []
-    await wait_state(lan.a, peer.device, "disconnected", "protocol-error")
     await unaffected(lan)
+    assert await lan.a.row(peer.device) is None
 
 
 async def test_message_before_auth_closes_with_protocol_error(devs, nursery):
@@ -323,13 +332,8 @@ async def test_another_version_gets_incompatible_version(devs, nursery, proto, m
             "device": lan.a.device,
             "name": "a",
         }
-    row = await wait_state(lan.a, peer.device, "disconnected", "incompatible-version")
-    assert row["name"] == "raw"
-    assert row["versions"] == {
-        "local": {"proto": 1, "model": MODEL_VERSION},
-        "remote": {"proto": proto, "model": model},
-    }
     await unaffected(lan)
+    assert await lan.a.row(peer.device) is None  # an unproven hello changes no row
 
 
 async def test_a_stranger_gets_unauthorized_and_nothing_else(devs, nursery):
@@ -350,10 +354,14 @@ async def test_a_daemon_of_another_space_gets_no_content(devs, nursery):
     stranger = await devs("stranger").start(nursery, lan.a)
     await make_space(stranger, name="Elsewhere")
     own = await stranger.import_env(new_id=True, name="stranger's own")
-    row = await wait_state(stranger, lan.a, "disconnected", "unauthorized")
-    assert row["name"] == "a" and "direction" not in row
-    await wait_state(lan.a, stranger, "disconnected", "unauthorized")
-    # it knows a's name from a's hello, and nothing else: no environment, no space document
+    # a never proved its key to the stranger (it refused first): the stranger's row is the
+    # address it dialed, without a's device id or name
+    row = await wait_address(stranger, lan.a.address, "disconnected", "unauthorized")
+    assert (row["device"], row["name"]) == (None, None) and "direction" not in row
+    # a verified the stranger's signature before refusing it: a knows who was refused
+    row = await wait_state(lan.a, stranger, "disconnected", "unauthorized")
+    assert row["name"] == "stranger"
+    # the stranger got a's hello, and nothing else: no environment, no space document
     assert await stranger.env_ids() == {own}
     assert await stranger.export(lan.env) is None
     [space] = await stranger.op("space.list")
@@ -362,6 +370,74 @@ async def test_a_daemon_of_another_space_gets_no_content(devs, nursery):
     assert await lan.a.env_ids() == {lan.env}
     await unaffected(lan)
     assert (await lan.a.row(stranger))["reason"] == "unauthorized"  # still, after retries
+
+
+# --- hellos that claim someone else ------------------------------------------------------------
+class Impersonator(RawPeer):
+    """A raw dialer whose hello claims another device: that device's id and public key (both
+    public: every hello shows them) and a name of its choosing. It cannot sign for that key."""
+
+    def __init__(self, ws, victim: Dev, name: str = "mallory") -> None:
+        super().__init__(ws, name=name)
+        victim_key = victim.daemon.identity.public_key
+        self.claimed = hello_of(self, device=victim.device, key=victim_key)
+
+
+async def impersonate(port: int, victim: Dev, misbehave: str) -> None:
+    """Dial `port` with a hello claiming `victim`, then fail the handshake as `misbehave` says."""
+    async with open_websocket(LOCAL, port, "/peer", use_ssl=False) as ws:
+        peer = Impersonator(ws, victim)
+        await peer.send(peer.claimed)
+        with trio.fail_after(TIMEOUT):
+            hello = cbor2.loads(await ws.get_message())
+        assert hello["t"] == "hello"  # the daemon took the claim as far as its own hello
+        if misbehave == "garbage":
+            await ws.send_message(b"\xff\xfe not cbor")
+        else:  # an auth box it cannot have made: it does not know the session keys
+            await peer.send({"t": "box", "n": 0, "c": b"\x00" * 48})
+        with trio.fail_after(TIMEOUT), pytest.raises(ConnectionClosed) as closed:
+            while True:
+                await ws.get_message()  # the boxed close (keys it cannot derive), then the end
+        assert (closed.value.reason.code, closed.value.reason.reason) == (1000, "protocol-error")
+
+
+@pytest.mark.parametrize("misbehave", ["garbage", "bad-box"])
+async def test_a_hello_claiming_an_offline_peer_changes_nothing(devs, nursery, misbehave):
+    """The old manager put such a failure (and the stranger's name) on the victim's row."""
+    lan = await lan_of_two(devs, nursery)
+    await lan.b.stop()
+    before = await wait_state(lan.a, lan.b.device, "disconnected", "closed")
+    assert before["name"] == "b"
+    for _ in range(2):
+        await impersonate(lan.a.port, lan.b, misbehave)
+    rows = await lan.a.rows()
+    assert rows == [before]  # same reason, name, address and since: nothing was attributed
+    assert "mallory" not in json.dumps(await lan.a.events())
+
+
+async def test_a_hello_claiming_a_connected_peer_does_not_rename_it(devs, nursery):
+    lan = await lan_of_two(devs, nursery)
+    await impersonate(lan.a.port, lan.b, "garbage")
+    await unaffected(lan)
+    [row] = await lan.a.rows()
+    assert (row["device"], row["name"], row["state"]) == (lan.b.device, "b", "connected")
+
+
+async def test_failed_handshakes_leave_no_rows_named_by_strangers(devs, nursery):
+    lan = await lan_of_two(devs, nursery)
+    for misbehave in ("garbage", "bad-box"):
+        async with raw_peer(lan.a.port) as peer:
+            peer.identity.name = "i-chose-this"
+            await peer.hellos()
+            if misbehave == "garbage":
+                await peer.ws.send_message(b"\xff\xfe not cbor")
+            else:
+                await peer.send({"t": "box", "n": 0, "c": b"\x00" * 48})
+            await peer.closed_with("protocol-error")
+    await unaffected(lan)
+    rows = await lan.a.rows()
+    assert [r["device"] for r in rows] == [lan.b.device]
+    assert "i-chose-this" not in json.dumps(rows) + json.dumps(await lan.a.events())
 
 
 # --- a real daemon process announcing protocol version 2 ------------------------------------------
@@ -398,21 +474,28 @@ def test_a_daemon_process_of_protocol_version_2_is_incompatible(daemons):
     ]
     a.start()
     b.start()
-    dev_a = json.loads(pd(a.socket_path, "status", "--json"))["device"]
-    dev_b = json.loads(pd(b.socket_path, "status", "--json"))["device"]
-    row_a = wait_sync(lambda: (r := peer_row(a, dev_b)) and r["reason"] and r, "a's row for b")
-    row_b = wait_sync(lambda: (r := peer_row(b, dev_a)) and r["reason"] and r, "b's row for a")
-    assert (row_a["name"], row_a["state"], row_a["reason"]) == (
-        "future",
+    address_a = f"{LOCAL}:{port_a}"
+
+    def b_row() -> dict | None:
+        with b.client() as c:
+            rows = c.call("peers")["peers"]
+        return next((r for r in rows if r["address"] == address_a and r["reason"]), None)
+
+    # b dialed a; neither proved its key across the version gap: b's row is the address it
+    # dialed (no device id, no name), with both versions; a keeps no row for b's claims
+    row_b = until_sync(b_row, what="b's row for a's address", while_down=True)
+    assert (row_b["device"], row_b["name"], row_b["state"], row_b["reason"]) == (
+        None,
+        None,
         "disconnected",
         "incompatible-version",
     )
-    assert row_a["versions"] == {
-        "local": {"proto": 1, "model": MODEL_VERSION},
-        "remote": {"proto": 2, "model": MODEL_VERSION},
+    assert row_b["versions"] == {
+        "local": {"proto": 2, "model": MODEL_VERSION},
+        "remote": {"proto": 1, "model": MODEL_VERSION},
     }
-    assert (row_b["name"], row_b["reason"]) == ("current", "incompatible-version")
-    assert row_b["versions"]["local"]["proto"] == 2 and row_b["versions"]["remote"]["proto"] == 1
-    table = pd(a.socket_path, "peers")
-    assert "incompatible-version (ours: proto 1 model 1; theirs: proto 2 model 1)" in table
+    table = pd(b.socket_path, "peers")
+    assert "incompatible-version (ours: proto 2 model 1; theirs: proto 1 model 1)" in table
+    with a.client() as c:
+        assert c.call("peers")["peers"] == []
     assert a.stop() == 0 and b.stop() == 0

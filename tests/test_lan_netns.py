@@ -17,9 +17,10 @@ import time
 from pathlib import Path
 
 import pytest
-from daemonproc import PYTHON, DaemonProcess, child_env, daemons_fixture  # noqa: F401
+from daemonproc import PYTHON, DaemonProcess, child_env, daemons_fixture, export, pd  # noqa: F401
+from daemonutil import ENV_FILE
+from helpers import until_sync
 from netns import NetnsLab, require_netns
-from test_lan import ENV_FILE, export, pd, wait_sync
 
 pytestmark = pytest.mark.slow
 
@@ -100,12 +101,18 @@ def test_three_daemons_discover_each_other_by_mdns_and_converge(daemons, fixture
                 for d, own in zip(procs, devices, strict=True)
             )
 
-        wait_sync(all_connected, "every daemon connected to the two others", TIMEOUT)
+        until_sync(
+            all_connected,
+            what="every daemon connected to the two others",
+            timeout=TIMEOUT,
+            while_down=True,
+        )
         discovered = time.monotonic() - spawned
-        first = wait_sync(
+        first = until_sync(
             lambda: (e := export(a, env_id)) and all(export(d, env_id) == e for d in (b, c)) and e,
-            "the shared environment on all three",
-            TIMEOUT,
+            what="the shared environment on all three",
+            timeout=TIMEOUT,
+            while_down=True,
         )
         assert first["name"] == "Test env"
 
@@ -119,12 +126,13 @@ def test_three_daemons_discover_each_other_by_mdns_and_converge(daemons, fixture
 
         patch = json.dumps([{"op": "replace", "path": "/routes/0/endpoint", "value": "from-c"}])
         pd(c.socket_path, "env", "patch", env_id, "-", input=patch)
-        wait_sync(
+        until_sync(
             lambda: all(
                 (export(d, env_id) or {})["routes"][0]["endpoint"] == "from-c" for d in (a, b)
             ),
-            "c's edit on a and b",
-            TIMEOUT,
+            what="c's edit on a and b",
+            timeout=TIMEOUT,
+            while_down=True,
         )
         for daemon in procs:
             assert daemon.stop() == 0, daemon.output()

@@ -19,6 +19,7 @@ from peerdaemon.mirror.format import (
 )
 from peerdaemon.mirror.link import (
     BACKOFF_MAX,
+    BACKOFF_MIN,
     DEBOUNCE,
     MAX_DELAY,
     SETTLE,
@@ -451,3 +452,97 @@ def test_change_during_a_conflict_file_write_is_not_lost():
     m.doc_changed(1.61)  # while the conflict file is being written
     assert m.write_done(1.62, "conflict", "ok") == []
     assert m.poll(1.61 + DEBOUNCE) == [Render("conflict")]
+
+
+# -- leaving a conflict, and links in error (issue 8) --------------------------------------------
+
+
+def written(m, now, env, sig):
+    """The document changed to `env` and the link wrote it: -> the bytes now in the file."""
+    m.doc_changed(now)
+    render_and_write(m, now + MAX_DELAY, env, sig)
+    return json.dumps(env).encode()
+
+
+def test_restoring_exactly_what_the_daemon_wrote_ends_a_conflict():
+    """`cp NAME.peerdaemon-conflict.json NAME.json` after an invalid save: the content is what
+    the daemon last wrote to the file, yet it is the user's change and brings the link back."""
+    m = started()
+    env2 = {**ENV, "name": "B"}
+    content = written(m, 1.0, env2, (7, 7, 7))
+    m.observed(2.0, invalid(b'{"uuid": "e1", "name": ', (8, 8, 8)))
+    assert types(m.poll(2.0 + SETTLE)) == ["Emit:mirror-conflict", "Render"]
+    m.rendered(2.6, "conflict", content, json_hash(env2))
+    m.write_done(2.6, "conflict", "ok")
+    acts = m.observed(3.0, Observation("file", (9, 9, 9), content, json_hash(env2)))
+    assert types(acts) == ["Emit:mirror-resumed", "Apply"]
+    assert m.state != "conflict" and m.reason is None
+    m.applied(3.0, content)
+    m.doc_changed(4.0)  # later edits go to the file again, not to the conflict file
+    assert m.poll(4.0 + DEBOUNCE) == [Render("file")]
+
+
+def test_restoring_what_the_daemon_wrote_while_an_invalid_save_settles_is_no_conflict():
+    m = started()
+    content = written(m, 1.0, {**ENV, "name": "B"}, (7, 7, 7))
+    m.observed(2.0, invalid(b"", (8, 8, 8)))  # an editor truncates, then writes
+    m.observed(2.1, Observation("file", (9, 9, 9), content, json_hash({**ENV, "name": "B"})))
+    assert m.poll(2.0 + SETTLE) == [] and m.state != "conflict"
+
+
+def test_undoing_a_save_back_to_what_the_daemon_wrote_is_applied():
+    m = started()
+    env2 = {**ENV, "name": "B"}
+    content = written(m, 1.0, env2, (7, 7, 7))
+    assert types(m.observed(2.0, obs_for({**ENV, "name": "C"}, sig=(8, 8, 8)))) == ["Apply"]
+    m.applied(2.0, json.dumps({**ENV, "name": "C"}).encode())
+    acts = m.observed(3.0, Observation("file", (9, 9, 9), content, json_hash(env2)))
+    assert acts == [Apply(content)]
+
+
+def test_a_conflict_says_why_in_env_links():
+    m = started()
+    m.observed(1.0, invalid(b"{ half", (2, 2, 2)))
+    assert m.reason is None  # not settled yet: not a conflict
+    m.poll(1.0 + SETTLE)
+    assert m.state == "conflict"
+    assert m.reason is not None and "/d/env.json cannot be applied (malformed JSON)" in m.reason
+    m.observed(2.0, Observation("file", (3, 3, 3), b"[]", None, "not an object"))
+    assert "(not an object)" in m.reason  # the latest reason
+
+
+def test_a_document_that_cannot_be_rendered_is_the_links_error_until_it_can():
+    """The shell could not render (an export that raises, a bug): the link is in error with the
+    reason, retries with backoff, never writes, and resumes once a render succeeds."""
+    m = started()
+    m.doc_changed(1.0)
+    assert m.poll(1.0 + DEBOUNCE) == [Render("file")]
+    acts = m.failed(1.1, "the environment cannot be written: ValueError: boom")
+    assert types(acts) == ["Emit:mirror-error"]
+    assert m.state == "error" and m.reason.endswith("boom")
+    assert m.deadline() == pytest.approx(1.1 + BACKOFF_MIN)
+    assert m.poll(1.2) == []
+    assert m.poll(1.1 + BACKOFF_MIN) == [Render("file")]
+    assert m.failed(1.7, "the environment cannot be written: ValueError: boom") == []
+    assert m.deadline() == pytest.approx(1.7 + 2 * BACKOFF_MIN)
+    assert m.poll(1.7 + 2 * BACKOFF_MIN) == [Render("file")]
+    # the document is readable again and the file already says it: nothing to write, resumed
+    acts = m.rendered(3.0, "file", json.dumps(ENV).encode(), json_hash(ENV))
+    assert types(acts) == ["Emit:mirror-resumed"]
+    assert m.state == "ok" and m.reason is None
+
+
+def test_a_failure_while_a_write_was_outstanding_reads_the_file_then_writes_again():
+    """Whether the write happened is not known: the file is read (and applied, a three-way
+    merge) before the document is rendered and written again."""
+    m = started()
+    m.doc_changed(1.0)
+    m.poll(1.0 + DEBOUNCE)
+    m.rendered(1.1, "file", b"x", "j")  # a Write is outstanding
+    assert m.in_flight
+    m.failed(1.2, "internal error: RuntimeError: bug")
+    assert not m.in_flight and m.rendering is None and m.want_observe
+    assert m.poll(5.0) == []  # nothing before the file is read
+    o = obs_for(ENV, sig=(1, 1, 1))
+    assert m.observed(5.0, o) == [Apply(o.content)]
+    assert types(m.applied(5.0, o.content)) == ["Synced", "Emit:mirror-resumed", "Render"]

@@ -7,13 +7,14 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+from helpers import until
 from modelutil import FIXTURE_DIR
 
 from peerdaemon.api.client import AsyncClient, DaemonError
@@ -42,17 +43,16 @@ async def daemon_at(root: Path, **options: Any) -> AsyncIterator[tuple[Daemon, A
         nursery.cancel_scope.cancel()
 
 
-async def until(predicate: Callable[[], Any], timeout: float = 5.0, what: str = "") -> Any:
-    """Poll `predicate` (sync or async) every 10 ms; fail after `timeout` seconds."""
-    with trio.move_on_after(timeout):
-        while True:
-            value = predicate()
-            if hasattr(value, "__await__"):
-                value = await value
-            if value:
-                return value
-            await trio.sleep(0.01)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what or predicate}")
+def settled(runner: Any, path: Path) -> bool:
+    """The link has looked at the file as it is now and has nothing left to do (no render,
+    write, apply, retry or timer pending): until the file or the document changes again, it
+    cannot act. What a "nothing happens" check waits for, instead of a fixed sleep."""
+    try:
+        sig = _sig(path.stat())
+    except OSError:
+        return False
+    m = runner.m
+    return m.sig == sig and m.state == "ok" and not m.want_observe and m.deadline() is None
 
 
 def events(daemon: Daemon, type_: str) -> list[dict[str, Any]]:
@@ -185,33 +185,36 @@ async def test_no_ping_pong_with_a_reformatting_watcher(short_tmp):
         env_id, path = await linked_fixture(c, short_tmp)
         runner = daemon.mirror.links[env_id]
         rewrites = 0
+        watched = path.stat().st_mtime_ns  # the file's mtime the watcher last dealt with
 
         async def watcher() -> None:
-            nonlocal rewrites
-            last = path.stat().st_mtime_ns
+            nonlocal rewrites, watched
             while True:
-                await trio.sleep(0.05)
+                await trio.sleep(0.05)  # the watcher's own polling (not a wait of the test)
                 mtime = path.stat().st_mtime_ns
-                if mtime != last:
+                if mtime != watched:
                     env = read_json(path)
                     if env is not None:
                         save_as_editor(path, env, indent=4)
                         rewrites += 1
-                    last = path.stat().st_mtime_ns
+                    watched = path.stat().st_mtime_ns
+
+        def quiet() -> bool:
+            """The watcher has seen the file as it is, and the link has seen the watcher's
+            rewrite and has nothing to do: from here nothing can move (a loop would not get
+            here, or would show in the stats)."""
+            return watched == path.stat().st_mtime_ns and settled(runner, path)
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watcher)
             for i in range(3):
                 await c.patch(env_id, [{"op": "replace", "path": "/name", "value": f"edit {i}"}])
                 await until(lambda i=i: (read_json(path) or {}).get("name") == f"edit {i}", 2.0)
-                await trio.sleep(0.6)
-            stats = dict(runner.m.stats)
-            writes_events = len(events(daemon, "environment-changed"))
-            await trio.sleep(1.2)  # quiet: nothing may move any more
-            assert runner.m.stats == stats
-            assert len(events(daemon, "environment-changed")) == writes_events
+                await until(quiet, 5.0, "the watcher and the link to settle")
             nursery.cancel_scope.cancel()
+        stats = dict(runner.m.stats)
         assert stats["writes"] == 3 and stats["applies"] == 0
+        assert [e for e in events(daemon, "environment-changed") if e["origin"] == "file"] == []
         assert 1 <= rewrites <= 3
         assert (await c.get(env_id))["name"] == "edit 2"
 
@@ -225,7 +228,7 @@ async def test_each_external_save_is_applied_once(short_tmp):
             env["port"] = port
             save_as_editor(path, env)
             await until(lambda port=port: _equals(c.get(env_id, "/port"), port), 2.0)
-        await trio.sleep(0.8)
+        await until(lambda: settled(runner, path), 5.0, "the link to settle")
         assert runner.m.stats["applies"] == 3
         assert runner.m.stats["writes"] == 0  # the file already said it all
         from_file = [e for e in events(daemon, "environment-changed") if e["origin"] == "file"]
@@ -254,7 +257,8 @@ async def test_a_save_that_keeps_the_stat_is_still_applied(short_tmp):
         env_id, path = await linked_fixture(c, short_tmp)
         await c.patch(env_id, [{"op": "replace", "path": "/port", "value": 3001}])
         await until(lambda: (read_json(path) or {}).get("port") == 3001, 2.0)
-        await trio.sleep(0.3)  # the daemon's write has been seen, stat and all
+        runner = daemon.mirror.links[env_id]
+        await until(lambda: settled(runner, path), 5.0, "the daemon's write seen, stat and all")
         old = path.read_bytes()
         rewrite_keeping_the_stat(path, old, old.replace(b'"port": 3001', b'"port": 3002'))
         await until(lambda: _equals(c.get(env_id, "/port"), 3002), 3.0, "the port from the file")
@@ -294,8 +298,8 @@ async def test_links_survive_a_restart_and_offline_edits_are_picked_up(short_tmp
     # unchanged file at restart: not applied, not rewritten
     mtime = path.stat().st_mtime_ns
     async with daemon_at(short_tmp) as (daemon, c):
-        await trio.sleep(0.5)
         runner = daemon.mirror.links[env_id]
+        await until(lambda: settled(runner, path), 5.0, "the link to settle")
         assert runner.m.stats == {"writes": 0, "applies": 0, "conflicts": 0, "errors": 0}
         assert path.stat().st_mtime_ns == mtime
 
@@ -473,11 +477,13 @@ async def test_read_only_folder_is_refused_and_reported(short_tmp):
 async def test_unlink_stops_mirroring(short_tmp):
     async with daemon_at(short_tmp) as (daemon, c):
         env_id, path = await linked_fixture(c, short_tmp)
+        runner = daemon.mirror.links[env_id]
         result = await c.call("env.unlink", id=env_id)
         assert result == {"id": env_id, "path": str(path), "unlinked": True}
+        assert runner.done.is_set()  # its task has ended: nothing is left to write the file
         before = path.read_text()
         await c.patch(env_id, [{"op": "replace", "path": "/name", "value": "not mirrored"}])
-        await trio.sleep(0.5)
+        assert env_id not in daemon.mirror.links  # and the change started no new link
         assert path.read_text() == before and await c.call("env.links") == []
         with pytest.raises(DaemonError) as err:
             await c.call("env.unlink", id=env_id)
@@ -580,3 +586,138 @@ async def test_permission_denied_on_write_is_reported_and_retried(short_tmp, mon
         await until(lambda: (read_json(path) or {}).get("name") == "kept", 3.0, "the retry")
         await until(lambda: events(daemon, "mirror-resumed"), 1.0, "mirror-resumed")
         assert events(daemon, "mirror-resumed")[-1]["after"] == "error"
+
+
+# -- issue 8: conflicts that end, and failures that stay one link's ------------------------------
+
+
+async def test_restoring_the_conflict_file_brings_the_link_back(short_tmp):
+    """`cp NAME.peerdaemon-conflict.json NAME.json` restores exactly what the daemon last wrote:
+    the link leaves the conflict, and later edits reach the file, not the conflict file."""
+    async with daemon_at(short_tmp) as (daemon, c):
+        env_id, path = await linked_fixture(c, short_tmp)
+        conflict = short_tmp / "env.peerdaemon-conflict.json"
+        written = path.read_bytes()
+        path.write_text('{"uuid": "x",\n "name": ', encoding="utf-8")
+        await until(conflict.exists, 3.0, "the conflict file")
+        (link,) = await c.call("env.links")
+        assert link["state"] == "conflict"
+        assert link["error"] is not None and "malformed JSON at line 2" in link["error"]
+        assert str(conflict) in link["error"]
+        assert conflict.read_bytes() == written  # the case: the very bytes of the last write
+        shutil.copy(conflict, path)
+        await until(lambda: _equals(_state(c), "ok"), 3.0, "state ok")
+        assert events(daemon, "mirror-resumed")[-1]["after"] == "conflict"
+        assert (await c.call("env.links"))[0]["error"] is None
+        await c.patch(env_id, [{"op": "replace", "path": "/name", "value": "after the restore"}])
+        await until(lambda: (read_json(path) or {}).get("name") == "after the restore", 2.0)
+        assert read_json(conflict)["name"] != "after the restore"
+
+
+async def _yjs_edit(c: AsyncClient, env_id: str, **values: Any) -> bytes:
+    """A Yjs update setting top-level values, as a peer or `env merge` sends it."""
+    from pycrdt import Doc, Map
+
+    doc = Doc()
+    doc.apply_update(await c.export(env_id, "yjs"))
+    before = doc.get_state()
+    top = doc.get("environment", type=Map)
+    for key, value in values.items():
+        top[key] = value
+    return doc.get_update(before)
+
+
+@pytest.fixture
+def unexportable(monkeypatch):
+    """`Registry.export` raises for the environment ids put in the returned set."""
+    from peerdaemon.daemon.registry import Registry
+
+    broken: set[str] = set()
+    real = Registry.export
+
+    def export(self: Registry, env_id: str) -> Any:
+        if env_id in broken:
+            raise ValueError(f"simulated: {env_id} has no Python equivalent")
+        return real(self, env_id)
+
+    monkeypatch.setattr(Registry, "export", export)
+    return broken
+
+
+async def _link_second(c: AsyncClient, root: Path) -> tuple[str, Path]:
+    path = root / "other.json"
+    shutil.copy(FIXTURE_DIR / TEST_ENV, path)
+    result = await c.call("env.import_link", json=path.read_text(), path=str(path), new_id=True)
+    return result["id"], path
+
+
+async def test_an_environment_no_file_can_hold_is_its_links_error(short_tmp, unexportable):
+    async with daemon_at(short_tmp) as (daemon, c):
+        env_id, path = await linked_fixture(c, short_tmp)
+        other_id, other = await _link_second(c, short_tmp)
+        before = path.read_bytes()
+        unexportable.add(env_id)
+        result = await c.merge(env_id, await _yjs_edit(c, env_id, name="unwritable"))
+        assert result == {"created": False, "changed": True}
+        await until(lambda: events(daemon, "mirror-error"), 3.0, "mirror-error")
+        (event,) = events(daemon, "mirror-error")
+        assert event["id"] == env_id and "simulated" in event["reason"]
+        links = {link["id"]: link for link in await c.call("env.links")}
+        assert links[env_id]["state"] == "error" and "simulated" in links[env_id]["error"]
+        assert path.read_bytes() == before  # the file keeps its last good content
+        # the other link goes on
+        await c.patch(other_id, [{"op": "replace", "path": "/name", "value": "still mirrored"}])
+        await until(lambda: (read_json(other) or {}).get("name") == "still mirrored", 2.0)
+        # readable again: the link writes the change and resumes
+        unexportable.clear()
+        await until(lambda: (read_json(path) or {}).get("name") == "unwritable", 20.0)
+        await until(lambda: _equals(_state(c), "ok"), 2.0, "state ok")
+        resumed = events(daemon, "mirror-resumed")[-1]
+        assert resumed == {"id": env_id, "path": str(path), "after": "error"}
+
+
+async def _link_state(c: AsyncClient, env_id: str) -> str | None:
+    return next((link["state"] for link in await c.call("env.links") if link["id"] == env_id), None)
+
+
+async def test_a_failing_flush_at_unlink_is_reported_and_unlink_answers(
+    short_tmp, unexportable, monkeypatch
+):
+    """The flush at unlink runs outside the link's supervised loop (issue 8's crash): with a
+    change pending that cannot be rendered, unlink answers and the failure is an event."""
+    from peerdaemon.mirror import link as link_mod
+
+    async with daemon_at(short_tmp) as (daemon, c):
+        env_id, path = await linked_fixture(c, short_tmp)
+        other_id, other = await _link_second(c, short_tmp)
+        monkeypatch.setattr(link_mod, "DEBOUNCE", 3600.0)  # changes stay pending until a flush
+        monkeypatch.setattr(link_mod, "MAX_DELAY", 3600.0)
+        unexportable.add(env_id)
+        await c.merge(env_id, await _yjs_edit(c, env_id, name="pending"))
+        result = await c.call("env.unlink", id=env_id)
+        assert result["unlinked"] is True
+        (event,) = events(daemon, "mirror-error")
+        assert event["id"] == env_id and "simulated" in event["reason"]
+        assert [link["id"] for link in await c.call("env.links")] == [other_id]
+        assert (await c.status())["environments"] == 2
+
+
+async def test_a_failing_flush_at_shutdown_stops_cleanly_and_other_links_flush(
+    short_tmp, unexportable, monkeypatch
+):
+    from peerdaemon.mirror import link as link_mod
+
+    async with daemon_at(short_tmp) as (daemon, c):
+        env_id, path = await linked_fixture(c, short_tmp)
+        other_id, other = await _link_second(c, short_tmp)
+        before = path.read_bytes()
+        monkeypatch.setattr(link_mod, "DEBOUNCE", 3600.0)
+        monkeypatch.setattr(link_mod, "MAX_DELAY", 3600.0)
+        unexportable.add(env_id)
+        await c.merge(env_id, await _yjs_edit(c, env_id, name="pending"))
+        await c.patch(other_id, [{"op": "replace", "path": "/name", "value": "flushed"}])
+        assert read_json(other)["name"] != "flushed"  # pending
+    # daemon_at returned: the daemon stopped without an error, and flushed the other link
+    assert read_json(other)["name"] == "flushed"
+    assert path.read_bytes() == before
+    assert [e["id"] for e in events(daemon, "mirror-error")] == [env_id]

@@ -6,6 +6,7 @@ Every edit is made as the daemon makes it: export, change the JSON, prepare + ap
 import copy
 import json
 import random
+import uuid
 
 import pytest
 from modelutil import (
@@ -48,10 +49,15 @@ def base_env():
     return env
 
 
+def guid(tag):
+    """A uuid Mockoon's schema accepts, the same for the same tag."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, tag))
+
+
 def new_route(uid, endpoint):
     r = copy.deepcopy(load("test-env.json")["routes"][0])
     r["uuid"], r["endpoint"] = uid, endpoint
-    r["responses"][0]["uuid"] = uid + "-response"
+    r["responses"][0]["uuid"] = guid(uid + "-response")
     return r
 
 
@@ -131,16 +137,17 @@ def test_edits_of_different_properties_of_one_route_both_survive():
 def test_concurrent_route_additions_all_survive_in_one_order(n):
     docs = replicas(base_env(), n)
     for i, doc in enumerate(docs):
-        edit(doc, lambda env, i=i: add_route(env, new_route(f"new-{i}", f"added-on-{i}"), 2))
+        edit(doc, lambda env, i=i: add_route(env, new_route(guid(f"new-{i}"), f"added-on-{i}"), 2))
     sync_all(*docs)
     out = assert_converged(*docs)
-    added = [u for u in route_ids(out) if u.startswith("new-")]
-    assert sorted(added) == [f"new-{i}" for i in range(n)]
+    new = {guid(f"new-{i}") for i in range(n)}
+    added = [u for u in route_ids(out) if u in new]
+    assert sorted(added) == sorted(new)
     assert route_ids(out)[:2] == route_ids(base_env())[:2]
     assert route_ids(out)[2 : 2 + n] == added  # all inserted where each replica put its own
     for uid in added:
         assert len(refs_to(out, uid)) == 1
-        assert route(out, uid)["responses"][0]["uuid"] == uid + "-response"
+        assert route(out, uid)["responses"][0]["uuid"] == guid(uid + "-response")
     assert len(out["routes"]) == len(base_env()["routes"]) + n
 
 
@@ -357,8 +364,10 @@ def test_both_replicas_insert_at_the_same_place():
     [
         ("statusCode", 201, 404),
         ("latency", 0.5, 3),
-        ("disableTemplating", True, 1),
-        ("label", "from A", None),
+        ("disableTemplating", True, False),
+        ("label", "from A", ""),
+        ("x-unknown", True, 1),
+        ("x-other", "from A", None),
     ],
 )
 def test_concurrent_writes_of_one_scalar_converge_to_one_value(field, va, vb):
@@ -428,13 +437,14 @@ def test_concurrent_response_additions_and_reorder_in_one_route():
         resp["uuid"], resp["label"] = rid, label
         route(e, uid)["responses"].append(resp)
 
-    edit(a, lambda e: add_response(e, "resp-a", "A"))
-    edit(b, lambda e: add_response(e, "resp-b", "B"))
+    edit(a, lambda e: add_response(e, guid("resp-a"), "A"))
+    edit(b, lambda e: add_response(e, guid("resp-b"), "B"))
     edit(b, lambda e: route(e, uid)["responses"].reverse())
     sync_pair(a, b)
     out = assert_converged(a, b)
     got = [r["uuid"] for r in route(out, uid)["responses"]]
-    assert sorted(got) == sorted(["resp-a", "resp-b", env["routes"][1]["responses"][0]["uuid"]])
+    first = env["routes"][1]["responses"][0]["uuid"]
+    assert sorted(got) == sorted([guid("resp-a"), guid("resp-b"), first])
 
 
 def test_data_buckets_and_callbacks_merge_per_character_and_per_item():
@@ -589,8 +599,8 @@ def test_editing_one_header_sends_only_that_header():
 
 def test_update_bytes_from_an_edit_rebuild_the_same_document():
     a, _ = replicas(base_env())
-    edit(a, lambda e: add_route(e, new_route("n1", "n1"), 0))
-    edit(a, lambda e: into_folder(e, "n1", F1))
+    edit(a, lambda e: add_route(e, new_route(guid("n1"), "n1"), 0))
+    edit(a, lambda e: into_folder(e, guid("n1"), F1))
     fresh = Doc()
     fresh.apply_update(a.get_update())
     assert_strict_equal(export_environment(fresh), export_environment(a))

@@ -8,13 +8,16 @@ from peerutil import FakeHost, drain_events, exchange, make_identity, make_space
 
 from peerdaemon.peer import messages
 from peerdaemon.peer.crypto import (
+    DIALER,
+    LISTENER,
     Ephemeral,
     SecureChannel,
+    auth_payload,
     derive_keys,
     space_tag,
     transcript_hash,
 )
-from peerdaemon.peer.handshake import Established
+from peerdaemon.peer.handshake import Established, Handshake
 from peerdaemon.peer.session import Closed, HelloReceived, PeerConfig, PeerConnection, Synced
 
 S1, S2, S3 = make_space("s1"), make_space("s2"), make_space("s3")
@@ -391,7 +394,6 @@ def test_messages_validate_sync_codec():
 
 def test_spec_test_vector():
     """The values of docs/peer-protocol.md section 4.5."""
-    from peerdaemon.peer.crypto import DIALER
 
     eph_d = Ephemeral(lambda n: bytes(range(32)))
     eph_l = Ephemeral(lambda n: bytes(range(32, 64)))
@@ -437,3 +439,30 @@ def test_dialer_refusing_the_listener_version_closes_in_cleartext():
         "local": {"proto": 1, "model": 2},
         "remote": {"proto": 1, "model": 1},
     }
+
+
+def test_a_listener_echoing_the_dialers_tags_is_not_admitted():
+    """Mallory listens without the space secret and sends Alice's own tags back in its auth.
+
+    Tags are bound to the sender's role, so Alice only accepts tags made with the listener's
+    role: accepting her own would admit anyone who can copy what she just sent."""
+    a = PeerConnection(ALICE, FakeHost([S1]), dialer=True, now=0)
+    mallory = make_identity("mallory")
+    m = Handshake(mallory, lambda: [], dialer=False, model=1)
+    assert m.start() == []
+    (hello_a,) = a.data_to_send()
+    (hello_m,) = m.receive_hello(cbor2.loads(hello_a), hello_a)
+    a.receive(hello_m, 0)
+    (auth_box,) = a.data_to_send()
+    assert m.channel is not None and m.th is not None
+    auth_a = m.channel.open(cbor2.loads(auth_box), 1 << 20)
+    assert auth_a["tags"] == [space_tag(S1.secret, DIALER, m.th)]
+    echo = {
+        "t": "auth",
+        "sig": mallory.sign(auth_payload(LISTENER, m.th)),  # a valid signature of its own
+        "tags": list(auth_a["tags"]),
+    }
+    a.receive(m.channel.seal(echo), 0)
+    closed = closed_of(a)
+    assert (closed.reason, closed.by_peer) == ("unauthorized", False)
+    assert a.established is None and a.state != "open"

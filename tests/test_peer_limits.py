@@ -14,8 +14,9 @@ from typing import Any
 import cbor2
 import pytest
 import trio
-from peerutil import FakeHost, exchange, make_identity, make_space, wire
-from test_peer_link import LOCAL, Node, wait_for
+from helpers import LOCAL
+from helpers import until as wait_for
+from peerutil import FakeHost, Node, exchange, make_identity, make_space, wire
 from trio_websocket import CloseReason, ConnectionClosed, ConnectionRejected, open_websocket
 
 from peerdaemon.peer import Link, PeerConfig, PeerConnection

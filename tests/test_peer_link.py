@@ -5,101 +5,35 @@ from __future__ import annotations
 import logging
 import socket
 import struct
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import Any
 
 import cbor2
 import pytest
 import trio
-from peerutil import FakeHost, make_identity, make_space
+from helpers import LOCAL, free_port
+from helpers import until as wait_for
+from peerutil import FAST, Node, make_space
 from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket
 
-from peerdaemon.peer import PeerConfig, PeerManager
+from peerdaemon.peer import PeerConfig
+from peerdaemon.peer import manager as manager_module
 
-LOCAL = "127.0.0.1"
 S1, S2 = make_space("s1"), make_space("s2")
-FAST = PeerConfig(backoff_initial=0.05, backoff_max=0.4, connect_timeout=2.0, close_grace=0.5)
 
 
-class Events:
-    def __init__(self) -> None:
-        self.items: list[tuple[str, dict[str, Any]]] = []
+def count_dials(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """Every (host, port) the peer managers dial from now on, in order: lets a test wait for
+    "several retries" instead of sleeping for them."""
+    dials: list[tuple[str, int]] = []
+    real = manager_module.dial
 
-    def __call__(self, type_: str, **data: Any) -> None:
-        self.items.append((type_, data))
+    async def counting(link: Any, host: str, port: int, **kw: Any) -> Any:
+        dials.append((host, port))
+        return await real(link, host, port, **kw)
 
-    def of(self, type_: str) -> list[dict[str, Any]]:
-        return [d for t, d in self.items if t == type_]
-
-
-class Node:
-    """One daemon's peer side: identity, host, events, manager (restartable)."""
-
-    def __init__(self, name: str, *spaces: Any, config: PeerConfig = FAST, model: int = 1) -> None:
-        self.identity = make_identity(name)
-        self.host = FakeHost(spaces)
-        self.events = Events()
-        self.config = config
-        self.model = model
-        self.manager: PeerManager | None = None
-        self.port: int | None = None
-
-    @property
-    def id(self) -> str:
-        return self.identity.device_id
-
-    def new_manager(
-        self, static: list[tuple[str, int]] | None = None, listen: bool = True
-    ) -> PeerManager:
-        self.manager = PeerManager(
-            self.identity,
-            self.host,
-            self.events,
-            listen=(LOCAL, self.port or 0) if listen else None,
-            static_peers=static or [],
-            config=self.config,
-            model=self.model,
-        )
-        return self.manager
-
-    @asynccontextmanager
-    async def running(
-        self, static: list[tuple[str, int]] | None = None, listen: bool = True
-    ) -> AsyncIterator[PeerManager]:
-        manager = self.new_manager(static, listen)
-        async with trio.open_nursery() as nursery:
-            self.port = await nursery.start(manager.run)
-            yield manager
-            nursery.cancel_scope.cancel()
-
-    def row(
-        self, device: str | None = None, *, address: str | None = None
-    ) -> dict[str, Any] | None:
-        assert self.manager is not None
-        for r in self.manager.peers():
-            if (device is not None and r["device"] == device) or (
-                address is not None and r["address"] == address
-            ):
-                return r
-        return None
-
-    def state(self, other: Node) -> str | None:
-        r = self.row(other.id)
-        return r["state"] if r else None
-
-
-async def wait_for(pred: Callable[[], Any], timeout: float = 10.0) -> None:
-    with trio.fail_after(timeout):
-        while not pred():
-            await trio.sleep(0.01)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOCAL, 0))
-        return s.getsockname()[1]
+    monkeypatch.setattr(manager_module, "dial", counting)
+    return dials
 
 
 async def test_connect_converge_and_edit_both_ways():
@@ -176,8 +110,22 @@ async def test_simultaneous_dials_keep_the_connection_of_the_smaller_device_id(c
         manager_a.add_address(LOCAL, b.port)  # type: ignore[arg-type]
         manager_b.add_address(LOCAL, a.port)  # type: ignore[arg-type]
         await wait_for(lambda: a.state(b) == "connected" and b.state(a) == "connected")
-        await trio.sleep(0.5)  # let the tie-break and any redial settle
+
         small, large = (a, b) if a.id < b.id else (b, a)
+
+        def settled() -> bool:
+            """The tie-break is over: one link each way, nothing connecting, and the larger
+            device's dial has ended (its loop does not redial a connected device, so nothing
+            changes by itself from here)."""
+            for node, other in ((a, b), (b, a)):
+                assert node.manager is not None
+                row = node.manager._rows.get(other.id)
+                if row is None or len(row.links) != 1 or row.pending:
+                    return False
+            assert large.manager is not None
+            return not any(t.dialing for t in large.manager._targets.values())
+
+        await wait_for(settled)
         assert small.row(large.id)["direction"] == "outgoing"  # type: ignore[index]
         assert large.row(small.id)["direction"] == "incoming"  # type: ignore[index]
         for node, other in ((a, b), (b, a)):
@@ -190,7 +138,8 @@ async def test_simultaneous_dials_keep_the_connection_of_the_smaller_device_id(c
         await wait_for(lambda: b.host.values("env") == {"v": 1})
 
 
-async def test_unreachable_address():
+async def test_unreachable_address(monkeypatch):
+    dials = count_dials(monkeypatch)
     a = Node("alice", S1)
     port = free_port()
     async with a.running(static=[(LOCAL, port)]):
@@ -202,7 +151,7 @@ async def test_unreachable_address():
             and row["device"] is None
             and row["state"] in ("disconnected", "connecting")
         )
-        await trio.sleep(0.5)  # several retries, one event
+        await wait_for(lambda: dials.count((LOCAL, port)) >= 4)  # three failed, one event
         events = a.events.of("peer-disconnected")
         assert len(events) == 1 and events[0]["reason"] == "unreachable"
         assert events[0]["address"] == address
@@ -255,14 +204,19 @@ async def test_connections_reset_mid_handshake_do_not_stop_the_listener():
             await wait_for(lambda: b.host.values("env") == {"v": 1}, timeout=30)
 
 
-async def test_no_common_space_is_unauthorized_on_both_sides():
+async def test_no_common_space_is_unauthorized_on_both_sides(monkeypatch):
+    dials = count_dials(monkeypatch)
     a, b = Node("alice", S1), Node("bob", S2)
     a.host.add_doc("env", ["s1"], {"secret": 1})
     async with b.running(), a.running(static=[(LOCAL, b.port)]):  # type: ignore[list-item]
-        await wait_for(lambda: (a.row(b.id) or {}).get("reason") == "unauthorized")
+        # a dialed an address whose device never proved its key: the failure is the address's
+        dialed = f"{LOCAL}:{b.port}"
+        await wait_for(lambda: (a.row(address=dialed) or {}).get("reason") == "unauthorized")
+        assert a.row(b.id) is None and a.row(address=dialed)["name"] is None  # type: ignore[index]
+        # b verified a's signature before refusing it: a's device is known to b
         await wait_for(lambda: (b.row(a.id) or {}).get("reason") == "unauthorized")
-        assert a.row(b.id)["name"] == "bob"  # type: ignore[index]
-        await trio.sleep(0.3)
+        assert b.row(a.id)["name"] == "alice"  # type: ignore[index]
+        await wait_for(lambda: dials.count((LOCAL, b.port)) >= 4)  # three refused, one event
         assert len(a.events.of("peer-disconnected")) == 1
         assert b.host.applied == [] and "env" not in b.host.docs
 
@@ -273,16 +227,20 @@ async def test_no_common_space_is_unauthorized_on_both_sides():
 async def test_incompatible_version_shows_both_versions():
     a, b = Node("alice", S1), Node("bob", S1, model=2)
     async with b.running(), a.running(static=[(LOCAL, b.port)]):  # type: ignore[list-item]
-        await wait_for(lambda: (a.row(b.id) or {}).get("reason") == "incompatible-version")
-        row = a.row(b.id)
-        assert row is not None and row["name"] == "bob"
+        # no key is proven across a version mismatch: a's row is the dialed address's, and b
+        # (which only heard a's unproven hello) keeps no row for a
+        dialed = f"{LOCAL}:{b.port}"
+        await wait_for(
+            lambda: (a.row(address=dialed) or {}).get("reason") == "incompatible-version"
+        )
+        row = a.row(address=dialed)
+        assert row is not None and row["device"] is None and row["name"] is None
         assert row["versions"] == {
             "local": {"proto": 1, "model": 1},
             "remote": {"proto": 1, "model": 2},
         }
-        await wait_for(lambda: (b.row(a.id) or {}).get("reason") == "incompatible-version")
-        assert b.row(a.id)["versions"]["remote"] == {"proto": 1, "model": 1}  # type: ignore[index]
         assert a.events.of("peer-disconnected")[0]["versions"] == row["versions"]
+        assert b.manager is not None and b.manager.peers() == []
 
 
 async def test_garbage_from_a_peer_closes_only_that_link():
@@ -330,7 +288,17 @@ async def test_keepalive_holds_an_idle_link_and_silence_times_out():
     a, b = Node("alice", S1, config=cfg), Node("bob", S1, config=cfg)
     async with b.running(), a.running(static=[(LOCAL, b.port)]):  # type: ignore[list-item]
         await wait_for(lambda: a.state(b) == "connected")
-        await trio.sleep(1.0)  # five idle timeouts long
+        assert b.manager is not None
+        [link] = b.manager._rows[a.id].links
+        start = link.messages_received
+
+        def kept_alive() -> bool:
+            """Pings for five idle timeouts (one each 0.05 s) came over this one link, and
+            the idle timeout never closed it (no fixed sleep: it waits for the pings)."""
+            assert link.closed is None, link.closed
+            return link.messages_received >= start + 20
+
+        await wait_for(kept_alive)
         assert a.state(b) == "connected" and b.events.of("peer-disconnected") == []
 
         # a client that opens the websocket and says nothing is dropped after the handshake timeout
@@ -366,5 +334,7 @@ async def test_dial_only_manager_and_removed_address():
         await wait_for(lambda: a.host.values("env") == {"v": 1})
         assert a.row(b.id)["state"] == "connected"  # type: ignore[index]
         manager.remove_address(LOCAL, b.port)  # type: ignore[arg-type]
-        await trio.sleep(0.2)
+        b.host.edit("env", {"v": 2})  # a marker sent after the removal arrives: the link is up
+        await wait_for(lambda: a.host.values("env") == {"v": 2})
         assert a.row(b.id)["state"] == "connected"  # type: ignore[index]  # the link stays up
+        assert [e for e in a.events.of("peer-disconnected") if e["device"] == b.id] == []

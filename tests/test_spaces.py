@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from helpers import run_cli
 from modelutil import load
 
 from peerdaemon import cli
@@ -216,7 +217,7 @@ INVITE = Invite(
     name="Team ✓",
     secret=bytes(range(32)),
     inviter="AAAAAAA-BBBBBBB-CCCCCCC-DDDDDDD-EEEEEEE-FFFFFFF-GGGGGGG-HHH",
-    addresses=("192.168.1.5:22000", "[fe80::1]:22000"),
+    addresses=("192.0.2.5:22000", "[2001:db8::1]:22000"),
     hub="https://hub.example",
 )
 
@@ -271,8 +272,8 @@ def test_invite_with_a_valid_checksum_but_no_invitation():
 
 def test_parse_address():
     assert parse_address("host.local:22000") == ("host.local", 22000)
-    assert parse_address("[fe80::1]:9") == ("fe80::1", 9)
-    for bad in ("host", "host:", ":1", "h:0", "h:70000", "fe80::1:22", "h:x"):
+    assert parse_address("[2001:db8::1]:9") == ("2001:db8::1", 9)
+    for bad in ("host", "host:", ":1", "h:0", "h:70000", "2001:db8::1:22", "h:x"):
         with pytest.raises(ValueError):
             parse_address(bad)
 
@@ -643,10 +644,6 @@ async def start_daemon(nursery, base: Path, n: int, name: str):
     return await nursery.start(serve, config)
 
 
-async def run_cli(*argv: str) -> int:
-    return await trio.to_thread.run_sync(cli.main, list(argv))
-
-
 async def test_cli_spaces_sharing_and_config(nursery, base, capsys, fixture_dir):
     d1 = await start_daemon(nursery, base, 1, "alpha")
     d2 = await start_daemon(nursery, base, 2, "beta")
@@ -659,9 +656,9 @@ async def test_cli_spaces_sharing_and_config(nursery, base, capsys, fixture_dir)
     assert await run_cli(*s1, "space", "create", "Team") == 0
     space_id = capsys.readouterr().out.strip()
     assert space_id in d1.spaces.spaces
-    assert await run_cli(*s1, "space", "invite", "Team", "--address", "10.0.0.1:22000") == 0
+    assert await run_cli(*s1, "space", "invite", "Team", "--address", "192.0.2.1:22000") == 0
     code = capsys.readouterr().out.strip()
-    assert decode_invite(code).addresses == ("10.0.0.1:22000",)
+    assert decode_invite(code).addresses == ("192.0.2.1:22000",)
 
     assert await run_cli(*s2, "space", "join", code[:-3] + "aaa") == 1
     err = capsys.readouterr().err

@@ -18,6 +18,7 @@ import cbor2
 import pytest
 import trio
 from daemonproc import ROOT_FOR_MOUNTS, small_disk
+from trio.testing import wait_all_tasks_blocked
 
 from peerdaemon.store import (
     DB_NAME,
@@ -563,9 +564,14 @@ async def test_a_full_disk_keeps_the_writes_and_stores_them_in_order_later(
             assert "full" in store.stats()["error"]
             later = store.enqueue_append("a", b"later")
             other = store.enqueue_append("b", b"other")
-            with trio.move_on_after(1.0):  # retried, and failing, while the disk is full
-                await durable(later)
-            assert not later.done or later.failed
+            # while the disk is full, the writes behind the hole are tried, and fail, again and
+            # again (waited for on their tickets, not for a fixed time)
+            with trio.fail_after(TIMEOUT):
+                with pytest.raises(StoreError, match="kept in memory"):
+                    await later.wait()
+                assert later.retry is not None
+                with pytest.raises(StoreError, match="kept in memory"):
+                    await later.retry.wait()
             assert store.load()["a"].updates == [b"first"]  # nothing committed past the hole
             limit_pages(1 << 30)  # room again
             assert await durable(failed) >= 1
@@ -803,3 +809,60 @@ def test_kill9_loses_no_acknowledged_update(tmp_path: Path, mode: str, kill_afte
         assert rebuilt[env][index] == digest, f"{env}#{index} differs or out of order"
     if mode == "compact":
         assert snapshots > 0
+
+
+# ---------------------------------------------------------------------------- ack after commit
+
+
+class _HeldCommit:
+    """The writer's connection, except that COMMIT waits until the test releases it."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+        self.committing = threading.Event()
+        self.release = threading.Event()
+
+    def execute(self, sql: str, *args: object) -> sqlite3.Cursor:
+        if sql.strip().upper() == "COMMIT":
+            self.committing.set()
+            if not self.release.wait(TIMEOUT):
+                raise AssertionError("the test never released the commit")
+        return self._db.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._db, name)
+
+
+async def test_no_ticket_is_done_before_its_commit_returns(data_dir: Path) -> None:
+    """Deterministic form of the kill -9 tests: while the batch's COMMIT is held open, none of
+    its tickets may be done (an acknowledged write must survive a crash at that moment); they
+    are all done once it returns, and then the writes are in the file."""
+    store = Store.open(data_dir)
+    held = _HeldCommit(store._db)
+    store._db = held  # type: ignore[assignment]
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            tickets = [
+                store.enqueue_append("a", b"U1"),
+                store.enqueue_meta("a", {"name": "A"}),
+                store.put_setting("k", 1),
+                store.enqueue_append("a", b"U2"),
+            ]
+            try:
+                committing = await trio.to_thread.run_sync(held.committing.wait, TIMEOUT)
+                assert committing, "the writer never reached COMMIT"
+                await wait_all_tasks_blocked()  # every chance to complete them early
+                assert [t.done for t in tickets] == [False] * 4
+                with store._read() as r:  # a reader sees nothing of the batch yet
+                    assert r.execute("SELECT count(*) FROM log").fetchone()[0] == 0
+            finally:
+                held.release.set()  # (the writer's flush is shielded: never leave it held)
+            with trio.fail_after(TIMEOUT):
+                await wait_all(tickets)
+            nursery.cancel_scope.cancel()
+    finally:
+        held.release.set()
+        store._db = held._db
+        store.close()
+    assert reopen_load(data_dir)["a"].updates == [b"U1", b"U2"]

@@ -16,6 +16,7 @@ from pathlib import Path
 from types import ModuleType, TracebackType
 from typing import TYPE_CHECKING, Any
 
+from . import peercred
 from .framing import DEFAULT_MAX_FRAME, FrameDecoder, FrameError, FrameTooLarge, encode_frame
 from .protocol import FRAME_TOO_LARGE, request_message
 
@@ -27,6 +28,7 @@ __all__ = [
     "ConnectionLost",
     "DaemonError",
     "DaemonNotRunning",
+    "ForeignListener",
     "Subscription",
     "open_client",
 ]
@@ -70,6 +72,19 @@ class DaemonNotRunning(ClientError):
         self.path = Path(path)
 
 
+class ForeignListener(ClientError):
+    """What listens on the socket belongs to another user: not our daemon (nothing was sent)."""
+
+    def __init__(self, path: Path | str, uid: int | None, detail: str = "") -> None:
+        what = detail or (
+            f"is held by uid {uid}, neither this user (uid {os.getuid()}) nor root; another "
+            "user may be posing as the daemon"
+        )
+        super().__init__(f"refusing to use the socket {path}: it {what}")
+        self.path = Path(path)
+        self.uid = uid
+
+
 class ConnectionLost(ClientError):
     """The connection ended (daemon stopped, or the client was closed) before an answer came."""
 
@@ -86,6 +101,20 @@ def _connect_error(path: Path, exc: OSError) -> ClientError:
     if isinstance(exc, FileNotFoundError | ConnectionRefusedError | NotADirectoryError):
         return DaemonNotRunning(path)
     return ClientError(f"cannot connect to {path}: {exc.strerror or exc}")
+
+
+def _check_listener(sock: Any, path: Path) -> None:
+    """Refuse a listener of another user (SO_PEERCRED) before a byte is sent to it: with
+    `--socket` in a shared directory, another user may have bound the path first."""
+    try:
+        creds = peercred.peer_credentials(sock)
+    except OSError as exc:
+        raise ForeignListener(
+            path, None, f"cannot be checked: its owner is unknown ({exc.strerror or exc})"
+        ) from None
+    uid = creds[1] if creds else None
+    if not peercred.listener_allowed(uid):
+        raise ForeignListener(path, uid)
 
 
 def _encode_request(req_id: int, op: str, args: dict[str, Any], max_frame: int) -> bytes:
@@ -126,6 +155,13 @@ def _import_args(env: dict[str, Any] | str, new_id: bool) -> dict[str, Any]:
     args = _env_args(env)
     if new_id:
         args["new_id"] = True
+    return args
+
+
+def _put_args(env_id: str, env: dict[str, Any] | str, force_id: bool) -> dict[str, Any]:
+    args = {"id": env_id, **_env_args(env)}
+    if force_id:
+        args["force_id"] = True
     return args
 
 
@@ -247,6 +283,11 @@ class AsyncClient:
             stream = await trio.open_unix_socket(os.fspath(resolved))
         except OSError as exc:
             raise _connect_error(resolved, exc) from None
+        try:
+            _check_listener(stream.socket, resolved)
+        except BaseException:
+            stream.socket.close()
+            raise
         return cls(stream, resolved, max_frame)
 
     async def __aenter__(self) -> AsyncClient:
@@ -453,8 +494,12 @@ class AsyncClient:
     async def get(self, env_id: str, pointer: str | None = None) -> Any:
         return await self._call("env.get", _get_args(env_id, pointer))
 
-    async def put(self, env_id: str, env: dict[str, Any] | str) -> dict[str, Any]:
-        return await self._call("env.put", {"id": env_id, **_env_args(env)})
+    async def put(
+        self, env_id: str, env: dict[str, Any] | str, *, force_id: bool = False
+    ) -> dict[str, Any]:
+        """Replace an environment; content whose uuid is another id is refused (`uuid-mismatch`)
+        unless `force_id`."""
+        return await self._call("env.put", _put_args(env_id, env, force_id))
 
     async def patch(self, env_id: str, ops: list[Any] | str) -> dict[str, Any]:
         return await self._call("env.patch", _patch_args(env_id, ops))
@@ -584,6 +629,11 @@ class Client:
         except OSError as exc:
             sock.close()
             raise _connect_error(resolved, exc) from None
+        try:
+            _check_listener(sock, resolved)
+        except BaseException:
+            sock.close()
+            raise
         return cls(sock, resolved, max_frame=max_frame)
 
     def __enter__(self) -> Client:
@@ -695,8 +745,10 @@ class Client:
     def get(self, env_id: str, pointer: str | None = None) -> Any:
         return self._call("env.get", _get_args(env_id, pointer))
 
-    def put(self, env_id: str, env: dict[str, Any] | str) -> dict[str, Any]:
-        return self._call("env.put", {"id": env_id, **_env_args(env)})
+    def put(
+        self, env_id: str, env: dict[str, Any] | str, *, force_id: bool = False
+    ) -> dict[str, Any]:
+        return self._call("env.put", _put_args(env_id, env, force_id))
 
     def patch(self, env_id: str, ops: list[Any] | str) -> dict[str, Any]:
         return self._call("env.patch", _patch_args(env_id, ops))

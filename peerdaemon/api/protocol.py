@@ -22,6 +22,7 @@ __all__ = [
     "NOT_AN_ENVIRONMENT",
     "NOT_FOUND",
     "UNKNOWN_OP",
+    "UUID_MISMATCH",
     "ApiError",
     "Pending",
     "Request",
@@ -50,6 +51,7 @@ BAD_UPDATE = "bad-update"
 FORBIDDEN = "forbidden"  # peer uid differs from the daemon's
 INTERNAL = "internal"
 STORE_FAILED = "store-failed"  # applied in memory, but the store could not make it durable
+UUID_MISMATCH = "uuid-mismatch"  # env.put of content whose uuid is another id (without force_id)
 
 ERROR_CODES = frozenset(
     {
@@ -67,6 +69,7 @@ ERROR_CODES = frozenset(
         FORBIDDEN,
         INTERNAL,
         STORE_FAILED,
+        UUID_MISMATCH,
     }
 )
 
@@ -141,6 +144,8 @@ def parse_request(msg: Mapping[Any, Any]) -> Request:
         args = {}
     elif not isinstance(args, dict):
         raise ApiError(BAD_REQUEST, "'args' must be a map")
+    elif not all(isinstance(key, str) for key in args):
+        raise ApiError(BAD_REQUEST, "the keys of 'args' must be text strings")
     return Request(msg["id"], op, args)
 
 

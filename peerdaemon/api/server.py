@@ -15,7 +15,6 @@ import math
 import os
 import socket
 import stat
-import struct
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -25,6 +24,7 @@ import trio
 
 from ..store.errors import StoreError
 from .framing import DEFAULT_MAX_FRAME, FrameDecoder, FrameError, FrameTooLarge, encode_frame
+from .peercred import peer_credentials
 from .protocol import (
     FORBIDDEN,
     FRAME_TOO_LARGE,
@@ -66,7 +66,6 @@ _RESPONSE_HIGH_BYTES = 1 << 20
 _READ_SIZE = 1 << 16
 _WRITE_BATCH = 1 << 18
 _SUN_PATH_MAX = 107 if os.uname().sysname == "Linux" else 103  # bytes, excluding the NUL
-_PEERCRED = struct.Struct("3i")  # struct ucred {pid_t pid; uid_t uid; gid_t gid;}
 
 
 class ServerStartError(RuntimeError):
@@ -467,16 +466,6 @@ class _Connection:
             self.room.unpark_all()
 
 
-def peer_credentials(sock: Any) -> tuple[int, int, int] | None:
-    """(pid, uid, gid) of a connected Unix socket's peer, or None if the OS lacks SO_PEERCRED."""
-    opt = getattr(socket, "SO_PEERCRED", None)
-    if opt is None:
-        return None
-    raw = sock.getsockopt(socket.SOL_SOCKET, opt, _PEERCRED.size)
-    pid, uid, gid = _PEERCRED.unpack(raw)
-    return pid, uid, gid
-
-
 def check_peer_uid(uid: int | None) -> bool:
     """Only the daemon's own user may connect (None = unknown: the 0700/0600 modes decide)."""
     return uid is None or uid == os.getuid()
@@ -550,9 +539,28 @@ def prepare_socket_dir(directory: Path) -> None:
 
 
 def _acquire_lock(path: Path) -> int:
-    """flock `<socket>.lock` so two daemons starting at once cannot steal each other's socket."""
+    """flock `<socket>.lock` so two daemons starting at once cannot steal each other's socket.
+
+    Opened without following a symlink, and only if it is our own regular file: in a shared
+    directory (`--socket /tmp/pd.sock`) another user could plant a link there, to have the
+    daemon create or lock a file of their choosing, or hold a file of theirs to block it.
+    """
     lock_path = path.with_name(path.name + ".lock")
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fd = os.open(
+            lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600
+        )
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ServerStartError(
+                f"{lock_path} is a symbolic link; refusing to follow it (remove it)"
+            ) from None
+        raise ServerStartError(f"cannot open {lock_path}: {exc.strerror or exc}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
+        os.close(fd)
+        what = "not a regular file" if not stat.S_ISREG(st.st_mode) else f"owned by uid {st.st_uid}"
+        raise ServerStartError(f"refusing to use {lock_path}: {what} (remove it)")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:

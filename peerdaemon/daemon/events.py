@@ -7,12 +7,15 @@ for have already been dropped (so it knows to re-read the state).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 Event = dict[str, Any]
+
+log = logging.getLogger("peerdaemon.events")
 
 
 class EventLog:
@@ -42,7 +45,15 @@ class EventLog:
         self._next_id += 1
         self._events.append(event)
         for listener in list(self._listeners.values()):
-            listener(event)
+            # Isolated: a listener that raises (a bug in one service or one client's push) must
+            # not cost the others their event, nor fail the change that emitted it. Logged only:
+            # an event about it would reach that same listener again.
+            try:
+                listener(event)
+            except BaseException as exc:
+                if not isinstance(exc, Exception) and type(exc).__name__ != "PanicException":
+                    raise  # pycrdt's panics are failures; a cancellation or an interrupt is not
+                log.error("event listener %r failed on %s", listener, type_, exc_info=exc)
         return event
 
     def since(self, cursor: int) -> list[Event]:

@@ -8,6 +8,7 @@ listeners (mirrors, peers, the hub). Documents stay on the trio thread; only byt
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,10 +24,14 @@ from .paths_diff import changed_paths
 
 EMPTY_UPDATE = b"\x00\x00"
 
+log = logging.getLogger("peerdaemon.registry")
+
 ChangeListener = Callable[[str, bytes, str], None]
 """(env id, Yjs update, origin): called for every change, after it is queued for the store."""
 
 Subscriber = Callable[[dict[str, Any]], None]
+Follower = tuple[str, int]
+"""(what it is, its token): `("subscriber", 3)`, `("listener MirrorService._on_change", 1)`."""
 """Receives `{"type": "change", ...}` / `{"type": "deleted", ...}` events of one environment."""
 
 
@@ -68,6 +73,8 @@ class Registry:
         self.envs: dict[str, Environment] = {}
         self._listeners: dict[int, ChangeListener] = {}
         self._next_token = 1
+        self._failing: dict[tuple[str, str, int], str] = {}
+        """(env id, follower) -> the reason it last failed: reported once, not on every change."""
 
     # -- loading -------------------------------------------------------------------------------
 
@@ -112,13 +119,25 @@ class Registry:
         top = env.environment_map()
         last = top.get("lastMigration")
         name = top.get("name")
-        return {
+        if type(last) is int:  # a Yjs BigInt
+            last = float(last)
+        if type(last) is not float or last != last or abs(last) == float("inf"):
+            last = None  # any client may have written anything there (a Map, NaN...)
+        summary: dict[str, Any] = {
             "id": env_id,
             "name": name if isinstance(name, str) else "",
-            "lastMigration": int(last) if isinstance(last, float) and last.is_integer() else last,
-            "newer": isinstance(last, int | float) and last > LAST_MIGRATION,
+            "lastMigration": int(last) if last is not None and last.is_integer() else last,
+            "newer": last is not None and last > LAST_MIGRATION,
             "routes": len(env.doc.get("routes", type=Map)),
         }
+        if errors := self.errors(env_id):
+            summary["errors"] = errors
+        return summary
+
+    def errors(self, env_id: str) -> list[str]:
+        """Why followers of the environment failed on its last changes (`environment-error`);
+        a follower's entry goes once it takes a change again, or stops following."""
+        return sorted(r for (e, _f, _t), r in self._failing.items() if e == env_id)
 
     def state_update(self, env_id: str, state_vector: bytes | None = None) -> bytes:
         env = self.get(env_id)
@@ -173,7 +192,7 @@ class Registry:
             except Exception as exc:
                 env.pending.clear()
                 raise UpdateRejected(f"not a Yjs update: {exc}") from None
-            if not env.pending and _beyond(update, env.doc):
+            if not env.pending and _beyond_or_unknown(update, env.doc):
                 self._keep_quiet_update(env, bytes(update))
         changed = self._commit(env, origin)
         return created, changed, env.last_ticket
@@ -195,8 +214,13 @@ class Registry:
         del self.envs[env_id]
         ticket = self.store.enqueue_delete(env_id)
         for subscriber in list(env.subscribers.values()):
-            subscriber({"type": "deleted", "id": env_id, "origin": origin})
+            try:
+                subscriber({"type": "deleted", "id": env_id, "origin": origin})
+            except BaseException as exc:
+                self._follower_failed(env_id, origin, ("subscriber", 0), exc)
         env.subscribers.clear()
+        for key in [k for k in self._failing if k[0] == env_id]:
+            del self._failing[key]
         self.events.emit("environment-deleted", id=env_id, origin=origin)
         return ticket
 
@@ -215,12 +239,22 @@ class Registry:
 
     def _before_change(self, env: Environment) -> None:
         if env.subscribers and env.cache is None:
-            env.cache = export_environment(env.doc, env.id)
+            try:
+                env.cache = export_environment(env.doc, env.id)
+            except BaseException as exc:  # then the change's paths are "" (everything)
+                if not _is_failure(exc):
+                    raise
+                env.cache = None
 
     def _commit(self, env: Environment, origin: str, new: dict[str, Any] | None = None) -> bool:
         """Send the updates of the transactions just made down the stream; True if any.
 
         `new`: the environment's JSON after the change when the caller knows it.
+
+        Once the updates are queued for the store the change has happened: nothing after that
+        (describing it, subscribers, listeners, events, compaction) may fail the write that made
+        it. Each follower is isolated: one that raises is that environment's error (logged, an
+        `environment-error` event), and the others still get the change.
         """
         updates, env.pending = env.pending, []
         if not updates:
@@ -231,30 +265,92 @@ class Registry:
         paths: list[str] | None = None
         followed = bool(env.subscribers) or self.events.listening
         if env.subscribers:
-            paths = changed_paths(old, self.export(env.id)) if old is not None else [""]
-            update = updates[0] if len(updates) == 1 else _merge(updates)
-            event = {
-                "type": "change",
-                "id": env.id,
-                "paths": paths,
-                "update": update,
-                "origin": origin,
-            }
-            for subscriber in list(env.subscribers.values()):
-                subscriber(event)
+            event: dict[str, Any]
+            try:
+                paths = self._paths(old, env.id) if old is not None else [""]
+                self._succeeded(env.id, ("change event", 0))
+                update = updates[0] if len(updates) == 1 else _merge(updates)
+                event = {
+                    "type": "change",
+                    "id": env.id,
+                    "paths": paths,
+                    "update": update,
+                    "origin": origin,
+                }
+            except BaseException as exc:
+                reason = self._follower_failed(env.id, origin, ("change event", 0), exc)
+                event = {"type": "error", "id": env.id, "origin": origin, "reason": reason}
+                paths = [""]
+            for token, subscriber in list(env.subscribers.items()):
+                self._follow(env.id, origin, ("subscriber", token), subscriber, event)
         for update in updates:
-            for listener in list(self._listeners.values()):
-                listener(env.id, update, origin)
+            for token, listener in list(self._listeners.items()):
+                follower = (_name(listener), token)
+                self._follow(env.id, origin, follower, listener, env.id, update, origin)
         if paths is None:
             # The event log promises paths too (docs/local-api.md): precise when the JSON from
             # before the change is at hand and someone follows the events (exporting a big
             # environment after every merged update is not free), else "" (everything).
             known = old is not None and (followed or env.cache is not None)
-            paths = changed_paths(old, self.export(env.id)) if known else [""]
-        self.events.emit("environment-changed", id=env.id, origin=origin, paths=paths)
-        if self.store.needs_compaction(env.id):
-            self.store.enqueue_compact(env.id, env.doc.get_update())
+            try:
+                paths = self._paths(old, env.id) if known else [""]
+                self._succeeded(env.id, ("change event", 0))
+            except BaseException as exc:
+                self._follower_failed(env.id, origin, ("change event", 0), exc)
+                paths = [""]
+        emit = self.events.emit
+        changed = {"id": env.id, "origin": origin, "paths": paths}
+        self._follow(
+            env.id, origin, ("event log", 0), lambda: emit("environment-changed", **changed)
+        )
+        try:
+            if self.store.needs_compaction(env.id):
+                self.store.enqueue_compact(env.id, env.doc.get_update())
+        except BaseException as exc:  # the updates are queued: compaction can wait
+            self._follower_failed(env.id, origin, ("compaction", 0), exc)
         return True
+
+    def _paths(self, old: dict[str, Any], env_id: str) -> list[str]:
+        return changed_paths(old, self.export(env_id))
+
+    def _follow(
+        self, env_id: str, origin: str, follower: Follower, fn: Callable[..., Any], *args: Any
+    ) -> None:
+        """Hand a change to one follower; its failure is reported, never raised."""
+        try:
+            fn(*args)
+        except BaseException as exc:
+            self._follower_failed(env_id, origin, follower, exc)
+            return
+        self._succeeded(env_id, follower)
+
+    def _succeeded(self, env_id: str, follower: Follower) -> None:
+        if self._failing:
+            self._failing.pop((env_id, *follower), None)
+
+    def _follower_failed(
+        self, env_id: str, origin: str, follower: Follower, exc: BaseException
+    ) -> str:
+        """Log and emit `environment-error` once per distinct failure of a follower of `env_id`
+        (a follower that fails on every change is reported again only if its reason changes);
+        -> the reason. Only cancellations and interrupts go on."""
+        if not _is_failure(exc):
+            raise exc
+        name = follower[0]
+        reason = f"{name} failed: {type(exc).__name__}: {exc}"
+        key = (env_id, *follower)
+        if self._failing.get(key) == reason:
+            return reason
+        self._failing[key] = reason
+        log.error("environment %s: %s", env_id, reason, exc_info=exc)
+        try:
+            self.events.emit(
+                "environment-error", id=env_id, origin=origin, follower=name, reason=reason
+            )
+        except BaseException as emit_exc:  # the event log itself failed: the log line stays
+            if not _is_failure(emit_exc):
+                raise
+        return reason
 
     # -- followers -----------------------------------------------------------------------------
 
@@ -268,6 +364,7 @@ class Registry:
         env = self.envs.get(env_id)
         if env is not None:
             env.subscribers.pop(token, None)
+        self._failing.pop((env_id, "subscriber", token), None)
 
     def add_listener(self, listener: ChangeListener) -> int:
         token = self._token()
@@ -276,6 +373,8 @@ class Registry:
 
     def remove_listener(self, token: int) -> None:
         self._listeners.pop(token, None)
+        for key in [k for k in self._failing if k[2] == token and k[1].startswith("listener")]:
+            del self._failing[key]
 
     def _token(self) -> int:
         token = self._next_token
@@ -288,6 +387,26 @@ def _merge(updates: list[bytes]) -> bytes:
 
     return merge_updates(*updates)
 
+
+def _is_failure(exc: BaseException) -> bool:
+    """An error to report, not a cancellation: pycrdt's Rust panics are BaseExceptions."""
+    return isinstance(exc, Exception) or type(exc).__name__ == "PanicException"
+
+
+def _name(fn: Callable[..., Any]) -> str:
+    """A follower as logs and events name it: `listener MirrorService._on_change`."""
+    return f"listener {getattr(fn, '__qualname__', None) or type(fn).__name__}"
+
+
+def _beyond_or_unknown(update: bytes, doc: Doc) -> bool:
+    """`_beyond`, or True if that cannot be told: storing a known update again is harmless,
+    not storing an applied one loses it."""
+    try:
+        return _beyond(update, doc)
+    except BaseException as exc:
+        if not _is_failure(exc):
+            raise
+        return True
 
 
 def _beyond(update: bytes, doc: Doc) -> bool:

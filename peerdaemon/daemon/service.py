@@ -21,7 +21,7 @@ import jsonpatch
 import jsonpointer
 
 from .. import __version__
-from ..api.protocol import ApiError, Pending
+from ..api.protocol import UUID_MISMATCH, ApiError, Pending, arg
 from ..model import LAST_MIGRATION, MODEL_VERSION, ModelError, is_newer, prepare
 from ..model.keyorder import order_like
 from ..store import Ticket
@@ -87,12 +87,24 @@ def _resolve_pointer(value: Any, pointer: str) -> Any:
     for i, part in enumerate(parts):
         if isinstance(value, dict) and part in value:
             value = value[part]
-        elif isinstance(value, list) and _ARRAY_INDEX.fullmatch(part) and int(part) < len(value):
-            value = value[int(part)]
+        elif isinstance(value, list) and (index := _list_index(part, len(value))) is not None:
+            value = value[index]
         else:
             where = jsonpointer.JsonPointer.from_parts(parts[: i + 1]).path
             raise ApiError("not-found", f"JSON Pointer {pointer!r}: nothing at {where!r}")
     return value
+
+
+def _list_index(token: str, size: int) -> int | None:
+    """The array index a pointer token names, or None: not an index, or past the end.
+
+    The length is compared first: `int()` of a token of 5,000 digits raises (Python's limit on
+    integer string conversion), and such a token is simply past the end of any array.
+    """
+    if not _ARRAY_INDEX.fullmatch(token) or len(token) > len(str(size)):
+        return None
+    index = int(token)
+    return index if index < size else None
 
 
 def _pending(ticket: Ticket | None, result: Any) -> Any:
@@ -127,8 +139,8 @@ def copy_along(env: Any, ops: Any) -> Any:
             for token in _pointer_tokens(pointer)[:-1]:
                 if isinstance(node, dict) and token in node:
                     index: Any = token
-                elif isinstance(node, list) and token.isdigit() and int(token) < len(node):
-                    index = int(token)
+                elif isinstance(node, list) and (at := _list_index(token, len(node))) is not None:
+                    index = at
                 else:
                     break
                 child = node[index]
@@ -140,6 +152,45 @@ def copy_along(env: Any, ops: Any) -> Any:
                     node[index] = child
                 node = child
     return root
+
+
+_TEXT = (str, bytes)  # a `json` argument: JSON text, or its UTF-8 bytes
+
+ARG_KINDS: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "env.import": {"json": _TEXT, "new_id": bool},
+    "env.import_link": {"json": _TEXT, "new_id": bool, "path": str},
+    "env.get": {"id": str, "pointer": str},
+    "env.put": {"id": str, "json": _TEXT, "force_id": bool},
+    "env.patch": {"id": str, "json": _TEXT},
+    "env.delete": {"id": str},
+    "env.export": {"id": str, "format": str, "state_vector": bytes},
+    "env.merge": {"id": str},  # `update` of the wrong type is `bad-update` (the op says so)
+    "env.subscribe": {"id": str},
+    "events.subscribe": {"since": int},
+    "unsubscribe": {"sub": int},
+    "env.link": {"id": str, "path": str, "overwrite": bool},
+    "env.unlink": {"id": str},
+    "env.share": {"id": str, "space": str, "copy": bool},
+    "env.unshare": {"id": str},
+    "space.create": {"name": str},
+    "space.invite": {"space": str, "addresses": list, "hub": str},
+    "space.join": {"code": str},
+    "space.leave": {"space": str},
+    "space.hub": {"space": str, "url": str, "token": str},
+    "space.unhub": {"space": str},
+    "config.get": {"key": str},
+    "config.set": {"key": str, "value": str},
+}
+"""The type of each argument an operation takes (of every service on the socket), checked before
+the operation runs: an argument of the wrong type is `bad-request` with a message, never an
+exception deep inside an operation (`internal`). Absent (or null) arguments are left to the
+operation, which knows which are required; arguments not listed are not checked here."""
+
+
+def check_args(op: str, args: dict[Any, Any]) -> None:
+    """Raise `bad-request` for an argument of `op` whose type is not the one it takes."""
+    for name, kind in ARG_KINDS.get(op, {}).items():
+        arg(args, name, kind, default=None, op=op)
 
 
 class Service:
@@ -180,6 +231,7 @@ class Service:
         handler = self._ops.get(op)
         if handler is None:
             raise ApiError("unknown-op", f"unknown operation {op!r}; known: {', '.join(self._ops)}")
+        check_args(op, args)
         try:
             return await handler(args, session)
         except UnknownEnvironment as exc:
@@ -255,7 +307,18 @@ class Service:
     async def op_put(self, args: dict[str, Any], session: Any) -> Any:
         env_id = _str_arg(args, "id")
         self.registry.get(env_id)
-        return self._write(env_id, _json_arg(args, "env"))
+        env = _json_arg(args, "env")
+        other = env.get("uuid") if isinstance(env, dict) else None
+        if isinstance(other, str) and other != env_id and not args.get("force_id"):
+            # Most likely the wrong file (or the wrong ID): replacing one environment with
+            # another's content would lose the first, and be acknowledged as a success.
+            raise ApiError(
+                UUID_MISMATCH,
+                f"the environment given has uuid {other!r}, not {env_id}: refusing to replace "
+                f"{env_id} with another environment (force_id replaces it anyway, keeping id "
+                f"{env_id})",
+            )
+        return self._write(env_id, env)
 
     async def op_patch(self, args: dict[str, Any], session: Any) -> Any:
         env_id = _str_arg(args, "id")

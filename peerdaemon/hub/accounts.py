@@ -5,8 +5,11 @@ the admin commands (`peerdaemon hub user add ...`) that run beside it: WAL mode 
 it, and the hub notices another process's commit through `PRAGMA data_version` (`refresh()`,
 polled by the server), so a revoked token or a removed member is cut off within a second.
 
-Tokens are `secrets.token_urlsafe(32)` (256 random bits), shown once; only their SHA-256 (hex)
-is stored, with the first 8 characters as a handle for listing and revoking. Every user owns a
+Tokens are `pdh_` + 43 base64url characters (256 random bits; the first is a letter or a digit),
+shown once: the fixed prefix lets secret scanners recognise a leaked one, and no token starts
+with `-`, which command lines would take for an option. Only their SHA-256 (hex) is stored, with
+the first 12 characters (8 for tokens made before the prefix) as a handle for listing and
+revoking; tokens of the older form (`token_urlsafe(32)`) keep working. Every user owns a
 personal space (a random id) besides the team spaces created by the admin.
 """
 
@@ -35,11 +38,17 @@ __all__ = [
     "Limits",
     "User",
     "hash_token",
+    "new_token",
 ]
 
 ACCOUNTS_DB = "hub-accounts.sqlite3"
-TOKEN_PREFIX_LEN = 8
+TOKEN_SCHEME = "pdh_"
+"""Every token made now starts with this (as GitHub's start with `ghp_`)."""
+TOKEN_RE = re.compile(r"pdh_[A-Za-z0-9][A-Za-z0-9_-]{42}")
+TOKEN_PREFIX_LEN = len(TOKEN_SCHEME) + 8
+"""Characters of a token kept as its handle (listing, revoking by prefix); 8 for older tokens."""
 MIN_REVOKE_PREFIX = 6
+"""Characters a revoke prefix needs, not counting `pdh_`."""
 MAX_HASH_CANDIDATES = 16
 """At most this many tokens share a daemon's 8-byte `token_id` (in practice: one)."""
 
@@ -112,6 +121,17 @@ class User:
     name: str
     personal_space: str
     token_hash: str = ""  # the hash of the token this user was found by (to re-check it later)
+
+
+def new_token() -> str:
+    """`pdh_` + 256 random bits in base64url whose first character is a letter or a digit.
+
+    Drawing again when the body starts with `-` or `_` costs under 0.05 bit of the 256.
+    """
+    while True:
+        body = secrets.token_urlsafe(32)
+        if body[0].isalnum():
+            return TOKEN_SCHEME + body
 
 
 def hash_token(token: str) -> str:
@@ -207,7 +227,7 @@ class Accounts:
             raise AccountsError(f"user {name!r} already exists")
         now = time.time()
         space = _new_space_id()
-        token = secrets.token_urlsafe(32)
+        token = new_token()
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.execute(
@@ -225,7 +245,7 @@ class Accounts:
     def add_token(self, name: str) -> str:
         """Another token for `name` (a second device, a rotation); shown once."""
         self._require_user(name)
-        token = secrets.token_urlsafe(32)
+        token = new_token()
         self._insert_token(name, token, time.time())
         self._changed()
         return token
@@ -237,23 +257,24 @@ class Accounts:
         )
 
     def revoke_token(self, token_or_prefix: str) -> str:
-        """Revoke a token given whole or by a unique prefix (>= 6 characters); -> its user."""
+        """Revoke a token given whole or by a unique prefix of its handle (>= 6 characters
+        after `pdh_`); -> its user."""
         text = (token_or_prefix or "").strip()
         row = self._db.execute(
             "SELECT hash, user FROM tokens WHERE hash = ? AND revoked IS NULL", (hash_token(text),)
         ).fetchone()
         if row is None:
-            if len(text) < MIN_REVOKE_PREFIX:
+            body = text.removeprefix(TOKEN_SCHEME)
+            if len(body) < MIN_REVOKE_PREFIX:
                 raise AccountsError(
                     f"give the whole token or at least {MIN_REVOKE_PREFIX} characters of it"
+                    f" (after {TOKEN_SCHEME!r})"
                 )
-            rows = []
-            if len(text) <= TOKEN_PREFIX_LEN:
-                rows = self._db.execute(
-                    "SELECT hash, user FROM tokens WHERE revoked IS NULL"
-                    " AND substr(prefix, 1, ?) = ?",
-                    (len(text), text),
-                ).fetchall()
+            rows = self._db.execute(
+                "SELECT hash, user FROM tokens WHERE revoked IS NULL"
+                " AND length(prefix) >= ? AND substr(prefix, 1, ?) = ?",
+                (len(text), len(text), text),
+            ).fetchall()
             if not rows:
                 raise AccountsError("no such token (or it is already revoked)")
             if len(rows) > 1:

@@ -40,7 +40,7 @@ from ..peer.messages import (
     UNAUTHORIZED,
     ProtocolError,
 )
-from ..peer.session import Closed, DocRefused, Event, PeerConfig, PeerConnection
+from ..peer.session import Closed, DocFailed, DocRefused, Event, PeerConfig, PeerConnection
 from .accounts import LimitExceeded
 
 __all__ = ["HubAuth", "PeerEndpoint", "create_peer_endpoint"]
@@ -483,14 +483,26 @@ class PeerEndpoint:
                 spaces=sorted(daemon.auth.accepted),
                 statuses=dict(daemon.auth.statuses),
             )
+        elif isinstance(event, DocFailed):  # that environment's error here; the link goes on
+            self._emit(
+                "environment-error", id=event.doc, device=daemon.auth.device, reason=event.reason
+            )
         elif isinstance(event, Closed):
+            # a device id is a fact only once the handshake proved it; before, it is a claim
+            conn = link.conn
+            device = conn.established.device if conn and conn.established else None
             if daemon.auth.user is not None or event.reason != UNAUTHORIZED:
                 log.info(
-                    "hub: daemon %s closed: %s %s", link.peer_device, event.reason, event.detail
+                    "hub: daemon %s at %s closed: %s %s",
+                    device or "(unauthenticated)",
+                    link.address,
+                    event.reason,
+                    event.detail,
                 )
             self._emit(
                 "daemon-disconnected",
-                device=link.peer_device,
+                device=device,
+                address=link.address,
                 user=daemon.auth.user,
                 reason=event.reason,
                 detail=event.detail,

@@ -27,14 +27,18 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import cbor2
 import platformdirs
 import trio
 
 from .. import __version__
 from ..addresses import parse_address
 from ..daemon.events import EventLog
+from ..identity import SETTING, Identity, load_or_create_identity
 from ..runner import run_process
-from ..store import Store, StoreError
+from ..store import DB_NAME, Store, StoreError
+from ..store.errors import StoreLockedError
+from ..store.lock import LOCK_NAME
 from .accounts import Accounts, Limits
 from .docs import HubDocs
 from .http import HttpConfig, HubHttp, PeerEndpoint, ws_frame
@@ -49,6 +53,8 @@ __all__ = [
     "PeerEndpointFactory",
     "build_config",
     "default_hub_dir",
+    "hub_key_of",
+    "hub_status",
     "parse_listen",
     "parse_size",
     "run_hub",
@@ -184,11 +190,73 @@ async def serve_hub(
                 count,
                 config.data_dir,
             )
+            key = hub_key_of(endpoint)
+            if key is not None:
+                # what daemons check the hub by: `space hub ... --hub-key KEY` (docs/hublink.md)
+                log.info("hub key fingerprint: %s", key)
             task_status.started(server)
     finally:
         if accounts is not None:
             accounts.close()
         store.close()
+
+
+def hub_key_of(endpoint: object) -> str | None:
+    """The key fingerprint daemons see in the hub's hello (its device id), if the `/peer`
+    endpoint has an identity."""
+    identity = getattr(endpoint, "identity", None)
+    device = getattr(identity, "device_id", None)
+    return device if isinstance(device, str) else None
+
+
+def hub_status(data_dir: Path) -> dict[str, Any]:
+    """`peerdaemon hub status`: the hub's key fingerprint, read from its data dir, and whether a
+    hub runs on it.
+
+    The key is the one `hub serve` keeps in its store (`PeerEndpoint`); if no hub ever ran on
+    the dir, it is created now, so an admin can hand the fingerprint out before the first start.
+    A running hub holds the store's lock: its settings are then read from the database file
+    without the lock (read-only; SQLite's WAL lets a reader beside the writer)."""
+    data_dir = Path(data_dir)
+    try:
+        store = Store.open(data_dir)
+    except StoreLockedError:
+        return {
+            "data_dir": str(data_dir),
+            "running": True,
+            "pid": _lock_holder(data_dir),
+            "hub_key": _read_key(data_dir),
+        }
+    try:
+        identity = load_or_create_identity(store, "hub")
+    finally:
+        store.close()  # commits a new identity
+    return {"data_dir": str(data_dir), "running": False, "pid": None, "hub_key": identity.device_id}
+
+
+def _read_key(data_dir: Path) -> str | None:
+    uri = (data_dir / DB_NAME).absolute().as_uri() + "?mode=ro"
+    try:
+        db = sqlite3.connect(uri, uri=True)
+        try:
+            row = db.execute("SELECT value FROM settings WHERE key = ?", (SETTING,)).fetchone()
+        finally:
+            db.close()
+        saved = cbor2.loads(row[0]) if row is not None else None
+    except (sqlite3.Error, ValueError, cbor2.CBORDecodeError) as exc:
+        raise StoreError(f"cannot read the hub's key in {data_dir}: {exc}") from None
+    raw = saved.get("private_key") if isinstance(saved, dict) else None
+    if not (isinstance(raw, bytes) and len(raw) == 32):
+        return None
+    return Identity.from_private_bytes(raw, "hub").device_id
+
+
+def _lock_holder(data_dir: Path) -> int | None:
+    try:
+        first = (data_dir / LOCK_NAME).read_text(encoding="ascii").split("\n", 1)[0]
+        return int(first)
+    except (OSError, ValueError):
+        return None
 
 
 async def _watch_accounts(accounts: Accounts, poll: float) -> None:

@@ -6,6 +6,24 @@ the peer protocol in hub mode over `ws(s)://HOST:PORT/peer` (docs/peer-protocol.
 docs/hublink.md).
 """
 
-from .service import HUBS_SETTING, HubClientAuth, HubLink, HubLinkService, HubUrl, parse_hub_url
+from .service import (
+    HUB_KEY_UNKNOWN,
+    HUBS_SETTING,
+    HubClientAuth,
+    HubLink,
+    HubLinkService,
+    HubUrl,
+    normalize_hub_key,
+    parse_hub_url,
+)
 
-__all__ = ["HUBS_SETTING", "HubClientAuth", "HubLink", "HubLinkService", "HubUrl", "parse_hub_url"]
+__all__ = [
+    "HUBS_SETTING",
+    "HUB_KEY_UNKNOWN",
+    "HubClientAuth",
+    "HubLink",
+    "HubLinkService",
+    "HubUrl",
+    "normalize_hub_key",
+    "parse_hub_url",
+]

@@ -1,11 +1,14 @@
 """The daemon's links to hubs: `space hub SPACE URL --token TOKEN` and what keeps it synced.
 
 Attachments live in the store setting `"hubs"`: `{url: {"token": str, "spaces": [space id],
-"device": str?}}` (the token is a secret: it is never returned by an operation, printed, logged,
-or sent to the hub, which gets only a proof of it bound to the connection). `device` is the hub's
-device id, pinned on the first successful connection (trust on first use): a hub at that URL
-showing another key is refused with `hub-key-changed` until `space hub ... --token` attaches
-again. One `HubLink` per hub URL dials `ws(s)://HOST:PORT[/PREFIX]/peer`, runs the peer
+"device": str?, "trust_first_use": bool?}}` (the token is a secret: it is never returned by an
+operation, printed, logged, or sent to the hub, which gets only a proof of it bound to the
+connection). `device` is the hub's key fingerprint (its device id): given with `--hub-key`, taken
+from the invite the space was joined with, or pinned on the first connection that authenticated
+the hub (`wss://`) or that the user allowed to trust it (`--trust-first-use`). A hub showing
+another key is refused with `hub-key-changed`, and an unpinned hub over a channel that did not
+authenticate it with `hub-key-unknown`, both before the daemon sends anything but its hello: no
+token proof, no space id, no document. One `HubLink` per hub URL dials `ws(s)://HOST:PORT[/PREFIX]/peer`, runs the peer
 protocol's hub-mode handshake (docs/peer-protocol.md, "Hub mode"), then a sync session over the
 attached spaces with the
 `SpacesService` as its `SyncHost`, exactly like a LAN link. Updates from the hub carry the
@@ -21,6 +24,7 @@ failure (`unauthorized`, `too-many-devices`, `incompatible-version`...), whose r
 
 from __future__ import annotations
 
+import base64
 import logging
 import random
 import time
@@ -51,6 +55,7 @@ from ..peer.messages import (
 from ..peer.session import (
     Closed,
     DocError,
+    DocFailed,
     Event,
     HelloReceived,
     PeerConfig,
@@ -60,7 +65,16 @@ from ..peer.session import (
 from ..spaces import SpaceError, SpacesService
 from ..store import Store, Ticket
 
-__all__ = ["HUBS_SETTING", "HubClientAuth", "HubLink", "HubLinkService", "HubUrl", "parse_hub_url"]
+__all__ = [
+    "HUBS_SETTING",
+    "HUB_KEY_UNKNOWN",
+    "HubClientAuth",
+    "HubLink",
+    "HubLinkService",
+    "HubUrl",
+    "normalize_hub_key",
+    "parse_hub_url",
+]
 
 log = logging.getLogger("peerdaemon.hublink")
 
@@ -74,6 +88,33 @@ IDLE = "idle"
 """Attached, but to no space this device still holds: nothing to dial."""
 PENDING = "pending"
 """A space's status before the hub has answered for it."""
+HUB_KEY_UNKNOWN = "hub-key-unknown"
+"""Our close reason for an unpinned hub over a channel that did not authenticate it (a local
+reason: the hub reads it as `closed`)."""
+MAX_WAIT = 60.0
+"""The longest `space.hub` waits for the hub's first answer (`wait`)."""
+ACCEPTED = ("ok", "registered")
+
+
+def normalize_hub_key(text: object) -> str:
+    """A hub key fingerprint as a user typed it -> the hub's device id; ValueError otherwise.
+
+    The fingerprint is the device id the hub's hello shows (base32 of the SHA-256 of its
+    Ed25519 public key, 52 characters, peerdaemon/identity.py); case, spaces and dashes are
+    ignored, so a fingerprint read aloud or re-wrapped still matches."""
+    if not isinstance(text, str):
+        raise ValueError("the hub key must be a string")
+    raw = "".join(ch for ch in text.upper() if ch not in "- \t\r\n")
+    try:
+        ok = len(raw) == 52 and len(base64.b32decode(raw + "====")) == 32
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"{text!r} is not a hub key fingerprint (52 base32 characters, as "
+            "`peerdaemon hub status` prints it)"
+        )
+    return "-".join(raw[i : i + 7] for i in range(0, 52, 7))
 
 
 # -- URLs ----------------------------------------------------------------------------------------
@@ -136,14 +177,25 @@ class HubClientAuth:
     SHA-256, for the hub to find it) and `proof`, an HMAC keyed with that SHA-256 (which the hub
     stores) over this connection's transcript hash and our role. A man in the middle sees a
     different transcript on each side, so a proof it relays (or replays) does not verify.
-    `pinned`: the hub's device id from an earlier connection; a hub showing another one is
-    refused before anything is sent (`hub-key-changed`).
+    `pinned`: the hub's device id (its key fingerprint) this daemon trusts for the URL; a hub
+    showing another one is refused before anything is sent (`hub-key-changed`). Without one, the
+    hub is accepted only if `trust_first_use` (the channel authenticated the hub, as `wss://`
+    does, or the user asked to trust its first key); otherwise it is refused the same way
+    (`hub-key-unknown`): an impostor at the hub's address gets our hello and nothing else.
     """
 
-    def __init__(self, token: str, spaces: dict[str, str], pinned: str | None = None) -> None:
+    def __init__(
+        self,
+        token: str,
+        spaces: dict[str, str],
+        pinned: str | None = None,
+        *,
+        trust_first_use: bool = False,
+    ) -> None:
         self.token = token
         self._token_hash = hub_token_hash(token)
         self.pinned = pinned
+        self.trust_first_use = trust_first_use
         self.requested = dict(spaces)  # space id -> name (for the hub to register it)
         self.statuses: dict[str, str] = {}
         self.user: str | None = None
@@ -154,9 +206,18 @@ class HubClientAuth:
         if self.pinned is not None and peer.device != self.pinned:
             raise ProtocolError(
                 HUB_KEY_CHANGED,
-                f"the hub shows device id {peer.device}, not {self.pinned} as when this daemon "
-                "first connected to it; if the hub's key really changed, attach again with "
-                "`space hub SPACE URL --token TOKEN`",
+                f"the hub shows key {peer.device}, not {self.pinned}, the one this daemon "
+                "trusts for this URL (given with --hub-key, carried by the invite, or pinned at "
+                "the first connection); if the hub's key really changed, attach again with "
+                "`space hub SPACE URL --token TOKEN --hub-key NEW_FINGERPRINT`",
+            )
+        if self.pinned is None and not self.trust_first_use:
+            raise ProtocolError(
+                HUB_KEY_UNKNOWN,
+                f"the hub's key is not known and this ws:// connection does not authenticate "
+                f"it (it shows {peer.device}): give the fingerprint `peerdaemon hub status` "
+                "prints on the hub with `space hub ... --hub-key FINGERPRINT`, or attach over "
+                "wss://, or trust its first key with --trust-first-use",
             )
         return {
             "tags": [],
@@ -221,6 +282,13 @@ class HubLink:
         self.wake = trio.Event()
         self.scope: trio.CancelScope | None = None
         self._emitted: tuple[str, str | None] | None = None
+        self.attempt = 0
+        """Connection attempts so far; `space.hub` waits for one started after its change."""
+        self.generation = 0
+        """Bumped by `restart`: an attempt started before it must not settle the new settings."""
+        self.outcome: dict[str, Any] | None = None
+        """The first answer of the latest attempt that got one (see `settle`)."""
+        self._settled = trio.Event()
 
     @property
     def url(self) -> str:
@@ -233,7 +301,8 @@ class HubLink:
     # -- control -------------------------------------------------------------------------------
 
     def restart(self) -> None:
-        """Redial at once (attachments or the token changed): close the live link, if any."""
+        """Redial at once (attachments, token or key changed): close the live link, if any."""
+        self.generation += 1
         self.backoff = self.service.config.backoff_initial
         if self.link is not None and self.link.closed is None:
             self.link.close(SHUTDOWN, "the attached spaces changed")
@@ -279,7 +348,15 @@ class HubLink:
     async def _connect_once(self, spaces: frozenset[str]) -> None:
         service = self.service
         names = {s: service.space_name(s) for s in sorted(spaces)}
-        auth = HubClientAuth(self.token, names, service.pinned(self.url))
+        self.attempt += 1
+        attempt, generation = self.attempt, self.generation
+        auth = HubClientAuth(
+            self.token,
+            names,
+            service.pinned(self.url),
+            # a verified TLS certificate authenticates the hub (`dial` checks it)
+            trust_first_use=self.target.tls or service.trusts_first_use(self.url),
+        )
 
         def make_conn(now: float) -> PeerConnection:
             return PeerConnection(
@@ -293,11 +370,14 @@ class HubLink:
                 origin=self.origin,
             )
 
+        def on_event(link: Link, event: Event) -> None:
+            self._on_event(link, event, generation)
+
         link = Link(
             make_conn,
             dialer=True,
             address=self.url,
-            on_event=self._on_event,
+            on_event=on_event,
             config=service.config,
         )
         self.link, self.auth, self.requested = link, auth, spaces
@@ -317,18 +397,48 @@ class HubLink:
             self.link = None
             if self.state != DISCONNECTED:  # cancelled, or ended without a Closed event
                 self._set(DISCONNECTED, self.reason or messages.CLOSED)
+            if attempt == self.attempt and generation == self.generation:
+                self.settle(attempt)  # no-op if the hub's acceptance settled it already
 
-    def _on_event(self, link: Link, event: Event) -> None:
+    def settle(self, attempt: int) -> None:
+        """Record the first answer of `attempt` (accepted, or why not) for `space.hub`'s wait."""
+        if self.outcome is not None and self.outcome["attempt"] >= attempt:
+            return
+        self.outcome = {
+            "attempt": attempt,
+            "state": self.state,
+            "reason": self.reason,
+            "detail": self.describe() if self.state != CONNECTED else "",
+            "spaces": dict(self.statuses) if self.state == CONNECTED else {},
+            "user": self.auth.user if self.auth is not None and self.state == CONNECTED else None,
+        }
+        self._settled.set()
+        self._settled = trio.Event()
+
+    async def wait_settled(self, after: int, timeout: float) -> dict[str, Any] | None:
+        """The outcome of the first attempt numbered above `after`; None after `timeout`."""
+        with trio.move_on_after(timeout):
+            while self.outcome is None or self.outcome["attempt"] <= after:
+                await self._settled.wait()
+            return self.outcome
+        return None
+
+    def _on_event(self, link: Link, event: Event, generation: int) -> None:
         if isinstance(event, HelloReceived):
-            self.device, self.name = event.hello.device, event.hello.name
+            pass  # the hub's claims: shown only once its key is proven (below)
         elif isinstance(event, Established):
             auth = self.auth
             assert auth is not None
-            if self.service.requested(self.url) != self.requested or auth.token != self.token:
-                link.close(SHUTDOWN, "the attached spaces changed while connecting")
-                return  # attached or detached meanwhile: redial with the new set at once
+            if (
+                self.service.requested(self.url) != self.requested
+                or auth.token != self.token
+                or generation != self.generation
+            ):
+                link.close(SHUTDOWN, "the attachment changed while connecting")
+                return  # attached, detached or re-keyed meanwhile: redial at once
+            self.device, self.name = event.device, event.name
             if auth.pinned is None:
-                self.service.pin(self.url, event.device)  # trust on first use
+                self.service.pin(self.url, event.device)  # trust on first use, as allowed
             self.statuses = dict(auth.statuses)
             self.errors = {}
             self.detail, self.versions = "", None
@@ -339,6 +449,7 @@ class HubLink:
                 ", ".join(f"{s} {v}" for s, v in sorted(self.statuses.items())),
             )
             self._set(CONNECTED, None)
+            self.settle(self.attempt)
         elif isinstance(event, Synced):
             self.synced = True
             self.backoff = self.service.config.backoff_initial
@@ -352,6 +463,15 @@ class HubLink:
                 space=self.service.spaces.env_space(event.doc),
                 reason=event.reason,
                 detail=event.detail,
+            )
+        elif isinstance(event, DocFailed):  # that environment's error here; the link goes on
+            origin = f"hub:{self.url}"
+            self.service.emit(
+                "environment-error",
+                id=event.doc,
+                origin=origin,
+                follower=origin,
+                reason=event.reason,
             )
         elif isinstance(event, Closed):
             self.detail, self.versions = event.detail, event.versions
@@ -448,6 +568,7 @@ class HubLink:
             "since": self.since,
             "device": self.device,
             "name": self.name,
+            "hub_key": self.service.pinned(self.url),
             "user": self.auth.user if self.auth is not None and self.state == CONNECTED else None,
             "spaces": self.space_statuses(),
             "synced": self.synced and self.state == CONNECTED,
@@ -523,8 +644,8 @@ class HubLinkService:
         self.model = model
         self.rng = rng or random.Random()
         self.attached: dict[str, dict[str, Any]] = {}
-        """url -> {"token": str, "spaces": [space id], "device": pinned hub device id?}, as in
-        the store setting."""
+        """url -> {"token": str, "spaces": [space id], "device": the trusted hub key?,
+        "trust_first_use": True?}, as in the store setting."""
         self.links: dict[str, HubLink] = {}
         self._nursery: trio.Nursery | None = None
 
@@ -546,6 +667,8 @@ class HubLinkService:
             device = entry.get("device")
             if isinstance(device, str) and device:
                 self.attached[target.url]["device"] = device
+            elif entry.get("trust_first_use") is True:
+                self.attached[target.url]["trust_first_use"] = True
             self.links[target.url] = HubLink(self, target, token)
         self._mark_spaces()
 
@@ -553,12 +676,16 @@ class HubLinkService:
         return self.store.put_setting(HUBS_SETTING, self.attached)
 
     def _mark_spaces(self) -> None:
-        """Let invites of an attached space carry its hub URL (`Space.hub`)."""
+        """Let invites of an attached space carry its hub URL and, once this daemon trusts one,
+        the hub's key (`Space.hub`, `Space.hub_key`)."""
         for url, entry in self.attached.items():
             for space_id in entry["spaces"]:
                 space = self.spaces.spaces.get(space_id)
                 if space is not None:
-                    space.hub = url
+                    if space.hub != url:
+                        space.hub, space.hub_key = url, None
+                    if entry.get("device"):
+                        space.hub_key = entry["device"]
 
     # -- queries -------------------------------------------------------------------------------
 
@@ -576,13 +703,20 @@ class HubLinkService:
         device = entry.get("device") if entry is not None else None
         return device if isinstance(device, str) else None
 
+    def trusts_first_use(self, url: str) -> bool:
+        """Whether the user allowed trusting the key an unpinned hub at `url` shows first."""
+        entry = self.attached.get(url)
+        return entry is not None and entry.get("trust_first_use") is True
+
     def pin(self, url: str, device: str) -> None:
         """Trust `device` as the hub at `url` from now on (its first successful connection)."""
         entry = self.attached.get(url)
         if entry is None or entry.get("device") == device:
             return
         entry["device"] = device
+        entry.pop("trust_first_use", None)
         self._save()
+        self._mark_spaces()
         log.info("hub %s: pinned the hub's device id %s", url, device)
 
     def hub_of(self, space_id: str) -> str | None:
@@ -603,8 +737,21 @@ class HubLinkService:
 
     # -- attach / detach -----------------------------------------------------------------------
 
-    def attach(self, ref: str, url: str | None, token: str) -> tuple[str, str, Ticket]:
-        """Attach a space to a hub (the URL defaults to the one its invite carried)."""
+    def attach(
+        self,
+        ref: str,
+        url: str | None,
+        token: str,
+        *,
+        hub_key: str | None = None,
+        trust_first_use: bool = False,
+    ) -> tuple[str, str, Ticket]:
+        """Attach a space to a hub (the URL defaults to the one its invite carried).
+
+        Which hub key is trusted for the URL: `hub_key` if given (it replaces any pin); with
+        `trust_first_use`, none, and the key the hub shows on the next connection is pinned;
+        otherwise the one already pinned, or else the key the space's invite carried for this
+        URL. Without any, only a `wss://` connection (its verified certificate) may pin one."""
         space = self.spaces.resolve(ref)
         if url is None or url == "":
             url = space.hub
@@ -618,22 +765,41 @@ class HubLinkService:
             raise SpaceError("bad-request", str(exc)) from None
         if not isinstance(token, str) or not 0 < len(token) <= MAX_TOKEN or token != token.strip():
             raise SpaceError("bad-request", "the token must be a non-empty string without spaces")
+        vouched: str | None = None  # the key the space's invite carried for this URL
+        if hub_key is not None:
+            if trust_first_use:
+                raise SpaceError("bad-request", "give a hub key or trust the first one, not both")
+            try:
+                hub_key = normalize_hub_key(hub_key)
+            except ValueError as exc:
+                raise SpaceError("bad-request", str(exc)) from None
+        elif space.hub_key and space.hub:
+            try:
+                if parse_hub_url(space.hub).url == target.url:
+                    vouched = space.hub_key
+            except ValueError:
+                pass
         restart: set[str] = set()
         previous = self.hub_of(space.id)
         if previous is not None and previous != target.url:
             self._remove(space.id, previous)
             restart.add(previous)
         entry = self.attached.setdefault(target.url, {"token": token, "spaces": []})
-        if entry["token"] != token or space.id not in entry["spaces"]:
-            restart.add(target.url)
-        if entry.pop("device", None) is not None:
-            restart.add(target.url)  # attaching again trusts the key the hub shows next
+        before = dict(entry, spaces=list(entry["spaces"]))
+        if trust_first_use:
+            entry.pop("device", None)  # trust the key the hub shows next
+            entry["trust_first_use"] = True
+        elif hub_key is not None or (vouched is not None and not entry.get("device")):
+            entry["device"] = hub_key or vouched
+            entry.pop("trust_first_use", None)
         entry["token"] = token
         if space.id not in entry["spaces"]:
             entry["spaces"].append(space.id)
-        ticket = self._save()
-        space.hub = target.url
         link = self.links.get(target.url)
+        if entry != before or link is None or link.state != CONNECTED:
+            restart.add(target.url)  # a change, or an attach to try again now: redial
+        ticket = self._save()
+        self._mark_spaces()
         if link is None:
             link = self.links[target.url] = HubLink(self, target, token)
             if self._nursery is not None:
@@ -743,17 +909,74 @@ class HubLinkService:
 
     async def op_hub(self, args: dict[str, Any], session: Any) -> Any:
         space, url, token = args.get("space"), args.get("url"), args.get("token")
+        hub_key, tofu, wait = (
+            args.get("hub_key"),
+            args.get("trust_first_use", False),
+            args.get("wait", 0),
+        )
         if not isinstance(space, str) or not space:
             raise ApiError("bad-request", "argument 'space' must be a non-empty string")
         if url is not None and not isinstance(url, str):
             raise ApiError("bad-request", "argument 'url' must be a string")
         if not isinstance(token, str):
             raise ApiError("bad-request", "argument 'token' must be a string")
+        if hub_key is not None and not isinstance(hub_key, str):
+            raise ApiError("bad-request", "argument 'hub_key' must be a string")
+        if not isinstance(tofu, bool):
+            raise ApiError("bad-request", "argument 'trust_first_use' must be a boolean")
+        if not isinstance(wait, int | float) or isinstance(wait, bool) or not 0 <= wait <= MAX_WAIT:
+            raise ApiError("bad-request", f"argument 'wait' must be 0 to {MAX_WAIT:g} seconds")
+        generations = {u: link.generation for u, link in self.links.items()}
         try:
-            space_id, canonical, ticket = self.attach(space, url, token)
+            space_id, canonical, ticket = self.attach(
+                space, url, token, hub_key=hub_key, trust_first_use=tofu
+            )
         except SpaceError as exc:
             raise ApiError(exc.code, exc.message) from None
-        return Pending(ticket.wait, {"space": space_id, "url": canonical})
+        result: dict[str, Any] = {"space": space_id, "url": canonical}
+        if not wait:
+            return Pending(ticket.wait, result)
+        link = self.links[canonical]
+        baseline = link.attempt  # the next attempt is the first with the new settings
+        redialed = generations.get(canonical) != link.generation
+
+        async def answer() -> None:
+            await ticket.wait()
+            if redialed:
+                outcome = await link.wait_settled(baseline, float(wait))
+            else:  # already connected with these settings: that is the answer
+                outcome = link.outcome
+            result.update(self._answer(link, space_id, outcome))
+
+        return Pending(answer, result)
+
+    def _answer(
+        self, link: HubLink, space_id: str, outcome: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        """`space.hub`'s report of the hub's first answer: `accepted` (the hub syncs the space),
+        `refused` (`reason`: unauthorized, forbidden, hub-key-unknown, unreachable, busy...) or
+        `no-answer` (none within `wait`). The attachment is kept in every case."""
+        key = self.pinned(link.url)
+        if outcome is None:
+            return {
+                "outcome": "no-answer",
+                "reason": link.reason,
+                "detail": link.describe() if link.state != CONNECTED else "",
+                "hub_key": key,
+            }
+        status = outcome["spaces"].get(space_id) if outcome["state"] == CONNECTED else None
+        if status in ACCEPTED:
+            return {
+                "outcome": "accepted",
+                "status": status,
+                "user": outcome["user"],
+                "hub_key": key,
+            }
+        reason = outcome["reason"] or status or messages.CLOSED
+        detail = outcome["detail"]
+        if outcome["state"] == CONNECTED:
+            reason, detail = status or PENDING, f"the hub answered {status!r} for this space"
+        return {"outcome": "refused", "reason": reason, "detail": detail, "hub_key": key}
 
     async def op_unhub(self, args: dict[str, Any], session: Any) -> Any:
         space = args.get("space")

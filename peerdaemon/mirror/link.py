@@ -6,12 +6,13 @@ apply finished; the machine answers with actions (render the document, write thi
 the file, emit an event, remember the synced content) and the next deadline it wants to be woken
 at. Everything that decides *what* to do is here, so it is tested without files or sleeping.
 
-How it avoids loops: it remembers the hash of the content it last wrote and of the content it
-last saw in the file. A file whose content is one of those is its own write, or a touch, and is
-not applied again. A document change is rendered and compared, as JSON, with the file: when the
-file already says it (after applying that very file, say), nothing is written. So a file write
-leads to at most one apply and one write back (only if the merge changed something), and a
-watcher that reloads the file (Mockoon, mockoon-cli --watch) sees each change once.
+How it avoids loops: it remembers the hash of the content last seen in the file, which a write
+of its own sets. A file whose content is that is its own write, or a touch, and is not applied
+again; any other content is a change, even one equal to an earlier write of ours (a restore).
+A document change is rendered and compared, as JSON, with the file: when the file already says
+it (after applying that very file, say), nothing is written. So a file write leads to at most
+one apply and one write back (only if the merge changed something), and a watcher that reloads
+the file (Mockoon, mockoon-cli --watch) sees each change once.
 """
 
 from __future__ import annotations
@@ -127,7 +128,6 @@ class LinkMachine:
         self.kind: FileKind | None = None
         self.file_hash: str | None = None  # content last seen in the file
         self.file_json: str | None = None  # its JSON hash, if it was a valid environment
-        self.written_hash: str | None = None  # content we last wrote there
         # document side
         self.dirty = False
         self.dirty_since = 0.0
@@ -212,10 +212,10 @@ class LinkMachine:
             if obs.json_hash is None:
                 return actions + self._invalid(now, obs, settled=True)
             return actions + self._apply(obs)
-        if h == self.file_hash or h == self.written_hash:
-            # a touch, or our own write coming back: never applied again
-            if h == self.written_hash:
-                self.file_hash = h
+        if h == self.file_hash:
+            # a touch, or our own write coming back (a write sets `file_hash`): not applied again.
+            # Content equal to what we once wrote but not to what the file last held is a change:
+            # the user restored it (`cp NAME.peerdaemon-conflict.json NAME.json`, an undo).
             return actions
         self.file_hash = h
         if obs.json_hash is None:
@@ -242,10 +242,11 @@ class LinkMachine:
         if self.conflict or self.kind in ("dir", "error"):
             return self.poll(now)
         if self.kind == "file" and json_hash == self.file_json and self.file_json is not None:
-            # the file already says this (e.g. right after applying it): no write, no reload
+            # the file already says this (e.g. right after applying it): no write, no reload;
+            # and an earlier failure to render or write is over, nothing is left to write
             self.dirty = False
             self.file_json = json_hash
-            actions: list[Action] = []
+            actions: list[Action] = self._recovered()
             if self.file_hash is not None and self.file_hash != self.synced:
                 self.synced = self.file_hash
                 actions.append(Synced(self.file_hash))
@@ -280,7 +281,7 @@ class LinkMachine:
             return actions + self.poll(now)
         if outcome == "ok":
             h = content_hash(content)
-            self.written_hash = self.file_hash = self.synced = h
+            self.file_hash = self.synced = h  # what we wrote is what the file holds
             self.file_json = json_hash
             self.sig = sig
             self.kind = "file"
@@ -307,6 +308,22 @@ class LinkMachine:
         self.stats["applies"] += 1
         self.synced = content_hash(content)
         return [Synced(self.synced), *self._recovered(), *self.poll(now)]
+
+    def failed(self, now: float, reason: str) -> list[Action]:
+        """A step the shell ran for the link failed (the document could not be rendered, or a
+        bug): the link is in error with `reason`, leaves the file as it is, and tries again with
+        backoff. The reason stays in `error` until a render or a write succeeds."""
+        if self.in_flight:
+            # a write or an apply was under way: what the file holds now is not known, so it is
+            # read (and applied: a three-way merge, harmless if already done) before anything
+            self.file_hash = self.file_json = None
+            self.want_observe = True
+        self.in_flight = False
+        self.rendering = None
+        if not self.dirty:  # the document may not be in the file: render it again
+            self.dirty = True
+            self.dirty_since = self.last_change = now
+        return self._fail(now, reason, source="internal") + self.poll(now)
 
     def poll(self, now: float) -> list[Action]:
         """Timers: debounced renders, settled conflicts and deletions, retries."""
@@ -371,6 +388,15 @@ class LinkMachine:
             return "syncing"
         return "ok"
 
+    @property
+    def reason(self) -> str | None:
+        """Why the link is not in step, for `env links`: its error, or what makes it a conflict."""
+        if self.error is not None:
+            return self.error
+        if self.conflict:
+            return self._conflict_reason()
+        return None
+
     # -- helpers --------------------------------------------------------------------------------
 
     def _due(self) -> float:
@@ -417,13 +443,16 @@ class LinkMachine:
         return [
             Emit(
                 "mirror-conflict",
-                self._data(
-                    conflict_path=self.conflict_path,
-                    reason=f"{self.path} cannot be applied ({self.invalid_reason}); it is left as it is "
-                    f"and the merged environment is in {self.conflict_path} until the file is valid again",
-                ),
+                self._data(conflict_path=self.conflict_path, reason=self._conflict_reason()),
             )
         ]
+
+    def _conflict_reason(self) -> str:
+        return (
+            f"{self.path} cannot be applied ({self.invalid_reason or 'not a valid environment'}); "
+            f"it is left as it is and the merged environment is in {self.conflict_path} until "
+            "the file is valid again"
+        )
 
     def _fail(self, now: float, reason: str, source: str = "write") -> list[Action]:
         actions: list[Action] = []

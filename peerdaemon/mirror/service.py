@@ -68,6 +68,16 @@ CONFLICT_SUFFIX = ".peerdaemon-conflict.json"
 EMPTY_UPDATE = b"\x00\x00"
 
 
+def _is_failure(exc: BaseException) -> bool:
+    """An error of one link (a bug, a document no file can hold), not a cancellation: pycrdt's
+    Rust panics are BaseExceptions, yet they are failures like any other."""
+    return isinstance(exc, Exception) or type(exc).__name__ == "PanicException"
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
 def conflict_path_for(path: Path) -> Path:
     """`env.json` -> `env.peerdaemon-conflict.json`, next to it."""
     stem = path.name[:-5] if path.name.endswith(".json") else path.name
@@ -366,7 +376,7 @@ class LinkRunner:
             "conflict_path": str(self.conflict_path),
             "auto": self.auto,
             "state": self.m.state,
-            "error": self.m.error,
+            "error": self.m.reason,
             "conflict": self.m.conflict,
             "stats": dict(self.m.stats),
         }
@@ -380,32 +390,39 @@ class LinkRunner:
                 finally:
                     with trio.CancelScope(shield=True) as flush:
                         flush.deadline = trio.current_time() + FLUSH_TIMEOUT
-                        await self._flush()
+                        await self._last_flush()
         finally:
             self.first_sync.set()
             self.done.set()
 
     async def _supervised(self) -> None:
         """A bug in one link must not end the daemon: report it, wait, look at the file again."""
-        last_reason = None
         while True:
             try:
                 await self._loop()
             except BaseException as exc:
-                # pycrdt's Rust panics are BaseExceptions; anything else (Cancelled) goes on
-                if not isinstance(exc, Exception) and type(exc).__name__ != "PanicException":
+                if not _is_failure(exc):  # Cancelled: the link or the daemon stops
                     raise
-                log.exception("link %s -> %s failed", self.env_id, self.path)
-                reason = f"internal error: {type(exc).__name__}: {exc}"
-                if reason != last_reason:  # once per distinct failure, not once a second
-                    self.mirror.events.emit(
-                        "mirror-error", id=self.env_id, path=str(self.path), reason=reason
-                    )
-                last_reason = reason
-                self.first_sync.set()
-                self.m.in_flight = False
-                self.m.rendering = None
+                await self._failed(exc, "internal error: ")
                 await trio.sleep(RESTART_DELAY)
+
+    async def _last_flush(self) -> None:
+        """The flush at unlink or shutdown runs outside the supervised loop: its failure is this
+        link's error too (in `env links` and a `mirror-error` event), never the daemon's end."""
+        try:
+            await self._flush()
+        except BaseException as exc:
+            if not _is_failure(exc):
+                raise
+            await self._failed(exc, "the last changes could not be written: ")
+
+    async def _failed(self, exc: BaseException, prefix: str) -> None:
+        """Put the link in error with why; logged with its traceback once per distinct reason."""
+        reason = prefix + _describe(exc)
+        if reason != self.m.error:
+            log.error("link %s -> %s failed", self.env_id, self.path, exc_info=exc)
+        self.first_sync.set()
+        await self._do(self.m.failed(trio.current_time(), reason))
 
     async def _loop(self) -> None:
         await self._observe_and_feed()
@@ -500,11 +517,22 @@ class LinkRunner:
         if self.env_id not in reg.envs:
             self.m.rendering = None
             return []
-        env = reg.export(self.env_id)
-        base = reg.state_update(self.env_id) if target == "file" else None
-        content, jh, ordered = await trio.to_thread.run_sync(
-            _render, env, self.template, self.style
-        )
+        try:
+            env = reg.export(self.env_id)
+            base = reg.state_update(self.env_id) if target == "file" else None
+            content, jh, ordered = await trio.to_thread.run_sync(
+                _render, env, self.template, self.style
+            )
+        except BaseException as exc:
+            # the document holds what no file can say (or a bug): this link's error, retried
+            # with backoff; the file keeps its last good content
+            if not _is_failure(exc):
+                raise
+            reason = f"the environment cannot be written to {self.path.name}: {_describe(exc)}"
+            if reason != self.m.error:
+                log.error("link %s -> %s: rendering failed", self.env_id, self.path, exc_info=exc)
+            self.first_sync.set()
+            return self.m.failed(trio.current_time(), reason)
         self._render = (base, ordered)
         self._render_hash = jh
         actions = self.m.rendered(trio.current_time(), target, content, jh)
@@ -612,7 +640,7 @@ class MirrorService:
                 log.warning("mirror-error: %s", reason)
                 self.events.emit("mirror-error", id=None, path=str(self.mirror_dir), reason=reason)
             for env_id in sorted(self.registry.envs):
-                await self._auto_link(env_id)
+                await self._guarded(self._auto_link, env_id)
 
     def _machine(self, env_id: str, path: Path, synced: str | None, mode: Any) -> LinkMachine:
         return LinkMachine(
@@ -672,9 +700,23 @@ class MirrorService:
             return
         env_id = event.get("data", {}).get("id")
         if event["type"] == "environment-deleted" and env_id in self.links:
-            self._nursery.start_soon(self._forget, env_id)
+            self._nursery.start_soon(self._guarded, self._forget, env_id)
         elif event["type"] == "environment-created" and self.mirror_dir is not None:
-            self._nursery.start_soon(self._auto_link, env_id)
+            self._nursery.start_soon(self._guarded, self._auto_link, env_id)
+
+    async def _guarded(self, fn: Callable[[str], Any], env_id: str) -> None:
+        """A background step for one environment: its failure is that environment's mirror
+        error (logged, and a `mirror-error` event), not the end of the service and the daemon."""
+        try:
+            await fn(env_id)
+        except BaseException as exc:
+            if not _is_failure(exc):
+                raise
+            reason = f"internal error: {_describe(exc)}"
+            log.error("mirror of %s: %s", env_id, reason, exc_info=exc)
+            runner = self.links.get(env_id)
+            path = str(runner.path) if runner is not None else None
+            self.events.emit("mirror-error", id=env_id, path=path, reason=reason)
 
     async def _forget(self, env_id: str) -> None:
         runner = await self._stop(env_id)

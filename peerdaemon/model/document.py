@@ -2,29 +2,43 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 from pycrdt import Doc
 
 from .edits import sync_entities, sync_fields, sync_plain_array, unchanged
-from .layout import ENV_ROOT, META_ROOT, prepared_value, read, root_array, root_map
-from .repair import check_environment, check_storable, is_newer, repair
+from .layout import ENV_ROOT, META_ROOT, NotJson, prepared_value, read, root_array, root_map
+from .repair import check_environment, check_json, conform, is_newer, repair
 from .schema import KINDS, MODEL_VERSION, ORDER_SUFFIX, ROOT_ENTITY_LISTS, ROOT_REF_LIST
 
 _TOP_LISTS = (*ROOT_ENTITY_LISTS, ROOT_REF_LIST)
 
+_UNFAITHFUL: weakref.WeakKeyDictionary[Doc, bool] = weakref.WeakKeyDictionary()
+"""Documents whose last export changed an entity's identity or a reference (see
+`apply_environment`)."""
+
 
 def prepare(env: Any, env_id: str | None = None) -> tuple[dict[str, Any], list[str]]:
-    """Check and repair a JSON environment before it touches a document; returns a copy."""
+    """Check and repair a JSON environment before it touches a document; returns a copy.
+
+    Refuses (ModelError, naming the field's JSON Pointer) what no environment can hold or a
+    known field of the wrong type; fills Mockoon's defaults for missing fields; notes every
+    other repair. The result is exactly what the document will export (`repair` leaves it as
+    it is), so callers may cache it as the export.
+    """
     check_environment(env)
-    env = prepared_value(env)  # a copy, with numbers and strings as they will export
-    if is_newer(env):
-        check_storable(env)
-    notes = repair(env)
+    try:
+        env = prepared_value(env)  # a copy, with numbers and strings as they will export
+    except (NotJson, AttributeError):
+        check_json(env)  # raises the ModelError that says where
+        raise
+    notes: list[str] = []
     if env_id is not None and env.get("uuid") != env_id:
         if "uuid" in env:
             notes.append(f"uuid {env['uuid']!r} is not this environment's id; kept {env_id}")
         env["uuid"] = env_id
+    conform(env, strict=not is_newer(env), notes=notes)
     return env, notes
 
 
@@ -35,8 +49,12 @@ def apply_environment(
 
     `old`, if given, must be what `export_environment(doc)` returns now: the parts of `env` equal
     to it are skipped without reading the document, so a small edit of a big environment costs
-    little.
+    little. If that export had to give entities new uuids or mend references, `old` is not a
+    faithful picture of the document (a skipped part could read differently once the rest has
+    changed), and the whole document is synced instead, once: afterwards it mirrors `env`.
     """
+    if _UNFAITHFUL.pop(doc, False):
+        old = None
     old = old or {}
     with doc.transaction(origin=origin):
         top = {k: v for k, v in env.items() if k not in _TOP_LISTS}
@@ -82,11 +100,17 @@ def import_environment(
 
 
 def export_environment(doc: Doc, env_id: str | None = None) -> dict[str, Any]:
-    """The document as a valid Mockoon environment, whatever merges or clients put in it."""
+    """The document as a valid Mockoon environment, whatever merges or clients put in it.
+
+    Total and deterministic: every replica holding the same updates exports the same JSON,
+    which passes Mockoon's strict schema (docs/model.md, "Reading"). Without `env_id`, the
+    environment's uuid is what the document holds, if it holds a string.
+    """
     env = read(doc)
-    repair(env)
-    if env_id is not None:
-        env["uuid"] = env_id
+    if repair(env, env_id):
+        _UNFAITHFUL[doc] = True
+    else:
+        _UNFAITHFUL.pop(doc, None)
     return env
 
 

@@ -14,7 +14,15 @@ from typing import Any
 
 from pycrdt import Array, Map, Text
 
-from .layout import GENERIC, build_fields, build_value, js_value, normalize, storable
+from .layout import (
+    GENERIC,
+    build_fields,
+    build_value,
+    js_value,
+    normalize,
+    plain_items,
+    storable,
+)
 from .schema import KINDS, ORDER_SUFFIX, Kind
 
 _SHARED = (Map, Array, Text)
@@ -114,11 +122,17 @@ def sync_entities(
     kind: Kind,
     old: list[dict[str, Any]] | None = None,
 ) -> None:
-    """Entities are edited in place and only their uuids move, so a move never loses an edit."""
+    """Entities are edited in place and only their uuids move, so a move never loses an edit.
+
+    `old` guides the write only if the map's keys are the uuids it exported: a read that dropped
+    an entity or gave one a new uuid (docs/model.md, "Reading") is healed by a full sync.
+    """
     ids = [e["uuid"] for e in target]
     before: dict[str, Any] = {}
     if isinstance(old, list):
         before = {e.get("uuid"): e for e in old if isinstance(e, dict)}
+        if before.keys() != set(items.keys()):
+            old, before = None, {}
     wanted = set(ids)
     if before.keys() != wanted or not before:
         for uid in list(items.keys()):
@@ -143,13 +157,9 @@ def _key(value: Any) -> str:
     return json.dumps(normalize(value), sort_keys=True, separators=(",", ":"))
 
 
-def _py(item: Any) -> Any:
-    return item.to_py() if isinstance(item, _SHARED) else item
-
-
 def sync_plain_array(arr: Array, target: list[Any]) -> None:
     """Items compared whole: deletes and inserts only (references, uuid orders)."""
-    current = [_key(v) for v in arr.to_py() or []]
+    current = [_key(v) for v in plain_items(arr)]
     wanted = [_key(v) for v in target]
     if current == wanted:
         return
@@ -165,7 +175,7 @@ def sync_plain_array(arr: Array, target: list[Any]) -> None:
 def sync_array(arr: Array, target: list[Any], kind: Kind) -> None:
     """Lists without ids (headers, rules): unchanged items kept, changed ones edited in place."""
     items = list(arr)
-    current = [_key(_py(v)) for v in items]
+    current = [_key(v) for v in plain_items(arr)]
     wanted = [_key(v) for v in target]
     if current == wanted:
         return

@@ -11,8 +11,9 @@ import re
 from typing import Any
 
 from pycrdt import Array, Doc, Map, Text
+from pycrdt import _pycrdt as _raw
 
-from .schema import KINDS, ORDER_SUFFIX, ROOT_ENTITY_LISTS, ROOT_REF_LIST, Kind
+from .schema import KINDS, MAX_DEPTH, ORDER_SUFFIX, ROOT_ENTITY_LISTS, ROOT_REF_LIST, Kind
 
 ENV_ROOT = "environment"
 META_ROOT = "meta"
@@ -83,6 +84,7 @@ _JS_EXPONENT = 1e21
 """From here on `JSON.stringify` writes an integral number with an exponent (1e+21)."""
 
 _MAX_SAFE = 2**53
+_INF = float("inf")
 
 
 def js_value(value: Any) -> Any:
@@ -134,49 +136,143 @@ def normalize(value: Any) -> Any:
     return value
 
 
-def prepared_value(value: Any) -> Any:
+class NotJson(ValueError):
+    """What `prepared_value` met is not JSON, or too deep; `repair.check_json` says where."""
+
+
+def prepared_value(value: Any, depth: int = 0) -> Any:
     """`normalize(js_value(value))` in one pass: a fresh copy as the document will export it.
 
     Every write of the daemon goes through this, so it dispatches on exact types, most common
-    first, and skips the surrogate scan for ASCII strings.
+    first, and skips the surrogate scan for ASCII strings. Raises NotJson (or AttributeError for
+    a key that is no string) on what is not JSON or nested deeper than MAX_DEPTH.
     """
     t = type(value)
     if t is str:
         return value if value.isascii() else _well_formed(value)
     if t is dict:
+        if depth >= MAX_DEPTH:
+            if depth > MAX_DEPTH:
+                raise NotJson
+            for v in value.values():
+                if type(v) is dict or type(v) is list:
+                    raise NotJson
+        depth += 1
         return {
-            (k if k.isascii() else _well_formed(k)): prepared_value(v) for k, v in value.items()
+            (k if k.isascii() else _well_formed(k)): prepared_value(v, depth)
+            for k, v in value.items()
         }
     if t is list:
-        return [prepared_value(v) for v in value]
+        if depth >= MAX_DEPTH:
+            if depth > MAX_DEPTH:
+                raise NotJson
+            for v in value:
+                if type(v) is dict or type(v) is list:
+                    raise NotJson
+        depth += 1
+        return [prepared_value(v, depth) for v in value]
     if t is int:
         return value if -_MAX_SAFE <= value <= _MAX_SAFE else normalize(js_value(value))
     if t is float:
         return normalize(js_value(value))
     if t is bool or value is None:
         return value
-    return normalize(js_value(value))
+    raise NotJson
+
+
+ABSENT: Any = object()
+"""What a value no environment can hold reads as; it is dropped from its map or array."""
+
+_RawMap = _raw.Map
+_RawArray = _raw.Array
+_RawText = _raw.Text
+
+
+def _start(raw: Any, txn: Any, depth: int) -> tuple[Any, Any]:
+    """(JSON value or ABSENT, iterator over its children as (key, raw) pairs or None)."""
+    t = type(raw)
+    if t is str or t is bool or raw is None:
+        return raw, None
+    if t is float:
+        if raw != raw or raw in (_INF, -_INF):
+            return ABSENT, None
+        return (int(raw) if raw.is_integer() and -_JS_EXPONENT < raw < _JS_EXPONENT else raw), None
+    if t is int:
+        return (raw if -_MAX_SAFE <= raw <= _MAX_SAFE else normalize(float(raw))), None
+    if t is _RawText:
+        return raw.get_string(txn), None
+    if depth > MAX_DEPTH:
+        return ABSENT, None
+    if t is _RawMap:
+        return {}, ((k, raw.get(txn, k)) for k in raw.keys(txn))
+    if t is _RawArray:
+        return [], ((None, raw.get(txn, i)) for i in range(raw.len(txn)))
+    if t is dict:  # a JSON object a client stored as one value (Yjs ContentAny)
+        return {}, iter(raw.items())
+    if t is list:
+        return [], ((None, v) for v in raw)
+    # XmlFragment, XmlElement, XmlText, a sub-document (Doc), bytes (bytearray)...
+    return ABSENT, None
+
+
+def plain(raw: Any, txn: Any, depth: int) -> Any:
+    """A value read from the document as JSON, or ABSENT; iterative, so depth costs no stack.
+
+    `depth` is the JSON depth of `raw` in the environment (docs/model.md): containers deeper
+    than MAX_DEPTH read as ABSENT.
+    """
+    value, children = _start(raw, txn, depth)
+    if children is None:
+        return value
+    stack = [(children, value, depth)]
+    while stack:
+        items, target, level = stack[-1]
+        for key, item in items:
+            v, sub = _start(item, txn, level + 1)
+            if v is ABSENT:
+                continue
+            if key is None:
+                target.append(v)
+            else:
+                target[key] = v
+            if sub is not None:
+                stack.append((sub, v, level + 1))
+                break
+        else:
+            stack.pop()
+    return value
+
+
+def plain_items(arr: Array) -> list[Any]:
+    """Each item of an array as JSON, None for what reads as absent: one per index, so the
+    result lines up with the array's own indexes (unlike `plain`, which drops absent items)."""
+    with arr.doc.transaction() as t:
+        raw, txn = arr.integrated, t._txn
+        items = [plain(raw.get(txn, i), txn, 1) for i in range(raw.len(txn))]
+    return [None if v is ABSENT else v for v in items]
 
 
 def read(doc: Doc) -> dict[str, Any]:
-    """The environment as JSON, assembled from the document's root types."""
-    env = normalize(root_map(doc, ENV_ROOT).to_py() or {})
-    meta = root_map(doc, META_ROOT).to_py() or {}
-    absent = meta.get("absent")
-    absent = set(absent) if isinstance(absent, list) else set()
-    for key, kind in ROOT_ENTITY_LISTS.items():
-        items = normalize(root_map(doc, key).to_py() or {})
-        order = root_array(doc, key + ORDER_SUFFIX).to_py() or []
-        entities = assemble(items, order, KINDS[kind])
-        if entities or key not in absent:
-            env[key] = entities
-        else:
-            env.pop(key, None)
-    refs = normalize(root_array(doc, ROOT_REF_LIST).to_py() or [])
-    if refs or ROOT_REF_LIST not in absent:
-        env[ROOT_REF_LIST] = refs
-    else:
-        env.pop(ROOT_REF_LIST, None)
+    """The environment as JSON, assembled from the document's root types; total.
+
+    Whatever any client wrote, this returns plain JSON (dicts, lists, str, int, finite float,
+    bool, None), nested at most MAX_DEPTH deep; what is not JSON reads as absent (docs/model.md).
+    Entity lists and `rootChildren` are always present: `repair` then makes the rest valid.
+    """
+    env_map = root_map(doc, ENV_ROOT)
+    lists = {
+        key: (root_map(doc, key), root_array(doc, key + ORDER_SUFFIX)) for key in ROOT_ENTITY_LISTS
+    }
+    refs = root_array(doc, ROOT_REF_LIST)
+    with doc.transaction() as t:
+        txn = t._txn
+        env = plain(env_map.integrated, txn, 0)
+        for key, kind in ROOT_ENTITY_LISTS.items():
+            items_map, order_array = lists[key]
+            items = plain(items_map.integrated, txn, 1)
+            order = plain(order_array.integrated, txn, 1)
+            env[key] = assemble(items, order, KINDS[kind])
+        env[ROOT_REF_LIST] = plain(refs.integrated, txn, 1)
     return env
 
 

@@ -175,6 +175,10 @@ class Handshake:
         self.th: bytes | None = None
         self.channel: SecureChannel | None = None
         self.peer: PeerHello | None = None
+        self.verified: PeerHello | None = None
+        """The peer's hello once its auth signature verified: its device id and name are then
+        proven (the signature covers the transcript of both hellos), even if its auth is then
+        refused (no common space, a wrong token). Until then they are claims."""
         self.result: Established | None = None
         self.peer_tags: list[bytes] = []
 
@@ -247,6 +251,7 @@ class Handshake:
             self.peer.key, msg["sig"], auth_payload(self.peer_role, self.th)
         ):
             raise ProtocolError(UNAUTHORIZED, "auth signature does not verify")
+        self.verified = self.peer
         self.peer_tags = list(msg["tags"])
         if self.auth is not None:
             spaces = self.auth.accept(self.peer, msg, self.th, self.peer_role)

@@ -8,6 +8,11 @@ device id and close the other with `duplicate`, so they agree without talking ab
 
 All bookkeeping happens synchronously in `_on_event`, on the trio thread, so the table, the
 fan-out of local changes and the tie-break never see a half-updated state.
+
+Only authenticated facts change a device's row. A hello is a claim anyone can make (a device id
+and its public key are no secret), so until the handshake proves the key (`Established`), a
+dialed connection counts for the address we dialed (its row: the device we expect there, or the
+address), and an incoming one for no row at all; the names hellos carry are never shown.
 """
 
 from __future__ import annotations
@@ -23,11 +28,12 @@ import trio
 from trio_websocket import WebSocketConnection
 
 from ..model import MODEL_VERSION
-from .handshake import Established, IdentityLike
+from .handshake import Established, IdentityLike, PeerHello
 from .link import Link, Ticket, Unreachable, dial, format_address, remote_address, serve
 from .messages import CLOSED, DUPLICATE, SELF
 from .session import (
     Closed,
+    DocFailed,
     Event,
     HelloReceived,
     PeerConfig,
@@ -386,25 +392,24 @@ class PeerManager:
                 target.backoff = self.config.backoff_initial
         elif isinstance(event, Closed):
             self._on_closed(link, target, event)
+        elif isinstance(event, DocFailed):  # that environment's error; the link goes on
+            peer = f"peer:{link.peer_device}"
+            self.emit_event(
+                "environment-error", id=event.doc, origin=peer, follower=peer, reason=event.reason
+            )
 
     def _on_hello(self, link: Link, target: _Target | None, event: HelloReceived) -> None:
-        device = event.hello.device
-        if device == self.identity.device_id:
-            if target is not None:
-                target.is_self = True
-            return
-        if target is not None and target.device != device:
-            self._retarget(target, device)
-        row = self._row(device, device)
-        row.name = event.hello.name
-        if target is not None or row.address is None:
-            row.address = link.address  # a dialed address can be dialed again; prefer it
-        row.pending.add(link)
-        self._refresh(row)
+        """The peer's unproven claims: no row changes (a dialed link already counts as pending
+        in its address's row); only our own id stops a dial loop (we dialed ourselves)."""
+        if event.hello.device == self.identity.device_id and target is not None:
+            target.is_self = True
 
     def _on_established(self, link: Link, event: Established) -> None:
         if link.ticket is not None:
             link.ticket.release()
+        target = link.target if isinstance(link.target, _Target) else None
+        if target is not None and target.device != event.device:
+            self._retarget(target, event.device)  # proven: the address is this device's
         row = self._row(event.device, event.device)
         row.pending.discard(link)
         row.name = event.name
@@ -443,17 +448,22 @@ class PeerManager:
             if target is not None:
                 target.is_self = True
             return
-        device = link.peer_device  # claimed only, if the handshake did not complete
-        if device == self.identity.device_id:
-            return
+        proven = self._proven(link)
+        device = proven.device if proven is not None else None  # never a mere claim
         if target is not None:
             if device is not None and target.device != device:
-                self._retarget(target, device)
+                self._retarget(target, device)  # proven, if not established
             key = self._target_key(target)
         elif device is not None:
             key = device
         else:
-            return  # an inbound connection that never said who it is
+            log.debug(
+                "peers: unauthenticated connection from %s failed: %s %s",
+                link.address,
+                event.reason,
+                event.detail,
+            )
+            return  # an inbound connection that never proved who it is: no device's row
         row = self._rows.get(key)
         if row is None:
             if event.reason == DUPLICATE:
@@ -464,8 +474,8 @@ class PeerManager:
         if was_established:
             row.links.remove(link)
         row.pending.discard(link)
-        if link.conn is not None and link.conn.peer_name and not row.name:
-            row.name = link.conn.peer_name
+        if proven is not None and not row.name:
+            row.name = proven.name
         if not row.links:
             row.synced = False
             if event.reason != DUPLICATE:
@@ -477,6 +487,15 @@ class PeerManager:
         else:
             log.debug("peers: connection with %s failed: %s %s", key, event.reason, event.detail)
         self._refresh(row)
+
+    @staticmethod
+    def _proven(link: Link) -> Established | PeerHello | None:
+        """Who the peer proved to be: established, or at least its auth's signature verified
+        (a peer refused for want of a common space is still known); None for mere claims."""
+        conn = link.conn
+        if conn is None:
+            return None
+        return conn.established or conn.handshake.verified
 
     # -- the daemon's changes ------------------------------------------------------------------
 

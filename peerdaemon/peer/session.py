@@ -53,6 +53,7 @@ __all__ = [
     "EMPTY_UPDATE",
     "Closed",
     "DocError",
+    "DocFailed",
     "DocRefused",
     "Event",
     "HelloReceived",
@@ -122,6 +123,11 @@ class PeerConfig:
     """The same, per remote address."""
 
 
+def _is_failure(exc: BaseException) -> bool:
+    """An error (pycrdt's Rust panics included, which are BaseExceptions), not a cancellation."""
+    return isinstance(exc, Exception) or type(exc).__name__ == "PanicException"
+
+
 # -- events --------------------------------------------------------------------------------------
 
 
@@ -149,6 +155,16 @@ class DocError:
 
 
 @dataclass(frozen=True)
+class DocFailed:
+    """Applying the peer's update of one document, or answering its step 1, failed here (a bug,
+    content a host cannot handle): that document's error. The link stays up and the other
+    documents keep syncing; reported once per distinct reason, cleared by a later success."""
+
+    doc: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class Closed:
     reason: str
     detail: str = ""
@@ -156,7 +172,7 @@ class Closed:
     versions: dict[str, dict[str, int | None]] | None = None
 
 
-Event = HelloReceived | Established | Synced | DocError | Closed
+Event = HelloReceived | Established | Synced | DocError | DocFailed | Closed
 
 
 class DocRefused(Exception):
@@ -189,7 +205,7 @@ class SyncSession:
         *,
         max_deferred: int = 4096,
         origin: str | None = None,
-        on_error: Callable[[DocError], None] | None = None,
+        on_error: Callable[[DocError | DocFailed], None] | None = None,
         send_update: Callable[[str, bytes], None] | None = None,
     ) -> None:
         self.host = host
@@ -197,6 +213,8 @@ class SyncSession:
         self._on_error = on_error
         self.refused: dict[str, DocError] = {}
         """Documents the peer refused on this link: not sent again until the docs change."""
+        self.failed: dict[str, str] = {}
+        """Documents that failed here on this link (`DocFailed`), with why: their state."""
         self.spaces = spaces
         self._send = send
         self._send_update = send_update or self._update_message
@@ -228,7 +246,11 @@ class SyncSession:
         for doc in [d for d in self.refused if d in docs]:
             # A share, unshare or delete may have made room (hub quotas): offer it once more.
             del self.refused[doc]
-            update = self.host.diff(doc, EMPTY_STATE_VECTOR)
+            try:
+                update = self.host.diff(doc, EMPTY_STATE_VECTOR)
+            except BaseException as exc:  # our own state: never the peer's fault
+                self._doc_failed(doc, "reading the document", exc)
+                continue
             if update != EMPTY_UPDATE:
                 self._send_update(doc, update)
         for doc, sv in list(self._deferred.items()):
@@ -282,8 +304,12 @@ class SyncSession:
                 if exc.detail:
                     error["detail"] = exc.detail[: messages.MAX_DETAIL]
                 self._send(error)
-            except ValueError as exc:
+            except ValueError as exc:  # not a Yjs update: the peer's fault
                 raise ProtocolError(PROTOCOL_ERROR, f"update for {doc} rejected: {exc}") from None
+            except BaseException as exc:  # this document's failure here, not the link's
+                self._doc_failed(doc, "applying the peer's update", exc)
+            else:
+                self._doc_ok(doc)
         if kind == SYNC_STEP2 and doc in self._awaiting:
             self._awaiting.discard(doc)
             self._check_synced()
@@ -302,11 +328,33 @@ class SyncSession:
                 update = self.host.diff(doc, state_vector)
             except ValueError as exc:
                 raise ProtocolError(PROTOCOL_ERROR, f"bad state vector for {doc}: {exc}") from None
+            except BaseException as exc:
+                # Not answered: the peer keeps waiting for this document (it is not in step),
+                # while every other document syncs.
+                self._doc_failed(doc, "answering the peer's step 1", exc)
+                return
         self._send({"t": "sync", "doc": doc, "m": messages.encode_sync(SYNC_STEP2, update)})
 
     def _check_synced(self) -> None:
         if not self._awaiting and not self.synced:
             self.synced = True
+
+    def _doc_failed(self, doc: str, step: str, exc: BaseException) -> None:
+        """One document failed here: its error (logged, a `DocFailed` event), not the link's.
+        Only cancellations and interrupts go on: pycrdt's Rust panics are failures too."""
+        if not _is_failure(exc):
+            raise exc
+        reason = f"{step} failed: {type(exc).__name__}: {exc}"
+        if self.failed.get(doc) == reason:
+            return
+        self.failed[doc] = reason
+        log.error("%s on the link to %s: %s", doc, self.origin, reason, exc_info=exc)
+        if self._on_error is not None:
+            self._on_error(DocFailed(doc, reason))
+
+    def _doc_ok(self, doc: str) -> None:
+        if self.failed:
+            self.failed.pop(doc, None)
 
 
 # -- the outgoing queue --------------------------------------------------------------------------
@@ -465,8 +513,10 @@ class PeerConnection:
         except ProtocolError as exc:
             versions = exc.versions if isinstance(exc, IncompatibleVersion) else None
             self._close(exc.reason, exc.detail, versions=versions)
-        except Exception as exc:  # a bug or a host failure must only cost this link
-            log.exception("peer link failed while handling a message")
+        except BaseException as exc:  # a bug or a host failure must only cost this link
+            if not _is_failure(exc):
+                raise
+            log.error("peer link failed while handling a message", exc_info=exc)
             self._close(INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
 
     def handle_timer(self, now: float) -> None:
@@ -510,8 +560,10 @@ class PeerConnection:
             fn(*args)
         except ProtocolError as exc:
             self._close(exc.reason, exc.detail)
-        except Exception as exc:
-            log.exception("peer link failed")
+        except BaseException as exc:
+            if not _is_failure(exc):
+                raise
+            log.error("peer link failed", exc_info=exc)
             self._close(INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
 
     def _receive(self, data: bytes | str) -> None:

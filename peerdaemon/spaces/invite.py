@@ -3,7 +3,8 @@
     pd1-<base32, lower case, no padding, of: CBOR map || checksum>
 
 The version is in the prefix so that a later format gets a clear "upgrade" error instead of a
-garbled one; the checksum (4 bytes of SHA-256 over the CBOR) turns a mistyped or truncated code
+garbled one (fields added to the map since, like the hub key `hk`, are optional: older codes
+still decode, and a decoder ignores keys it does not know); the checksum (4 bytes of SHA-256 over the CBOR) turns a mistyped or truncated code
 into "mistyped" rather than a confusing join. The code carries the space's secret: whoever holds
 it can join, so it is shared like a password. See docs/spaces.md.
 """
@@ -42,6 +43,7 @@ class Invite:
     inviter: str  # device id of the inviting device
     addresses: tuple[str, ...] = field(default=())  # "host:port" where the inviter listens
     hub: str | None = None
+    hub_key: str | None = None  # the hub's key fingerprint (device id), if the inviter has one
 
 
 def _checksum(payload: bytes) -> bytes:
@@ -58,6 +60,8 @@ def encode_invite(invite: Invite) -> str:
     }
     if invite.hub:
         body["h"] = invite.hub
+        if invite.hub_key:
+            body["hk"] = invite.hub_key
     payload = cbor2.dumps(body)
     data = base64.b32encode(payload + _checksum(payload)).decode("ascii").rstrip("=")
     return PREFIX + data.lower()
@@ -107,6 +111,7 @@ def _invite_of(body: object) -> Invite:
         raise InviteError("the invite code does not hold an invitation")
     space_id, name, secret = body.get("s"), body.get("n"), body.get("k")
     inviter, addresses, hub = body.get("d"), body.get("a", []), body.get("h")
+    hub_key = body.get("hk")
     if not (isinstance(space_id, str) and space_id and isinstance(name, str)):
         raise InviteError("the invitation has no valid space id or name")
     if not (isinstance(secret, bytes) and len(secret) == 32):
@@ -117,4 +122,16 @@ def _invite_of(body: object) -> Invite:
         raise InviteError("the invitation's addresses are malformed")
     if hub is not None and not isinstance(hub, str):
         raise InviteError("the invitation's hub url is malformed")
-    return Invite(space_id, name, secret, inviter, tuple(addresses), hub or None)
+    if hub_key is not None and not (isinstance(hub_key, str) and _is_key(hub_key) and hub):
+        raise InviteError("the invitation's hub key is malformed")
+    return Invite(space_id, name, secret, inviter, tuple(addresses), hub or None, hub_key or None)
+
+
+def _is_key(text: str) -> bool:
+    """A device id as `Identity.device_id_of` writes it: 52 base32 characters in groups of 7."""
+    raw = text.replace("-", "")
+    return (
+        len(raw) == 52
+        and set(raw) <= _B32_ALPHABET
+        and text == "-".join(raw[i : i + 7] for i in range(0, 52, 7))
+    )

@@ -105,6 +105,7 @@ class Space:
     inviter: str | None = None
     addresses: tuple[str, ...] = ()
     hub: str | None = None
+    hub_key: str | None = None  # the key fingerprint trusted for `hub` (invite, or our pin)
     pending: list[bytes] = field(default_factory=list)
 
     @property
@@ -126,6 +127,7 @@ class Space:
             "inviter": self.inviter,
             "addresses": list(self.addresses),
             "hub": self.hub,
+            "hub_key": self.hub_key,
         }
 
 
@@ -183,6 +185,7 @@ class SpacesService:
                     inviter=entry.get("inviter"),
                     addresses=tuple(entry.get("addresses") or ()),
                     hub=entry.get("hub"),
+                    hub_key=entry.get("hub_key") if isinstance(entry.get("hub_key"), str) else None,
                 )
             except (KeyError, TypeError, ValueError):
                 log.warning("spaces: ignoring a malformed saved space %r", space_id)
@@ -274,6 +277,8 @@ class SpacesService:
             inviter=self.identity.device_id,
             addresses=tuple(addresses),
             hub=hub or space.hub,
+            # the hub key travels only with the URL it was trusted for
+            hub_key=space.hub_key if (hub or space.hub) == space.hub else None,
         )
         return encode_invite(invite)
 
@@ -296,6 +301,7 @@ class SpacesService:
                 inviter=invite.inviter,
                 addresses=invite.addresses,
                 hub=invite.hub,
+                hub_key=invite.hub_key,
             )
         )
         space.doc.set_member(self.identity.device_id, self.identity.name, space.joined)

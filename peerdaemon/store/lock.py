@@ -7,8 +7,10 @@ the file only serves the error message.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import stat
 from pathlib import Path
 
 from .errors import StoreError, StoreLockedError
@@ -26,10 +28,20 @@ class DataDirLock:
 
     def acquire(self) -> None:
         """Take the lock or raise StoreLockedError naming the holder's pid."""
+        # Never through a symlink: a link planted at the lock path would have the daemon create,
+        # lock and overwrite (with its pid) a file of someone else's choosing.
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = os.open(self.path, flags, 0o600)
         except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise StoreError(
+                    f"lock file {self.path} is a symbolic link; refusing to follow it"
+                ) from None
             raise StoreError(f"cannot open lock file {self.path}: {e}") from e
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise StoreError(f"lock file {self.path} is not a regular file")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
