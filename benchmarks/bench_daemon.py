@@ -160,6 +160,52 @@ def bench_big(root: Path, size: int) -> dict[str, float]:
         d.stop()
 
 
+def bench_merge(root: Path, size: int, edits: int) -> dict[str, float]:
+    """A peer typing in a response body, merged by the registry (in this process, store on
+    disk), with the check for text in arrays (model/strays.py) and with it turned off, in
+    the same run; and a scan of the whole document, what the check falls back to."""
+    from pycrdt import Doc, Map
+
+    from peerdaemon.daemon.events import EventLog
+    from peerdaemon.daemon.registry import Registry
+    from peerdaemon.model import prepare
+    from peerdaemon.model.strays import ARRAY_ROOTS, StrayFinder, strays
+    from peerdaemon.store import Store
+
+    env = make_environment(size)
+    out: dict[str, float] = {}
+    real_check = StrayFinder.check
+    for label, check in (("on", real_check), ("off", lambda self, doc, update: [])):
+        StrayFinder.check = check  # type: ignore[method-assign]
+        try:
+            with Store.open(root / label) as store:
+                registry = Registry(store, EventLog())
+                registry.create(env["uuid"], prepare(env, env["uuid"])[0], "local")
+                peer = Doc()
+                peer.apply_update(registry.state_update(env["uuid"]))
+                routes = peer.get("routes", type=Map)
+                responses = routes[sorted(routes.keys())[0]]["responses"]
+                body = responses[sorted(responses.keys())[0]]["body"]
+                times = []
+                for n in range(edits):
+                    state = peer.get_state()
+                    body.insert(n, "\u00e9")
+                    update = peer.get_update(state)
+                    t = time.perf_counter()
+                    registry.merge(env["uuid"], update, "peer:bench")
+                    times.append((time.perf_counter() - t) * 1000)
+                out[f"first_ms_{label}"] = times[0]
+                out[f"p50_ms_{label}"] = statistics.median(times[1:])
+                full = registry.state_update(env["uuid"])
+        finally:
+            StrayFinder.check = real_check  # type: ignore[method-assign]
+    t = time.perf_counter()
+    strays(full, ARRAY_ROOTS)
+    out["scan_ms"] = (time.perf_counter() - t) * 1000
+    out["state_mb"] = len(full) / 1e6
+    return out
+
+
 def bench_rss(root: Path, count: int, size: int) -> dict[str, float]:
     d = Daemon(root)
     d.start()
@@ -237,13 +283,15 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="smaller sizes, to check the script")
-    parser.add_argument("--only", help="comma-separated figures: patch,big,rss,start,db")
+    parser.add_argument("--only", help="comma-separated figures: patch,big,merge,rss,start,db")
     a = parser.parse_args()
     q = a.quick
     results: dict[str, list[dict[str, Any]]] = {
-        k: [] for k in ("patch", "big", "rss", "start", "db")
+        k: [] for k in ("patch", "big", "merge", "merge1", "rss", "start", "db")
     }
     only = set(a.only.split(",")) if a.only else set(results)
+    if "merge" in only:
+        only.add("merge1")
     for r in range(a.rounds):
         with tempfile.TemporaryDirectory(prefix="pdb") as tmp:
             base = Path(tmp)
@@ -251,6 +299,10 @@ def main() -> None:
                 results["patch"].append(bench_patches(base / "p", 500 if q else 5000))
             if "big" in only:
                 results["big"].append(bench_big(base / "b", 1_000_000 if q else 15_000_000))
+            if "merge" in only:
+                results["merge1"].append(bench_merge(base / "m1", 1_000_000, 30 if q else 200))
+                if not q:
+                    results["merge"].append(bench_merge(base / "m", 15_000_000, 100))
             if "rss" in only:
                 results["rss"].append(bench_rss(base / "r", 20, 100_000 if q else 1_000_000))
             if "start" in only:
@@ -287,6 +339,17 @@ def main() -> None:
     line("  export yjs s", "big", ["export_yjs_s"], "{:.2f}")
     line("  small patch, ack latency p50 ms", "big", ["patch_p50_ms"], "{:.1f}")
     line("  small patches/s, sequential", "big", ["patch_per_s"], "{:.0f}")
+    for key, mb in (("merge1", "1"), ("merge", "15")):
+        line(
+            f"peer's body edit merged, {mb} MB env: p50 ms, strays check on",
+            key,
+            ["p50_ms_on"],
+            "{:.2f}",
+        )
+        line("  same run, check off (p50 ms)", key, ["p50_ms_off"], "{:.2f}")
+        line("  first merge ms (on: indexes the document)", key, ["first_ms_on"], "{:.1f}")
+        line("  first merge ms (off)", key, ["first_ms_off"], "{:.1f}")
+        line("  scan of the whole document ms", key, ["scan_ms"], "{:.1f}")
     line("RSS idle MB", "rss", ["idle_mb"])
     line("RSS with 20 envs, after import MB", "rss", ["after_import_mb"])
     line("RSS with 20 envs, after restart MB", "rss", ["after_restart_mb"])

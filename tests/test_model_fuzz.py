@@ -159,7 +159,9 @@ async def test_daemon_survives_the_named_cases(nursery, tmp_path):
 @pytest.mark.xfail(
     strict=True,
     reason="upstream yrs bug (pycrdt 0.14.13): a Y.Text's non-ASCII characters in a root read as "
-    "a Y.Array hang every read of it; issue 8 stays open until it is fixed or worked around",
+    "a Y.Array hang every read of it. peerdaemon reads around them and deletes them "
+    "(model/strays.py, tests/test_strays.py); this pins the upstream bug, so that the day it is "
+    "fixed this test passes, fails as an unexpected pass, and the workaround can go",
 )
 @pytest.mark.parametrize("case", sorted(KNOWN_YRS_HANGS))
 def test_non_ascii_text_in_an_array_root_is_read(case):

@@ -18,6 +18,7 @@ from pycrdt import Doc, Map, get_update
 
 from ..model import LAST_MIGRATION, apply_environment, export_environment
 from ..model.layout import ENV_ROOT
+from ..model.strays import StrayFinder, delete_update, has_strays
 from ..store import Store, Ticket
 from .events import EventLog
 from .paths_diff import changed_paths
@@ -55,6 +56,8 @@ class Environment:
     cache: dict[str, Any] | None = None
     subscribers: dict[int, Subscriber] = field(default_factory=dict)
     pending: list[bytes] = field(default_factory=list)
+    strays: StrayFinder = field(default_factory=StrayFinder)
+    """Finds text that updates put in the document's arrays (model/strays.py)."""
 
     @property
     def last_ticket(self) -> Ticket | None:
@@ -86,7 +89,9 @@ class Registry:
             doc = Doc()
             for update in loaded.updates:
                 doc.apply_update(update)
-            self.envs[env_id] = self._track(Environment(env_id, doc))
+            env = self.envs[env_id] = self._track(Environment(env_id, doc))
+            if has_strays(doc):  # stored before they were removed (roots: cheap to tell)
+                self._remove_strays(env, None)
         return len(self.envs)
 
     def _track(self, env: Environment) -> Environment:
@@ -165,6 +170,8 @@ class Registry:
         except BaseException:
             self._rollback(env)
             raise
+        for update in env.pending:
+            self._learn(env, update)
         # `prepared` is exactly what the document now exports (tests/modelutil.py checks it), so
         # it becomes the cache: no export after a local write.
         return self._commit(env, origin, new=prepared), env.last_ticket
@@ -194,8 +201,54 @@ class Registry:
                 raise UpdateRejected(f"not a Yjs update: {exc}") from None
             if not env.pending and _beyond_or_unknown(update, env.doc):
                 self._keep_quiet_update(env, bytes(update))
+        merged = env.pending
+        env.pending = []
+        repair = self._remove_strays(env, update, commit=False)  # before anything reads it
+        env.pending = merged
         changed = self._commit(env, origin)
+        if repair:
+            env.pending = repair
+            self._commit(env, "repair")  # to every follower: the origin keeps them too
         return created, changed, env.last_ticket
+
+    def _remove_strays(
+        self, env: Environment, update: bytes | None, commit: bool = True
+    ) -> list[bytes]:
+        """Text a client wrote into an array of the document hangs yrs on reading that array
+        (model/strays.py): delete it, as this daemon's change. `update`: what the document
+        just applied (None: look at the whole document). -> the updates that deleted it,
+        unless `commit`, which sends them down the stream with the origin "repair"."""
+        try:
+            if update is None:
+                found = env.strays.rebuild(env.doc)
+            else:
+                found = env.strays.check(env.doc, update)
+            if found:
+                env.doc.apply_update(delete_update(found))
+        except BaseException as exc:  # cannot tell: the document stays as it is
+            if not _is_failure(exc):
+                raise
+            env.strays = StrayFinder()
+            log.error("environment %s: looking for text in its arrays failed", env.id, exc_info=exc)
+            return []
+        if not found:
+            return []
+        log.warning("environment %s: deleted %d text items from its arrays", env.id, len(found))
+        if commit:
+            self._commit(env, "repair")
+            return []
+        updates, env.pending = env.pending, []
+        return updates
+
+    def _learn(self, env: Environment, update: bytes) -> None:
+        """Index a local write's items, so that later updates built on them are checked
+        without a scan of the whole document."""
+        try:
+            env.strays.learn(update)
+        except BaseException as exc:
+            if not _is_failure(exc):
+                raise
+            env.strays = StrayFinder()  # rebuilt from the whole document when next needed
 
     def _keep_quiet_update(self, env: Environment, update: bytes) -> None:
         """An update with structs beyond the document's state vector that the transaction did

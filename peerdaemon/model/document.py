@@ -11,6 +11,7 @@ from .edits import sync_entities, sync_fields, sync_plain_array, unchanged
 from .layout import ENV_ROOT, META_ROOT, NotJson, prepared_value, read, root_array, root_map
 from .repair import check_environment, check_json, conform, is_newer, repair
 from .schema import KINDS, MODEL_VERSION, ORDER_SUFFIX, ROOT_ENTITY_LISTS, ROOT_REF_LIST
+from .strays import has_strays, remove_strays
 
 _TOP_LISTS = (*ROOT_ENTITY_LISTS, ROOT_REF_LIST)
 
@@ -53,6 +54,7 @@ def apply_environment(
     faithful picture of the document (a skipped part could read differently once the rest has
     changed), and the whole document is synced instead, once: afterwards it mirrors `env`.
     """
+    remove_strays(doc)  # text in the arrays is not part of any environment, and hangs yrs
     if _UNFAITHFUL.pop(doc, False):
         old = None
     old = old or {}
@@ -106,8 +108,13 @@ def export_environment(doc: Doc, env_id: str | None = None) -> dict[str, Any]:
     which passes Mockoon's strict schema (docs/model.md, "Reading"). Without `env_id`, the
     environment's uuid is what the document holds, if it holds a string.
     """
-    env = read(doc)
-    if repair(env, env_id):
+    source = doc
+    if has_strays(doc):  # read a copy without them: reading them hangs yrs (strays.py)
+        source = Doc()
+        source.apply_update(doc.get_update())
+        remove_strays(source)
+    env = read(source)
+    if repair(env, env_id) or source is not doc:
         _UNFAITHFUL[doc] = True
     else:
         _UNFAITHFUL.pop(doc, None)

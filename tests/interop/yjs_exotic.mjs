@@ -120,6 +120,16 @@ const cases = {
     doc.getArray('meta').push([1, 'absent'])
     doc.getText('callbacks').insert(0, 'cb')
   },
+  'text-in-array-roots' (doc) {
+    // characters in the roots read as arrays, beyond ASCII: they hang yrs (model/strays.py)
+    for (const name of ['routes.order', 'folders.order', 'data.order', 'callbacks.order', 'rootChildren']) {
+      const text = doc.getText(name)
+      text.insert(0, '\u00cba\u{1F600}')
+      text.insert(0, 'b')
+      text.insert(text.length, '\u00e9', { bold: true })
+      text.insertEmbed(1, { e: 1 })
+    }
+  },
   'lone-surrogates' (doc) {
     const env = doc.getMap('environment')
     env.set('name', 'a\ud800b')
