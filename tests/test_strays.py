@@ -257,3 +257,35 @@ def test_a_daemon_deletes_text_in_nested_arrays(daemons):
         replica = Doc()
         replica.apply_update(client.export(env_id, "yjs"))
     assert strays(replica.get_update(), ARRAY_ROOTS) == []
+
+
+def test_an_update_only_yrs_reads_is_refused_whole(tmp_path, monkeypatch):
+    """What the decoder cannot read cannot be checked: refused before the document takes it
+    (as a document's failure, not a ValueError that would end a peer's link); bytes that are no
+    update at all stay `UpdateRejected`."""
+    from peerdaemon.daemon import registry as registry_module
+    from peerdaemon.daemon.events import EventLog
+    from peerdaemon.daemon.registry import Registry, UnsupportedUpdate, UpdateRejected
+    from peerdaemon.model import prepare
+    from peerdaemon.store import Store
+
+    env = json.loads((FIXTURE_DIR / "test-env.json").read_text(encoding="utf-8"))
+    with Store.open(tmp_path) as store:
+        registry = Registry(store, EventLog())
+        registry.create(env["uuid"], prepare(env, env["uuid"])[0], "local")
+        before = registry.state_update(env["uuid"])
+        stray = client_writes_text_in_arrays(before)
+
+        def unreadable(update: bytes) -> list:
+            raise Malformed("unknown content ref 11")
+
+        monkeypatch.setattr(registry_module, "decode", unreadable)
+        with pytest.raises(UnsupportedUpdate) as refused:
+            registry.merge(env["uuid"], stray, "peer:x")
+        assert not isinstance(refused.value, ValueError)
+        assert registry.state_update(env["uuid"]) == before
+        with pytest.raises(UpdateRejected):
+            registry.merge(env["uuid"], b"\x05garbage", "peer:x")
+        monkeypatch.undo()
+        assert registry.merge(env["uuid"], stray, "peer:x")[1]
+        assert strays(registry.state_update(env["uuid"]), ARRAY_ROOTS) == []

@@ -18,7 +18,7 @@ from pycrdt import Doc, Map, get_update
 
 from ..model import LAST_MIGRATION, apply_environment, export_environment
 from ..model.layout import ENV_ROOT
-from ..model.strays import StrayFinder, delete_update, has_strays
+from ..model.strays import Malformed, StrayFinder, decode, delete_update, has_strays
 from ..store import Store, Ticket
 from .events import EventLog
 from .paths_diff import changed_paths
@@ -44,6 +44,13 @@ class UnknownEnvironment(KeyError):
 
 class UpdateRejected(ValueError):
     """Bytes that are not a Yjs update, or an update that creates no environment."""
+
+
+class UnsupportedUpdate(Exception):
+    """An update yrs would take but that is not standard Yjs (yrs' own move and weak-link
+    content): refused, since what it holds cannot be checked (model/strays.py). Not a
+    ValueError: on a peer link it is that document's failure, not the peer's protocol error,
+    so one such update relayed by a hub does not end every daemon's link."""
 
 
 @dataclass(eq=False)
@@ -178,6 +185,7 @@ class Registry:
 
     def merge(self, env_id: str, update: bytes, origin: str) -> tuple[bool, bool, Ticket | None]:
         """Apply a Yjs update; an unknown id creates the environment. -> (created, changed, ticket)"""
+        items = _decode(update)
         env = self.envs.get(env_id)
         created = env is None
         if env is None:
@@ -203,7 +211,7 @@ class Registry:
                 self._keep_quiet_update(env, bytes(update))
         merged = env.pending
         env.pending = []
-        repair = self._remove_strays(env, update, commit=False)  # before anything reads it
+        repair = self._remove_strays(env, items, commit=False)  # before anything reads it
         env.pending = merged
         changed = self._commit(env, origin)
         if repair:
@@ -212,11 +220,11 @@ class Registry:
         return created, changed, env.last_ticket
 
     def _remove_strays(
-        self, env: Environment, update: bytes | None, commit: bool = True
+        self, env: Environment, update: list[Any] | None, commit: bool = True
     ) -> list[bytes]:
         """Text a client wrote into an array of the document hangs yrs on reading that array
-        (model/strays.py): delete it, as this daemon's change. `update`: what the document
-        just applied (None: look at the whole document). -> the updates that deleted it,
+        (model/strays.py): delete it, as this daemon's change. `update`: the items of what the
+        document just applied (None: look at the whole document). -> the updates that deleted it,
         unless `commit`, which sends them down the stream with the origin "repair"."""
         try:
             if update is None:
@@ -449,6 +457,19 @@ def _is_failure(exc: BaseException) -> bool:
 def _name(fn: Callable[..., Any]) -> str:
     """A follower as logs and events name it: `listener MirrorService._on_change`."""
     return f"listener {getattr(fn, '__qualname__', None) or type(fn).__name__}"
+
+
+def _decode(update: bytes) -> list[Any]:
+    """The update's items, checked before the document takes them: bytes that are not a Yjs
+    update are UpdateRejected (as yrs rejects them), a yrs-only update UnsupportedUpdate."""
+    try:
+        return decode(bytes(update))
+    except Malformed as exc:
+        try:
+            Doc().apply_update(update)
+        except Exception as yrs_exc:
+            raise UpdateRejected(f"not a Yjs update: {yrs_exc}") from None
+        raise UnsupportedUpdate(f"not a standard Yjs update: {exc}") from None
 
 
 def _beyond_or_unknown(update: bytes, doc: Doc) -> bool:

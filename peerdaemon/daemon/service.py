@@ -25,7 +25,7 @@ from ..api.protocol import UUID_MISMATCH, ApiError, Pending, arg
 from ..model import LAST_MIGRATION, MODEL_VERSION, ModelError, is_newer, prepare
 from ..model.keyorder import order_like
 from ..store import Ticket
-from .registry import Registry, UnknownEnvironment, UpdateRejected
+from .registry import Registry, UnknownEnvironment, UnsupportedUpdate, UpdateRejected
 
 LOCAL = "local"
 
@@ -238,7 +238,7 @@ class Service:
             raise ApiError("not-found", f"no environment with id {exc.env_id!r}") from None
         except ModelError as exc:
             raise ApiError(exc.code, exc.message) from None
-        except UpdateRejected as exc:
+        except (UpdateRejected, UnsupportedUpdate) as exc:
             raise ApiError("bad-update", str(exc)) from None
         except RecursionError:
             # before anything is stored: parsing or `prepare` (a write that fails half-way is

@@ -29,6 +29,7 @@ __all__ = [
     "ItemIndex",
     "Malformed",
     "StrayFinder",
+    "decode",
     "delete_update",
     "has_strays",
     "remove_strays",
@@ -292,6 +293,11 @@ def scan(
     return found, unknown
 
 
+def decode(update: bytes) -> list[_Item]:
+    """The items of a Yjs v1 update (raises Malformed): what `StrayFinder.check` takes."""
+    return _read_items(update)
+
+
 def strays(update: bytes, array_roots: frozenset[str] | set[str]) -> list[tuple[int, int, int]]:
     """(client, clock, length) of every string, embed or format item in `update` (a document's
     whole state) whose parent is a root named in `array_roots` or a nested Y.Array."""
@@ -319,9 +325,10 @@ class StrayFinder:
         if self.index is not None:
             scan(_read_items(update), self.index, self.array_roots)
 
-    def check(self, doc: Doc, update: bytes) -> list[tuple[int, int, int]]:
-        """The strays in `doc` after it applied `update` (raises Malformed)."""
-        items = _read_items(update)
+    def check(self, doc: Doc, update: bytes | list[_Item]) -> list[tuple[int, int, int]]:
+        """The strays in `doc` after it applied `update` (or its `decode`d items; raises
+        Malformed)."""
+        items = _read_items(update) if isinstance(update, bytes) else update
         textual = [i for i in items if i.content in _TEXTUAL]
         if not self.waiting:
             if self.index is None and not textual:
