@@ -4,7 +4,7 @@
         --space SPACE_ID:HEX_SECRET [--space ...] [--interface eth0]
 
 stdout, one JSON object per line; "t" is seconds since this process started:
-    {"event": "started", "t": 0.61, "addresses": ["10.77.0.1"]}   registered, browsing
+    {"event": "started", "t": 0.61, "addresses": ["192.0.2.1"]}   registered, browsing
     {"event": "found", "t": 1.9, "since_run": 1.3, "device_id": "B", "addresses": [...], "port": 7002}
     {"event": "lost", "t": ..., "device_id": "B", "addresses": [...], "port": 7002}
     {"event": "log", "t": ..., "level": "DEBUG", "msg": "..."}     peerdaemon.discovery records

@@ -1,13 +1,13 @@
 """Private network namespaces for multicast tests (mDNS never touches the machine's interfaces).
 
     with NetnsLab(3) as lab:            # namespaces pdtest-<pid>-<rand>-{hub,0,1,2}
-        lab.names[0], lab.addresses[0]  # "pdtest-...-0", "10.77.0.1"; interface "eth0"
+        lab.names[0], lab.addresses[0]  # "pdtest-...-0", "192.0.2.1"; interface "eth0"
         proc = lab.popen(0, [sys.executable, "script.py"], stdout=subprocess.PIPE)
         lab.run_python(1, "print('hi')")
     # processes started with popen are SIGKILLed by pid, then every namespace is deleted by name
 
 Layout: a hub namespace holds a bridge `br0`; each member namespace gets one end of a veth pair
-(named `eth0`, 10.77.0.N/24, multicast on, plus a multicast route) whose other end is enslaved to
+(named `eth0`, 192.0.2.N/24, multicast on, plus a multicast route) whose other end is enslaved to
 the bridge *inside the hub*. Nothing is created in, or moved through, the caller's namespace
 besides the bookkeeping files `ip netns` keeps in /run/netns.
 
@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-SUBNET = "10.77.0"
+SUBNET = "192.0.2"  # a documentation range: it stands for no real network
 INTERFACE = "eth0"
 _probe_result: str | None = None  # "" when namespaces work, else the reason they don't
 

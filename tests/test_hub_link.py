@@ -586,21 +586,29 @@ async def test_lan_and_hub_at_once_converge_without_looping(base, nursery):
             "env.patch", id=env, patch=[{"op": "replace", "path": "/port", "value": 5000 + i}]
         )
     await wait_until(lambda: same_env(a, b, env))
-    await trio.sleep(0.5)
 
-    def traffic() -> tuple[int, ...]:
+    def traffic() -> int:
         links = [h.link for d in (a, b) for h in d.daemon.hubs.links.values()]
-        return tuple(
-            getattr(lk, "messages_sent", 0) + getattr(lk, "messages_received", 0)
-            for lk in links
-            if lk
-        )
+        assert len(links) == 2 and all(links)
+        return sum(lk.messages_sent + lk.messages_received for lk in links)
 
-    before = traffic()
-    assert len(before) == 2 and all(before)
-    await trio.sleep(1.0)  # a loop would keep both paths busy
-    assert traffic() == before
-    assert await a.get(env, "/name") == "a4" and await a.get(env, "/port") == 5004
+    async def barrier(n: int) -> None:
+        """One edit each way, each awaited on the other side: whatever was in flight before
+        has arrived (links are ordered) by then."""
+        await a.set_name(env, f"barrier{n}")
+        await wait_until(lambda: same_env(a, b, env))
+        await b.op("env.patch", id=env, patch=[{"op": "replace", "path": "/port", "value": n}])
+        await wait_until(lambda: same_env(a, b, env))
+
+    # No sleep can prove that nothing loops; a count can: per edit, at most its update to the
+    # hub and on to the other daemon, and the other daemon's copy of it from the LAN to the hub
+    # and on (4 hub-link messages). An update going round would add to every window, forever.
+    for n in range(3):
+        before = traffic()
+        await barrier(n)
+        # (+4: the hub's copies of the window before, when the LAN was faster; +2: a ping, a pong)
+        assert traffic() - before <= 2 * 4 + 4 + 2
+    assert await a.get(env, "/name") == "barrier2" and await a.get(env, "/port") == 2
     admin.close()
 
 
