@@ -289,3 +289,12 @@ def test_an_update_only_yrs_reads_is_refused_whole(tmp_path, monkeypatch):
         monkeypatch.undo()
         assert registry.merge(env["uuid"], stray, "peer:x")[1]
         assert strays(registry.state_update(env["uuid"]), ARRAY_ROOTS) == []
+
+
+def test_empty_items_are_a_yjs_update_like_any_other():
+    """yrs writes a string item of length 0 (a format split on an empty insert): decoded, never
+    refused (the fuzz found one), and nothing to delete."""
+    text = b""
+    item = bytes([0x04]) + _uint(1) + _uint(len("routes.order")) + b"routes.order"
+    update = _uint(1) + _uint(1) + _uint(5) + _uint(0) + item + _uint(len(text)) + text + _uint(0)
+    assert strays(update, ARRAY_ROOTS) == []

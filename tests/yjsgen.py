@@ -29,7 +29,7 @@ from modelutil import assert_strict_equal, assert_valid_environment
 from pycrdt import Array, Doc, Map, Text, XmlElement, XmlFragment, XmlText
 
 from peerdaemon.model import export_environment, import_environment, prepare
-from peerdaemon.model.strays import remove_strays
+from peerdaemon.model.strays import decode, remove_strays
 
 LOCAL_FIXTURES = Path(__file__).parent / "fixtures" / "mockoon"
 FIXTURE_DIR = LOCAL_FIXTURES if any(LOCAL_FIXTURES.glob("*.json")) else _SHARED_FIXTURES
@@ -754,6 +754,9 @@ def assert_unique_uuids(env: dict[str, Any]) -> None:
 def check_document(base: bytes, first: bytes, second: bytes = b"") -> dict[str, Any]:
     """Every property of a total read, for a base document plus two clients' updates."""
     doc = doc_of(base, first, second)
+    for update in (first, second, doc.get_update()):  # what a daemon decodes before it merges
+        if update:
+            decode(update)
     env = export_environment(doc, ENV_ID)
     json.dumps(env, allow_nan=False)  # real JSON: no NaN/Infinity, nothing but JSON types
     assert_strict_equal(export_environment(doc, ENV_ID), env)  # reading changes nothing

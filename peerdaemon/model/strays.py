@@ -192,8 +192,6 @@ def _read_items(update: bytes) -> list[_Item]:
                 length = 1
             else:
                 raise Malformed(f"unknown content ref {ref}")
-            if length < 1:
-                raise Malformed("an item of length 0")
             items.append(_Item(client, clock, length, ref, origin, right, parent, type_ref))
             clock += length
     return items
@@ -288,7 +286,7 @@ def scan(
                 unknown = True
                 continue
             stray = owner.type_ref == _TYPE_ARRAY
-        if stray:
+        if stray and item.length:
             found.append((item.client, item.clock, item.length))
     return found, unknown
 
