@@ -57,9 +57,6 @@ class SpaceDoc:
         value = self._map(INFO).get("name")
         return value if isinstance(value, str) else None
 
-    def info(self) -> dict[str, Any]:
-        return dict(self._map(INFO).to_py() or {})
-
     def members(self) -> dict[str, dict[str, Any]]:
         """device id -> {name, joined}; malformed entries are skipped."""
         out: dict[str, dict[str, Any]] = {}
