@@ -8,6 +8,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from peerdaemon.model.schema import TLS_DEFAULT
+
 FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "mockoon" / "test-env.json"
 
 
@@ -30,15 +32,7 @@ def make_environment(target_bytes: int, seed: int = 0, routes: int | None = None
         "proxyMode": False,
         "proxyHost": "",
         "proxyRemovePrefix": False,
-        "tlsOptions": {
-            "enabled": False,
-            "type": "CERT",
-            "pfxPath": "",
-            "certPath": "",
-            "keyPath": "",
-            "caPath": "",
-            "passphrase": "",
-        },
+        "tlsOptions": dict(TLS_DEFAULT),
         "cors": True,
         "headers": [{"key": "Content-Type", "value": "application/json"}],
         "proxyReqHeaders": [{"key": "", "value": ""}],

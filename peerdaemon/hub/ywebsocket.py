@@ -34,6 +34,7 @@ from typing import Protocol
 
 from pycrdt import merge_updates
 
+from ..model.lib0 import write_var_uint
 from .accounts import LimitExceeded
 
 __all__ = [
@@ -101,20 +102,6 @@ class ProtocolError(ValueError):
 
 
 # ------------------------------------------------------------------------------------- codec
-def write_var_uint(n: int) -> bytes:
-    """lib0 varuint: 7 bits per byte, little end first, high bit = more."""
-    if n < 0:
-        raise ValueError("varuint must be >= 0")
-    if n < 0x80:
-        return bytes((n,))
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
 def read_var_uint(data: bytes, pos: int) -> tuple[int, int]:
     """-> (value, next position); ProtocolError on truncation or an absurd length."""
     n = 0

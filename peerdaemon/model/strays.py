@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from pycrdt import Doc, Text
 
+from .lib0 import write_var_uint as _uint
 from .schema import ORDER_SUFFIX, ROOT_ENTITY_LISTS, ROOT_REF_LIST
 
 __all__ = [
@@ -346,18 +347,6 @@ class StrayFinder:
         """Index the whole document; -> its strays."""
         self.index = ItemIndex()
         return scan(_read_items(doc.get_update()), self.index, self.array_roots)[0]
-
-
-def _uint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
 
 
 def delete_update(ranges: list[tuple[int, int, int]]) -> bytes:

@@ -12,6 +12,8 @@ from typing import Any
 
 import cbor2
 
+from ..model.lib0 import write_var_uint
+
 __all__ = [
     "MAX_DOC_ID",
     "MAX_NAME",
@@ -239,15 +241,6 @@ def validate_inner(msg: dict[str, Any]) -> None:
 # -- y-protocols sync messages -----------------------------------------------------------------
 
 
-def _write_varuint(num: int) -> bytes:
-    out = bytearray()
-    while num > 0x7F:
-        out.append(0x80 | (num & 0x7F))
-        num >>= 7
-    out.append(num)
-    return bytes(out)
-
-
 def _read_varuint(data: bytes, pos: int) -> tuple[int, int]:
     num = 0
     shift = 0
@@ -264,7 +257,7 @@ def _read_varuint(data: bytes, pos: int) -> tuple[int, int]:
 
 def encode_sync(kind: int, payload: bytes) -> bytes:
     """A y-protocols sync message: varuint type, then the payload as a varuint-prefixed array."""
-    return _write_varuint(kind) + _write_varuint(len(payload)) + payload
+    return write_var_uint(kind) + write_var_uint(len(payload)) + payload
 
 
 def decode_sync(m: bytes) -> tuple[int, bytes]:

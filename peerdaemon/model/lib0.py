@@ -1,0 +1,20 @@
+"""lib0's variable-length unsigned integer, the one number encoding of every Yjs format (updates,
+state vectors, the sync protocol): written once here for the model, the LAN and the hub."""
+
+from __future__ import annotations
+
+__all__ = ["write_var_uint"]
+
+
+def write_var_uint(n: int) -> bytes:
+    """7 bits per byte, low bits first, the high bit set on every byte but the last."""
+    if n < 0:
+        raise ValueError("varuint must be >= 0")
+    if n < 0x80:
+        return bytes((n,))
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
