@@ -168,9 +168,9 @@ def bench_merge(root: Path, size: int, edits: int) -> dict[str, float]:
     the registry's own costs, not the acknowledgement's."""
     from pycrdt import Doc, Map
 
-    import peerdaemon.daemon.registry as registry_module
-    from peerdaemon.daemon.events import EventLog
-    from peerdaemon.daemon.registry import Registry
+    import peerdaemon.core.registry as registry_module
+    from peerdaemon.core.events import EventLog
+    from peerdaemon.core.registry import Registry
     from peerdaemon.model import prepare
     from peerdaemon.model.strays import ARRAY_ROOTS, StrayFinder, strays
     from peerdaemon.store import Store

@@ -18,10 +18,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from peerdaemon.addresses import parse_address
 from peerdaemon.api.client import Client, ClientError, DaemonError
 from peerdaemon.api.protocol import UUID_MISMATCH
-from peerdaemon.daemon.paths import default_data_dir, default_socket_path
+from peerdaemon.core.addresses import parse_address
+from peerdaemon.core.locations import default_data_dir, default_socket_path
 from peerdaemon.model.schema import LAST_MIGRATION
 
 __all__ = ["CliError", "build_parser", "main"]

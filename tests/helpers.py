@@ -23,7 +23,7 @@ from trio_websocket import open_websocket_url
 
 from peerdaemon import cli
 from peerdaemon.api.client import ClientError, DaemonError
-from peerdaemon.api.protocol import ApiError, Pending
+from peerdaemon.api.protocol import OpError, Pending
 from peerdaemon.api.server import Session
 from peerdaemon.hub.accounts import Accounts
 from peerdaemon.hub.server import HubConfig, serve_hub
@@ -162,7 +162,7 @@ class FakeHandler:
         if op == "echo":
             return args
         if op == "fail":
-            raise ApiError("not-found", "no such thing")
+            raise OpError("not-found", "no such thing")
         if op == "boom":
             raise RuntimeError("kaboom")
         if op == "durable":
@@ -171,7 +171,7 @@ class FakeHandler:
 
             async def fail() -> None:
                 await self.gate(args["gate"]).wait()
-                raise ApiError("bad-update", "could not persist")
+                raise OpError("bad-update", "could not persist")
 
             return Pending(fail, None)
         if op == "block":
@@ -186,7 +186,7 @@ class FakeHandler:
             for event in args.get("early", []):
                 session.push(sub, event)
             if op == "subscribe-fail":
-                raise ApiError("not-found", "cannot subscribe")
+                raise OpError("not-found", "cannot subscribe")
             if op == "env.subscribe":
                 return {"sub": sub, "snapshot": {"uuid": args.get("id")}, "update": b"\x00\x00"}
             if op == "events.subscribe":
@@ -203,7 +203,7 @@ class FakeHandler:
             return object()
         if op == "big":
             return b"x" * args["n"]
-        raise ApiError("unknown-op", f"unknown operation {op!r}")
+        raise OpError("unknown-op", f"unknown operation {op!r}")
 
 
 # -- the hub: a real hub in this process, and a y-websocket client -------------------------

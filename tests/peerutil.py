@@ -16,7 +16,7 @@ import trio
 from helpers import LOCAL
 from pycrdt import Doc, Map
 
-from peerdaemon.identity import Identity
+from peerdaemon.core.identity import Identity
 from peerdaemon.peer import PeerConfig, PeerManager
 from peerdaemon.spaces import SpaceKey
 

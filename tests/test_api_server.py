@@ -21,7 +21,7 @@ from helpers import FakeHandler
 
 from peerdaemon.api import server as server_mod
 from peerdaemon.api.framing import FrameDecoder, FrameError, encode_frame
-from peerdaemon.api.protocol import ApiError, Pending, arg, parse_request, request_id_of
+from peerdaemon.api.protocol import OpError, Pending, arg, parse_request, request_id_of
 from peerdaemon.api.server import (
     DaemonAlreadyRunning,
     ServerStartError,
@@ -115,7 +115,7 @@ def test_parse_request_valid_and_invalid():
         {"id": 1, "op": 5},
         {"id": 1, "op": "x", "args": [1]},
     ):
-        with pytest.raises(ApiError) as info:
+        with pytest.raises(OpError) as info:
             parse_request(bad)
         assert info.value.code == "bad-request"
     assert request_id_of({"id": True}) is None
@@ -129,9 +129,9 @@ def test_arg_helper():
     assert arg(args, "raw", bytes) == b"\x01"
     assert arg(args, "nil", str, default="d") == "d"
     assert arg(args, "missing", int, default=None) is None
-    with pytest.raises(ApiError, match="must be an integer"):
+    with pytest.raises(OpError, match="must be an integer"):
         arg(args, "b", int)
-    with pytest.raises(ApiError, match="env.get: missing argument 'id'"):
+    with pytest.raises(OpError, match="env.get: missing argument 'id'"):
         arg(args, "id", str, op="env.get")
 
 
@@ -487,7 +487,7 @@ async def test_events_of_a_pending_subscribe_wait_for_its_ack(nursery, sock_path
             async def wait() -> None:
                 await gates[op].wait()
                 if op == "fail":
-                    raise ApiError("bad-update", "no")
+                    raise OpError("bad-update", "no")
 
             return Pending(wait, {"sub": sub})
 

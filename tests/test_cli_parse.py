@@ -252,9 +252,9 @@ async def test_env_put_of_another_environment_is_one_line_naming_force_id(
     sock, handler, tmp_path, capsys
 ):
     def mismatch(args):
-        from peerdaemon.api.protocol import ApiError
+        from peerdaemon.api.protocol import OpError
 
-        raise ApiError("uuid-mismatch", "the environment given has uuid 'e2', not e1")
+        raise OpError("uuid-mismatch", "the environment given has uuid 'e2', not e1")
 
     handler.responses["env.put"] = mismatch
     (tmp_path / "env.json").write_text('{"uuid": "e2"}')
@@ -266,9 +266,9 @@ async def test_env_put_of_another_environment_is_one_line_naming_force_id(
 
 async def test_daemon_error_is_one_line_exit_1(sock, handler, capsys):
     def missing(args):
-        from peerdaemon.api.protocol import ApiError
+        from peerdaemon.api.protocol import OpError
 
-        raise ApiError("not-found", "no environment with id 'zz'\nsecond line")
+        raise OpError("not-found", "no environment with id 'zz'\nsecond line")
 
     handler.responses["env.get"] = missing
     assert await run_cli("--socket", sock, "env", "get", "zz") == 1

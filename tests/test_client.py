@@ -344,7 +344,7 @@ def test_default_socket_path_is_used(monkeypatch, tmp_path):
 
 
 def test_default_paths(monkeypatch):
-    from peerdaemon.daemon.paths import default_data_dir, default_socket_path
+    from peerdaemon.core.locations import default_data_dir, default_socket_path
 
     monkeypatch.delenv("PEERDAEMON_SOCKET", raising=False)
     monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/1000")

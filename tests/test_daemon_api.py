@@ -609,7 +609,7 @@ async def test_every_argument_of_the_wrong_type_is_a_bad_request(daemon, client,
     """Table-driven over every operation's arguments (`ARG_KINDS`): a list, a map, a huge number
     or a string where another type belongs is `bad-request` naming the argument, never
     `internal` (`config.get` with a list as key was `internal`), and nothing changes."""
-    from peerdaemon.daemon.service import ARG_KINDS
+    from peerdaemon.operations.environments import ARG_KINDS
 
     no_args = {"status", "env.list", "env.links", "space.list", "identity", "peers"}
     undeclared = set(daemon.service._ops) - set(ARG_KINDS) - no_args
@@ -818,7 +818,7 @@ async def test_a_write_that_fails_half_way_is_rolled_back(dirs, monkeypatch):
     """A bug in the middle of a whole-environment write (here a real pycrdt panic after a first
     edit) answers `internal`; the daemon goes on, and the half-done edit is neither visible, nor
     sent to subscribers, nor stored (checked after a restart)."""
-    from peerdaemon.daemon import registry as registry_mod
+    from peerdaemon.core import registry as registry_mod
 
     config = DaemonConfig(*dirs, max_frame=MAX_FRAME)
 

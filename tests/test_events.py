@@ -7,7 +7,7 @@ import trio
 from modelutil import FIXTURE_DIR
 
 from peerdaemon.api.client import AsyncClient, DaemonError
-from peerdaemon.daemon.events import EventLog
+from peerdaemon.core.events import EventLog
 from peerdaemon.daemon.supervisor import DaemonConfig, serve
 
 

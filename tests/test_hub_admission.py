@@ -267,12 +267,12 @@ async def test_a_daemon_that_never_authenticates_times_out_and_releases(tmp_path
 
 
 async def test_a_peer_endpoint_that_never_authenticates_is_cut_by_the_hub(tmp_path, autojump_clock):
-    """The hub's own backstop: a `/peer` socket whose endpoint never releases `ws.ticket` is cut
+    """The hub's own backstop: a `/peer` socket whose endpoint never releases `ws.slot` is cut
     `handshake_timeout` + `CLOSE_TIMEOUT` after its upgrade."""
 
     class Silent:
         async def handle_peer(self, ws: Any) -> None:
-            assert ws.ticket is not None and not ws.ticket.released
+            assert ws.slot is not None and not ws.slot.released
             await trio.sleep_forever()
 
     http = HttpConfig(handshake_timeout=5.0)

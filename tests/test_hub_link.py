@@ -40,12 +40,12 @@ from trio_websocket import open_websocket
 
 from peerdaemon import cli
 from peerdaemon.api.client import ClientError, DaemonError
+from peerdaemon.core.identity import Identity
 from peerdaemon.daemon.supervisor import DaemonConfig
 from peerdaemon.hub.accounts import Accounts, hash_token
 from peerdaemon.hub.peers import HubRequest, PeerEndpoint
 from peerdaemon.hub.server import HubConfig, HubServer, serve_hub
 from peerdaemon.hublink import HUB_KEY_UNKNOWN, HubClientAuth, normalize_hub_key, parse_hub_url
-from peerdaemon.identity import Identity
 from peerdaemon.model import MODEL_VERSION
 from peerdaemon.peer import PROTOCOL_VERSION, PeerConfig, PeerConnection, ProtocolError
 from peerdaemon.peer.crypto import SecureChannel

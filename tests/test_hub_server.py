@@ -28,7 +28,7 @@ from pycrdt import Doc, Map, Text
 from trio_websocket import ConnectionClosed, open_websocket_url
 
 from peerdaemon.cli import main as cli_main
-from peerdaemon.daemon.events import EventLog
+from peerdaemon.core.events import EventLog
 from peerdaemon.hub.accounts import Accounts, AccountsError, Limits
 from peerdaemon.hub.docs import HubDocs
 from peerdaemon.hub.http import HttpConfig, NotAvailablePeerEndpoint

@@ -23,7 +23,7 @@ from modelutil import load
 from pycrdt import Doc
 
 from peerdaemon.api.client import open_client
-from peerdaemon.daemon.events import EventLog
+from peerdaemon.core.events import EventLog
 from peerdaemon.daemon.supervisor import DaemonConfig, serve
 from peerdaemon.hub.accounts import Accounts
 from peerdaemon.hub.docs import HubDocs

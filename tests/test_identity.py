@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from peerdaemon.identity import (
+from peerdaemon.core.identity import (
     SETTING,
     Identity,
     default_name,

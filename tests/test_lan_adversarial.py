@@ -36,7 +36,7 @@ from daemonutil import (
 from helpers import LOCAL, free_port, until_sync
 from trio_websocket import ConnectionClosed, open_websocket
 
-from peerdaemon.identity import Identity
+from peerdaemon.core.identity import Identity
 from peerdaemon.model import MODEL_VERSION
 from peerdaemon.peer import PeerConfig
 from peerdaemon.peer.handshake import Handshake

@@ -630,7 +630,7 @@ async def _yjs_edit(c: AsyncClient, env_id: str, **values: Any) -> bytes:
 @pytest.fixture
 def unexportable(monkeypatch):
     """`Registry.export` raises for the environment ids put in the returned set."""
-    from peerdaemon.daemon.registry import Registry
+    from peerdaemon.core.registry import Registry
 
     broken: set[str] = set()
     real = Registry.export

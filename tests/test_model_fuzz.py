@@ -35,8 +35,8 @@ from yjsgen import (
 )
 
 from peerdaemon.api.client import AsyncClient
-from peerdaemon.daemon.events import EventLog
-from peerdaemon.daemon.registry import Registry
+from peerdaemon.core.events import EventLog
+from peerdaemon.core.registry import Registry
 from peerdaemon.daemon.supervisor import DaemonConfig, serve
 from peerdaemon.model import export_environment, prepare
 from peerdaemon.store import Store

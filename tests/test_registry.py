@@ -9,9 +9,9 @@ import pytest
 from modelutil import assert_strict_equal, load
 from pycrdt import Doc, Map
 
-from peerdaemon.daemon import registry as registry_mod
-from peerdaemon.daemon.events import EventLog
-from peerdaemon.daemon.registry import Registry
+from peerdaemon.core.events import EventLog
+from peerdaemon.core.registry import Registry
+from peerdaemon.core import registry as registry_mod
 from peerdaemon.model import export_environment, prepare
 from peerdaemon.store import Store
 

@@ -6,7 +6,7 @@ import jsonpatch
 import pytest
 from modelutil import load
 
-from peerdaemon.daemon.service import copy_along
+from peerdaemon.operations.environments import copy_along
 
 OPS = [
     [{"op": "replace", "path": "/routes/0/responses/0/label", "value": "x"}],

@@ -19,13 +19,13 @@ from helpers import run_cli
 from modelutil import load
 
 from peerdaemon import cli
-from peerdaemon.api.protocol import ApiError, Pending
-from peerdaemon.daemon.events import EventLog
-from peerdaemon.daemon.registry import Registry
-from peerdaemon.daemon.service import Service
+from peerdaemon.api.protocol import OpError, Pending
+from peerdaemon.core.events import EventLog
+from peerdaemon.core.identity import load_or_create_identity
+from peerdaemon.core.registry import Registry
 from peerdaemon.daemon.supervisor import DaemonConfig, serve
-from peerdaemon.identity import load_or_create_identity
 from peerdaemon.model import prepare
+from peerdaemon.operations import Operations
 from peerdaemon.spaces import (
     Invite,
     InviteError,
@@ -56,7 +56,7 @@ class Node:
         self.identity = load_or_create_identity(self.store, self.name)
         self.spaces = SpacesService(self.registry, self.store, self.identity, self.events)
         self.spaces.load()
-        self.service = Service(self.registry, data_dir=self.path, socket_path=self.path / "s")
+        self.service = Operations(self.registry, data_dir=self.path, socket_path=self.path / "s")
         self.spaces.register(self.service)
         self.scope = await nursery.start(self._run_store)
         return self
@@ -399,7 +399,7 @@ async def test_unshare_keeps_a_local_copy_everywhere_and_stops_syncing(nodes):
     assert b.export(env_id)["routes"][0]["endpoint"] != "only-a"
     unshared = [e for e in a.events.since(0) if e["type"] == "environment-unshared"]
     assert unshared[-1]["data"] == {"id": env_id, "space": space_id, "origin": f"peer:{b.device}"}
-    with pytest.raises(ApiError) as info:
+    with pytest.raises(OpError) as info:
         await a.op("env.unshare", id=env_id)
     assert info.value.code == "not-shared"
 
@@ -471,7 +471,7 @@ async def test_leave_forgets_the_space_and_keeps_local_copies(nodes):
     relay.flush()
     assert b.export(env_id)["routes"][0]["endpoint"] != "after leave"
     assert b.store.get_setting("spaces") == {}
-    with pytest.raises(ApiError) as info:
+    with pytest.raises(OpError) as info:
         await b.op("space.leave", space=space_id)
     assert info.value.code == "not-found"
 
@@ -582,16 +582,16 @@ async def test_space_doc_listener_and_bad_updates(nodes):
 async def test_operation_errors(nodes):
     a = await nodes("a")
     env_id = a.import_env()
-    with pytest.raises(ApiError) as info:
+    with pytest.raises(OpError) as info:
         await a.op("space.join", code="pd1-abcdefgh")
     assert info.value.code == "bad-invite" and "mistyped" in info.value.message
     space_id = (await a.op("space.create", name="Team"))["id"]
     code = (await a.op("space.invite", space="Team"))["code"]
-    with pytest.raises(ApiError) as info:
+    with pytest.raises(OpError) as info:
         await a.op("space.join", code=code)
     assert info.value.code == "exists"
     await a.op("space.create", name="Team")
-    with pytest.raises(ApiError) as info:
+    with pytest.raises(OpError) as info:
         await a.op("space.invite", space="Team")
     assert info.value.code == "ambiguous"
     assert (await a.op("space.invite", space=space_id[:6]))["code"].startswith("pd1-")
@@ -606,11 +606,11 @@ async def test_operation_errors(nodes):
         ("config.set", {"key": "name", "value": ""}, "bad-request"),
         ("config.get", {"key": "colour"}, "not-found"),
     ]:
-        with pytest.raises(ApiError) as info:
+        with pytest.raises(OpError) as info:
             await a.op(op, **args)
         assert info.value.code == code_, (op, args)
     await a.op("env.share", id=env_id, space=space_id)
-    with pytest.raises(ApiError) as info:
+    with pytest.raises(OpError) as info:
         await a.op("env.share", id=env_id, space=space_id)
     assert info.value.code == "exists" and "--copy" in info.value.message
 

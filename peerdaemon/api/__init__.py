@@ -20,11 +20,11 @@ from .client import (
     open_client,
 )
 from .framing import DEFAULT_MAX_FRAME, FrameDecoder, FrameError, encode_frame
-from .protocol import ApiError, Pending
+from .protocol import OpError, Pending
 
 __all__ = [
     "DEFAULT_MAX_FRAME",
-    "ApiError",
+    "OpError",
     "AsyncClient",
     "AsyncSubscription",
     "Client",

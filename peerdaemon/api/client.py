@@ -91,7 +91,7 @@ class ConnectionLost(ClientError):
 
 def _resolve(path: Path | str | None) -> Path:
     if path is None:
-        from peerdaemon.daemon.paths import default_socket_path
+        from peerdaemon.core.locations import default_socket_path
 
         return default_socket_path()
     return Path(path)

@@ -30,7 +30,7 @@ from .protocol import (
     FRAME_TOO_LARGE,
     INTERNAL,
     STORE_FAILED,
-    ApiError,
+    OpError,
     Pending,
     error_message,
     parse_request,
@@ -79,10 +79,10 @@ class DaemonAlreadyRunning(ServerStartError):
 
 
 class Handler(Protocol):
-    """Implemented by the daemon (peerdaemon.daemon.service)."""
+    """Implemented by the daemon (peerdaemon.operations.environments)."""
 
     async def handle(self, op: str, args: dict[Any, Any], session: Session) -> Any:
-        """Apply one request; return the result, a `Pending`, or raise `ApiError`."""
+        """Apply one request; return the result, a `Pending`, or raise `OpError`."""
         ...
 
 
@@ -412,14 +412,14 @@ class _Connection:
         req_id = request_id_of(msg)
         try:
             req = parse_request(msg)
-        except ApiError as exc:
+        except OpError as exc:
             self.respond_error(req_id, exc.code, exc.message)
             return
         session = self.session
         session._begin_request()
         try:
             result = await self.handler.handle(req.op, req.args, session)
-        except ApiError as exc:
+        except OpError as exc:
             session._discard(session._end_request())
             self.respond_error(req.id, exc.code, exc.message)
             return
@@ -447,7 +447,7 @@ class _Connection:
         try:
             try:
                 await pending.wait()
-            except ApiError as exc:
+            except OpError as exc:
                 self.session._discard(opened)
                 self.respond_error(req_id, exc.code, exc.message)
                 return

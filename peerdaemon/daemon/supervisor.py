@@ -18,21 +18,21 @@ from pathlib import Path
 
 import trio
 
-from ..addresses import parse_address
 from ..api.server import serve_unix
+from ..core import settings
+from ..core.addresses import parse_address
+from ..core.events import EventLog
+from ..core.identity import Identity, load_or_create_identity
+from ..core.registry import Registry
+from ..core.runner import run_process
 from ..discovery.mdns import DiscoveryError, MdnsDiscovery
 from ..hublink import HubLinkService
-from ..identity import Identity, load_or_create_identity
 from ..mirror import MirrorService
+from ..operations import Operations
 from ..peer.manager import PeerManager
 from ..peer.session import PeerConfig
-from ..runner import run_process
 from ..spaces import SpacesService
 from ..store import Store, StoreError
-from . import settings
-from .events import EventLog
-from .registry import Registry
-from .service import Service
 
 log = logging.getLogger("peerdaemon")
 
@@ -63,7 +63,7 @@ class Daemon:
     config: DaemonConfig
     store: Store
     registry: Registry
-    service: Service
+    service: Operations
     mirror: MirrorService
     identity: Identity | None = None
     spaces: SpacesService | None = None
@@ -86,7 +86,7 @@ async def serve(
         events = EventLog()
         registry = Registry(store, events)
         count = registry.load()
-        service = Service(registry, data_dir=config.data_dir, socket_path=config.socket_path)
+        service = Operations(registry, data_dir=config.data_dir, socket_path=config.socket_path)
         try:
             identity = load_or_create_identity(store, config.name)
         except ValueError as exc:

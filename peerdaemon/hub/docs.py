@@ -29,7 +29,8 @@ from typing import Any
 import trio
 from pycrdt import Doc, Map, get_update
 
-from ..daemon.events import EventLog
+from ..core.events import EventLog
+from ..model.lib0 import EMPTY_UPDATE
 from ..spaces.document import ENVIRONMENTS, SHARED
 from ..store import Store, StoreError, Ticket
 from .accounts import LimitExceeded, Limits
@@ -39,7 +40,6 @@ __all__ = ["EMPTY_STATE_VECTOR", "EMPTY_UPDATE", "SPACE_PREFIX", "HubDocs", "Lim
 log = logging.getLogger("peerdaemon.hub.docs")
 
 SPACE_PREFIX = "space:"
-EMPTY_UPDATE = b"\x00\x00"
 EMPTY_STATE_VECTOR = b"\x00"
 
 _SPACE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")

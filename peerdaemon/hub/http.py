@@ -10,9 +10,9 @@ progress for `stall_seconds` is cut off; an outbox that overflows is dropped by 
 (`ywebsocket.Outbox`), so no client can stall a room or the hub.
 
 Connections that have not authenticated yet are bounded like the LAN listener's
-(`peer.admission.Admission`): every accepted connection holds a `Ticket` until it is answered
+(`peer.admission.Admission`): every accepted connection holds a `Slot` until it is answered
 (plain HTTP), its token is accepted (`/yjs`) or the daemon's auth is (`/peer`: the endpoint
-releases `ws.ticket`), or it ends. Past `max_half_open` in total or `max_half_open_per_ip` from
+releases `ws.slot`), or it ends. Past `max_half_open` in total or `max_half_open_per_ip` from
 one address, one more is answered `503 busy` at once and closed. The request head must arrive
 within `head_timeout`, and a websocket still unauthenticated `handshake_timeout` (plus a grace
 to close politely) after its upgrade is cut.
@@ -40,8 +40,8 @@ from wsproto.connection import Connection, ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
-from ..daemon.events import EventLog
-from ..peer.admission import BUSY_BODY, BUSY_STATUS, Admission, Ticket
+from ..core.events import EventLog
+from ..peer.admission import BUSY_BODY, BUSY_STATUS, Admission, Slot
 from .accounts import Accounts, LimitExceeded
 from .docs import check_ids
 from .ywebsocket import CLOSE_CODES, Outbox, Rooms, YConn
@@ -108,7 +108,7 @@ class HubWebSocket(Protocol):
     query: dict[str, str]
     headers: dict[str, str]
     remote: tuple[str, int] | None
-    ticket: Ticket | None
+    slot: Slot | None
     """The connection's place among the unauthenticated ones: `release()` it once the daemon
     has authenticated (until then it counts against the hub's half-open limits, and is cut
     `handshake_timeout` + `CLOSE_TIMEOUT` after the upgrade)."""
@@ -201,12 +201,12 @@ class _Session:
         on_message: Callable[[bytes | str], Awaitable[None] | None],
         handler: Callable[[], Awaitable[None]] | None = None,
         *,
-        ticket: Ticket | None = None,
+        slot: Slot | None = None,
         auth_deadline: float = math.inf,
     ) -> None:
         """Until closed. `on_message` gets each message (an async one applies back-pressure);
         `handler` (the /peer endpoint) runs beside and may finish its close within the grace.
-        If `ticket` is still held at `auth_deadline` (not authenticated yet), the connection is
+        If `slot` is still held at `auth_deadline` (not authenticated yet), the connection is
         cut."""
         handler_done = trio.Event()
 
@@ -220,8 +220,8 @@ class _Session:
         try:
             async with trio.open_nursery() as nursery:
                 self._scope = nursery.cancel_scope
-                if ticket is not None and not ticket.released:
-                    nursery.start_soon(self._watchdog, ticket, auth_deadline)
+                if slot is not None and not slot.released:
+                    nursery.start_soon(self._watchdog, slot, auth_deadline)
                 nursery.start_soon(self._reader, on_message)
                 if handler is not None:
                     nursery.start_soon(run_handler)
@@ -240,9 +240,9 @@ class _Session:
                 scope.shield = True
                 await self.stream.aclose()
 
-    async def _watchdog(self, ticket: Ticket, deadline: float) -> None:
+    async def _watchdog(self, slot: Slot, deadline: float) -> None:
         await trio.sleep_until(deadline)
-        if not ticket.released:
+        if not slot.released:
             self.abort("not authenticated in time")
 
     def _close_from_remote(self, code: int, reason: str, *, lost: bool = False) -> None:
@@ -386,14 +386,14 @@ class _PeerSocket:
         query: dict[str, str],
         headers: dict[str, str],
         remote: tuple[str, int] | None,
-        ticket: Ticket | None = None,
+        slot: Slot | None = None,
     ) -> None:
         self._session = session
         self.path = path
         self.query = query
         self.headers = headers
         self.remote = remote
-        self.ticket = ticket
+        self.slot = slot
         send, self._incoming = trio.open_memory_channel[bytes | str](64)
         self._send_incoming = send
 
@@ -493,12 +493,12 @@ class HubHttp:
     # -- entry -----------------------------------------------------------------------------------
     async def handle(self, stream: trio.abc.Stream) -> None:
         remote = _remote(stream)
-        ticket = self.admission.admit(remote[0] if remote is not None else "?")
+        slot = self.admission.admit(remote[0] if remote is not None else "?")
         try:
-            if ticket is None:
+            if slot is None:
                 await self._refuse(stream, remote)
             else:
-                await self._handle(stream, ticket)
+                await self._handle(stream, slot)
         except trio.TooSlowError:
             log.debug("hub connection from %s: no request head in time; closed", remote)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -506,8 +506,8 @@ class HubHttp:
         except Exception:  # one connection's failure never takes the hub down
             log.exception("hub connection failed")
         finally:
-            if ticket is not None:
-                ticket.release()
+            if slot is not None:
+                slot.release()
             with trio.move_on_after(CLOSE_TIMEOUT) as scope:
                 scope.shield = True
                 await stream.aclose()
@@ -532,19 +532,19 @@ class HubHttp:
             self._refusing -= 1
             await trio.aclose_forcefully(stream)
 
-    async def _handle(self, stream: trio.abc.Stream, ticket: Ticket) -> None:
+    async def _handle(self, stream: trio.abc.Stream, slot: Slot) -> None:
         with trio.fail_after(self.config.head_timeout):  # the head, and the answer to it
             opened = await self._open(stream)
         if opened is None:
-            ticket.release()  # answered
+            slot.release()  # answered
             return
         request, leftover = opened
         deadline = trio.current_time() + self.config.handshake_timeout + CLOSE_TIMEOUT
         if request.path == "/peer":
-            await self._serve_peer(stream, leftover, request, ticket, deadline)
+            await self._serve_peer(stream, leftover, request, slot, deadline)
         else:
             space_id, doc_id = (unquote(p) for p in request.path[len("/yjs/") :].split("/"))
-            await self._serve_yws(stream, leftover, request, space_id, doc_id, ticket, deadline)
+            await self._serve_yws(stream, leftover, request, space_id, doc_id, slot, deadline)
 
     async def _open(self, stream: trio.abc.Stream) -> tuple[_Request, bytes] | None:
         """Read the request head and answer it: plain HTTP and bad requests get their response
@@ -621,7 +621,7 @@ class HubHttp:
         request: _Request,
         space_id: str,
         doc_id: str,
-        ticket: Ticket,
+        slot: Slot,
         auth_deadline: float,
     ) -> None:
         conn = self._new_conn()
@@ -649,7 +649,7 @@ class HubHttp:
                 conn.deny("bad-request")
             else:
                 self.rooms.join(space_id, doc_id, conn)
-                ticket.release()  # authenticated: no longer counts as half-open
+                slot.release()  # authenticated: no longer counts as half-open
         if conn.closing is not None:
             log.info("yws %d: refused: %s", conn.number, conn.closing[1])
         rooms = self.rooms
@@ -666,7 +666,7 @@ class HubHttp:
 
         self.sessions.add(session)
         try:
-            await session.run(on_message, ticket=ticket, auth_deadline=auth_deadline)
+            await session.run(on_message, slot=slot, auth_deadline=auth_deadline)
         finally:
             self.sessions.discard(session)
             rooms.leave(conn)
@@ -703,13 +703,13 @@ class HubHttp:
         stream: trio.abc.Stream,
         leftover: bytes,
         request: _Request,
-        ticket: Ticket,
+        slot: Slot,
         auth_deadline: float,
     ) -> None:
         conn = self._new_conn()
         session = _Session(stream, conn, leftover, self.config)
         ws = _PeerSocket(
-            session, request.path, request.query, request.headers, _remote(stream), ticket
+            session, request.path, request.query, request.headers, _remote(stream), slot
         )
         send = ws._send_incoming
         session.on_reader_done = send.close  # get_message raises ConnectionClosed after the rest
@@ -735,7 +735,7 @@ class HubHttp:
         self.peer_connections += 1
         self.sessions.add(session)
         try:
-            await session.run(on_message, handler, ticket=ticket, auth_deadline=auth_deadline)
+            await session.run(on_message, handler, slot=slot, auth_deadline=auth_deadline)
         finally:
             self.sessions.discard(session)
             self.peer_connections -= 1

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ..identity import Identity, load_or_create_identity
+from ..core.identity import Identity, load_or_create_identity
 from ..model import MODEL_VERSION
 from ..peer import messages
 from ..peer.crypto import HUB_TOKEN_ID_LEN, hub_token_proof
@@ -394,7 +394,7 @@ class PeerEndpoint:
         link = Link(
             make_conn, dialer=False, address=address, on_event=self._on_event, config=self.config
         )
-        link.ticket = getattr(ws, "ticket", None)  # released once the hub accepted the daemon
+        link.slot = getattr(ws, "slot", None)  # released once the hub accepted the daemon
         self._daemons[link] = _Daemon(link, auth, host)
         try:
             await link.run(ws)
@@ -457,8 +457,8 @@ class PeerEndpoint:
         if daemon is None:
             return
         if isinstance(event, Established):
-            if link.ticket is not None:  # authenticated: no longer half-open on the hub's port
-                link.ticket.release()
+            if link.slot is not None:  # authenticated: no longer half-open on the hub's port
+                link.slot.release()
             for other in list(self._daemons.values()):
                 if (
                     other is not daemon

@@ -32,10 +32,10 @@ import platformdirs
 import trio
 
 from .. import __version__
-from ..addresses import parse_address
-from ..daemon.events import EventLog
-from ..identity import SETTING, Identity, load_or_create_identity
-from ..runner import run_process
+from ..core.addresses import parse_address
+from ..core.events import EventLog
+from ..core.identity import SETTING, Identity, load_or_create_identity
+from ..core.runner import run_process
 from ..store import DB_NAME, Store, StoreError
 from ..store.errors import StoreLockedError
 from ..store.lock import LOCK_NAME

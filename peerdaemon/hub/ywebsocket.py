@@ -34,7 +34,7 @@ from typing import Protocol
 
 from pycrdt import merge_updates
 
-from ..model.lib0 import write_var_uint
+from ..model.lib0 import EMPTY_UPDATE, write_var_uint
 from .accounts import LimitExceeded
 
 __all__ = [
@@ -77,7 +77,6 @@ SYNC_STEP2 = 1
 SYNC_UPDATE = 2
 AUTH_PERMISSION_DENIED = 0
 
-EMPTY_UPDATE = b"\x00\x00"
 MAX_REMOVED_CLOCKS = 10_000  # awareness clocks kept for clients that left, per room
 
 # Close codes. 4400-4499 are "permanent" for the y-websocket provider (it stops reconnecting);

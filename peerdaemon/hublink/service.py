@@ -35,9 +35,13 @@ from urllib.parse import urlsplit
 
 import trio
 
-from ..api.protocol import ApiError, Pending
-from ..daemon.events import EventLog
-from ..identity import Identity
+from ..core.errors import (
+    BAD_REQUEST,
+    OpError,
+    Pending,
+)
+from ..core.events import EventLog
+from ..core.identity import Identity
 from ..model import MODEL_VERSION
 from ..peer import messages
 from ..peer.crypto import hub_token_hash, hub_token_id, hub_token_proof
@@ -915,24 +919,24 @@ class HubLinkService:
             args.get("wait", 0),
         )
         if not isinstance(space, str) or not space:
-            raise ApiError("bad-request", "argument 'space' must be a non-empty string")
+            raise OpError(BAD_REQUEST, "argument 'space' must be a non-empty string")
         if url is not None and not isinstance(url, str):
-            raise ApiError("bad-request", "argument 'url' must be a string")
+            raise OpError(BAD_REQUEST, "argument 'url' must be a string")
         if not isinstance(token, str):
-            raise ApiError("bad-request", "argument 'token' must be a string")
+            raise OpError(BAD_REQUEST, "argument 'token' must be a string")
         if hub_key is not None and not isinstance(hub_key, str):
-            raise ApiError("bad-request", "argument 'hub_key' must be a string")
+            raise OpError(BAD_REQUEST, "argument 'hub_key' must be a string")
         if not isinstance(tofu, bool):
-            raise ApiError("bad-request", "argument 'trust_first_use' must be a boolean")
+            raise OpError(BAD_REQUEST, "argument 'trust_first_use' must be a boolean")
         if not isinstance(wait, int | float) or isinstance(wait, bool) or not 0 <= wait <= MAX_WAIT:
-            raise ApiError("bad-request", f"argument 'wait' must be 0 to {MAX_WAIT:g} seconds")
+            raise OpError(BAD_REQUEST, f"argument 'wait' must be 0 to {MAX_WAIT:g} seconds")
         generations = {u: link.generation for u, link in self.links.items()}
         try:
             space_id, canonical, ticket = self.attach(
                 space, url, token, hub_key=hub_key, trust_first_use=tofu
             )
         except SpaceError as exc:
-            raise ApiError(exc.code, exc.message) from None
+            raise OpError(exc.code, exc.message) from None
         result: dict[str, Any] = {"space": space_id, "url": canonical}
         if not wait:
             return Pending(ticket.wait, result)
@@ -981,9 +985,9 @@ class HubLinkService:
     async def op_unhub(self, args: dict[str, Any], session: Any) -> Any:
         space = args.get("space")
         if not isinstance(space, str) or not space:
-            raise ApiError("bad-request", "argument 'space' must be a non-empty string")
+            raise OpError(BAD_REQUEST, "argument 'space' must be a non-empty string")
         try:
             space_id, url, ticket = self.detach(space)
         except SpaceError as exc:
-            raise ApiError(exc.code, exc.message) from None
+            raise OpError(exc.code, exc.message) from None
         return Pending(ticket.wait, {"space": space_id, "url": url})

@@ -30,8 +30,15 @@ from typing import Any, Literal
 import trio
 from pycrdt import Doc
 
-from ..api.protocol import ApiError, Pending
+from ..core.errors import (
+    BAD_REQUEST,
+    LINK_CONFLICT,
+    NOT_FOUND,
+    OpError,
+    Pending,
+)
 from ..model import ModelError, apply_environment, prepare
+from ..model.lib0 import EMPTY_UPDATE
 from ..store import Store, StoreError
 from .format import content_hash, format_environment, json_hash, text_style
 from .link import (
@@ -65,7 +72,6 @@ ORIGIN = "file"
 LINKS_KEY = "links"
 MIRROR_KEY = "mirror"
 CONFLICT_SUFFIX = ".peerdaemon-conflict.json"
-EMPTY_UPDATE = b"\x00\x00"
 
 
 def _is_failure(exc: BaseException) -> bool:
@@ -774,16 +780,16 @@ class MirrorService:
     async def _prepare_link(self, args: dict[str, Any], env_id: str | None) -> tuple[Path, bool]:
         raw = args.get("path")
         if not isinstance(raw, str) or not raw:
-            raise ApiError("bad-request", "argument 'path' must be a non-empty string")
+            raise OpError(BAD_REQUEST, "argument 'path' must be a non-empty string")
         if not os.path.isabs(raw):
-            raise ApiError(
-                "bad-request", f"path {raw!r} must be absolute (the daemon's cwd is not yours)"
+            raise OpError(
+                BAD_REQUEST, f"path {raw!r} must be absolute (the daemon's cwd is not yours)"
             )
         path = Path(os.path.realpath(raw))
         owner = self._owner(path)
         if owner is not None and owner != env_id:
-            raise ApiError(
-                "link-conflict",
+            raise OpError(
+                LINK_CONFLICT,
                 f"{path} is linked to environment {owner} already; one file mirrors one "
                 f"environment (`peerdaemon env unlink {owner}` first)",
             )
@@ -810,27 +816,27 @@ class MirrorService:
     async def op_link(self, args: dict[str, Any], session: Any) -> Any:
         env_id = args.get("id")
         if not isinstance(env_id, str) or not env_id:
-            raise ApiError("bad-request", "argument 'id' must be a non-empty string")
+            raise OpError(BAD_REQUEST, "argument 'id' must be a non-empty string")
         self.registry.get(env_id)
         path, overwrite = await self._prepare_link(args, env_id)
         mode, refusal = await trio.to_thread.run_sync(inspect_target, path, env_id)
         if refusal is not None and not (overwrite and refusal.startswith("link-refused")):
             code, message = refusal.split(": ", 1)
-            raise ApiError(code, message)
+            raise OpError(code, message)
         if overwrite:
             mode = "overwrite"
         if self._owner(path) not in (None, env_id):  # someone linked it while we looked
-            raise ApiError("link-conflict", f"{path} was linked to another environment meanwhile")
+            raise OpError(LINK_CONFLICT, f"{path} was linked to another environment meanwhile")
         ticket, result = await self._link(env_id, path, mode)
         return Pending(ticket.wait, result) if ticket is not None else result
 
     async def op_unlink(self, args: dict[str, Any], session: Any) -> Any:
         env_id = args.get("id")
         if not isinstance(env_id, str) or not env_id:
-            raise ApiError("bad-request", "argument 'id' must be a non-empty string")
+            raise OpError(BAD_REQUEST, "argument 'id' must be a non-empty string")
         runner = await self._stop(env_id)
         if runner is None:
-            raise ApiError("not-found", f"environment {env_id} is not linked to a file")
+            raise OpError(NOT_FOUND, f"environment {env_id} is not linked to a file")
         links = self._links_setting()
         links.pop(env_id, None)
         ticket = self._put_links(links)
@@ -853,7 +859,7 @@ class MirrorService:
         mode, refusal = await trio.to_thread.run_sync(inspect_target, path, "\0")
         if refusal is not None and refusal.startswith("bad-path"):
             code, message = refusal.split(": ", 1)
-            raise ApiError(code, message)
+            raise OpError(code, message)
         import_args = {k: v for k, v in args.items() if k not in ("path", "overwrite")}
         imported = await self.service.handle("env.import", import_args, session)
         waits: list[Callable[[], Any]] = []

@@ -3,7 +3,11 @@ state vectors, the sync protocol): written once here for the model, the LAN and 
 
 from __future__ import annotations
 
-__all__ = ["write_var_uint"]
+__all__ = ["EMPTY_UPDATE", "write_var_uint"]
+
+EMPTY_UPDATE = b"\x00\x00"
+"""A Yjs v1 update with no structs and an empty delete set: what a diff holds when there is
+nothing to send."""
 
 
 def write_var_uint(n: int) -> bytes:

@@ -1,7 +1,7 @@
 """Bounding the incoming connections that have not authenticated yet, in total and per remote
 address: the LAN listener (`peer.link.serve`) and the hub's port (`hub.http`) both use it.
 
-A connection is admitted (`Admission.admit`) when it is accepted and gets a `Ticket`, released
+A connection is admitted (`Admission.admit`) when it is accepted and gets a `Slot`, released
 once it has authenticated or has ended. One more past either limit is refused at once: both
 listeners answer HTTP `503` with the body `busy\\n` (docs/peer-protocol.md section 7,
 "Connections in their handshake"; docs/hub.md, "Connections").
@@ -9,13 +9,13 @@ listeners answer HTTP `503` with the body `busy\\n` (docs/peer-protocol.md secti
 
 from __future__ import annotations
 
-__all__ = ["BUSY_BODY", "BUSY_STATUS", "Admission", "Ticket"]
+__all__ = ["BUSY_BODY", "BUSY_STATUS", "Admission", "Slot"]
 
 BUSY_STATUS = 503
 BUSY_BODY = b"busy\n"
 
 
-class Ticket:
+class Slot:
     """One admitted connection's place among the unauthenticated ones; `release` when it
     authenticates or ends (idempotent)."""
 
@@ -46,13 +46,13 @@ class Admission:
         self.by_ip: dict[str, int] = {}
         self.refused = 0
 
-    def admit(self, ip: str) -> Ticket | None:
+    def admit(self, ip: str) -> Slot | None:
         if self.count >= self.total or self.by_ip.get(ip, 0) >= self.per_ip:
             self.refused += 1
             return None
         self.count += 1
         self.by_ip[ip] = self.by_ip.get(ip, 0) + 1
-        return Ticket(self, ip)
+        return Slot(self, ip)
 
     def _release(self, ip: str) -> None:
         self.count -= 1

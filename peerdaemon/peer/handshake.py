@@ -52,7 +52,7 @@ __all__ = [
 
 
 class IdentityLike(Protocol):
-    """What the handshake needs of `peerdaemon.identity.Identity`."""
+    """What the handshake needs of `peerdaemon.core.identity.Identity`."""
 
     device_id: str
     name: str

@@ -35,7 +35,7 @@ from trio_websocket import (
     wrap_server_stream,
 )
 
-from .admission import BUSY_BODY, BUSY_STATUS, Admission, Ticket
+from .admission import BUSY_BODY, BUSY_STATUS, Admission, Slot
 from .messages import BUSY, CLOSED, SHUTDOWN, TOO_LARGE, TOO_SLOW, UNREACHABLE
 from .session import Closed, Event, PeerConfig, PeerConnection
 
@@ -43,7 +43,7 @@ __all__ = [
     "PATH",
     "Admission",
     "Link",
-    "Ticket",
+    "Slot",
     "Unreachable",
     "dial",
     "format_address",
@@ -103,7 +103,7 @@ class Link:
         self.conn: PeerConnection | None = None
         self.target: object | None = None
         """The owner's tag for a dialed link (the manager's dial target)."""
-        self.ticket: Ticket | None = None
+        self.slot: Slot | None = None
         """An incoming link's place among the unauthenticated connections (`serve`)."""
         self._send_since: float | None = None
         """While the writer is sending: when it last made progress (for `send_timeout`)."""
@@ -340,7 +340,7 @@ def _remote_ip(stream: trio.abc.Stream) -> str:
 async def serve(
     host: str,
     port: int,
-    handler: Callable[[WebSocketConnection, Ticket], Awaitable[None]],
+    handler: Callable[[WebSocketConnection, Slot], Awaitable[None]],
     config: PeerConfig,
     *,
     admission: Admission | None = None,
@@ -348,7 +348,7 @@ async def serve(
 ) -> None:
     """Listen on `host:port` for peers (websocket path `/peer`); started() with the bound port.
 
-    `handler(ws, ticket)` runs each admitted connection; it releases `ticket` once the peer has
+    `handler(ws, slot)` runs each admitted connection; it releases `slot` once the peer has
     authenticated (it is released when the handler returns in any case). Connections over the
     `admission` limits (default: `config.max_half_open` and `max_half_open_per_ip`) are refused.
     """
@@ -385,8 +385,8 @@ async def serve(
                 log.exception("peer connection from %s failed", _remote_ip(stream))
 
     async def serve_one(stream: trio.abc.Stream) -> None:
-        ticket = admission.admit(_remote_ip(stream))
-        if ticket is None:
+        slot = admission.admit(_remote_ip(stream))
+        if slot is None:
             log.debug("peer connection from %s refused: busy", _remote_ip(stream))
             await refuse(stream)
             return
@@ -409,7 +409,7 @@ async def serve(
                     return
                 ws = await request.accept()
                 try:
-                    await handler(ws, ticket)
+                    await handler(ws, slot)
                 except Exception:  # one bad connection must not stop the listener
                     log.exception("peer connection from %s failed", remote_address(ws))
                 finally:
@@ -417,7 +417,7 @@ async def serve(
                         await ws.aclose()
                     nursery.cancel_scope.cancel()
         finally:
-            ticket.release()
+            slot.release()
 
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(partial(trio.serve_tcp, on_connection, port, host=host))

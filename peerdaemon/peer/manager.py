@@ -29,7 +29,7 @@ from trio_websocket import WebSocketConnection
 
 from ..model import MODEL_VERSION
 from .handshake import Established, IdentityLike, PeerHello
-from .link import Link, Ticket, Unreachable, dial, format_address, remote_address, serve
+from .link import Link, Slot, Unreachable, dial, format_address, remote_address, serve
 from .messages import CLOSED, DUPLICATE, SELF
 from .session import (
     Closed,
@@ -322,14 +322,14 @@ class PeerManager:
             make_conn, dialer=dialer, address=address, on_event=self._on_event, config=self.config
         )
 
-    async def _serve_inbound(self, ws: WebSocketConnection, ticket: Ticket | None = None) -> None:
+    async def _serve_inbound(self, ws: WebSocketConnection, slot: Slot | None = None) -> None:
         link = self._new_link(dialer=False, address=remote_address(ws))
-        link.ticket = ticket  # released once the peer authenticates (`_on_established`)
+        link.slot = slot  # released once the peer authenticates (`_on_established`)
         try:
             await link.run(ws)
         finally:
-            if ticket is not None:
-                ticket.release()
+            if slot is not None:
+                slot.release()
 
     async def _dial_loop(self, target: _Target) -> None:
         with trio.CancelScope() as scope:
@@ -405,8 +405,8 @@ class PeerManager:
             target.is_self = True
 
     def _on_established(self, link: Link, event: Established) -> None:
-        if link.ticket is not None:
-            link.ticket.release()
+        if link.slot is not None:
+            link.slot.release()
         target = link.target if isinstance(link.target, _Target) else None
         if target is not None and target.device != event.device:
             self._retarget(target, event.device)  # proven: the address is this device's

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 from pycrdt import merge_updates
 
 from ..model import MODEL_VERSION
+from ..model.lib0 import EMPTY_UPDATE
 from . import messages
 from .handshake import (
     AuthPolicy,
@@ -66,7 +67,6 @@ __all__ = [
 
 log = logging.getLogger("peerdaemon.peer")
 
-EMPTY_UPDATE = b"\x00\x00"
 EMPTY_STATE_VECTOR = b"\x00"
 BOX_OVERHEAD = 64
 """Upper bound of what boxing adds to an inner message (tag, CBOR map, counter)."""

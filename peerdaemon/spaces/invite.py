@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import cbor2
 
-from ..addresses import parse_address
+from ..core.addresses import parse_address
 
 __all__ = ["PREFIX", "Invite", "InviteError", "decode_invite", "encode_invite", "parse_address"]
 

@@ -29,13 +29,19 @@ from typing import Any, Protocol
 
 from pycrdt import Doc, Map
 
-from ..api.protocol import ApiError, Pending
-from ..daemon import settings
-from ..daemon.events import EventLog
-from ..daemon.registry import EMPTY_UPDATE, Registry
-from ..identity import Identity, save_name
+from ..core import settings
+from ..core.errors import (
+    BAD_REQUEST,
+    NOT_FOUND,
+    OpError,
+    Pending,
+)
+from ..core.events import EventLog
+from ..core.identity import Identity, save_name
+from ..core.registry import Registry
 from ..model import prepare
 from ..model.layout import ENV_ROOT
+from ..model.lib0 import EMPTY_UPDATE
 from ..store import Store, Ticket
 from .document import DELETED, SHARED, UNSHARED, SpaceDoc
 from .invite import Invite, InviteError, decode_invite, encode_invite, parse_address
@@ -675,17 +681,17 @@ class SpacesService:
         if addresses is not None and not (
             isinstance(addresses, list) and all(isinstance(a, str) for a in addresses)
         ):
-            raise ApiError("bad-request", "addresses must be a list of 'host:port' strings")
+            raise OpError(BAD_REQUEST, "addresses must be a list of 'host:port' strings")
         hub = args.get("hub")
         if hub is not None and not isinstance(hub, str):
-            raise ApiError("bad-request", "hub must be a string")
+            raise OpError(BAD_REQUEST, "hub must be a string")
         code = self._call(self.invite, _space_arg(args), addresses, hub)
         return {"code": code}
 
     async def op_join(self, args: dict[str, Any], session: Any) -> Any:
         code = args.get("code")
         if not isinstance(code, str):
-            raise ApiError("bad-request", "argument 'code' must be a string")
+            raise OpError(BAD_REQUEST, "argument 'code' must be a string")
         space, tickets = self._call(self.join, code)
         return _pending(tickets, {"id": space.id, "name": space.display_name})
 
@@ -714,7 +720,7 @@ class SpacesService:
         if key is None:
             return config
         if key not in config:
-            raise ApiError("not-found", f"unknown setting {key!r} (known: {', '.join(config)})")
+            raise OpError(NOT_FOUND, f"unknown setting {key!r} (known: {', '.join(config)})")
         return config[key]
 
     async def op_config_set(self, args: dict[str, Any], session: Any) -> Any:
@@ -724,7 +730,7 @@ class SpacesService:
                 ticket = settings.set_one(self.store, key, args.get("value"))
             except settings.SettingError as exc:
                 code = "not-found" if str(exc).startswith("unknown setting") else "bad-request"
-                raise ApiError(code, str(exc)) from None
+                raise OpError(code, str(exc)) from None
             shown = settings.get_all(self.store)[key]
             return _pending([ticket], {"key": key, "value": shown, "restart": True})
         tickets = self._call(self.set_name, args.get("value"))
@@ -742,13 +748,13 @@ class SpacesService:
         try:
             return fn(*args, **kwargs)
         except SpaceError as exc:
-            raise ApiError(exc.code, exc.message) from None
+            raise OpError(exc.code, exc.message) from None
 
 
 def _str(args: dict[str, Any], name: str) -> str:
     value = args.get(name)
     if not isinstance(value, str) or not value:
-        raise ApiError("bad-request", f"argument {name!r} must be a non-empty string")
+        raise OpError(BAD_REQUEST, f"argument {name!r} must be a non-empty string")
     return value
 
 

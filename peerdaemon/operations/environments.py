@@ -21,11 +21,25 @@ import jsonpatch
 import jsonpointer
 
 from .. import __version__
-from ..api.protocol import UUID_MISMATCH, ApiError, Pending, arg
+from ..core.errors import (
+    BAD_PATCH,
+    BAD_POINTER,
+    BAD_REQUEST,
+    BAD_UPDATE,
+    EXISTS,
+    INTERNAL,
+    MALFORMED_JSON,
+    NOT_FOUND,
+    UNKNOWN_OP,
+    UUID_MISMATCH,
+    OpError,
+    Pending,
+    arg,
+)
+from ..core.registry import Registry, UnknownEnvironment, UnsupportedUpdate, UpdateRejected
 from ..model import LAST_MIGRATION, MODEL_VERSION, ModelError, is_newer, prepare
 from ..model.keyorder import order_like
 from ..store import Ticket
-from .registry import Registry, UnknownEnvironment, UnsupportedUpdate, UpdateRejected
 
 LOCAL = "local"
 
@@ -38,7 +52,7 @@ _ARRAY_INDEX = re.compile(r"0|[1-9][0-9]*")
 def _str_arg(args: dict[str, Any], name: str) -> str:
     value = args.get(name)
     if not isinstance(value, str) or not value:
-        raise ApiError("bad-request", f"argument {name!r} must be a non-empty string")
+        raise OpError(BAD_REQUEST, f"argument {name!r} must be a non-empty string")
     return value
 
 
@@ -51,24 +65,24 @@ def _json_arg(args: dict[str, Any], obj_name: str) -> Any:
         try:
             text = text.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise ApiError("malformed-json", f"not UTF-8 text: {exc}") from None
+            raise OpError(MALFORMED_JSON, f"not UTF-8 text: {exc}") from None
     if not isinstance(text, str):
-        raise ApiError("bad-request", f"give {obj_name!r} (a value) or 'json' (its text)")
+        raise OpError(BAD_REQUEST, f"give {obj_name!r} (a value) or 'json' (its text)")
     try:
         value = json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
-        raise ApiError(
-            "malformed-json", f"malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
+        raise OpError(
+            MALFORMED_JSON, f"malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
         ) from None
     except ValueError as exc:
-        raise ApiError("malformed-json", f"malformed JSON: {exc}") from None
+        raise OpError(MALFORMED_JSON, f"malformed JSON: {exc}") from None
     if _SURROGATE_ESCAPE.search(text):
         # "\ud800" parses, but a lone surrogate is not Unicode text: pycrdt panics on it.
         try:
             json.dumps(value, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:
-            raise ApiError(
-                "malformed-json",
+            raise OpError(
+                MALFORMED_JSON,
                 "a string holds a lone surrogate (\\ud800-\\udfff): not Unicode text",
             ) from None
     return value
@@ -83,7 +97,7 @@ def _resolve_pointer(value: Any, pointer: str) -> Any:
     try:
         parts = jsonpointer.JsonPointer(pointer).parts
     except jsonpointer.JsonPointerException as exc:
-        raise ApiError("bad-pointer", f"{pointer!r} is not a JSON Pointer: {exc}") from None
+        raise OpError(BAD_POINTER, f"{pointer!r} is not a JSON Pointer: {exc}") from None
     for i, part in enumerate(parts):
         if isinstance(value, dict) and part in value:
             value = value[part]
@@ -91,7 +105,7 @@ def _resolve_pointer(value: Any, pointer: str) -> Any:
             value = value[index]
         else:
             where = jsonpointer.JsonPointer.from_parts(parts[: i + 1]).path
-            raise ApiError("not-found", f"JSON Pointer {pointer!r}: nothing at {where!r}")
+            raise OpError(NOT_FOUND, f"JSON Pointer {pointer!r}: nothing at {where!r}")
     return value
 
 
@@ -193,8 +207,9 @@ def check_args(op: str, args: dict[Any, Any]) -> None:
         arg(args, name, kind, default=None, op=op)
 
 
-class Service:
-    """The `Handler` of the local socket server."""
+class Operations:
+    """Every socket operation by name: the environments' own here, the other services' added with
+    `register`; the local socket server's `Handler`."""
 
     def __init__(self, registry: Registry, *, data_dir: Path, socket_path: Path) -> None:
         self.registry = registry
@@ -230,26 +245,26 @@ class Service:
     async def handle(self, op: str, args: dict[str, Any], session: Any) -> Any:
         handler = self._ops.get(op)
         if handler is None:
-            raise ApiError("unknown-op", f"unknown operation {op!r}; known: {', '.join(self._ops)}")
+            raise OpError(UNKNOWN_OP, f"unknown operation {op!r}; known: {', '.join(self._ops)}")
         check_args(op, args)
         try:
             return await handler(args, session)
         except UnknownEnvironment as exc:
-            raise ApiError("not-found", f"no environment with id {exc.env_id!r}") from None
+            raise OpError(NOT_FOUND, f"no environment with id {exc.env_id!r}") from None
         except ModelError as exc:
-            raise ApiError(exc.code, exc.message) from None
+            raise OpError(exc.code, exc.message) from None
         except (UpdateRejected, UnsupportedUpdate) as exc:
-            raise ApiError("bad-update", str(exc)) from None
+            raise OpError(BAD_UPDATE, str(exc)) from None
         except RecursionError:
             # before anything is stored: parsing or `prepare` (a write that fails half-way is
             # rolled back by the registry)
-            raise ApiError("bad-request", "the JSON is nested too deeply") from None
+            raise OpError(BAD_REQUEST, "the JSON is nested too deeply") from None
         except BaseException as exc:
             # A Rust panic in pycrdt is a BaseException: as such it would end the whole daemon.
             if type(exc).__name__ != "PanicException":
                 raise
             log.error("op %r: pycrdt panicked: %s", op, exc)
-            raise ApiError("internal", f"pycrdt panicked: {exc}") from None
+            raise OpError(INTERNAL, f"pycrdt panicked: {exc}") from None
 
     # -- daemon -------------------------------------------------------------------------------
 
@@ -287,8 +302,8 @@ class Service:
         else:
             env_id = prepared["uuid"]
             if env_id in self.registry.envs:
-                raise ApiError(
-                    "exists",
+                raise OpError(
+                    EXISTS,
                     f"an environment with id {env_id} exists already (import with a new id: --new-id)",
                 )
         ticket = self.registry.create(env_id, prepared, LOCAL)
@@ -299,7 +314,7 @@ class Service:
         env = self.registry.export(_str_arg(args, "id"))
         pointer = args.get("pointer") or ""
         if not isinstance(pointer, str):
-            raise ApiError("bad-pointer", "pointer must be a string")
+            raise OpError(BAD_POINTER, "pointer must be a string")
         if not pointer:
             return order_like(env, None)  # the same text on every replica and after restarts
         return _resolve_pointer(env, pointer)
@@ -312,7 +327,7 @@ class Service:
         if isinstance(other, str) and other != env_id and not args.get("force_id"):
             # Most likely the wrong file (or the wrong ID): replacing one environment with
             # another's content would lose the first, and be acknowledged as a success.
-            raise ApiError(
+            raise OpError(
                 UUID_MISMATCH,
                 f"the environment given has uuid {other!r}, not {env_id}: refusing to replace "
                 f"{env_id} with another environment (force_id replaces it anyway, keeping id "
@@ -327,9 +342,9 @@ class Service:
         try:
             patched = jsonpatch.apply_patch(current, ops, in_place=True)
         except (jsonpatch.JsonPatchException, jsonpointer.JsonPointerException) as exc:
-            raise ApiError("bad-patch", f"JSON Patch: {exc}") from None
+            raise OpError(BAD_PATCH, f"JSON Patch: {exc}") from None
         except (TypeError, AttributeError, KeyError, ValueError) as exc:
-            raise ApiError("bad-patch", f"JSON Patch: not a list of operations ({exc})") from None
+            raise OpError(BAD_PATCH, f"JSON Patch: not a list of operations ({exc})") from None
         return self._write(env_id, patched)
 
     def _write(self, env_id: str, env: Any) -> Any:
@@ -352,18 +367,18 @@ class Service:
         if fmt == "yjs":
             sv = args.get("state_vector")
             if sv is not None and not isinstance(sv, bytes):
-                raise ApiError("bad-request", "state_vector must be bytes")
+                raise OpError(BAD_REQUEST, "state_vector must be bytes")
             try:
                 return self.registry.state_update(env_id, sv)
             except ValueError as exc:
-                raise ApiError("bad-request", f"bad state vector: {exc}") from None
-        raise ApiError("bad-request", f"unknown format {fmt!r} (json or yjs)")
+                raise OpError(BAD_REQUEST, f"bad state vector: {exc}") from None
+        raise OpError(BAD_REQUEST, f"unknown format {fmt!r} (json or yjs)")
 
     async def op_merge(self, args: dict[str, Any], session: Any) -> Any:
         env_id = _str_arg(args, "id")
         update = args.get("update")
         if not isinstance(update, bytes):
-            raise ApiError("bad-update", "update must be bytes (a Yjs v1 update)")
+            raise OpError(BAD_UPDATE, "update must be bytes (a Yjs v1 update)")
         created, changed, ticket = self.registry.merge(env_id, update, LOCAL)
         return _pending(ticket, {"created": created, "changed": changed})
 
@@ -390,7 +405,7 @@ class Service:
         if since is None:
             since = events.last_id
         if not isinstance(since, int) or isinstance(since, bool) or since < 0:
-            raise ApiError("bad-request", "since must be a non-negative integer")
+            raise OpError(BAD_REQUEST, "since must be a non-negative integer")
         backlog = events.since(since)
         missed = max(0, events.oldest_id - since - 1) if since < events.last_id else 0
         # a cursor from before this daemon started (or from the future): the events between
@@ -410,5 +425,5 @@ class Service:
     async def op_unsubscribe(self, args: dict[str, Any], session: Any) -> Any:
         sub = args.get("sub")
         if not isinstance(sub, int) or not session.close_subscription(sub):
-            raise ApiError("not-found", f"no subscription {sub!r} on this connection")
+            raise OpError(NOT_FOUND, f"no subscription {sub!r} on this connection")
         return {"unsubscribed": sub}

@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..addresses import parse_address
 from ..store import Store, Ticket
+from .addresses import parse_address
 
 SETTING = "daemon-config"
 

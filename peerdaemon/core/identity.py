@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.serialization import (
     PublicFormat,
 )
 
-from .store import Store, Ticket
+from ..store import Store, Ticket
 
 __all__ = [
     "SETTING",

@@ -18,12 +18,11 @@ from pycrdt import Doc, Map, get_update
 
 from ..model import LAST_MIGRATION, apply_environment, export_environment
 from ..model.layout import ENV_ROOT
+from ..model.lib0 import EMPTY_UPDATE
 from ..model.strays import Malformed, StrayFinder, decode, delete_update, has_strays
 from ..store import Store, Ticket
 from .events import EventLog
-from .paths_diff import changed_paths
-
-EMPTY_UPDATE = b"\x00\x00"
+from .pointers import changed_paths
 
 log = logging.getLogger("peerdaemon.registry")
 
