@@ -1,4 +1,4 @@
-"""Figures of the local core (issue 2), measured against real daemon processes.
+"""Figures of the local core, measured against real daemon processes.
 
     .venv/bin/python benchmarks/bench_daemon.py [--rounds 3] [--quick] [--only big,patch]
 

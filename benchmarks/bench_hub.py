@@ -1,4 +1,4 @@
-"""The hub's y-websocket figures (issue 5), side by side with the classic Node y-websocket server.
+"""The hub's y-websocket figures, side by side with the classic Node y-websocket server.
 
     .venv/bin/python benchmarks/bench_hub.py [--rounds 3] [--out DIR]
 

@@ -1,4 +1,4 @@
-"""The daemon-to-daemon latency through the hub (issue 5), measured on real processes.
+"""The daemon-to-daemon latency through the hub, measured on real processes.
 
     .venv/bin/python benchmarks/bench_hub_daemons.py [--rounds 3] [--edits 300] [--quick]
 

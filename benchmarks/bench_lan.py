@@ -1,4 +1,4 @@
-"""Figures of LAN sync (issue 4), measured with real daemon processes.
+"""Figures of LAN sync, measured with real daemon processes.
 
     .venv/bin/python benchmarks/bench_lan.py [--rounds 3] [--quick] [--no-netns]
 

@@ -2,12 +2,15 @@
 
 `FakeHost` follows the SyncHost contract of docs/architecture.md without the registry or the
 store: docs belong to spaces by a plain mapping, every transaction's update goes to the change
-listeners with its origin, like the real host.
+listeners with its origin, like the real host. `MemoryConnection` is a `PeerConnection` with the
+shell's one duty done in memory (received updates applied at once), for tests that read the
+host right after `receive`.
 """
 
 from __future__ import annotations
 
 import os
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -17,7 +20,14 @@ from helpers import LOCAL
 from pycrdt import Doc, Map
 
 from peerdaemon.core.identity import Identity
-from peerdaemon.peer import PeerConfig, PeerManager
+from peerdaemon.peer import (
+    Event,
+    PeerConfig,
+    PeerConnection,
+    PeerManager,
+    UpdateReceived,
+    apply_update,
+)
 from peerdaemon.spaces import SpaceKey
 
 EMPTY_UPDATE = b"\x00\x00"
@@ -27,6 +37,7 @@ __all__ = [
     "Events",
     "FakeHost",
     "Identity",
+    "MemoryConnection",
     "Node",
     "SpaceKey",
     "make_identity",
@@ -171,6 +182,31 @@ class FakeHost:
 
 
 # -- driving two sans-I/O connections in memory (like aioquic's roundtrip) ----------------------
+
+
+class MemoryConnection(PeerConnection):
+    """A `PeerConnection` whose received updates are applied through its host as soon as it
+    reports them, as `Link` does after every message; every other event stays for
+    `next_event`, so tests see the events a shell's owner sees."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._kept: deque[Event] = deque()
+        super().__init__(*args, **kwargs)
+
+    def receive(self, data: bytes | str, now: float) -> None:
+        super().receive(data, now)
+        self._apply()
+
+    def next_event(self) -> Event | None:
+        self._apply()
+        return self._kept.popleft() if self._kept else None
+
+    def _apply(self) -> None:
+        while (event := super().next_event()) is not None:
+            if isinstance(event, UpdateReceived):
+                apply_update(self, event, self.host)  # type: ignore[arg-type]
+            else:
+                self._kept.append(event)
 
 
 def drain_events(conn: Any) -> list[Any]:

@@ -1,6 +1,7 @@
-"""Issue 8, section 3, with real daemon processes: content no file can hold, merged with
-`peerdaemon env merge` into environments linked to files, never stops the daemon: unlink answers,
-SIGTERM ends it with exit code 0, and what was merged is kept."""
+"""A document failing locally (docs/peer-protocol.md section 5) with real daemon processes:
+content no file can hold, merged with `peerdaemon env merge` into environments linked to files,
+never stops the daemon: unlink answers, SIGTERM ends it with exit code 0, and what was merged is
+kept."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ CLI_TIMEOUT = 30
 
 def bad_update(state: bytes, key: str, depth: int = 0) -> bytes:
     """A Yjs update putting at `environment[key]` a Y.XmlFragment, or Y.Maps nested `depth`
-    deep: what the issue's reporter merged."""
+    deep: the content a user once merged that no file could hold."""
     doc = Doc()
     doc.apply_update(state)
     before = doc.get_state()

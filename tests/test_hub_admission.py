@@ -25,8 +25,9 @@ from trio_websocket import (
 
 import peerdaemon.hub.http as hub_http
 from peerdaemon.hub.accounts import Limits
-from peerdaemon.hub.http import CLOSE_TIMEOUT, HttpConfig
+from peerdaemon.hub.http import HttpConfig
 from peerdaemon.hub.server import ConfigError, build_config
+from peerdaemon.hub.transport import CLOSE_TIMEOUT
 from peerdaemon.hublink import HubClientAuth
 from peerdaemon.peer import Established, Link, PeerConfig, PeerConnection
 from peerdaemon.peer.admission import Admission
@@ -160,13 +161,13 @@ async def test_one_more_half_open_connection_gets_busy_while_the_authenticated_s
 
 async def test_half_open_connections_are_capped_per_address(tmp_path, monkeypatch):
     seen_as: dict[int, str] = {}  # client port -> the address the hub should see
-    real_remote = hub_http._remote
+    real_remote = hub_http.remote_address
 
     def remote(stream: Any) -> tuple[str, int] | None:
         address = real_remote(stream)
         return (seen_as.get(address[1], address[0]), address[1]) if address else None
 
-    monkeypatch.setattr(hub_http, "_remote", remote)
+    monkeypatch.setattr(hub_http, "remote_address", remote)
     tokens = setup_accounts(tmp_path, "alice")
     http = HttpConfig(max_half_open=8, max_half_open_per_ip=3)
     a, b = "198.51.100.1", "203.0.113.9"

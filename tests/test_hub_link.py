@@ -1,4 +1,4 @@
-"""Daemons syncing through a hub (issue 5, daemon side): whole in-process daemons
+"""Daemons syncing through a hub (the daemon side): whole in-process daemons
 (`serve(DaemonConfig(..., listen=None, mdns=False))`) attached with `space.hub` to a hub on
 127.0.0.1, driven through their local sockets; the hub's accounts are changed the way the admin
 commands do it, through a second `Accounts` on the hub's data directory.
@@ -35,7 +35,15 @@ import trio
 from daemonutil import InProcessDaemon
 from helpers import until as wait_until
 from modelutil import load
-from peerutil import FakeHost, drain_events, exchange, make_identity, make_space, wire
+from peerutil import (
+    FakeHost,
+    MemoryConnection,
+    drain_events,
+    exchange,
+    make_identity,
+    make_space,
+    wire,
+)
 from trio_websocket import open_websocket
 
 from peerdaemon import cli
@@ -47,9 +55,16 @@ from peerdaemon.hub.peers import HubRequest, PeerEndpoint
 from peerdaemon.hub.server import HubConfig, HubServer, serve_hub
 from peerdaemon.hublink import HUB_KEY_UNKNOWN, HubClientAuth, normalize_hub_key, parse_hub_url
 from peerdaemon.model import MODEL_VERSION
-from peerdaemon.peer import PROTOCOL_VERSION, PeerConfig, PeerConnection, ProtocolError
+from peerdaemon.peer import (
+    PROTOCOL_VERSION,
+    Closed,
+    DocError,
+    DocRefused,
+    PeerConfig,
+    PeerConnection,
+    PeerProtocolError,
+)
 from peerdaemon.peer.crypto import SecureChannel
-from peerdaemon.peer.session import Closed, DocError, DocRefused
 from peerdaemon.spaces.invite import Invite, decode_invite, encode_invite
 
 LOCAL = "127.0.0.1"
@@ -267,7 +282,7 @@ class HubSide:
 
     def accept(self, peer: Any, auth: dict[str, Any], th: bytes, role: bytes) -> frozenset[str]:
         if not HubRequest.parse(auth).verify(hash_token("t"), th, role):
-            raise ProtocolError("unauthorized", "bad token")
+            raise PeerProtocolError("unauthorized", "bad token")
         return self.accepted
 
     def spaces(self) -> frozenset[str]:
@@ -283,7 +298,7 @@ def test_hub_mode_session_refuses_one_doc_and_keeps_the_others_syncing():
     hh.share("env1", "s1")
     hh.share("env2", "s1")
     hh.refuse.add("env2")
-    d = PeerConnection(
+    d = MemoryConnection(
         daemon,
         dh,
         dialer=True,
@@ -291,7 +306,7 @@ def test_hub_mode_session_refuses_one_doc_and_keeps_the_others_syncing():
         auth=HubClientAuth("t", {"s1": "Team"}, trust_first_use=True),
         origin="hub:ws://hub:1",
     )
-    h = PeerConnection(hub, hh, dialer=False, now=0.0, auth=HubSide("s1"))
+    h = MemoryConnection(hub, hh, dialer=False, now=0.0, auth=HubSide("s1"))
     wire(dh, lambda: [d])
     wire(hh, lambda: [h])
     exchange(d, h)
@@ -319,8 +334,8 @@ def test_hub_mode_auths_and_lan_peers_do_not_mix():
     daemon, hub, lan = make_identity("daemon"), make_identity("hub"), make_identity("lan")
 
     def pair(d_auth: Any, h_auth: Any, h_ident: Any = hub) -> tuple[Any, Any]:
-        d = PeerConnection(daemon, FakeHost([s1]), dialer=True, now=0.0, auth=d_auth)
-        h = PeerConnection(h_ident, FakeHost([s1]), dialer=False, now=0.0, auth=h_auth)
+        d = MemoryConnection(daemon, FakeHost([s1]), dialer=True, now=0.0, auth=d_auth)
+        h = MemoryConnection(h_ident, FakeHost([s1]), dialer=False, now=0.0, auth=h_auth)
         exchange(d, h)
         return drain_events(d), drain_events(h)
 
@@ -588,7 +603,7 @@ async def test_lan_and_hub_at_once_converge_without_looping(base, nursery):
     await wait_until(lambda: same_env(a, b, env))
 
     def traffic() -> int:
-        links = [h.link for d in (a, b) for h in d.daemon.hubs.links.values()]
+        links = [h.link for d in (a, b) for h in d.daemon.hubs.dialers.values()]
         assert len(links) == 2 and all(links)
         return sum(lk.messages_sent + lk.messages_received for lk in links)
 
@@ -783,7 +798,7 @@ async def test_a_changed_hub_key_is_refused_until_attached_again(base, nursery):
     await join(b, a, space, token2, hub_key=hub.key)
     await hub_state(b, "connected")
     await wait_until(lambda: same_env(a, b, env))  # what the hub stored before the change
-    link = a.daemon.hubs.links[hub.url]
+    link = a.daemon.hubs.dialers[hub.url]
     tried = link.attempt
     await a.set_name(env, "not through an unknown hub")
     # a dials again after the edit and is refused before it sends anything (not a fixed sleep)
@@ -856,8 +871,8 @@ def test_an_unpinned_hub_gets_only_the_hello_unless_trusted_on_first_use():
         dh.add_doc("env1", ["s1"], {"secret": 1})
         hh.share("env1", "s1")
         auth = HubClientAuth("t", {"s1": "Team"}, pinned, trust_first_use=trust)
-        d = PeerConnection(daemon, dh, dialer=True, now=0.0, auth=auth)
-        h = PeerConnection(hub, hh, dialer=False, now=0.0, auth=HubSide("s1"))
+        d = MemoryConnection(daemon, dh, dialer=True, now=0.0, auth=auth)
+        h = MemoryConnection(hub, hh, dialer=False, now=0.0, auth=HubSide("s1"))
         exchange(d, h)
         if trust:
             assert d.state == h.state == "open" and hh.values("env1") == {"secret": 1}
@@ -1020,7 +1035,7 @@ async def _async(value: Any) -> Any:
 
 
 def _errors_of(dev: Dev) -> list[Any]:
-    return [e for h in dev.daemon.hubs.links.values() for e in h.live_errors()]
+    return [e for h in dev.daemon.hubs.dialers.values() for e in h.live_errors()]
 
 
 async def _eq(value: Awaitable[Any], expected: Any) -> bool:
@@ -1030,9 +1045,9 @@ async def _eq(value: Awaitable[Any], expected: Any) -> bool:
 async def test_an_environment_that_fails_on_one_side_is_its_error_not_the_links(
     base, nursery, monkeypatch
 ):
-    """Issue 8, section 3: an update that fails to apply (on the daemon, then on the hub) is an
-    `environment-error` event for that environment; the hub link stays up and the other
-    environment goes on syncing both ways."""
+    """A document failing locally (docs/peer-protocol.md section 5): an update that fails to
+    apply (on the daemon, then on the hub) is an `environment-error` event for that
+    environment; the hub link stays up and the other environment goes on syncing both ways."""
     hub = await Hub(base).start(nursery)
     admin = Accounts.open(hub.dir)
     alice = admin.add_user("alice")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import hashlib
 import ipaddress
 import json
 import os
@@ -26,13 +27,17 @@ import trio.testing
 from helpers import SPACE, YClient, client, running_hub, setup_accounts, url
 from pycrdt import Doc, Map, Text
 from trio_websocket import ConnectionClosed, open_websocket_url
+from wsproto.connection import Connection, ConnectionType
+from wsproto.events import BytesMessage
 
 from peerdaemon.cli import main as cli_main
 from peerdaemon.core.events import EventLog
 from peerdaemon.hub.accounts import Accounts, AccountsError, Limits
 from peerdaemon.hub.docs import HubDocs
-from peerdaemon.hub.http import HttpConfig, NotAvailablePeerEndpoint
+from peerdaemon.hub.http import HttpConfig
+from peerdaemon.hub.peer_socket import NotAvailablePeerHandler
 from peerdaemon.hub.server import ConfigError, build_config
+from peerdaemon.hub.transport import MAX_HEAD, BadRequest, HttpExchange
 from peerdaemon.hub.ywebsocket import (
     MSG_AUTH,
     decode_message,
@@ -245,6 +250,119 @@ async def test_health_and_unknown_paths(tmp_path):
             assert (await stream.receive_some(100)).startswith(b"HTTP/1.1 400")
 
 
+async def raw_answer(port: int, request: bytes) -> bytes:
+    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        await stream.send_all(request)
+        data = b""
+        try:
+            while chunk := await stream.receive_some(65536):
+                data += chunk
+        except trio.BrokenResourceError:
+            pass
+    return data
+
+
+async def test_http_edges_on_the_port(tmp_path):
+    async with running_hub(tmp_path) as server:
+        head = await raw_answer(server.port, b"HEAD /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ") and head.endswith(b"\r\n\r\n")  # no body
+        big = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 2 * MAX_HEAD  # no end
+        assert (await raw_answer(server.port, big)).startswith(b"HTTP/1.1 431 ")
+        key = base64.b64encode(os.urandom(16))
+        upgrade = (
+            b"Host: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: " + key + b"\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        for path, status in ((b"/yjs/only-space", b"404"), (b"/elsewhere", b"404")):
+            answer = await raw_answer(server.port, b"GET " + path + b" HTTP/1.1\r\n" + upgrade)
+            assert answer.startswith(b"HTTP/1.1 " + status + b" ")
+        old = upgrade.replace(b"Version: 13", b"Version: 8")
+        answer = await raw_answer(server.port, b"GET /peer HTTP/1.1\r\n" + old)
+        assert (
+            answer.startswith(b"HTTP/1.1 426 ") and b"sec-websocket-version: 13" in answer.lower()
+        )
+        assert server.http.admission.count == 0  # every one answered: released
+
+
+# --------------------------------------------------------------- HTTP/1.1 and the upgrade, no port
+async def exchange_of(data: bytes, *, eof: bool = True):
+    """An `HttpExchange` whose client sent `data` (then hung up), and that client's stream."""
+    client_end, server_end = trio.testing.memory_stream_pair()
+    await client_end.send_all(data)
+    if eof:
+        await client_end.send_stream.aclose()
+    return HttpExchange(server_end), client_end
+
+
+async def answer_of(client_end) -> bytes:
+    data = b""
+    while chunk := await client_end.receive_some(65536):
+        data += chunk
+    return data
+
+
+async def test_h11_reads_the_head_and_answers_even_a_bad_one():
+    exchange, peer = await exchange_of(b"NOT HTTP AT ALL\r\n\r\n")
+    with pytest.raises(BadRequest) as bad:
+        await exchange.read_request()
+    assert bad.value.status == 400
+    await exchange.respond_json(bad.value.status, {"error": str(bad.value)})
+    await exchange.stream.send_stream.aclose()
+    assert (await answer_of(peer)).startswith(b"HTTP/1.1 400 Bad Request\r\n")
+
+    exchange, _ = await exchange_of(b"GET / HTTP/1.1\r\nX: " + b"a" * MAX_HEAD, eof=False)
+    with pytest.raises(BadRequest) as bad:
+        await exchange.read_request()
+    assert bad.value.status == 431  # too large, before its end arrived
+
+    for partial in (b"", b"GET /health HTTP/1.1\r\nHost"):  # the client left: nobody to answer
+        exchange, _ = await exchange_of(partial)
+        assert await exchange.read_request() is None
+
+    exchange, peer = await exchange_of(b"GET /health?a=1&b= HTTP/1.1\r\nHost: x\r\nX-A: 1\r\n\r\n")
+    request = await exchange.read_request()
+    assert request is not None and not request.wants_websocket
+    assert (request.method, request.path, request.query) == ("GET", "/health", {"a": "1", "b": ""})
+    assert request.headers["x-a"] == "1"
+    await exchange.respond_json(200, {"status": "ok"})
+    await exchange.stream.send_stream.aclose()
+    head, _, body = (await answer_of(peer)).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK") and b"connection: close" in head.lower()
+    assert json.loads(body) == {"status": "ok"}
+
+
+async def test_wsproto_accepts_the_upgrade_and_declines_compression():
+    key = base64.b64encode(os.urandom(16))
+    client = Connection(ConnectionType.CLIENT)
+    first_frame = client.send(BytesMessage(b"early"))
+    exchange, peer = await exchange_of(
+        b"GET /peer HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: " + key + b"\r\nSec-WebSocket-Version: 13\r\n"
+        b"Sec-WebSocket-Extensions: permessage-deflate\r\n\r\n" + first_frame,
+        eof=False,
+    )
+    request = await exchange.read_request()
+    assert request is not None and request.wants_websocket
+    upgraded = await exchange.upgrade(request)
+    head = await peer.receive_some(65536)
+    accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+    assert head.startswith(b"HTTP/1.1 101 ")
+    assert b"sec-websocket-accept: " + accept.lower() in head.lower()
+    assert b"extensions" not in head.lower()  # permessage-deflate declined
+    assert upgraded.leftover == first_frame  # read with the head: not lost
+
+    for bad, status in ((b"POST", 400), (b"GET", 426)):
+        exchange, _ = await exchange_of(
+            bad + b" /peer HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: " + key + b"\r\nSec-WebSocket-Version: 7\r\n\r\n"
+        )
+        request = await exchange.read_request()
+        assert request is not None
+        with pytest.raises(BadRequest) as refused:
+            await exchange.upgrade(request)
+        assert refused.value.status == status
+
+
 async def test_token_ok_syncs_and_relays(tmp_path):
     tokens = setup_accounts(tmp_path, "alice", "bob")
     with Accounts.open(tmp_path) as accounts:
@@ -313,7 +431,7 @@ async def test_removed_member_is_cut_off(tmp_path):
 
 
 async def test_peer_path_stub_closes_not_available(tmp_path):
-    stub = lambda docs, accounts, events: NotAvailablePeerEndpoint()  # noqa: E731
+    stub = lambda docs, accounts, events: NotAvailablePeerHandler()  # noqa: E731
     async with running_hub(tmp_path, peer_endpoint=stub) as server:
         async with open_websocket_url(f"ws://127.0.0.1:{server.port}/peer") as ws:
             with pytest.raises(ConnectionClosed) as info:

@@ -1,12 +1,24 @@
-"""The hub's y-websocket rooms without I/O: codec, sync, relay after durability, awareness only
-when it changed, removal on disconnect, limits, coalescing and dropping of slow clients."""
+"""The hub's y-websocket without I/O: the rooms (codec, sync, relay after durability, awareness
+only when it changed, removal on disconnect, limits, coalescing and dropping of slow clients,
+the store events they hand to the shell, the connections they mark ready to write); the
+websocket connection's core on a made-up clock (messages, keep-alive, the handshake deadline,
+too slow); the /yjs auth rules."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from pycrdt import Doc, Map, Text
+from wsproto.connection import Connection, ConnectionType
+from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
 
-from peerdaemon.hub.accounts import LimitExceeded
+from peerdaemon.hub.accounts import Accounts, LimitExceeded, Limits
+from peerdaemon.hub.admission import HandshakeWatch
+from peerdaemon.hub.transport import CLOSE_TIMEOUT
+from peerdaemon.hub.wsconn import WsConn
+from peerdaemon.hub.yauth import Admitted, Refused, YjsAuth
+from peerdaemon.hub.yjs import store_update
 from peerdaemon.hub.ywebsocket import (
     MSG_AUTH,
     MSG_AWARENESS,
@@ -16,9 +28,11 @@ from peerdaemon.hub.ywebsocket import (
     SYNC_STEP2,
     SYNC_UPDATE,
     AwarenessEntry,
+    ClientProtocolError,
     Outbox,
-    ProtocolError,
+    Outlet,
     Rooms,
+    StoreUpdate,
     YConn,
     awareness_message,
     decode_awareness,
@@ -28,8 +42,10 @@ from peerdaemon.hub.ywebsocket import (
     read_var_uint,
     sync_step1,
     sync_update,
+    take_ready,
     write_var_uint,
 )
+from peerdaemon.peer.admission import Admission
 
 SPACE = "s1"
 DOC = "env-1"
@@ -88,10 +104,24 @@ class FakeDocs:
         self.rooms.flush()
 
 
+class StoringRooms(Rooms):
+    """The rooms with what the /yjs endpoint does with their store events (yjs.store_update)."""
+
+    def __init__(self, docs: FakeDocs) -> None:
+        super().__init__(docs)
+        self.writer = docs
+
+    def receive(self, conn: YConn, data: bytes) -> StoreUpdate | None:
+        event = super().receive(conn, data)
+        if event is not None:
+            store_update(self.writer, self, event)
+        return event
+
+
 @pytest.fixture
 def hub():
     docs = FakeDocs()
-    rooms = Rooms(docs)
+    rooms = StoringRooms(docs)
     docs.rooms = rooms
     return docs, rooms
 
@@ -118,7 +148,7 @@ def test_var_uint_roundtrip_and_truncation():
     for n in (0, 1, 127, 128, 300, 2**32 - 1, 2**53):
         data = write_var_uint(n)
         assert read_var_uint(data, 0) == (n, len(data))
-    with pytest.raises(ProtocolError):
+    with pytest.raises(ClientProtocolError):
         read_var_uint(b"\x80", 0)
 
 
@@ -128,9 +158,9 @@ def test_message_codec():
     assert (m.kind, m.sub, m.payload) == (MSG_SYNC, SYNC_UPDATE, b"abc")
     m = decode_message(permission_denied("unauthorized"))
     assert (m.kind, m.sub, m.payload) == (MSG_AUTH, 0, b"unauthorized")
-    with pytest.raises(ProtocolError):
+    with pytest.raises(ClientProtocolError):
         decode_message(b"\x00\x02\x05ab")  # length beyond the end
-    with pytest.raises(ProtocolError):
+    with pytest.raises(ClientProtocolError):
         decode_message(b"\x00\x07\x00")  # unknown sync type
 
 
@@ -138,7 +168,7 @@ def test_awareness_codec_checks_json():
     entries = [AwarenessEntry(1, 3, '{"user":{"name":"a"}}'), AwarenessEntry(2**32 - 1, 9, "null")]
     assert decode_awareness(encode_awareness(entries)) == entries
     bad = encode_awareness([AwarenessEntry(1, 1, "{not json")])
-    with pytest.raises(ProtocolError):
+    with pytest.raises(ClientProtocolError):
         decode_awareness(bad)
 
 
@@ -363,3 +393,228 @@ def test_a_single_big_message_is_not_falling_behind():
     outbox = Outbox(coalesce_bytes=10, limit_bytes=100)
     assert outbox.push(b"x" * 10_000)  # the first sync of a large document
     assert not outbox.push(b"y" * 200)
+
+
+# ---------------------------------------------------------------- events for the shell
+def test_a_client_update_is_a_store_event_the_core_does_not_apply():
+    docs = FakeDocs()
+    rooms = Rooms(docs)  # the core alone: it reads the documents, never writes them
+    docs.rooms = rooms
+    a = connect(rooms, 1)
+    received(a)
+    _, update = edit("k", "v")
+    event = rooms.receive(a, sync_update(update))
+    assert event == StoreUpdate(a, SPACE, DOC, update)
+    assert docs.queued == [] and received(a) == []
+    assert rooms.receive(a, sync_update(b"\x00\x00")) is None  # an empty update: nothing to do
+    assert rooms.receive(a, sync_step1(b"\x00")) is None
+    a.close(1000, "")
+    assert rooms.receive(a, sync_update(update)) is None  # a closing connection: ignored
+
+
+def test_events_are_stored_in_order_and_relayed_to_all_but_their_origin(hub):
+    docs, rooms = hub
+    a, b = connect(rooms, 1), connect(rooms, 2)
+    received(a), received(b)
+    writer = Doc()
+    updates = [edit(f"k{i}", i, writer)[1] for i in range(3)]
+    for update in updates:
+        rooms.receive(a, sync_update(update))
+    assert [q[2] for q in docs.queued] == updates  # applied as they came, before the next one
+    assert {q[3] for q in docs.queued} == {a.origin}
+    docs.commit()
+    assert received(a) == []
+    (msg,) = received(b)
+    doc = Doc()
+    doc.apply_update(msg.payload)
+    assert dict(doc.get("m", type=Map)) == {"k0": 0, "k1": 1, "k2": 2}
+
+
+def test_a_refused_store_event_denies_or_closes_its_connection():
+    rooms = Rooms(FakeDocs())
+    a, b = connect(rooms, 1), connect(rooms, 2)
+    received(a), received(b)
+    _, update = edit("big", "x")
+    rooms.update_refused(StoreUpdate(a, SPACE, DOC, update), "quota-exceeded")
+    (msg,) = received(a)
+    assert (msg.kind, msg.payload) == (MSG_AUTH, b"quota-exceeded")
+    assert a.closing == (4422, "quota-exceeded")
+    rooms.update_refused(StoreUpdate(b, SPACE, DOC, b"junk"), None)
+    assert b.closing == (4400, "bad-update") and received(b) == []
+
+
+def test_connections_with_something_to_write_are_listed_once():
+    rooms = Rooms(FakeDocs())
+    ready: list[Outlet] = []
+    a, b = (YConn(n, Outbox(), ready=ready) for n in (1, 2))
+    rooms.join(SPACE, DOC, a)
+    assert take_ready(ready) == [a] and ready == []  # the server speaks first
+    rooms.join(SPACE, DOC, b)
+    rooms.receive(a, aw((7, 1, '{"n":1}')))  # broadcast to both, b had its step 1 already
+    rooms.receive(b, aw((8, 1, '{"n":2}')))
+    assert take_ready(ready) == [b, a]  # each once, though b got three frames
+    assert take_ready(ready) == []
+    a.close(1001, "shutdown")  # the decision to close is something to write too
+    assert take_ready(ready) == [a]
+
+
+def test_the_too_slow_rule_is_the_outlets():
+    outlet = Outlet(1, Outbox(coalesce_bytes=10, limit_bytes=100), ready=[])
+    outlet.send(b"x" * 80)
+    outlet.send(b"y" * 80)  # two items past the limit: falling behind
+    assert outlet.closing == (1013, "too-slow") and outlet.dropped_slow
+    assert len(outlet.outbox) == 0
+
+
+# ------------------------------------------------------------- the connection core, no I/O
+def client_ws() -> Connection:
+    return Connection(ConnectionType.CLIENT)
+
+
+def server_core(now: float = 0.0, watch: HandshakeWatch | None = None, **options) -> WsConn:
+    return WsConn(Outlet(1, Outbox(), ready=[]), now=now, watch=watch, **options)
+
+
+def events_of(core: WsConn, client: Connection) -> list:
+    """What the client makes of everything the core has to send (as the writer takes it:
+    batch after batch, until none)."""
+    while frames := core.data_to_send():
+        for frame in frames:
+            client.receive_data(bytes(frame))
+    return list(client.events())
+
+
+def test_core_yields_messages_in_order_and_answers_pings_and_a_close():
+    core, client = server_core(), client_ws()
+    wire = (
+        client.send(BytesMessage(b"abc", message_finished=False))
+        + client.send(BytesMessage(b"def"))
+        + client.send(TextMessage("hi"))
+        + client.send(Ping(b"p"))
+        + client.send(BytesMessage(b"last"))
+        + client.send(CloseConnection(1000, "bye"))
+    )
+    core.receive_data(wire, now=1.0)
+    assert core.next_message() == b"abcdef"
+    assert core.next_message() == "hi"
+    assert core.outlet.closing is None
+    assert core.next_message() == b"last"  # a message before the close is still delivered
+    assert core.next_message() is None
+    assert core.input_ended and core.outlet.closing == (1000, "bye")
+    got = events_of(core, client)  # the pong, then the close echoed
+    assert isinstance(got[0], Pong) and got[0].payload == b"p"
+    assert isinstance(got[1], CloseConnection) and got[1].code == 1000
+    assert core.data_to_send() == [] and core.finished
+
+
+def test_core_refuses_a_too_large_message_and_a_broken_frame():
+    core, client = server_core(max_message=10), client_ws()
+    core.receive_data(client.send(BytesMessage(b"x" * 11)), now=0.0)
+    assert core.next_message() is None
+    assert core.input_ended and core.outlet.closing == (1009, "too-large")
+    core = server_core()
+    core.receive_data(b"\x82\x03abc", now=0.0)  # not masked: a client must mask
+    assert core.next_message() is None
+    assert core.input_ended and core.outlet.closing[0] == 1002
+
+
+def test_core_eof_loses_the_connection_without_a_close_frame():
+    core = server_core()
+    core.receive_data(None, now=3.0)
+    assert core.lost and core.input_ended and core.outlet.closing == (1006, "connection lost")
+    assert core.data_to_send() == [] and core.finished
+
+
+def test_keepalive_pings_a_silent_client_and_cuts_a_dead_one():
+    core, client = server_core(ping_interval=30.0), client_ws()
+    assert core.get_timer() == 30.0
+    core.handle_timer(29.9)
+    assert core.data_to_send() == []
+    core.handle_timer(30.0)
+    (ping,) = events_of(core, client)
+    assert isinstance(ping, Ping)
+    assert core.get_timer() == 60.0  # pinged once; silent until then: cut
+    core.receive_data(client.send(Pong(b"")), now=45.0)  # any frame counts as alive
+    assert core.next_message() is None and core.get_timer() == 75.0
+    core.handle_timer(75.0)
+    assert isinstance(events_of(core, client)[0], Ping)
+    core.handle_timer(104.9)
+    assert not core.cut
+    core.handle_timer(105.0)
+    assert core.cut and core.lost and core.outlet.closing == (1006, "timeout")
+    assert core.data_to_send() == [] and core.get_timer() == math.inf
+
+
+def test_a_connection_not_authenticated_in_time_is_cut():
+    admission = Admission(total=4, per_ip=4)
+    slot = admission.admit("a")
+    assert slot is not None
+    watch = HandshakeWatch.after_upgrade(slot, now=100.0, handshake_timeout=10.0)
+    core = server_core(now=100.0, watch=watch)
+    assert core.get_timer() == 110.0 + CLOSE_TIMEOUT  # before the first ping
+    core.handle_timer(110.0 + CLOSE_TIMEOUT)
+    assert core.cut and core.outlet.closing == (1006, "not authenticated in time")
+
+    authenticated = admission.admit("a")
+    assert authenticated is not None
+    watch = HandshakeWatch.after_upgrade(authenticated, now=100.0, handshake_timeout=10.0)
+    core = server_core(now=100.0, watch=watch)
+    authenticated.release()
+    assert core.get_timer() == 130.0  # only the keep-alive is left
+    core.handle_timer(112.0)
+    assert not core.cut and core.outlet.closing is None
+
+
+def test_a_writer_without_progress_makes_the_client_too_slow():
+    core = server_core(stall_seconds=5.0)
+    assert core.write_deadline == math.inf
+    core.write_waiting(10.0)
+    core.write_done()  # taken: no deadline
+    core.handle_timer(20.0)
+    assert core.outlet.closing is None
+    core.write_waiting(20.0)
+    assert core.get_timer() == 25.0
+    core.handle_timer(24.9)
+    assert core.outlet.closing is None
+    core.handle_timer(25.0)
+    assert core.outlet.closing == (1013, "too-slow") and core.outlet.dropped_slow and core.lost
+
+
+# ------------------------------------------------------------------------ /yjs auth rules
+@pytest.fixture
+def accounts(tmp_path):
+    with Accounts.open(tmp_path, defaults=Limits(devices_per_user=1)) as acc:
+        yield acc
+
+
+def test_auth_rules_in_order(accounts):
+    alice, bob = accounts.add_user("alice"), accounts.add_user("bob")
+    accounts.create_space(SPACE, "alice")
+    auth = YjsAuth(accounts)
+    assert auth.admit({}, SPACE, DOC, "yws:1") == Refused("unauthorized")
+    assert auth.admit({"token": "wrong"}, SPACE, DOC, "yws:1") == Refused("unauthorized")
+    assert auth.admit({"token": bob}, SPACE, DOC, "yws:1").reason == "forbidden"
+    assert auth.admit({"token": alice}, SPACE, "bad id!", "yws:1").reason == "bad-request"
+    ok = auth.admit({"token": alice, "device": "web"}, SPACE, DOC, "yws:1")
+    assert isinstance(ok, Admitted) and (ok.user, ok.device) == ("alice", "web")
+    same = auth.admit({"token": alice, "device": "web"}, SPACE, DOC, "yws:2")  # same device
+    assert isinstance(same, Admitted)
+    other = auth.admit({"token": alice}, SPACE, DOC, "yws:3")  # a device of its own: one too many
+    assert other.reason == "too-many-devices"
+    ok.lease.release()
+    same.lease.release()
+    assert isinstance(auth.admit({"token": alice}, SPACE, DOC, "yws:3"), Admitted)
+
+
+def test_auth_recheck_ends_revoked_tokens_and_lost_memberships(accounts):
+    accounts.add_user("alice")
+    bob = accounts.add_user("bob")
+    accounts.create_space(SPACE, "alice")
+    accounts.add_member(SPACE, "bob")
+    auth = YjsAuth(accounts)
+    ok = auth.admit({"token": bob}, SPACE, DOC, "yws:1")
+    assert isinstance(ok, Admitted) and auth.recheck(ok.token_hash, SPACE) is None
+    accounts.remove_member(SPACE, "bob")
+    assert auth.recheck(ok.token_hash, SPACE) == "forbidden"
+    accounts.revoke_token(bob)
+    assert auth.recheck(ok.token_hash, SPACE) == "unauthorized"

@@ -1,4 +1,4 @@
-"""The suite runs cut off from every network (issue 8): `tests/isolated` gives it a network
+"""The suite runs cut off from every network: `tests/isolated` gives it a network
 namespace with nothing but loopback, and conftest.py refuses to start anywhere else, so even a
 mistaken address has nowhere to go. These tests would fail on a run in the machine's own
 namespace; they check the interfaces before dialing anything, so they never dial out there."""

@@ -1,6 +1,7 @@
-"""Issue 8, section 3, over a real LAN link on loopback: content no environment can hold (a
-Y.XmlFragment in the `environment` map), merged on one daemon, reaches the other one, whose
-peer link, mirror and later edits go on; unlink and stopping both daemons end cleanly."""
+"""A document failing locally (docs/peer-protocol.md section 5) over a real LAN link on
+loopback: content no environment can hold (a Y.XmlFragment in the `environment` map), merged on
+one daemon, reaches the other one, whose peer link, mirror and later edits go on; unlink and
+stopping both daemons end cleanly."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Lock files are opened without following symlinks (issue 8, section 5).
+"""Lock files are opened without following symlinks.
 
 With `--socket` in a shared directory, another user can plant `<socket>.lock` as a symlink to a
 file of their choosing (or of the daemon user's, to have it truncated and locked); the data

@@ -81,7 +81,7 @@ def test_doc_change_is_debounced_then_written_once():
     assert m.poll(10.06) == []
     env2 = {**ENV, "name": "B"}
     after = render_and_write(m, 10.03 + DEBOUNCE, env2, (5, 5, 5))
-    assert types(after) == ["Synced"]
+    assert types(after) == ["InSync"]
     assert m.stats["writes"] == 1 and not m.dirty and m.deadline() is None
 
 
@@ -146,7 +146,7 @@ def test_external_save_is_applied_once_and_not_written_back():
     assert m.poll(1.5) == []  # in flight
     m.doc_changed(1.0)  # our own apply changed the document
     acts = m.applied(1.0, o.content)
-    assert types(acts) == ["Synced"]
+    assert types(acts) == ["InSync"]
     acts = m.poll(1.0 + MAX_DELAY)
     assert acts == [Render("file")]
     # the document now says exactly what the file says: nothing to write (no reload loop)
@@ -221,7 +221,7 @@ def test_invalid_file_goes_to_conflict_then_resumes():
     assert types(acts) == ["Emit:mirror-resumed", "Apply"]
     m.doc_changed(4.0)
     # the merge (the document had edits from elsewhere meanwhile) is written back if it differs
-    assert types(m.applied(4.0, acts[1].content)) == ["Synced", "Render"]
+    assert types(m.applied(4.0, acts[1].content)) == ["InSync", "Render"]
     assert m.state == "syncing"
 
 
@@ -312,7 +312,7 @@ def test_write_errors_are_reported_once_and_retried_with_backoff():
     m.poll(now)
     m.rendered(now, "file", b"x", "j")
     acts = m.write_done(now, "file", "ok", content=b"x", json_hash="j", sig=(1, 2, 3))
-    assert types(acts) == ["Synced", "Emit:mirror-resumed"]
+    assert types(acts) == ["InSync", "Emit:mirror-resumed"]
     assert m.state == "ok"
 
 
@@ -454,7 +454,7 @@ def test_change_during_a_conflict_file_write_is_not_lost():
     assert m.poll(1.61 + DEBOUNCE) == [Render("conflict")]
 
 
-# -- leaving a conflict, and links in error (issue 8) --------------------------------------------
+# -- leaving a conflict, and links in error -----------------------------------------------------
 
 
 def written(m, now, env, sig):
@@ -545,4 +545,4 @@ def test_a_failure_while_a_write_was_outstanding_reads_the_file_then_writes_agai
     assert m.poll(5.0) == []  # nothing before the file is read
     o = obs_for(ENV, sig=(1, 1, 1))
     assert m.observed(5.0, o) == [Apply(o.content)]
-    assert types(m.applied(5.0, o.content)) == ["Synced", "Emit:mirror-resumed", "Render"]
+    assert types(m.applied(5.0, o.content)) == ["InSync", "Emit:mirror-resumed", "Render"]

@@ -19,8 +19,9 @@ from modelutil import FIXTURE_DIR
 
 from peerdaemon.api.client import AsyncClient, DaemonError
 from peerdaemon.daemon.supervisor import Daemon, DaemonConfig, serve
+from peerdaemon.mirror.files import file_sig, write_if_unchanged
 from peerdaemon.mirror.format import content_hash
-from peerdaemon.mirror.service import _sig, _write_atomic, mirror_file_name
+from peerdaemon.mirror.settings import mirror_file_name
 
 TEST_ENV = "test-env.json"  # written by Mockoon: the mirror reproduces it byte for byte
 
@@ -48,10 +49,10 @@ def settled(runner: Any, path: Path) -> bool:
     write, apply, retry or timer pending): until the file or the document changes again, it
     cannot act. What a "nothing happens" check waits for, instead of a fixed sleep."""
     try:
-        sig = _sig(path.stat())
+        sig = file_sig(path.stat())
     except OSError:
         return False
-    m = runner.m
+    m = runner.machine
     return m.sig == sig and m.state == "ok" and not m.want_observe and m.deadline() is None
 
 
@@ -212,7 +213,7 @@ async def test_no_ping_pong_with_a_reformatting_watcher(short_tmp):
                 await until(lambda i=i: (read_json(path) or {}).get("name") == f"edit {i}", 2.0)
                 await until(quiet, 5.0, "the watcher and the link to settle")
             nursery.cancel_scope.cancel()
-        stats = dict(runner.m.stats)
+        stats = dict(runner.machine.stats)
         assert stats["writes"] == 3 and stats["applies"] == 0
         assert [e for e in events(daemon, "environment-changed") if e["origin"] == "file"] == []
         assert 1 <= rewrites <= 3
@@ -229,8 +230,8 @@ async def test_each_external_save_is_applied_once(short_tmp):
             save_as_editor(path, env)
             await until(lambda port=port: _equals(c.get(env_id, "/port"), port), 2.0)
         await until(lambda: settled(runner, path), 5.0, "the link to settle")
-        assert runner.m.stats["applies"] == 3
-        assert runner.m.stats["writes"] == 0  # the file already said it all
+        assert runner.machine.stats["applies"] == 3
+        assert runner.machine.stats["writes"] == 0  # the file already said it all
         from_file = [e for e in events(daemon, "environment-changed") if e["origin"] == "file"]
         assert len(from_file) == 3
 
@@ -268,12 +269,14 @@ def test_a_write_does_not_replace_a_save_that_kept_the_stat(short_tmp):
     """The write side of the same race: the link's sig still matches, the content does not."""
     path = short_tmp / "env.json"
     path.write_bytes(b'{"port": 3001}')
-    sig = _sig(path.stat())
+    sig = file_sig(path.stat())
     rewrite_keeping_the_stat(path, b'{"port": 3001}', b'{"port": 3002}')
     known = content_hash(b'{"port": 3001}')
-    outcome = _write_atomic(path, b'{"port": 9999}', sig, 0o022, known)
+    outcome = write_if_unchanged(path, b'{"port": 9999}', sig, 0o022, known)
     assert outcome == ("changed", None, None) and path.read_bytes() == b'{"port": 3002}'
-    outcome = _write_atomic(path, b'{"port": 9999}', sig, 0o022, content_hash(b'{"port": 3002}'))
+    outcome = write_if_unchanged(
+        path, b'{"port": 9999}', sig, 0o022, content_hash(b'{"port": 3002}')
+    )
     assert outcome[0] == "ok" and path.read_bytes() == b'{"port": 9999}'
 
 
@@ -300,7 +303,7 @@ async def test_links_survive_a_restart_and_offline_edits_are_picked_up(short_tmp
     async with daemon_at(short_tmp) as (daemon, c):
         runner = daemon.mirror.links[env_id]
         await until(lambda: settled(runner, path), 5.0, "the link to settle")
-        assert runner.m.stats == {"writes": 0, "applies": 0, "conflicts": 0, "errors": 0}
+        assert runner.machine.stats == {"writes": 0, "applies": 0, "conflicts": 0, "errors": 0}
         assert path.stat().st_mtime_ns == mtime
 
 
@@ -538,9 +541,9 @@ async def test_mirror_dir_mirrors_every_environment_under_stable_names(short_tmp
 
 
 async def test_a_bug_in_a_link_is_reported_and_the_link_recovers(short_tmp, monkeypatch):
-    from peerdaemon.mirror import service as mirror_service
+    from peerdaemon.mirror import runner as mirror_runner
 
-    real = mirror_service._render
+    real = mirror_runner.render_file
     calls = 0
 
     def flaky(*args: Any) -> Any:
@@ -550,10 +553,10 @@ async def test_a_bug_in_a_link_is_reported_and_the_link_recovers(short_tmp, monk
             raise RuntimeError("simulated bug")
         return real(*args)
 
-    monkeypatch.setattr(mirror_service, "RESTART_DELAY", 0.1)
+    monkeypatch.setattr(mirror_runner, "RESTART_DELAY", 0.1)
     async with daemon_at(short_tmp) as (daemon, c):
         env_id, path = await linked_fixture(c, short_tmp)
-        monkeypatch.setattr(mirror_service, "_render", flaky)
+        monkeypatch.setattr(mirror_runner, "render_file", flaky)
         await c.patch(env_id, [{"op": "replace", "path": "/name", "value": "after the bug"}])
         await until(lambda: events(daemon, "mirror-error"), 2.0, "mirror-error")
         assert "simulated bug" in events(daemon, "mirror-error")[0]["reason"]
@@ -565,7 +568,7 @@ async def test_permission_denied_on_write_is_reported_and_retried(short_tmp, mon
     """The same as a read-only folder, for runs as root (which writes through permissions)."""
     import types
 
-    from peerdaemon.mirror import service as mirror_service
+    from peerdaemon.core import files as core_files
 
     denied = True
 
@@ -576,7 +579,7 @@ async def test_permission_denied_on_write_is_reported_and_retried(short_tmp, mon
 
     async with daemon_at(short_tmp) as (daemon, c):
         env_id, path = await linked_fixture(c, short_tmp)
-        monkeypatch.setattr(mirror_service, "tempfile", types.SimpleNamespace(mkstemp=mkstemp))
+        monkeypatch.setattr(core_files, "tempfile", types.SimpleNamespace(mkstemp=mkstemp))
         await c.patch(env_id, [{"op": "replace", "path": "/name", "value": "kept"}])
         await until(lambda: events(daemon, "mirror-error"), 2.0, "mirror-error")
         (event,) = events(daemon, "mirror-error")
@@ -588,7 +591,7 @@ async def test_permission_denied_on_write_is_reported_and_retried(short_tmp, mon
         assert events(daemon, "mirror-resumed")[-1]["after"] == "error"
 
 
-# -- issue 8: conflicts that end, and failures that stay one link's ------------------------------
+# -- conflicts that end, and failures that stay one link's --------------------------------------
 
 
 async def test_restoring_the_conflict_file_brings_the_link_back(short_tmp):
@@ -683,8 +686,8 @@ async def _link_state(c: AsyncClient, env_id: str) -> str | None:
 async def test_a_failing_flush_at_unlink_is_reported_and_unlink_answers(
     short_tmp, unexportable, monkeypatch
 ):
-    """The flush at unlink runs outside the link's supervised loop (issue 8's crash): with a
-    change pending that cannot be rendered, unlink answers and the failure is an event."""
+    """The flush at unlink runs outside the link's supervised loop (it once crashed the daemon):
+    with a change pending that cannot be rendered, unlink answers and the failure is an event."""
     from peerdaemon.mirror import link as link_mod
 
     async with daemon_at(short_tmp) as (daemon, c):

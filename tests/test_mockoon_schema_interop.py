@@ -1,4 +1,4 @@
-"""Exports of arbitrary documents are valid for the real Mockoon (issue 8, section 3).
+"""Exports of arbitrary documents are valid for the real Mockoon.
 
 Documents built from generated Yjs updates (tests/yjsgen.py: a fixed-seed batch, plus the issue's
 named cases on an empty document and on every fixture), and from updates the npm `yjs` makes with

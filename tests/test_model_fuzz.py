@@ -1,4 +1,4 @@
-"""Reading a document is total (issue 8, section 3): whatever Yjs updates another client sends,
+"""Reading a document is total: whatever Yjs updates another client sends,
 of any Yjs type and value, at the layout's roots or inside entities, the export works, is JSON,
 is the same on every replica and every time, is accepted unchanged as a local write, has unique
 uuids and references every route and folder exactly once.
@@ -80,7 +80,7 @@ def test_a_client_building_on_another(base, first, second):
 @pytest.mark.parametrize("name", sorted(NAMED))
 @pytest.mark.parametrize("base", [None, "test-env.json"])
 def test_named_cases(name, base):
-    """The reproductions of issue 8: XML types, deep nesting, sub-documents, NaN, wrong types,
+    """The reproductions: XML types, deep nesting, sub-documents, NaN, wrong types,
     missing fields, meta.absent junk, lastMigration "33" and 99999, duplicate uuids and refs."""
     b = base_update(base)
     check_document(b, make_update(b, NAMED[name]))

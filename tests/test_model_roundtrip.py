@@ -503,7 +503,7 @@ def test_older_file_gets_defaults_but_no_migration():
 
 
 def test_required_lists_are_always_present():
-    """Before issue 8 a file without `folders` exported without it (meta.absent): invalid."""
+    """Once, a file without `folders` exported without it (meta.absent): invalid."""
     env = load("incompatible.json")
     env["lastMigration"] = 20
     env["routes"][0]["responses"][0]["statusCode"] = 200
@@ -841,7 +841,7 @@ def test_hostile_plain_list_entities_export_the_same_everywhere():
 
 
 # ---------------------------------------------------------------------------------------------
-# issue 8, section 3: content no environment can hold, merged from any Yjs client. Each case
+# Content no environment can hold, merged from any Yjs client. Each case
 # crashed the export, or exported what Mockoon's strict schema refuses, before the fix.
 
 

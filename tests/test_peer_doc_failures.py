@@ -1,13 +1,22 @@
-"""One document failing inside a peer session (issue 8, section 3) is that document's error: the
-link stays up and the other documents keep syncing. Sans-I/O, with explicit times."""
+"""One document failing inside a peer session (docs/peer-protocol.md section 5, "A document
+failing locally") is that document's error: the link stays up and the other documents keep
+syncing. Sans-I/O, with explicit times."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from peerutil import FakeHost, drain_events, exchange, make_identity, make_space, wire
+from peerutil import (
+    FakeHost,
+    MemoryConnection,
+    drain_events,
+    exchange,
+    make_identity,
+    make_space,
+    wire,
+)
 
-from peerdaemon.peer.session import Closed, DocFailed, PeerConnection, Synced
+from peerdaemon.peer import Closed, DocFailed, PeerConnection, Synced
 
 S1 = make_space("s1")
 ALICE, BOB = make_identity("alice"), make_identity("bob")
@@ -43,8 +52,8 @@ class FailingHost(FakeHost):
 
 
 def connect(ha: FakeHost, hb: FakeHost) -> tuple[PeerConnection, PeerConnection]:
-    a = PeerConnection(ALICE, ha, dialer=True, now=0.0)  # type: ignore[arg-type]
-    b = PeerConnection(BOB, hb, dialer=False, now=0.0)  # type: ignore[arg-type]
+    a = MemoryConnection(ALICE, ha, dialer=True, now=0.0)  # type: ignore[arg-type]
+    b = MemoryConnection(BOB, hb, dialer=False, now=0.0)  # type: ignore[arg-type]
     wire(ha, lambda: [a])
     wire(hb, lambda: [b])
     exchange(a, b, 0.0)

@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import cbor2
 import pytest
-from peerutil import FakeHost, drain_events, exchange, make_identity, make_space
+from peerutil import FakeHost, MemoryConnection, drain_events, exchange, make_identity, make_space
 
-from peerdaemon.peer import messages
+from peerdaemon.peer import (
+    Closed,
+    Established,
+    HelloReceived,
+    PeerConnection,
+    SessionConfig,
+    Synced,
+    messages,
+)
 from peerdaemon.peer.crypto import (
     DIALER,
     LISTENER,
@@ -17,8 +25,7 @@ from peerdaemon.peer.crypto import (
     space_tag,
     transcript_hash,
 )
-from peerdaemon.peer.handshake import Established, Handshake
-from peerdaemon.peer.session import Closed, HelloReceived, PeerConfig, PeerConnection, Synced
+from peerdaemon.peer.handshake import Handshake
 
 S1, S2, S3 = make_space("s1"), make_space("s2"), make_space("s3")
 ALICE, BOB = make_identity("alice"), make_identity("bob")
@@ -28,13 +35,13 @@ def connect(
     host_a: FakeHost,
     host_b: FakeHost,
     *,
-    config: PeerConfig | None = None,
+    config: SessionConfig | None = None,
     model_a: int = 1,
     model_b: int = 1,
     now: float = 0.0,
 ) -> tuple[PeerConnection, PeerConnection]:
-    a = PeerConnection(ALICE, host_a, dialer=True, now=now, config=config, model=model_a)
-    b = PeerConnection(BOB, host_b, dialer=False, now=now, config=config, model=model_b)
+    a = MemoryConnection(ALICE, host_a, dialer=True, now=now, config=config, model=model_a)
+    b = MemoryConnection(BOB, host_b, dialer=False, now=now, config=config, model=model_b)
     return a, b
 
 
@@ -213,15 +220,15 @@ def test_hello_whose_device_id_does_not_match_its_key():
 
 
 def test_connecting_to_ourselves_is_detected():
-    a = PeerConnection(ALICE, FakeHost([S1]), dialer=True, now=0)
-    b = PeerConnection(ALICE, FakeHost([S1]), dialer=False, now=0)
+    a = MemoryConnection(ALICE, FakeHost([S1]), dialer=True, now=0)
+    b = MemoryConnection(ALICE, FakeHost([S1]), dialer=False, now=0)
     exchange(a, b)
     assert closed_of(b).reason == "self"
     assert closed_of(a).reason == "self"
 
 
 def make_hello(identity: object) -> bytes:
-    conn = PeerConnection(identity, FakeHost([S1]), dialer=True, now=0)  # type: ignore[arg-type]
+    conn = MemoryConnection(identity, FakeHost([S1]), dialer=True, now=0)  # type: ignore[arg-type]
     return conn.data_to_send()[0]
 
 
@@ -255,7 +262,7 @@ def test_malformed_or_early_messages_close_with_protocol_error(data):
 
 
 def test_oversized_message_closes_with_too_large():
-    _, b = connect(FakeHost([S1]), FakeHost([S1]), config=PeerConfig(max_message=1000))
+    _, b = connect(FakeHost([S1]), FakeHost([S1]), config=SessionConfig(max_message=1000))
     b.receive(b"\x00" * 1001, 0)
     assert closed_of(b).reason == "too-large"
 
@@ -264,10 +271,10 @@ def test_oversized_update_after_the_handshake():
     host_a, host_b = FakeHost([S1]), FakeHost([S1])
     host_b.add_doc("env", ["s1"])
     host_a.add_doc("env", ["s1"])
-    a, b = connect(host_a, host_b, config=PeerConfig(max_message=4096))
+    a, b = connect(host_a, host_b, config=SessionConfig(max_message=4096))
     exchange(a, b)
     drain_events(a), drain_events(b)
-    a.config = PeerConfig()  # a sends freely; b enforces its limit
+    a.config = SessionConfig()  # a sends freely; b enforces its limit
     host_a.edit("env", {"big": "x" * 10_000})
     a.local_update("env", host_a.docs["env"].get_update(), "local")
     exchange(a, b)
@@ -277,7 +284,7 @@ def test_oversized_update_after_the_handshake():
 
 
 def test_outgoing_message_over_the_limit_closes_locally():
-    a, b = established_pair(config=PeerConfig(max_message=4096))
+    a, b = established_pair(config=SessionConfig(max_message=4096))
     a.local_update("s", b"x", "local")  # not allowed: not sent at all
     a.host.add_doc("env", ["s1"])  # type: ignore[attr-defined]
     a.local_update("env", b"y" * 5000, "local")
@@ -388,7 +395,7 @@ def test_messages_validate_sync_codec():
     big = messages.encode_sync(messages.SYNC_STEP2, b"z" * 300)
     assert messages.decode_sync(big) == (1, b"z" * 300)
     for bad in (b"", b"\x03\x00", b"\x00\x05ab", b"\x00\x01ab", b"\x80"):
-        with pytest.raises(messages.ProtocolError):
+        with pytest.raises(messages.PeerProtocolError):
             messages.decode_sync(bad)
 
 
@@ -424,8 +431,8 @@ def test_spec_test_vector():
 def test_dialer_refusing_the_listener_version_closes_in_cleartext():
     """The listener accepted the dialer's hello (and derived keys); the dialer does not accept
     the listener's: its cleartext close is still understood."""
-    a = PeerConnection(ALICE, FakeHost([S1]), dialer=True, now=0, model=1)
-    b = PeerConnection(BOB, FakeHost([S1]), dialer=False, now=0, model=2, accepted_models={1, 2})
+    a = MemoryConnection(ALICE, FakeHost([S1]), dialer=True, now=0, model=1)
+    b = MemoryConnection(BOB, FakeHost([S1]), dialer=False, now=0, model=2, accepted_models={1, 2})
     exchange(a, b)
     closed_a = closed_of(a)
     assert (closed_a.reason, closed_a.by_peer) == ("incompatible-version", False)
@@ -446,7 +453,7 @@ def test_a_listener_echoing_the_dialers_tags_is_not_admitted():
 
     Tags are bound to the sender's role, so Alice only accepts tags made with the listener's
     role: accepting her own would admit anyone who can copy what she just sent."""
-    a = PeerConnection(ALICE, FakeHost([S1]), dialer=True, now=0)
+    a = MemoryConnection(ALICE, FakeHost([S1]), dialer=True, now=0)
     mallory = make_identity("mallory")
     m = Handshake(mallory, lambda: [], dialer=False, model=1)
     assert m.start() == []

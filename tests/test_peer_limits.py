@@ -16,11 +16,10 @@ import pytest
 import trio
 from helpers import LOCAL
 from helpers import until as wait_for
-from peerutil import FakeHost, Node, exchange, make_identity, make_space, wire
+from peerutil import FakeHost, MemoryConnection, Node, exchange, make_identity, make_space, wire
 from trio_websocket import CloseReason, ConnectionClosed, ConnectionRejected, open_websocket
 
-from peerdaemon.peer import Link, PeerConfig, PeerConnection
-from peerdaemon.peer.session import Closed
+from peerdaemon.peer import Closed, Link, PeerConfig, PeerConnection
 
 S1 = make_space("s1")
 BIG = 32 * 1024
@@ -40,8 +39,8 @@ def pair(cfg: PeerConfig, values: dict[str, Any] | None = None):
 
 def connect(host_a: FakeHost, host_b: FakeHost, cfg: PeerConfig, ids=None):
     ident_a, ident_b = ids or (make_identity("a"), make_identity("b"))
-    a = PeerConnection(ident_a, host_a, dialer=True, now=0.0, config=cfg)  # type: ignore[arg-type]
-    b = PeerConnection(ident_b, host_b, dialer=False, now=0.0, config=cfg)  # type: ignore[arg-type]
+    a = MemoryConnection(ident_a, host_a, dialer=True, now=0.0, config=cfg.session)  # type: ignore[arg-type]
+    b = MemoryConnection(ident_b, host_b, dialer=False, now=0.0, config=cfg.session)  # type: ignore[arg-type]
     exchange(a, b)
     assert a.state == b.state == "open"
     return a, b
@@ -137,7 +136,7 @@ def memory_pair() -> tuple[MemoryWs, MemoryWs]:
 
 def make_link(ident: Any, host: FakeHost, cfg: PeerConfig, *, dialer: bool, events: list) -> Link:
     def make_conn(now: float) -> PeerConnection:
-        return PeerConnection(ident, host, dialer=dialer, now=now, config=cfg)  # type: ignore[arg-type]
+        return PeerConnection(ident, host, dialer=dialer, now=now, config=cfg.session)  # type: ignore[arg-type]
 
     return Link(
         make_conn,
@@ -145,6 +144,7 @@ def make_link(ident: Any, host: FakeHost, cfg: PeerConfig, *, dialer: bool, even
         address="mem",
         on_event=lambda link, event: events.append(event),
         config=cfg,
+        host=host,  # type: ignore[arg-type]
     )
 
 

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import cbor2
-from peerutil import FakeHost, drain_events, exchange, make_identity, make_space, wire
+from peerutil import (
+    FakeHost,
+    MemoryConnection,
+    drain_events,
+    exchange,
+    make_identity,
+    make_space,
+    wire,
+)
 
-from peerdaemon.peer import messages
-from peerdaemon.peer.session import Closed, PeerConfig, PeerConnection, Synced
+from peerdaemon.peer import Closed, PeerConnection, SessionConfig, Synced, messages
 
 S1, S2 = make_space("s1"), make_space("s2")
 ALICE, BOB, CAROL = make_identity("alice"), make_identity("bob"), make_identity("carol")
@@ -28,8 +35,8 @@ class Net:
     def connect(
         self, ident_a: object, host_a: FakeHost, ident_b: object, host_b: FakeHost, now: float = 0.0
     ) -> tuple[PeerConnection, PeerConnection]:
-        a = PeerConnection(ident_a, host_a, dialer=True, now=now)  # type: ignore[arg-type]
-        b = PeerConnection(ident_b, host_b, dialer=False, now=now)  # type: ignore[arg-type]
+        a = MemoryConnection(ident_a, host_a, dialer=True, now=now)  # type: ignore[arg-type]
+        b = MemoryConnection(ident_b, host_b, dialer=False, now=now)  # type: ignore[arg-type]
         self.by_host[id(host_a)].append(a)
         self.by_host[id(host_b)].append(b)
         self.links.append((a, b))
@@ -227,10 +234,10 @@ def test_ping_when_idle_and_pong_keeps_the_link_alive():
 
 
 def test_silent_peer_times_out():
-    cfg = PeerConfig(ping_interval=15.0, idle_timeout=45.0)
+    cfg = SessionConfig(ping_interval=15.0, idle_timeout=45.0)
     ha, hb = FakeHost([S1]), FakeHost([S1])
-    a = PeerConnection(ALICE, ha, dialer=True, now=0.0, config=cfg)
-    b = PeerConnection(BOB, hb, dialer=False, now=0.0, config=cfg)
+    a = MemoryConnection(ALICE, ha, dialer=True, now=0.0, config=cfg)
+    b = MemoryConnection(BOB, hb, dialer=False, now=0.0, config=cfg)
     exchange(a, b, 0.0)
     drain_events(a)
     pings = 0

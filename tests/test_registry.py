@@ -9,9 +9,9 @@ import pytest
 from modelutil import assert_strict_equal, load
 from pycrdt import Doc, Map
 
+from peerdaemon.core import registry as registry_mod
 from peerdaemon.core.events import EventLog
 from peerdaemon.core.registry import Registry
-from peerdaemon.core import registry as registry_mod
 from peerdaemon.model import export_environment, prepare
 from peerdaemon.store import Store
 
@@ -133,7 +133,7 @@ def test_an_update_after_a_gap_in_clocks_is_stored_as_soon_as_it_is_merged(tmp_p
         assert "after-gap" in [h["key"] for h in registry.export(e1)["headers"]]
 
 
-# -- a merge that was applied and queued succeeded, whatever its followers do (issue 8) ---------
+# -- a merge that was applied and queued succeeded, whatever its followers do ---------
 
 
 def _edit(registry: Registry, env_id: str, **values: object) -> bytes:
@@ -246,7 +246,7 @@ def test_a_failing_compaction_does_not_fail_the_merge(tmp_path: Path, monkeypatc
 
 
 def test_content_the_export_cannot_read_merges_and_is_durable(tmp_path: Path) -> None:
-    """The real case of issue 8: a Y.XmlFragment in the `environment` map, merged while someone
+    """The real case: a Y.XmlFragment in the `environment` map, merged while someone
     follows the environment. Whether the export reads it as absent or fails, the merge answers
     success and the update is in the store."""
     from pycrdt import XmlFragment

@@ -263,9 +263,9 @@ def test_an_update_only_yrs_reads_is_refused_whole(tmp_path, monkeypatch):
     """What the decoder cannot read cannot be checked: refused before the document takes it
     (as a document's failure, not a ValueError that would end a peer's link); bytes that are no
     update at all stay `UpdateRejected`."""
+    from peerdaemon.core import registry as registry_module
     from peerdaemon.core.events import EventLog
     from peerdaemon.core.registry import Registry, UnsupportedUpdate, UpdateRejected
-    from peerdaemon.core import registry as registry_module
     from peerdaemon.model import prepare
     from peerdaemon.store import Store
 

@@ -1,4 +1,4 @@
-"""Hypothesis strategies for arbitrary Yjs updates made by another client (issue 8, section 3).
+"""Hypothesis strategies for arbitrary Yjs updates made by another client.
 
 Any member of a space can send any well-formed Yjs update; the model must read whatever results.
 A generated update is a list of operations (plain data, so hypothesis can shrink and print them)
@@ -649,7 +649,7 @@ FULL_RESPONSE = (("body", Plain("{}")), ("statusCode", Plain(200)), ("label", Pl
 
 
 def named_cases() -> dict[str, list[Any]]:
-    """The reproductions of issue 8 section 3, each as a list of operations."""
+    """The reproductions of the reading bugs, each as a list of operations."""
     deep = Deep(1200)
     return {
         "xml-fragment": [Put("environment", (), "name", 0, (YXml(None, (), (Plain("x"),)),))],

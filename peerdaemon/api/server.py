@@ -8,8 +8,6 @@ block the daemon: a client that stops reading is disconnected instead.
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import logging
 import math
 import os
@@ -23,6 +21,7 @@ from typing import Any, Protocol
 import trio
 
 from ..store.errors import StoreError
+from ..store.lock import LockFileUnusable, LockHeld, lock_file
 from .framing import DEFAULT_MAX_FRAME, FrameDecoder, FrameError, FrameTooLarge, encode_frame
 from .peercred import peer_credentials
 from .protocol import (
@@ -539,36 +538,14 @@ def prepare_socket_dir(directory: Path) -> None:
 
 
 def _acquire_lock(path: Path) -> int:
-    """flock `<socket>.lock` so two daemons starting at once cannot steal each other's socket.
-
-    Opened without following a symlink, and only if it is our own regular file: in a shared
-    directory (`--socket /tmp/pd.sock`) another user could plant a link there, to have the
-    daemon create or lock a file of their choosing, or hold a file of theirs to block it.
-    """
+    """flock `<socket>.lock` so two daemons starting at once cannot steal each other's socket."""
     lock_path = path.with_name(path.name + ".lock")
     try:
-        fd = os.open(
-            lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600
-        )
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise ServerStartError(
-                f"{lock_path} is a symbolic link; refusing to follow it (remove it)"
-            ) from None
-        raise ServerStartError(f"cannot open {lock_path}: {exc.strerror or exc}") from None
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
-        os.close(fd)
-        what = "not a regular file" if not stat.S_ISREG(st.st_mode) else f"owned by uid {st.st_uid}"
-        raise ServerStartError(f"refusing to use {lock_path}: {what} (remove it)")
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        os.close(fd)
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            raise DaemonAlreadyRunning(path) from None
-        raise
-    return fd
+        return lock_file(lock_path, owner_only=True)
+    except LockHeld:
+        raise DaemonAlreadyRunning(path) from None
+    except LockFileUnusable as exc:
+        raise ServerStartError(f"refusing to use {exc} (remove it)") from None
 
 
 async def _remove_stale_socket(path: Path) -> None:

@@ -12,6 +12,11 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
+    "AMBIGUOUS",
+    "BAD_INVITE",
+    "BAD_PATH",
+    "LINK_REFUSED",
+    "NOT_SHARED",
     "BAD_PATCH",
     "BAD_POINTER",
     "BAD_REQUEST",
@@ -46,7 +51,12 @@ INTERNAL = "internal"
 STORE_FAILED = "store-failed"  # applied in memory, but the store could not make it durable
 UUID_MISMATCH = "uuid-mismatch"  # env.put of content whose uuid is another id (without force_id)
 
-LINK_CONFLICT = "link-conflict"  # mirror.link of a file another environment is linked to
+BAD_PATH = "bad-path"  # env.link: a path that cannot be written
+LINK_CONFLICT = "link-conflict"  # env.link of a file another environment is linked to
+LINK_REFUSED = "link-refused"  # env.link of a file holding something else (retry with overwrite)
+AMBIGUOUS = "ambiguous"  # a space name that names several spaces
+BAD_INVITE = "bad-invite"
+NOT_SHARED = "not-shared"  # the environment is in no space
 
 OPERATION_CODES = frozenset(
     {
@@ -63,7 +73,12 @@ OPERATION_CODES = frozenset(
         INTERNAL,
         STORE_FAILED,
         UUID_MISMATCH,
+        BAD_PATH,
         LINK_CONFLICT,
+        LINK_REFUSED,
+        AMBIGUOUS,
+        BAD_INVITE,
+        NOT_SHARED,
     }
 )
 

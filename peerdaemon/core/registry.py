@@ -206,7 +206,7 @@ class Registry:
             except Exception as exc:
                 env.pending.clear()
                 raise UpdateRejected(f"not a Yjs update: {exc}") from None
-            if not env.pending and _beyond_or_unknown(update, env.doc):
+            if not env.pending and _maybe_news(update, env.doc):
                 self._keep_quiet_update(env, bytes(update))
         merged = env.pending
         env.pending = []
@@ -471,18 +471,18 @@ def _decode(update: bytes) -> list[Any]:
         raise UnsupportedUpdate(f"not a standard Yjs update: {exc}") from None
 
 
-def _beyond_or_unknown(update: bytes, doc: Doc) -> bool:
-    """`_beyond`, or True if that cannot be told: storing a known update again is harmless,
+def _maybe_news(update: bytes, doc: Doc) -> bool:
+    """`_holds_news`, or True when that cannot be told: storing a known update again is harmless,
     not storing an applied one loses it."""
     try:
-        return _beyond(update, doc)
+        return _holds_news(update, doc)
     except BaseException as exc:
         if not _is_failure(exc):
             raise
         return True
 
 
-def _beyond(update: bytes, doc: Doc) -> bool:
-    """Whether `update` holds structs the document's state vector does not cover. The diff
+def _holds_news(update: bytes, doc: Doc) -> bool:
+    """Whether `update` holds structs the document has not seen (beyond its state vector). The diff
     against that state vector starts with its count of clients with structs: a 0 byte, none."""
     return get_update(update, doc.get_state())[0] != 0

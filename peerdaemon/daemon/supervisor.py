@@ -29,8 +29,7 @@ from ..discovery.mdns import DiscoveryError, MdnsDiscovery
 from ..hublink import HubLinkService
 from ..mirror import MirrorService
 from ..operations import Operations
-from ..peer.manager import PeerManager
-from ..peer.session import PeerConfig
+from ..peer import PeerConfig, PeerManager
 from ..spaces import SpacesService
 from ..store import Store, StoreError
 

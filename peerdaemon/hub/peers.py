@@ -8,12 +8,14 @@ with its hash over this connection's transcript, which the hub checks against th
 stores), the user's simultaneous devices, and each space
 (registering an unknown one with that user as its owner: the first attach), then answers which
 spaces it accepted. The session then syncs those spaces' documents with `HubDocs` through
-`_ScopedDocs`, a `SyncHost` limited to the link's spaces.
+`_ScopedDocs`, a `SyncHost` limited to the connection's spaces: the core reads it, and the
+daemon's `Link` applies the updates the core reports through it (a limit raising `DocRefused`).
 
 A document the hub will not store (a limit) is refused with a per-document `error` rather than a
-closed link, so the daemon's other environments keep syncing and nothing stored is lost. Tokens
-and memberships are checked again whenever the accounts change (an admin command's commit is
-seen by `Accounts.refresh`), so a revoked token or a withdrawn membership ends a live link too.
+closed connection, so the daemon's other environments keep syncing and nothing stored is lost.
+Tokens and memberships are checked again whenever the accounts change (an admin command's commit
+is seen by `Accounts.refresh`), so a revoked token or a withdrawn membership ends a live
+connection too.
 """
 
 from __future__ import annotations
@@ -27,20 +29,22 @@ from typing import Any, Protocol
 
 from ..core.identity import Identity, load_or_create_identity
 from ..model import MODEL_VERSION
-from ..peer import messages
-from ..peer.crypto import HUB_TOKEN_ID_LEN, hub_token_proof
-from ..peer.handshake import Established, PeerHello
-from ..peer.link import Link, format_address
-from ..peer.messages import (
-    DUPLICATE,
-    FORBIDDEN,
-    PROTOCOL_ERROR,
-    SHUTDOWN,
-    TOO_MANY_DEVICES,
-    UNAUTHORIZED,
-    ProtocolError,
+from ..peer import (
+    HUB_TOKEN_ID_LEN,
+    Closed,
+    DocFailed,
+    DocRefused,
+    Established,
+    Event,
+    Link,
+    PeerConfig,
+    PeerConnection,
+    PeerHello,
+    PeerProtocolError,
+    format_address,
+    hub_token_proof,
+    messages,
 )
-from ..peer.session import Closed, DocFailed, DocRefused, Event, PeerConfig, PeerConnection
 from .accounts import LimitExceeded
 
 __all__ = ["HubAuth", "PeerEndpoint", "create_peer_endpoint"]
@@ -110,29 +114,40 @@ class HubRequest:
     def parse(cls, auth: dict[str, Any]) -> HubRequest:
         hub = auth.get("hub")
         if hub is None:
-            raise ProtocolError(UNAUTHORIZED, "this is a hub: authenticate with a token (hub mode)")
+            raise PeerProtocolError(
+                messages.UNAUTHORIZED, "this is a hub: authenticate with a token (hub mode)"
+            )
         token_id, proof = hub.get("token_id"), hub.get("proof")
         if not isinstance(token_id, bytes) or len(token_id) != HUB_TOKEN_ID_LEN:
-            raise ProtocolError(
-                UNAUTHORIZED, f"auth.hub.token_id must be {HUB_TOKEN_ID_LEN} bytes (a token proof)"
+            raise PeerProtocolError(
+                messages.UNAUTHORIZED,
+                f"auth.hub.token_id must be {HUB_TOKEN_ID_LEN} bytes (a token proof)",
             )
         if not isinstance(proof, bytes) or len(proof) != PROOF_LEN:
-            raise ProtocolError(UNAUTHORIZED, f"auth.hub.proof must be {PROOF_LEN} bytes")
+            raise PeerProtocolError(
+                messages.UNAUTHORIZED, f"auth.hub.proof must be {PROOF_LEN} bytes"
+            )
         spaces = hub.get("spaces", [])
         if not isinstance(spaces, list) or len(spaces) > messages.MAX_HUB_FIELD:
-            raise ProtocolError(PROTOCOL_ERROR, "auth.hub.spaces must be a list of space ids")
+            raise PeerProtocolError(
+                messages.PROTOCOL_ERROR, "auth.hub.spaces must be a list of space ids"
+            )
         for space in spaces:
             if not isinstance(space, str) or not 0 < len(space) <= MAX_SPACE_ID:
-                raise ProtocolError(PROTOCOL_ERROR, "auth.hub.spaces must hold space ids")
+                raise PeerProtocolError(
+                    messages.PROTOCOL_ERROR, "auth.hub.spaces must hold space ids"
+                )
         register: dict[str, str] = {}
         entries = hub.get("register", [])
         if not isinstance(entries, list) or len(entries) > messages.MAX_HUB_FIELD:
-            raise ProtocolError(PROTOCOL_ERROR, "auth.hub.register must be a list")
+            raise PeerProtocolError(messages.PROTOCOL_ERROR, "auth.hub.register must be a list")
         for entry in entries:
             space = entry.get("space") if isinstance(entry, dict) else None
             name = entry.get("name", "") if isinstance(entry, dict) else None
             if not isinstance(space, str) or not isinstance(name, str):
-                raise ProtocolError(PROTOCOL_ERROR, "auth.hub.register holds {space, name} maps")
+                raise PeerProtocolError(
+                    messages.PROTOCOL_ERROR, "auth.hub.register holds {space, name} maps"
+                )
             register[space] = name[: messages.MAX_NAME]
         return cls(token_id, proof, tuple(dict.fromkeys(spaces)), register)
 
@@ -176,13 +191,13 @@ class HubAuth:
             if request.verify(token_hash, th, role):  # every candidate: no early exit
                 user = user or candidate
         if user is None:
-            raise ProtocolError(UNAUTHORIZED, "unknown or revoked token")
+            raise PeerProtocolError(messages.UNAUTHORIZED, "unknown or revoked token")
         name = user.name
         self.limits = _limits_dict(accounts.limits_for(name))
         try:  # before the spaces: a refused device registers nothing
             lease = accounts.devices.acquire(name, peer.device)
         except LimitExceeded as exc:
-            raise ProtocolError(TOO_MANY_DEVICES, exc.detail) from None
+            raise PeerProtocolError(messages.TOO_MANY_DEVICES, exc.detail) from None
         try:
             accepted = self._spaces(name, request)
         except BaseException:
@@ -203,11 +218,13 @@ class HubAuth:
             ):
                 statuses[space] = REGISTERED
             else:
-                statuses[space] = FORBIDDEN
-        accepted = frozenset(s for s, status in statuses.items() if status != FORBIDDEN)
+                statuses[space] = messages.FORBIDDEN
+        accepted = frozenset(s for s, status in statuses.items() if status != messages.FORBIDDEN)
         if not accepted:
             forbidden = ", ".join(sorted(statuses)) or "none asked"
-            raise ProtocolError(FORBIDDEN, f"user {name!r} may not sync spaces: {forbidden}")
+            raise PeerProtocolError(
+                messages.FORBIDDEN, f"user {name!r} may not sync spaces: {forbidden}"
+            )
         self.statuses, self.accepted = statuses, accepted
         return accepted
 
@@ -380,19 +397,26 @@ class PeerEndpoint:
         auth = HubAuth(self)
         host = _ScopedDocs(self, auth)
 
+        session_config = self.config.session
+
         def make_conn(now: float) -> PeerConnection:
             return PeerConnection(
                 self.identity,
                 host,
                 dialer=False,
                 now=now,
-                config=self.config,
+                config=session_config,
                 model=self.model,
                 auth=auth,
             )
 
         link = Link(
-            make_conn, dialer=False, address=address, on_event=self._on_event, config=self.config
+            make_conn,
+            dialer=False,
+            address=address,
+            on_event=self._on_event,
+            config=self.config,
+            host=host,  # the daemon's updates are applied (and refused) through its scope
         )
         link.slot = getattr(ws, "slot", None)  # released once the hub accepted the daemon
         self._daemons[link] = _Daemon(link, auth, host)
@@ -430,13 +454,13 @@ class PeerEndpoint:
             try:
                 user = accounts.user_of_hash(auth.token_hash)
                 if user is None or user.name != auth.user:
-                    link.close(UNAUTHORIZED, "the token was revoked")
+                    link.close(messages.UNAUTHORIZED, "the token was revoked")
                     continue
                 lost = sorted(s for s in auth.accepted if not accounts.can_access(auth.user, s))
                 gained = sorted(
                     s
                     for s, status in auth.statuses.items()
-                    if status == FORBIDDEN and accounts.can_access(auth.user, s)
+                    if status == messages.FORBIDDEN and accounts.can_access(auth.user, s)
                 )
                 limits_changed = any(
                     self.space_limits(space) != limits
@@ -446,11 +470,15 @@ class PeerEndpoint:
                 log.exception("hub: rechecking a daemon's access failed")
                 continue
             if lost:
-                link.close(FORBIDDEN, f"access to spaces {', '.join(lost)} was withdrawn")
+                link.close(messages.FORBIDDEN, f"access to spaces {', '.join(lost)} was withdrawn")
             elif gained:
-                link.close(SHUTDOWN, f"access to spaces {', '.join(gained)} was granted: redial")
+                link.close(
+                    messages.SHUTDOWN, f"access to spaces {', '.join(gained)} was granted: redial"
+                )
             elif limits_changed:
-                link.close(SHUTDOWN, "the limits changed: redial to offer refused documents")
+                link.close(
+                    messages.SHUTDOWN, "the limits changed: redial to offer refused documents"
+                )
 
     def _on_event(self, link: Link, event: Event) -> None:
         daemon = self._daemons.get(link)
@@ -465,7 +493,7 @@ class PeerEndpoint:
                     and other.auth.device == event.device
                     and other.link.closed is None
                 ):
-                    other.link.close(DUPLICATE, "the device connected again")
+                    other.link.close(messages.DUPLICATE, "the device connected again")
             daemon.since = time.time()
             log.info(
                 "hub: daemon %s (%s) of user %s connected from %s: spaces %s",
@@ -491,7 +519,7 @@ class PeerEndpoint:
             # a device id is a fact only once the handshake proved it; before, it is a claim
             conn = link.conn
             device = conn.established.device if conn and conn.established else None
-            if daemon.auth.user is not None or event.reason != UNAUTHORIZED:
+            if daemon.auth.user is not None or event.reason != messages.UNAUTHORIZED:
                 log.info(
                     "hub: daemon %s at %s closed: %s %s",
                     device or "(unauthenticated)",

@@ -5,8 +5,12 @@ peer endpoint (if it has a background task), the accounts watcher, and the liste
 or SIGINT: every client is told `1001 shutdown`, the nursery is cancelled, and the store
 writer commits what is still queued before the process exits.
 
+The wiring: HubDocs relays durable updates to the rooms (`rooms.on_update`) and, after each
+batch, to the `/yjs` endpoint (`yjs.flush`: the rooms send, the endpoint wakes the writers);
+accounts changes re-check live connections (`yjs.revalidate`).
+
 The daemons' protocol (`/peer`) plugs in through `HubConfig.peer_endpoint`, a factory
-`(hub_docs, accounts, events) -> PeerEndpoint`, by default `peerdaemon.hub.peers.
+`(hub_docs, accounts, events) -> PeerHandler`, by default `peerdaemon.hub.peers.
 create_peer_endpoint`.
 """
 
@@ -41,8 +45,11 @@ from ..store.errors import StoreLockedError
 from ..store.lock import LOCK_NAME
 from .accounts import Accounts, Limits
 from .docs import HubDocs
-from .http import HttpConfig, HubHttp, PeerEndpoint, ws_frame
+from .http import HttpConfig, HubHttp
+from .peer_socket import PeerHandler
 from .peers import create_peer_endpoint
+from .wsconn import ws_frame
+from .yjs import YjsEndpoint
 from .ywebsocket import CLOSE_CODES, Rooms
 
 __all__ = [
@@ -50,7 +57,7 @@ __all__ = [
     "ConfigError",
     "HubConfig",
     "HubServer",
-    "PeerEndpointFactory",
+    "PeerHandlerFactory",
     "build_config",
     "default_hub_dir",
     "hub_key_of",
@@ -66,7 +73,7 @@ log = logging.getLogger("peerdaemon.hub")
 DEFAULT_LISTEN = ("127.0.0.1", 8765)
 SHUTDOWN_GRACE = 1.0
 
-PeerEndpointFactory = Callable[[HubDocs, Accounts, EventLog], PeerEndpoint]
+PeerHandlerFactory = Callable[[HubDocs, Accounts, EventLog], PeerHandler]
 
 
 class ConfigError(Exception):
@@ -92,7 +99,7 @@ class HubConfig:
     compact_count: int = 1000
     compact_bytes: int = 8 << 20
     accounts_poll: float = 1.0  # how often admin commands' changes are picked up
-    peer_endpoint: PeerEndpointFactory | None = None
+    peer_endpoint: PeerHandlerFactory | None = None
 
 
 @dataclass
@@ -106,7 +113,7 @@ class HubServer:
     events: EventLog
     rooms: Rooms
     http: HubHttp
-    peer_endpoint: PeerEndpoint
+    peer_endpoint: PeerHandler
     host: str
     port: int
 
@@ -116,8 +123,7 @@ class HubServer:
         return f"{scheme}://{self.host}:{self.port}"
 
     def close_clients(self, code: int = CLOSE_CODES["shutdown"], reason: str = "shutdown") -> None:
-        for conn in self.rooms.connections():
-            conn.close(code, reason)
+        self.http.yjs.close_all(code, reason)
 
 
 async def serve_hub(
@@ -142,20 +148,19 @@ async def serve_hub(
         )
         count = docs.load()
         rooms = Rooms(docs, framer=ws_frame)
+        yjs = YjsEndpoint(rooms, docs, accounts, events=events)
         docs.add_listener(rooms.on_update)
-        docs.add_flush_listener(rooms.flush)
+        docs.add_flush_listener(yjs.flush)
+        accounts.add_change_listener(yjs.revalidate)
         factory = config.peer_endpoint or create_peer_endpoint
         endpoint = factory(docs, accounts, events)
         http = HubHttp(
-            rooms,
-            accounts,
+            yjs,
             endpoint,
             config=config.http,
             version=__version__,
             stats=lambda: {"documents": docs.stats()["documents"]},
-            events=events,
         )
-        accounts.add_change_listener(http.revalidate)
         async with trio.open_nursery() as nursery:
             await nursery.start(store.run)
             await nursery.start(docs.run)
@@ -163,7 +168,6 @@ async def serve_hub(
             if run is not None:
                 await nursery.start(run)
             nursery.start_soon(_watch_accounts, accounts, config.accounts_poll)
-            nursery.start_soon(http.keepalive)
             host, port = config.listen
             try:
                 listeners: list[Any] = await trio.open_tcp_listeners(port, host=host)
@@ -213,9 +217,9 @@ def hub_status(data_dir: Path) -> dict[str, Any]:
     """`peerdaemon hub status`: the hub's key fingerprint, read from its data dir, and whether a
     hub runs on it.
 
-    The key is the one `hub serve` keeps in its store (`PeerEndpoint`); if no hub ever ran on
-    the dir, it is created now, so an admin can hand the fingerprint out before the first start.
-    A running hub holds the store's lock: its settings are then read from the database file
+    The key is the one `hub serve` keeps in its store (`peers.PeerEndpoint`); if no hub ever
+    ran on the dir, it is created now, so an admin can hand the fingerprint out before the
+    first start. A running hub holds the store's lock: its settings are then read from the database file
     without the lock (read-only; SQLite's WAL lets a reader beside the writer)."""
     data_dir = Path(data_dir)
     try:

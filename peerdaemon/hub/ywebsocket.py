@@ -1,13 +1,16 @@
 """The y-websocket protocol on the hub, without I/O: message codec, rooms, awareness, fan-out.
 
-A room is one document (`/yjs/SPACE/DOC`). Its connections are `YConn`s: sans-I/O state plus an
-`Outbox` of ready-to-write frames that the trio shell (`http.py`) drains. Why it is shaped so:
+A room is one document (`/yjs/SPACE/DOC`). Its connections are `YConn`s: state plus an `Outbox`
+of ready-to-write frames. Nothing here writes or stores: the rooms queue frames, and the shell
+(`yjs.py`, `transport.py`) learns from the shared `ready` list which connections have something
+to write, and acts on the events `Rooms.receive` returns. Why it is shaped so:
 
-* The server speaks first (sync step 1), answers a client's step 1 with step 2, and applies the
-  client's step 2 and updates through `HubDocs`, which relays them back here only once they are
-  durable (`Rooms.on_update` / `Rooms.flush`). Updates that became durable together and came
-  from the same origin are merged into one message, encoded ONCE, and the same frame bytes go
-  to every recipient.
+* The server speaks first (sync step 1), answers a client's step 1 with step 2, and hands the
+  client's step 2 and updates back as a `StoreUpdate` event; the shell applies it to `HubDocs`
+  (or reports a refusal with `Rooms.update_refused`), which relays it back here only once it is
+  durable (`Rooms.on_update` / `Rooms.flush`), to every connection but its origin. Updates that
+  became durable together and came from the same origin are merged into one message, encoded
+  ONCE, and the same frame bytes go to every recipient.
 * Awareness is relayed (to the whole room, the sender included) only for entries whose clock
   advanced, or the removal of a known state: y-websocket clients re-send every awareness
   update they apply, so relaying blindly turns one join into O(N^2) messages. A connection's
@@ -34,8 +37,8 @@ from typing import Protocol
 
 from pycrdt import merge_updates
 
-from ..model.lib0 import EMPTY_UPDATE, write_var_uint
-from .accounts import LimitExceeded
+from ..model.lib0 import EMPTY_UPDATE, BadVarUint, write_var_uint
+from ..model.lib0 import read_var_uint as lib0_read_var_uint
 
 __all__ = [
     "CLOSE_CODES",
@@ -49,10 +52,12 @@ __all__ = [
     "SYNC_UPDATE",
     "AwarenessEntry",
     "Message",
+    "ClientProtocolError",
     "Outbox",
-    "ProtocolError",
+    "Outlet",
     "Room",
     "Rooms",
+    "StoreUpdate",
     "YConn",
     "awareness_message",
     "decode_awareness",
@@ -63,6 +68,7 @@ __all__ = [
     "sync_step1",
     "sync_step2",
     "sync_update",
+    "take_ready",
     "write_var_uint",
 ]
 
@@ -96,33 +102,24 @@ CLOSE_CODES: dict[str, int] = {
 }
 
 
-class ProtocolError(ValueError):
-    """Bytes that are not a y-websocket message (the remote's fault)."""
+class ClientProtocolError(ValueError):
+    """A y-websocket client sent bytes that are not a y-websocket message (its fault: the
+    connection is closed with 4400 protocol-error, the room goes on)."""
 
 
 # ------------------------------------------------------------------------------------- codec
 def read_var_uint(data: bytes, pos: int) -> tuple[int, int]:
-    """-> (value, next position); ProtocolError on truncation or an absurd length."""
-    n = 0
-    shift = 0
-    end = len(data)
-    while True:
-        if pos >= end:
-            raise ProtocolError("truncated varuint")
-        b = data[pos]
-        pos += 1
-        n |= (b & 0x7F) << shift
-        if b < 0x80:
-            return n, pos
-        shift += 7
-        if shift > 63:
-            raise ProtocolError("varuint too long")
+    """-> (value, next position); ClientProtocolError on truncation or an absurd length."""
+    try:
+        return lib0_read_var_uint(data, pos)
+    except BadVarUint as exc:
+        raise ClientProtocolError(str(exc)) from None
 
 
 def _read_var_bytes(data: bytes, pos: int) -> tuple[bytes, int]:
     n, pos = read_var_uint(data, pos)
     if pos + n > len(data):
-        raise ProtocolError("truncated byte string")
+        raise ClientProtocolError("truncated byte string")
     return data[pos : pos + n], pos + n
 
 
@@ -173,7 +170,7 @@ def decode_message(data: bytes) -> Message:
     if kind == MSG_SYNC:
         sub, pos = read_var_uint(data, pos)
         if sub not in (SYNC_STEP1, SYNC_STEP2, SYNC_UPDATE):
-            raise ProtocolError(f"unknown sync message type {sub}")
+            raise ClientProtocolError(f"unknown sync message type {sub}")
         payload, pos = _read_var_bytes(data, pos)
         return Message(kind, sub, payload)
     if kind == MSG_AWARENESS:
@@ -210,7 +207,7 @@ def decode_awareness(payload: bytes) -> list[AwarenessEntry]:
             if text != "null":
                 json.loads(text)
         except (UnicodeDecodeError, ValueError):
-            raise ProtocolError("awareness state is not JSON") from None
+            raise ClientProtocolError("awareness state is not JSON") from None
         entries.append(AwarenessEntry(client, clock, text))
     return entries
 
@@ -331,37 +328,27 @@ class Outbox:
 
 
 # ------------------------------------------------------------------------------ connections
-class YConn:
-    """One y-websocket connection as the rooms see it.
+class Outlet:
+    """A connection's outgoing side, without I/O: frames queued in an `Outbox`, the decision to
+    close, and the too-slow rule (more than `limit_bytes` queued: dropped with 1013).
 
-    `wake()` tells the I/O shell that the outbox has frames or the connection is closing.
-    `closing` is `(code, reason)` once the server decided to close it; nothing more is queued.
+    It writes nothing. When it gets something new to write (a frame, or the decision to close)
+    it enters the shared `ready` list, once, until the shell takes it (`take_ready`) and has
+    its writer send; so a broadcast to hundreds of connections costs one append each here.
     """
 
+    __slots__ = ("number", "outbox", "closing", "dropped_slow", "ready", "_in_ready")
+
     def __init__(
-        self,
-        number: int,
-        outbox: Outbox | None = None,
-        *,
-        user: str = "",
-        device: str = "",
-        wake: Callable[[], None] | None = None,
+        self, number: int, outbox: Outbox | None = None, *, ready: list[Outlet] | None = None
     ) -> None:
         self.number = number
-        self.origin = f"yws:{number}"
         self.outbox = outbox if outbox is not None else Outbox()
-        self.user = user
-        self.device = device
-        self.wake: Callable[[], None] = wake or (lambda: None)
-        self.room: Room | None = None
-        self.awareness_ids: set[int] = set()
         self.closing: tuple[int, str] | None = None
+        """`(code, reason)` once the server decided to close it; nothing more is queued."""
         self.dropped_slow = False
-        self.token_hash = ""  # the token it was admitted with (re-checked on accounts changes)
-        self.space_id = ""
-
-    def __repr__(self) -> str:
-        return f"<YConn {self.number} {self.user}>"
+        self.ready = ready
+        self._in_ready = False
 
     def send(self, frame: bytes, key: object = None, update: bytes | None = None) -> None:
         if self.closing is not None:
@@ -371,7 +358,54 @@ class YConn:
             self.outbox.clear()
             self.close(CLOSE_CODES["too-slow"], "too-slow")
             return
-        self.wake()
+        self._mark_ready()
+
+    def close(self, code: int, reason: str) -> None:
+        if self.closing is None:
+            self.closing = (code, reason)
+            self._mark_ready()
+
+    def _mark_ready(self) -> None:
+        if not self._in_ready and self.ready is not None:
+            self._in_ready = True
+            self.ready.append(self)
+
+
+def take_ready(ready: list[Outlet]) -> list[Outlet]:
+    """The outlets that got something to write since the last call (each once), in order."""
+    taken = ready[:]
+    ready.clear()
+    for outlet in taken:
+        outlet._in_ready = False
+    return taken
+
+
+class YConn(Outlet):
+    """One y-websocket connection as the rooms see it: an `Outlet`, the room it is in, the
+    awareness clients it introduced, and who it was admitted as."""
+
+    __slots__ = ("origin", "user", "device", "room", "awareness_ids", "token_hash", "space_id")
+
+    def __init__(
+        self,
+        number: int,
+        outbox: Outbox | None = None,
+        *,
+        user: str = "",
+        device: str = "",
+        ready: list[Outlet] | None = None,
+    ) -> None:
+        super().__init__(number, outbox, ready=ready)
+        self.origin = f"yws:{number}"
+        self.user = user
+        self.device = device
+        self.room: Room | None = None
+        self.awareness_ids: set[int] = set()
+        self.token_hash = ""  # the token it was admitted with (re-checked on accounts changes)
+        self.space_id = ""
+
+    def __repr__(self) -> str:
+        return f"<YConn {self.number} {self.user}>"
 
     def deny(self, reason: str, code: int | None = None) -> None:
         """The auth message's permission-denied with `reason`, then a close (data dropped)."""
@@ -381,19 +415,26 @@ class YConn:
         self.outbox.push(self.outbox.framer(permission_denied(reason)))
         self.close(code if code is not None else CLOSE_CODES.get(reason, 4403), reason)
 
-    def close(self, code: int, reason: str) -> None:
-        if self.closing is None:
-            self.closing = (code, reason)
-            self.wake()
+
+@dataclass(frozen=True, slots=True)
+class StoreUpdate:
+    """A client's document update for the shell to apply to `HubDocs` (origin `conn.origin`,
+    so that it is relayed to everyone but `conn` once durable). Applied before the connection's
+    next message, which keeps each client's updates in order; a refusal goes back to the rooms
+    with `Rooms.update_refused`."""
+
+    conn: YConn
+    space_id: str
+    doc_id: str
+    update: bytes
 
 
 # ------------------------------------------------------------------------------------- rooms
 class DocsLike(Protocol):
-    """What a room needs from `HubDocs` (docs/architecture.md)."""
+    """What a room reads from `HubDocs` (docs/architecture.md); it never writes to them."""
 
     def state_vector(self, space_id: str, doc_id: str) -> bytes: ...
     def diff(self, space_id: str, doc_id: str, state_vector: bytes) -> bytes: ...
-    def apply(self, space_id: str, doc_id: str, update: bytes, origin: str) -> object: ...
     def pending_ticket(self, space_id: str, doc_id: str) -> object: ...
 
 
@@ -452,25 +493,27 @@ class Room:
             self.clocks = {c: k for c, k in self.clocks.items() if c in self.states}
 
     # -- incoming ------------------------------------------------------------------------------
-    def receive(self, conn: YConn, data: bytes) -> None:
-        """One websocket message from `conn`. Errors close `conn`, never the room."""
+    def receive(self, conn: YConn, data: bytes) -> StoreUpdate | None:
+        """One websocket message from `conn`; a document update comes back as a `StoreUpdate`
+        for the shell. Errors close `conn`, never the room."""
         if conn.closing is not None:
-            return
+            return None
         try:
             msg = decode_message(data)
             if msg.kind == MSG_SYNC:
                 if msg.sub == SYNC_STEP1:
                     self._on_step1(conn, msg.payload)
-                else:
-                    self._on_update(conn, msg.payload)
+                elif msg.payload != EMPTY_UPDATE:
+                    return StoreUpdate(conn, self.space_id, self.doc_id, msg.payload)
             elif msg.kind == MSG_AWARENESS:
                 self._on_awareness(conn, msg.payload)
             elif msg.kind == MSG_QUERY_AWARENESS:
                 conn.send(self.framer(awareness_message(self._all_states())))
             # auth messages from a client and unknown types are ignored, as y-websocket does
-        except ProtocolError as exc:
+        except ClientProtocolError as exc:
             log.info("yws %s: protocol error: %s", conn.number, exc)
             conn.close(CLOSE_CODES["protocol-error"], "protocol-error")
+        return None
 
     def _on_step1(self, conn: YConn, state_vector: bytes) -> None:
         ticket = self.docs.pending_ticket(self.space_id, self.doc_id)
@@ -486,18 +529,6 @@ class Room:
             conn.close(CLOSE_CODES["bad-request"], "bad-state-vector")
             return
         conn.send(self.framer(_sync_head(SYNC_STEP2, update), update))
-
-    def _on_update(self, conn: YConn, update: bytes) -> None:
-        if update == EMPTY_UPDATE:
-            return
-        try:
-            self.docs.apply(self.space_id, self.doc_id, update, conn.origin)
-        except LimitExceeded as exc:
-            log.info("yws %s (%s): %s", conn.number, conn.user, exc)
-            conn.deny(exc.reason)
-        except ValueError as exc:
-            log.info("yws %s: bad update: %s", conn.number, exc)
-            conn.close(CLOSE_CODES["bad-update"], "bad-update")
 
     def _on_awareness(self, conn: YConn, payload: bytes) -> None:
         accepted = []
@@ -568,8 +599,8 @@ class Room:
 class Rooms:
     """Every open room, keyed by (space id, doc id); a room lives while it has connections.
 
-    Hook it to `HubDocs` with `docs.add_listener(rooms.on_update)` and
-    `docs.add_flush_listener(rooms.flush)` (done by the server).
+    HubDocs feeds it durable updates (`on_update`) and, after each batch, has it send them
+    (`flush`, through the `/yjs` endpoint, which then wakes the writers: server.py wires it).
     """
 
     def __init__(self, docs: DocsLike, framer: Framer = _identity) -> None:
@@ -602,12 +633,25 @@ class Rooms:
             self.rooms.pop(room.key, None)
             self._dirty.discard(room.key)
 
-    def receive(self, conn: YConn, data: bytes) -> None:
+    def receive(self, conn: YConn, data: bytes) -> StoreUpdate | None:
+        """One message from `conn`; a `StoreUpdate` to apply before its next one, or None."""
         room = conn.room
-        if room is not None:
-            room.receive(conn, data)
-            if room.waiting:
-                self._dirty.add(room.key)
+        if room is None:
+            return None
+        event = room.receive(conn, data)
+        if room.waiting:
+            self._dirty.add(room.key)
+        return event
+
+    def update_refused(self, event: StoreUpdate, limit: str | None) -> None:
+        """The shell could not store `event`: over a limit (`limit` is the reason: the client
+        gets permission-denied and its close code), or bytes that are not a Yjs update (None:
+        close 4400 bad-update)."""
+        conn = event.conn
+        if limit is not None:
+            conn.deny(limit)
+        else:
+            conn.close(CLOSE_CODES["bad-update"], "bad-update")
 
     def on_update(self, space_id: str, doc_id: str, update: bytes, origin: str) -> None:
         """HubDocs listener: a durable update of any document."""

@@ -8,18 +8,20 @@ from the invite the space was joined with, or pinned on the first connection tha
 the hub (`wss://`) or that the user allowed to trust it (`--trust-first-use`). A hub showing
 another key is refused with `hub-key-changed`, and an unpinned hub over a channel that did not
 authenticate it with `hub-key-unknown`, both before the daemon sends anything but its hello: no
-token proof, no space id, no document. One `HubLink` per hub URL dials `ws(s)://HOST:PORT[/PREFIX]/peer`, runs the peer
-protocol's hub-mode handshake (docs/peer-protocol.md, "Hub mode"), then a sync session over the
-attached spaces with the
-`SpacesService` as its `SyncHost`, exactly like a LAN link. Updates from the hub carry the
-origin `hub:<url>` and are never sent back to it; the LAN links forward them like any other
-change, and Yjs makes the copies that come back the other way no-ops, so an update never loops
-between the LAN and the hub, whichever path it takes first.
+token proof, no space id, no document. One `HubDialer` per hub URL dials
+`ws(s)://HOST:PORT[/PREFIX]/peer` and runs a `Link` over it: the peer protocol's hub-mode
+handshake (docs/peer-protocol.md, "Hub mode"), then a sync session over the attached spaces with
+the `SpacesService` as its `SyncHost` (the `Link` applies the hub's updates through it), exactly
+like a LAN connection. Updates from the hub carry the origin `hub:<url>` and are never sent
+back to it; the LAN links forward them like any other change, and Yjs makes the copies that come
+back the other way no-ops, so an update never loops between the LAN and the hub, whichever path
+it takes first.
 
 A hub may refuse one document (`quota-exceeded`, `environment-too-large`) without closing the
-link: the refusal shows in `status` and `peers` and as a `hub-limit` event, the daemon keeps its
-copy, and the other documents keep syncing. The link redials with the LAN's backoff after any
-failure (`unauthorized`, `too-many-devices`, `incompatible-version`...), whose reason shows too.
+connection: the refusal shows in `status` and `peers` and as a `hub-limit` event, the daemon
+keeps its copy, and the other documents keep syncing. The dialer redials with the LAN's backoff
+(`Backoff`) after any failure (`unauthorized`, `too-many-devices`, `incompatible-version`...),
+whose reason shows too.
 """
 
 from __future__ import annotations
@@ -37,48 +39,36 @@ import trio
 
 from ..core.errors import (
     BAD_REQUEST,
+    NOT_FOUND,
     OpError,
     Pending,
 )
 from ..core.events import EventLog
 from ..core.identity import Identity
 from ..model import MODEL_VERSION
-from ..peer import messages
-from ..peer.crypto import hub_token_hash, hub_token_id, hub_token_proof
-from ..peer.handshake import Established, PeerHello
-from ..peer.link import Link, Unreachable
-from ..peer.link import dial as peer_dial
-from ..peer.messages import (
-    FORBIDDEN,
-    HUB_KEY_CHANGED,
-    INCOMPATIBLE_VERSION,
-    SHUTDOWN,
-    UNAUTHORIZED,
-    ProtocolError,
-)
-from ..peer.session import (
+from ..peer import (
+    Backoff,
     Closed,
     DocError,
     DocFailed,
+    Established,
     Event,
     HelloReceived,
+    Link,
     PeerConfig,
     PeerConnection,
+    PeerHello,
+    PeerProtocolError,
     Synced,
+    Unreachable,
+    hub_token_hash,
+    hub_token_id,
+    hub_token_proof,
+    messages,
 )
+from ..peer import dial as peer_dial
 from ..spaces import SpaceError, SpacesService
 from ..store import Store, Ticket
-
-__all__ = [
-    "HUBS_SETTING",
-    "HUB_KEY_UNKNOWN",
-    "HubClientAuth",
-    "HubLink",
-    "HubLinkService",
-    "HubUrl",
-    "normalize_hub_key",
-    "parse_hub_url",
-]
 
 log = logging.getLogger("peerdaemon.hublink")
 
@@ -208,15 +198,15 @@ class HubClientAuth:
 
     def auth_fields(self, peer: PeerHello, th: bytes, role: bytes) -> dict[str, Any]:
         if self.pinned is not None and peer.device != self.pinned:
-            raise ProtocolError(
-                HUB_KEY_CHANGED,
+            raise PeerProtocolError(
+                messages.HUB_KEY_CHANGED,
                 f"the hub shows key {peer.device}, not {self.pinned}, the one this daemon "
                 "trusts for this URL (given with --hub-key, carried by the invite, or pinned at "
                 "the first connection); if the hub's key really changed, attach again with "
                 "`space hub SPACE URL --token TOKEN --hub-key NEW_FINGERPRINT`",
             )
         if self.pinned is None and not self.trust_first_use:
-            raise ProtocolError(
+            raise PeerProtocolError(
                 HUB_KEY_UNKNOWN,
                 f"the hub's key is not known and this ws:// connection does not authenticate "
                 f"it (it shows {peer.device}): give the fingerprint `peerdaemon hub status` "
@@ -238,10 +228,10 @@ class HubClientAuth:
     ) -> frozenset[str]:
         hub = auth.get("hub")
         if not isinstance(hub, dict):
-            raise ProtocolError(UNAUTHORIZED, "the peer at this URL is not a hub")
+            raise PeerProtocolError(messages.UNAUTHORIZED, "the peer at this URL is not a hub")
         statuses = hub.get("spaces")
         if not isinstance(statuses, dict):
-            raise ProtocolError(messages.PROTOCOL_ERROR, "auth.hub.spaces must be a map")
+            raise PeerProtocolError(messages.PROTOCOL_ERROR, "auth.hub.spaces must be a map")
         self.statuses = {
             s: str(v)[: messages.MAX_REASON]
             for s, v in statuses.items()
@@ -252,7 +242,7 @@ class HubClientAuth:
         self.limits = limits if isinstance(limits, dict) else {}
         self.accepted = frozenset(s for s, v in self.statuses.items() if v in ("ok", "registered"))
         if not self.accepted:
-            raise ProtocolError(FORBIDDEN, "the hub accepted none of the spaces")
+            raise PeerProtocolError(messages.FORBIDDEN, "the hub accepted none of the spaces")
         return self.accepted
 
     def spaces(self) -> frozenset[str]:
@@ -262,8 +252,9 @@ class HubClientAuth:
 # -- one hub -------------------------------------------------------------------------------------
 
 
-class HubLink:
-    """The dial loop and the state of one hub URL (all on the trio thread)."""
+class HubDialer:
+    """The dial loop and the state of one hub URL (all on the trio thread); `link` is the `Link`
+    of its live connection, if any."""
 
     def __init__(self, service: HubLinkService, target: HubUrl, token: str) -> None:
         self.service = service
@@ -282,7 +273,7 @@ class HubLink:
         self.synced = False
         self.link: Link | None = None
         self.requested: frozenset[str] = frozenset()
-        self.backoff = service.config.backoff_initial
+        self.backoff: Backoff = service.config.new_backoff(service.rng)
         self.wake = trio.Event()
         self.scope: trio.CancelScope | None = None
         self._emitted: tuple[str, str | None] | None = None
@@ -307,9 +298,9 @@ class HubLink:
     def restart(self) -> None:
         """Redial at once (attachments, token or key changed): close the live link, if any."""
         self.generation += 1
-        self.backoff = self.service.config.backoff_initial
+        self.backoff.reset()
         if self.link is not None and self.link.closed is None:
-            self.link.close(SHUTDOWN, "the attached spaces changed")
+            self.link.close(messages.SHUTDOWN, "the attached spaces changed")
         self.wake.set()
 
     def stop(self) -> None:
@@ -341,12 +332,7 @@ class HubLink:
                     await self.wake.wait()
                     continue
                 await self._connect_once(spaces)
-                config = self.service.config
-                delay = self.backoff * self.service.rng.uniform(
-                    1 - config.backoff_jitter, 1 + config.backoff_jitter
-                )
-                self.backoff = min(self.backoff * 2, config.backoff_max)
-                with trio.move_on_after(delay):
+                with trio.move_on_after(self.backoff.next_delay()):
                     await self.wake.wait()
 
     async def _connect_once(self, spaces: frozenset[str]) -> None:
@@ -368,7 +354,7 @@ class HubLink:
                 service.spaces,
                 dialer=True,
                 now=now,
-                config=service.config,
+                config=service.config.session,
                 model=service.model,
                 auth=auth,
                 origin=self.origin,
@@ -383,6 +369,7 @@ class HubLink:
             address=self.url,
             on_event=on_event,
             config=service.config,
+            host=service.spaces,
         )
         self.link, self.auth, self.requested = link, auth, spaces
         self.synced = False
@@ -438,7 +425,7 @@ class HubLink:
                 or auth.token != self.token
                 or generation != self.generation
             ):
-                link.close(SHUTDOWN, "the attachment changed while connecting")
+                link.close(messages.SHUTDOWN, "the attachment changed while connecting")
                 return  # attached, detached or re-keyed meanwhile: redial at once
             self.device, self.name = event.device, event.name
             if auth.pinned is None:
@@ -456,7 +443,7 @@ class HubLink:
             self.settle(self.attempt)
         elif isinstance(event, Synced):
             self.synced = True
-            self.backoff = self.service.config.backoff_initial
+            self.backoff.reset()
         elif isinstance(event, DocError):
             self.errors[event.doc] = event
             log.warning("hub %s refused %s: %s %s", self.url, event.doc, event.reason, event.detail)
@@ -479,13 +466,17 @@ class HubLink:
             )
         elif isinstance(event, Closed):
             self.detail, self.versions = event.detail, event.versions
-            if event.reason == FORBIDDEN and self.auth is not None and not self.auth.statuses:
-                self.statuses = dict.fromkeys(self.auth.requested, FORBIDDEN)
-            if event.reason == SHUTDOWN and not event.by_peer:
+            if (
+                event.reason == messages.FORBIDDEN
+                and self.auth is not None
+                and not self.auth.statuses
+            ):
+                self.statuses = dict.fromkeys(self.auth.requested, messages.FORBIDDEN)
+            if event.reason == messages.SHUTDOWN and not event.by_peer:
                 reason: str = messages.CLOSED  # we closed it to redial
             else:
                 reason = event.reason
-            if event.reason != SHUTDOWN or event.by_peer:
+            if event.reason != messages.SHUTDOWN or event.by_peer:
                 log.info("hub %s: link closed: %s %s", self.url, event.reason, event.detail)
             self._set(DISCONNECTED, reason)
 
@@ -526,7 +517,7 @@ class HubLink:
 
     def describe(self) -> str:
         """The detail to show: for a version mismatch, which versions the hub needs."""
-        if self.reason == INCOMPATIBLE_VERSION and self.versions:
+        if self.reason == messages.INCOMPATIBLE_VERSION and self.versions:
             remote = self.versions.get("remote") or {}
             local = self.versions.get("local") or {}
             newer = (remote.get("proto") or 0, remote.get("model") or 0) > (
@@ -549,8 +540,8 @@ class HubLink:
         errors = self.live_errors()
         if errors:
             return errors[0].reason
-        if any(v == FORBIDDEN for v in self.statuses.values()):
-            return FORBIDDEN
+        if any(v == messages.FORBIDDEN for v in self.statuses.values()):
+            return messages.FORBIDDEN
         return None
 
     def space_statuses(self) -> dict[str, str]:
@@ -614,7 +605,7 @@ class HubLink:
             row["detail"] = detail
         if self.state == CONNECTED:
             link = self.link
-            row["spaces"] = sum(v != FORBIDDEN for v in self.statuses.values())
+            row["spaces"] = sum(v != messages.FORBIDDEN for v in self.statuses.values())
             row["direction"] = "outgoing"
             row["synced"] = self.synced
             if link is not None:
@@ -650,7 +641,7 @@ class HubLinkService:
         self.attached: dict[str, dict[str, Any]] = {}
         """url -> {"token": str, "spaces": [space id], "device": the trusted hub key?,
         "trust_first_use": True?}, as in the store setting."""
-        self.links: dict[str, HubLink] = {}
+        self.dialers: dict[str, HubDialer] = {}
         self._nursery: trio.Nursery | None = None
 
     # -- settings ------------------------------------------------------------------------------
@@ -673,7 +664,7 @@ class HubLinkService:
                 self.attached[target.url]["device"] = device
             elif entry.get("trust_first_use") is True:
                 self.attached[target.url]["trust_first_use"] = True
-            self.links[target.url] = HubLink(self, target, token)
+            self.dialers[target.url] = HubDialer(self, target, token)
         self._mark_spaces()
 
     def _save(self) -> Ticket:
@@ -698,7 +689,7 @@ class HubLinkService:
         return list(entry["spaces"]) if entry is not None else []
 
     def requested(self, url: str) -> frozenset[str]:
-        """The attached spaces this device still holds: what a link to `url` asks for."""
+        """The attached spaces this device still holds: what a connection to `url` asks for."""
         return frozenset(s for s in self.attached_spaces(url) if s in self.spaces.spaces)
 
     def pinned(self, url: str) -> str | None:
@@ -761,22 +752,22 @@ class HubLinkService:
             url = space.hub
             if not url:
                 raise SpaceError(
-                    "bad-request", "give the hub's URL (this space's invite carried none)"
+                    BAD_REQUEST, "give the hub's URL (this space's invite carried none)"
                 )
         try:
             target = parse_hub_url(url)
         except ValueError as exc:
-            raise SpaceError("bad-request", str(exc)) from None
+            raise SpaceError(BAD_REQUEST, str(exc)) from None
         if not isinstance(token, str) or not 0 < len(token) <= MAX_TOKEN or token != token.strip():
-            raise SpaceError("bad-request", "the token must be a non-empty string without spaces")
+            raise SpaceError(BAD_REQUEST, "the token must be a non-empty string without spaces")
         vouched: str | None = None  # the key the space's invite carried for this URL
         if hub_key is not None:
             if trust_first_use:
-                raise SpaceError("bad-request", "give a hub key or trust the first one, not both")
+                raise SpaceError(BAD_REQUEST, "give a hub key or trust the first one, not both")
             try:
                 hub_key = normalize_hub_key(hub_key)
             except ValueError as exc:
-                raise SpaceError("bad-request", str(exc)) from None
+                raise SpaceError(BAD_REQUEST, str(exc)) from None
         elif space.hub_key and space.hub:
             try:
                 if parse_hub_url(space.hub).url == target.url:
@@ -799,19 +790,19 @@ class HubLinkService:
         entry["token"] = token
         if space.id not in entry["spaces"]:
             entry["spaces"].append(space.id)
-        link = self.links.get(target.url)
-        if entry != before or link is None or link.state != CONNECTED:
+        dialer = self.dialers.get(target.url)
+        if entry != before or dialer is None or dialer.state != CONNECTED:
             restart.add(target.url)  # a change, or an attach to try again now: redial
         ticket = self._save()
         self._mark_spaces()
-        if link is None:
-            link = self.links[target.url] = HubLink(self, target, token)
+        if dialer is None:
+            dialer = self.dialers[target.url] = HubDialer(self, target, token)
             if self._nursery is not None:
-                self._nursery.start_soon(link.run)
-        link.token = token
+                self._nursery.start_soon(dialer.run)
+        dialer.token = token
         for url_ in restart:
-            if url_ in self.links:
-                self.links[url_].restart()
+            if url_ in self.dialers:
+                self.dialers[url_].restart()
         log.info("hub: space %s attached to %s", space.id, target.url)
         return space.id, target.url, ticket
 
@@ -819,14 +810,14 @@ class HubLinkService:
         space_id = self._space_id(ref)
         url = self.hub_of(space_id)
         if url is None:
-            raise SpaceError("not-found", f"space {ref!r} is not attached to a hub")
+            raise SpaceError(NOT_FOUND, f"space {ref!r} is not attached to a hub")
         self._remove(space_id, url)
         ticket = self._save()
         space = self.spaces.spaces.get(space_id)
         if space is not None and space.hub == url:
             space.hub = None
-        if url in self.links:
-            self.links[url].restart()
+        if url in self.dialers:
+            self.dialers[url].restart()
         log.info("hub: space %s detached from %s", space_id, url)
         return space_id, url, ticket
 
@@ -846,11 +837,11 @@ class HubLinkService:
         entry["spaces"] = [s for s in entry["spaces"] if s != space_id]
         if not entry["spaces"]:
             del self.attached[url]
-            link = self.links.pop(url, None)
-            if link is not None:
-                if link.link is not None and link.link.closed is None:
-                    link.link.close(SHUTDOWN, "detached")
-                link.stop()
+            dialer = self.dialers.pop(url, None)
+            if dialer is not None:
+                if dialer.link is not None and dialer.link.closed is None:
+                    dialer.link.close(messages.SHUTDOWN, "detached")
+                dialer.stop()
 
     # -- running -------------------------------------------------------------------------------
 
@@ -861,8 +852,8 @@ class HubLinkService:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                for link in self.links.values():
-                    nursery.start_soon(link.run)
+                for dialer in self.dialers.values():
+                    nursery.start_soon(dialer.run)
                 task_status.started()
                 await trio.sleep_forever()
         finally:
@@ -871,22 +862,22 @@ class HubLinkService:
             self.spaces.remove_docs_listener(docs)
 
     def _on_local_change(self, doc: str, update: bytes, origin: str) -> None:
-        for link in list(self.links.values()):
-            link.local_update(doc, update, origin)
+        for dialer in list(self.dialers.values()):
+            dialer.local_update(doc, update, origin)
 
     def _on_docs_changed(self) -> None:
         self._mark_spaces()
-        for link in list(self.links.values()):
-            link.docs_changed()
+        for dialer in list(self.dialers.values()):
+            dialer.docs_changed()
 
     # -- reports -------------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
         """The `hub` section of `status` (never the token)."""
-        return {"hub": [self.links[url].status() for url in sorted(self.links)]}
+        return {"hub": [self.dialers[url].status() for url in sorted(self.dialers)]}
 
     def rows(self) -> list[dict[str, Any]]:
-        return [self.links[url].row() for url in sorted(self.links)]
+        return [self.dialers[url].row() for url in sorted(self.dialers)]
 
     def peers_op(
         self, lan: Callable[[dict[str, Any], Any], Awaitable[dict[str, Any]]] | None
@@ -930,7 +921,7 @@ class HubLinkService:
             raise OpError(BAD_REQUEST, "argument 'trust_first_use' must be a boolean")
         if not isinstance(wait, int | float) or isinstance(wait, bool) or not 0 <= wait <= MAX_WAIT:
             raise OpError(BAD_REQUEST, f"argument 'wait' must be 0 to {MAX_WAIT:g} seconds")
-        generations = {u: link.generation for u, link in self.links.items()}
+        generations = {u: dialer.generation for u, dialer in self.dialers.items()}
         try:
             space_id, canonical, ticket = self.attach(
                 space, url, token, hub_key=hub_key, trust_first_use=tofu
@@ -940,32 +931,32 @@ class HubLinkService:
         result: dict[str, Any] = {"space": space_id, "url": canonical}
         if not wait:
             return Pending(ticket.wait, result)
-        link = self.links[canonical]
-        baseline = link.attempt  # the next attempt is the first with the new settings
-        redialed = generations.get(canonical) != link.generation
+        dialer = self.dialers[canonical]
+        baseline = dialer.attempt  # the next attempt is the first with the new settings
+        redialed = generations.get(canonical) != dialer.generation
 
         async def answer() -> None:
             await ticket.wait()
             if redialed:
-                outcome = await link.wait_settled(baseline, float(wait))
+                outcome = await dialer.wait_settled(baseline, float(wait))
             else:  # already connected with these settings: that is the answer
-                outcome = link.outcome
-            result.update(self._answer(link, space_id, outcome))
+                outcome = dialer.outcome
+            result.update(self._answer(dialer, space_id, outcome))
 
         return Pending(answer, result)
 
     def _answer(
-        self, link: HubLink, space_id: str, outcome: dict[str, Any] | None
+        self, dialer: HubDialer, space_id: str, outcome: dict[str, Any] | None
     ) -> dict[str, Any]:
         """`space.hub`'s report of the hub's first answer: `accepted` (the hub syncs the space),
         `refused` (`reason`: unauthorized, forbidden, hub-key-unknown, unreachable, busy...) or
         `no-answer` (none within `wait`). The attachment is kept in every case."""
-        key = self.pinned(link.url)
+        key = self.pinned(dialer.url)
         if outcome is None:
             return {
                 "outcome": "no-answer",
-                "reason": link.reason,
-                "detail": link.describe() if link.state != CONNECTED else "",
+                "reason": dialer.reason,
+                "detail": dialer.describe() if dialer.state != CONNECTED else "",
                 "hub_key": key,
             }
         status = outcome["spaces"].get(space_id) if outcome["state"] == CONNECTED else None

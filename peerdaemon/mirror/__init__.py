@@ -1,17 +1,20 @@
 """Mirrors: environments kept in step with files on disk (docs/mirror.md).
 
-`format` writes environment JSON as Mockoon does; `link` decides, without I/O, what one link
-between a document and a file must do; `service` is the trio shell that watches and writes.
+Read top-down: `service` owns the links and their lifetime, `operations` are its socket
+operations, `runner` is the trio task of one link, `files` the blocking file I/O it runs in worker
+threads, `settings` what survives a restart. Below them, without I/O: `link` decides what one link
+must do, `format` writes environment JSON as Mockoon does.
 """
 
+from .files import conflict_path_for
 from .format import format_environment, stringify
-from .link import LinkMachine, Observation
-from .service import MirrorService, conflict_path_for, mirror_file_name
+from .link import LinkMachine
+from .service import MirrorService
+from .settings import mirror_file_name
 
 __all__ = [
     "LinkMachine",
     "MirrorService",
-    "Observation",
     "conflict_path_for",
     "format_environment",
     "mirror_file_name",

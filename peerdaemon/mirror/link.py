@@ -1,6 +1,6 @@
 """One link between an environment document and a file, as a state machine without I/O.
 
-The trio shell (`service.py`) feeds it what happened, with the time: the document changed, the
+The trio shell (`runner.py`) feeds it what happened, with the time: the document changed, the
 file was observed (stat + content, already parsed), a write finished, a render is ready, an
 apply finished; the machine answers with actions (render the document, write this content, apply
 the file, emit an event, remember the synced content) and the next deadline it wants to be woken
@@ -32,6 +32,8 @@ BACKOFF_MIN = 0.5
 BACKOFF_MAX = 15.0
 
 FileKind = Literal["file", "missing", "dir", "error"]
+StartMode = Literal["resume", "adopt", "overwrite"]
+"""What a link's start does with an existing file (see `LinkMachine`)."""
 Sig = tuple[int, int, int]
 """(mtime_ns, size, inode): a file changed when this changed (atomic renames change the inode)."""
 
@@ -88,13 +90,13 @@ class Emit:
 
 
 @dataclass(frozen=True)
-class Synced:
+class InSync:
     """File and document agree on `content_hash`: persist it (start-up compares against it)."""
 
     content_hash: str
 
 
-Action = Render | Write | Apply | Emit | Synced
+Action = Render | Write | Apply | Emit | InSync
 
 WriteOutcome = Literal["ok", "changed", "failed"]
 
@@ -115,7 +117,7 @@ class LinkMachine:
         conflict_path: str,
         *,
         synced: str | None = None,
-        mode: Literal["resume", "adopt", "overwrite"] = "resume",
+        mode: StartMode = "resume",
     ) -> None:
         self.env_id = env_id
         self.path = path
@@ -165,7 +167,7 @@ class LinkMachine:
         first = not self.started
         self.started = True
         self.want_observe = False
-        was = self.kind
+        kind_before = self.kind
         if self.error_from == "observe" and obs.kind in ("file", "missing"):
             actions += self._recovered()
         self.kind = obs.kind
@@ -189,7 +191,7 @@ class LinkMachine:
                 if self.synced is not None and self.mode == "resume":
                     actions.append(self._deleted_event())
                 self._force_dirty(now)
-            elif was != "missing":
+            elif kind_before != "missing":
                 self.pending_missing = now
         else:
             actions += self._observed_file(now, obs, first)
@@ -197,14 +199,14 @@ class LinkMachine:
 
     def _observed_file(self, now: float, obs: Observation, first: bool) -> list[Action]:
         actions: list[Action] = []
-        h = obs.hash
+        seen = obs.hash
         if first:
-            self.file_hash = h
+            self.file_hash = seen
             if self.mode == "overwrite" or (self.mode == "adopt" and not obs.content):
                 self.file_json = obs.json_hash
                 self._force_dirty(now)
                 return actions
-            if h == self.synced and obs.json_hash is not None:
+            if seen == self.synced and obs.json_hash is not None:
                 # unchanged since the last sync: the document may be newer, render and compare
                 self.file_json = obs.json_hash
                 self._force_dirty(now)
@@ -212,12 +214,12 @@ class LinkMachine:
             if obs.json_hash is None:
                 return actions + self._invalid(now, obs, settled=True)
             return actions + self._apply(obs)
-        if h == self.file_hash:
+        if seen == self.file_hash:
             # a touch, or our own write coming back (a write sets `file_hash`): not applied again.
             # Content equal to what we once wrote but not to what the file last held is a change:
             # the user restored it (`cp NAME.peerdaemon-conflict.json NAME.json`, an undo).
             return actions
-        self.file_hash = h
+        self.file_hash = seen
         if obs.json_hash is None:
             return actions + self._invalid(now, obs, settled=False)
         self.pending_invalid = None
@@ -249,7 +251,7 @@ class LinkMachine:
             actions: list[Action] = self._recovered()
             if self.file_hash is not None and self.file_hash != self.synced:
                 self.synced = self.file_hash
-                actions.append(Synced(self.file_hash))
+                actions.append(InSync(self.file_hash))
             return actions + self.poll(now)
         self.in_flight = True
         self.dirty = False  # a change during the write sets it again
@@ -280,13 +282,13 @@ class LinkMachine:
                     actions += self._fail(now, error or f"cannot write {self.conflict_path}")
             return actions + self.poll(now)
         if outcome == "ok":
-            h = content_hash(content)
-            self.file_hash = self.synced = h  # what we wrote is what the file holds
+            written = content_hash(content)
+            self.file_hash = self.synced = written  # what we wrote is what the file holds
             self.file_json = json_hash
             self.sig = sig
             self.kind = "file"
             self.stats["writes"] += 1
-            actions.append(Synced(h))
+            actions.append(InSync(written))
             actions += self._recovered()
         else:
             if not self.dirty:
@@ -307,7 +309,7 @@ class LinkMachine:
             return self._invalid(now, obs, settled=True) + self.poll(now)
         self.stats["applies"] += 1
         self.synced = content_hash(content)
-        return [Synced(self.synced), *self._recovered(), *self.poll(now)]
+        return [InSync(self.synced), *self._recovered(), *self.poll(now)]
 
     def failed(self, now: float, reason: str) -> list[Action]:
         """A step the shell ran for the link failed (the document could not be rendered, or a
@@ -397,7 +399,7 @@ class LinkMachine:
             return self._conflict_reason()
         return None
 
-    # -- helpers --------------------------------------------------------------------------------
+    # -- internals ------------------------------------------------------------------------------
 
     def _due(self) -> float:
         return min(self.last_change + DEBOUNCE, self.dirty_since + MAX_DELAY)

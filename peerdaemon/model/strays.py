@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from pycrdt import Doc, Text
 
+from .lib0 import BadVarUint, read_var_uint
 from .lib0 import write_var_uint as _uint
 from .schema import ORDER_SUFFIX, ROOT_ENTITY_LISTS, ROOT_REF_LIST
 
@@ -78,15 +79,11 @@ class _Reader:
         return b
 
     def uint(self) -> int:
-        value = shift = 0
-        while True:
-            b = self.byte()
-            value |= (b & 0x7F) << shift
-            if b < 0x80:
-                return value
-            shift += 7
-            if shift > 70:
-                raise Malformed("varint too long")
+        try:
+            value, self.pos = read_var_uint(self.data, self.pos)
+        except BadVarUint as exc:
+            raise Malformed(str(exc)) from None
+        return value
 
     def count(self) -> int:
         """A count of things to come, each at least a byte long."""

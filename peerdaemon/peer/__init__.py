@@ -1,32 +1,123 @@
-"""Daemon-to-daemon sync over the LAN (docs/peer-protocol.md).
+"""Daemon-to-daemon sync (docs/peer-protocol.md): the package's public face.
 
-Sans-I/O core: `messages` (CBOR schema), `crypto` (key schedule, boxes), `handshake`, `session`
-(`PeerConnection`: handshake + Yjs sync session + keep-alive). Trio shell: `link` (one
-websocket), `manager` (`PeerManager`: listener, dials, backoff, tie-break, peers table). The hub
-reuses the core over its own websocket.
+Import from here, not from the modules. Loading the face loads the sans-I/O core only (no trio):
+`messages` (the wire vocabulary: CBOR schema, close reasons, limits), the handshake's results,
+`PeerConnection` (handshake + Yjs sync session + keep-alive + slow-peer rules, driven by
+messages and `now`) with its events, `apply_update` (what every shell does with an
+`UpdateReceived`), the hub-mode token proofs, `Backoff` and `PeerConfig`. The hub and the hub
+link drive the same core over their own websockets.
+
+The trio shell (`Link`, `dial`, `serve`, `PeerManager`, `Unreachable`, `PATH`...) is reachable
+from here too, but loaded only when first asked for (a module `__getattr__`), so the sans-I/O
+parts and their tests never import trio.
 """
 
-from .handshake import Established, IncompatibleVersion, PeerHello
-from .link import PATH, Link, Unreachable
-from .manager import PeerManager
-from .messages import PROTOCOL_VERSION, REASONS, ProtocolError
-from .session import Closed, HelloReceived, PeerConfig, PeerConnection, Synced, SyncSession
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from . import messages
+from .admission import Admission, Slot
+from .backoff import Backoff
+from .config import PeerConfig
+from .crypto import HUB_TOKEN_ID_LEN, hub_token_hash, hub_token_id, hub_token_proof
+from .handshake import (
+    AuthPolicy,
+    Established,
+    IdentityLike,
+    IncompatibleVersion,
+    PeerHello,
+    SpaceKeyLike,
+)
+from .messages import (
+    PROTOCOL_VERSION,
+    REASONS,
+    CloseConnection,
+    LocalProtocolError,
+    PeerProtocolError,
+)
+from .session import (
+    Closed,
+    DocError,
+    DocFailed,
+    DocRefused,
+    Event,
+    HelloReceived,
+    PeerConnection,
+    SessionConfig,
+    Synced,
+    SyncHostView,
+    UpdateReceived,
+    UpdateSink,
+    apply_update,
+)
+
+if TYPE_CHECKING:
+    from .link import PATH, Link, Unreachable, dial, format_address, remote_address, serve
+    from .manager import PeerManager
 
 __all__ = [
+    "HUB_TOKEN_ID_LEN",
     "PATH",
     "PROTOCOL_VERSION",
     "REASONS",
+    "Admission",
+    "AuthPolicy",
+    "Backoff",
+    "CloseConnection",
     "Closed",
+    "DocError",
+    "DocFailed",
+    "DocRefused",
     "Established",
+    "Event",
     "HelloReceived",
+    "IdentityLike",
     "IncompatibleVersion",
     "Link",
+    "LocalProtocolError",
     "PeerConfig",
     "PeerConnection",
     "PeerHello",
     "PeerManager",
-    "ProtocolError",
-    "SyncSession",
+    "PeerProtocolError",
+    "SessionConfig",
+    "Slot",
+    "SpaceKeyLike",
+    "SyncHostView",
     "Synced",
     "Unreachable",
+    "UpdateReceived",
+    "UpdateSink",
+    "apply_update",
+    "dial",
+    "format_address",
+    "hub_token_hash",
+    "hub_token_id",
+    "hub_token_proof",
+    "messages",
+    "remote_address",
+    "serve",
 ]
+
+_SHELL = {
+    "PATH": "link",
+    "Link": "link",
+    "Unreachable": "link",
+    "dial": "link",
+    "format_address": "link",
+    "remote_address": "link",
+    "serve": "link",
+    "PeerManager": "manager",
+}
+"""The trio shell's names, by module: imported on first use."""
+
+
+def __getattr__(name: str) -> Any:
+    module = _SHELL.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value

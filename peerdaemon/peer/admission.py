@@ -1,5 +1,5 @@
 """Bounding the incoming connections that have not authenticated yet, in total and per remote
-address: the LAN listener (`peer.link.serve`) and the hub's port (`hub.http`) both use it.
+address: the LAN listener (`peer.link.serve`) and the hub's port (`hub.admission`) both use it.
 
 A connection is admitted (`Admission.admit`) when it is accepted and gets a `Slot`, released
 once it has authenticated or has ended. One more past either limit is refused at once: both

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from . import messages
-from .messages import PROTOCOL_ERROR, ProtocolError
+from .messages import PROTOCOL_ERROR, LocalProtocolError, PeerProtocolError
 
 __all__ = [
     "AUTH_LABEL",
@@ -67,7 +67,7 @@ class Ephemeral:
         try:
             return self._key.exchange(X25519PublicKey.from_public_bytes(peer_public))
         except ValueError:
-            raise ProtocolError(PROTOCOL_ERROR, "invalid ephemeral key") from None
+            raise PeerProtocolError(PROTOCOL_ERROR, "invalid ephemeral key") from None
 
 
 def transcript_hash(hello_dialer: bytes, hello_listener: bytes) -> bytes:
@@ -139,7 +139,7 @@ class SecureChannel:
     def seal(self, inner: dict[str, Any]) -> bytes:
         """One inner message -> the wire bytes of its box."""
         if self.sent > MAX_COUNTER:
-            raise ProtocolError(PROTOCOL_ERROR, "send counter exhausted")
+            raise LocalProtocolError(PROTOCOL_ERROR, "send counter exhausted")
         n = self.sent
         self.sent += 1
         ciphertext = self._send.encrypt(nonce_of(n), messages.encode(inner), None)
@@ -149,13 +149,13 @@ class SecureChannel:
         """A validated `box` map -> the validated inner message."""
         n = box["n"]
         if n != self.received:
-            raise ProtocolError(
+            raise PeerProtocolError(
                 PROTOCOL_ERROR, f"box counter {n}, expected {self.received} (replayed or reordered)"
             )
         try:
             plaintext = self._receive.decrypt(nonce_of(n), box["c"], None)
         except InvalidTag:
-            raise ProtocolError(PROTOCOL_ERROR, "box does not authenticate") from None
+            raise PeerProtocolError(PROTOCOL_ERROR, "box does not authenticate") from None
         self.received += 1
         inner = messages.decode(plaintext, max_size)
         messages.validate_inner(inner)

@@ -37,7 +37,7 @@ from .messages import (
     PROTOCOL_VERSION,
     SELF,
     UNAUTHORIZED,
-    ProtocolError,
+    PeerProtocolError,
 )
 
 __all__ = [
@@ -108,22 +108,26 @@ class AuthPolicy(Protocol):
     def auth_fields(self, peer: PeerHello, th: bytes, role: bytes) -> dict[str, Any]:
         """Fields of our auth besides `t` and `sig` (must include `tags`, possibly empty).
 
-        `peer` is the peer's hello (not yet authenticated); raising `ProtocolError` here closes
-        the connection before our auth is sent (a dialer refusing a hub whose key changed)."""
+        `peer` is the peer's hello (not yet authenticated); raising `PeerProtocolError` here
+        closes the connection before our auth is sent (a dialer refusing a hub whose key
+        changed)."""
         ...
 
     def accept(
         self, peer: PeerHello, auth: dict[str, Any], th: bytes, role: bytes
     ) -> frozenset[str]:
-        """The peer's verified auth -> the spaces the link syncs; raises `ProtocolError`."""
+        """The peer's verified auth -> the spaces the connection syncs; raises
+        `PeerProtocolError`."""
         ...
 
     def spaces(self) -> frozenset[str]:
-        """The link's spaces now (asked again whenever the syncable documents change)."""
+        """The connection's spaces now (asked again whenever the syncable documents change)."""
         ...
 
 
-class IncompatibleVersion(ProtocolError):
+class IncompatibleVersion(PeerProtocolError):
+    """The peer's hello names a protocol or model version we do not speak (both are kept)."""
+
     def __init__(self, local: tuple[int, int], remote: tuple[int | None, int | None]) -> None:
         super().__init__(
             INCOMPATIBLE_VERSION,
@@ -145,8 +149,8 @@ def versions_dict(
 class Handshake:
     """One side of the handshake. Feed it the peer's hello and auth; it returns what to send.
 
-    Raises `ProtocolError` (or `IncompatibleVersion`) when the connection must close; the caller
-    sends the close message (boxed once `channel` exists, cleartext before).
+    Raises `PeerProtocolError` (or `IncompatibleVersion`) when the connection must close; the
+    caller sends the close message (boxed once `channel` exists, cleartext before).
     """
 
     def __init__(
@@ -214,17 +218,17 @@ class Handshake:
     def receive_hello(self, msg: dict[str, Any], raw: bytes) -> list[bytes]:
         """A cleartext hello (already checked to be a map with integer proto and model)."""
         if self.state != "wait-hello":
-            raise ProtocolError(PROTOCOL_ERROR, "unexpected hello")
+            raise PeerProtocolError(PROTOCOL_ERROR, "unexpected hello")
         proto, model = messages.versions_of(msg)
         if proto != PROTOCOL_VERSION or model not in self.accepted_models:
             raise IncompatibleVersion((PROTOCOL_VERSION, self.model), (proto, model))
         messages.validate_hello(msg)
         device, key = msg["device"], msg["key"]
         if self.identity.device_id_of(key) != device:
-            raise ProtocolError(PROTOCOL_ERROR, "hello device id does not match its key")
+            raise PeerProtocolError(PROTOCOL_ERROR, "hello device id does not match its key")
         self.peer = PeerHello(device, msg["name"], key, proto, model)
         if device == self.identity.device_id:
-            raise ProtocolError(SELF, "connected to ourselves")
+            raise PeerProtocolError(SELF, "connected to ourselves")
         out: list[bytes] = []
         if self.dialer:
             assert self._hello is not None
@@ -245,12 +249,12 @@ class Handshake:
     def receive_auth(self, msg: dict[str, Any]) -> list[bytes]:
         """The peer's (decrypted, validated) auth: verify it; the listener answers with its own."""
         if self.state != "wait-auth":
-            raise ProtocolError(PROTOCOL_ERROR, "unexpected auth")
+            raise PeerProtocolError(PROTOCOL_ERROR, "unexpected auth")
         assert self.peer is not None and self.th is not None and self.channel is not None
         if not self.identity.verify(
             self.peer.key, msg["sig"], auth_payload(self.peer_role, self.th)
         ):
-            raise ProtocolError(UNAUTHORIZED, "auth signature does not verify")
+            raise PeerProtocolError(UNAUTHORIZED, "auth signature does not verify")
         self.verified = self.peer
         self.peer_tags = list(msg["tags"])
         if self.auth is not None:
@@ -258,7 +262,7 @@ class Handshake:
         else:
             spaces = self.match(self.peer_tags)
         if not spaces:
-            raise ProtocolError(UNAUTHORIZED, "no common space")
+            raise PeerProtocolError(UNAUTHORIZED, "no common space")
         out = [] if self.dialer else [self.channel.seal(self._auth())]
         peer = self.peer
         self.result = Established(peer.device, peer.name, peer.key, spaces, peer.proto, peer.model)
@@ -285,7 +289,7 @@ class Handshake:
         )
 
     def common_spaces(self) -> frozenset[str]:
-        """The spaces the link syncs now: from the peer's latest tags, or the auth policy's."""
+        """The spaces the connection syncs now: from the peer's latest tags, or its auth policy."""
         if self.auth is not None:
             return self.auth.spaces()
         return self.match(self.peer_tags)

@@ -1,14 +1,19 @@
 """The trio shell of one peer connection: moves websocket messages in and out of a
-`PeerConnection` and sleeps until its timer. All protocol decisions live in `session.py`.
+`PeerConnection`, applies the updates it reports, and sleeps until its timer. All protocol
+decisions live in `session.py`.
 
-Three tasks per link: a reader (websocket -> `receive`), a writer (`data_to_send` -> websocket,
-woken whenever the connection may have something to send) and a ticker (`handle_timer` at
-`get_timer()`). Once the connection is closed the writer flushes the close message and hangs up;
-if a send is stuck (a peer that stopped reading), the ticker cuts the link after `close_grace`.
+Three tasks per `Link`: a reader (websocket -> `receive`), a writer (`data_to_send` ->
+websocket, woken whenever the connection may have something to send; it tells the connection
+`sending(now)` / `sent()` so that the core can judge a stalled write) and a ticker
+(`handle_timer` at `get_timer()`). After every input the link drains the connection's events:
+an `UpdateReceived` is applied through the link's host at once (`apply_update`), before the next
+message is read, and every other event goes to the owner's `on_event`. Once the connection is
+closed the writer flushes the close message and hangs up; if a send is stuck (a peer that
+stopped reading), the ticker cuts the connection after `close_grace`.
 
 Nothing here ever waits for a peer on behalf of the code producing changes: `local_update` only
 queues (the connection bounds its queue: merged past `coalesce_bytes`, `too-slow` past
-`max_queued`), and a write that makes no progress for `send_timeout` closes with `too-slow`.
+`max_queued`, and closes with `too-slow` a write that makes no progress for `send_timeout`).
 
 `serve` bounds the incoming connections that have not authenticated yet (`Admission`, shared
 with the hub: `admission.py`): in total and per remote address, from the TCP accept to
@@ -36,8 +41,9 @@ from trio_websocket import (
 )
 
 from .admission import BUSY_BODY, BUSY_STATUS, Admission, Slot
-from .messages import BUSY, CLOSED, SHUTDOWN, TOO_LARGE, TOO_SLOW, UNREACHABLE
-from .session import Closed, Event, PeerConfig, PeerConnection
+from .config import PeerConfig
+from .messages import BUSY, CLOSED, SHUTDOWN, TOO_LARGE, UNREACHABLE
+from .session import Closed, Event, PeerConnection, UpdateReceived, UpdateSink, apply_update
 
 __all__ = [
     "PATH",
@@ -47,6 +53,7 @@ __all__ = [
     "Unreachable",
     "dial",
     "format_address",
+    "remote_address",
     "serve",
 ]
 
@@ -82,8 +89,11 @@ def _lost_reason(exc: ConnectionClosed) -> str:
 class Link:
     """One websocket connection driving one `PeerConnection`.
 
-    `on_event(link, event)` is called synchronously, on the trio thread, for every event of the
-    connection (`HelloReceived`, `Established`, `Synced`, `Closed`), in order.
+    Updates the connection reports (`UpdateReceived`) are applied through `host` (default: the
+    host the connection reads, when it is a whole `SyncHost`) and their outcome reported back.
+    `on_event(link, event)` is called synchronously, on the trio thread, for every other event
+    of the connection (`HelloReceived`, `Established`, `Synced`, `DocError`, `DocFailed`,
+    `Closed`), in order.
     """
 
     def __init__(
@@ -94,19 +104,20 @@ class Link:
         address: str,
         on_event: Callable[[Link, Event], None],
         config: PeerConfig,
+        host: UpdateSink | None = None,
     ) -> None:
         self._make_conn = make_conn
         self.dialer = dialer
         self.address = address
         self._on_event = on_event
         self.config = config
+        self._host = host
+        self._sink: UpdateSink | None = None
         self.conn: PeerConnection | None = None
         self.target: object | None = None
         """The owner's tag for a dialed link (the manager's dial target)."""
         self.slot: Slot | None = None
         """An incoming link's place among the unauthenticated connections (`serve`)."""
-        self._send_since: float | None = None
-        """While the writer is sending: when it last made progress (for `send_timeout`)."""
         self.started = trio.current_time()
         self._wakeup = trio.Event()
         self._tick = trio.Event()
@@ -150,8 +161,11 @@ class Link:
 
     async def run(self, ws: WebSocketConnection) -> Closed:
         """Drive the connection until it is closed; returns why."""
-        self.conn = self._make_conn(trio.current_time())
-        conn = self.conn
+        conn = self._make_conn(trio.current_time())
+        sink = self._host if self._host is not None else conn.host
+        if not isinstance(sink, UpdateSink):
+            raise TypeError(f"{sink!r} cannot apply updates: give the Link a host")
+        self.conn, self._sink = conn, sink
         try:
             async with trio.open_nursery() as nursery:
                 self._cancel = nursery.cancel_scope
@@ -171,11 +185,16 @@ class Link:
         return conn.closed
 
     def _pump(self) -> None:
-        """Hand the connection's events to the manager and wake the writer and the ticker."""
+        """Apply the updates the connection reports, hand its other events to the owner, and
+        wake the writer and the ticker."""
         conn = self.conn
         if conn is None:
             return
         while (event := conn.next_event()) is not None:
+            if type(event) is UpdateReceived:
+                assert self._sink is not None
+                apply_update(conn, event, self._sink)
+                continue
             try:
                 self._on_event(self, event)
             except Exception:  # the manager's bookkeeping must not kill the link's tasks
@@ -187,11 +206,13 @@ class Link:
         """Send what the connection has queued; False if the websocket is gone."""
         conn = self.conn
         assert conn is not None
+        writing = False
         try:
             while batch := conn.data_to_send():
-                if self._send_since is None:
-                    self._send_since = trio.current_time()
-                    self._tick.set()  # the ticker now watches for a stalled write
+                if not writing:
+                    writing = True
+                    conn.sending(trio.current_time())
+                    self._tick.set()  # the ticker now waits for the connection's stall deadline
                 for data in batch:
                     try:
                         await ws.send_message(data)
@@ -199,11 +220,12 @@ class Link:
                         conn.connection_lost(_lost_reason(exc))
                         self._pump()
                         return False
-                    self._send_since = trio.current_time()
+                    conn.sending(trio.current_time())  # progress
                     self.bytes_sent += len(data)
                     self.messages_sent += 1
         finally:
-            self._send_since = None
+            if writing:
+                conn.sent()
         return True
 
     async def _writer(self, ws: WebSocketConnection) -> None:
@@ -241,24 +263,17 @@ class Link:
     async def _ticker(self) -> None:
         conn = self.conn
         assert conn is not None
-        send_timeout = self.config.send_timeout
         while conn.closed is None:
             deadline = conn.get_timer()
             if deadline is None:
                 deadline = math.inf
-            since = self._send_since
-            stall = since + send_timeout if since is not None else math.inf
             self._tick = trio.Event()
-            with trio.move_on_at(min(deadline, stall)):
+            with trio.move_on_at(deadline):
                 await self._tick.wait()
             if conn.closed is not None:
                 break
             now = trio.current_time()
-            since = self._send_since
-            if since is not None and now >= since + send_timeout:
-                conn.close(TOO_SLOW, f"no progress writing to the peer for {now - since:.1f} s")
-                self._pump()
-            elif now >= deadline:
+            if now >= deadline:
                 conn.handle_timer(now)
                 self._pump()
         await trio.sleep(self.config.close_grace)

@@ -7,7 +7,9 @@ device are established (both dialed at once), both sides keep the one dialed by 
 device id and close the other with `duplicate`, so they agree without talking about it.
 
 All bookkeeping happens synchronously in `_on_event`, on the trio thread, so the table, the
-fan-out of local changes and the tie-break never see a half-updated state.
+fan-out of local changes and the tie-break never see a half-updated state. Received updates never
+reach the manager: each `Link` applies them through the host (the manager's `SyncHost`), whose
+listeners fan them out to the other links (`_on_local_change`).
 
 Only authenticated facts change a device's row. A hello is a claim anyone can make (a device id
 and its public key are no secret), so until the handshake proves the key (`Established`), a
@@ -28,6 +30,8 @@ import trio
 from trio_websocket import WebSocketConnection
 
 from ..model import MODEL_VERSION
+from .backoff import Backoff
+from .config import PeerConfig
 from .handshake import Established, IdentityLike, PeerHello
 from .link import Link, Slot, Unreachable, dial, format_address, remote_address, serve
 from .messages import CLOSED, DUPLICATE, SELF
@@ -36,10 +40,10 @@ from .session import (
     DocFailed,
     Event,
     HelloReceived,
-    PeerConfig,
     PeerConnection,
     Synced,
-    SyncHostLike,
+    SyncHostView,
+    UpdateSink,
 )
 
 __all__ = ["PeerManager"]
@@ -47,8 +51,9 @@ __all__ = ["PeerManager"]
 log = logging.getLogger("peerdaemon.peer")
 
 
-class ManagedHost(SyncHostLike, Protocol):
-    """The SyncHost contract (docs/architecture.md) as the manager uses it."""
+class ManagedHost(SyncHostView, UpdateSink, Protocol):
+    """The SyncHost contract (docs/architecture.md) as the manager uses it: what its links read
+    and apply, and the listeners that fan local changes out to them."""
 
     def add_listener(self, fn: Callable[[str, bytes, str], None]) -> int: ...
     def remove_listener(self, token: int) -> None: ...
@@ -68,7 +73,7 @@ class _Target:
     port: int
     device: str | None
     source: str
-    backoff: float
+    backoff: Backoff
     wake: trio.Event = field(default_factory=trio.Event)
     scope: trio.CancelScope | None = None
     is_self: bool = False
@@ -170,10 +175,10 @@ class PeerManager:
                 return
             if device_id is not None and device_id != target.device:
                 self._retarget(target, device_id)
-                target.backoff = self.config.backoff_initial
+                target.backoff.reset()
                 target.wake.set()
             return
-        target = _Target(host, port, device_id, source, self.config.backoff_initial)
+        target = _Target(host, port, device_id, source, self.config.new_backoff(self._rng))
         self._targets[key] = target
         row = self._row(self._target_key(target), device_id)
         if row.address is None or device_id is not None:
@@ -308,18 +313,25 @@ class PeerManager:
     # -- connections ---------------------------------------------------------------------------
 
     def _new_link(self, *, dialer: bool, address: str) -> Link:
+        session_config = self.config.session
+
         def make_conn(now: float) -> PeerConnection:
             return PeerConnection(
                 self.identity,
                 self.host,
                 dialer=dialer,
                 now=now,
-                config=self.config,
+                config=session_config,
                 model=self.model,
             )
 
         return Link(
-            make_conn, dialer=dialer, address=address, on_event=self._on_event, config=self.config
+            make_conn,
+            dialer=dialer,
+            address=address,
+            on_event=self._on_event,
+            config=self.config,
+            host=self.host,
         )
 
     async def _serve_inbound(self, ws: WebSocketConnection, slot: Slot | None = None) -> None:
@@ -344,11 +356,7 @@ class PeerManager:
                     target.dialing = False
                 if target.is_self or target.removed:
                     break
-                delay = target.backoff * self._rng.uniform(
-                    1 - self.config.backoff_jitter, 1 + self.config.backoff_jitter
-                )
-                target.backoff = min(target.backoff * 2, self.config.backoff_max)
-                with trio.move_on_after(delay):
+                with trio.move_on_after(target.backoff.next_delay()):
                     await target.wake.wait()
                 target.wake = trio.Event()
         if target.is_self:
@@ -389,7 +397,7 @@ class PeerManager:
             if row is not None:
                 row.synced = True
             if target is not None:
-                target.backoff = self.config.backoff_initial
+                target.backoff.reset()
         elif isinstance(event, Closed):
             self._on_closed(link, target, event)
         elif isinstance(event, DocFailed):  # that environment's error; the link goes on
@@ -514,7 +522,7 @@ class PeerManager:
             # A space was joined or left: a peer that was unauthorized may not be any more.
             self._space_secrets = secrets
             for target in self._targets.values():
-                target.backoff = self.config.backoff_initial
+                target.backoff.reset()
                 target.wake.set()
 
     def _secrets(self) -> frozenset[bytes]:

@@ -2,7 +2,15 @@
 
 Pure functions and data only: decoding and validating here means the handshake, the session and
 the hub share one definition of what a well-formed message is, and a malformed one is always the
-same `ProtocolError` (closing the link with a reason) rather than an exception from deep inside.
+same `PeerProtocolError` (closing the connection with a reason) rather than an exception from deep
+inside.
+
+Two exceptions close a connection, named for whose fault it is (as h11's `RemoteProtocolError` and
+`LocalProtocolError`): `PeerProtocolError` for what the remote peer sent or is (a malformed or
+out-of-order message, a failed auth, other versions, a peer that does not read), and
+`LocalProtocolError` for what our own side cannot do (a message of ours over the size limit, a
+box counter used up, our last common space left). Both are a `CloseConnection`, which the core
+turns into the close message.
 """
 
 from __future__ import annotations
@@ -12,7 +20,7 @@ from typing import Any
 
 import cbor2
 
-from ..model.lib0 import write_var_uint
+from ..model.lib0 import BadVarUint, read_var_uint, write_var_uint
 
 __all__ = [
     "MAX_DOC_ID",
@@ -23,7 +31,9 @@ __all__ = [
     "SYNC_STEP1",
     "SYNC_STEP2",
     "SYNC_UPDATE",
-    "ProtocolError",
+    "CloseConnection",
+    "LocalProtocolError",
+    "PeerProtocolError",
     "decode",
     "decode_sync",
     "encode",
@@ -66,7 +76,7 @@ FORBIDDEN = "forbidden"
 TOO_MANY_DEVICES = "too-many-devices"
 # ...and the one a daemon closes with when a hub's device key is not the one it pinned.
 HUB_KEY_CHANGED = "hub-key-changed"
-# ...and reasons of a per-document `error` (the link stays up).
+# ...and reasons of a per-document `error` (the connection stays up).
 QUOTA_EXCEEDED = "quota-exceeded"
 ENVIRONMENT_TOO_LARGE = "environment-too-large"
 REASONS = frozenset(
@@ -96,8 +106,10 @@ SYNC_STEP2 = 1
 SYNC_UPDATE = 2
 
 
-class ProtocolError(Exception):
-    """The peer broke the protocol (or we cannot go on): close the link with `reason`."""
+class CloseConnection(Exception):
+    """The connection must close with `reason` (a close reason of section 8): raised anywhere in
+    the core and turned into the close message by `PeerConnection`. Raise a subclass, which says
+    whose fault it is."""
 
     def __init__(self, reason: str, detail: str = "") -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
@@ -105,30 +117,41 @@ class ProtocolError(Exception):
         self.detail = detail
 
 
+class PeerProtocolError(CloseConnection):
+    """The remote peer broke the protocol, or is refused or dropped for what it sent or is (its
+    auth, its versions, its key, a queue it does not read)."""
+
+
+class LocalProtocolError(CloseConnection):
+    """Our side cannot go on, through no fault of the peer's (a message of ours over the size
+    limit, a box counter used up, no common space left after we left one)."""
+
+
 def encode(msg: dict[str, Any]) -> bytes:
     return cbor2.dumps(msg)
 
 
 def decode(data: bytes | bytearray | memoryview | str, max_size: int) -> dict[str, Any]:
-    """One websocket message -> one CBOR map with a string `t`; anything else is a ProtocolError."""
+    """One websocket message -> one CBOR map with a string `t`; anything else is a
+    `PeerProtocolError`."""
     if isinstance(data, str):
-        raise ProtocolError(PROTOCOL_ERROR, "text message; the peer protocol is binary")
+        raise PeerProtocolError(PROTOCOL_ERROR, "text message; the peer protocol is binary")
     if len(data) > max_size:
-        raise ProtocolError(TOO_LARGE, f"message of {len(data)} bytes exceeds {max_size}")
+        raise PeerProtocolError(TOO_LARGE, f"message of {len(data)} bytes exceeds {max_size}")
     if not data:
-        raise ProtocolError(PROTOCOL_ERROR, "empty message")
+        raise PeerProtocolError(PROTOCOL_ERROR, "empty message")
     fp = io.BytesIO(data)
     try:
         obj = cbor2.CBORDecoder(fp).decode()
     except Exception as exc:  # CBORDecodeError, and semantic tag decoders may raise others
-        raise ProtocolError(PROTOCOL_ERROR, f"malformed CBOR: {exc}") from None
+        raise PeerProtocolError(PROTOCOL_ERROR, f"malformed CBOR: {exc}") from None
     if fp.tell() != len(data):
-        raise ProtocolError(PROTOCOL_ERROR, "trailing bytes after the CBOR map")
+        raise PeerProtocolError(PROTOCOL_ERROR, "trailing bytes after the CBOR map")
     if not isinstance(obj, dict):
-        raise ProtocolError(PROTOCOL_ERROR, f"a CBOR {type(obj).__name__}, expected a map")
+        raise PeerProtocolError(PROTOCOL_ERROR, f"a CBOR {type(obj).__name__}, expected a map")
     t = obj.get("t")
     if not isinstance(t, str):
-        raise ProtocolError(PROTOCOL_ERROR, "message without a string 't'")
+        raise PeerProtocolError(PROTOCOL_ERROR, "message without a string 't'")
     return obj
 
 
@@ -138,18 +161,18 @@ def decode(data: bytes | bytearray | memoryview | str, max_size: int) -> dict[st
 def _bytes(msg: dict[str, Any], key: str, size: int | None = None, *, min_size: int = 0) -> bytes:
     value = msg.get(key)
     if not isinstance(value, bytes):
-        raise ProtocolError(PROTOCOL_ERROR, f"{msg['t']}.{key} must be a byte string")
+        raise PeerProtocolError(PROTOCOL_ERROR, f"{msg['t']}.{key} must be a byte string")
     if size is not None and len(value) != size:
-        raise ProtocolError(PROTOCOL_ERROR, f"{msg['t']}.{key} must be {size} bytes")
+        raise PeerProtocolError(PROTOCOL_ERROR, f"{msg['t']}.{key} must be {size} bytes")
     if len(value) < min_size:
-        raise ProtocolError(PROTOCOL_ERROR, f"{msg['t']}.{key} is too short")
+        raise PeerProtocolError(PROTOCOL_ERROR, f"{msg['t']}.{key} is too short")
     return value
 
 
 def _str(msg: dict[str, Any], key: str, max_len: int, *, min_len: int = 1) -> str:
     value = msg.get(key)
     if not isinstance(value, str) or not min_len <= len(value) <= max_len:
-        raise ProtocolError(
+        raise PeerProtocolError(
             PROTOCOL_ERROR, f"{msg['t']}.{key} must be a string of {min_len}..{max_len} chars"
         )
     return value
@@ -158,17 +181,17 @@ def _str(msg: dict[str, Any], key: str, max_len: int, *, min_len: int = 1) -> st
 def _uint(msg: dict[str, Any], key: str, limit: int = 1 << 64) -> int:
     value = msg.get(key)
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < limit:
-        raise ProtocolError(PROTOCOL_ERROR, f"{msg['t']}.{key} must be an unsigned integer")
+        raise PeerProtocolError(PROTOCOL_ERROR, f"{msg['t']}.{key} must be an unsigned integer")
     return value
 
 
 def _tags(msg: dict[str, Any]) -> list[bytes]:
     tags = msg.get("tags")
     if not isinstance(tags, list) or len(tags) > MAX_TAGS:
-        raise ProtocolError(PROTOCOL_ERROR, f"{msg['t']}.tags must be a list of <= {MAX_TAGS}")
+        raise PeerProtocolError(PROTOCOL_ERROR, f"{msg['t']}.tags must be a list of <= {MAX_TAGS}")
     for tag in tags:
         if not isinstance(tag, bytes) or len(tag) != 32:
-            raise ProtocolError(PROTOCOL_ERROR, f"{msg['t']}.tags must hold 32-byte strings")
+            raise PeerProtocolError(PROTOCOL_ERROR, f"{msg['t']}.tags must hold 32-byte strings")
     return tags
 
 
@@ -209,7 +232,7 @@ def validate_cleartext(msg: dict[str, Any]) -> None:
         _uint(msg, "n")
         _bytes(msg, "c", min_size=16)
     else:
-        raise ProtocolError(PROTOCOL_ERROR, f"unexpected cleartext message {t!r}")
+        raise PeerProtocolError(PROTOCOL_ERROR, f"unexpected cleartext message {t!r}")
 
 
 def validate_inner(msg: dict[str, Any]) -> None:
@@ -219,7 +242,7 @@ def validate_inner(msg: dict[str, Any]) -> None:
         _bytes(msg, "sig", 64)
         _tags(msg)
         if "hub" in msg and not isinstance(msg["hub"], dict):
-            raise ProtocolError(PROTOCOL_ERROR, "auth.hub must be a map")
+            raise PeerProtocolError(PROTOCOL_ERROR, "auth.hub must be a map")
     elif t == "error":
         _str(msg, "doc", MAX_DOC_ID)
         _str(msg, "reason", MAX_REASON)
@@ -235,24 +258,19 @@ def validate_inner(msg: dict[str, Any]) -> None:
     elif t in ("ping", "pong"):
         pass
     else:
-        raise ProtocolError(PROTOCOL_ERROR, f"unknown message type {t!r}")
+        raise PeerProtocolError(PROTOCOL_ERROR, f"unknown message type {t!r}")
 
 
 # -- y-protocols sync messages -----------------------------------------------------------------
 
 
 def _read_varuint(data: bytes, pos: int) -> tuple[int, int]:
-    num = 0
-    shift = 0
-    while True:
-        if pos >= len(data) or shift > 63:
-            raise ProtocolError(PROTOCOL_ERROR, "truncated or overlong varuint in sync message")
-        byte = data[pos]
-        pos += 1
-        num |= (byte & 0x7F) << shift
-        shift += 7
-        if byte < 0x80:
-            return num, pos
+    try:
+        return read_var_uint(data, pos)
+    except BadVarUint:
+        raise PeerProtocolError(
+            PROTOCOL_ERROR, "truncated or overlong varuint in sync message"
+        ) from None
 
 
 def encode_sync(kind: int, payload: bytes) -> bytes:
@@ -264,8 +282,8 @@ def decode_sync(m: bytes) -> tuple[int, bytes]:
     """-> (type, payload); exactly one message, nothing after it."""
     kind, pos = _read_varuint(m, 0)
     if kind not in (SYNC_STEP1, SYNC_STEP2, SYNC_UPDATE):
-        raise ProtocolError(PROTOCOL_ERROR, f"unknown sync message type {kind}")
+        raise PeerProtocolError(PROTOCOL_ERROR, f"unknown sync message type {kind}")
     length, pos = _read_varuint(m, pos)
     if pos + length != len(m):
-        raise ProtocolError(PROTOCOL_ERROR, "sync message length does not match its payload")
+        raise PeerProtocolError(PROTOCOL_ERROR, "sync message length does not match its payload")
     return kind, bytes(m[pos:])

@@ -2,10 +2,24 @@
 
 `PeerConnection` is what a transport drives (like h11's `Connection` or aioquic's
 `QuicConnection`): feed it each received websocket message with `receive(data, now)`, call
-`handle_timer(now)` at `get_timer()`, send what `data_to_send()` returns, and read what happened
-from `next_event()`. It never sleeps or touches a socket, so every rule of the protocol (which
-documents, step 1 / step 2 / update, limits, timeouts, close reasons) is tested in memory with
-explicit times, and the hub can reuse it over another websocket.
+`handle_timer(now)` at `get_timer()`, send what `data_to_send()` returns (telling it with
+`sending(now)` / `sent()` while a write is under way), and read what happened from
+`next_event()`. It never sleeps or touches a socket, so every rule of the protocol (which
+documents, step 1 / step 2 / update, limits, timeouts, a stalled write, close reasons) is tested
+in memory with explicit times, and the hub reuses it over its own websocket.
+
+The core never changes a document. A received update becomes an `UpdateReceived` event; the
+shell applies it through its `SyncHost` and reports the outcome with `update_applied(event)` or
+`update_failed(event, exc)` (`apply_update` does both), and the core decides what follows: an
+`error` to the peer for a `DocRefused`, `protocol-error` for bytes that are no update, a
+`DocFailed` event for any other failure, `Synced` once the initial step 2s are in. Until the
+outcome is reported, later messages wait in arrival order, so updates are applied in the order
+received and a step 1 is answered from a state that includes every update received before it.
+
+Read-only queries are still calls: the core reads the host through `SyncHostView`
+(`space_keys`, `docs_of`, `allowed`, `state_vector`, `diff`) in the middle of a step, because
+answering a step 1 needs the document's state right then, and a query changes nothing a shell
+could have to order or undo; an event round trip per query would only add latency.
 """
 
 from __future__ import annotations
@@ -13,9 +27,9 @@ from __future__ import annotations
 import logging
 import os
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from pycrdt import merge_updates
 
@@ -46,7 +60,9 @@ from .messages import (
     TOO_LARGE,
     TOO_SLOW,
     UNAUTHORIZED,
-    ProtocolError,
+    CloseConnection,
+    LocalProtocolError,
+    PeerProtocolError,
 )
 
 __all__ = [
@@ -58,11 +74,16 @@ __all__ = [
     "DocRefused",
     "Event",
     "HelloReceived",
-    "PeerConfig",
     "PeerConnection",
-    "Synced",
-    "SyncHostLike",
+    "QueuedMessage",
+    "SessionConfig",
+    "SyncHostView",
     "SyncSession",
+    "Synced",
+    "UpdateReceived",
+    "UpdateSink",
+    "apply_update",
+    "is_failure",
 ]
 
 log = logging.getLogger("peerdaemon.peer")
@@ -74,20 +95,29 @@ UPDATE_OVERHEAD = BOX_OVERHEAD + 32
 """Upper bound of what a `sync` update message adds to its doc id and update bytes."""
 
 
-class SyncHostLike(Protocol):
-    """`peerdaemon.spaces.SyncHost`, as far as a peer connection uses it."""
+class SyncHostView(Protocol):
+    """`peerdaemon.spaces.SyncHost` as the core sees it: queries only, never a change."""
 
-    def space_keys(self) -> list[SpaceKeyLike]: ...
+    def space_keys(self) -> Sequence[SpaceKeyLike]: ...
     def docs_of(self, space_ids: Iterable[str]) -> list[str]: ...
     def allowed(self, doc_id: str, space_ids: Iterable[str]) -> bool: ...
     def state_vector(self, doc_id: str) -> bytes | None: ...
     def diff(self, doc_id: str, state_vector: bytes) -> bytes: ...
+
+
+@runtime_checkable
+class UpdateSink(Protocol):
+    """Where a shell applies the updates the core reports (`SyncHost.apply`): may create the
+    document; raises ValueError on bytes that are no update, `DocRefused` for one it will not
+    store."""
+
     def apply(self, doc_id: str, update: bytes, origin: str) -> None: ...
 
 
-@dataclass
-class PeerConfig:
-    """Limits and timers of the peer protocol; the defaults are the protocol's recommendations."""
+@dataclass(frozen=True, slots=True)
+class SessionConfig:
+    """The limits and timers the sans-I/O core enforces; the defaults are the protocol's
+    recommendations. (`PeerConfig` adds what only the trio shell uses.)"""
 
     max_message: int = 256 << 20
     """Largest websocket message accepted (and sent): a first sync of a big environment is one."""
@@ -97,38 +127,37 @@ class PeerConfig:
     """Close with `timeout` after this long without receiving anything."""
     handshake_timeout: float = 10.0
     """Close with `timeout` if the handshake has not completed by then."""
-    connect_timeout: float = 10.0
-    """TCP + websocket opening handshake of a dial."""
-    close_grace: float = 2.0
-    """How long a closing link may spend flushing its close message before it is cut."""
-    backoff_initial: float = 0.5
-    backoff_max: float = 60.0
-    backoff_jitter: float = 0.2
     max_deferred: int = 4096
-    """Step 1 requests remembered for documents not (yet) allowed on this link."""
-    max_rows: int = 512
-    """Rows of the peers table kept for devices we no longer dial or hear from."""
+    """Step 1 requests remembered for documents not (yet) allowed on this connection."""
     coalesce_bytes: int = 8 << 20
     """Past this many bytes queued for a peer, its queued updates are merged, one per document."""
     max_queued: int = 64 << 20
     """Past this many bytes queued for a peer (beyond its largest single message, even after
-    merging), the link is closed with `too-slow`."""
+    merging), the connection is closed with `too-slow`."""
     send_timeout: float = 60.0
-    """Close with `too-slow` when writing one message to the peer takes longer than this."""
+    """Close with `too-slow` when writing one message to the peer makes no progress this long."""
     write_batch: int = 1 << 20
     """`data_to_send` hands out about this many bytes at a time (at least one message)."""
-    max_half_open: int = 64
-    """Incoming connections that have not finished the handshake, at most; more get `busy`."""
-    max_half_open_per_ip: int = 8
-    """The same, per remote address."""
 
 
-def _is_failure(exc: BaseException) -> bool:
+def is_failure(exc: BaseException) -> bool:
     """An error (pycrdt's Rust panics included, which are BaseExceptions), not a cancellation."""
     return isinstance(exc, Exception) or type(exc).__name__ == "PanicException"
 
 
 # -- events --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateReceived:
+    """The peer sent an update of `doc` (a step 2 or an incremental one, never empty): the shell
+    applies it through its host with `origin`, then calls `update_applied` or `update_failed`
+    (`apply_update` does it all). Later messages wait until then."""
+
+    doc: str
+    update: bytes
+    origin: str
+    """`peer:<device id>`, or the connection's own origin (`hub:<url>` on a connection to a hub)."""
 
 
 @dataclass(frozen=True)
@@ -140,14 +169,16 @@ class HelloReceived:
 
 @dataclass(frozen=True)
 class Synced:
-    """Every document of the initial exchange got its step 2: this link has caught up once."""
+    """Every document of the initial exchange got its step 2: this connection has caught up
+    once."""
 
     docs: int
 
 
 @dataclass(frozen=True)
 class DocError:
-    """The peer refused our changes of one document (hub mode: a limit); the link stays up."""
+    """The peer refused our changes of one document (hub mode: a limit); the connection stays
+    up."""
 
     doc: str
     reason: str
@@ -157,7 +188,7 @@ class DocError:
 @dataclass(frozen=True)
 class DocFailed:
     """Applying the peer's update of one document, or answering its step 1, failed here (a bug,
-    content a host cannot handle): that document's error. The link stays up and the other
+    content a host cannot handle): that document's error. The connection stays up and the other
     documents keep syncing; reported once per distinct reason, cleared by a later success."""
 
     doc: str
@@ -166,18 +197,21 @@ class DocFailed:
 
 @dataclass(frozen=True)
 class Closed:
+    """The connection is over: `reason` is ours (`by_peer` False) or the peer's close reason."""
+
     reason: str
     detail: str = ""
     by_peer: bool = False
     versions: dict[str, dict[str, int | None]] | None = None
 
 
-Event = HelloReceived | Established | Synced | DocError | DocFailed | Closed
+Event = UpdateReceived | HelloReceived | Established | Synced | DocError | DocFailed | Closed
 
 
 class DocRefused(Exception):
     """Raised by `SyncHost.apply` for an update it will not store (a hub's limits): the peer
-    gets a per-document `error` instead of the link closing, so other documents keep syncing."""
+    gets a per-document `error` instead of the connection closing, so other documents keep
+    syncing."""
 
     def __init__(self, reason: str, detail: str = "") -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
@@ -189,32 +223,33 @@ class DocRefused(Exception):
 
 
 class SyncSession:
-    """The Yjs sync protocol for every shared document of the common spaces, over one link.
+    """The Yjs sync protocol for every shared document of the common spaces, over one connection.
 
-    Incoming messages for a document are applied only if `host.allowed(doc, spaces)`; a
+    Incoming messages for a document are handled only if `host.allowed(doc, spaces)`; a
     document that is not (yet) allowed is ignored, but its step 1 is remembered and answered if
     the document becomes allowed, so a share that arrives a moment later still syncs both ways.
+    `receive` returns the update to apply, if any; `update_done` takes its outcome.
     """
 
     def __init__(
         self,
-        host: SyncHostLike,
+        host: SyncHostView,
         peer_device: str,
         spaces: frozenset[str],
         send: Callable[[dict[str, Any]], None],
         *,
         max_deferred: int = 4096,
         origin: str | None = None,
-        on_error: Callable[[DocError | DocFailed], None] | None = None,
+        report: Callable[[DocError | DocFailed], None] | None = None,
         send_update: Callable[[str, bytes], None] | None = None,
     ) -> None:
         self.host = host
         self.origin = origin or f"peer:{peer_device}"
-        self._on_error = on_error
+        self._report = report
         self.refused: dict[str, DocError] = {}
-        """Documents the peer refused on this link: not sent again until the docs change."""
+        """Documents the peer refused on this connection: not sent again until the docs change."""
         self.failed: dict[str, str] = {}
-        """Documents that failed here on this link (`DocFailed`), with why: their state."""
+        """Documents that failed here on this connection (`DocFailed`), with why: their state."""
         self.spaces = spaces
         self._send = send
         self._send_update = send_update or self._update_message
@@ -222,9 +257,11 @@ class SyncSession:
         self.sent_step1: set[str] = set()
         self._awaiting: set[str] = set()
         self._deferred: dict[str, bytes] = {}
+        self._applying_step2 = False
+        """Whether the update handed out by `receive` answers one of our step 1s."""
         self.synced = False
         self.ignored = 0
-        """Messages dropped because their document is not allowed on this link."""
+        """Messages dropped because their document is not allowed on this connection."""
 
     def open(self) -> None:
         """Send step 1 for every document the common spaces share."""
@@ -269,18 +306,20 @@ class SyncSession:
     def _update_message(self, doc: str, update: bytes) -> None:
         self._send({"t": "sync", "doc": doc, "m": messages.encode_sync(SYNC_UPDATE, update)})
 
-    def receive(self, msg: dict[str, Any]) -> None:
+    def receive(self, msg: dict[str, Any]) -> UpdateReceived | None:
+        """One message of the session; -> the update the shell must apply, if it carries one
+        (its outcome goes to `update_done` before the next message)."""
         t = msg["t"]
         if t == "awareness":
-            return  # reserved for presence; accepted and ignored in protocol version 1
+            return None  # reserved for presence; accepted and ignored in protocol version 1
         if t == "error":
             error = DocError(msg["doc"], msg["reason"], msg.get("detail", ""))
             self.refused[error.doc] = error
-            if self._on_error is not None:
-                self._on_error(error)
-            return
+            if self._report is not None:
+                self._report(error)
+            return None
         if t != "sync":
-            raise ProtocolError(PROTOCOL_ERROR, f"unexpected {t!r} in the sync session")
+            raise PeerProtocolError(PROTOCOL_ERROR, f"unexpected {t!r} in the sync session")
         doc = msg["doc"]
         kind, payload = messages.decode_sync(msg["m"])
         if not self.host.allowed(doc, self.spaces):
@@ -289,28 +328,43 @@ class SyncSession:
                 doc in self._deferred or len(self._deferred) < self._max_deferred
             ):
                 self._deferred[doc] = payload
-            log.debug("ignoring sync for %s: not allowed on link to %s", doc, self.origin)
-            return
+            log.debug("ignoring sync for %s: not allowed on the connection to %s", doc, self.origin)
+            return None
         if kind == SYNC_STEP1:
             self._answer_step1(doc, payload)
             if doc not in self.sent_step1:
                 self._step1(doc)
-            return
-        if payload != EMPTY_UPDATE:
-            try:
-                self.host.apply(doc, payload, self.origin)
-            except DocRefused as exc:
-                error = {"t": "error", "doc": doc, "reason": exc.reason[: messages.MAX_REASON]}
-                if exc.detail:
-                    error["detail"] = exc.detail[: messages.MAX_DETAIL]
-                self._send(error)
-            except ValueError as exc:  # not a Yjs update: the peer's fault
-                raise ProtocolError(PROTOCOL_ERROR, f"update for {doc} rejected: {exc}") from None
-            except BaseException as exc:  # this document's failure here, not the link's
-                self._doc_failed(doc, "applying the peer's update", exc)
-            else:
-                self._doc_ok(doc)
-        if kind == SYNC_STEP2 and doc in self._awaiting:
+            return None
+        if payload == EMPTY_UPDATE:
+            if kind == SYNC_STEP2:
+                self._step2_received(doc)
+            return None
+        self._applying_step2 = kind == SYNC_STEP2
+        return UpdateReceived(doc, payload, self.origin)
+
+    def update_done(self, event: UpdateReceived, exc: BaseException | None) -> None:
+        """The shell applied `event` (`exc` None) or its host raised `exc`: a refusal becomes an
+        `error` to the peer, bytes that are no update the peer's fault (`protocol-error`), any
+        other failure this document's error here (`DocFailed`), never the connection's."""
+        doc = event.doc
+        step2, self._applying_step2 = self._applying_step2, False
+        if exc is None:
+            if self.failed:
+                self.failed.pop(doc, None)
+        elif isinstance(exc, DocRefused):
+            error = {"t": "error", "doc": doc, "reason": exc.reason[: messages.MAX_REASON]}
+            if exc.detail:
+                error["detail"] = exc.detail[: messages.MAX_DETAIL]
+            self._send(error)
+        elif isinstance(exc, ValueError):  # not a Yjs update: the peer's fault
+            raise PeerProtocolError(PROTOCOL_ERROR, f"update for {doc} rejected: {exc}")
+        else:
+            self._doc_failed(doc, "applying the peer's update", exc)
+        if step2:
+            self._step2_received(doc)
+
+    def _step2_received(self, doc: str) -> None:
+        if doc in self._awaiting:
             self._awaiting.discard(doc)
             self._check_synced()
 
@@ -327,7 +381,9 @@ class SyncSession:
             try:
                 update = self.host.diff(doc, state_vector)
             except ValueError as exc:
-                raise ProtocolError(PROTOCOL_ERROR, f"bad state vector for {doc}: {exc}") from None
+                raise PeerProtocolError(
+                    PROTOCOL_ERROR, f"bad state vector for {doc}: {exc}"
+                ) from None
             except BaseException as exc:
                 # Not answered: the peer keeps waiting for this document (it is not in step),
                 # while every other document syncs.
@@ -340,29 +396,27 @@ class SyncSession:
             self.synced = True
 
     def _doc_failed(self, doc: str, step: str, exc: BaseException) -> None:
-        """One document failed here: its error (logged, a `DocFailed` event), not the link's.
-        Only cancellations and interrupts go on: pycrdt's Rust panics are failures too."""
-        if not _is_failure(exc):
+        """One document failed here: its error (logged, a `DocFailed` event), not the
+        connection's. Only cancellations and interrupts go on: pycrdt's Rust panics are failures
+        too."""
+        if not is_failure(exc):
             raise exc
         reason = f"{step} failed: {type(exc).__name__}: {exc}"
         if self.failed.get(doc) == reason:
             return
         self.failed[doc] = reason
-        log.error("%s on the link to %s: %s", doc, self.origin, reason, exc_info=exc)
-        if self._on_error is not None:
-            self._on_error(DocFailed(doc, reason))
-
-    def _doc_ok(self, doc: str) -> None:
-        if self.failed:
-            self.failed.pop(doc, None)
+        log.error("%s on the connection to %s: %s", doc, self.origin, reason, exc_info=exc)
+        if self._report is not None:
+            self._report(DocFailed(doc, reason))
 
 
 # -- the outgoing queue --------------------------------------------------------------------------
 
 
-class _Out:
+class QueuedMessage:
     """One queued outgoing message: wire bytes, an inner message to box, or the update(s) of one
-    document to send as a single `sync` update (`parts`, merged when it is sent)."""
+    document to send as a single `sync` update (`parts`, merged when it is sent). Boxing waits
+    until the shell takes the message, so queued updates can still be merged."""
 
     __slots__ = ("base", "doc", "extra", "msg", "parts", "size", "wire")
 
@@ -396,16 +450,20 @@ class _Out:
 
 
 class PeerConnection:
-    """Everything one side of one peer connection decides, given messages and the time."""
+    """Everything one side of one peer connection decides, given messages and the time.
+
+    `host` is only read (`SyncHostView`); received updates come out as `UpdateReceived` events
+    for the shell to apply (module docstring). `config` is the core's own part of the settings.
+    """
 
     def __init__(
         self,
         identity: IdentityLike,
-        host: SyncHostLike,
+        host: SyncHostView,
         *,
         dialer: bool,
         now: float,
-        config: PeerConfig | None = None,
+        config: SessionConfig | None = None,
         model: int = MODEL_VERSION,
         accepted_models: Iterable[int] | None = None,
         random: Callable[[int], bytes] = os.urandom,
@@ -416,8 +474,8 @@ class PeerConnection:
         self.host = host
         self.dialer = dialer
         self.origin = origin
-        """The origin of the peer's updates (default `peer:<device id>`; hub links: `hub:<url>`)."""
-        self.config = config or PeerConfig()
+        """The origin of the peer's updates (default `peer:<device id>`; a hub's: `hub:<url>`)."""
+        self.config = config or SessionConfig()
         self.model = model
         self.handshake = Handshake(
             identity,
@@ -435,14 +493,20 @@ class PeerConnection:
         self.claimed_name: str | None = None
         """What the peer's hello or cleartext close says, even when we could not accept it."""
         self.established: Established | None = None
-        self._out: deque[_Out] = deque()
-        self._updates: dict[str, _Out] = {}
+        self._out: deque[QueuedMessage] = deque()
+        self._updates: dict[str, QueuedMessage] = {}
         """Per document, the queued update message later updates of it are merged into."""
         self.queued_bytes = 0
         """Bytes waiting in `_out` (what `data_to_send` has not handed out yet)."""
         self.coalesced = 0
         """Updates merged into an already queued update message instead of queued on their own."""
         self._events: deque[Event] = deque()
+        self._applying: UpdateReceived | None = None
+        """The update handed to the shell whose outcome is not reported yet."""
+        self._held: deque[bytes | str] = deque()
+        """Messages received meanwhile: handled, in order, once that outcome is in."""
+        self._write_since: float | None = None
+        """While the shell is writing: when the write last made progress (`send_timeout`)."""
         self._cleartext_ok = True  # until the peer's first box
         self._handshake_deadline = now + self.config.handshake_timeout
         self._last_received = now
@@ -497,30 +561,57 @@ class PeerConnection:
         if self.closed is not None:
             return None
         if self.session is None:
-            return self._handshake_deadline
-        return min(self._next_ping, self._last_received + self.config.idle_timeout)
+            deadline = self._handshake_deadline
+        else:
+            deadline = min(self._next_ping, self._last_received + self.config.idle_timeout)
+        if self._write_since is not None:
+            deadline = min(deadline, self._write_since + self.config.send_timeout)
+        return deadline
+
+    @property
+    def awaiting_outcome(self) -> UpdateReceived | None:
+        """The `UpdateReceived` whose outcome the shell has not reported yet (messages wait)."""
+        return self._applying
 
     # -- inputs --------------------------------------------------------------------------------
 
     def receive(self, data: bytes | str, now: float) -> None:
-        """One websocket message from the peer. Anything wrong closes the connection."""
+        """One websocket message from the peer. Anything wrong closes the connection; while an
+        update awaits its outcome (`UpdateReceived`), the message waits its turn."""
         if self.closed is not None:
             return
         self._last_received = now
         self._next_ping = now + self.config.ping_interval
-        try:
-            self._receive(data)
-        except ProtocolError as exc:
-            versions = exc.versions if isinstance(exc, IncompatibleVersion) else None
-            self._close(exc.reason, exc.detail, versions=versions)
-        except BaseException as exc:  # a bug or a host failure must only cost this link
-            if not _is_failure(exc):
-                raise
-            log.error("peer link failed while handling a message", exc_info=exc)
-            self._close(INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
+        if self._applying is not None:
+            self._held.append(data)
+            return
+        self._receive_one(data)
+
+    def update_applied(self, event: UpdateReceived) -> None:
+        """The shell applied `event` through its host."""
+        self._settle(event, None)
+
+    def update_failed(self, event: UpdateReceived, exc: BaseException) -> None:
+        """The shell's host raised `exc` applying `event`: `DocRefused` is answered with an
+        `error`, a ValueError (no Yjs update) closes with `protocol-error`, anything else is that
+        document's `DocFailed` and the connection goes on."""
+        self._settle(event, exc)
+
+    def sending(self, now: float) -> None:
+        """The shell is writing what `data_to_send` handed out: it started, or finished one
+        message, at `now`. A write that makes no progress for `send_timeout` is `too-slow`."""
+        self._write_since = now
+
+    def sent(self) -> None:
+        """The shell has written everything it took: no write to watch any more."""
+        self._write_since = None
 
     def handle_timer(self, now: float) -> None:
         if self.closed is not None:
+            return
+        since = self._write_since
+        if since is not None and now >= since + self.config.send_timeout:
+            self._close(TOO_SLOW, f"no progress writing to the peer for {now - since:.1f} s")
             return
         if self.session is None:
             if now >= self._handshake_deadline:
@@ -558,13 +649,48 @@ class PeerConnection:
     def _guard(self, fn: Callable[..., None], *args: Any) -> None:
         try:
             fn(*args)
-        except ProtocolError as exc:
+        except CloseConnection as exc:
             self._close(exc.reason, exc.detail)
         except BaseException as exc:
-            if not _is_failure(exc):
+            if not is_failure(exc):
                 raise
-            log.error("peer link failed", exc_info=exc)
+            log.error("peer connection failed", exc_info=exc)
             self._close(INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
+
+    def _receive_one(self, data: bytes | str) -> None:
+        try:
+            self._receive(data)
+        except CloseConnection as exc:
+            versions = exc.versions if isinstance(exc, IncompatibleVersion) else None
+            self._close(exc.reason, exc.detail, versions=versions)
+        except BaseException as exc:  # a bug or a host failure must only cost this connection
+            if not is_failure(exc):
+                raise
+            log.error("peer connection failed while handling a message", exc_info=exc)
+            self._close(INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
+
+    def _settle(self, event: UpdateReceived, exc: BaseException | None) -> None:
+        """The outcome of the update being applied: act on it, then on the messages held."""
+        if event is not self._applying:
+            raise RuntimeError(f"{event!r} is not the update awaiting its outcome")
+        self._applying = None
+        session = self.session
+        if self.closed is None and session is not None:
+            try:  # `_guard`, inlined: this runs once per received update
+                session.update_done(event, exc)
+            except CloseConnection as error:
+                self._close(error.reason, error.detail)
+            except BaseException as error:
+                if not is_failure(error):
+                    raise
+                log.error("peer connection failed", exc_info=error)
+                self._close(INTERNAL_ERROR, f"{type(error).__name__}: {error}")
+            if session.synced and not self._synced_reported:
+                self._report_synced()
+        while self._held and self._applying is None and self.closed is None:
+            self._receive_one(self._held.popleft())
+        if self.closed is not None:
+            self._held.clear()
 
     def _receive(self, data: bytes | str) -> None:
         outer = messages.decode(data, self.config.max_message)
@@ -573,13 +699,13 @@ class PeerConnection:
         if t == "box":
             channel = self.handshake.channel
             if channel is None:
-                raise ProtocolError(PROTOCOL_ERROR, "box before the hellos were exchanged")
+                raise PeerProtocolError(PROTOCOL_ERROR, "box before the hellos were exchanged")
             inner = channel.open(outer, self.config.max_message)
             self._cleartext_ok = False
             self._receive_inner(inner)
             return
         if not self._cleartext_ok:
-            raise ProtocolError(PROTOCOL_ERROR, f"cleartext {t!r} after encryption started")
+            raise PeerProtocolError(PROTOCOL_ERROR, f"cleartext {t!r} after encryption started")
         self._note_claims(outer)
         if t == "close":
             self._peer_closed(outer)
@@ -605,7 +731,7 @@ class PeerConnection:
             self._peer_closed(msg)
         elif self.session is None:
             if t != "auth":
-                raise ProtocolError(PROTOCOL_ERROR, f"{t!r} before authentication")
+                raise PeerProtocolError(PROTOCOL_ERROR, f"{t!r} before authentication")
             self._queue_wire(self.handshake.receive_auth(msg))
             self._open(self.handshake.result)
         elif t == "ping":
@@ -616,10 +742,14 @@ class PeerConnection:
             self.handshake.peer_tags = list(msg["tags"])
             self._refresh_spaces(announce=False)
         elif t == "auth":
-            raise ProtocolError(PROTOCOL_ERROR, "second auth")
+            raise PeerProtocolError(PROTOCOL_ERROR, "second auth")
         else:
-            self.session.receive(msg)
-            self._report_synced()
+            update = self.session.receive(msg)
+            if update is not None:
+                self._applying = update
+                self._events.append(update)
+            else:
+                self._report_synced()
 
     def _open(self, result: Established | None) -> None:
         assert result is not None
@@ -632,7 +762,7 @@ class PeerConnection:
             self._send_inner,
             max_deferred=self.config.max_deferred,
             origin=self.origin,
-            on_error=self._events.append,
+            report=self._events.append,
             send_update=self._send_update,
         )
         self._events.append(result)
@@ -649,7 +779,9 @@ class PeerConnection:
                 self._send_inner({"t": "spaces", "tags": tags})
         spaces = self.handshake.common_spaces()
         if not spaces:
-            raise ProtocolError(UNAUTHORIZED, "no common space any more")
+            # after the peer's announcement, its doing; after a change of ours, ours
+            fault = LocalProtocolError if announce else PeerProtocolError
+            raise fault(UNAUTHORIZED, "no common space any more")
         if spaces != self.session.spaces:
             self.session.set_spaces(spaces)
         else:
@@ -667,8 +799,8 @@ class PeerConnection:
             return
         size = len(messages.encode(msg)) + BOX_OVERHEAD
         if size > self.config.max_message:
-            raise ProtocolError(TOO_LARGE, f"outgoing message of {size} bytes")
-        self._push(_Out(msg=msg, size=size))
+            raise LocalProtocolError(TOO_LARGE, f"outgoing message of {size} bytes")
+        self._push(QueuedMessage(msg=msg, size=size))
 
     def _send_update(self, doc: str, update: bytes) -> None:
         """A `sync` update of `doc`: merged into the one already queued for `doc` if any."""
@@ -676,7 +808,7 @@ class PeerConnection:
             return
         size = len(update) + len(doc.encode()) + UPDATE_OVERHEAD
         if size > self.config.max_message:
-            raise ProtocolError(TOO_LARGE, f"outgoing message of {size} bytes")
+            raise LocalProtocolError(TOO_LARGE, f"outgoing message of {size} bytes")
         head = self._updates.get(doc)
         if head is not None and head.size + len(update) <= self.config.max_message:
             assert head.parts is not None
@@ -688,16 +820,16 @@ class PeerConnection:
             self._merge_tail(head)
             self._check_queue()
             return
-        self._push(_Out(doc=doc, update=update, size=size))
+        self._push(QueuedMessage(doc=doc, update=update, size=size))
 
     # -- the outgoing queue --------------------------------------------------------------------
 
     def _queue_wire(self, data: Iterable[bytes]) -> None:
         for wire in data:
-            self._out.append(_Out(wire=wire, size=len(wire)))
+            self._out.append(QueuedMessage(wire=wire, size=len(wire)))
             self.queued_bytes += len(wire)
 
-    def _push(self, entry: _Out) -> None:
+    def _push(self, entry: QueuedMessage) -> None:
         self._out.append(entry)
         self.queued_bytes += entry.size
         self._check_queue()
@@ -712,7 +844,7 @@ class PeerConnection:
         if self.queued_bytes > self.config.max_queued:
             largest = max(entry.base for entry in self._out)
             if self.queued_bytes - largest > self.config.max_queued:
-                raise ProtocolError(
+                raise PeerProtocolError(
                     TOO_SLOW, f"{self.queued_bytes} bytes queued: the peer does not keep up"
                 )
 
@@ -747,7 +879,7 @@ class PeerConnection:
                 head.parts = [merge_updates(*head.parts)]
                 self.queued_bytes += head.resize()
 
-    def _merge_tail(self, head: _Out) -> None:
+    def _merge_tail(self, head: QueuedMessage) -> None:
         """Merge the newest parts while they are not much smaller than the ones before them:
         each update gets merged O(log n) times, however many are queued."""
         parts = head.parts
@@ -759,7 +891,7 @@ class PeerConnection:
         if merged:
             self.queued_bytes += head.resize()
 
-    def _wire(self, entry: _Out) -> bytes:
+    def _wire(self, entry: QueuedMessage) -> bytes:
         if entry.wire is not None:
             return entry.wire
         channel = self.handshake.channel
@@ -802,7 +934,7 @@ class PeerConnection:
         channel = self.handshake.channel
         if channel is not None:
             size = len(messages.encode(msg)) + BOX_OVERHEAD
-            self._out.append(_Out(msg=msg, size=size))
+            self._out.append(QueuedMessage(msg=msg, size=size))
             self.queued_bytes += size
         else:
             msg["proto"], msg["model"] = PROTOCOL_VERSION, self.model
@@ -813,4 +945,23 @@ class PeerConnection:
 
     def _finish(self, closed: Closed) -> None:
         self.closed = closed
+        self._held.clear()
         self._events.append(closed)
+
+
+# -- what every shell does with an UpdateReceived ------------------------------------------------
+
+
+def apply_update(conn: PeerConnection, event: UpdateReceived, sink: UpdateSink) -> None:
+    """Apply `event` through `sink` (the shell's `SyncHost`) and report the outcome to `conn`,
+    which decides what the peer is told. Called by the shell, never by the core: this is where
+    a received update reaches the registry, the store and the other connections. Cancellations
+    and interrupts go on (the connection is being torn down anyway)."""
+    try:
+        sink.apply(event.doc, event.update, event.origin)
+    except BaseException as exc:
+        if not is_failure(exc):
+            raise
+        conn.update_failed(event, exc)
+    else:
+        conn.update_applied(event)

@@ -31,8 +31,12 @@ from pycrdt import Doc, Map
 
 from ..core import settings
 from ..core.errors import (
+    AMBIGUOUS,
+    BAD_INVITE,
     BAD_REQUEST,
+    EXISTS,
     NOT_FOUND,
+    NOT_SHARED,
     OpError,
     Pending,
 )
@@ -92,13 +96,8 @@ class SyncHost(Protocol):
     def add_docs_listener(self, fn: Callable[[], None]) -> int: ...
 
 
-class SpaceError(Exception):
-    """A refused space operation; `code` becomes the API error code."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+class SpaceError(OpError):
+    """A refused space operation (an `OpError`: the socket answers it as such)."""
 
 
 @dataclass(eq=False)
@@ -143,11 +142,11 @@ def _new_space_id() -> str:
 
 def _validate_space_name(name: object) -> str:
     if not isinstance(name, str) or not name.strip():
-        raise SpaceError("bad-request", "a space name must be a non-empty string")
+        raise SpaceError(BAD_REQUEST, "a space name must be a non-empty string")
     name = name.strip()
     if len(name) > MAX_SPACE_NAME or any(ch < " " for ch in name):
         raise SpaceError(
-            "bad-request", f"a space name is one line of at most {MAX_SPACE_NAME} characters"
+            BAD_REQUEST, f"a space name is one line of at most {MAX_SPACE_NAME} characters"
         )
     return name
 
@@ -254,7 +253,7 @@ class SpacesService:
     def resolve(self, ref: str) -> Space:
         """A space by id, by name, or by a unique id prefix (at least 4 characters)."""
         if not isinstance(ref, str) or not ref:
-            raise SpaceError("bad-request", "name a space by its id or name")
+            raise SpaceError(BAD_REQUEST, "name a space by its id or name")
         if ref in self.spaces:
             return self.spaces[ref]
         matches = [s for s in self.spaces.values() if ref in (s.display_name, s.name)]
@@ -264,8 +263,8 @@ class SpacesService:
             return matches[0]
         if matches:
             ids = ", ".join(sorted(s.id for s in matches))
-            raise SpaceError("ambiguous", f"{ref!r} names several spaces ({ids}); use the id")
-        raise SpaceError("not-found", f"no space {ref!r} (see `peerdaemon space list`)")
+            raise SpaceError(AMBIGUOUS, f"{ref!r} names several spaces ({ids}); use the id")
+        raise SpaceError(NOT_FOUND, f"no space {ref!r} (see `peerdaemon space list`)")
 
     def invite(self, ref: str, addresses: list[str] | None = None, hub: str | None = None) -> str:
         space = self.resolve(ref)
@@ -275,7 +274,7 @@ class SpacesService:
             try:
                 parse_address(address)
             except ValueError as exc:
-                raise SpaceError("bad-request", str(exc)) from None
+                raise SpaceError(BAD_REQUEST, str(exc)) from None
         invite = Invite(
             space_id=space.id,
             name=space.display_name,
@@ -292,11 +291,11 @@ class SpacesService:
         try:
             invite = decode_invite(code)
         except InviteError as exc:
-            raise SpaceError("bad-invite", str(exc)) from None
+            raise SpaceError(BAD_INVITE, str(exc)) from None
         if invite.space_id in self.spaces:
             known = self.spaces[invite.space_id]
             raise SpaceError(
-                "exists", f"this device is already in space {known.display_name!r} ({known.id})"
+                EXISTS, f"this device is already in space {known.display_name!r} ({known.id})"
             )
         space = self._track(
             Space(
@@ -345,7 +344,7 @@ class SpacesService:
         elif env_id in self.bindings:
             other = self.spaces[self.bindings[env_id]]
             raise SpaceError(
-                "exists",
+                EXISTS,
                 f"environment {env_id} is already shared in space {other.display_name!r}; "
                 "unshare it first, or share a duplicate with --copy",
             )
@@ -362,7 +361,7 @@ class SpacesService:
         self.registry.get(env_id)
         space = self.spaces.get(self.bindings.get(env_id, ""))
         if space is None:
-            raise SpaceError("not-shared", f"environment {env_id} is not shared in a space")
+            raise SpaceError(NOT_SHARED, f"environment {env_id} is not shared in a space")
         space.doc.set_state(env_id, UNSHARED, self.identity.device_id)
         tickets = self._commit_space(space, LOCAL)
         tickets += self._reconcile(LOCAL)
@@ -385,7 +384,7 @@ class SpacesService:
         try:
             tickets = [save_name(self.store, self.identity, name)]
         except ValueError as exc:
-            raise SpaceError("bad-request", str(exc)) from None
+            raise SpaceError(BAD_REQUEST, str(exc)) from None
         for space in self.spaces.values():
             space.doc.set_member(self.identity.device_id, self.identity.name)
             tickets += self._commit_space(space, LOCAL)
@@ -729,7 +728,7 @@ class SpacesService:
             try:
                 ticket = settings.set_one(self.store, key, args.get("value"))
             except settings.SettingError as exc:
-                code = "not-found" if str(exc).startswith("unknown setting") else "bad-request"
+                code = NOT_FOUND if str(exc).startswith("unknown setting") else BAD_REQUEST
                 raise OpError(code, str(exc)) from None
             shown = settings.get_all(self.store)[key]
             return _pending([ticket], {"key": key, "value": shown, "restart": True})

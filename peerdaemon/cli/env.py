@@ -1,0 +1,274 @@
+"""`env`: environments in the daemon, and the files linked to them (docs/mirror.md)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from peerdaemon.api.client import DaemonError
+from peerdaemon.api.protocol import UUID_MISMATCH
+from peerdaemon.cli.common import (
+    CliError,
+    Commands,
+    cell,
+    connect,
+    print_table,
+    read_bytes,
+    read_text,
+    to_json,
+    warn,
+    write_file,
+)
+from peerdaemon.model.schema import LAST_MIGRATION
+
+
+def register(commands: Commands) -> None:
+    envs = commands.add_group(
+        "env",
+        help="manage environments",
+        description="manage environments",
+        dest="env_command",
+        metavar="ENV_COMMAND",
+    )
+    p = envs.command("list", cmd_env_list, "list environments")
+    p.add_argument("--json", action="store_true", help="print the list as JSON")
+
+    p = envs.command("import", cmd_env_import, "import a Mockoon environment file; prints its id")
+    p.add_argument("file", metavar="FILE", help="environment JSON file, or - for stdin")
+    p.add_argument("--new-id", action="store_true", help="give the environment a fresh id")
+    p.add_argument("--link", action="store_true", help="keep FILE linked to the environment")
+
+    p = envs.command("export", cmd_env_export, "export an environment")
+    p.add_argument("id", metavar="ID")
+    p.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
+    p.add_argument("--format", choices=("json", "yjs"), default="json", help="default: json")
+
+    p = envs.command("get", cmd_env_get, "print an environment, or the value at a JSON Pointer")
+    p.add_argument("id", metavar="ID")
+    p.add_argument("pointer", metavar="POINTER", nargs="?", help="RFC 6901 JSON Pointer")
+
+    p = envs.command("put", cmd_env_put, "replace an environment with the content of FILE")
+    p.add_argument("id", metavar="ID")
+    p.add_argument("file", metavar="FILE", help="environment JSON file, or - for stdin")
+    p.add_argument(
+        "--force-id",
+        action="store_true",
+        help="put FILE even if its uuid names another environment (ID keeps its id)",
+    )
+
+    p = envs.command("patch", cmd_env_patch, "apply an RFC 6902 JSON Patch file")
+    p.add_argument("id", metavar="ID")
+    p.add_argument("file", metavar="FILE", help="JSON Patch file, or - for stdin")
+
+    p = envs.command("merge", cmd_env_merge, "merge a binary Yjs update file")
+    p.add_argument("id", metavar="ID")
+    p.add_argument("file", metavar="FILE", help="Yjs update file, or - for stdin")
+
+    p = envs.command("delete", cmd_env_delete, "delete an environment")
+    p.add_argument("id", metavar="ID")
+
+    p = envs.command("watch", cmd_env_watch, "print one JSON line per change (Ctrl-C to stop)")
+    p.add_argument("id", metavar="ID")
+
+    p = envs.command("link", cmd_env_link, "mirror an environment to FILE, both ways")
+    p.add_argument("id", metavar="ID")
+    p.add_argument("file", metavar="FILE", help="the file to keep in step (e.g. Mockoon's own)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace FILE even if it is not this environment"
+    )
+
+    p = envs.command("unlink", cmd_env_unlink, "stop mirroring an environment (the file stays)")
+    p.add_argument("id", metavar="ID")
+
+    p = envs.command("links", cmd_env_links, "list linked files and their state")
+    p.add_argument("--json", action="store_true", help="print the links as JSON")
+
+
+def _report_repairs(result: Any) -> None:
+    if isinstance(result, dict):
+        for repair in result.get("repairs") or ():
+            warn(f"repaired: {repair}")
+        if result.get("newer"):
+            _warn_newer()
+
+
+def _warn_newer() -> None:
+    warn(
+        "warning: this environment was written by a newer Mockoon than peerdaemon knows "
+        f"(lastMigration > {LAST_MIGRATION}); it is kept exactly as it is"
+    )
+
+
+def _flags(env: dict[str, Any]) -> list[str]:
+    """`flags` from the daemon plus the boolean facts worth a glance (`newer`: the file was
+    written by a newer Mockoon than peerdaemon knows)."""
+    flags = [str(f) for f in env.get("flags") or ()]
+    for name in ("newer",):
+        if env.get(name) is True and name not in flags:
+            flags.append(name)
+    return flags
+
+
+def cmd_env_list(args: argparse.Namespace) -> int:
+    with connect(args) as client:
+        envs = client.list_envs()
+    if args.json:
+        print(to_json(envs))
+        return 0
+    rows = [("ID", "NAME", "ROUTES", "FLAGS")]
+    for env in envs or ():
+        env = env if isinstance(env, dict) else {"id": env}
+        rows.append(
+            (
+                cell(env.get("id")),
+                cell(env.get("name")),
+                cell(env.get("routes")),
+                cell(_flags(env)),
+            )
+        )
+    print_table(rows)
+    return 0
+
+
+def cmd_env_import(args: argparse.Namespace) -> int:
+    if getattr(args, "link", False) and args.file == "-":
+        raise CliError("--link needs a FILE to link, not stdin")
+    text = read_text(args.file)
+    with connect(args) as client:
+        if getattr(args, "link", False):  # import, then keep FILE linked (docs/mirror.md)
+            path = os.path.abspath(args.file)
+            result = client.call("env.import_link", json=text, new_id=args.new_id, path=path)
+        else:
+            result = client.import_env(text, new_id=args.new_id)
+    _report_repairs(result)
+    print(result["id"] if isinstance(result, dict) else result)
+    return 0
+
+
+def cmd_env_export(args: argparse.Namespace) -> int:
+    with connect(args) as client:
+        result = client.export(args.id, format=args.format)
+    if args.format == "yjs":
+        if not isinstance(result, bytes | bytearray):
+            raise CliError("the daemon did not return a binary update")
+        data = bytes(result)
+        if args.output is None:
+            if sys.stdout.isatty():
+                raise CliError("refusing to write a binary Yjs update to a terminal; use -o FILE")
+            sys.stdout.flush()
+            sys.stdout.buffer.write(data)
+            sys.stdout.buffer.flush()
+        else:
+            write_file(Path(args.output), data)
+        return 0
+    last = result.get("lastMigration") if isinstance(result, dict) else None
+    if isinstance(last, int | float) and not isinstance(last, bool) and last > LAST_MIGRATION:
+        _warn_newer()
+    text = to_json(result)  # Mockoon's own layout: JSON.stringify(env, null, 2)
+    if args.output is None:
+        print(text)
+    else:
+        write_file(Path(args.output), text.encode("utf-8"))
+    return 0
+
+
+def cmd_env_get(args: argparse.Namespace) -> int:
+    with connect(args) as client:
+        value = client.get(args.id, args.pointer)
+    print(to_json(value))
+    return 0
+
+
+def cmd_env_put(args: argparse.Namespace) -> int:
+    text = read_text(args.file)
+    with connect(args) as client:
+        try:
+            result = client.put(args.id, text, force_id=args.force_id)
+        except DaemonError as exc:
+            if exc.code != UUID_MISMATCH:
+                raise
+            label = "stdin" if args.file == "-" else args.file
+            raise CliError(
+                f"{label} is not environment {args.id} (its uuid is another id): refusing "
+                f"to replace {args.id} with it; use --force-id to do it anyway ({exc.code})"
+            ) from None
+    _report_repairs(result)
+    return 0
+
+
+def cmd_env_patch(args: argparse.Namespace) -> int:
+    text = read_text(args.file)
+    with connect(args) as client:
+        client.patch(args.id, text)
+    return 0
+
+
+def cmd_env_merge(args: argparse.Namespace) -> int:
+    update = read_bytes(args.file)
+    with connect(args) as client:
+        client.merge(args.id, update)
+    return 0
+
+
+def cmd_env_delete(args: argparse.Namespace) -> int:
+    with connect(args) as client:
+        client.delete(args.id)
+    return 0
+
+
+def cmd_env_watch(args: argparse.Namespace) -> int:
+    """One JSON line per change until the environment is deleted or Ctrl-C (exit 0)."""
+    try:
+        with connect(args) as client:
+            for event in client.subscribe_env(args.id):
+                if not isinstance(event, dict):
+                    continue
+                env_id = event.get("id", args.id)
+                if event.get("type") == "deleted":
+                    print(to_json({"id": env_id, "deleted": True}, indent=None), flush=True)
+                    return 0
+                if event.get("type") == "change":
+                    line = {
+                        "id": env_id,
+                        "paths": event.get("paths", []),
+                        "origin": event.get("origin"),
+                    }
+                    print(to_json(line, indent=None), flush=True)
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+def cmd_env_link(args: argparse.Namespace) -> int:
+    path = os.path.abspath(os.path.expanduser(args.file))  # the daemon's cwd is not ours
+    with connect(args) as client:
+        result = client.call("env.link", id=args.id, path=path, overwrite=args.overwrite)
+    if isinstance(result, dict) and result.get("error"):  # linked, but not writable yet
+        warn(f"linked, but: {result['error']} (retrying; see `peerdaemon env links`)")
+    return 0
+
+
+def cmd_env_unlink(args: argparse.Namespace) -> int:
+    with connect(args) as client:
+        client.call("env.unlink", id=args.id)
+    return 0
+
+
+def cmd_env_links(args: argparse.Namespace) -> int:
+    with connect(args) as client:
+        links = client.call("env.links")
+    if args.json:
+        print(to_json(links))
+        return 0
+    rows = [("ID", "STATE", "PATH")]
+    for link in links or ():
+        state = cell(link.get("state")) + (" (auto)" if link.get("auto") else "")
+        rows.append((cell(link.get("id")), state, cell(link.get("path"))))
+    print_table(rows)
+    for link in links or ():
+        if link.get("error"):
+            warn(f"{link.get('id')}: {link['error']}")
+    return 0

@@ -1,0 +1,164 @@
+"""The `/yjs/SPACE/DOC` endpoint: y-websocket clients in their rooms, over the hub's transport.
+
+The decisions live in cores without I/O: who may connect and stay (`yauth.YjsAuth`), what a
+room does with each message (`ywebsocket.Rooms`), when a connection is pinged, cut or too slow
+(`wsconn.WsConn`). This shell acts on what they ask for:
+
+* a `StoreUpdate` the rooms return: applied to `HubDocs` at once, before the connection's next
+  message (so each client's updates keep their order), with its origin so that HubDocs relays
+  it, once durable, to every connection but that one; a limit or bad bytes go back to the rooms
+  (`Rooms.update_refused`), which deny or close that connection;
+* connections with something new to write (the shared `ready` list): after every call into
+  the rooms, their transports are woken, and an idle one writes at once (transport.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Protocol
+
+from ..core.events import EventLog
+from ..peer.admission import Slot
+from .accounts import LimitExceeded
+from .transport import WebSocketTransport
+from .yauth import AccountsLike, Admitted, YjsAuth
+from .ywebsocket import CLOSE_CODES, Outlet, Rooms, StoreUpdate, YConn, take_ready
+
+__all__ = ["DocsWriter", "YjsEndpoint", "store_update"]
+
+log = logging.getLogger("peerdaemon.hub.yjs")
+
+
+class DocsWriter(Protocol):
+    """What the endpoint writes to `HubDocs`."""
+
+    def apply(self, space_id: str, doc_id: str, update: bytes, origin: str) -> object: ...
+
+
+def store_update(docs: DocsWriter, rooms: Rooms, event: StoreUpdate) -> None:
+    """Apply a client's update to the documents, or tell the rooms why it was refused."""
+    conn = event.conn
+    try:
+        docs.apply(event.space_id, event.doc_id, event.update, conn.origin)
+    except LimitExceeded as exc:
+        log.info("yws %s (%s): %s", conn.number, conn.user, exc)
+        rooms.update_refused(event, exc.reason)
+    except ValueError as exc:
+        log.info("yws %s: bad update: %s", conn.number, exc)
+        rooms.update_refused(event, None)
+
+
+class YjsEndpoint:
+    """Every y-websocket connection of the hub. Hook it to `HubDocs` with
+    `docs.add_listener(rooms.on_update)` and `docs.add_flush_listener(endpoint.flush)`, and to
+    the accounts with `accounts.add_change_listener(endpoint.revalidate)` (server.py does)."""
+
+    def __init__(
+        self,
+        rooms: Rooms,
+        docs: DocsWriter,
+        accounts: AccountsLike,
+        *,
+        events: EventLog | None = None,
+    ) -> None:
+        self.rooms = rooms
+        self.docs = docs
+        self.auth = YjsAuth(accounts)
+        self.events = events
+        self.ready: list[Outlet] = []
+        """Connections with something new to write (filled by the cores, see `wake_ready`)."""
+        self.transports: dict[int, WebSocketTransport] = {}
+
+    def wake_ready(self) -> None:
+        """Have every connection the cores gave something to write send it."""
+        transports = self.transports
+        for outlet in take_ready(self.ready):
+            transport = transports.get(outlet.number)
+            if transport is not None:
+                transport.wake()
+
+    # -- what the hub's documents and accounts call ------------------------------------------------
+    def flush(self) -> None:
+        """HubDocs flush listener: relay the updates that became durable, answer step 1s."""
+        self.rooms.flush()
+        self.wake_ready()
+
+    def revalidate(self) -> int:
+        """After an accounts change: deny the connections whose token or access is gone."""
+        cut = 0
+        for conn in self.rooms.connections():
+            reason = self.auth.recheck(conn.token_hash, conn.space_id)
+            if reason is not None:
+                conn.deny(reason)
+                cut += 1
+        self.wake_ready()
+        return cut
+
+    def close_all(self, code: int, reason: str) -> None:
+        for conn in self.rooms.connections():
+            conn.close(code, reason)
+        self.wake_ready()
+
+    # -- one connection --------------------------------------------------------------------------
+    async def serve(
+        self,
+        transport: WebSocketTransport,
+        conn: YConn,
+        space_id: str,
+        doc_id: str,
+        query: Mapping[str, str],
+        slot: Slot,
+    ) -> None:
+        """Admit `conn` (its token, access, ids, device slot) and keep it in its room until it
+        closes; a refused one gets permission-denied and a close. The connection's admission
+        `slot` is released once it joined (its `HandshakeWatch` cuts it otherwise).
+        `conn` must have been made with this endpoint's `ready` list."""
+        rooms = self.rooms
+        verdict = self.auth.admit(query, space_id, doc_id, conn.origin)
+        lease = None
+        if isinstance(verdict, Admitted):
+            conn.user = verdict.user
+            conn.token_hash = verdict.token_hash
+            conn.space_id = space_id
+            conn.device = verdict.device
+            lease = verdict.lease
+            rooms.join(space_id, doc_id, conn)
+            slot.release()  # authenticated: no longer counts as half-open
+        else:
+            log.info("yws %d: refused: %s %s", conn.number, verdict.reason, verdict.detail)
+            conn.deny(verdict.reason)
+
+        def on_message(data: bytes | str) -> None:
+            if isinstance(data, str):
+                conn.close(CLOSE_CODES["protocol-error"], "protocol-error")
+            else:
+                try:
+                    event = rooms.receive(conn, data)
+                    if event is not None:
+                        store_update(self.docs, rooms, event)
+                except Exception:
+                    log.exception("yws %d: message handling failed", conn.number)
+                    conn.close(1011, "internal-error")
+            self.wake_ready()
+
+        self.transports[conn.number] = transport
+        try:
+            await transport.run(on_message)
+        finally:
+            del self.transports[conn.number]
+            rooms.leave(conn)
+            self.wake_ready()
+            if lease is not None:
+                lease.release()
+            if conn.dropped_slow:
+                log.warning("yws %d (%s): dropped: too slow", conn.number, conn.user)
+                if self.events is not None:
+                    self.events.emit(
+                        "client-dropped",
+                        connection=conn.number,
+                        user=conn.user,
+                        space=space_id,
+                        doc=doc_id,
+                        reason="too-slow",
+                    )
