@@ -18,14 +18,14 @@ from pathlib import Path
 
 import trio
 
-from ..api.server import serve_unix
+from ..api import serve_unix
 from ..core import settings
 from ..core.addresses import parse_address
 from ..core.events import EventLog
 from ..core.identity import Identity, load_or_create_identity
 from ..core.registry import Registry
 from ..core.runner import run_process
-from ..discovery.mdns import DiscoveryError, MdnsDiscovery
+from ..discovery import DiscoveryError, MdnsDiscovery
 from ..hublink import HubLinkService
 from ..mirror import MirrorService
 from ..operations import Operations

@@ -16,7 +16,7 @@ import math
 
 import trio
 
-from ..peer.admission import BUSY_BODY, BUSY_STATUS, Admission, Slot
+from ..peer import BUSY_BODY, BUSY_STATUS, Admission, Slot
 from .transport import CLOSE_TIMEOUT, BadRequest, HttpExchange
 
 __all__ = ["REFUSE_TIMEOUT", "HandshakeWatch", "HubAdmission"]

@@ -31,7 +31,7 @@ from pycrdt import Doc, Map, get_update
 
 from ..core.events import EventLog
 from ..model.lib0 import EMPTY_UPDATE
-from ..spaces.document import ENVIRONMENTS, SHARED
+from ..spaces import ENVIRONMENTS, SHARED
 from ..store import Store, StoreError, Ticket
 from .accounts import LimitExceeded, Limits
 

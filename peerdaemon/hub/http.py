@@ -17,7 +17,7 @@ from urllib.parse import unquote
 
 import trio
 
-from ..peer.admission import Slot
+from ..peer import Slot
 from .admission import HandshakeWatch, HubAdmission
 from .peer_socket import NotAvailablePeerHandler, PeerHandler, PeerSocket
 from .transport import (

@@ -11,7 +11,7 @@ from typing import Protocol
 import trio
 from trio_websocket import CloseReason, ConnectionClosed
 
-from ..peer.admission import Slot
+from ..peer import Slot
 from .transport import CLOSE_TIMEOUT, Request, WebSocketTransport
 from .wsconn import OPCODE_TEXT, ws_frame
 from .ywebsocket import Outlet

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from typing import Protocol
 
 from ..core.events import EventLog
-from ..peer.admission import Slot
+from ..peer import Slot
 from .accounts import LimitExceeded
 from .transport import WebSocketTransport
 from .yauth import AccountsLike, Admitted, YjsAuth

@@ -18,7 +18,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from . import messages
-from .admission import Admission, Slot
+from .admission import BUSY_BODY, BUSY_STATUS, Admission, Slot
 from .backoff import Backoff
 from .config import PeerConfig
 from .crypto import HUB_TOKEN_ID_LEN, hub_token_hash, hub_token_id, hub_token_proof
@@ -58,6 +58,8 @@ if TYPE_CHECKING:
     from .manager import PeerManager
 
 __all__ = [
+    "BUSY_BODY",
+    "BUSY_STATUS",
     "HUB_TOKEN_ID_LEN",
     "PATH",
     "PROTOCOL_VERSION",

@@ -4,7 +4,7 @@
 link (docs/architecture.md, docs/spaces.md).
 """
 
-from .document import DELETED, SHARED, UNSHARED, SpaceDoc
+from .document import DELETED, ENVIRONMENTS, SHARED, UNSHARED, SpaceDoc
 from .invite import Invite, InviteError, decode_invite, encode_invite, parse_address
 from .service import (
     InvitePeer,
@@ -18,6 +18,7 @@ from .service import (
 
 __all__ = [
     "DELETED",
+    "ENVIRONMENTS",
     "SHARED",
     "UNSHARED",
     "Invite",
