@@ -102,6 +102,7 @@ class HubHttp:
         exchange = HttpExchange(stream)
         with trio.fail_after(self.config.head_timeout):  # the head, and the answer to it
             upgraded = await self._answer_or_upgrade(exchange)
+        del exchange  # h11's buffers: not kept for the websocket's lifetime
         if upgraded is None:
             slot.release()  # answered
             return
@@ -121,9 +122,11 @@ class HubHttp:
                 self.peer_connections -= 1
         else:
             space_id, doc_id = (unquote(p) for p in request.path[len("/yjs/") :].split("/"))
+            query = request.query
             conn = YConn(self._number(), self._outbox(), ready=self.yjs.ready)
             transport = self._transport(stream, conn, upgraded, watch)
-            await self.yjs.serve(transport, conn, space_id, doc_id, request.query, slot)
+            del upgraded, request  # the head: not kept while the client stays connected
+            await self.yjs.serve(transport, conn, space_id, doc_id, query, slot)
 
     async def _answer_or_upgrade(self, exchange: HttpExchange) -> Upgraded | None:
         """Read the request head and answer it: plain HTTP and bad requests get their response

@@ -38,6 +38,7 @@ import trio
 from .. import __version__
 from ..core.addresses import parse_address
 from ..core.events import EventLog
+from ..core.heap import release_free_heap
 from ..core.identity import SETTING, Identity, load_or_create_identity
 from ..core.runner import run_process
 from ..store import DB_NAME, Store, StoreError
@@ -168,6 +169,7 @@ async def serve_hub(
             if run is not None:
                 await nursery.start(run)
             nursery.start_soon(_watch_accounts, accounts, config.accounts_poll)
+            nursery.start_soon(release_free_heap)  # bursts of connections leave free heap
             host, port = config.listen
             try:
                 listeners: list[Any] = await trio.open_tcp_listeners(port, host=host)

@@ -213,7 +213,8 @@ OnMessage = Callable[[bytes | str], Awaitable[None] | None]
 
 class WebSocketTransport:
     """Moves one websocket's bytes between a trio stream and its `WsConn`: a reader that feeds
-    it, a writer that sends what it has, a timer that sleeps until its deadline."""
+    it, and a writer that sends what it has and, while idle, sleeps until the core's deadline
+    (two tasks a connection: an idle hub holds thousands)."""
 
     def __init__(self, stream: trio.abc.Stream, core: WsConn, leftover: bytes = b"") -> None:
         self.stream = stream
@@ -285,7 +286,6 @@ class WebSocketTransport:
         try:
             async with trio.open_nursery() as nursery:
                 self._scope = nursery.cancel_scope
-                nursery.start_soon(self._timer)
                 nursery.start_soon(self._reader, on_message)
                 if handler is not None:
                     nursery.start_soon(run_handler)
@@ -304,18 +304,12 @@ class WebSocketTransport:
                 scope.shield = True
                 await self.stream.aclose()
 
-    async def _timer(self) -> None:
-        core = self.core
-        while True:
-            await trio.sleep_until(core.get_timer())
-            core.handle_timer(trio.current_time())
-            self._after_core()
-
     async def _reader(self, on_message: OnMessage) -> None:
         core = self.core
         try:
             if self.leftover:
-                core.receive_data(self.leftover, trio.current_time())
+                leftover, self.leftover = self.leftover, b""
+                core.receive_data(leftover, trio.current_time())
                 await self._deliver(on_message)
             while not core.input_ended:
                 data = await self._receive()
@@ -358,9 +352,14 @@ class WebSocketTransport:
                 return
             self._idle = True
             try:
-                await self._wakeup.wait()
+                with trio.move_on_at(core.get_timer()):
+                    await self._wakeup.wait()
             finally:
                 self._idle = False
+            now = trio.current_time()
+            if not self._wakeup.is_set() and now >= core.get_timer():
+                core.handle_timer(now)  # a ping, a cut, a handshake deadline
+                self._after_core()
 
     async def _send(self, frames: list[bytes | memoryview]) -> bool:
         """Write `frames`; False if the connection is gone or the core found the client too
