@@ -43,7 +43,7 @@ from ..store import Ticket
 
 LOCAL = "local"
 
-log = logging.getLogger("peerdaemon.service")
+log = logging.getLogger("peerdaemon.operations")
 
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _ARRAY_INDEX = re.compile(r"0|[1-9][0-9]*")

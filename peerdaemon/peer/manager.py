@@ -208,7 +208,7 @@ class PeerManager:
         return [self._row_dict(r) for r in rows]
 
     async def op_peers(self, args: dict[str, Any], session: Any) -> dict[str, Any]:
-        """The local socket operation `peers` (register with `Service.register`)."""
+        """The local socket operation `peers` (register with `Operations.register`)."""
         return {
             "device": self.identity.device_id,
             "name": self.identity.name,

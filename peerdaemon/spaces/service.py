@@ -209,7 +209,7 @@ class SpacesService:
         return len(self.spaces)
 
     def register(self, service: Any) -> None:
-        """Add the socket operations and the env.delete / status hooks to the daemon's Service."""
+        """Add the socket operations and the env.delete / status hooks to the daemon's Operations."""
         ops: dict[str, Callable[[dict[str, Any], Any], Awaitable[Any]]] = {
             "space.create": self.op_create,
             "space.invite": self.op_invite,
