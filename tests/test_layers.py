@@ -25,15 +25,19 @@ def lint_imports(cwd: Path) -> subprocess.CompletedProcess[str]:
 def test_the_layers_hold() -> None:
     result = lint_imports(ROOT)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "1 kept, 0 broken" in result.stdout
+    assert "2 kept, 0 broken" in result.stdout
 
 
-def test_a_back_up_import_breaks_the_build(tmp_path: Path) -> None:
+def copy_of_the_package(tmp_path: Path) -> Path:
     shutil.copytree(
         ROOT / "peerdaemon", tmp_path / "peerdaemon", ignore=shutil.ignore_patterns("__pycache__")
     )
     shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
-    registry = tmp_path / "peerdaemon" / "core" / "registry.py"
+    return tmp_path / "peerdaemon"
+
+
+def test_a_back_up_import_breaks_the_build(tmp_path: Path) -> None:
+    registry = copy_of_the_package(tmp_path) / "core" / "registry.py"
     # the bottom reaching for a service, lazily: still an import
     registry.write_text(
         registry.read_text()
@@ -43,3 +47,14 @@ def test_a_back_up_import_breaks_the_build(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert "BROKEN" in result.stdout
     assert "peerdaemon.core.registry -> peerdaemon.mirror.service" in result.stdout
+
+
+def test_reaching_past_a_face_breaks_the_build(tmp_path: Path) -> None:
+    service = copy_of_the_package(tmp_path) / "hublink" / "service.py"
+    service.write_text(
+        service.read_text() + "\nfrom ..peer.session import PeerConnection  # noqa\n"
+    )
+    result = lint_imports(tmp_path)
+    assert result.returncode != 0
+    assert "peer is used through its face BROKEN" in result.stdout
+    assert "peerdaemon.hublink.service -> peerdaemon.peer.session" in result.stdout
