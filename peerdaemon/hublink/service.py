@@ -922,12 +922,10 @@ class HubLinkService:
         if not isinstance(wait, int | float) or isinstance(wait, bool) or not 0 <= wait <= MAX_WAIT:
             raise OpError(BAD_REQUEST, f"argument 'wait' must be 0 to {MAX_WAIT:g} seconds")
         generations = {u: dialer.generation for u, dialer in self.dialers.items()}
-        try:
-            space_id, canonical, ticket = self.attach(
-                space, url, token, hub_key=hub_key, trust_first_use=tofu
-            )
-        except SpaceError as exc:
-            raise OpError(exc.code, exc.message) from None
+        # a SpaceError is an OpError: the socket answers it as it is
+        space_id, canonical, ticket = self.attach(
+            space, url, token, hub_key=hub_key, trust_first_use=tofu
+        )
         result: dict[str, Any] = {"space": space_id, "url": canonical}
         if not wait:
             return Pending(ticket.wait, result)
@@ -977,8 +975,5 @@ class HubLinkService:
         space = args.get("space")
         if not isinstance(space, str) or not space:
             raise OpError(BAD_REQUEST, "argument 'space' must be a non-empty string")
-        try:
-            space_id, url, ticket = self.detach(space)
-        except SpaceError as exc:
-            raise OpError(exc.code, exc.message) from None
+        space_id, url, ticket = self.detach(space)
         return Pending(ticket.wait, {"space": space_id, "url": url})

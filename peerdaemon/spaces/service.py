@@ -672,7 +672,7 @@ class SpacesService:
     # -- socket operations ---------------------------------------------------------------------
 
     async def op_create(self, args: dict[str, Any], session: Any) -> Any:
-        space, tickets = self._call(self.create_space, args.get("name"))
+        space, tickets = self.create_space(args.get("name"))
         return _pending(tickets, {"id": space.id, "name": space.display_name})
 
     async def op_invite(self, args: dict[str, Any], session: Any) -> Any:
@@ -684,33 +684,33 @@ class SpacesService:
         hub = args.get("hub")
         if hub is not None and not isinstance(hub, str):
             raise OpError(BAD_REQUEST, "hub must be a string")
-        code = self._call(self.invite, _space_arg(args), addresses, hub)
+        code = self.invite(_space_arg(args), addresses, hub)
         return {"code": code}
 
     async def op_join(self, args: dict[str, Any], session: Any) -> Any:
         code = args.get("code")
         if not isinstance(code, str):
             raise OpError(BAD_REQUEST, "argument 'code' must be a string")
-        space, tickets = self._call(self.join, code)
+        space, tickets = self.join(code)
         return _pending(tickets, {"id": space.id, "name": space.display_name})
 
     async def op_list(self, args: dict[str, Any], session: Any) -> Any:
         return self.list_spaces()
 
     async def op_leave(self, args: dict[str, Any], session: Any) -> Any:
-        space, tickets = self._call(self.leave, _space_arg(args))
+        space, tickets = self.leave(_space_arg(args))
         return _pending(tickets, {"id": space.id, "left": True})
 
     async def op_share(self, args: dict[str, Any], session: Any) -> Any:
         env_id = _str(args, "id")
         copy_ = bool(args.get("copy", False))
-        shared_id, tickets = self._call(self.share, env_id, _space_arg(args), copy_=copy_)
+        shared_id, tickets = self.share(env_id, _space_arg(args), copy_=copy_)
         space = self.spaces[self.bindings[shared_id]]
         return _pending(tickets, {"id": shared_id, "space": space.id, "copy": copy_})
 
     async def op_unshare(self, args: dict[str, Any], session: Any) -> Any:
         env_id = _str(args, "id")
-        space, tickets = self._call(self.unshare, env_id)
+        space, tickets = self.unshare(env_id)
         return _pending(tickets, {"id": env_id, "space": space.id})
 
     async def op_config_get(self, args: dict[str, Any], session: Any) -> Any:
@@ -732,7 +732,7 @@ class SpacesService:
                 raise OpError(code, str(exc)) from None
             shown = settings.get_all(self.store)[key]
             return _pending([ticket], {"key": key, "value": shown, "restart": True})
-        tickets = self._call(self.set_name, args.get("value"))
+        tickets = self.set_name(args.get("value"))
         return _pending(tickets, {"key": key, "value": self.identity.name})
 
     async def op_identity(self, args: dict[str, Any], session: Any) -> Any:
@@ -741,13 +741,6 @@ class SpacesService:
             "name": self.identity.name,
             "public_key": self.identity.public_key,
         }
-
-    @staticmethod
-    def _call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except SpaceError as exc:
-            raise OpError(exc.code, exc.message) from None
 
 
 def _str(args: dict[str, Any], name: str) -> str:
