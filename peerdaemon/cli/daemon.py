@@ -9,6 +9,7 @@ from typing import Any
 from peerdaemon.cli.common import (
     CliError,
     Commands,
+    call,
     cell,
     connect,
     host_port,
@@ -77,8 +78,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_peers(args: argparse.Namespace) -> int:
-    with connect(args) as client:
-        result = client.call("peers")
+    result = call(args, "peers")
     if args.json:
         print(to_json(result))
         return 0

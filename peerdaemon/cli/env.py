@@ -13,6 +13,7 @@ from peerdaemon.api.protocol import UUID_MISMATCH
 from peerdaemon.cli.common import (
     CliError,
     Commands,
+    call,
     cell,
     connect,
     print_table,
@@ -244,22 +245,19 @@ def cmd_env_watch(args: argparse.Namespace) -> int:
 
 def cmd_env_link(args: argparse.Namespace) -> int:
     path = os.path.abspath(os.path.expanduser(args.file))  # the daemon's cwd is not ours
-    with connect(args) as client:
-        result = client.call("env.link", id=args.id, path=path, overwrite=args.overwrite)
+    result = call(args, "env.link", id=args.id, path=path, overwrite=args.overwrite)
     if isinstance(result, dict) and result.get("error"):  # linked, but not writable yet
         warn(f"linked, but: {result['error']} (retrying; see `peerdaemon env links`)")
     return 0
 
 
 def cmd_env_unlink(args: argparse.Namespace) -> int:
-    with connect(args) as client:
-        client.call("env.unlink", id=args.id)
+    call(args, "env.unlink", id=args.id)
     return 0
 
 
 def cmd_env_links(args: argparse.Namespace) -> int:
-    with connect(args) as client:
-        links = client.call("env.links")
+    links = call(args, "env.links")
     if args.json:
         print(to_json(links))
         return 0

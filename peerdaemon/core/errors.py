@@ -35,6 +35,7 @@ __all__ = [
     "OpError",
     "Pending",
     "arg",
+    "is_failure",
 ]
 
 BAD_REQUEST = "bad-request"  # map without a valid id/op/args, or an invalid argument
@@ -81,6 +82,13 @@ OPERATION_CODES = frozenset(
         NOT_SHARED,
     }
 )
+
+
+def is_failure(exc: BaseException) -> bool:
+    """An error to report, not a cancellation or an interrupt: pycrdt's Rust panics are
+    BaseExceptions, yet they are failures like any other (of one document, one link, one
+    request), never the daemon's end."""
+    return isinstance(exc, Exception) or type(exc).__name__ == "PanicException"
 
 
 class OpError(Exception):

@@ -21,6 +21,7 @@ from ..model.layout import ENV_ROOT
 from ..model.lib0 import EMPTY_UPDATE
 from ..model.strays import Malformed, StrayFinder, decode, delete_update, has_strays
 from ..store import Store, Ticket
+from .errors import is_failure
 from .events import EventLog
 from .pointers import changed_paths
 
@@ -233,7 +234,7 @@ class Registry:
             if found:
                 env.doc.apply_update(delete_update(found))
         except BaseException as exc:  # cannot tell: the document stays as it is
-            if not _is_failure(exc):
+            if not is_failure(exc):
                 raise
             env.strays = StrayFinder()
             log.error("environment %s: looking for text in its arrays failed", env.id, exc_info=exc)
@@ -253,7 +254,7 @@ class Registry:
         try:
             env.strays.learn(update)
         except BaseException as exc:
-            if not _is_failure(exc):
+            if not is_failure(exc):
                 raise
             env.strays = StrayFinder()  # rebuilt from the whole document when next needed
 
@@ -302,7 +303,7 @@ class Registry:
             try:
                 env.cache = export_environment(env.doc, env.id)
             except BaseException as exc:  # then the change's paths are "" (everything)
-                if not _is_failure(exc):
+                if not is_failure(exc):
                     raise
                 env.cache = None
 
@@ -394,7 +395,7 @@ class Registry:
         """Log and emit `environment-error` once per distinct failure of a follower of `env_id`
         (a follower that fails on every change is reported again only if its reason changes);
         -> the reason. Only cancellations and interrupts go on."""
-        if not _is_failure(exc):
+        if not is_failure(exc):
             raise exc
         name = follower[0]
         reason = f"{name} failed: {type(exc).__name__}: {exc}"
@@ -408,7 +409,7 @@ class Registry:
                 "environment-error", id=env_id, origin=origin, follower=name, reason=reason
             )
         except BaseException as emit_exc:  # the event log itself failed: the log line stays
-            if not _is_failure(emit_exc):
+            if not is_failure(emit_exc):
                 raise
         return reason
 
@@ -448,11 +449,6 @@ def _merge(updates: list[bytes]) -> bytes:
     return merge_updates(*updates)
 
 
-def _is_failure(exc: BaseException) -> bool:
-    """An error to report, not a cancellation: pycrdt's Rust panics are BaseExceptions."""
-    return isinstance(exc, Exception) or type(exc).__name__ == "PanicException"
-
-
 def _name(fn: Callable[..., Any]) -> str:
     """A follower as logs and events name it: `listener MirrorService._on_change`."""
     return f"listener {getattr(fn, '__qualname__', None) or type(fn).__name__}"
@@ -477,7 +473,7 @@ def _maybe_news(update: bytes, doc: Doc) -> bool:
     try:
         return _holds_news(update, doc)
     except BaseException as exc:
-        if not _is_failure(exc):
+        if not is_failure(exc):
             raise
         return True
 

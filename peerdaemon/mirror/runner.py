@@ -24,6 +24,7 @@ from typing import Any
 import trio
 from pycrdt import Doc
 
+from ..core.errors import is_failure
 from ..core.events import EventLog
 from ..core.registry import Registry
 from ..model import apply_environment
@@ -44,12 +45,6 @@ ORIGIN = "file"
 """The origin of the document changes a file brings."""
 
 _WARNINGS = ("mirror-error", "mirror-conflict", "mirror-file-deleted")
-
-
-def is_failure(exc: BaseException) -> bool:
-    """An error of one link (a bug, a document no file can hold), not a cancellation: pycrdt's
-    Rust panics are BaseExceptions, yet they are failures like any other."""
-    return isinstance(exc, Exception) or type(exc).__name__ == "PanicException"
 
 
 def describe_failure(exc: BaseException) -> str:

@@ -17,13 +17,14 @@ from typing import Any
 
 import trio
 
+from ..core.errors import is_failure
 from ..core.events import Event, EventLog
 from ..core.registry import Registry
 from ..store import Store, Ticket
 from .files import Refusal, conflict_path_for, current_umask, inspect_target, os_reason
 from .link import LinkMachine, StartMode
 from .operations import MirrorOperations, OperationTable
-from .runner import LinkRunner, describe_failure, is_failure
+from .runner import LinkRunner, describe_failure
 from .settings import MirrorSettings, mirror_file_name
 
 log = logging.getLogger("peerdaemon.mirror")

@@ -33,6 +33,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from pycrdt import merge_updates
 
+from ..core.errors import is_failure
 from ..model import MODEL_VERSION
 from ..model.lib0 import EMPTY_UPDATE
 from . import messages
@@ -138,11 +139,6 @@ class SessionConfig:
     """Close with `too-slow` when writing one message to the peer makes no progress this long."""
     write_batch: int = 1 << 20
     """`data_to_send` hands out about this many bytes at a time (at least one message)."""
-
-
-def is_failure(exc: BaseException) -> bool:
-    """An error (pycrdt's Rust panics included, which are BaseExceptions), not a cancellation."""
-    return isinstance(exc, Exception) or type(exc).__name__ == "PanicException"
 
 
 # -- events --------------------------------------------------------------------------------------
@@ -649,25 +645,26 @@ class PeerConnection:
     def _guard(self, fn: Callable[..., None], *args: Any) -> None:
         try:
             fn(*args)
-        except CloseConnection as exc:
-            self._close(exc.reason, exc.detail)
         except BaseException as exc:
-            if not is_failure(exc):
-                raise
-            log.error("peer connection failed", exc_info=exc)
-            self._close(INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
+            self._fail(exc)
 
     def _receive_one(self, data: bytes | str) -> None:
         try:
             self._receive(data)
-        except CloseConnection as exc:
+        except BaseException as exc:
+            self._fail(exc)
+
+    def _fail(self, exc: BaseException) -> None:
+        """An error while handling input closes this connection only (a protocol error with its
+        reason, a bug or a host failure as `internal-error`); cancellations go on."""
+        if isinstance(exc, CloseConnection):
             versions = exc.versions if isinstance(exc, IncompatibleVersion) else None
             self._close(exc.reason, exc.detail, versions=versions)
-        except BaseException as exc:  # a bug or a host failure must only cost this connection
-            if not is_failure(exc):
-                raise
-            log.error("peer connection failed while handling a message", exc_info=exc)
-            self._close(INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
+            return
+        if not is_failure(exc):
+            raise exc
+        log.error("peer connection failed", exc_info=exc)
+        self._close(INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
 
     def _settle(self, event: UpdateReceived, exc: BaseException | None) -> None:
         """The outcome of the update being applied: act on it, then on the messages held."""
@@ -676,15 +673,10 @@ class PeerConnection:
         self._applying = None
         session = self.session
         if self.closed is None and session is not None:
-            try:  # `_guard`, inlined: this runs once per received update
+            try:
                 session.update_done(event, exc)
-            except CloseConnection as error:
-                self._close(error.reason, error.detail)
             except BaseException as error:
-                if not is_failure(error):
-                    raise
-                log.error("peer connection failed", exc_info=error)
-                self._close(INTERNAL_ERROR, f"{type(error).__name__}: {error}")
+                self._fail(error)
             if session.synced and not self._synced_reported:
                 self._report_synced()
         while self._held and self._applying is None and self.closed is None:

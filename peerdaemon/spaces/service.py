@@ -39,6 +39,7 @@ from ..core.errors import (
     NOT_SHARED,
     OpError,
     Pending,
+    is_failure,
 )
 from ..core.events import EventLog
 from ..core.identity import Identity, save_name
@@ -574,7 +575,7 @@ class SpacesService:
         try:
             probe.apply_update(update)
         except BaseException as exc:
-            if not isinstance(exc, Exception) and type(exc).__name__ != "PanicException":
+            if not is_failure(exc):
                 raise
             raise ValueError(f"not a Yjs update: {exc}") from None
         if not len(probe.get(ENV_ROOT, type=Map)):
@@ -601,7 +602,7 @@ class SpacesService:
         try:
             space.doc.doc.apply_update(update)
         except BaseException as exc:
-            if not isinstance(exc, Exception) and type(exc).__name__ != "PanicException":
+            if not is_failure(exc):
                 raise
             space.pending.clear()
             raise ValueError(f"not a Yjs update: {exc}") from None
