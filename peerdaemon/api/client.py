@@ -481,6 +481,10 @@ class AsyncClient:
             self, initial["sub"], initial, receive, ends_on_deleted=op == "env.subscribe"
         )
 
+    async def subscribe(self, op: str, **args: Any) -> AsyncSubscription:
+        """A subscribing operation (`mock.logs` with `follow`...): `.initial` is its result."""
+        return await self._subscribe(op, args)
+
     async def status(self) -> dict[str, Any]:
         return await self.call("status")
 
@@ -732,6 +736,10 @@ class Client:
         return Subscription(
             self, sub, initial, self._subs[sub], ends_on_deleted=op == "env.subscribe"
         )
+
+    def subscribe(self, op: str, **args: Any) -> Subscription:
+        """A subscribing operation (`mock.logs` with `follow`...): `.initial` is its result."""
+        return self._subscribe(op, args)
 
     def status(self) -> dict[str, Any]:
         return self.call("status")

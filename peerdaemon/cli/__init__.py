@@ -22,12 +22,12 @@ from typing import NoReturn
 
 from peerdaemon.api.client import Client as Client  # re-exported: tests stub Client.connect
 from peerdaemon.api.client import ClientError
-from peerdaemon.cli import config, daemon, env, hub, space
+from peerdaemon.cli import config, daemon, env, hub, mock, space
 from peerdaemon.cli.common import PROG, CliError, Commands, warn
 
 __all__ = ["CliError", "build_parser", "main"]
 
-GROUPS = (daemon, env, space, config, hub)
+GROUPS = (daemon, env, space, mock, config, hub)
 
 
 def _version() -> str:

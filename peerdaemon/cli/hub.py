@@ -93,9 +93,18 @@ def register(commands: Commands) -> None:
     p = command(group, "set", cmd_hub_limits_set, "set a limit for the hub or one user")
     p.add_argument("--user", metavar="USER", help="only for this user")
     p.add_argument(
-        "key", metavar="KEY", choices=("envs_per_space", "bytes_per_env", "devices_per_user")
+        "key",
+        metavar="KEY",
+        choices=(
+            "envs_per_space",
+            "bytes_per_env",
+            "devices_per_user",
+            "hosted_mocks",
+            "mock_rps",
+            "mock_body_bytes",
+        ),
     )
-    p.add_argument("value", metavar="VALUE", help="an integer (bytes_per_env: also 15MB, 64MiB)")
+    p.add_argument("value", metavar="VALUE", help="an integer (sizes: also 15MB, 64MiB)")
 
 
 def _hub_config(args: argparse.Namespace) -> Any:

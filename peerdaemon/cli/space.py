@@ -20,6 +20,16 @@ def register(commands: Commands) -> None:
     )
     p = envs.command("unshare", cmd_env_unshare, "convert a shared environment back to local")
     p.add_argument("id", metavar="ID")
+    p = envs.command(
+        "mock", cmd_env_mock, "show or change the hub's Cloud Mock of a shared environment"
+    )
+    p.add_argument("id", metavar="ID")
+    p.add_argument("--hub", choices=("on", "off"), help="serve it on the space's hub 24/7")
+    p.add_argument(
+        "--access", choices=("public", "token"), help="anyone with the URL, or the mock token too"
+    )
+    p.add_argument("--rotate-token", action="store_true", help="a new token; the old one stops")
+    p.add_argument("--json", action="store_true", help="print the setting as JSON")
 
     spaces = commands.add_group(
         "space",
@@ -72,6 +82,27 @@ def register(commands: Commands) -> None:
     )
     p = spaces.command("unhub", cmd_space_unhub, "stop syncing a space through its hub")
     p.add_argument("space", metavar="SPACE", help="space id or name")
+
+
+def cmd_env_mock(args: argparse.Namespace) -> int:
+    change: dict[str, Any] = {}
+    if args.hub is not None:
+        change["hub"] = args.hub == "on"
+    if args.access is not None:
+        change["access"] = args.access
+    if args.rotate_token:
+        change["rotate_token"] = True
+    setting = call(args, "env.mock", id=args.id, **change)
+    if args.json:
+        print(to_json(setting))
+        return 0
+    print(f"hub mock: {'on' if setting['hub'] else 'off'} ({setting['access']})")
+    if setting["hub"]:
+        url = setting["url"] or "(the space has no hub: peerdaemon space hub SPACE URL)"
+        print(f"url: {url}")
+    if setting.get("token"):
+        print(f"token: {setting['token']}")
+    return 0
 
 
 def _wait_seconds(text: str) -> float:

@@ -28,6 +28,7 @@ from ..core.runner import run_process
 from ..discovery import DiscoveryError, MdnsDiscovery
 from ..hublink import HubLinkService
 from ..mirror import MirrorService
+from ..mock import MockService
 from ..operations import Operations
 from ..peer import PeerConfig, PeerManager
 from ..spaces import SpacesService
@@ -70,6 +71,7 @@ class Daemon:
     peer_port: int | None = None
     discovery: MdnsDiscovery | None = None
     hubs: HubLinkService | None = None
+    mocks: MockService | None = None
 
 
 async def serve(
@@ -97,6 +99,15 @@ async def serve(
             await nursery.start(store.run)
             mirror = MirrorService(registry, store, service, events, config.mirror_dir)
             await nursery.start(mirror.run)
+            mocks = MockService(
+                registry,
+                store,
+                events,
+                data_dir=config.data_dir,
+                directory_of=partial(_linked_dir, mirror),
+            )
+            mocks.register(service)
+            await nursery.start(mocks.run)
             manager, port, discovery = await _start_lan(nursery, config, identity, spaces, events)
             hubs = HubLinkService(identity, spaces, store, events, config=config.peer_config)
             hubs.load()
@@ -130,10 +141,20 @@ async def serve(
                     peer_port=port,
                     discovery=discovery,
                     hubs=hubs,
+                    mocks=mocks,
                 )
             )
     finally:
         store.close()
+
+
+def _linked_dir(mirror: MirrorService, env_id: str) -> Path | None:
+    """A linked environment's FILE bodies and certificates sit beside its file, where Mockoon
+    resolves them (`environmentDirectory`)."""
+    for link in mirror.describe_links():
+        if link.get("id") == env_id and isinstance(link.get("path"), str):
+            return Path(link["path"]).parent
+    return None
 
 
 def mdns_allowed(config: DaemonConfig) -> bool:

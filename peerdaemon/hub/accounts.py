@@ -111,6 +111,9 @@ class Limits:
     envs_per_space: int = 100
     bytes_per_env: int = 64 << 20
     devices_per_user: int = 2
+    hosted_mocks: int = 10  # Cloud Mocks served for the spaces a user owns
+    mock_rps: int = 50  # requests per second to one Cloud Mock (429 past it)
+    mock_body_bytes: int = 1 << 20  # largest request body a Cloud Mock takes (413 past it)
 
 
 LIMIT_KEYS = tuple(f.name for f in fields(Limits))

@@ -1,5 +1,6 @@
-"""The hub's one port: plain HTTP (`GET /health`), and websocket upgrades for `/yjs/SPACE/DOC`
-(y-websocket clients, yjs.py) and `/peer` (daemons, handed to a `PeerHandler`, peer_socket.py).
+"""The hub's one port: plain HTTP (`GET /health`; `/mock/SPACE/ENV/...`, the Cloud Mock, handed
+to `MockProxy`, mockproxy.py), and websocket upgrades for `/yjs/SPACE/DOC` (y-websocket clients,
+yjs.py) and `/peer` (daemons, handed to a `PeerHandler`, peer_socket.py).
 
 `HubHttp.handle` takes each accepted stream through the same steps: admission (a half-open
 slot, or `503 busy`: admission.py), the request head and its answer or upgrade (h11 and
@@ -19,11 +20,13 @@ import trio
 
 from ..peer import Slot
 from .admission import HandshakeWatch, HubAdmission
+from .mockproxy import MockProxy
 from .peer_socket import NotAvailablePeerHandler, PeerHandler, PeerSocket
 from .transport import (
     CLOSE_TIMEOUT,
     BadRequest,
     HttpExchange,
+    Request,
     Upgraded,
     WebSocketTransport,
     remote_address,
@@ -62,8 +65,10 @@ class HubHttp:
         config: HttpConfig | None = None,
         version: str = "",
         stats: Callable[[], dict[str, Any]] | None = None,
+        mocks: MockProxy | None = None,
     ) -> None:
         self.yjs = yjs
+        self.mocks = mocks
         self.peer_handler: PeerHandler = peer_handler or NotAvailablePeerHandler()
         self.config = config or HttpConfig()
         self.version = version
@@ -102,6 +107,11 @@ class HubHttp:
         exchange = HttpExchange(stream)
         with trio.fail_after(self.config.head_timeout):  # the head, and the answer to it
             upgraded = await self._answer_or_upgrade(exchange)
+        if isinstance(upgraded, Request):  # a Cloud Mock request: its body by the same deadline
+            assert self.mocks is not None
+            deadline = trio.current_time() + self.config.head_timeout
+            await self.mocks.handle(exchange, upgraded, remote, deadline, slot.release)
+            return
         del exchange  # h11's buffers: not kept for the websocket's lifetime
         if upgraded is None:
             slot.release()  # answered
@@ -128,10 +138,11 @@ class HubHttp:
             del upgraded, request  # the head: not kept while the client stays connected
             await self.yjs.serve(transport, conn, space_id, doc_id, query, slot)
 
-    async def _answer_or_upgrade(self, exchange: HttpExchange) -> Upgraded | None:
+    async def _answer_or_upgrade(self, exchange: HttpExchange) -> Upgraded | Request | None:
         """Read the request head and answer it: plain HTTP and bad requests get their response
         (None), a websocket upgrade of `/yjs/SPACE/DOC` or `/peer` its `101` (the request, and
-        the websocket connection with the bytes read past the head)."""
+        the websocket connection with the bytes read past the head); a Cloud Mock request is
+        returned for `MockProxy`."""
         try:
             request = await exchange.read_request()
         except BadRequest as exc:
@@ -139,6 +150,13 @@ class HubHttp:
             return None
         if request is None:
             return None
+        if request.path.startswith("/mock/") and self.mocks is not None:
+            if request.wants_websocket:
+                await exchange.respond_json(
+                    501, {"error": "websocket routes are not served by the Cloud Mock"}
+                )
+                return None
+            return request
         if not request.wants_websocket:
             if request.path == "/health" and request.method in ("GET", "HEAD"):
                 await exchange.respond_json(200, self.health())

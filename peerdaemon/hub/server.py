@@ -47,6 +47,8 @@ from ..store.lock import LOCK_NAME
 from .accounts import Accounts, Limits
 from .docs import HubDocs
 from .http import HttpConfig, HubHttp
+from .mockproxy import MockProxy
+from .mocks import HostedMocks, MockConfig
 from .peer_socket import PeerHandler
 from .peers import create_peer_endpoint
 from .wsconn import ws_frame
@@ -101,6 +103,7 @@ class HubConfig:
     compact_bytes: int = 8 << 20
     accounts_poll: float = 1.0  # how often admin commands' changes are picked up
     peer_endpoint: PeerHandlerFactory | None = None
+    mock: MockConfig = field(default_factory=MockConfig)  # the Cloud Mock (`[mock]`)
 
 
 @dataclass
@@ -117,6 +120,7 @@ class HubServer:
     peer_endpoint: PeerHandler
     host: str
     port: int
+    mocks: HostedMocks | None = None
 
     @property
     def url(self) -> str:
@@ -155,12 +159,14 @@ async def serve_hub(
         accounts.add_change_listener(yjs.revalidate)
         factory = config.peer_endpoint or create_peer_endpoint
         endpoint = factory(docs, accounts, events)
+        mocks = HostedMocks(docs, accounts, events, config.data_dir, config.mock)
         http = HubHttp(
             yjs,
             endpoint,
             config=config.http,
             version=__version__,
-            stats=lambda: {"documents": docs.stats()["documents"]},
+            stats=lambda: {"documents": docs.stats()["documents"], "mocks": len(mocks.hosted)},
+            mocks=MockProxy(mocks, tls=ssl_context is not None) if config.mock.enabled else None,
         )
         async with trio.open_nursery() as nursery:
             await nursery.start(store.run)
@@ -169,6 +175,8 @@ async def serve_hub(
             if run is not None:
                 await nursery.start(run)
             nursery.start_soon(_watch_accounts, accounts, config.accounts_poll)
+            if config.mock.enabled:
+                await nursery.start(mocks.run)  # serves nothing until a space asks for it
             nursery.start_soon(release_free_heap)  # bursts of connections leave free heap
             host, port = config.listen
             try:
@@ -180,7 +188,7 @@ async def serve_hub(
                 listeners = [trio.SSLListener(lis, ssl_context) for lis in listeners]
             nursery.start_soon(partial(trio.serve_listeners, http.handle, listeners))
             server = HubServer(
-                config, store, docs, accounts, events, rooms, http, endpoint, host, bound
+                config, store, docs, accounts, events, rooms, http, endpoint, host, bound, mocks
             )
             events.emit(
                 "hub-started",
@@ -315,7 +323,8 @@ def parse_listen(text: str) -> tuple[str, int]:
     return parse_address(str(text), any_port=True)
 
 
-_TOP_KEYS = {"listen", "data_dir", "tls", "limits", "fanout", "connections", "store"}
+_TOP_KEYS = {"listen", "data_dir", "tls", "limits", "fanout", "connections", "store", "mock"}
+SIZE_LIMITS = ("bytes_per_env", "mock_body_bytes")
 
 
 def build_config(
@@ -360,7 +369,7 @@ def build_config(
         limits = _table(raw, "limits", {f.name for f in fields(Limits)}, where)
         config.limits = replace(
             config.limits,
-            **{k: parse_size(v) if k == "bytes_per_env" else _int(v, k) for k, v in limits.items()},
+            **{k: parse_size(v) if k in SIZE_LIMITS else _int(v, k) for k, v in limits.items()},
         )
         fanout = _table(
             raw,
@@ -385,6 +394,25 @@ def build_config(
                 raise ValueError(f"{key} must be at least 1")
             else:
                 setattr(config.http, key, value)
+        mock = _table(
+            raw,
+            "mock",
+            {"enabled", "max_hosted", "allow_hosts", "request_timeout", "max_in_flight"},
+            where,
+        )
+        for key, value in mock.items():
+            if key == "enabled":
+                if not isinstance(value, bool):
+                    raise ValueError("[mock] enabled must be true or false")
+                config.mock.enabled = value
+            elif key == "allow_hosts":
+                if not isinstance(value, list) or not all(isinstance(h, str) for h in value):
+                    raise ValueError("[mock] allow_hosts must be a list of host names")
+                config.mock.allow_hosts = list(value)
+            elif key == "request_timeout":
+                config.mock.request_timeout = _seconds(value, key)
+            else:
+                setattr(config.mock, key, _int(value, key))
         store = _table(raw, "store", {"compact_count", "compact_bytes"}, where)
         if "compact_count" in store:
             config.compact_count = _int(store["compact_count"], "compact_count")

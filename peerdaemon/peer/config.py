@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from .backoff import Backoff, Uniform
+from ..core.backoff import Backoff, Uniform
 from .session import SessionConfig
 
 __all__ = ["PeerConfig"]

@@ -29,8 +29,8 @@ from typing import Any, Protocol
 import trio
 from trio_websocket import WebSocketConnection
 
+from ..core.backoff import Backoff
 from ..model import MODEL_VERSION
-from .backoff import Backoff
 from .config import PeerConfig
 from .handshake import Established, IdentityLike, PeerHello
 from .link import Link, Slot, Unreachable, dial, format_address, remote_address, serve

@@ -5,6 +5,7 @@ Layout (docs/spaces.md), every value a plain JSON object so each key is last-wri
     info          Y.Map  name, created (Unix s), creator (device id), layout (1)
     members       Y.Map  device id -> {name, joined}
     environments  Y.Map  env id -> {state: "shared" | "unshared" | "deleted", by, at}
+    mocks         Y.Map  env id -> {hub: bool, access: "public" | "token", token, by, at}
 
 Why a document and not messages: members and shares must converge on every device whatever the
 order in which devices meet, including devices that were offline while things changed. Values
@@ -21,9 +22,11 @@ from pycrdt import Doc, Map
 __all__ = [
     "DELETED",
     "ENVIRONMENTS",
+    "ACCESS",
     "INFO",
     "LAYOUT",
     "MEMBERS",
+    "MOCKS",
     "SHARED",
     "STATES",
     "UNSHARED",
@@ -34,6 +37,8 @@ LAYOUT = 1
 INFO = "info"
 MEMBERS = "members"
 ENVIRONMENTS = "environments"
+MOCKS = "mocks"
+ACCESS = ("public", "token")
 
 SHARED = "shared"
 UNSHARED = "unshared"
@@ -92,6 +97,37 @@ class SpaceDoc:
     def shared(self) -> set[str]:
         return {env_id for env_id, state in self.states().items() if state == SHARED}
 
+    def mock(self, env_id: str) -> dict[str, Any] | None:
+        """The hosted-mock setting of an environment (the hub's Cloud Mock); None if never set
+        or malformed. A `token` access without a usable token reads as off: the hub must never
+        serve publicly what a member meant to protect."""
+        value = self._map(MOCKS).get(env_id)
+        if not isinstance(value, dict) or not isinstance(value.get("hub"), bool):
+            return None
+        access = value.get("access")
+        token = value.get("token")
+        if access not in ACCESS:
+            return None
+        if access == "token" and not (isinstance(token, str) and len(token) >= 16):
+            return None
+        return {
+            "hub": value["hub"],
+            "access": access,
+            "token": token if isinstance(token, str) else None,
+            "by": value.get("by") if isinstance(value.get("by"), str) else None,
+            "at": value.get("at") if isinstance(value.get("at"), int | float) else None,
+        }
+
+    def hosted(self) -> dict[str, dict[str, Any]]:
+        """env id -> setting, for shared environments whose mock the hub should serve."""
+        shared = self.shared()
+        out = {}
+        for env_id in self._map(MOCKS).keys():
+            setting = self.mock(env_id)
+            if setting is not None and setting["hub"] and env_id in shared:
+                out[env_id] = setting
+        return out
+
     # -- writing (each call is one transaction, so one update) ---------------------------------
 
     def init(self, name: str, creator: str, member_name: str) -> None:
@@ -117,6 +153,17 @@ class SpaceDoc:
         members = self._map(MEMBERS)
         if device in members:
             del members[device]
+
+    def set_mock(self, env_id: str, hub: bool, access: str, token: str, by: str) -> None:
+        if access not in ACCESS:
+            raise ValueError(f"unknown mock access {access!r}")
+        self._map(MOCKS)[env_id] = {
+            "hub": hub,
+            "access": access,
+            "token": token,
+            "by": by,
+            "at": time.time(),
+        }
 
     def set_state(self, env_id: str, state: str, by: str) -> None:
         if state not in STATES:

@@ -39,6 +39,7 @@ from ..core.errors import (
     NOT_SHARED,
     OpError,
     Pending,
+    arg,
     is_failure,
 )
 from ..core.events import EventLog
@@ -48,7 +49,7 @@ from ..model import prepare
 from ..model.layout import ENV_ROOT
 from ..model.lib0 import EMPTY_UPDATE
 from ..store import Store, Ticket
-from .document import DELETED, SHARED, UNSHARED, SpaceDoc
+from .document import ACCESS, DELETED, SHARED, UNSHARED, SpaceDoc
 from .invite import Invite, InviteError, decode_invite, encode_invite, parse_address
 
 log = logging.getLogger("peerdaemon.spaces")
@@ -219,6 +220,7 @@ class SpacesService:
             "space.leave": self.op_leave,
             "env.share": self.op_share,
             "env.unshare": self.op_unshare,
+            "env.mock": self.op_mock,
             "config.get": self.op_config_get,
             "config.set": self.op_config_set,
             "identity": self.op_identity,
@@ -368,6 +370,53 @@ class SpacesService:
         tickets += self._reconcile(LOCAL)
         self._docs_changed()
         return space, tickets
+
+    def hosted_mock(
+        self,
+        env_id: str,
+        *,
+        hub: bool | None = None,
+        access: str | None = None,
+        rotate_token: bool = False,
+    ) -> tuple[dict[str, Any], list[Ticket]]:
+        """Read or change an environment's Cloud Mock setting, kept in its space document so
+        that every member's device sees it and the hub serves it (docs/spaces.md)."""
+        self.registry.get(env_id)
+        space = self.spaces.get(self.bindings.get(env_id, ""))
+        if space is None:
+            raise SpaceError(
+                NOT_SHARED,
+                f"environment {env_id} is not shared in a space: the hub serves shared ones only",
+            )
+        current = space.doc.mock(env_id) or {"hub": False, "access": "public", "token": None}
+        tickets: list[Ticket] = []
+        if hub is not None or access is not None or rotate_token:
+            new_access = access or current["access"]
+            token = current["token"]
+            if rotate_token or not isinstance(token, str):
+                token = secrets.token_urlsafe(24)
+            space.doc.set_mock(
+                env_id,
+                current["hub"] if hub is None else hub,
+                new_access,
+                token,
+                self.identity.device_id,
+            )
+            tickets = self._commit_space(space, LOCAL)
+            self.events.emit("environment-mock", id=env_id, space=space.id, origin=LOCAL)
+            current = space.doc.mock(env_id) or current
+        result = {
+            "id": env_id,
+            "space": space.id,
+            "hub": current["hub"],
+            "access": current["access"],
+            "token": current["token"] if current["access"] == "token" else None,
+            "hub_url": space.hub,
+            "url": _mock_url(space.hub, space.id, env_id, self.registry.export(env_id))
+            if current["hub"]
+            else None,
+        }
+        return result, tickets
 
     def before_delete(self, env_id: str) -> None:
         """`env.delete` hook: a shared environment is deleted from the space, on every device."""
@@ -709,6 +758,16 @@ class SpacesService:
         space = self.spaces[self.bindings[shared_id]]
         return _pending(tickets, {"id": shared_id, "space": space.id, "copy": copy_})
 
+    async def op_mock(self, args: dict[str, Any], session: Any) -> Any:
+        env_id = arg(args, "id", str, op="env.mock")
+        hub = arg(args, "hub", bool, default=None, op="env.mock")
+        access = arg(args, "access", str, default=None, op="env.mock")
+        rotate = arg(args, "rotate_token", bool, default=False, op="env.mock")
+        if access is not None and access not in ACCESS:
+            raise SpaceError(BAD_REQUEST, f"env.mock: access must be one of {', '.join(ACCESS)}")
+        result, tickets = self.hosted_mock(env_id, hub=hub, access=access, rotate_token=rotate)
+        return _pending(tickets, result)
+
     async def op_unshare(self, args: dict[str, Any], session: Any) -> Any:
         env_id = _str(args, "id")
         space, tickets = self.unshare(env_id)
@@ -742,6 +801,22 @@ class SpacesService:
             "name": self.identity.name,
             "public_key": self.identity.public_key,
         }
+
+
+def _mock_url(
+    hub: str | None, space_id: str, env_id: str, environment: dict[str, Any]
+) -> str | None:
+    """The Cloud Mock's base URL: the hub's address, `/mock/SPACE/ENV/`, the endpoint prefix."""
+    if not hub:
+        return None
+    base = hub.rstrip("/")
+    if base.startswith("wss://"):
+        base = "https://" + base[len("wss://") :]
+    elif base.startswith("ws://"):
+        base = "http://" + base[len("ws://") :]
+    prefix = environment.get("endpointPrefix")
+    prefix = prefix.strip("/") if isinstance(prefix, str) else ""
+    return f"{base}/mock/{space_id}/{env_id}/" + (f"{prefix}/" if prefix else "")
 
 
 def _str(args: dict[str, Any], name: str) -> str:

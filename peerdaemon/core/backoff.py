@@ -1,4 +1,4 @@
-"""The redial delay of LAN peers and hubs (docs/peer-protocol.md section 9): exponential backoff
+"""The redial delay of LAN peers and hubs (docs/peer-protocol.md section 9) and of the mock runner: exponential backoff
 with jitter, as one pure object so both dial loops share the rule and tests need no clock.
 
 Each delay is the current base times a uniform factor in [1 - jitter, 1 + jitter]; the base

@@ -1,0 +1,221 @@
+"""The Cloud Mock's door on the hub's port: a plain HTTP request to `/mock/SPACE/ENV/...` is
+checked by the sans-I/O gate (mockgate.py: ids, the mock token in any of its three carriers,
+body size, rate) and forwarded, token removed, to the environment's engine on loopback; the
+engine's answer goes back as it comes.
+
+One request per connection (`Connection: close`), like the rest of the hub's plain HTTP. A mock
+that hangs or a flood on one environment stays that environment's: each has its own rate limit
+and a cap on requests in flight (503 past it), every forward has a deadline (504), and the hub
+holds at most `max_connections` mock connections at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import h11
+import trio
+
+from .mockgate import (
+    Forward,
+    RateLimiter,
+    Respond,
+    decide,
+    forward_headers,
+    parse_mock_target,
+    response_headers,
+    strip_token,
+)
+from .mocks import HostedMocks
+from .transport import HttpExchange, Request
+
+__all__ = ["MockProxy"]
+
+log = logging.getLogger("peerdaemon.hub.mockproxy")
+
+RECEIVE = 64 * 1024
+START_WAIT = 5.0
+"""A request to a mock that is starting (just turned on, runner restarting) waits this long."""
+
+
+class MockProxy:
+    def __init__(self, mocks: HostedMocks, *, tls: bool = False) -> None:
+        self.mocks = mocks
+        self.config = mocks.config
+        self.scheme = "https" if tls else "http"
+        self.limiter = RateLimiter(rate=50.0, burst=50.0)
+        self.in_flight: dict[str, int] = {}
+        self.connections = 0
+
+    async def handle(
+        self,
+        exchange: HttpExchange,
+        request: Request,
+        remote: tuple[str, int] | None,
+        body_deadline: float,
+        admitted: Callable[[], None],
+    ) -> None:
+        """Answer one mock request (the head is read; the body is read here, by the deadline).
+        `admitted()` once the body is in: the connection stops counting as half-open."""
+        if self.connections >= self.config.max_connections:
+            await _respond(exchange, _error(503, "busy", "too many mock connections"))
+            return
+        self.connections += 1
+        try:
+            await self._handle(exchange, request, remote, body_deadline, admitted)
+        finally:
+            self.connections -= 1
+
+    async def _handle(
+        self,
+        exchange: HttpExchange,
+        request: Request,
+        remote: tuple[str, int] | None,
+        body_deadline: float,
+        admitted: Callable[[], None],
+    ) -> None:
+        target = parse_mock_target(request.target)
+        mock = None
+        limits = None
+        if target is not None and target.valid:
+            mock = self.mocks.lookup(target.space, target.env)
+            limits = self.mocks.limits(target.space) if mock is not None else None
+        max_body = limits.mock_body_bytes if limits is not None else 1 << 20
+        with trio.move_on_at(body_deadline) as scope:
+            body = await _read_body(exchange, max_body + 1)
+        if scope.cancelled_caught:
+            await _respond(
+                exchange, _error(408, "timeout", "the request body did not arrive in time")
+            )
+            return
+        admitted()
+        rate = float(limits.mock_rps) if limits is not None else 50.0
+        stripped = strip_token(request.target, request.raw_headers, body)
+        decision = decide(
+            target,
+            mock,
+            stripped,
+            max_body=max_body,
+            limiter=self.limiter,
+            now=trio.current_time(),
+            rate=rate,
+            burst=rate,
+        )
+        if isinstance(decision, Respond):
+            await _respond(exchange, decision)
+            return
+        assert mock is not None and target is not None
+        key = mock.key
+        if self.in_flight.get(key, 0) >= self.config.max_in_flight:
+            await _respond(
+                exchange, _error(503, "busy", "too many requests to this mock in flight")
+            )
+            return
+        self.in_flight[key] = self.in_flight.get(key, 0) + 1
+        try:
+            await self._forward(exchange, request, decision, target.space, target.env, remote)
+        finally:
+            self.in_flight[key] -= 1
+            if not self.in_flight[key]:
+                del self.in_flight[key]
+
+    async def _forward(
+        self,
+        exchange: HttpExchange,
+        request: Request,
+        forward: Forward,
+        space: str,
+        env: str,
+        remote: tuple[str, int] | None,
+    ) -> None:
+        port = await self.mocks.wait_running(space, env, START_WAIT)
+        if port is None:
+            await _respond(exchange, _error(503, "unavailable", "the mock is not running"))
+            return
+        headers = forward_headers(
+            forward.headers,
+            remote[0] if remote else "",
+            self.scheme,
+            request.headers.get("host", ""),
+        )
+        started = False
+        with trio.move_on_after(self.config.request_timeout) as scope:
+            try:
+                upstream = await trio.open_tcp_stream("127.0.0.1", port)
+            except OSError as exc:
+                log.warning("cloud mock %s/%s: cannot reach its engine: %s", space, env, exc)
+                await _respond(exchange, _error(502, "bad-gateway", "the mock cannot be reached"))
+                return
+            async with upstream:
+                client = h11.Connection(h11.CLIENT)
+                out = client.send(
+                    h11.Request(method=request.method, target=forward.target, headers=headers)
+                )
+                if forward.body:
+                    out += client.send(h11.Data(data=forward.body))
+                out += client.send(h11.EndOfMessage())
+                await upstream.send_all(out)
+                while True:
+                    event = client.next_event()
+                    if event is h11.NEED_DATA:
+                        client.receive_data(await upstream.receive_some(RECEIVE))
+                        continue
+                    if isinstance(event, h11.InformationalResponse):
+                        continue
+                    if isinstance(event, h11.Response):
+                        fields = [*response_headers(event.headers), (b"Connection", b"close")]
+                        response = h11.Response(
+                            status_code=event.status_code, headers=fields, reason=event.reason
+                        )
+                        await exchange.stream.send_all(exchange.h11.send(response) or b"")
+                        started = True
+                        continue
+                    if isinstance(event, h11.Data):
+                        if request.method != "HEAD":
+                            await exchange.stream.send_all(exchange.h11.send(event) or b"")
+                        continue
+                    if isinstance(event, h11.EndOfMessage):
+                        await exchange.stream.send_all(exchange.h11.send(h11.EndOfMessage()) or b"")
+                        return
+                    break  # ConnectionClosed before the end
+        if scope.cancelled_caught and not started:
+            await _respond(exchange, _error(504, "timeout", "the mock did not answer in time"))
+        elif not started:
+            await _respond(exchange, _error(502, "bad-gateway", "the mock gave no valid answer"))
+        # else: the answer was cut short; closing the connection tells the client so
+
+
+async def _read_body(exchange: HttpExchange, limit: int) -> bytes:
+    """The request body, at most `limit` bytes of it (the gate answers 413 past its limit)."""
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        try:
+            event = exchange.h11.next_event()
+        except h11.RemoteProtocolError:
+            return b"".join(parts)
+        if event is h11.NEED_DATA:
+            data = await exchange.stream.receive_some(RECEIVE)
+            exchange.h11.receive_data(data)
+            if not data:
+                return b"".join(parts)
+            continue
+        if isinstance(event, h11.Data):
+            size += len(event.data)
+            parts.append(bytes(event.data))
+            if size >= limit:
+                return b"".join(parts)
+            continue
+        return b"".join(parts)  # EndOfMessage (or the client left)
+
+
+def _error(status: int, code: str, message: str) -> Respond:
+    return Respond(status, {"error": code, "message": message})
+
+
+async def _respond(exchange: HttpExchange, response: Respond) -> None:
+    try:
+        await exchange.respond(response.status, response.body, headers=response.headers)
+    except h11.LocalProtocolError:
+        pass  # a response was started already: the connection just closes

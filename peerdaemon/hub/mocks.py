@@ -1,0 +1,249 @@
+"""The hub's Cloud Mock: every shared environment whose space document says `hub: true` is
+served 24/7 from the hub's own stored state by Mockoon's engine (one confined runner process,
+docs/mock-runner.md), and reached through the hub's port at `/mock/SPACE/ENV/` (mockproxy.py).
+
+Live: a change of a hosted environment's document reaches the runner as soon as the hub has
+stored it (HubDocs' listeners are called once an update is durable); a change of a space
+document (a member turned a mock on or off, changed its access or rotated its token) is
+reconciled at once.
+
+Contained: the runner runs with `--confine` (no outgoing connection but to the operator's
+allow-list, never to loopback, link-local or private ranges unless listed; file paths never
+leave the environment's folder) and an empty process environment, so a member's environment
+cannot reach the hub's network or secrets.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from ..core.events import EventLog
+from ..mock import ERROR, RUNNING, MockEngine, Notice, RunnerShell, ServerSpec, locate
+from ..model import export_environment
+from ..spaces import SpaceDoc
+from .accounts import Accounts
+from .docs import SPACE_PREFIX, HubDocs
+
+__all__ = ["HostedMock", "HostedMocks", "MockConfig"]
+
+log = logging.getLogger("peerdaemon.hub.mocks")
+
+
+@dataclass
+class MockConfig:
+    """`[mock]` in the hub's config file (docs/hub.md)."""
+
+    enabled: bool = True
+    max_hosted: int = 200  # Cloud Mocks on this hub in all
+    allow_hosts: list[str] = field(default_factory=list)  # proxy and callback destinations
+    request_timeout: float = 30.0  # a mock request not answered by then: 504
+    max_in_flight: int = 32  # requests one Cloud Mock serves at once; more: 503
+    max_connections: int = 1024  # mock connections open at once on the hub
+
+
+@dataclass
+class HostedMock:
+    space: str
+    env: str
+    access: str
+    token: str | None
+    refused: str | None = None  # why the hub does not serve it (a limit)
+
+    @property
+    def key(self) -> str:
+        return f"{self.space}/{self.env}"
+
+
+class HostedMocks:
+    def __init__(
+        self,
+        docs: HubDocs,
+        accounts: Accounts | None,
+        events: EventLog,
+        data_dir: Path,
+        config: MockConfig | None = None,
+    ) -> None:
+        self.docs = docs
+        self.accounts = accounts
+        self.events = events
+        self.data_dir = Path(data_dir)
+        self.config = config or MockConfig()
+        self.engine = MockEngine(log_body_bytes=0)
+        flags = ["--confine"]
+        for host in self.config.allow_hosts:
+            flags += ["--allow-host", host]
+        self.shell = RunnerShell(
+            self.engine,
+            lambda: [*locate(self.data_dir), *flags],
+            self._on_notices,
+            env={},  # no variable of the hub's process reaches a template
+            cwd=str(self.data_dir),
+        )
+        self.hosted: dict[str, HostedMock] = {}
+        self.requests = 0
+        self._dirty: set[str] = set()
+        self._spaces_dirty: set[str] = set()
+        self._wake = trio.Event()
+        self._noticed = trio.Event()
+
+    # -- reading (the proxy) ---------------------------------------------------------------------
+
+    def lookup(self, space: str, env: str) -> HostedMock | None:
+        """The setting of a Cloud Mock the hub serves (None: off, unknown or refused)."""
+        mock = self.hosted.get(f"{space}/{env}")
+        return mock if mock is not None and mock.refused is None else None
+
+    def port_of(self, mock: HostedMock) -> int | None:
+        server = self.engine.servers.get(mock.key)
+        return server.port if server is not None and server.state == RUNNING else None
+
+    def limits(self, space: str) -> Any:
+        return self.accounts.space_limits(space) if self.accounts is not None else None
+
+    def describe(self) -> list[dict[str, Any]]:
+        out = []
+        for key, mock in sorted(self.hosted.items()):
+            server = self.engine.servers.get(key)
+            out.append(
+                {
+                    "space": mock.space,
+                    "env": mock.env,
+                    "access": mock.access,
+                    "state": "refused" if mock.refused else (server.state if server else "-"),
+                    "reason": mock.refused or (server.error if server else None),
+                    "requests": server.requests if server else 0,
+                }
+            )
+        return out
+
+    # -- running ---------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        token = self.docs.add_listener(self._on_change)
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.shell.run)
+                for space in self.docs.spaces():
+                    self._reconcile(space)
+                self.shell.poke()
+                nursery.start_soon(self._flush_loop)
+                task_status.started()
+        finally:
+            self.docs.remove_listener(token)
+
+    def _on_change(self, space: str, doc_id: str, update: bytes, origin: str) -> None:
+        if doc_id == SPACE_PREFIX + space:
+            self._spaces_dirty.add(space)
+        elif f"{space}/{doc_id}" in self.engine.servers:
+            self._dirty.add(f"{space}/{doc_id}")
+        else:
+            return
+        self._wake.set()
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            spaces, self._spaces_dirty = self._spaces_dirty, set()
+            for space in spaces:
+                self._reconcile(space)
+            dirty, self._dirty = self._dirty, set()
+            now = trio.current_time()
+            for key in dirty:
+                space, env = key.split("/", 1)
+                environment = self._export(space, env)
+                if environment is not None:
+                    self.engine.change(key, environment, now)
+            self.shell.poke()
+
+    def _export(self, space: str, env: str) -> dict[str, Any] | None:
+        doc = self.docs.get_doc(space, env)
+        if doc is None:
+            return None
+        try:
+            return export_environment(doc, env)
+        except Exception as exc:  # reading is total; this is a bug, and one mock's only
+            log.exception("cannot export %s/%s", space, env)
+            self.events.emit("mock-error", id=f"{space}/{env}", code="EXPORT", message=str(exc))
+            return None
+
+    def _reconcile(self, space: str) -> None:
+        """Serve what the space document says, within the hub's and the owner's limits."""
+        doc = self.docs.get_doc(space, SPACE_PREFIX + space)
+        wanted = SpaceDoc(doc).hosted() if doc is not None and self.config.enabled else {}
+        wanted = {env: s for env, s in wanted.items() if self.docs.has(space, env)}
+        now = trio.current_time()
+        for key in [k for k, m in self.hosted.items() if m.space == space and m.env not in wanted]:
+            del self.hosted[key]
+            self.engine.remove(key)
+        limits = self.limits(space)
+        per_owner = limits.hosted_mocks if limits is not None else None
+        owner = self.accounts.owner_of(space) if self.accounts is not None else None
+        for env, setting in sorted(wanted.items()):
+            key = f"{space}/{env}"
+            mock = HostedMock(space, env, setting["access"], setting["token"])
+            refused = self._over_limit(key, owner, per_owner)
+            mock.refused = refused
+            self.hosted[key] = mock
+            if refused is not None:
+                self.engine.remove(key)
+                continue
+            if key not in self.engine.servers:
+                environment = self._export(space, env)
+                if environment is None:
+                    continue
+                directory = self.data_dir / "mock-files" / space / _safe(env)
+                directory.mkdir(parents=True, exist_ok=True)
+                self.engine.serve(key, ServerSpec(environment, str(directory), 0, "127.0.0.1"), now)
+        self.shell.poke()
+
+    def _over_limit(self, key: str, owner: str | None, per_owner: int | None) -> str | None:
+        served = [k for k, m in self.hosted.items() if m.refused is None and k != key]
+        if key not in self.engine.servers and len(served) >= self.config.max_hosted:
+            return f"the hub serves at most {self.config.max_hosted} Cloud Mocks"
+        if per_owner is not None and key not in self.engine.servers:
+            mine = [
+                k
+                for k in served
+                if self.accounts is not None
+                and self.accounts.owner_of(self.hosted[k].space) == owner
+            ]
+            if len(mine) >= per_owner:
+                return f"the space's owner may host at most {per_owner} Cloud Mocks"
+        return None
+
+    async def wait_running(self, space: str, env: str, timeout: float) -> int | None:
+        """The mock's port once it runs (a request that arrives while it starts waits)."""
+        with trio.move_on_after(timeout):
+            while True:
+                mock = self.lookup(space, env)
+                if mock is None:
+                    return None
+                port = self.port_of(mock)
+                server = self.engine.servers.get(mock.key)
+                if port is not None:
+                    return port
+                if server is None or server.state == ERROR:
+                    return None
+                await self._noticed.wait()
+        return None
+
+    def _on_notices(self, notices: list[Notice]) -> None:
+        self._noticed.set()
+        self._noticed = trio.Event()
+        for notice in notices:
+            if notice.kind == "request":
+                self.requests += 1
+            elif notice.kind in ("error", "blocked", "runner-exited"):
+                data = {k: v for k, v in notice.data.items() if k not in ("id", "type")}
+                self.events.emit(f"mock-{notice.kind}", id=notice.id, **data)
+                log.warning("cloud mock %s: %s %s", notice.id or "runner", notice.kind, data)
+
+
+def _safe(env_id: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in env_id)[:128] or "env"
