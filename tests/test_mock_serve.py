@@ -114,7 +114,9 @@ async def test_edits_are_served_live_and_requests_in_flight_survive(base, nurser
     # an endpoint renamed: the old path is gone, the new one answers, no restart
     pid = d.daemon.mocks.shell.pid
     await d.op(
-        "env.patch", id=env_id, patch=[{"op": "replace", "path": "/routes/0/endpoint", "value": "hi"}]
+        "env.patch",
+        id=env_id,
+        patch=[{"op": "replace", "path": "/routes/0/endpoint", "value": "hi"}],
     )
     await until(lambda: _equals(body_of(port, "/hi"), b"v4"))
     assert (await get(port, "/hello"))[0] == 404
@@ -270,3 +272,26 @@ async def test_cli(base, nursery, capsys):
     assert await run_cli("--socket", sock, "mock", "stop", env_id) == 1
     assert capsys.readouterr().err.startswith("peerdaemon: ")
     await d.stop()
+
+
+async def test_an_edit_on_a_lan_peer_changes_what_this_device_serves(base, nursery):
+    from daemonutil import Dev, converged, make_space  # noqa: PLC0415
+
+    a, b = Dev(base, "a"), Dev(base, "b")
+    await a.start(nursery)
+    await b.start(nursery, a)
+    space_id = await make_space(a, b)
+    env_id = (await a.op("env.import", env=small_env()))["id"]
+    await a.op("env.share", id=env_id, space=space_id)
+    await converged([a, b], env_id)
+    port = free_port()
+    await b.op("mock.start", id=env_id, port=port, hostname="127.0.0.1")
+    assert (await get(port, "/hello"))[2] == b"hello v1"
+    await a.op(
+        "env.patch",
+        id=env_id,
+        patch=[{"op": "replace", "path": "/routes/0/responses/0/body", "value": "from a"}],
+    )
+    await until(lambda: _equals(body_of(port, "/hello"), b"from a"), what="a's edit served on b")
+    await b.stop()
+    await a.stop()

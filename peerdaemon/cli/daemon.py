@@ -46,6 +46,12 @@ def register(commands: Commands) -> None:
     run.add_argument(
         "--max-frame", metavar="BYTES", type=int, help="largest socket frame accepted (64 MiB)"
     )
+    run.add_argument(
+        "--mock-faker-seed",
+        metavar="N",
+        type=int,
+        help="seed faker.js in served mocks (as mockoon-cli --faker-seed): repeatable data",
+    )
 
     p = commands.command("peers", cmd_peers, "show known devices and their link state")
     p.add_argument("--json", action="store_true", help="print the peers as JSON")
@@ -74,6 +80,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         options["mdns_interface"] = args.mdns_interface
     if args.max_frame:
         options["max_frame"] = args.max_frame
+    if args.mock_faker_seed is not None:
+        options["mock_faker_seed"] = args.mock_faker_seed
     return int(run_daemon(data_dir, socket_path(args), **options) or 0)
 
 

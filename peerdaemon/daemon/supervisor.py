@@ -53,6 +53,7 @@ class DaemonConfig:
     mdns: bool = True  # discovery runs only with a listener, and never when PEERDAEMON_NO_MDNS=1
     mdns_interface: str | None = None
     peer_config: PeerConfig | None = None  # limits and timers of peer links (tests, benchmarks)
+    mock_faker_seed: int | None = None  # `run --mock-faker-seed`: faker.js repeatable in mocks
     extra: dict[str, object] = field(default_factory=dict)
 
 
@@ -105,6 +106,9 @@ async def serve(
                 events,
                 data_dir=config.data_dir,
                 directory_of=partial(_linked_dir, mirror),
+                runner_args=[]
+                if config.mock_faker_seed is None
+                else ["--faker-seed", str(config.mock_faker_seed)],
             )
             mocks.register(service)
             await nursery.start(mocks.run)

@@ -66,7 +66,7 @@ TOKEN_FIELD = "token"
 Headers: TypeAlias = list[tuple[bytes, bytes]]
 
 # ------------------------------------------------------------------------------------ target
-_SPACE_ID = re.compile(rb"[a-z2-7]{16}")
+_SPACE_ID = re.compile(rb"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # the hub's space ids (docs.py)
 _ENV_ID = re.compile(rb"[A-Za-z0-9._-]{1,128}")  # Mockoon's uuids, and any such id
 _VISIBLE = re.compile(rb"[\x21-\x7e]*")  # what a request target may hold (RFC 9112), less "#"
 _ABSOLUTE = re.compile(rb"https?://[^/?]*", re.IGNORECASE)

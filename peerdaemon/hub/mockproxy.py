@@ -142,11 +142,35 @@ class MockProxy:
         started = False
         with trio.move_on_after(self.config.request_timeout) as scope:
             try:
-                upstream = await trio.open_tcp_stream("127.0.0.1", port)
-            except OSError as exc:
-                log.warning("cloud mock %s/%s: cannot reach its engine: %s", space, env, exc)
-                await _respond(exchange, _error(502, "bad-gateway", "the mock cannot be reached"))
+                await self._exchange(exchange, request, forward, headers, port)
                 return
+            except OSError as exc:
+                log.info("cloud mock %s/%s: engine connection failed: %s", space, env, exc)
+            except (h11.RemoteProtocolError, trio.BrokenResourceError) as exc:
+                # the engine closed the connection: its server was stopped or replaced
+                log.info("cloud mock %s/%s: bad engine answer: %s", space, env, exc)
+            except _Started:
+                started = True
+        if started:
+            return
+        if scope.cancelled_caught:
+            await _respond(exchange, _error(504, "timeout", "the mock did not answer in time"))
+        else:
+            await _respond(exchange, _error(502, "bad-gateway", "the mock gave no valid answer"))
+
+    async def _exchange(
+        self,
+        exchange: HttpExchange,
+        request: Request,
+        forward: Forward,
+        headers: list[tuple[bytes, bytes]],
+        port: int,
+    ) -> bool:
+        """One request to the engine, its answer relayed as it comes; True once complete.
+        OSError or h11's errors before the answer's head: the caller answers 502."""
+        started = False
+        try:
+            upstream = await trio.open_tcp_stream("127.0.0.1", port)
             async with upstream:
                 client = h11.Connection(h11.CLIENT)
                 out = client.send(
@@ -160,30 +184,29 @@ class MockProxy:
                     event = client.next_event()
                     if event is h11.NEED_DATA:
                         client.receive_data(await upstream.receive_some(RECEIVE))
-                        continue
-                    if isinstance(event, h11.InformationalResponse):
-                        continue
-                    if isinstance(event, h11.Response):
+                    elif isinstance(event, h11.Response):
                         fields = [*response_headers(event.headers), (b"Connection", b"close")]
                         response = h11.Response(
                             status_code=event.status_code, headers=fields, reason=event.reason
                         )
                         await exchange.stream.send_all(exchange.h11.send(response) or b"")
                         started = True
-                        continue
-                    if isinstance(event, h11.Data):
+                    elif isinstance(event, h11.Data):
                         if request.method != "HEAD":
                             await exchange.stream.send_all(exchange.h11.send(event) or b"")
-                        continue
-                    if isinstance(event, h11.EndOfMessage):
+                    elif isinstance(event, h11.EndOfMessage):
                         await exchange.stream.send_all(exchange.h11.send(h11.EndOfMessage()) or b"")
-                        return
-                    break  # ConnectionClosed before the end
-        if scope.cancelled_caught and not started:
-            await _respond(exchange, _error(504, "timeout", "the mock did not answer in time"))
-        elif not started:
-            await _respond(exchange, _error(502, "bad-gateway", "the mock gave no valid answer"))
-        # else: the answer was cut short; closing the connection tells the client so
+                        return True
+                    elif isinstance(event, h11.ConnectionClosed):
+                        raise h11.RemoteProtocolError("closed before the end of the answer")
+        except (OSError, h11.RemoteProtocolError, trio.BrokenResourceError):
+            if started:
+                raise _Started from None
+            raise
+
+
+class _Started(Exception):
+    """The engine's answer failed after its head was sent on: the connection just closes."""
 
 
 async def _read_body(exchange: HttpExchange, limit: int) -> bytes:

@@ -44,6 +44,7 @@ class MockConfig:
     request_timeout: float = 30.0  # a mock request not answered by then: 504
     max_in_flight: int = 32  # requests one Cloud Mock serves at once; more: 503
     max_connections: int = 1024  # mock connections open at once on the hub
+    faker_seed: int | None = None  # faker.js repeatable (tests; as mockoon-cli --faker-seed)
 
 
 @dataclass
@@ -77,6 +78,8 @@ class HostedMocks:
         flags = ["--confine"]
         for host in self.config.allow_hosts:
             flags += ["--allow-host", host]
+        if self.config.faker_seed is not None:
+            flags += ["--faker-seed", str(self.config.faker_seed)]
         self.shell = RunnerShell(
             self.engine,
             lambda: [*locate(self.data_dir), *flags],
@@ -88,6 +91,8 @@ class HostedMocks:
         self.requests = 0
         self._dirty: set[str] = set()
         self._spaces_dirty: set[str] = set()
+        self._awaited: set[str] = set()
+        """Hosted per the space document, but the environment's document has not arrived yet."""
         self._wake = trio.Event()
         self._noticed = trio.Event()
 
@@ -141,6 +146,8 @@ class HostedMocks:
             self._spaces_dirty.add(space)
         elif f"{space}/{doc_id}" in self.engine.servers:
             self._dirty.add(f"{space}/{doc_id}")
+        elif f"{space}/{doc_id}" in self._awaited:
+            self._spaces_dirty.add(space)
         else:
             return
         self._wake.set()
@@ -176,6 +183,8 @@ class HostedMocks:
         """Serve what the space document says, within the hub's and the owner's limits."""
         doc = self.docs.get_doc(space, SPACE_PREFIX + space)
         wanted = SpaceDoc(doc).hosted() if doc is not None and self.config.enabled else {}
+        self._awaited = {k for k in self._awaited if not k.startswith(f"{space}/")}
+        self._awaited.update(f"{space}/{env}" for env in wanted if not self.docs.has(space, env))
         wanted = {env: s for env, s in wanted.items() if self.docs.has(space, env)}
         now = trio.current_time()
         for key in [k for k, m in self.hosted.items() if m.space == space and m.env not in wanted]:

@@ -397,7 +397,15 @@ def build_config(
         mock = _table(
             raw,
             "mock",
-            {"enabled", "max_hosted", "allow_hosts", "request_timeout", "max_in_flight"},
+            {
+                "enabled",
+                "max_hosted",
+                "allow_hosts",
+                "request_timeout",
+                "max_in_flight",
+                "max_connections",
+                "faker_seed",
+            },
             where,
         )
         for key, value in mock.items():

@@ -14,7 +14,6 @@ import logging
 import math
 from collections import deque
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +64,7 @@ class MockService:
         data_dir: Path,
         directory_of: Callable[[str], Path | None] | None = None,
         runner_env: dict[str, str] | None = None,
+        runner_args: list[str] | None = None,
     ) -> None:
         self.registry = registry
         self.store = store
@@ -72,8 +72,9 @@ class MockService:
         self.data_dir = Path(data_dir)
         self.directory_of = directory_of or (lambda _env_id: None)
         self.engine = MockEngine()
+        args = list(runner_args or [])
         self.shell = RunnerShell(
-            self.engine, partial(locate, self.data_dir), self._on_notices, env=runner_env
+            self.engine, lambda: [*locate(self.data_dir), *args], self._on_notices, env=runner_env
         )
         self.logs: dict[str, deque[dict[str, Any]]] = {}
         self._followers: dict[str, dict[int, tuple[Any, int]]] = {}

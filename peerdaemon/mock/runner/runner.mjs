@@ -9,8 +9,9 @@
 // Nothing but protocol events is ever written to stdout: console output and anything else a
 // library writes there goes to stderr (free-form diagnostics, never parsed).
 //
-// The engine is loaded with require() (createRequire), from this folder's own node_modules when
-// it exists, else by Node's ordinary resolution (parent folders' node_modules, then NODE_PATH).
+// The engine is loaded with require() (createRequire; ESM import would ignore NODE_PATH): from
+// this folder's own node_modules when it has one, else from the first NODE_PATH directory that
+// has it, else by Node's ordinary resolution.
 
 import { AsyncLocalStorage } from 'node:async_hooks';
 import { randomBytes } from 'node:crypto';
@@ -295,14 +296,20 @@ function installNetworkConfinement(allow) {
     const id = currentServerId();
     const refuse = (host, port, reason) => {
       emitBlocked(id, host, port, reason);
-      const error = blockedError(`connection to ${host}${port === null ? '' : `:${port}`} refused by --confine: ${reason}`);
-      setImmediate(() => this.destroy(error)); // after the caller has attached its listeners
+      const error = blockedError(
+        `connection to ${host}${port === null ? '' : `:${port}`} refused by --confine: ${reason}`
+      );
+      // as if connecting (writes wait for the connection), then fail like a refused connection,
+      // after the caller has attached its listeners
+      this.connecting = true;
+      setImmediate(() => this.destroy(error));
       return this;
     };
     if (options.path !== undefined && options.path !== null) {
       return refuse(String(options.path), null, 'local (IPC) sockets are not allowed');
     }
-    const rawHost = options.host === undefined || options.host === null || options.host === '' ? 'localhost' : String(options.host);
+    const rawHost =
+      options.host === undefined || options.host === null || options.host === '' ? 'localhost' : String(options.host);
     const port = options.port === undefined || options.port === null ? null : Number(options.port);
     const literal = ipBytes(rawHost);
     if (literal) {
@@ -311,7 +318,12 @@ function installNetworkConfinement(allow) {
     }
     const host = normalizeHostName(rawHost);
     if (!nameAllowed(host)) return refuse(rawHost, port, 'host name not in the --allow-host list');
-    const lookup = confinedLookup(typeof options.lookup === 'function' ? options.lookup : dns.lookup, rawHost, port, id);
+    const lookup = confinedLookup(
+      typeof options.lookup === 'function' ? options.lookup : dns.lookup,
+      rawHost,
+      port,
+      id
+    );
     return originalConnect.call(this, { ...options, lookup }, callback);
   };
 }
@@ -349,7 +361,13 @@ function emitError(id, code, message, fatal, extra = {}) {
 }
 
 function emitBlocked(id, host, port, reason) {
-  emit({ event: 'blocked', id: id ?? null, host: capText(host, 1024), port: Number.isFinite(port) ? port : null, reason });
+  emit({
+    event: 'blocked',
+    id: id ?? null,
+    host: capText(host, 1024),
+    port: Number.isFinite(port) ? port : null,
+    reason
+  });
 }
 
 // --- engine -------------------------------------------------------------------------------------
@@ -365,10 +383,11 @@ if (options.confine) {
 function loadEngine() {
   // this folder's node_modules, then each NODE_PATH entry, then Node's ordinary resolution
   const require = createRequire(import.meta.url);
-  const candidates = [path.join(RUNNER_DIR, 'node_modules'), ...NODE_PATH.split(path.delimiter).filter(Boolean)].map((dir) =>
-    path.resolve(dir, '@mockoon', 'commons-server', 'package.json')
+  const candidates = [path.join(RUNNER_DIR, 'node_modules'), ...NODE_PATH.split(path.delimiter).filter(Boolean)].map(
+    (dir) => path.resolve(dir, '@mockoon', 'commons-server', 'package.json')
   );
-  const packageJsonPath = candidates.find((file) => fs.existsSync(file)) ?? require.resolve('@mockoon/commons-server/package.json');
+  const packageJsonPath =
+    candidates.find((file) => fs.existsSync(file)) ?? require.resolve('@mockoon/commons-server/package.json');
   const engineRequire = createRequire(packageJsonPath);
   const packageJson = engineRequire(packageJsonPath);
   const main = engineRequire.resolve(path.dirname(packageJsonPath)); // its dist/cjs/index.js
@@ -381,7 +400,7 @@ function loadEngine() {
   try {
     ws = commonsRequire('./libs/server/ws');
   } catch {
-    diag('could not load the engine\'s libs/server/ws: WebSocket broadcast contexts stay process-wide');
+    diag("could not load the engine's libs/server/ws: WebSocket broadcast contexts stay process-wide");
   }
   return { server, commons, ws, version: packageJson.version, commonsVersion, location: path.dirname(packageJsonPath) };
 }
@@ -394,8 +413,15 @@ try {
   process.exit(3);
 }
 const { MockoonServer, ServerMessages, redactHeaders } = engine.server;
-const { Migrations, HighestMigrationId, EnvironmentSchema, repairRefs, ServerErrorCodes, defaultEnvironmentVariablesPrefix, deterministicStringify } =
-  engine.commons;
+const {
+  Migrations,
+  HighestMigrationId,
+  EnvironmentSchema,
+  repairRefs,
+  ServerErrorCodes,
+  defaultEnvironmentVariablesPrefix,
+  deterministicStringify
+} = engine.commons;
 if (engine.version !== '9.9.0') diag(`engine @mockoon/commons-server ${engine.version}, written for 9.9.0`);
 
 const START_FAILURES = new Set([
@@ -424,7 +450,15 @@ const START_FAILURES = new Set([
       }
       return own;
     };
-    for (const method of ['handleBroadcastResponse', 'closeWsServer', 'closeWsServers', 'updateEnvironment', 'updateDisabledRoutes', 'stop', 'start']) {
+    for (const method of [
+      'handleBroadcastResponse',
+      'closeWsServer',
+      'closeWsServers',
+      'updateEnvironment',
+      'updateDisabledRoutes',
+      'stop',
+      'start'
+    ]) {
       const original = MockoonServer.prototype[method];
       if (typeof original !== 'function') continue;
       MockoonServer.prototype[method] = function withOwnBroadcastContext(...args) {
@@ -493,7 +527,12 @@ if (options.confine) {
       const text = String(file);
       const resolved = path.isAbsolute(text) ? path.resolve(text) : path.resolve(base, text);
       if (/{{/.test(text) || !isInside(base, realPathLoose(resolved))) {
-        emitError(this.peerdaemonId, 'BLOCKED', `TLS file ${text} is templated or outside the environment directory`, false);
+        emitError(
+          this.peerdaemonId,
+          'BLOCKED',
+          `TLS file ${text} is templated or outside the environment directory`,
+          false
+        );
         const error = new Error(`TLS file refused by --confine: ${text}`);
         error.code = 'ENOENT';
         throw error;
@@ -525,7 +564,8 @@ function prepareEnvironment(raw) {
     environment.lastMigration = HighestMigrationId;
   }
   let validated = EnvironmentSchema.validate(environment).value;
-  if (!validated || typeof validated !== 'object') throw new Refused('the environment is not a valid Mockoon environment');
+  if (!validated || typeof validated !== 'object')
+    throw new Refused('the environment is not a valid Mockoon environment');
   validated = repairRefs(validated);
   return validated;
 }
@@ -633,22 +673,40 @@ function transactionEvent(inst, transaction, timing) {
     routeResponseUUID: transaction.routeResponseUUID ?? null,
     durationMs: timing ? Math.max(0, Math.round(now - timing.t0)) : 0,
     proxied: Boolean(transaction.proxied),
-    request: { headers: headerList(transaction.request.headers, inst.spec.redactHeaders), body: requestBody.text, bodyBytes: requestBody.bytes },
-    response: { headers: headerList(transaction.response.headers, inst.spec.redactHeaders), body: responseBody.text, bodyBytes: responseBody.bytes },
+    request: {
+      headers: headerList(transaction.request.headers, inst.spec.redactHeaders),
+      body: requestBody.text,
+      bodyBytes: requestBody.bytes
+    },
+    response: {
+      headers: headerList(transaction.response.headers, inst.spec.redactHeaders),
+      body: responseBody.text,
+      bodyBytes: responseBody.bytes
+    },
     truncated: requestBody.cut || responseBody.cut
   };
 }
 
 function shrinkTransaction(event) {
   // too large for one line (headers, escapes): cut bodies and header values harder, then drop
-  for (const [bodyLimit, valueLimit] of [[16384, 4096], [1024, 256], [0, 0]]) {
+  for (const [bodyLimit, valueLimit] of [
+    [16384, 4096],
+    [1024, 256],
+    [0, 0]
+  ]) {
     const smaller = { ...event, truncated: true };
     for (const side of ['request', 'response']) {
       const part = event[side];
       smaller[side] = {
         ...part,
         body: capUtf8(part.body, bodyLimit).text,
-        headers: valueLimit === 0 ? [] : part.headers.map((h) => ({ key: capUtf8(h.key, valueLimit).text, value: capUtf8(h.value, valueLimit).text }))
+        headers:
+          valueLimit === 0
+            ? []
+            : part.headers.map((h) => ({
+                key: capUtf8(h.key, valueLimit).text,
+                value: capUtf8(h.value, valueLimit).text
+              }))
       };
     }
     for (const key of ['path', 'query', 'statusMessage', 'route']) {
@@ -685,7 +743,17 @@ function isListening(inst) {
 function launch(spec) {
   const eff = effective(spec);
   const server = new MockoonServer(eff.environment, serverOptions(spec));
-  const inst = { id: spec.id, spec, eff, server, inflight: 0, phase: 'starting', lastClose: null, drainTimer: null, onIdle: null };
+  const inst = {
+    id: spec.id,
+    spec,
+    eff,
+    server,
+    inflight: 0,
+    phase: 'starting',
+    lastClose: null,
+    drainTimer: null,
+    onIdle: null
+  };
   server.peerdaemonId = spec.id;
 
   // per request: when it arrived (for durationMs), and how many are in flight (for draining)
@@ -717,7 +785,10 @@ function launch(spec) {
 
   return new Promise((resolve) => {
     let settled = false;
-    const timer = setTimeout(() => fail(ServerErrorCodes.UNKNOWN_SERVER_ERROR, `server did not start within ${START_TIMEOUT_MS} ms`), START_TIMEOUT_MS);
+    const timer = setTimeout(
+      () => fail(ServerErrorCodes.UNKNOWN_SERVER_ERROR, `server did not start within ${START_TIMEOUT_MS} ms`),
+      START_TIMEOUT_MS
+    );
     const settle = (value) => {
       if (settled) return false;
       settled = true;
@@ -759,7 +830,12 @@ function launch(spec) {
         settle(null);
         return;
       }
-      if (inst.phase === 'running' && START_FAILURES.has(code) && !isListening(inst) && servers.get(spec.id)?.inst === inst) {
+      if (
+        inst.phase === 'running' &&
+        START_FAILURES.has(code) &&
+        !isListening(inst) &&
+        servers.get(spec.id)?.inst === inst
+      ) {
         // the server went down under us
         servers.delete(spec.id);
         inst.phase = 'failed';
@@ -793,7 +869,11 @@ function launch(spec) {
     } catch (error) {
       // e.g. TLS options that failed to build: Mockoon has emitted its error already, then
       // throws on the server instance it could not create
-      if (!settled) fail(ServerErrorCodes.UNKNOWN_SERVER_ERROR, errorMessage(ServerErrorCodes.UNKNOWN_SERVER_ERROR, error, eff.environment));
+      if (!settled)
+        fail(
+          ServerErrorCodes.UNKNOWN_SERVER_ERROR,
+          errorMessage(ServerErrorCodes.UNKNOWN_SERVER_ERROR, error, eff.environment)
+        );
     }
   });
 }
@@ -850,7 +930,8 @@ function retireGracefully(inst) {
 class BadCommand extends Error {}
 
 function requireId(command) {
-  if (typeof command.id !== 'string' || command.id === '') throw new BadCommand(`${command.cmd}: "id" must be a non-empty string`);
+  if (typeof command.id !== 'string' || command.id === '')
+    throw new BadCommand(`${command.cmd}: "id" must be a non-empty string`);
   return command.id;
 }
 
@@ -873,7 +954,8 @@ function logBodyBytes(value, what) {
 }
 
 function directoryOf(value, what) {
-  if (typeof value !== 'string' || value === '' || value.includes('\0')) throw new BadCommand(`${what}: "directory" must be a path`);
+  if (typeof value !== 'string' || value === '' || value.includes('\0'))
+    throw new BadCommand(`${what}: "directory" must be a path`);
   if (options.confine && !path.isAbsolute(value)) throw new BadCommand(`${what}: "directory" must be an absolute path`);
   return path.resolve(value);
 }
@@ -892,7 +974,8 @@ async function cmdStart(command, id) {
   try {
     spec.environment = prepareEnvironment(command.environment);
   } catch (error) {
-    refused = error instanceof Refused ? error.message : `the environment could not be prepared: ${error && error.message}`;
+    refused =
+      error instanceof Refused ? error.message : `the environment could not be prepared: ${error && error.message}`;
   }
   const previous = servers.get(id);
   if (previous) {
@@ -923,13 +1006,19 @@ async function cmdUpdate(command, id) {
   try {
     spec.environment = prepareEnvironment(command.environment);
   } catch (error) {
-    const message = error instanceof Refused ? error.message : `the environment could not be prepared: ${error && error.message}`;
+    const message =
+      error instanceof Refused ? error.message : `the environment could not be prepared: ${error && error.message}`;
     emitError(id, 'ENVIRONMENT_REFUSED', `${message}; the server keeps its previous environment`, false);
     return;
   }
   const before = entry.inst.eff;
   const after = effective(spec);
-  if (before.port === after.port && before.hostname === after.hostname && before.tlsKey === after.tlsKey && before.directory === after.directory) {
+  if (
+    before.port === after.port &&
+    before.hostname === after.hostname &&
+    before.tlsKey === after.tlsKey &&
+    before.directory === after.directory
+  ) {
     const inst = entry.inst;
     context.run({ id }, () => inst.server.updateEnvironment(after.environment));
     inst.spec = spec;
@@ -1049,7 +1138,8 @@ async function shutdown() {
   let chunks = [];
   let size = 0;
   let discarding = false;
-  const tooLong = () => emitError(null, 'BAD_COMMAND', `command line longer than ${MAX_COMMAND_LINE} bytes: skipped`, false);
+  const tooLong = () =>
+    emitError(null, 'BAD_COMMAND', `command line longer than ${MAX_COMMAND_LINE} bytes: skipped`, false);
   process.stdin.on('data', (data) => {
     let start = 0;
     for (;;) {
@@ -1096,7 +1186,12 @@ process.on('uncaughtException', (error) => {
 });
 process.on('unhandledRejection', (reason) => {
   diag('unhandled rejection:', reason);
-  emitError(currentServerId(), 'UNKNOWN_SERVER_ERROR', `runner: ${reason && reason.message ? reason.message : String(reason)}`, false);
+  emitError(
+    currentServerId(),
+    'UNKNOWN_SERVER_ERROR',
+    `runner: ${reason && reason.message ? reason.message : String(reason)}`,
+    false
+  );
 });
 // a supervisor's SIGTERM/SIGINT: stop the servers as at EOF
 for (const signal of ['SIGTERM', 'SIGINT']) process.on(signal, () => shutdown());
