@@ -6,7 +6,7 @@ environments.
 The engine comes from tests/interop/node_modules (`npm ci --prefix tests/interop`, the Mockoon CLI
 pins the same 9.9.0) through NODE_PATH, as nothing can be installed inside `tests/isolated`. One
 test runs the runner on the tree its own package-lock.json pins, when
-tests/mockrunner/install-locked-runner.sh has installed it (outside the namespace) beforehand.
+`peerdaemon mock install --data-dir tests/.mock` has installed it (outside the namespace).
 
 Waits are for events (runner events, HTTP answers, a test server's requests), each bounded.
 """
@@ -18,7 +18,6 @@ import hashlib
 import http.client
 import http.server
 import json
-import os
 import queue
 import shutil
 import socket
@@ -38,7 +37,8 @@ RUNNER_DIR = ROOT / "peerdaemon" / "mock" / "runner"
 RUNNER = RUNNER_DIR / "runner.mjs"
 INTEROP_MODULES = ROOT / "tests" / "interop" / "node_modules"
 FIXTURES = ROOT / "tests" / "fixtures" / "mockoon"
-LOCKED_CACHE = Path(os.environ.get("PD_RUNNER_CACHE", "/tmp/pd-runner-cache"))
+INSTALLED = ROOT / "tests" / ".mock" / "mock-runner"
+"""Where `peerdaemon mock install --data-dir tests/.mock` put the locked tree (README, .ci/run)."""
 NODE = shutil.which("node")
 WAIT = 15.0  # seconds: the bound on every wait
 MAX_EVENT_LINE = 1 << 20
@@ -976,12 +976,14 @@ def test_confine_allow_list(runners, tmp_path, victim, allow, ip_reaches, name_r
 
 # --- the locked tree ----------------------------------------------------------------------------------
 def test_the_tree_the_lock_pins_serves(runners, tmp_path):
-    digest = hashlib.sha256((RUNNER_DIR / "package-lock.json").read_bytes()).hexdigest()[:16]
-    modules = LOCKED_CACHE / digest / "node_modules"
+    modules = INSTALLED / "node_modules"
     if not (modules / ".package-lock.json").exists():
-        pytest.skip(
-            "the locked tree is not installed: run tests/mockrunner/install-locked-runner.sh (needs the npm registry) first"
+        pytest.fail(
+            "the locked tree is not installed: run "
+            "`.venv/bin/peerdaemon mock install --data-dir tests/.mock` first (needs npm's registry)"
         )
+    shipped = hashlib.sha256((RUNNER_DIR / "package-lock.json").read_bytes()).digest()
+    assert hashlib.sha256((INSTALLED / "package-lock.json").read_bytes()).digest() == shipped
     copy_dir = tmp_path / "runner"
     copy_dir.mkdir()
     shutil.copy2(RUNNER, copy_dir / "runner.mjs")

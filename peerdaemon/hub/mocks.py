@@ -193,7 +193,8 @@ class HostedMocks:
         limits = self.limits(space)
         per_owner = limits.hosted_mocks if limits is not None else None
         owner = self.accounts.owner_of(space) if self.accounts is not None else None
-        for env, setting in sorted(wanted.items()):
+        # within a limit, the mocks turned on first keep their place
+        for env, setting in sorted(wanted.items(), key=lambda kv: (kv[1]["at"] or 0, kv[0])):
             key = f"{space}/{env}"
             mock = HostedMock(space, env, setting["access"], setting["token"])
             refused = self._over_limit(key, owner, per_owner)
