@@ -9,12 +9,20 @@ bodies resolve beside the linked file, so the copy sits in a copy of the fixture
 own copy laid out the same way. Both run with `mockdiff.process_env` (`PROCESS_ENV_VARS`: TZ and
 the variables `getEnvVar` reads).
 
-HUB (Cloud Mock): a hub (`serve_hub`, in a thread of its own) holding the environment document and
-a space document that says `hub: true, access: public`, answering at
-`http://127.0.0.1:PORT/mock/SPACE/ENV/...`. The hub's runner is confined: its process environment
-is empty and its files come only from the hub's per-space folder, empty (file sync is not built).
-So its reference is a mockoon-cli without any variable but HOME (no TZ, no MOCKOON_*: both use the
-system's time zone and see no variable) serving the file copied alone into an empty folder.
+HUB (Cloud Mock): a hub (`serve_hub`, in a thread of its own) holding the environment document
+(`import_environment`) and a space document that says `hub: true, access: token`, answering at
+`http://127.0.0.1:PORT/mock/SPACE/ENV/...`; every request carries the token in `X-Mock-Token`,
+which the hub's gate must remove without a trace. The hub's runner is confined: its process
+environment is empty and its files come only from the hub's per-space folder, empty (file sync is
+not built). So its reference is a mockoon-cli without any variable but HOME (no TZ, no MOCKOON_*:
+both use the system's time zone and see no variable) serving the file copied alone into an empty
+folder laid out like the hub's. The hub's own additions need no exclusion: `Connection: close` is
+volatile for mockdiff anyway, no template in the corpus echoes the X-Forwarded-* headers the hub
+sets, and paths in answers are redacted on both sides. Excluded (HUB_EXCLUSIONS, each checked to be
+still needed and to be exactly what the runner reported refusing): FILE bodies outside the
+environment's folder, which confinement refuses; the answer differs only in the path it names.
+
+The device has no exclusion at all.
 
 Every target is fresh per environment (a daemon, a hub, a mockoon-cli process each): request
 numbers, data buckets, global variables and faker state are part of what is compared, and
@@ -25,6 +33,7 @@ Only loopback: everything listens on 127.0.0.1, on ports chosen free.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -35,7 +44,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +69,7 @@ FIXTURE_DIRS = (md.GEN_DIR, md.REAL_DIR)  # FILE bodies point into both (gen-fil
 WORKERS = 5  # environments compared at once (two servers each)
 START_TIMEOUT = 30.0
 SPACE = "mockdiffspace234"  # a space id: 16 characters of [a-z2-7]
+TOKEN = "mockdiff-token-5vN2q8Lr0aZx"  # the Cloud Mock's token, sent in the X-Mock-Token header
 DEVICE = "mockdiff-device"
 
 needs_mockoon = pytest.mark.skipif(
@@ -80,6 +90,8 @@ class Serving:
     base_url: str
     redact: list[tuple[str, str]]
     stop: Callable[[], None]
+    headers: tuple[tuple[str, str], ...] = ()  # sent with every request besides its own
+    blocked: Callable[[], list[str]] = list  # what confinement refused while serving
 
 
 Serve = Callable[[md.EnvCase], Serving]
@@ -109,20 +121,28 @@ def alone(case: md.EnvCase, root: Path) -> Path:
     return Path(shutil.copy(case.path, folder / case.path.name))
 
 
-def play(serve: Serve, case: md.EnvCase) -> list[md.Observed]:
+def play(serve: Serve, case: md.EnvCase) -> tuple[list[md.Observed], list[str]]:
+    """The case's corpus played in order (each request with the serving's own headers, recorded
+    as the corpus' request), and what confinement refused meanwhile."""
     serving = serve(case)
     try:
-        return md.observe(serving.base_url, case.corpus, redact=serving.redact)
+        out = []
+        for req in case.corpus:
+            sent = dataclasses.replace(req, headers=req.headers + serving.headers)
+            observed = md.send(serving.base_url, sent, serving.redact)
+            out.append(dataclasses.replace(observed, req=req))
+        return out, serving.blocked()
     finally:
         serving.stop()
 
 
-def diff(case: md.EnvCase, reference: Serve, ours: Serve) -> tuple[list[md.Observed], ...]:
+def diff(case: md.EnvCase, reference: Serve, ours: Serve) -> Outcome:
     """Both recordings of the case's corpus, played at once against both servers."""
     with ThreadPoolExecutor(2) as pool:
         a = pool.submit(play, reference, case)
         b = pool.submit(play, ours, case)
-        return a.result(), b.result()
+        (xa, _), (xb, blocked) = a.result(), b.result()
+    return Outcome(xa, xb, blocked)
 
 
 def workdir_for(base: Path, case: md.EnvCase, side: str) -> Path:
@@ -344,7 +364,7 @@ def hub_serve(base: Path) -> Serve:
         space = SpaceDoc()
         space.init("mockdiff", DEVICE, "mockdiff")
         space.set_state(env_id, "shared", DEVICE)
-        space.set_mock(env_id, True, "public", "", DEVICE)
+        space.set_mock(env_id, True, "token", TOKEN, DEVICE)
         hub = HubThread(data_dir).start()
 
         async def put_and_wait() -> int | None:
@@ -361,16 +381,35 @@ def hub_serve(base: Path) -> Serve:
 
         try:
             port = hub.run(put_and_wait)
-            assert port is not None, (hub.server.mocks.describe(), hub.server.mocks.engine.runner_reason) if hub.server and hub.server.mocks else None
+            assert port is not None, (
+                (hub.server.mocks.describe(), hub.server.mocks.engine.runner_reason)
+                if hub.server and hub.server.mocks
+                else None
+            )
             assert hub.server is not None
         except BaseException:
             hub.stop()
             raise
-        assert hub_folder(data_dir, case).name == env_id
-        redact = md.env_redactions(hub_folder(data_dir, case) / case.path.name)
-        return Serving(
-            f"http://{md.LOCAL}:{hub.server.port}/mock/{SPACE}/{env_id}", redact, hub.stop
-        )
+        folder = hub_folder(data_dir, case)
+        assert folder.name == env_id
+        redact = md.env_redactions(folder / case.path.name)
+        url = f"http://{md.LOCAL}:{hub.server.port}/mock/{SPACE}/{env_id}"
+        events = hub.server.events
+
+        def blocked() -> list[str]:
+            """Files refused, relative to the environment's folder: the runner's message is
+            "file path /abs/path is outside the environment directory"."""
+            messages = [
+                str(e["data"].get("message"))
+                for e in events.since(0)
+                if e["type"] == "mock-error" and e["data"].get("code") == "BLOCKED"
+            ]
+            return [
+                os.path.relpath(m.removeprefix("file path ").rsplit(" is outside", 1)[0], folder)
+                for m in messages
+            ]
+
+        return Serving(url, redact, hub.stop, (("X-Mock-Token", TOKEN),), blocked)
 
     return serve
 
@@ -378,20 +417,38 @@ def hub_serve(base: Path) -> Serve:
 # --- running every case once, in parallel -------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Exclusion:
+    """A request whose answer legitimately differs, and how: `pattern` (on the body) is replaced
+    by `replacement` on both sides, and `headers` are not compared. Everything else is."""
+
+    request: str  # Req.describe() of the request at that index: a guard against a moved corpus
+    reason: str
+    pattern: re.Pattern[bytes]
+    replacement: bytes
+    headers: frozenset[str] = frozenset()
+    path: str = ""  # the file confinement refuses (as the environment writes it)
+
+    def normalize(self, observed: md.Observed) -> md.Observed:
+        headers = tuple(h for h in observed.headers if h[0] not in self.headers)
+        body = self.pattern.sub(self.replacement, observed.body)
+        return dataclasses.replace(observed, headers=headers, body=body)
+
+
 @dataclass
 class Outcome:
     reference: list[md.Observed] = field(default_factory=list)
     ours: list[md.Observed] = field(default_factory=list)
+    blocked: list[str] = field(default_factory=list)  # ours: what confinement refused
     error: str = ""
 
 
 def run_all(reference: Serve, ours: Serve) -> dict[str, Outcome]:
     def one(case: md.EnvCase) -> Outcome:
         try:
-            a, b = diff(case, reference, ours)
+            return diff(case, reference, ours)
         except Exception as exc:  # reported by the case's own test
             return Outcome(error=f"{type(exc).__name__}: {exc}")
-        return Outcome(a, b)
 
     with ThreadPoolExecutor(WORKERS) as pool:
         outcomes = list(pool.map(one, md.ENVIRONMENTS))
@@ -417,12 +474,58 @@ def hub_outcomes(base: Path) -> dict[str, Outcome]:
     return run_all(cli_serve(base / "hub", bare=True), hub_serve(base / "hub"))
 
 
-def check(outcome: Outcome, exclusions: Sequence[tuple[re.Pattern[str], str]] = ()) -> list[str]:
+def check(
+    case: md.EnvCase, outcome: Outcome, exclusions: dict[tuple[str, int], Exclusion]
+) -> list[str]:
+    """The differences between the two recordings, with the exclusions of this case applied
+    (each must still be needed), and recordings that prove nothing (a request that got no
+    answer, every answer a 404)."""
     if outcome.error:
         return [outcome.error]
-    diffs = md.compare(outcome.reference, outcome.ours)
-    return diffs
+    reference, ours = list(outcome.reference), list(outcome.ours)
+    problems = [f"ours: {o.req.describe()}: {o.error}" for o in ours if o.error]
+    if all(o.status == 404 for o in reference):
+        problems.append("every request answered 404")
+    for (name, index), exclusion in exclusions.items():
+        if name != case.name:
+            continue
+        req = case.corpus[index]
+        if req.describe() != exclusion.request:
+            problems.append(f"exclusion #{index} is {exclusion.request!r}, not {req.describe()!r}")
+            continue
+        if not md.compare(reference[index : index + 1], ours[index : index + 1]):
+            problems.append(f"exclusion #{index} {exclusion.request} is not needed any more")
+        reference[index] = exclusion.normalize(reference[index])
+        ours[index] = exclusion.normalize(ours[index])
+    return problems + md.compare(reference, ours)
 
+
+# A FILE path that leads out of the environment's folder: mockoon-cli reads it (here it is missing
+# in the reference's empty folder: ENOENT naming `<ENV_DIR>/../x`); the hub's confined runner
+# refuses it before Mockoon opens it (docs/mock-runner.md, "Confinement") and Mockoon answers as
+# for a missing file, naming the runner's stand-in `<ENV_DIR>/.peerdaemon-refused-<hash>/x`. Same
+# status, headers and message but for the directory part of that path (and so Content-Length).
+OUTSIDE = re.compile(rb"'<ENV_DIR>/[^']*/([^'/]+)'")
+
+
+def outside(request: str, path: str) -> Exclusion:
+    return Exclusion(
+        request,
+        "a file outside the environment's folder is refused by --confine",
+        OUTSIDE,
+        rb"'<outside the folder>/\1'",
+        frozenset({"content-length"}),
+        path,
+    )
+
+
+HUB_EXCLUSIONS: dict[tuple[str, int], Exclusion] = {
+    ("test-env", 2): outside("GET /file [missing ../test.data]", "../test.data"),
+    ("callbacks", 1): outside(
+        "GET /file [missing ../body-files/file1.txt]", "../body-files/file1.txt"
+    ),
+    ("gen-files", 25): outside("GET /file/up-a-level", "../mockoon/basic-folder-2-routes.json"),
+}
 
 CASES = [pytest.param(case, id=case.name) for case in md.ENVIRONMENTS]
 
@@ -430,12 +533,21 @@ CASES = [pytest.param(case, id=case.name) for case in md.ENVIRONMENTS]
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("case", CASES)
 def test_device_serves_like_mockoon_cli(case: md.EnvCase, device_outcomes: dict[str, Outcome]):
-    problems = check(device_outcomes[case.name])
+    """No exclusion: a device serves its user's environment exactly as mockoon-cli does."""
+    outcome = device_outcomes[case.name]
+    problems = check(case, outcome, {})
+    # the reference answered as each request expects (it reached the branch it was written for)
+    problems += [f"mockoon-cli: {p}" for p in md.check_expectations(outcome.reference)]
     assert not problems, "\n".join(problems)
 
 
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("case", CASES)
 def test_hub_serves_like_mockoon_cli(case: md.EnvCase, hub_outcomes: dict[str, Outcome]):
-    problems = check(hub_outcomes[case.name])
+    """Exclusions: only what confinement refuses, and confinement refused exactly that."""
+    outcome = hub_outcomes[case.name]
+    problems = check(case, outcome, HUB_EXCLUSIONS)
+    expected = sorted(e.path for (name, _), e in HUB_EXCLUSIONS.items() if name == case.name)
+    if not outcome.error and sorted(outcome.blocked) != expected:
+        problems.append(f"confinement refused {sorted(outcome.blocked)}, expected {expected}")
     assert not problems, "\n".join(problems)

@@ -135,9 +135,12 @@ def test_unavailable_says_why_and_recovers() -> None:
     e.unavailable("mock serving needs Node.js 18+", 0.0)
     server = e.servers["a"]
     assert server.state == UNAVAILABLE and "Node.js" in server.error["message"]
-    assert not e.want_runner(100.0)
-    e.available()
-    assert e.want_runner(100.0)
+    assert not e.want_runner(10.0)
+    assert e.deadline() == pytest.approx(30.0)  # looked for again: installed meanwhile?
+    assert e.want_runner(30.0)
+    e.unavailable("still not", 30.0)
+    e.available()  # `mock start` again: at once
+    assert e.want_runner(31.0)
 
 
 def test_remove_stops_and_ignores_late_events() -> None:

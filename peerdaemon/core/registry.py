@@ -91,8 +91,8 @@ class Registry:
     def load(self) -> int:
         """Rebuild every document from the store; called once at start."""
         for env_id, loaded in self.store.load().items():
-            if env_id.startswith("space:"):
-                continue  # space documents: loaded by the spaces service
+            if env_id.startswith(("space:", "files:")):
+                continue  # space documents (the spaces service), files (core/attachments.py)
             doc = Doc()
             for update in loaded.updates:
                 doc.apply_update(update)

@@ -21,13 +21,14 @@ import trio
 from ..api import serve_unix
 from ..core import settings
 from ..core.addresses import parse_address
+from ..core.attachments import Attachments
 from ..core.events import EventLog
 from ..core.identity import Identity, load_or_create_identity
 from ..core.registry import Registry
 from ..core.runner import run_process
 from ..discovery import DiscoveryError, MdnsDiscovery
 from ..hublink import HubLinkService
-from ..mirror import MirrorService
+from ..mirror import Folder, FolderSync, MirrorService
 from ..mock import MockService
 from ..operations import Operations
 from ..peer import PeerConfig, PeerManager
@@ -73,6 +74,7 @@ class Daemon:
     discovery: MdnsDiscovery | None = None
     hubs: HubLinkService | None = None
     mocks: MockService | None = None
+    attachments: Attachments | None = None
 
 
 async def serve(
@@ -93,7 +95,9 @@ async def serve(
             identity = load_or_create_identity(store, config.name)
         except ValueError as exc:
             raise RuntimeError(f"--name: {exc}") from None
-        spaces = SpacesService(registry, store, identity, events)
+        attachments = Attachments(store, events, identity.device_id)
+        attachments.load()
+        spaces = SpacesService(registry, store, identity, events, attachments)
         spaces.load()
         spaces.register(service)
         async with trio.open_nursery() as nursery:
@@ -112,6 +116,8 @@ async def serve(
             )
             mocks.register(service)
             await nursery.start(mocks.run)
+            folders = partial(_folders, mirror, mocks)
+            await nursery.start(FolderSync(registry, attachments, events, folders).run)
             manager, port, discovery = await _start_lan(nursery, config, identity, spaces, events)
             hubs = HubLinkService(identity, spaces, store, events, config=config.peer_config)
             hubs.load()
@@ -146,10 +152,24 @@ async def serve(
                     discovery=discovery,
                     hubs=hubs,
                     mocks=mocks,
+                    attachments=attachments,
                 )
             )
     finally:
         store.close()
+
+
+def _folders(mirror: MirrorService, mocks: MockService) -> dict[str, list[Folder]]:
+    """Where environments' external files live: beside a linked file (both ways), and in the
+    folder a mock serves an environment from when it was not linked (written only)."""
+    out: dict[str, list[Folder]] = {}
+    for link in mirror.describe_links():
+        if isinstance(link.get("id"), str) and isinstance(link.get("path"), str):
+            out.setdefault(link["id"], []).append(Folder(Path(link["path"]).parent, True))
+    for env_id, path in mocks.folders().items():
+        if all(folder.path != path for folder in out.get(env_id, ())):
+            out.setdefault(env_id, []).append(Folder(path, two_way=False))
+    return out
 
 
 def _linked_dir(mirror: MirrorService, env_id: str) -> Path | None:

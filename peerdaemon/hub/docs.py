@@ -40,6 +40,8 @@ __all__ = ["EMPTY_STATE_VECTOR", "EMPTY_UPDATE", "SPACE_PREFIX", "HubDocs", "Lim
 log = logging.getLogger("peerdaemon.hub.docs")
 
 SPACE_PREFIX = "space:"
+FILES_PREFIX = "files:"
+"""An environment's external files (core/attachments.py): stored beside it, not counted as one."""
 EMPTY_STATE_VECTOR = b"\x00"
 
 _SPACE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -210,7 +212,7 @@ class HubDocs:
 
     def env_count(self, space_id: str) -> int:
         docs = self._by_space.get(space_id, {})
-        return sum(1 for doc_id in docs if not doc_id.startswith(SPACE_PREFIX))
+        return sum(1 for doc_id in docs if not doc_id.startswith((SPACE_PREFIX, FILES_PREFIX)))
 
     def get_doc(self, space_id: str, doc_id: str) -> Doc | None:
         """The live document, to read (exports, tests). Change it only through `apply`."""
@@ -280,7 +282,7 @@ class HubDocs:
         limits = self.limits(space_id)
         try:
             if entry is None:
-                if not doc_id.startswith(SPACE_PREFIX) and (
+                if not doc_id.startswith((SPACE_PREFIX, FILES_PREFIX)) and (
                     self.env_count(space_id) >= limits.envs_per_space
                 ):
                     raise LimitExceeded(

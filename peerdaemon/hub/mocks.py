@@ -22,12 +22,14 @@ from typing import Any
 
 import trio
 
+from ..core.attachments import FilesDoc
 from ..core.events import EventLog
+from ..mirror import materialize
 from ..mock import ERROR, RUNNING, MockEngine, Notice, RunnerShell, ServerSpec, locate
 from ..model import export_environment
 from ..spaces import SpaceDoc
 from .accounts import Accounts
-from .docs import SPACE_PREFIX, HubDocs
+from .docs import FILES_PREFIX, SPACE_PREFIX, HubDocs
 
 __all__ = ["HostedMock", "HostedMocks", "MockConfig"]
 
@@ -91,6 +93,7 @@ class HostedMocks:
         self.requests = 0
         self._dirty: set[str] = set()
         self._spaces_dirty: set[str] = set()
+        self._files_dirty: set[str] = set()
         self._awaited: set[str] = set()
         """Hosted per the space document, but the environment's document has not arrived yet."""
         self._wake = trio.Event()
@@ -144,6 +147,11 @@ class HostedMocks:
     def _on_change(self, space: str, doc_id: str, update: bytes, origin: str) -> None:
         if doc_id == SPACE_PREFIX + space:
             self._spaces_dirty.add(space)
+        elif doc_id.startswith(FILES_PREFIX):
+            key = f"{space}/{doc_id[len(FILES_PREFIX) :]}"
+            if key not in self.engine.servers:
+                return
+            self._files_dirty.add(key)
         elif f"{space}/{doc_id}" in self.engine.servers:
             self._dirty.add(f"{space}/{doc_id}")
         elif f"{space}/{doc_id}" in self._awaited:
@@ -159,6 +167,9 @@ class HostedMocks:
             spaces, self._spaces_dirty = self._spaces_dirty, set()
             for space in spaces:
                 self._reconcile(space)
+            files, self._files_dirty = self._files_dirty, set()
+            for key in files:
+                await self._write_files(key)
             dirty, self._dirty = self._dirty, set()
             now = trio.current_time()
             for key in dirty:
@@ -204,13 +215,38 @@ class HostedMocks:
                 self.engine.remove(key)
                 continue
             if key not in self.engine.servers:
+                self.engine.available()  # a runner installed meanwhile is found at once
                 environment = self._export(space, env)
                 if environment is None:
                     continue
-                directory = self.data_dir / "mock-files" / space / _safe(env)
+                directory = self._directory(key)
                 directory.mkdir(parents=True, exist_ok=True)
                 self.engine.serve(key, ServerSpec(environment, str(directory), 0, "127.0.0.1"), now)
+                self._files_dirty.add(key)  # written by the flush loop, before requests need them
+                self._wake.set()
         self.shell.poke()
+
+    def _directory(self, key: str) -> Path:
+        space, env = key.split("/", 1)
+        return self.data_dir / "mock-files" / space / _safe(env)
+
+    async def _write_files(self, key: str) -> None:
+        """The environment's synced files (core/attachments.py) into its folder: the only files
+        its engine may read (the runner is confined to that folder)."""
+        space, env = key.split("/", 1)
+        doc = self.docs.get_doc(space, FILES_PREFIX + env)
+        if doc is None:
+            return
+        files = FilesDoc(doc)
+        contents = {}
+        for path, entry in files.entries().items():
+            data = files.blob(entry.sha256) if entry.sha256 else None
+            if data is not None:
+                contents[path] = data
+        try:
+            await trio.to_thread.run_sync(materialize, self._directory(key), contents)
+        except OSError as exc:
+            log.warning("cloud mock %s: cannot write its files: %s", key, exc)
 
     def _over_limit(self, key: str, owner: str | None, per_owner: int | None) -> str | None:
         served = [k for k, m in self.hosted.items() if m.refused is None and k != key]
@@ -252,7 +288,10 @@ class HostedMocks:
             elif notice.kind in ("error", "blocked", "runner-exited"):
                 data = {k: v for k, v in notice.data.items() if k not in ("id", "type")}
                 self.events.emit(f"mock-{notice.kind}", id=notice.id, **data)
-                log.warning("cloud mock %s: %s %s", notice.id or "runner", notice.kind, data)
+                quiet = notice.kind == "error" and data.get("fatal") is not True
+                (log.debug if quiet else log.warning)(
+                    "cloud mock %s: %s %s", notice.id or "runner", notice.kind, data
+                )
 
 
 def _safe(env_id: str) -> str:

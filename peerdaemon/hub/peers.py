@@ -52,6 +52,7 @@ __all__ = ["HubAuth", "PeerEndpoint", "create_peer_endpoint"]
 log = logging.getLogger("peerdaemon.hub.peers")
 
 SPACE_PREFIX = "space:"
+FILES_PREFIX = "files:"
 PROOF_LEN = 32
 MAX_SPACE_ID = 128
 OK = "ok"
@@ -257,6 +258,8 @@ class _ScopedDocs:
         if doc_id.startswith(SPACE_PREFIX):
             space = doc_id[len(SPACE_PREFIX) :]
             return space if space in ids else None
+        if doc_id.startswith(FILES_PREFIX):  # an environment's files go where it goes
+            doc_id = doc_id[len(FILES_PREFIX) :]
         for space in ids:
             if doc_id in self.endpoint.envs_of(space):
                 return space
@@ -268,7 +271,9 @@ class _ScopedDocs:
         for space in space_ids:
             if space not in self.auth.accepted:
                 continue
-            for doc in [SPACE_PREFIX + space, *sorted(self.endpoint.envs_of(space))]:
+            envs = sorted(self.endpoint.envs_of(space))
+            files = [FILES_PREFIX + env for env in envs]
+            for doc in [SPACE_PREFIX + space, *envs, *files]:
                 if doc not in seen:
                     seen.add(doc)
                     out.append(doc)

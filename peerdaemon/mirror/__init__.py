@@ -6,6 +6,8 @@ threads, `settings` what survives a restart. Below them, without I/O: `link` dec
 must do, `format` writes environment JSON as Mockoon does.
 """
 
+from .attached import Folder, FolderSync, materialize
+from .attached import inside as inside_folder
 from .files import conflict_path_for
 from .format import format_environment, stringify
 from .link import LinkMachine
@@ -13,10 +15,14 @@ from .service import MirrorService
 from .settings import mirror_file_name
 
 __all__ = [
+    "Folder",
+    "FolderSync",
     "LinkMachine",
     "MirrorService",
     "conflict_path_for",
     "format_environment",
+    "inside_folder",
+    "materialize",
     "mirror_file_name",
     "stringify",
 ]

@@ -39,6 +39,8 @@ UNAVAILABLE = "unavailable"  # no runner can be started (Node or the runner miss
 
 READY_TIMEOUT = 20.0
 """A runner that has not said `ready` by then is killed and started again."""
+UNAVAILABLE_RETRY = 30.0
+"""Without a runner (no Node.js, not installed), look again this often: installed meanwhile."""
 STABLE_AFTER = 30.0
 """A runner that lived this long before dying was not crash-looping: its backoff starts over."""
 
@@ -167,7 +169,9 @@ class MockEngine:
 
     def want_runner(self, now: float) -> bool:
         """True when the shell should start a runner process now."""
-        return self.runner == "down" and bool(self.servers) and now >= self._spawn_at
+        return (
+            self.runner in ("down", "unavailable") and bool(self.servers) and now >= self._spawn_at
+        )
 
     def spawned(self, now: float) -> None:
         self.runner = "spawning"
@@ -177,6 +181,7 @@ class MockEngine:
         """No runner can be started (no Node.js, no installed runner): every server says why."""
         self.runner = "unavailable"
         self.runner_reason = reason
+        self._spawn_at = now + UNAVAILABLE_RETRY
         for server in self.servers.values():
             self._start(server, now)
         self._notices.append(Notice("error", None, {"code": "UNAVAILABLE", "message": reason}))
@@ -210,7 +215,7 @@ class MockEngine:
     def deadline(self) -> float | None:
         if self.runner == "spawning":
             return self._spawned_at + READY_TIMEOUT
-        if self.runner == "down" and self.servers:
+        if self.runner in ("down", "unavailable") and self.servers:
             return self._spawn_at
         return None
 

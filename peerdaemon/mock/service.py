@@ -123,6 +123,10 @@ class MockService:
             directory.mkdir(parents=True, exist_ok=True)
         return str(directory)
 
+    def folders(self) -> dict[str, Path]:
+        """The folder each served environment is served from (its engine's directory)."""
+        return {env_id: Path(s.spec.directory) for env_id, s in self.engine.servers.items()}
+
     def _serve(self, env_id: str, port: int | None, hostname: str | None) -> None:
         try:
             environment = self.registry.export(env_id)

@@ -30,6 +30,7 @@ from typing import Any, Protocol
 from pycrdt import Doc, Map
 
 from ..core import settings
+from ..core.attachments import Attachments, env_of, files_doc_id
 from ..core.errors import (
     AMBIGUOUS,
     BAD_INVITE,
@@ -157,9 +158,16 @@ class SpacesService:
     """Spaces, sharing and the daemon side of sync; implements `SyncHost`."""
 
     def __init__(
-        self, registry: Registry, store: Store, identity: Identity, events: EventLog
+        self,
+        registry: Registry,
+        store: Store,
+        identity: Identity,
+        events: EventLog,
+        attachments: Attachments | None = None,
     ) -> None:
         self.registry = registry
+        self.attachments = attachments
+        """Each shared environment's files document (`files:<env id>`) syncs beside it."""
         self.store = store
         self.identity = identity
         self.events = events
@@ -173,6 +181,8 @@ class SpacesService:
         self.address_provider: Callable[[], list[str]] | None = None
         """Set by the peer side: this daemon's reachable `host:port`s, put into invites."""
         registry.add_listener(self._on_env_change)
+        if attachments is not None:
+            attachments.add_listener(self._on_files_change)
 
     # -- start ---------------------------------------------------------------------------------
 
@@ -509,10 +519,15 @@ class SpacesService:
                 if env_id not in seen and self._sharing_space(env_id, (space_id,)) is not None:
                     seen.add(env_id)
                     out.append(env_id)
+                    if self.attachments is not None:
+                        out.append(files_doc_id(env_id))
         return out
 
     def allowed(self, doc_id: str, space_ids: Iterable[str]) -> bool:
         ids = tuple(space_ids)
+        files_of = env_of(doc_id)
+        if files_of is not None:
+            return self.attachments is not None and self._sharing_space(files_of, ids) is not None
         if doc_id.startswith(SPACE_PREFIX):
             space_id = doc_id[len(SPACE_PREFIX) :]
             return space_id in ids and space_id in self.spaces
@@ -524,6 +539,11 @@ class SpacesService:
         space = self._space_of_doc(doc_id)
         if space is not None:
             return space.doc.doc.get_state()
+        files_of = env_of(doc_id)
+        if files_of is not None:
+            if self.attachments is None or self._sharing_space(files_of) is None:
+                return None
+            return self.attachments.state_vector(files_of)
         if self._sharing_space(doc_id) is None:
             return None
         env = self.registry.envs.get(doc_id)
@@ -535,6 +555,11 @@ class SpacesService:
         try:
             if space is not None:
                 return space.doc.doc.get_update(state_vector)
+            files_of = env_of(doc_id)
+            if files_of is not None:
+                if self.attachments is None or self._sharing_space(files_of) is None:
+                    return EMPTY_UPDATE
+                return self.attachments.diff(files_of, state_vector or EMPTY_STATE_VECTOR)
             if self._sharing_space(doc_id) is None or doc_id not in self.registry.envs:
                 return EMPTY_UPDATE
             return self.registry.state_update(doc_id, state_vector or EMPTY_STATE_VECTOR)
@@ -554,6 +579,11 @@ class SpacesService:
                 log.debug("spaces: ignoring an update of unknown %s from %s", doc_id, origin)
                 return
             self._apply_space(space, update, origin)
+            return
+        files_of = env_of(doc_id)
+        if files_of is not None:
+            if self.attachments is not None and self._sharing_space(files_of) is not None:
+                self.attachments.apply(files_of, update, origin)
             return
         space_id = self._sharing_space(doc_id)
         if space_id is None:
@@ -713,6 +743,12 @@ class SpacesService:
             del self._early[env_id]
         for listener in list(self._docs_listeners.values()):
             listener()
+
+    def _on_files_change(self, doc_id: str, update: bytes, origin: str) -> None:
+        env_id = env_of(doc_id)
+        if env_id is not None and self._listeners and self._sharing_space(env_id) is not None:
+            for listener in list(self._listeners.values()):
+                listener(doc_id, update, origin)
 
     def _on_env_change(self, env_id: str, update: bytes, origin: str) -> None:
         if self._listeners and self._sharing_space(env_id) is not None:

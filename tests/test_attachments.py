@@ -1,0 +1,258 @@
+"""An environment's external files (FILE bodies, TLS files), synced beside it as its files
+document (core/attachments.py, docs/files.md): paths that escape are refused, concurrent changes
+keep both versions (a conflict copy), and end to end a file beside a linked environment on one
+device is written beside it on a LAN peer and served by that peer's mock and the hub's Cloud
+Mock."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import trio
+from daemonutil import (
+    Dev,
+    base_fixture,  # noqa: F401  (fixture)
+    converged,
+    make_space,
+)
+from helpers import free_port, until
+from mockutil import request, require_runner, route, small_env
+from pycrdt import Map
+
+from peerdaemon.core.attachments import (
+    MAX_FILE_BYTES,
+    Attachments,
+    FileRefused,
+    FilesDoc,
+    conflict_name,
+    referenced_paths,
+    safe_relative,
+)
+from peerdaemon.core.events import EventLog
+from peerdaemon.mirror import inside_folder, materialize
+from peerdaemon.store import Store
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("body.json", "body.json"),
+        ("files/./a.txt", "files/a.txt"),
+        ("files/x/../a.txt", "files/a.txt"),
+        ("../secret", None),
+        ("files/../../secret", None),
+        ("/etc/passwd", None),
+        ("C:/x", None),
+        ("a\\..\\b", None),
+        ("", None),
+        (".", None),
+        ("a\x00b", None),
+        ("x" * 2000, None),
+        (3, None),
+    ],
+)
+def test_safe_relative(path, expected):
+    assert safe_relative(path) == expected
+
+
+def file_env(*paths: str, templated: str = "{{urlParam 'n'}}.json") -> dict:
+    env = small_env("Files")
+    for i, path in enumerate([*paths, templated]):
+        r = route(f"f{i}", "")
+        r["responses"][0]["bodyType"] = "FILE"
+        r["responses"][0]["filePath"] = path
+        env["routes"].append(r)
+        env["rootChildren"].append({"type": "route", "uuid": r["uuid"]})
+    env["tlsOptions"].update(enabled=True, certPath="certs/cert.pem", keyPath="/abs/key.pem")
+    return env
+
+
+def test_referenced_paths_are_the_files_mockoon_reads_beside_the_environment():
+    env = file_env("body.json", "./files/a.txt", "../outside.txt", "/etc/passwd")
+    safe, refused = referenced_paths(env)
+    assert safe == ["body.json", "certs/cert.pem", "files/a.txt"]
+    assert refused == ["../outside.txt", "/abs/key.pem", "/etc/passwd"]
+    env["tlsOptions"]["enabled"] = False
+    assert "certs/cert.pem" not in referenced_paths(env)[0]
+
+
+def test_conflict_names_are_the_same_everywhere():
+    assert conflict_name("files/a.txt", "ab" * 32, "ABCDEFG-HIJ") == (
+        "files/a.sync-conflict-abababab-ABCDEFGH.txt"
+    )
+    assert conflict_name("README", "cd" * 32, "X") == "README.sync-conflict-cdcdcdcd-X"
+
+
+@pytest.fixture
+def devices(tmp_path):
+    made = []
+
+    def make(name: str) -> Attachments:
+        store = Store.open(tmp_path / name)
+        made.append(store)
+        return Attachments(store, EventLog(), device=name.upper())
+
+    yield make
+    for store in made:
+        store.close()
+
+
+def exchange(a: Attachments, b: Attachments, env_id: str) -> None:
+    """Both ways, as a sync session would (state vectors, then what each misses)."""
+    to_b = a.diff(env_id, b.state_vector(env_id))
+    to_a = b.diff(env_id, a.state_vector(env_id))
+    b.apply(env_id, to_b, "peer:a")
+    a.apply(env_id, to_a, "peer:b")
+
+
+def test_two_devices_that_change_one_file_apart_keep_both(devices):
+    a, b = devices("a"), devices("b")
+    env = "env-1"
+    a.put_file(env, "body.json", b'{"v": 0}', "file")
+    exchange(a, b, env)
+    assert b.content(env, "body.json") == b'{"v": 0}'
+    a.put_file(env, "body.json", b'{"v": "a"}', "file")  # apart, from the same base
+    b.put_file(env, "body.json", b'{"v": "b"}', "file")
+    exchange(a, b, env)
+    exchange(a, b, env)  # the loser's conflict copy travels back
+    assert a.entries(env) == b.entries(env)
+    winner = a.content(env, "body.json")
+    assert winner in (b'{"v": "a"}', b'{"v": "b"}')
+    loser = b'{"v": "b"}' if winner == b'{"v": "a"}' else b'{"v": "a"}'
+    copies = [p for p in a.entries(env) if ".sync-conflict-" in p]
+    assert len(copies) == 1 and a.content(env, copies[0]) == loser == b.content(env, copies[0])
+    # blobs nobody refers to are gone (the base version)
+    doc = FilesDoc(a.docs[env].doc)
+    assert hashlib.sha256(b'{"v": 0}').hexdigest() not in doc.doc.get("blobs", type=Map)
+
+
+def test_caps_and_bad_paths_are_refused(devices):
+    a = devices("a")
+    with pytest.raises(FileRefused):
+        a.put_file("e", "../x", b"1", "file")
+    with pytest.raises(FileRefused):
+        a.put_file("e", "big.bin", b"x" * (MAX_FILE_BYTES + 1), "file")
+
+
+def test_a_peer_writing_an_escaping_path_is_read_as_absent(devices, tmp_path):
+    a = devices("a")
+    a.put_file("e", "ok.txt", b"fine", "file")
+    doc = a.docs["e"].doc
+    data = b"pwned"
+    sha = hashlib.sha256(data).hexdigest()
+    with doc.transaction():  # what a hostile Yjs client could write into the document
+        doc.get("blobs", type=Map)[sha] = data
+        for key in ("../../escape.txt", "/etc/evil", "a/../../b"):
+            doc.get("files", type=Map)[key] = {"sha256": sha, "size": 5, "by": "x", "at": 0}
+    assert sorted(a.entries("e")) == ["ok.txt"]
+    folder = tmp_path / "served"
+    folder.mkdir()
+    materialize(folder, {"../../escape.txt": data, "ok.txt": b"fine"})
+    assert (folder / "ok.txt").read_bytes() == b"fine"
+    assert not (tmp_path / "escape.txt").exists() and not (tmp_path.parent / "escape.txt").exists()
+    (folder / "link").symlink_to(tmp_path)
+    assert inside_folder(folder, "link/x") is None
+
+
+# --- end to end --------------------------------------------------------------------------------
+async def body_of(port: int, path: str) -> bytes | None:
+    try:
+        status, _, body = await trio.to_thread.run_sync(lambda: request(port, path))
+    except OSError:
+        return None
+    return body if status == 200 else None
+
+
+async def _eq(awaitable, expected) -> bool:
+    return (await awaitable) == expected
+
+
+def _read(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
+async def test_files_beside_a_linked_environment_reach_a_peer_and_its_mock(
+    base, nursery, monkeypatch
+):
+    require_runner(monkeypatch)
+    a, b = Dev(base, "a"), Dev(base, "b")
+    await a.start(nursery)
+    await b.start(nursery, a)
+    space = await make_space(a, b)
+    env = file_env("body.json", "files/page.html", "../outside.txt")
+    env["tlsOptions"]["enabled"] = False  # no certificate here: served over plain HTTP
+    env_id = env["uuid"]
+    dir_a = base / "work-a"
+    (dir_a / "files").mkdir(parents=True)
+    (dir_a / "body.json").write_text('{"from": "a"}')
+    (dir_a / "files" / "page.html").write_text("<p>a</p>")
+    (base / "outside.txt").write_text("not to be synced")
+    env_file = dir_a / "env.json"
+    env_file.write_text(json.dumps(env))
+    await a.op("env.import_link", json=env_file.read_text(), path=str(env_file))
+    await a.op("env.share", id=env_id, space=space)
+    await converged([a, b], env_id)
+
+    # b serves it without a link: the files are written into the mock's own folder
+    port = free_port()
+    await b.op("mock.start", id=env_id, port=port, hostname="127.0.0.1")
+    await until(lambda: _eq(body_of(port, "/f0"), b'{"from": "a"}'), what="b serves a's file")
+    await until(lambda: _eq(body_of(port, "/f1"), b"<p>a</p>"), what="and the other file")
+    # ... and with a link, beside b's own file
+    dir_b = base / "work-b"
+    dir_b.mkdir()
+    await b.op("env.link", id=env_id, path=str(dir_b / "env.json"))
+    await until(lambda: _read(dir_b / "files" / "page.html") == b"<p>a</p>")
+
+    # the escaping path was refused on a, never synced
+    events = (await a.op("events.subscribe", since=0))["events"]
+    refused = [e["data"] for e in events if e["type"] == "file-refused"]
+    assert {"id": env_id, "path": "../outside.txt"}.items() <= refused[0].items()
+    assert not any(".." in p for p in b.daemon.attachments.entries(env_id))
+
+    # a changed file on disk syncs like an edit: to b's folder and to what b serves
+    tmp = dir_a / ".body.json.tmp"
+    tmp.write_text('{"from": "a", "v": 2}')
+    tmp.replace(dir_a / "body.json")
+    await until(lambda: _eq(body_of(port, "/f0"), b'{"from": "a", "v": 2}'), what="served")
+    await until(lambda: _read(dir_b / "body.json") == b'{"from": "a", "v": 2}')
+    # and a change on b's side reaches a's folder
+    (dir_b / "files" / "page.html").write_text("<p>b</p>")
+    await until(lambda: _read(dir_a / "files" / "page.html") == b"<p>b</p>")
+    await b.stop()
+    await a.stop()
+
+
+async def test_the_cloud_mock_serves_a_members_file_bodies(tmp_path, nursery, monkeypatch):
+    require_runner(monkeypatch)
+    from test_hub_link import Dev as HubDev  # noqa: PLC0415
+    from test_hub_link import Hub, team  # noqa: PLC0415
+
+    from peerdaemon.hub.accounts import Accounts  # noqa: PLC0415
+
+    hub = await Hub(tmp_path).start(nursery)
+    with Accounts.open(hub.dir) as admin:
+        alice = admin.add_user("alice")
+    a = await HubDev(tmp_path, "a").start(nursery)
+    space, [env_id] = await team(a, hub, alice)
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "body.json").write_text('{"hosted": true}')
+    env = await a.get(env_id)
+    r = route("hosted-file", "")
+    r["responses"][0].update(bodyType="FILE", filePath="body.json")
+    env["routes"].append(r)
+    env["rootChildren"].append({"type": "route", "uuid": r["uuid"]})
+    await a.op("env.put", id=env_id, env=env)
+    await a.op("env.link", id=env_id, path=str(work / "env.json"))
+    await a.op("env.mock", id=env_id, hub=True)
+    path = f"/mock/{space}/{env_id}/hosted-file"
+    await until(lambda: _eq(body_of(hub.port, path), b'{"hosted": true}'), what="hosted file")
+    (work / "body.json").write_text('{"hosted": 2}')
+    await until(lambda: _eq(body_of(hub.port, path), b'{"hosted": 2}'), what="edited file")
