@@ -129,8 +129,14 @@ def test_two_devices_that_change_one_file_apart_keep_both(devices):
     assert hashlib.sha256(b'{"v": 0}').hexdigest() not in doc.doc.get("blobs", type=Map)
 
 
-def test_caps_and_bad_paths_are_refused(devices):
+def test_caps_and_bad_paths_are_refused(devices, monkeypatch):
     a = devices("a")
+    monkeypatch.setattr("peerdaemon.core.attachments.MAX_SPACE_BYTES", 10)
+    a.neighbours = lambda env_id: ["other"] if env_id == "e" else ["e"]
+    a.put_file("other", "x.txt", b"123456", "file")
+    with pytest.raises(FileRefused, match="space"):
+        a.put_file("e", "y.txt", b"12345", "file")
+    a.put_file("e", "y.txt", b"1234", "file")
     with pytest.raises(FileRefused):
         a.put_file("e", "../x", b"1", "file")
     with pytest.raises(FileRefused):

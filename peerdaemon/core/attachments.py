@@ -38,6 +38,7 @@ __all__ = [
     "FILES_PREFIX",
     "MAX_ENV_BYTES",
     "MAX_FILE_BYTES",
+    "MAX_SPACE_BYTES",
     "Attachments",
     "FileEntry",
     "FilesDoc",
@@ -56,6 +57,8 @@ MAX_FILE_BYTES = 16 << 20
 """A file larger than this is not synced (an event says so)."""
 MAX_ENV_BYTES = 64 << 20
 """All of one environment's files together."""
+MAX_SPACE_BYTES = 256 << 20
+"""All files of the environments of one space together."""
 MAX_PATH = 1024
 FILES = "files"
 BLOBS = "blobs"
@@ -251,6 +254,9 @@ class Attachments:
         self._listeners: dict[int, ChangeListener] = {}
         self._files_listeners: dict[int, FilesListener] = {}
         self._next = 1
+        self.neighbours: Callable[[str], list[str]] = lambda env_id: []
+        """The other environments of the space an environment is shared in (set by the
+        spaces service): their files count against the same `MAX_SPACE_BYTES`."""
         events.listen(self._on_event)
 
     def _on_event(self, event: dict[str, Any]) -> None:
@@ -322,6 +328,9 @@ class Attachments:
         grows = len(data) - (current.size if current is not None and current.sha256 else 0)
         if files.total_bytes() + grows > MAX_ENV_BYTES:
             raise FileRefused(f"the environment's files would pass {MAX_ENV_BYTES} bytes")
+        others = sum(self.docs[e].total_bytes() for e in self.neighbours(env_id) if e in self.docs)
+        if others + files.total_bytes() + grows > MAX_SPACE_BYTES:
+            raise FileRefused(f"the space's files would pass {MAX_SPACE_BYTES} bytes")
         if not files.put(norm, data, self.device):
             return None
         return self._commit(env_id, [norm], origin)

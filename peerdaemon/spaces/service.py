@@ -183,6 +183,7 @@ class SpacesService:
         registry.add_listener(self._on_env_change)
         if attachments is not None:
             attachments.add_listener(self._on_files_change)
+            attachments.neighbours = self._neighbours
 
     # -- start ---------------------------------------------------------------------------------
 
@@ -743,6 +744,10 @@ class SpacesService:
             del self._early[env_id]
         for listener in list(self._docs_listeners.values()):
             listener()
+
+    def _neighbours(self, env_id: str) -> list[str]:
+        space = self.bindings.get(env_id)
+        return [e for e, s in self.bindings.items() if s == space and e != env_id] if space else []
 
     def _on_files_change(self, doc_id: str, update: bytes, origin: str) -> None:
         env_id = env_of(doc_id)
