@@ -14,10 +14,11 @@ Prints a table of medians over `--reps` repetitions (each repetition's values in
    directly, and the hub's Cloud Mock (`/mock/SPACE/ENV/hello`: the hub's Python proxy in front
    of its confined runner). The load generator is this script in a separate process (epoll, raw
    non-blocking sockets): `--concurrency` connections at once, ONE request per connection
-   (`Connection: close`, as the hub answers), a new connection as soon as one ends; 0.5 s of
-   warm-up, then `--duration` s counted. Reported: requests/s, p50/p99 latency (connect to the
-   server's close), non-200 answers, and the CPU of the servers and of the load generator (in %
-   of one core: on 2 cores, a sum near 200 % means the machine, not the server, is the limit).
+   (`Connection: close`, as the hub answers), a new connection as soon as one ends; one untimed
+   2 s run per server first, then per run 0.5 s of warm-up and `--duration` s counted; the
+   servers' order rotates between repetitions. Reported: requests/s, p50/p99 latency (connect to
+   the server's close), non-200 answers, and the CPU of the servers and of the load generator (in
+   % of one core: on 2 cores, a sum near 200 % means the machine, not the server, is the limit).
    The hub/direct ratios compare the hub with `mockoon-cli`.
 2. Edit-to-served: an `env.patch` on daemon A's socket replaces the /hello body by a new marker;
    a thread polls the served URL (a new connection per request, 1 ms apart) and the latency is
@@ -475,14 +476,19 @@ def loadgen(spec: dict[str, Any]) -> None:
 
 
 def run_load(
-    port: int, path: str, server_pids: list[int], args: argparse.Namespace
+    port: int,
+    path: str,
+    server_pids: list[int],
+    args: argparse.Namespace,
+    duration: float | None = None,
 ) -> dict[str, Any]:
     """One load run against `port`; the servers' CPU is read at the loadgen's "go" and "end"."""
+    duration = duration or args.duration
     spec = {
         "port": port,
         "path": path,
         "concurrency": args.concurrency,
-        "duration": args.duration,
+        "duration": duration,
         "warmup": 0.5,
     }
     proc = subprocess.Popen(
@@ -493,7 +499,7 @@ def run_load(
     )
     try:
         assert proc.stdout is not None
-        deadline = time.monotonic() + args.duration + 30
+        deadline = time.monotonic() + duration + 30
         buf = b""
         lines: list[str] = []
         cpu: dict[str, tuple[float, list[float]]] = {}
@@ -746,6 +752,9 @@ def main() -> int:
                 / 1024,
             }
             names = list(s["targets"])
+            for name in names:  # untimed: JIT, caches and pools warm before the first rep
+                port, path, pids = s["targets"][name]
+                run_load(port, path, list(pids.values()), args, duration=2.0)
             for rep in range(args.reps):
                 order = names[rep % len(names) :] + names[: rep % len(names)]
                 for name in order:

@@ -194,6 +194,11 @@ ARG_KINDS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "space.unhub": {"space": str},
     "config.get": {"key": str},
     "config.set": {"key": str, "value": str},
+    "env.mock": {"id": str, "hub": bool, "access": str, "rotate_token": bool},
+    "mock.start": {"id": str, "port": int, "hostname": str},
+    "mock.stop": {"id": str},
+    "mock.list": {},
+    "mock.logs": {"id": str, "limit": int, "follow": bool},
 }
 """The type of each argument an operation takes (of every service on the socket), checked before
 the operation runs: an argument of the wrong type is `bad-request` with a message, never an
