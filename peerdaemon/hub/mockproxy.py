@@ -35,6 +35,10 @@ __all__ = ["MockProxy"]
 log = logging.getLogger("peerdaemon.hub.mockproxy")
 
 RECEIVE = 64 * 1024
+IDLE_REUSE = 2.0
+"""An engine connection idle this long is not reused: Node closes idle ones after 5 s."""
+MAX_IDLE = 32
+"""Idle engine connections kept per mock."""
 START_WAIT = 5.0
 """A request to a mock that is starting (just turned on, runner restarting) waits this long."""
 
@@ -47,6 +51,8 @@ class MockProxy:
         self.limiter = RateLimiter(rate=50.0, burst=50.0)
         self.in_flight: dict[str, int] = {}
         self.connections = 0
+        self._idle: dict[int, list[tuple[trio.SocketStream, h11.Connection, float]]] = {}
+        """port -> idle engine connections, newest last."""
 
     async def handle(
         self,
@@ -167,42 +173,93 @@ class MockProxy:
         port: int,
     ) -> bool:
         """One request to the engine, its answer relayed as it comes; True once complete.
-        OSError or h11's errors before the answer's head: the caller answers 502."""
+        OSError or h11's errors before the answer's head: the caller answers 502.
+
+        Engine connections are kept alive and reused (`_idle`): a request then costs the engine
+        no accept and the hub no connect. A reused connection the engine closed meanwhile fails
+        when the request is sent, before the engine saw it: the request goes again on a new one.
+        """
         started = False
+        upstream, client = self._take(port)
+        fresh = upstream is None
+        if upstream is None or client is None:
+            upstream, client = (
+                await trio.open_tcp_stream("127.0.0.1", port),
+                h11.Connection(h11.CLIENT),
+            )
+        keep = False
         try:
-            upstream = await trio.open_tcp_stream("127.0.0.1", port)
-            async with upstream:
-                client = h11.Connection(h11.CLIENT)
+            out = client.send(
+                h11.Request(method=request.method, target=forward.target, headers=headers)
+            )
+            if forward.body:
+                out += client.send(h11.Data(data=forward.body))
+            out += client.send(h11.EndOfMessage())
+            try:
+                await upstream.send_all(out)
+            except (OSError, trio.BrokenResourceError):
+                if fresh:
+                    raise
+                await upstream.aclose()
+                upstream, client = (
+                    await trio.open_tcp_stream("127.0.0.1", port),
+                    h11.Connection(h11.CLIENT),
+                )
+                fresh = True
                 out = client.send(
                     h11.Request(method=request.method, target=forward.target, headers=headers)
                 )
                 if forward.body:
                     out += client.send(h11.Data(data=forward.body))
-                out += client.send(h11.EndOfMessage())
-                await upstream.send_all(out)
-                while True:
-                    event = client.next_event()
-                    if event is h11.NEED_DATA:
-                        client.receive_data(await upstream.receive_some(RECEIVE))
-                    elif isinstance(event, h11.Response):
-                        fields = [*response_headers(event.headers), (b"Connection", b"close")]
-                        response = h11.Response(
-                            status_code=event.status_code, headers=fields, reason=event.reason
-                        )
-                        await exchange.stream.send_all(exchange.h11.send(response) or b"")
-                        started = True
-                    elif isinstance(event, h11.Data):
-                        if request.method != "HEAD":
-                            await exchange.stream.send_all(exchange.h11.send(event) or b"")
-                    elif isinstance(event, h11.EndOfMessage):
-                        await exchange.stream.send_all(exchange.h11.send(h11.EndOfMessage()) or b"")
-                        return True
-                    elif isinstance(event, h11.ConnectionClosed):
-                        raise h11.RemoteProtocolError("closed before the end of the answer")
+                await upstream.send_all(out + client.send(h11.EndOfMessage()))
+            while True:
+                event = client.next_event()
+                if event is h11.NEED_DATA:
+                    client.receive_data(await upstream.receive_some(RECEIVE))
+                elif isinstance(event, h11.Response):
+                    fields = [*response_headers(event.headers), (b"Connection", b"close")]
+                    response = h11.Response(
+                        status_code=event.status_code, headers=fields, reason=event.reason
+                    )
+                    await exchange.stream.send_all(exchange.h11.send(response) or b"")
+                    started = True
+                elif isinstance(event, h11.Data):
+                    if request.method != "HEAD":
+                        await exchange.stream.send_all(exchange.h11.send(event) or b"")
+                elif isinstance(event, h11.EndOfMessage):
+                    await exchange.stream.send_all(exchange.h11.send(h11.EndOfMessage()) or b"")
+                    keep = client.our_state is h11.DONE and client.their_state is h11.DONE
+                    return True
+                elif isinstance(event, h11.ConnectionClosed):
+                    raise h11.RemoteProtocolError("closed before the end of the answer")
         except (OSError, h11.RemoteProtocolError, trio.BrokenResourceError):
             if started:
                 raise _Started from None
             raise
+        finally:
+            if keep:
+                client.start_next_cycle()
+                self._give_back(port, upstream, client)
+            else:
+                with trio.CancelScope(shield=True):
+                    await upstream.aclose()
+
+    def _take(self, port: int) -> tuple[trio.SocketStream, h11.Connection] | tuple[None, None]:
+        idle = self._idle.get(port)
+        now = trio.current_time()
+        while idle:
+            stream, client, since = idle.pop()
+            if now - since < IDLE_REUSE:
+                return stream, client
+            self._closing.append(stream)
+        return None, None
+
+    def _give_back(self, port: int, stream: trio.SocketStream, client: h11.Connection) -> None:
+        idle = self._idle.setdefault(port, [])
+        if len(idle) >= MAX_IDLE:
+            self._closing.append(stream)
+            return
+        idle.append((stream, client, trio.current_time()))
 
 
 class _Started(Exception):
