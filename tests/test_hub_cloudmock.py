@@ -361,6 +361,15 @@ async def test_a_member_turns_it_on_and_every_device_edit_is_served(tmp_path, nu
     assert setting["url"] == base_url and len(setting["token"]) >= 16
     path = f"/mock/{space}/{env_id}/test?token={setting['token']}"
     server = hub.server
+    [listed] = await a.op("mock.list")  # `mock list` shows the Cloud Mock beside local ones
+    assert listed == {
+        "id": env_id,
+        "name": "env 0",
+        "where": "hub",
+        "state": "hub",
+        "access": "token",
+        "url": base_url,
+    }
     await until(lambda: served(server, path, b"{}"), what="the Cloud Mock from the daemon")
     await a.op(
         "env.patch",
@@ -381,3 +390,27 @@ async def test_a_member_turns_it_on_and_every_device_edit_is_served(tmp_path, nu
     assert await trio.to_thread.run_sync(cli.main, argv) == 0
     assert capsys.readouterr().out.startswith("hub mock: off")
     await until(lambda: _status(server, new_path, 404), what="off: 404")
+
+
+async def test_a_hanging_mock_never_slows_the_others(hubdir, nursery):
+    async with running_hub(hubdir, mock=MockConfig(max_in_flight=4, request_timeout=2.0)) as server:
+        hosted = Hosted(server)
+        slow_env = small_env("Slow")
+        slow_env["routes"][1]["responses"][0]["latency"] = 60_000  # /slow hangs
+        slow = hosted.add(slow_env)
+        fast = hosted.add(small_env("Fast"))
+        await until(lambda: served(server, hosted.path(slow, "hello"), b"hello v1"))
+        await until(lambda: served(server, hosted.path(fast, "hello"), b"hello v1"))
+        answers: list[int] = []
+
+        async def hang() -> None:
+            answers.append((await http(server, hosted.path(slow, "slow"), timeout=20))[0])
+
+        async with trio.open_nursery() as flood:
+            for _ in range(8):
+                flood.start_soon(hang)
+            await until(lambda: server.http.mocks.in_flight.get(f"{SPACE}/{slow}") == 4)
+            with trio.fail_after(2):  # the other mock answers at once meanwhile
+                assert await served(server, hosted.path(fast, "hello"), b"hello v1")
+        # four were let through and timed out (504); the other four found it full (503)
+        assert sorted(answers) == [503] * 4 + [504] * 4

@@ -295,3 +295,48 @@ async def test_an_edit_on_a_lan_peer_changes_what_this_device_serves(base, nurse
     await until(lambda: _equals(body_of(port, "/hello"), b"from a"), what="a's edit served on b")
     await b.stop()
     await a.stop()
+
+
+async def test_a_refused_environment_and_a_missing_file_are_states_with_reasons(base, nursery):
+    d = await start(base, nursery)
+    env = small_env()
+    env["routes"][0]["responses"][0].update(bodyType="FILE", filePath="missing.json")
+    env_id = (await d.op("env.import", env=env))["id"]
+    port = free_port()
+    await d.op("mock.start", id=env_id, port=port, hostname="127.0.0.1")
+    status, _, body = await get(port, "/hello")  # Mockoon's own answer for a missing file
+    assert status == 200 and b"missing.json" in body
+    [listed] = await until(lambda: _errored(d))
+    assert listed["state"] == "running" and listed["error"]["code"] == "ROUTE_FILE_SERVING_ERROR"
+    # TLS on with a certificate that is not there: Mockoon refuses to start it
+    await d.op(
+        "env.patch",
+        id=env_id,
+        patch=[
+            {"op": "replace", "path": "/tlsOptions/enabled", "value": True},
+            {"op": "replace", "path": "/tlsOptions/certPath", "value": "nope.pem"},
+            {"op": "replace", "path": "/tlsOptions/keyPath", "value": "nope.key"},
+        ],
+    )
+    [listed] = await until(lambda: _state(d, "error"))
+    assert listed["error"]["code"] == "CERT_FILE_NOT_FOUND"
+    assert "mock-error" in [e["type"] for e in await events(d)]
+    # fixed: the next change starts it again
+    await d.op(
+        "env.patch",
+        id=env_id,
+        patch=[{"op": "replace", "path": "/tlsOptions/enabled", "value": False}],
+    )
+    await until(lambda: _state(d, "running"))
+    assert (await get(port, "/slow"))[0] == 200
+    await d.stop()
+
+
+async def _errored(d: InProcessDaemon) -> list | None:
+    listed = await d.op("mock.list")
+    return listed if listed and listed[0]["error"] else None
+
+
+async def _state(d: InProcessDaemon, state: str) -> list | None:
+    listed = await d.op("mock.list")
+    return listed if listed and listed[0]["state"] == state else None

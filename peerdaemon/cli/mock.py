@@ -75,15 +75,16 @@ def cmd_list(args: argparse.Namespace) -> int:
     if not servers:
         print("no environments are served (peerdaemon mock start ID)")
         return 0
-    rows = [("ID", "NAME", "STATE", "URL", "REQUESTS", "LAST ERROR")]
+    rows = [("ID", "NAME", "WHERE", "STATE", "URL", "REQUESTS", "LAST ERROR")]
     for server in servers:
         rows.append(
             (
                 server["id"],
                 cell(server["name"]),
+                server.get("where", "device"),
                 server["state"],
                 cell(server["url"]),
-                str(server["requests"]),
+                cell(server.get("requests")),
                 _error(server),
             )
         )

@@ -113,6 +113,7 @@ async def serve(
                 runner_args=[]
                 if config.mock_faker_seed is None
                 else ["--faker-seed", str(config.mock_faker_seed)],
+                hosted=spaces.hosted_mocks,
             )
             mocks.register(service)
             await nursery.start(mocks.run)

@@ -65,12 +65,15 @@ class MockService:
         directory_of: Callable[[str], Path | None] | None = None,
         runner_env: dict[str, str] | None = None,
         runner_args: list[str] | None = None,
+        hosted: Callable[[], list[dict[str, Any]]] | None = None,
     ) -> None:
         self.registry = registry
         self.store = store
         self.events = events
         self.data_dir = Path(data_dir)
         self.directory_of = directory_of or (lambda _env_id: None)
+        self.hosted = hosted or (lambda: [])
+        """The hub's Cloud Mocks of this device's environments, listed beside its own."""
         self.engine = MockEngine()
         args = list(runner_args or [])
         self.shell = RunnerShell(
@@ -218,6 +221,7 @@ class MockService:
         return {
             **server.describe(),
             "name": name if isinstance(name, str) else "",
+            "where": "device",
             "url": self._url(env_id),
         }
 
@@ -259,7 +263,9 @@ class MockService:
         return {"id": env_id, "stopped": True}
 
     async def op_list(self, args: dict[str, Any], session: Any) -> list[dict[str, Any]]:
-        return [self.describe(env_id) for env_id in sorted(self.engine.servers)]
+        """This device's mocks, then the hub's Cloud Mocks of its shared environments."""
+        own = [self.describe(env_id) for env_id in sorted(self.engine.servers)]
+        return own + self.hosted()
 
     async def op_logs(self, args: dict[str, Any], session: Any) -> dict[str, Any]:
         env_id = arg(args, "id", str, op="mock.logs")

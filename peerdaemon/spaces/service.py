@@ -429,6 +429,31 @@ class SpacesService:
         }
         return result, tickets
 
+    def hosted_mocks(self) -> list[dict[str, Any]]:
+        """The hub Cloud Mocks of this device's shared environments (for `mock list`)."""
+        out = []
+        for env_id, space_id in sorted(self.bindings.items()):
+            space = self.spaces.get(space_id)
+            setting = space.doc.mock(env_id) if space is not None else None
+            if space is None or setting is None or not setting["hub"]:
+                continue
+            try:
+                environment = self.registry.export(env_id)
+            except KeyError:
+                continue
+            name = environment.get("name")
+            out.append(
+                {
+                    "id": env_id,
+                    "name": name if isinstance(name, str) else "",
+                    "where": "hub",
+                    "state": "hub" if space.hub else "no-hub",
+                    "access": setting["access"],
+                    "url": _mock_url(space.hub, space.id, env_id, environment),
+                }
+            )
+        return out
+
     def before_delete(self, env_id: str) -> None:
         """`env.delete` hook: a shared environment is deleted from the space, on every device."""
         space = self.spaces.get(self.bindings.get(env_id, ""))
