@@ -64,6 +64,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from procutil import stop_process  # noqa: E402
 
 from peerdaemon.api.client import Client, ClientError  # noqa: E402
+from peerdaemon.model import prepare  # noqa: E402
 
 LOCAL = "127.0.0.1"
 RUNNER = Path(os.environ.get("PEERDAEMON_MOCK_RUNNER", ROOT / "tests" / ".mock" / "mock-runner"))
@@ -76,71 +77,24 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 # --- the environment ---------------------------------------------------------------------------
 def bench_env(name: str = "Bench") -> dict[str, Any]:
-    """One GET route, /hello, answering a small JSON body (and Mockoon's CORS headers)."""
-    route_id = str(uuid.uuid4())
+    """One GET route, /hello, answering a small JSON body (and Mockoon's CORS headers); the
+    other fields are Mockoon's defaults, filled in by the model's repair (`prepare`)."""
     body = json.dumps({"id": 1, "name": "bench", "items": [1, 2, 3], "ok": True}, indent=2)
-    return {
+    response = {
         "uuid": str(uuid.uuid4()),
-        "lastMigration": 33,
-        "name": name,
-        "endpointPrefix": "",
-        "latency": 0,
-        "port": 3000,
-        "hostname": LOCAL,
-        "folders": [],
-        "routes": [
-            {
-                "uuid": route_id,
-                "type": "http",
-                "documentation": "",
-                "method": "get",
-                "endpoint": "hello",
-                "responses": [
-                    {
-                        "uuid": str(uuid.uuid4()),
-                        "body": body,
-                        "latency": 0,
-                        "statusCode": 200,
-                        "label": "",
-                        "headers": [{"key": "Content-Type", "value": "application/json"}],
-                        "bodyType": "INLINE",
-                        "filePath": "",
-                        "databucketID": "",
-                        "sendFileAsBody": False,
-                        "rules": [],
-                        "rulesOperator": "OR",
-                        "disableTemplating": False,
-                        "fallbackTo404": False,
-                        "default": True,
-                        "crudKey": "id",
-                        "callbacks": [],
-                    }
-                ],
-                "responseMode": None,
-                "streamingMode": None,
-                "streamingInterval": 0,
-            }
-        ],
-        "rootChildren": [{"type": "route", "uuid": route_id}],
-        "proxyMode": False,
-        "proxyHost": "",
-        "proxyRemovePrefix": False,
-        "tlsOptions": {
-            "enabled": False,
-            "type": "CERT",
-            "pfxPath": "",
-            "certPath": "",
-            "keyPath": "",
-            "caPath": "",
-            "passphrase": "",
-        },
-        "cors": True,
-        "headers": [],
-        "proxyReqHeaders": [],
-        "proxyResHeaders": [],
-        "data": [],
-        "callbacks": [],
+        "body": body,
+        "headers": [{"key": "Content-Type", "value": "application/json"}],
+        "default": True,
     }
+    route = {
+        "uuid": str(uuid.uuid4()),
+        "method": "get",
+        "endpoint": "hello",
+        "responses": [response],
+    }
+    env = {"uuid": str(uuid.uuid4()), "name": name, "port": 3000, "hostname": LOCAL, "cors": True}
+    env["routes"] = [route]
+    return prepare(env, env["uuid"])[0]
 
 
 # --- small helpers ---------------------------------------------------------------------------

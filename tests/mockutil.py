@@ -9,6 +9,8 @@ from typing import Any
 
 import pytest
 
+from peerdaemon.model import prepare
+
 TESTS = Path(__file__).parent
 RUNNER_DIR = TESTS / ".mock" / "mock-runner"
 INSTALL = ".venv/bin/peerdaemon mock install --data-dir tests/.mock"
@@ -42,10 +44,10 @@ def request(
 
 
 def route(endpoint: str, body: str, *, method: str = "get", latency: int = 0) -> dict[str, Any]:
+    """A route with one text response; the rest are Mockoon's defaults (filled by `complete`)."""
     return {
         "uuid": str(uuid.uuid4()),
         "type": "http",
-        "documentation": "",
         "method": method,
         "endpoint": endpoint,
         "responses": [
@@ -53,63 +55,31 @@ def route(endpoint: str, body: str, *, method: str = "get", latency: int = 0) ->
                 "uuid": str(uuid.uuid4()),
                 "body": body,
                 "latency": latency,
-                "statusCode": 200,
-                "label": "",
                 "headers": [{"key": "Content-Type", "value": "text/plain"}],
-                "bodyType": "INLINE",
-                "filePath": "",
-                "databucketID": "",
-                "sendFileAsBody": False,
-                "rules": [],
-                "rulesOperator": "OR",
-                "disableTemplating": False,
-                "fallbackTo404": False,
-                "default": True,
-                "crudKey": "id",
-                "callbacks": [],
             }
         ],
-        "responseMode": None,
-        "streamingMode": None,
-        "streamingInterval": 0,
     }
+
+
+def complete(env: dict[str, Any]) -> dict[str, Any]:
+    """Every field Mockoon writes, with its default where not given (the model's own repair)."""
+    for r in env["routes"]:
+        for response in r["responses"]:
+            response.setdefault("default", response is r["responses"][0])
+    return prepare(env, env["uuid"])[0]
 
 
 def small_env(name: str = "Served", port: int = 3000, **extra: Any) -> dict[str, Any]:
-    env_id = str(uuid.uuid4())
+    """Two routes: `/hello` answers `hello v1`, `/slow` after 600 ms; complete, so that tests
+    may append routes (their `rootChildren` too) before importing it."""
     routes = [route("hello", "hello v1"), route("slow", "slow done", latency=600)]
-    return {
-        "uuid": env_id,
-        "lastMigration": 33,
+    env = {
+        "uuid": str(uuid.uuid4()),
         "name": name,
-        "endpointPrefix": "",
-        "latency": 0,
         "port": port,
         "hostname": "127.0.0.1",
-        "folders": [],
-        "routes": routes,
-        "rootChildren": [{"type": "route", "uuid": r["uuid"]} for r in routes],
-        "proxyMode": False,
-        "proxyHost": "",
-        "proxyRemovePrefix": False,
-        "tlsOptions": {
-            "enabled": False,
-            "type": "CERT",
-            "pfxPath": "",
-            "certPath": "",
-            "keyPath": "",
-            "caPath": "",
-            "passphrase": "",
-        },
         "cors": True,
-        "headers": [],
-        "proxyReqHeaders": [],
-        "proxyResHeaders": [],
-        "data": [],
-        "callbacks": [],
+        "routes": routes,
         **extra,
     }
-
-
-def env_runner_pid(data: Any) -> int | None:
-    return data.mocks.shell.pid if data is not None and data.mocks is not None else None
+    return complete(env)

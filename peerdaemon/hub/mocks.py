@@ -25,7 +25,16 @@ import trio
 from ..core.attachments import FilesDoc
 from ..core.events import EventLog
 from ..mirror import materialize
-from ..mock import ERROR, RUNNING, MockEngine, Notice, RunnerShell, ServerSpec, locate
+from ..mock import (
+    ERROR,
+    RUNNING,
+    MockEngine,
+    Notice,
+    RunnerShell,
+    ServerSpec,
+    locate,
+    safe_dirname,
+)
 from ..model import export_environment
 from ..spaces import SpaceDoc
 from .accounts import Accounts
@@ -228,7 +237,7 @@ class HostedMocks:
 
     def _directory(self, key: str) -> Path:
         space, env = key.split("/", 1)
-        return self.data_dir / "mock-files" / space / _safe(env)
+        return self.data_dir / "mock-files" / space / safe_dirname(env)
 
     async def _write_files(self, key: str) -> None:
         """The environment's synced files (core/attachments.py) into its folder: the only files
@@ -292,7 +301,3 @@ class HostedMocks:
                 (log.debug if quiet else log.warning)(
                     "cloud mock %s: %s %s", notice.id or "runner", notice.kind, data
                 )
-
-
-def _safe(env_id: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in env_id)[:128] or "env"

@@ -16,7 +16,7 @@ from .install import (
 )
 from .process import RunnerShell
 from .protocol import RunnerEvent, RunnerProtocolError, encode, parse_event
-from .service import MOCKS_KEY, MockService, mock_url
+from .service import MOCKS_KEY, MockService, mock_url, safe_dirname
 
 __all__ = [
     "ENGINE_VERSION",
@@ -42,4 +42,5 @@ __all__ = [
     "mock_url",
     "parse_event",
     "runner_dir",
+    "safe_dirname",
 ]

@@ -27,7 +27,7 @@ from .engine import ERROR, MockEngine, Notice, ServerSpec
 from .install import locate
 from .process import RunnerShell
 
-__all__ = ["MOCKS_KEY", "MockService", "mock_url"]
+__all__ = ["MOCKS_KEY", "MockService", "mock_url", "safe_dirname"]
 
 log = logging.getLogger("peerdaemon.mock")
 
@@ -122,7 +122,7 @@ class MockService:
     def _directory(self, env_id: str) -> str:
         directory = self.directory_of(env_id)
         if directory is None:
-            directory = self.data_dir / "mock-files" / _safe(env_id)
+            directory = self.data_dir / "mock-files" / safe_dirname(env_id)
             directory.mkdir(parents=True, exist_ok=True)
         return str(directory)
 
@@ -314,5 +314,6 @@ def _int(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def _safe(env_id: str) -> str:
+def safe_dirname(env_id: str) -> str:
+    """An id as one folder name (the mock folders of unlinked environments, the hub's)."""
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in env_id)[:128] or "env"
