@@ -10,6 +10,7 @@ environment that tries to reach the hub's network, files and secrets.
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import socket
 import urllib.parse
@@ -414,3 +415,27 @@ async def test_a_hanging_mock_never_slows_the_others(hubdir, nursery):
                 assert await served(server, hosted.path(fast, "hello"), b"hello v1")
         # four were let through and timed out (504); the other four found it full (503)
         assert sorted(answers) == [503] * 4 + [504] * 4
+
+
+async def test_the_hub_runner_runs_sandboxed(hubdir, nursery, monkeypatch):
+    monkeypatch.setenv("MOCKOON_X", "hub-secret")
+    async with running_hub(hubdir) as server:
+        hosted = Hosted(server)
+        env_id = hosted.add(small_env())
+        await until(lambda: served(server, hosted.path(env_id, "hello"), b"hello v1"))
+        pid = server.mocks.shell.pid
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        # Node's permission model: it reads only the runner and the mock folders
+        assert any(a in (b"--experimental-permission", b"--permission") for a in argv)
+        readable = sorted(a for a in argv if a.startswith(b"--allow-fs-read="))
+        assert [r.split(b"=", 1)[1].decode() for r in readable] == sorted(
+            [str((hubdir / "mock-runner").resolve()), str((hubdir / "mock-files").resolve())]
+            if (hubdir / "mock-runner").exists()
+            else [
+                str(Path(os.environ["PEERDAEMON_MOCK_RUNNER"]).resolve()),
+                str((hubdir / "mock-files").resolve()),
+            ]
+        )
+        status = Path(f"/proc/{pid}/status").read_text()
+        assert "NoNewPrivs:\t1" in status
+        assert b"hub-secret" not in Path(f"/proc/{pid}/environ").read_bytes()

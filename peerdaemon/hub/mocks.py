@@ -91,12 +91,15 @@ class HostedMocks:
             flags += ["--allow-host", host]
         if self.config.faker_seed is not None:
             flags += ["--faker-seed", str(self.config.faker_seed)]
+        files = (self.data_dir / "mock-files").resolve()
+        files.mkdir(parents=True, exist_ok=True)
         self.shell = RunnerShell(
             self.engine,
-            lambda: [*locate(self.data_dir), *flags],
+            lambda: [*locate(self.data_dir, sandbox=[files]), *flags],
             self._on_notices,
             env={},  # no variable of the hub's process reaches a template
-            cwd=str(self.data_dir),
+            cwd=str(files),
+            confined=True,
         )
         self.hosted: dict[str, HostedMock] = {}
         self.requests = 0

@@ -51,6 +51,11 @@ def runner_dir(data_dir: Path) -> Path:
 
 
 def find_node() -> str:
+    return _find_node()[0]
+
+
+def _find_node() -> tuple[str, int]:
+    """Node's path and major version."""
     node = os.environ.get(NODE_ENV) or shutil.which("node")
     if node is None:
         raise RunnerUnavailable(
@@ -67,20 +72,30 @@ def find_node() -> str:
         raise RunnerUnavailable(
             f"mock serving needs Node.js {MIN_NODE}+, {node} is {out.strip() or 'unknown'}"
         )
-    return node
+    return node, int(match.group(1))
+
+
+def sandbox_flags(major: int, readable: list[Path]) -> list[str]:
+    """Node's permission model, where this Node has it (20+): the runner may read only
+    `readable` (and the runner itself), start no process or worker, load no native addon."""
+    if major < 20:
+        return []
+    flag = "--experimental-permission" if major < 23 else "--permission"
+    return [flag, "--no-warnings", *(f"--allow-fs-read={path}" for path in readable)]
 
 
 def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def locate(data_dir: Path) -> list[str]:
+def locate(data_dir: Path, sandbox: list[Path] | None = None) -> list[str]:
     """The runner's command line, or `RunnerUnavailable` saying why and what to run.
 
     A runner installed by an older peerdaemon with the same lock file gets the shipped
     `runner.mjs` copied over (no npm needed); a different lock file needs `mock install`.
+    `sandbox`: run it in Node's permission model, reading only the runner and these folders.
     """
-    node = find_node()
+    node, major = _find_node()
     where = runner_dir(data_dir)
     engine = where / "node_modules" / "@mockoon" / "commons-server" / "package.json"
     try:
@@ -96,7 +111,8 @@ def locate(data_dir: Path) -> list[str]:
         script = where / "runner.mjs"
         if not script.exists() or _digest(script) != _digest(RUNNER_SOURCE / "runner.mjs"):
             shutil.copyfile(RUNNER_SOURCE / "runner.mjs", script)
-    return [node, str(where / "runner.mjs")]
+    flags = sandbox_flags(major, [where.resolve(), *sandbox]) if sandbox is not None else []
+    return [node, *flags, str(where / "runner.mjs")]
 
 
 def install(data_dir: Path) -> Path:

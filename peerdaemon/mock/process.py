@@ -5,8 +5,10 @@ id when the runner misbehaves or the service stops.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
+import resource
 import subprocess
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +23,8 @@ __all__ = ["RunnerShell"]
 
 log = logging.getLogger("peerdaemon.mock")
 
+PR_SET_NO_NEW_PRIVS = 38
+
 
 class RunnerShell:
     def __init__(
@@ -31,12 +35,15 @@ class RunnerShell:
         *,
         env: dict[str, str] | None = None,
         cwd: str | None = None,
+        confined: bool = False,
     ) -> None:
         self.engine = engine
         self.locate = locate
         self.on_notices = on_notices
         self.env = env
         self.cwd = cwd
+        self.confined = confined
+        """Start it with no way to gain privileges and no core dumps (`_confine`)."""
         self.pid: int | None = None
         self._wake = trio.Event()
 
@@ -84,6 +91,8 @@ class RunnerShell:
                 stderr=subprocess.PIPE,
                 env=self.env,
                 cwd=self.cwd,
+                preexec_fn=_confine if self.confined else None,
+                start_new_session=True,
             )
         except OSError as exc:
             self.engine.spawned(trio.current_time())
@@ -151,3 +160,15 @@ class RunnerShell:
 
     def describe(self) -> dict[str, Any]:
         return {"runner": self.engine.runner, "pid": self.pid, "reason": self.engine.runner_reason}
+
+
+def _confine() -> None:
+    """In the child before exec: `no_new_privs` (no setuid program can raise what it may do)
+    and no core dumps (a crash writes no memory, with its secrets, to disk). Linux only; a
+    system without it runs the runner as it is."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
