@@ -262,3 +262,54 @@ async def test_the_cloud_mock_serves_a_members_file_bodies(tmp_path, nursery, mo
     await until(lambda: _eq(body_of(hub.port, path), b'{"hosted": true}'), what="hosted file")
     (work / "body.json").write_text('{"hosted": 2}')
     await until(lambda: _eq(body_of(hub.port, path), b'{"hosted": 2}'), what="edited file")
+
+
+async def test_apart_a_stale_file_never_reverts_a_peer_and_two_changes_keep_both(base, nursery):
+    a, b = Dev(base, "a"), Dev(base, "b")
+    await a.start(nursery)
+    await b.start(nursery, a)
+    space = await make_space(a, b)
+    env = file_env("body.json")
+    env["tlsOptions"]["enabled"] = False
+    env_id = env["uuid"]
+    dir_a, dir_b = base / "work-a", base / "work-b"
+    dir_a.mkdir()
+    dir_b.mkdir()
+    (dir_a / "body.json").write_text("v0")
+    (dir_a / "env.json").write_text(json.dumps(env))
+    await a.op("env.import_link", json=json.dumps(env), path=str(dir_a / "env.json"))
+    await a.op("env.share", id=env_id, space=space)
+    await converged([a, b], env_id)
+    await b.op("env.link", id=env_id, path=str(dir_b / "env.json"))
+    await until(lambda: _read(dir_b / "body.json") == b"v0")
+
+    # b is stopped; a's file changes; b comes back with its old file: it takes a's version
+    await b.stop()
+    (dir_a / "body.json").write_text("v1 from a")
+    await until(lambda: a.daemon.attachments.content(env_id, "body.json") == b"v1 from a")
+    await b.start(nursery, a)
+    await until(lambda: _read(dir_b / "body.json") == b"v1 from a", what="b takes a's version")
+    await trio.sleep(0.6)  # rounds of b's file sync pass: the old version never came back
+    assert a.daemon.attachments.content(env_id, "body.json") == b"v1 from a"
+
+    # both change it apart: one version keeps the name, the other is a conflict copy on both
+    await b.stop()
+    (dir_b / "body.json").write_text("v2 from b")
+    (dir_a / "body.json").write_text("v2 from a")
+    await until(lambda: a.daemon.attachments.content(env_id, "body.json") == b"v2 from a")
+    await b.start(nursery, a)
+
+    def both_kept() -> bool:
+        for folder in (dir_a, dir_b):
+            names = {p.name for p in folder.iterdir()}
+            copies = [n for n in names if ".sync-conflict-" in n]
+            if len(copies) != 1:
+                return False
+            texts = {_read(folder / "body.json"), _read(folder / copies[0])}
+            if texts != {b"v2 from a", b"v2 from b"}:
+                return False
+        return True
+
+    await until(both_kept, what="both versions on both devices")
+    await b.stop()
+    await a.stop()

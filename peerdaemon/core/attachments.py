@@ -53,6 +53,7 @@ __all__ = [
 log = logging.getLogger("peerdaemon.attachments")
 
 FILES_PREFIX = "files:"
+LOCAL_ORIGIN = "local"
 MAX_FILE_BYTES = 16 << 20
 """A file larger than this is not synced (an event says so)."""
 MAX_ENV_BYTES = 64 << 20
@@ -355,6 +356,8 @@ class Attachments:
             raise ValueError(f"not a Yjs update: {exc}") from None
         after = files.entries()
         changed = sorted(p for p in set(before) | set(after) if before.get(p) != after.get(p))
+        self._commit(env_id, changed, origin)
+        copies = []
         for path in changed:
             mine, theirs = before.get(path), after.get(path)
             if (
@@ -370,11 +373,12 @@ class Attachments:
                 if data is not None:
                     copy = conflict_name(path, mine.sha256, self.device)
                     files.put(copy, data, self.device)
-                    changed.append(copy)
+                    copies.append(copy)
                     self.events.emit(
                         "file-conflict", id=env_id, path=path, conflict_path=copy, origin=origin
                     )
-        self._commit(env_id, changed, origin)
+        if copies:  # this device's own change: it goes to every peer, the sender included
+            self._commit(env_id, copies, LOCAL_ORIGIN)
 
     def _commit(self, env_id: str, paths: list[str], origin: str) -> Ticket | None:
         updates = self._pending.get(env_id, [])

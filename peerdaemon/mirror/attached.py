@@ -23,17 +23,19 @@ from pathlib import Path
 
 import trio
 
-from ..core.attachments import Attachments, FileRefused, referenced_paths
+from ..core.attachments import Attachments, FileRefused, conflict_name, referenced_paths
 from ..core.errors import is_failure
 from ..core.events import EventLog
 from ..core.files import replace_file
 from ..core.registry import Registry, UnknownEnvironment
+from ..store import Store
 
 __all__ = ["Folder", "FolderSync", "inside", "materialize"]
 
 log = logging.getLogger("peerdaemon.mirror.files")
 
 FILE_ORIGIN = "file"
+SYNCED_KEY = "files.synced"
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,18 @@ def materialize(folder: Path, files: dict[str, bytes]) -> dict[str, tuple[int, i
 
 
 class FolderSync:
-    """One task for every environment that has folders (`folders()`: env id -> folders)."""
+    """One task for every environment that has folders (`folders()`: env id -> folders).
+
+    A three-way decision per file, as for linked environment files (docs/mirror.md): against
+    the digest both sides last agreed on (kept in the store, setting `files.synced`, so that
+    a restart or a peer's change that arrives first never passes for new work on disk):
+
+    | disk | document | then |
+    |---|---|---|
+    | as agreed | changed elsewhere | the document's version is written |
+    | changed here | as agreed | the file is read into the document (an edit) |
+    | changed here | changed elsewhere | the file goes in as a conflict copy, the document's version is written |
+    """
 
     def __init__(
         self,
@@ -111,15 +124,20 @@ class FolderSync:
         events: EventLog,
         folders: Callable[[], dict[str, list[Folder]]],
         *,
+        store: Store | None = None,
         interval: float = 0.25,
     ) -> None:
         self.registry = registry
         self.attachments = attachments
         self.events = events
         self.folders = folders
+        self.store = store
         self.interval = interval
-        self._seen: dict[tuple[str, str, str], tuple[tuple[int, int], str]] = {}
-        """(env, folder, path) -> the file's stat and digest as last read or written."""
+        self._stats: dict[tuple[str, str, str], tuple[tuple[int, int], str]] = {}
+        """(env, folder, path) -> the file's stat and digest when last read or written."""
+        saved = store.get_setting(SYNCED_KEY) if store is not None else None
+        self._synced: dict[str, str] = dict(saved) if isinstance(saved, dict) else {}
+        """(env, folder, path), joined by NUL -> the digest disk and document last agreed on."""
         self._refused: set[tuple[str, str]] = set()
         self._wake = trio.Event()
 
@@ -142,82 +160,105 @@ class FolderSync:
         self._wake.set()  # written on the next round, at once
 
     async def sync_once(self) -> None:
+        changed = False
         for env_id, folders in list(self.folders().items()):
             for folder in folders:
                 try:
-                    await self._sync(env_id, folder)
+                    changed |= await self._sync(env_id, folder)
                 except UnknownEnvironment:
                     break
                 except BaseException as exc:
                     if not is_failure(exc):
                         raise
                     log.exception("files of %s in %s", env_id, folder.path)
+        if changed and self.store is not None:
+            self.store.put_setting(SYNCED_KEY, dict(self._synced))
 
-    async def _sync(self, env_id: str, folder: Folder) -> None:
+    async def _disk(self, key: tuple[str, str, str], target: Path) -> str | None | bool:
+        """The file's digest; None if there is none; False while it is being written."""
+        stat_key = _stat_key(target)
+        if stat_key is None:
+            return None
+        known = self._stats.get(key)
+        if known is not None and known[0] == stat_key:
+            return known[1]
+        read = await trio.to_thread.run_sync(_read_stable, target)
+        if read is None:
+            return False
+        digest = hashlib.sha256(read[0]).hexdigest()
+        self._stats[key] = (read[1], digest)
+        return digest
+
+    async def _sync(self, env_id: str, folder: Folder) -> bool:
+        """One round for one folder; True if an agreed digest changed (to be saved)."""
         root = str(folder.path)
+        wanted: list[str] = []
         if folder.two_way:
-            environment = self.registry.export(env_id)
-            wanted, refused = referenced_paths(environment)
+            wanted, refused = referenced_paths(self.registry.export(env_id))
             for path in refused:
                 self._refuse(env_id, path, "it is not inside the environment's folder")
-            for relative in wanted:
-                await self._read(env_id, folder, relative)
-        # what the document holds and the folder does not (or holds otherwise): written
-        pending: dict[str, bytes] = {}
-        for relative, entry in self.attachments.entries(env_id).items():
-            if entry.sha256 is None:
-                continue
+        entries = self.attachments.entries(env_id)
+        writes: dict[str, bytes] = {}
+        changed = False
+        for relative in sorted(set(wanted) | set(entries)):
             key = (env_id, root, relative)
             target = inside(folder.path, relative)
             if target is None:
-                self._refuse(env_id, relative, "it would be written outside the folder")
+                self._refuse(env_id, relative, "it leads outside the environment's folder")
                 continue
-            on_disk = _stat_key(target)
-            seen = self._seen.get(key)
-            if on_disk is not None and seen == (on_disk, entry.sha256):
-                continue  # as last read or written
-            data = self.attachments.content(env_id, relative)
+            entry = entries.get(relative)
+            doc = entry.sha256 if entry is not None else None
+            disk = await self._disk(key, target)
+            if disk is False:
+                continue  # being written: next round
+            synced_key = "\0".join(key)
+            agreed = self._synced.get(synced_key)
+            if disk == doc:
+                if disk is not None and agreed != disk:
+                    self._synced[synced_key] = disk
+                    changed = True
+                continue
+            if not folder.two_way or disk is None or disk == agreed:
+                if doc is not None:  # the document's version goes to disk
+                    data = self.attachments.content(env_id, relative)
+                    if data is not None:
+                        writes[relative] = data
+                continue
+            # the file changed here
+            data = await trio.to_thread.run_sync(_read_stable, target)
             if data is None:
                 continue
-            if on_disk is not None and folder.two_way and (seen is None or seen[0] != on_disk):
-                # changed here since we last looked: new work unless it is the document's version
-                read = await trio.to_thread.run_sync(_read_stable, target)
-                if read is None:
-                    continue
-                if hashlib.sha256(read[0]).hexdigest() != entry.sha256:
-                    continue  # read as an edit on the next round (if the environment names it)
-            pending[relative] = data
-        if pending:
-            written = await trio.to_thread.run_sync(materialize, folder.path, pending)
+            if doc is None or doc == agreed:
+                if self._put(env_id, relative, data[0]):
+                    self._synced[synced_key] = hashlib.sha256(data[0]).hexdigest()
+                    changed = True
+                continue
+            # ... and in the document: both kept, the file as a conflict copy
+            copy = conflict_name(relative, disk, self.attachments.device)
+            if self._put(env_id, copy, data[0]):
+                self.events.emit(
+                    "file-conflict", id=env_id, path=relative, conflict_path=copy, origin="file"
+                )
+                content = self.attachments.content(env_id, relative)
+                if content is not None:
+                    writes[relative] = content
+        if writes:
+            written = await trio.to_thread.run_sync(materialize, folder.path, writes)
             for relative, stat_key in written.items():
-                digest = hashlib.sha256(pending[relative]).hexdigest()
-                self._seen[(env_id, root, relative)] = (stat_key, digest)
+                digest = hashlib.sha256(writes[relative]).hexdigest()
+                key = (env_id, root, relative)
+                self._stats[key] = (stat_key, digest)
+                self._synced["\0".join(key)] = digest
+                changed = True
+        return changed
 
-    async def _read(self, env_id: str, folder: Folder, relative: str) -> None:
-        key = (env_id, str(folder.path), relative)
-        target = inside(folder.path, relative)
-        if target is None:
-            self._refuse(env_id, relative, "it leads outside the environment's folder")
-            return
-        stat_key = _stat_key(target)
-        seen = self._seen.get(key)
-        if stat_key is None or (seen is not None and seen[0] == stat_key):
-            return
-        read = await trio.to_thread.run_sync(_read_stable, target)
-        if read is None:
-            return  # being written: next round
-        data, stat_key = read
-        digest = hashlib.sha256(data).hexdigest()
-        entry = self.attachments.entries(env_id).get(relative)
-        if entry is not None and entry.sha256 == digest:
-            self._seen[key] = (stat_key, digest)
-            return
+    def _put(self, env_id: str, relative: str, data: bytes) -> bool:
         try:
             self.attachments.put_file(env_id, relative, data, FILE_ORIGIN)
         except FileRefused as exc:
             self._refuse(env_id, relative, str(exc))
-            return
-        self._seen[key] = (stat_key, digest)
+            return False
+        return True
 
     def _refuse(self, env_id: str, path: str, reason: str) -> None:
         if (env_id, path) in self._refused:
