@@ -13,10 +13,12 @@ HUB (Cloud Mock): a hub (`serve_hub`, in a thread of its own) holding the enviro
 (`import_environment`) and a space document that says `hub: true, access: token`, answering at
 `http://127.0.0.1:PORT/mock/SPACE/ENV/...`; every request carries the token in `X-Mock-Token`,
 which the hub's gate must remove without a trace. The hub's runner is confined: its process
-environment is empty and its files come only from the hub's per-space folder, empty (file sync is
-not built). So its reference is a mockoon-cli without any variable but HOME (no TZ, no MOCKOON_*:
-both use the system's time zone and see no variable) serving the file copied alone into an empty
-folder laid out like the hub's. The hub's own additions need no exclusion: `Connection: close` is
+environment is empty and its files come only from the hub's per-space folder, where the files
+synced with the environment are written (its files document, docs/files.md: the files it names
+inside its folder, put into the hub's store as a member's device does). So its reference is a
+mockoon-cli without any variable but HOME (no TZ, no MOCKOON_*: both use the system's time zone
+and see no variable) serving the file copied with just those files into a folder laid out like
+the hub's. The hub's own additions need no exclusion: `Connection: close` is
 volatile for mockdiff anyway, no template in the corpus echoes the X-Forwarded-* headers the hub
 sets, and paths in answers are redacted on both sides. Excluded (HUB_EXCLUSIONS, each checked to be
 still needed and to be exactly what the runner reported refusing): FILE bodies outside the
@@ -55,6 +57,7 @@ import trio
 from mockutil import RUNNER_DIR, require_runner
 
 from peerdaemon.api.client import Client, ClientError
+from peerdaemon.core.attachments import FilesDoc, referenced_paths
 from peerdaemon.hub.accounts import Limits
 from peerdaemon.hub.mocks import MockConfig
 from peerdaemon.hub.server import HubConfig, HubServer, serve_hub
@@ -114,10 +117,26 @@ def hub_folder(data_dir: Path, case: md.EnvCase) -> Path:
     return data_dir / "mock-files" / SPACE / env_id
 
 
+def synced_files(case: md.EnvCase) -> dict[str, bytes]:
+    """The files beside the case's file that a member's device syncs with it (docs/files.md):
+    the ones it names inside its folder (`../` ones are refused) that exist."""
+    env = json.loads(case.path.read_text(encoding="utf-8"))
+    out = {}
+    for relative in referenced_paths(env)[0]:
+        source = case.path.parent / relative
+        if source.is_file():
+            out[relative] = source.read_bytes()
+    return out
+
+
 def alone(case: md.EnvCase, root: Path) -> Path:
-    """The case's file copied alone into an empty folder under `root`."""
+    """The case's file copied into an empty folder under `root`, with only the files that are
+    synced with it (what the hub's folder holds)."""
     folder = hub_folder(root / "data", case)
     folder.mkdir(parents=True)
+    for relative, data in synced_files(case).items():
+        (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+        (folder / relative).write_bytes(data)
     return Path(shutil.copy(case.path, folder / case.path.name))
 
 
@@ -365,18 +384,28 @@ def hub_serve(base: Path) -> Serve:
         space.init("mockdiff", DEVICE, "mockdiff")
         space.set_state(env_id, "shared", DEVICE)
         space.set_mock(env_id, True, "token", TOKEN, DEVICE)
+        files = FilesDoc()
+        synced = synced_files(case)
+        for relative, data in synced.items():
+            files.put(relative, data, DEVICE)
         hub = HubThread(data_dir).start()
 
         async def put_and_wait() -> int | None:
             assert hub.server is not None and hub.server.mocks is not None
             docs = hub.server.docs
             docs.apply(SPACE, env_id, doc.get_update(), "test")
+            if synced:
+                docs.apply(SPACE, "files:" + env_id, files.doc.get_update(), "test")
             docs.apply(SPACE, "space:" + SPACE, space.doc.get_update(), "test")
             mocks = hub.server.mocks
+            folder = hub_folder(data_dir, case)
             with trio.move_on_after(START_TIMEOUT):
                 while mocks.lookup(SPACE, env_id) is None:  # until the space doc is reconciled
                     await trio.sleep(0.01)
-                return await mocks.wait_running(SPACE, env_id, START_TIMEOUT)
+                port = await mocks.wait_running(SPACE, env_id, START_TIMEOUT)
+                while not all((folder / r).is_file() for r in synced):  # the synced files
+                    await trio.sleep(0.01)
+                return port
             return None
 
         try:
@@ -550,4 +579,14 @@ def test_hub_serves_like_mockoon_cli(case: md.EnvCase, hub_outcomes: dict[str, O
     expected = sorted(e.path for (name, _), e in HUB_EXCLUSIONS.items() if name == case.name)
     if not outcome.error and sorted(outcome.blocked) != expected:
         problems.append(f"confinement refused {sorted(outcome.blocked)}, expected {expected}")
+    if case.name == "gen-files":  # the synced files were there: FILE bodies answered as written
+        unmet = md.check_expectations(outcome.reference)  # (not `../` ones: not synced)
+        problems += [f"mockoon-cli: {p}" for p in unmet if not _outside_expected(case, p)]
     assert not problems, "\n".join(problems)
+
+
+def _outside_expected(case: md.EnvCase, problem: str) -> bool:
+    return any(
+        name == case.name and case.corpus[index].describe() in problem
+        for (name, index) in HUB_EXCLUSIONS
+    )
