@@ -439,3 +439,27 @@ async def test_the_hub_runner_runs_sandboxed(hubdir, nursery, monkeypatch):
         status = Path(f"/proc/{pid}/status").read_text()
         assert "NoNewPrivs:\t1" in status
         assert b"hub-secret" not in Path(f"/proc/{pid}/environ").read_bytes()
+
+
+async def test_a_client_that_expects_100_continue_gets_it(hubdir, nursery):
+    async with running_hub(hubdir) as server:
+        hosted = Hosted(server)
+        env_id = hosted.add(echo_env())
+        await until(lambda: served(server, hosted.path(env_id, "hello"), b"hello v1"))
+        stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+        async with stream:
+            body = b"field=kept"
+            await stream.send_all(
+                f"POST {hosted.path(env_id, 'echo')} HTTP/1.1\r\nHost: x\r\n"
+                "Content-Type: application/x-www-form-urlencoded\r\n"
+                f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n".encode()
+            )
+            with trio.fail_after(5):
+                interim = await stream.receive_some(1024)
+            assert interim.startswith(b"HTTP/1.1 100 ")
+            await stream.send_all(body)
+            answer = b""
+            with trio.fail_after(5):
+                while chunk := await stream.receive_some(65536):
+                    answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"f=kept")

@@ -270,6 +270,10 @@ async def _read_body(exchange: HttpExchange, limit: int) -> bytes:
     """The request body, at most `limit` bytes of it (the gate answers 413 past its limit)."""
     parts: list[bytes] = []
     size = 0
+    if exchange.h11.they_are_waiting_for_100_continue:  # curl waits a second for it otherwise
+        await exchange.stream.send_all(
+            exchange.h11.send(h11.InformationalResponse(status_code=100, headers=[])) or b""
+        )
     while True:
         try:
             event = exchange.h11.next_event()
