@@ -106,8 +106,14 @@ class MockService:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.shell.run)
                 nursery.start_soon(self._flush_loop)
-                for env_id, entry in self._saved().items():
-                    self._serve(env_id, entry.get("port"), entry.get("hostname"))
+                saved = self._saved()
+                for env_id, entry in saved.items():
+                    self._serve(env_id, _int(entry.get("port")), _str(entry.get("hostname")))
+                gone = [env_id for env_id in saved if env_id not in self.engine.servers]
+                if gone:  # deleted while the daemon was stopped: nothing to serve again
+                    self.store.put_setting(
+                        MOCKS_KEY, {k: v for k, v in saved.items() if k not in gone}
+                    )
                 task_status.started()
         finally:
             self.registry.remove_listener(listener)
@@ -312,6 +318,10 @@ def _int(value: object) -> int | None:
     if isinstance(value, float) and value.is_integer() and not math.isinf(value):
         return int(value)
     return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _str(value: object) -> str | None:
+    return value if isinstance(value, str) else None
 
 
 def safe_dirname(env_id: str) -> str:
