@@ -109,7 +109,31 @@ def echo_env() -> dict:
             method="post",
         )
     )
-    env["rootChildren"].append({"type": "route", "uuid": env["routes"][-1]["uuid"]})
+    ruled = route("ruled", "no token seen")
+    seen = {**ruled["responses"][0], "uuid": str(uuid.uuid4()), "body": "the token was seen"}
+    seen["default"] = False
+    seen["rulesOperator"] = "OR"
+    seen["rules"] = [
+        {
+            "target": "header",
+            "modifier": "X-Mock-Token",
+            "value": ".+",
+            "invert": False,
+            "operator": "regex",
+        },
+        {
+            "target": "query",
+            "modifier": "token",
+            "value": ".+",
+            "invert": False,
+            "operator": "regex",
+        },
+    ]
+    ruled["responses"].insert(0, seen)
+    ruled["responses"][1]["default"] = True
+    env["routes"].append(ruled)
+    env["rootChildren"].append({"type": "route", "uuid": env["routes"][-2]["uuid"]})
+    env["rootChildren"].append({"type": "route", "uuid": ruled["uuid"]})
     return env
 
 
@@ -170,6 +194,20 @@ async def test_tokens_in_each_carrier_and_never_seen_by_the_engine(hubdir, nurse
             server, f"{echo}?token={token}", method="POST", headers={"X-Mock-Token": token}
         )
         assert (status, body) == (200, b"q=|h=|b=|x=|f=")
+
+        # a rule on the token header (or query) never matches: the engine never sees it
+        status, _, body = await http(server, f"{hosted.path(env_id, 'ruled')}?token={token}")
+        assert (status, body) == (200, b"no token seen")
+        status, _, body = await http(
+            server, hosted.path(env_id, "ruled"), headers={"X-Mock-Token": token}
+        )
+        assert (status, body) == (200, b"no token seen")
+        # (the rule does match a token that reaches the engine: asked on its own port)
+        engine_port = server.mocks.port_of(server.mocks.lookup(SPACE, env_id))
+        direct = await trio.to_thread.run_sync(
+            lambda: request(engine_port, "/ruled", headers={"X-Mock-Token": token})
+        )
+        assert direct[2] == b"the token was seen"
 
         # rotated: the old token is refused, the new one works
         new = secrets.token_urlsafe(24)
