@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import mockutil
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -217,13 +218,9 @@ def request(
     body: bytes | None = None,
     headers: dict[str, str] | None = None,
 ) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=WAIT)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        response = conn.getresponse()
-        return response.status, response.read()
-    finally:
-        conn.close()
+    """(status, body) of one request (mockutil's, without the headers)."""
+    status, _, data = mockutil.request(port, path, method, body, headers, timeout=WAIT)
+    return status, data
 
 
 def free_port() -> int:
