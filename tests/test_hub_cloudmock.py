@@ -501,3 +501,29 @@ async def test_a_client_that_expects_100_continue_gets_it(hubdir, nursery):
                 while chunk := await stream.receive_some(65536):
                     answer += chunk
         assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"f=kept")
+
+
+async def test_websocket_routes_are_served_through_the_cloud_mock(hubdir, nursery):
+    from trio_websocket import HandshakeError, open_websocket_url  # noqa: PLC0415
+
+    async with running_hub(hubdir) as server:
+        hosted = Hosted(server)
+        env = small_env("Sockets")
+        feed = route("feed", "tick {{queryParam 'x'}}|{{queryParam 'token'}}", method="")
+        feed.update(type="ws", streamingMode="BROADCAST", streamingInterval=50)
+        env["routes"].append(feed)
+        token = secrets.token_urlsafe(24)
+        env_id = hosted.add(env, access="token", token=token)
+        await until(
+            lambda: served(server, f"{hosted.path(env_id, 'hello')}?token={token}", b"hello v1")
+        )
+        base = f"ws://127.0.0.1:{server.port}{hosted.path(env_id, 'feed')}"
+        async with open_websocket_url(f"{base}?x=1&token={token}") as ws:
+            with trio.fail_after(5):
+                for _ in range(3):  # the engine's broadcast, relayed; it never saw the token
+                    assert await ws.get_message() == "tick 1|"
+        for url in (base, f"ws://127.0.0.1:{server.port}{hosted.path(str(uuid.uuid4()), 'feed')}"):
+            with pytest.raises(HandshakeError) as info:
+                async with open_websocket_url(url):
+                    pass
+            assert getattr(info.value, "status_code", None) in (401, 404)

@@ -151,12 +151,7 @@ class HubHttp:
         if request is None:
             return None
         if request.path.startswith("/mock/") and self.mocks is not None:
-            if request.wants_websocket:
-                await exchange.respond_json(
-                    501, {"error": "websocket routes are not served by the Cloud Mock"}
-                )
-                return None
-            return request
+            return request  # plain or a WebSocket route's upgrade: MockProxy relays both
         if not request.wants_websocket:
             if request.path == "/health" and request.method in ("GET", "HEAD"):
                 await exchange.respond_json(200, self.health())

@@ -145,6 +145,9 @@ class MockProxy:
             self.scheme,
             request.headers.get("host", ""),
         )
+        if request.wants_websocket:
+            await self._tunnel(exchange, request, forward, headers, port)
+            return
         started = False
         with trio.move_on_after(self.config.request_timeout) as scope:
             try:
@@ -243,6 +246,65 @@ class MockProxy:
             else:
                 with trio.CancelScope(shield=True):
                     await upstream.aclose()
+
+    async def _tunnel(
+        self,
+        exchange: HttpExchange,
+        request: Request,
+        forward: Forward,
+        headers: list[tuple[bytes, bytes]],
+        port: int,
+    ) -> None:
+        """A WebSocket route: the upgrade goes to the engine (the token removed, as for any
+        request); once it answers 101, the bytes are relayed both ways until either side ends.
+        The connection counts against the mock's requests in flight for as long as it lasts."""
+        upgrade = [(b"Connection", b"Upgrade"), (b"Upgrade", b"websocket")]
+        try:
+            with trio.fail_after(self.config.request_timeout):
+                upstream = await trio.open_tcp_stream("127.0.0.1", port)
+        except (OSError, trio.TooSlowError):
+            await _respond(exchange, _error(502, "bad-gateway", "the mock cannot be reached"))
+            return
+        async with upstream:
+            client = h11.Connection(h11.CLIENT)
+            head = h11.Request(method="GET", target=forward.target, headers=[*headers, *upgrade])
+            try:
+                with trio.fail_after(self.config.request_timeout):
+                    await upstream.send_all(client.send(head) + client.send(h11.EndOfMessage()))
+                    while True:
+                        event = client.next_event()
+                        if event is h11.NEED_DATA:
+                            client.receive_data(await upstream.receive_some(RECEIVE))
+                            continue
+                        break
+            except (OSError, trio.BrokenResourceError, trio.TooSlowError, h11.ProtocolError):
+                await _respond(exchange, _error(502, "bad-gateway", "the mock did not answer"))
+                return
+            if not (isinstance(event, h11.InformationalResponse) and event.status_code == 101):
+                status = getattr(event, "status_code", 502)
+                await _respond(
+                    exchange, _error(status if status >= 400 else 502, "refused", "no upgrade")
+                )
+                return
+            fields = [*response_headers(event.headers), *upgrade]
+            accepted = h11.InformationalResponse(status_code=101, headers=fields)
+            await exchange.stream.send_all(exchange.h11.send(accepted) or b"")
+            from_client = bytes(exchange.h11.trailing_data[0])
+            from_engine = bytes(client.trailing_data[0])
+
+            async def pipe(source: trio.abc.Stream, sink: trio.abc.Stream, first: bytes) -> None:
+                try:
+                    if first:
+                        await sink.send_all(first)
+                    while data := await source.receive_some(RECEIVE):
+                        await sink.send_all(data)
+                except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+                nursery.cancel_scope.cancel()  # one side ended: so does the other
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(pipe, exchange.stream, upstream, from_client)
+                nursery.start_soon(pipe, upstream, exchange.stream, from_engine)
 
     def _take(self, port: int) -> tuple[trio.SocketStream, h11.Connection] | tuple[None, None]:
         idle = self._idle.get(port)
