@@ -120,7 +120,12 @@ def handler():
     h = FakeHandler()
     h.responses.update(
         {
-            "status": {"version": "0.1.0", "environments": 1, "store": {"bytes": 10}},
+            "status": {
+                "version": "0.1.0",
+                "uptime": 874.7124264240265,
+                "environments": 1,
+                "store": {"db_bytes": 1234567},
+            },
             "env.list": [
                 {"id": "e1", "name": "Démo", "routes": 1, "newer": False},
                 {"id": "e2-long-id", "name": "", "routes": 12, "newer": True},
@@ -147,8 +152,10 @@ async def sock(nursery, tmp_path_factory, handler):
 async def test_status(sock, capsys):
     assert await run_cli("--socket", sock, "status") == 0
     out = capsys.readouterr().out
-    assert f"socket: {sock}\n" in out
-    assert "version: 0.1.0\n" in out and 'store: {"bytes": 10}\n' in out
+    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    fields = {key: value.strip() for key, value in fields.items()}
+    assert fields["socket"] == sock and fields["version"] == "0.1.0"
+    assert fields["uptime"] == "14m 34s" and fields["store"] == "1.23 MB on disk"
     assert await run_cli("--socket", sock, "status", "--json") == 0
     assert json.loads(capsys.readouterr().out)["environments"] == 1
 
@@ -156,9 +163,9 @@ async def test_status(sock, capsys):
 async def test_env_list(sock, capsys):
     assert await run_cli("--socket", sock, "env", "list") == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["ID", "NAME", "ROUTES", "FLAGS"]
-    assert lines[1].split() == ["e1", "Démo", "1", "-"]
-    assert lines[2].split() == ["e2-long-id", "-", "12", "newer"]
+    assert lines[0].split() == ["ID", "NAME", "ROUTES", "SHARED", "LINKED", "FLAGS"]
+    assert lines[1].split() == ["e1", "Démo", "1", "-", "-", "-"]  # (no space.list, env.links)
+    assert lines[2].split() == ["e2-long-id", "-", "12", "-", "-", "newer"]
     assert await run_cli("--socket", sock, "env", "list", "--json") == 0
     assert json.loads(capsys.readouterr().out)[1]["id"] == "e2-long-id"
 
@@ -231,7 +238,8 @@ async def test_env_put_patch_merge_delete(sock, handler, tmp_path, capsys):
     assert await run_cli("--socket", sock, "env", "patch", "e1", str(tmp_path / "p.json")) == 0
     assert await run_cli("--socket", sock, "env", "merge", "e1", str(tmp_path / "u.bin")) == 0
     assert await run_cli("--socket", sock, "env", "delete", "e1") == 0
-    assert handler.applied[-4:] == [
+    applied = [a for a in handler.applied if a[0] != "env.list"]  # naming the environment
+    assert applied[-4:] == [
         ("env.put", {"id": "e1", "json": '{"uuid": "e1"}'}),
         ("env.patch", {"id": "e1", "json": '[{"op": "remove", "path": "/x"}]'}),
         ("env.merge", {"id": "e1", "update": b"\x00\xff"}),
@@ -271,7 +279,7 @@ async def test_daemon_error_is_one_line_exit_1(sock, handler, capsys):
         raise OpError("not-found", "no environment with id 'zz'\nsecond line")
 
     handler.responses["env.get"] = missing
-    assert await run_cli("--socket", sock, "env", "get", "zz") == 1
+    assert await run_cli("--socket", sock, "env", "get", "e1") == 1
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err == "peerdaemon: no environment with id 'zz' second line (not-found)\n"
@@ -362,6 +370,10 @@ def test_env_watch_ctrl_c_exits_0_quietly(monkeypatch, capsys):
 
         def __exit__(self, *exc):
             return None
+
+        def call(self, op, **args):  # naming the environment
+            assert op == "env.list"
+            return [{"id": "e1", "name": "x"}]
 
         def subscribe_env(self, env_id):
             raise KeyboardInterrupt

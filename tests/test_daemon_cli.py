@@ -159,8 +159,10 @@ def test_bad_usage_exits_2(args):
 # --- each command -------------------------------------------------------------------------------
 def test_status(daemon, sock):
     text = ok(cli(sock, "status"))
-    assert f"pid: {daemon.pid}\n" in text and f"socket: {sock}\n" in text
-    assert f"data_dir: {daemon.data_dir}\n" in text
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    fields = {key: value.strip() for key, value in fields.items()}
+    assert fields["pid"] == str(daemon.pid) and fields["socket"] == str(sock)
+    assert fields["data dir"] == str(daemon.data_dir)
     status = json.loads(ok(cli(sock, "status", "--json")))
     assert status["pid"] == daemon.pid and status["last_migration"] == 33
 
@@ -239,9 +241,9 @@ def test_list(sock):
     env = unique_env(name="Listed env")
     env_id = imported(sock, env)
     lines = ok(cli(sock, "env", "list")).splitlines()
-    assert lines[0].split() == ["ID", "NAME", "ROUTES", "FLAGS"]
+    assert lines[0].split() == ["ID", "NAME", "ROUTES", "SHARED", "LINKED", "FLAGS"]
     row = next(line for line in lines if line.startswith(env_id))
-    assert row.split() == [env_id, "Listed", "env", "11", "-"]
+    assert row.split() == [env_id, "Listed", "env", "11", "-", "-", "-"]
     entries = json.loads(ok(cli(sock, "env", "list", "--json")))
     assert entries == sorted(entries, key=lambda e: e["id"])
     entry = next(e for e in entries if e["id"] == env_id)

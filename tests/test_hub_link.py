@@ -650,7 +650,7 @@ async def test_cli_attach_detach_status_and_restart(base, nursery, capsys, monke
     assert (await a.hub())["state"] == "connected"
     assert await run("status") == 0
     out = capsys.readouterr().out
-    assert f'"url": "{hub.url}"' in out and token not in out
+    assert f"\nhubs (1):\n  {hub.url}: connected as alice" in out and token not in out
     assert await run("peers") == 0
     out = capsys.readouterr().out
     assert hub.url in out and "connected" in out and token not in out
@@ -1012,7 +1012,8 @@ async def test_hub_status_prints_the_key_the_hub_serves_with(base, nursery, caps
     hub = await Hub(base).start(nursery)
     assert hub.key == key  # the hub serves with that key
     running = json.loads(await status("--json"))
-    assert running == {
+    keys = ("data_dir", "running", "pid", "hub_key")
+    assert {k: running[k] for k in keys} == {
         "data_dir": str(hub_dir),
         "running": True,
         "pid": os.getpid(),

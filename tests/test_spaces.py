@@ -590,7 +590,12 @@ async def test_operation_errors(nodes):
     with pytest.raises(OpError) as info:
         await a.op("space.join", code=code)
     assert info.value.code == "exists"
-    await a.op("space.create", name="Team")
+    with pytest.raises(OpError) as info:  # a second space of that name: refused (exists)
+        await a.op("space.create", name="Team")
+    assert info.value.code == "exists" and "'Team 2'" in info.value.message
+    b = await nodes("b")  # joining another device's space of the same name is not refused
+    await b.op("space.create", name="Team")
+    await a.op("space.join", code=(await b.op("space.invite", space="Team"))["code"])
     with pytest.raises(OpError) as info:
         await a.op("space.invite", space="Team")
     assert info.value.code == "ambiguous"
@@ -651,7 +656,7 @@ async def test_cli_spaces_sharing_and_config(nursery, base, capsys, fixture_dir)
 
     assert await run_cli(*s1, "status") == 0
     out = capsys.readouterr().out
-    assert f"device: {d1.identity.device_id}\n" in out and "name: alpha\n" in out
+    assert f"device:       alpha ({d1.identity.device_id})\n" in out
 
     assert await run_cli(*s1, "space", "create", "Team") == 0
     space_id = capsys.readouterr().out.strip()

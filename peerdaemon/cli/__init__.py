@@ -22,12 +22,12 @@ from typing import NoReturn
 
 from peerdaemon.api.client import Client as Client  # re-exported: tests stub Client.connect
 from peerdaemon.api.client import ClientError
-from peerdaemon.cli import config, daemon, env, hub, mock, space
-from peerdaemon.cli.common import PROG, CliError, Commands, warn
+from peerdaemon.cli import completion, config, daemon, doctor, env, hub, mock, service, space
+from peerdaemon.cli.common import EXAMPLES, PROG, CliError, Commands, warn
 
 __all__ = ["CliError", "build_parser", "main"]
 
-GROUPS = (daemon, env, space, mock, config, hub)
+GROUPS = (daemon, env, space, mock, config, hub, service, doctor, completion)
 
 
 def _version() -> str:
@@ -48,11 +48,65 @@ def build_parser() -> argparse.ArgumentParser:
         help="the daemon's socket (default: $PEERDAEMON_SOCKET, else "
         "$XDG_RUNTIME_DIR/peerdaemon/peerdaemon.sock, else /tmp/peerdaemon-UID/peerdaemon.sock)",
     )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print JSON (commands that list or show something; also after the command)",
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = Commands(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
     for group in GROUPS:
         group.register(commands)
+    _spread_global_options(parser)
     return parser
+
+
+# Command groups that never talk to a daemon: no `--socket` there.
+NO_DAEMON = ("hub", "service", "completion")
+
+
+def _spread_global_options(parser: argparse.ArgumentParser) -> None:
+    """`--socket` and `--json` anywhere on the command line, not only before the command.
+
+    Every parser below the top one gets `--socket` (unless it has its own, as `run` does), with
+    `default=SUPPRESS` so that a subcommand that is not given it leaves the top-level value alone.
+    A command's own `--json` gets the same default, so `peerdaemon --json env list` and
+    `peerdaemon env list --json` mean the same; `--json` before a command that prints no JSON
+    is refused (`json_ok` says which do). Each command also gets its `Example:` line, if its
+    module gave none (`common.EXAMPLES`)."""
+    socket = argparse.ArgumentParser(add_help=False)
+    socket.add_argument(
+        "--socket",
+        metavar="PATH",
+        default=argparse.SUPPRESS,
+        help="the daemon's socket (as before the command)",
+    )
+    socket_action = socket._actions[0]
+
+    def walk(sub: argparse.ArgumentParser, path: tuple[str, ...]) -> None:
+        options = sub._option_string_actions
+        if path[0] not in NO_DAEMON and "--socket" not in options:
+            sub._add_action(socket_action)
+        json_action = options.get("--json")
+        if json_action is not None:
+            json_action.default = argparse.SUPPRESS
+        children = _children(sub)
+        if not children:
+            sub.set_defaults(json_ok=json_action is not None, command_path=" ".join(path))
+            if sub.epilog is None and " ".join(path) in EXAMPLES:
+                sub.epilog = f"Example: {EXAMPLES[' '.join(path)]}"
+        for name, child in children.items():
+            walk(child, (*path, name))
+
+    for name, child in _children(parser).items():
+        walk(child, (name,))
+
+
+def _children(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
 
 
 def _quiet_broken_pipe() -> NoReturn:
@@ -67,7 +121,10 @@ def _quiet_broken_pipe() -> NoReturn:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)  # exits 2 on bad usage
+    parser = build_parser()
+    args = parser.parse_args(argv)  # exits 2 on bad usage
+    if getattr(args, "json", False) and not getattr(args, "json_ok", True):
+        parser.error(f"`{PROG} {args.command_path}` has no JSON output: drop --json")
     try:
         return args.handler(args)
     except (ClientError, CliError) as exc:

@@ -4,8 +4,10 @@ files, writing output files and printing tables and JSON."""
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
+import re
 import stat
 import sys
 from collections.abc import Callable
@@ -13,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from peerdaemon.api.client import Client
+from peerdaemon.api.client import Client, DaemonError
 from peerdaemon.core.addresses import parse_address
 from peerdaemon.core.files import replace_file
 from peerdaemon.core.locations import default_socket_path
@@ -36,18 +38,33 @@ class Commands:
     groups: dict[str, Commands] = field(default_factory=dict)
 
     def command(
-        self, name: str, handler: Handler, help: str, **kwargs: Any
+        self, name: str, handler: Handler, help: str, *, example: str = "", **kwargs: Any
     ) -> argparse.ArgumentParser:
-        """A command whose help line is also its description; `main` calls `handler(args)`."""
+        """A command whose help line is also its description; `main` calls `handler(args)`.
+        `example`: one command line, shown as `Example:` at the end of its `--help`."""
+        if example:
+            kwargs.setdefault("epilog", f"Example: {example}")
         parser = self.action.add_parser(name, help=help, description=help, **kwargs)
         parser.set_defaults(handler=handler)
         return parser
 
     def add_group(
-        self, name: str, *, help: str, metavar: str, dest: str, description: str | None = None
+        self,
+        name: str,
+        *,
+        help: str,
+        metavar: str,
+        dest: str,
+        description: str | None = None,
+        example: str = "",
     ) -> Commands:
         """A command that only holds subcommands (one of which is required)."""
-        parser = self.action.add_parser(name, help=help, description=description)
+        parser = self.action.add_parser(
+            name,
+            help=help,
+            description=description,
+            epilog=f"Example: {example}" if example else None,
+        )
         group = Commands(parser.add_subparsers(dest=dest, metavar=metavar, required=True))
         self.groups[name] = group
         return group
@@ -91,6 +108,45 @@ def cell(value: Any) -> str:
     if isinstance(value, list | tuple | set | frozenset):
         return ",".join(map(str, value)) or "-"
     return "-" if value is None or value == "" else str(value)
+
+
+def duration(seconds: Any) -> str:
+    """`14m 34s`, `2h 5m`, `3d 4h`: the two largest units (seconds as given by `status`)."""
+    if not isinstance(seconds, int | float) or isinstance(seconds, bool) or seconds < 0:
+        return cell(seconds)
+    total = int(seconds)
+    parts = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if total >= size or (unit == "s" and not parts):
+            parts.append(f"{total // size}{unit}")
+            total %= size
+    return " ".join(parts[:2])
+
+
+def megabytes(size: Any) -> str:
+    """Bytes as `12.3 MB` (decimal megabytes, as file managers show them)."""
+    if not isinstance(size, int | float) or isinstance(size, bool):
+        return cell(size)
+    mb = size / 1_000_000
+    return f"{mb:.2f} MB" if mb < 10 else f"{mb:.1f} MB"
+
+
+def short_path(path: Any, width: int = 40) -> str:
+    """A path for a table cell: `~` for the home folder, then only its end if still long."""
+    if not isinstance(path, str) or not path:
+        return cell(path)
+    home = os.path.expanduser("~")
+    if home not in ("", "/") and (path == home or path.startswith(home + os.sep)):
+        path = "~" + path[len(home) :]
+    if len(path) <= width:
+        return path
+    parts = path.split(os.sep)
+    tail = parts[-1]
+    for part in reversed(parts[1:-1]):
+        if len(part) + len(tail) + 5 > width:
+            break
+        tail = part + os.sep + tail
+    return "..." + os.sep + tail
 
 
 # --- files ----------------------------------------------------------------------------------------
@@ -155,3 +211,112 @@ def call(args: argparse.Namespace, op: str, **call_args: Any) -> Any:
     """One request on a connection of its own."""
     with connect(args) as client:
         return client.call(op, **call_args)
+
+
+def optional_call(client: Client, op: str, default: Any = None, **call_args: Any) -> Any:
+    """A request whose answer is a nicety (an older daemon may not know `op`): `default` on an
+    error answer."""
+    try:
+        return client.call(op, **call_args)
+    except DaemonError:
+        return default
+
+
+# --- naming environments --------------------------------------------------------------------------
+MIN_PREFIX = 4
+_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", re.I)
+
+
+def _env_label(env: dict[str, Any]) -> str:
+    name = env.get("name")
+    return f"{env.get('id')} ({name})" if name else str(env.get("id"))
+
+
+def _listing(envs: list[dict[str, Any]], most: int = 5) -> str:
+    shown = ", ".join(_env_label(e) for e in envs[:most])
+    return shown + (f" and {len(envs) - most} more" if len(envs) > most else "")
+
+
+def match_env(envs: list[dict[str, Any]], ref: str, *, missing_ok: bool = False) -> str:
+    """The id `ref` names among `envs` (as `env.list` gives them): the exact id, else a unique id
+    prefix of at least MIN_PREFIX characters, else a unique exact name. Ambiguous or unknown: a
+    `CliError` listing the candidates (`missing_ok`: an unknown `ref` is returned as it is)."""
+    envs = [e for e in envs if isinstance(e, dict) and isinstance(e.get("id"), str)]
+    if any(e["id"] == ref for e in envs):
+        return ref
+    prefixed = []
+    if len(ref) >= MIN_PREFIX:
+        prefixed = [e for e in envs if e["id"].lower().startswith(ref.lower())]
+    if len(prefixed) == 1:
+        return str(prefixed[0]["id"])
+    named = [e for e in envs if e.get("name") == ref]
+    if len(named) == 1:
+        return str(named[0]["id"])
+    candidates = prefixed + [e for e in named if e not in prefixed]
+    if candidates:
+        raise CliError(
+            f"{ref!r} names {len(candidates)} environments: {_listing(candidates)}; "
+            "give more of the id (ambiguous)"
+        )
+    if missing_ok:
+        return ref
+    names = [e.get("name") for e in envs if isinstance(e.get("name"), str) and e.get("name")]
+    near = [e for e in envs if isinstance(e.get("name"), str) and e["name"].lower() == ref.lower()]
+    close = set(difflib.get_close_matches(ref, names, n=3, cutoff=0.75))
+    near += [e for e in envs if e.get("name") in close and e not in near]
+    hint = f" (did you mean {_listing(near, 3)}?)" if near else ""
+    if (
+        not near
+        and len(ref) < MIN_PREFIX
+        and any(e["id"].lower().startswith(ref.lower()) for e in envs)
+    ):
+        hint = f" (an id prefix needs at least {MIN_PREFIX} characters)"
+    raise CliError(
+        f"no environment {ref!r}{hint}; name one by its id, a unique id prefix or its exact "
+        f"name, as `{PROG} env list` shows them (not-found)"
+    )
+
+
+def list_envs(client_or_args: Client | argparse.Namespace) -> list[dict[str, Any]]:
+    if isinstance(client_or_args, argparse.Namespace):
+        envs = call(client_or_args, "env.list")
+    else:
+        envs = client_or_args.call("env.list")
+    return [e if isinstance(e, dict) else {"id": e} for e in envs or ()]
+
+
+def resolve_env(
+    client_or_args: Client | argparse.Namespace, ref: str, *, missing_ok: bool = False
+) -> str:
+    """The environment id a command line's `ID` names (see `match_env`), asking the daemon for
+    its environments; a full uuid is taken as it is, without asking."""
+    if _UUID.match(ref):
+        return ref
+    return match_env(list_envs(client_or_args), ref, missing_ok=missing_ok)
+
+
+# --- help -----------------------------------------------------------------------------------------
+EXAMPLES: dict[str, str] = {
+    # commands whose modules give no `example=` of their own (see `cli._spread_global_options`)
+    "run": "peerdaemon run --listen 0.0.0.0:7600 --name laptop",
+    "hub serve": "peerdaemon hub serve --listen 0.0.0.0:8765 --data-dir /srv/hub",
+    "hub status": "peerdaemon hub status --data-dir /srv/hub",
+    "hub user add": "peerdaemon hub user add alice",
+    "hub user list": "peerdaemon hub user list --json",
+    "hub token add": "peerdaemon hub token add alice",
+    "hub token revoke": "peerdaemon hub token revoke pdh_3f9a",
+    "hub token list": "peerdaemon hub token list alice",
+    "hub space create": "peerdaemon hub space create SPACE_ID --owner alice --name Team",
+    "hub space add-member": "peerdaemon hub space add-member SPACE_ID bob",
+    "hub space remove-member": "peerdaemon hub space remove-member SPACE_ID bob",
+    "hub space list": "peerdaemon hub space list",
+    "hub limits set": "peerdaemon hub limits set --user alice bytes_per_env 64MiB",
+    "service install": "peerdaemon service install",
+    "service uninstall": "peerdaemon service uninstall",
+    "service status": "peerdaemon service status",
+    "mock install": "peerdaemon mock install",
+    "mock start": "peerdaemon mock start Demo --port 3001",
+    "mock stop": "peerdaemon mock stop Demo",
+    "mock list": "peerdaemon mock list --json",
+    "mock logs": "peerdaemon mock logs Demo --follow",
+}

@@ -16,14 +16,19 @@ from peerdaemon.cli.common import (
     call,
     cell,
     connect,
+    optional_call,
     print_table,
     read_bytes,
     read_text,
+    resolve_env,
+    short_path,
     to_json,
     warn,
     write_file,
 )
 from peerdaemon.model.schema import LAST_MIGRATION
+
+ID_HELP = "environment id, a unique id prefix (4+ characters) or its exact name"
 
 
 def register(commands: Commands) -> None:
@@ -33,26 +38,53 @@ def register(commands: Commands) -> None:
         description="manage environments",
         dest="env_command",
         metavar="ENV_COMMAND",
+        example="peerdaemon env list",
     )
-    p = envs.command("list", cmd_env_list, "list environments")
+    p = envs.command(
+        "list",
+        cmd_env_list,
+        "list environments: routes, the space each is shared in, the file linked to it",
+        example="peerdaemon env list --json",
+    )
     p.add_argument("--json", action="store_true", help="print the list as JSON")
 
-    p = envs.command("import", cmd_env_import, "import a Mockoon environment file; prints its id")
+    p = envs.command(
+        "import",
+        cmd_env_import,
+        "import a Mockoon environment file; prints its id",
+        example="peerdaemon env import ~/mockoon/demo.json --link",
+    )
     p.add_argument("file", metavar="FILE", help="environment JSON file, or - for stdin")
     p.add_argument("--new-id", action="store_true", help="give the environment a fresh id")
     p.add_argument("--link", action="store_true", help="keep FILE linked to the environment")
+    p.add_argument("--json", action="store_true", help="print the result (id, repairs) as JSON")
 
-    p = envs.command("export", cmd_env_export, "export an environment")
-    p.add_argument("id", metavar="ID")
+    p = envs.command(
+        "export",
+        cmd_env_export,
+        "export an environment (JSON, as Mockoon writes it)",
+        example="peerdaemon env export Demo -o demo.json",
+    )
+    p.add_argument("id", metavar="ID", help=ID_HELP)
     p.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
     p.add_argument("--format", choices=("json", "yjs"), default="json", help="default: json")
 
-    p = envs.command("get", cmd_env_get, "print an environment, or the value at a JSON Pointer")
-    p.add_argument("id", metavar="ID")
+    p = envs.command(
+        "get",
+        cmd_env_get,
+        "print an environment, or the value at a JSON Pointer (as JSON)",
+        example="peerdaemon env get 3f2a /routes/0/endpoint",
+    )
+    p.add_argument("id", metavar="ID", help=ID_HELP)
     p.add_argument("pointer", metavar="POINTER", nargs="?", help="RFC 6901 JSON Pointer")
 
-    p = envs.command("put", cmd_env_put, "replace an environment with the content of FILE")
-    p.add_argument("id", metavar="ID")
+    p = envs.command(
+        "put",
+        cmd_env_put,
+        "replace an environment with the content of FILE",
+        example="peerdaemon env put Demo demo.json",
+    )
+    p.add_argument("id", metavar="ID", help=ID_HELP)
     p.add_argument("file", metavar="FILE", help="environment JSON file, or - for stdin")
     p.add_argument(
         "--force-id",
@@ -60,31 +92,63 @@ def register(commands: Commands) -> None:
         help="put FILE even if its uuid names another environment (ID keeps its id)",
     )
 
-    p = envs.command("patch", cmd_env_patch, "apply an RFC 6902 JSON Patch file")
-    p.add_argument("id", metavar="ID")
+    p = envs.command(
+        "patch",
+        cmd_env_patch,
+        "apply an RFC 6902 JSON Patch file",
+        example="peerdaemon env patch Demo fix.json",
+    )
+    p.add_argument("id", metavar="ID", help=ID_HELP)
     p.add_argument("file", metavar="FILE", help="JSON Patch file, or - for stdin")
 
-    p = envs.command("merge", cmd_env_merge, "merge a binary Yjs update file")
-    p.add_argument("id", metavar="ID")
+    p = envs.command(
+        "merge",
+        cmd_env_merge,
+        "merge a binary Yjs update file",
+        example="peerdaemon env merge 3f2a update.yjs",
+    )
+    p.add_argument("id", metavar="ID", help=ID_HELP + " (an unknown id is created)")
     p.add_argument("file", metavar="FILE", help="Yjs update file, or - for stdin")
 
-    p = envs.command("delete", cmd_env_delete, "delete an environment")
-    p.add_argument("id", metavar="ID")
+    p = envs.command(
+        "delete", cmd_env_delete, "delete an environment", example="peerdaemon env delete 3f2a"
+    )
+    p.add_argument("id", metavar="ID", help=ID_HELP)
 
-    p = envs.command("watch", cmd_env_watch, "print one JSON line per change (Ctrl-C to stop)")
-    p.add_argument("id", metavar="ID")
+    p = envs.command(
+        "watch",
+        cmd_env_watch,
+        "print one JSON line per change (Ctrl-C to stop)",
+        example="peerdaemon env watch Demo",
+    )
+    p.add_argument("id", metavar="ID", help=ID_HELP)
 
-    p = envs.command("link", cmd_env_link, "mirror an environment to FILE, both ways")
-    p.add_argument("id", metavar="ID")
+    p = envs.command(
+        "link",
+        cmd_env_link,
+        "mirror an environment to FILE, both ways",
+        example="peerdaemon env link Demo ~/.config/mockoon/storage/demo.json",
+    )
+    p.add_argument("id", metavar="ID", help=ID_HELP)
     p.add_argument("file", metavar="FILE", help="the file to keep in step (e.g. Mockoon's own)")
     p.add_argument(
         "--overwrite", action="store_true", help="replace FILE even if it is not this environment"
     )
 
-    p = envs.command("unlink", cmd_env_unlink, "stop mirroring an environment (the file stays)")
-    p.add_argument("id", metavar="ID")
+    p = envs.command(
+        "unlink",
+        cmd_env_unlink,
+        "stop mirroring an environment (the file stays)",
+        example="peerdaemon env unlink Demo",
+    )
+    p.add_argument("id", metavar="ID", help=ID_HELP)
 
-    p = envs.command("links", cmd_env_links, "list linked files and their state")
+    p = envs.command(
+        "links",
+        cmd_env_links,
+        "list linked files and their state",
+        example="peerdaemon env links --json",
+    )
     p.add_argument("--json", action="store_true", help="print the links as JSON")
 
 
@@ -113,20 +177,41 @@ def _flags(env: dict[str, Any]) -> list[str]:
     return flags
 
 
+def _sharing(spaces: Any) -> dict[str, dict[str, Any]]:
+    """env id -> {id, name} of the space it is shared in here (from `space.list`)."""
+    out: dict[str, dict[str, Any]] = {}
+    for space in spaces if isinstance(spaces, list) else ():
+        if not isinstance(space, dict):
+            continue
+        for env in space.get("environments") or ():
+            if isinstance(env, dict) and env.get("present") and not env.get("conflict"):
+                out[str(env.get("id"))] = {"id": space.get("id"), "name": space.get("name")}
+    return out
+
+
 def cmd_env_list(args: argparse.Namespace) -> int:
     with connect(args) as client:
-        envs = client.list_envs()
-    if args.json:
+        envs = [e if isinstance(e, dict) else {"id": e} for e in client.list_envs() or ()]
+        shared = _sharing(optional_call(client, "space.list", []))
+        links = optional_call(client, "env.links", [])
+    links = links if isinstance(links, list) else []
+    linked = {str(link.get("id")): link.get("path") for link in links if isinstance(link, dict)}
+    if args.json:  # env.list's entries, plus where each is shared and linked
+        for env in envs:
+            env.setdefault("shared", shared.get(str(env.get("id"))))
+            env.setdefault("linked", linked.get(str(env.get("id"))))
         print(to_json(envs))
         return 0
-    rows = [("ID", "NAME", "ROUTES", "FLAGS")]
-    for env in envs or ():
-        env = env if isinstance(env, dict) else {"id": env}
+    rows = [("ID", "NAME", "ROUTES", "SHARED", "LINKED", "FLAGS")]
+    for env in envs:
+        space = shared.get(str(env.get("id")))
         rows.append(
             (
                 cell(env.get("id")),
                 cell(env.get("name")),
                 cell(env.get("routes")),
+                cell(space and (space.get("name") or space.get("id"))),
+                short_path(linked.get(str(env.get("id")))),
                 cell(_flags(env)),
             )
         )
@@ -145,13 +230,16 @@ def cmd_env_import(args: argparse.Namespace) -> int:
         else:
             result = client.import_env(text, new_id=args.new_id)
     _report_repairs(result)
-    print(result["id"] if isinstance(result, dict) else result)
+    if args.json:
+        print(to_json(result))
+    else:
+        print(result["id"] if isinstance(result, dict) else result)
     return 0
 
 
 def cmd_env_export(args: argparse.Namespace) -> int:
     with connect(args) as client:
-        result = client.export(args.id, format=args.format)
+        result = client.export(resolve_env(client, args.id), format=args.format)
     if args.format == "yjs":
         if not isinstance(result, bytes | bytearray):
             raise CliError("the daemon did not return a binary update")
@@ -178,7 +266,7 @@ def cmd_env_export(args: argparse.Namespace) -> int:
 
 def cmd_env_get(args: argparse.Namespace) -> int:
     with connect(args) as client:
-        value = client.get(args.id, args.pointer)
+        value = client.get(resolve_env(client, args.id), args.pointer)
     print(to_json(value))
     return 0
 
@@ -186,15 +274,16 @@ def cmd_env_get(args: argparse.Namespace) -> int:
 def cmd_env_put(args: argparse.Namespace) -> int:
     text = read_text(args.file)
     with connect(args) as client:
+        env_id = resolve_env(client, args.id)
         try:
-            result = client.put(args.id, text, force_id=args.force_id)
+            result = client.put(env_id, text, force_id=args.force_id)
         except DaemonError as exc:
             if exc.code != UUID_MISMATCH:
                 raise
             label = "stdin" if args.file == "-" else args.file
             raise CliError(
-                f"{label} is not environment {args.id} (its uuid is another id): refusing "
-                f"to replace {args.id} with it; use --force-id to do it anyway ({exc.code})"
+                f"{label} is not environment {env_id} (its uuid is another id): refusing "
+                f"to replace {env_id} with it; use --force-id to do it anyway ({exc.code})"
             ) from None
     _report_repairs(result)
     return 0
@@ -203,20 +292,20 @@ def cmd_env_put(args: argparse.Namespace) -> int:
 def cmd_env_patch(args: argparse.Namespace) -> int:
     text = read_text(args.file)
     with connect(args) as client:
-        client.patch(args.id, text)
+        client.patch(resolve_env(client, args.id), text)
     return 0
 
 
 def cmd_env_merge(args: argparse.Namespace) -> int:
     update = read_bytes(args.file)
-    with connect(args) as client:
-        client.merge(args.id, update)
+    with connect(args) as client:  # an unknown id is created from the update
+        client.merge(resolve_env(client, args.id, missing_ok=True), update)
     return 0
 
 
 def cmd_env_delete(args: argparse.Namespace) -> int:
     with connect(args) as client:
-        client.delete(args.id)
+        client.delete(resolve_env(client, args.id))
     return 0
 
 
@@ -224,10 +313,11 @@ def cmd_env_watch(args: argparse.Namespace) -> int:
     """One JSON line per change until the environment is deleted or Ctrl-C (exit 0)."""
     try:
         with connect(args) as client:
-            for event in client.subscribe_env(args.id):
+            wanted = resolve_env(client, args.id)
+            for event in client.subscribe_env(wanted):
                 if not isinstance(event, dict):
                     continue
-                env_id = event.get("id", args.id)
+                env_id = event.get("id", wanted)
                 if event.get("type") == "deleted":
                     print(to_json({"id": env_id, "deleted": True}, indent=None), flush=True)
                     return 0
@@ -245,14 +335,18 @@ def cmd_env_watch(args: argparse.Namespace) -> int:
 
 def cmd_env_link(args: argparse.Namespace) -> int:
     path = os.path.abspath(os.path.expanduser(args.file))  # the daemon's cwd is not ours
-    result = call(args, "env.link", id=args.id, path=path, overwrite=args.overwrite)
+    with connect(args) as client:
+        env_id = resolve_env(client, args.id)
+        result = client.call("env.link", id=env_id, path=path, overwrite=args.overwrite)
     if isinstance(result, dict) and result.get("error"):  # linked, but not writable yet
         warn(f"linked, but: {result['error']} (retrying; see `peerdaemon env links`)")
     return 0
 
 
 def cmd_env_unlink(args: argparse.Namespace) -> int:
-    call(args, "env.unlink", id=args.id)
+    with connect(args) as client:
+        # a link can outlive its environment: an unknown ID is asked for as it is
+        client.call("env.unlink", id=resolve_env(client, args.id, missing_ok=True))
     return 0
 
 

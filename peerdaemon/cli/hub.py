@@ -19,6 +19,7 @@ from peerdaemon.cli.common import (
     print_table,
     to_json,
 )
+from peerdaemon.cli.daemon import add_log_options
 
 
 def register(commands: Commands) -> None:
@@ -40,7 +41,13 @@ def register(commands: Commands) -> None:
     p.add_argument("--listen", metavar="HOST:PORT", type=host_port, help="default 127.0.0.1:8765")
     p.add_argument("--tls-cert", metavar="FILE", help="serve TLS with this certificate (PEM)")
     p.add_argument("--tls-key", metavar="FILE", help="... and this private key (PEM)")
-    p = command(hubs, "status", cmd_hub_status, "print the hub's key fingerprint and if it runs")
+    add_log_options(p)
+    p = command(
+        hubs,
+        "status",
+        cmd_hub_status,
+        "the hub's key fingerprint, if it runs and what it reports, users, spaces, storage",
+    )
     p.add_argument("--json", action="store_true", help="print the status as JSON")
 
     group = hubs.add_group(
@@ -140,17 +147,28 @@ def _hub_admin(args: argparse.Namespace, fn: Callable[[Any], Any]) -> Any:
 def cmd_hub_serve(args: argparse.Namespace) -> int:
     from peerdaemon.hub.server import run_hub
 
-    return int(run_hub(_hub_config(args)) or 0)
+    log = {"log_level": args.log_level, "log_format": args.log_format}
+    return int(run_hub(_hub_config(args), **log) or 0)
 
 
 def cmd_hub_status(args: argparse.Namespace) -> int:
+    import sqlite3
+
     from peerdaemon.hub.server import hub_status
     from peerdaemon.store import StoreError
 
+    config = _hub_config(args)
     try:
-        status = hub_status(_hub_config(args).data_dir)
+        status = hub_status(
+            config.data_dir,
+            listen=config.listen,
+            tls=bool(config.tls_cert),
+            metrics_token=config.http.metrics_token,
+        )
     except StoreError as exc:
         raise CliError(str(exc)) from None
+    except (OSError, sqlite3.Error) as exc:
+        raise CliError(f"cannot read the hub's data dir: {exc}") from None
     if args.json:
         print(to_json(status))
         return 0
@@ -158,7 +176,77 @@ def cmd_hub_status(args: argparse.Namespace) -> int:
     print(f"hub key: {status['hub_key'] or '(none yet: start the hub once)'}")
     running = f"yes (pid {status['pid']})" if status["pid"] else "yes"
     print(f"running: {running if status['running'] else 'no'}")
+    if status["running"]:
+        _print_live(status)
+    spaces = status["spaces"]
+    print(f"users: {status['users']}")
+    print(f"spaces: {len(spaces)}")
+    print(
+        f"documents: {status['documents']}, {_size(status['stored_bytes'])} stored"
+        f" (database {_size(status['db_bytes'])})"
+    )
+    if spaces:
+        rows = [("SPACE", "OWNER", "MEMBERS", "DOCUMENTS", "STORED")]
+        for sp in spaces:
+            rows.append(
+                (
+                    cell(sp["id"]),
+                    cell(sp["owner"] or "-"),
+                    cell(sp["members"]),
+                    str(sp["documents"]),
+                    _size(sp["stored_bytes"]),
+                )
+            )
+        print_table(rows)
     return 0
+
+
+def _print_live(status: dict[str, Any]) -> None:
+    """What a running hub answered (`/health`, `/metrics`), in a few lines."""
+    if status.get("address"):
+        print(f"address: {status['address']}")
+    live = status.get("live")
+    if live is None:
+        print(f"live: {status.get('live_error') or 'not asked'}")
+        return
+    health = live["health"]
+    print(f"version: {health.get('version', '?')}")
+    figures = live.get("metrics")
+    if figures is None:
+        print(f"clients: {health.get('clients', '?')}, rooms: {health.get('rooms', '?')}")
+        print(f"metrics: {live.get('metrics_error')}")
+        return
+    conns = figures.get("connections", {})
+    print(
+        f"connections: {conns.get('yjs', 0)} y-websocket, {conns.get('peer', 0)} daemons,"
+        f" {conns.get('mock', 0)} mock; {figures.get('half_open_connections', 0)} half-open,"
+        f" {figures.get('busy_refusals_total', 0)} refused busy"
+    )
+    relayed = figures.get("updates_relayed_total", 0)
+    relayed_bytes = _size(figures.get("relayed_bytes_total", 0))
+    print(f"rooms: {figures.get('rooms', 0)}; updates relayed: {relayed} ({relayed_bytes})")
+    refusals = {k: v for k, v in figures.get("limit_refusals_total", {}).items() if v}
+    detail = ", ".join(f"{k} {v}" for k, v in sorted(refusals.items()))
+    print(f"limit refusals: {sum(refusals.values())}{f' ({detail})' if detail else ''}")
+    commits = figures.get("store_commit_seconds_count", 0)
+    if commits:
+        average = figures.get("store_commit_seconds_sum", 0) / commits * 1000
+        print(f"store commits: {commits}, {average:.1f} ms on average")
+    mocks = {k: v for k, v in figures.get("hosted_mocks", {}).items() if v}
+    states = ", ".join(f"{v} {k}" for k, v in sorted(mocks.items()))
+    print(
+        f"cloud mocks: {sum(mocks.values())}{f' ({states})' if states else ''},"
+        f" {figures.get('mock_requests_total', 0)} requests served"
+    )
+
+
+def _size(n: int | float) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
 
 
 def cmd_hub_user_add(args: argparse.Namespace) -> int:

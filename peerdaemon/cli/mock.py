@@ -8,7 +8,16 @@ import datetime
 from pathlib import Path
 from typing import Any
 
-from peerdaemon.cli.common import CliError, Commands, call, cell, connect, print_table, to_json
+from peerdaemon.cli.common import (
+    CliError,
+    Commands,
+    call,
+    cell,
+    connect,
+    print_table,
+    resolve_env,
+    to_json,
+)
 
 
 def register(commands: Commands) -> None:
@@ -50,13 +59,16 @@ def cmd_install(args: argparse.Namespace) -> int:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    server = call(args, "mock.start", id=args.id, port=args.port, hostname=args.hostname)
+    with connect(args) as client:
+        env_id = resolve_env(client, args.id)
+        server = client.call("mock.start", id=env_id, port=args.port, hostname=args.hostname)
     print(server["url"] if server["state"] == "running" else f"{server['state']}: {server['url']}")
     return 0
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    call(args, "mock.stop", id=args.id)
+    with connect(args) as client:  # a mock may outlive its environment: then ID as it is
+        client.call("mock.stop", id=resolve_env(client, args.id, missing_ok=True))
     return 0
 
 
@@ -122,13 +134,15 @@ def _print(entry: dict[str, Any], as_json: bool) -> None:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    if not args.follow:
-        for entry in call(args, "mock.logs", id=args.id, limit=args.limit)["entries"]:
-            _print(entry, args.json)
-        return 0
+    with connect(args) as client:
+        env_id = resolve_env(client, args.id, missing_ok=True)
+        if not args.follow:
+            for entry in client.call("mock.logs", id=env_id, limit=args.limit)["entries"]:
+                _print(entry, args.json)
+            return 0
     with (
         connect(args) as client,
-        client.subscribe("mock.logs", id=args.id, limit=args.limit, follow=True) as subscription,
+        client.subscribe("mock.logs", id=env_id, limit=args.limit, follow=True) as subscription,
     ):
         for entry in subscription.initial["entries"]:
             _print(entry, args.json)

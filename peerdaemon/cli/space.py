@@ -7,23 +7,46 @@ import argparse
 import sys
 from typing import Any
 
-from peerdaemon.cli.common import CliError, Commands, call, cell, print_table, to_json
+from peerdaemon.cli.common import (
+    CliError,
+    Commands,
+    call,
+    cell,
+    connect,
+    print_table,
+    resolve_env,
+    to_json,
+)
+from peerdaemon.cli.env import ID_HELP
 
 
 def register(commands: Commands) -> None:
     envs = commands.group("env")
-    p = envs.command("share", cmd_env_share, "share an environment in a space; prints its id")
-    p.add_argument("id", metavar="ID")
+    p = envs.command(
+        "share",
+        cmd_env_share,
+        "share an environment in a space; prints its id",
+        example="peerdaemon env share Demo --space Team",
+    )
+    p.add_argument("id", metavar="ID", help=ID_HELP)
     p.add_argument("--space", metavar="SPACE", required=True, help="space id or name")
     p.add_argument(
         "--copy", action="store_true", help="share a duplicate with a new id, keep this one local"
     )
-    p = envs.command("unshare", cmd_env_unshare, "convert a shared environment back to local")
-    p.add_argument("id", metavar="ID")
     p = envs.command(
-        "mock", cmd_env_mock, "show or change the hub's Cloud Mock of a shared environment"
+        "unshare",
+        cmd_env_unshare,
+        "convert a shared environment back to local",
+        example="peerdaemon env unshare Demo",
     )
-    p.add_argument("id", metavar="ID")
+    p.add_argument("id", metavar="ID", help=ID_HELP)
+    p = envs.command(
+        "mock",
+        cmd_env_mock,
+        "show or change the hub's Cloud Mock of a shared environment",
+        example="peerdaemon env mock Demo --hub on --access token",
+    )
+    p.add_argument("id", metavar="ID", help=ID_HELP)
     p.add_argument("--hub", choices=("on", "off"), help="serve it on the space's hub 24/7")
     p.add_argument(
         "--access", choices=("public", "token"), help="anyone with the URL, or the mock token too"
@@ -37,10 +60,21 @@ def register(commands: Commands) -> None:
         description="manage spaces",
         dest="space_command",
         metavar="SPACE_COMMAND",
+        example="peerdaemon space list",
     )
-    p = spaces.command("create", cmd_space_create, "create a space; prints its id")
-    p.add_argument("name", metavar="NAME")
-    p = spaces.command("invite", cmd_space_invite, "print an invite code for a space")
+    p = spaces.command(
+        "create",
+        cmd_space_create,
+        "create a space; prints its id",
+        example="peerdaemon space create Team",
+    )
+    p.add_argument("name", metavar="NAME", help="a name none of your spaces has yet")
+    p = spaces.command(
+        "invite",
+        cmd_space_invite,
+        "print an invite code for a space",
+        example="peerdaemon space invite Team --address 192.168.1.20:7600",
+    )
     p.add_argument("space", metavar="SPACE", help="space id or name")
     p.add_argument(
         "--address",
@@ -48,13 +82,33 @@ def register(commands: Commands) -> None:
         action="append",
         help="where this daemon can be reached (repeatable; default: what the daemon knows)",
     )
-    p = spaces.command("join", cmd_space_join, "join a space with an invite code; prints its id")
+    p = spaces.command(
+        "join",
+        cmd_space_join,
+        "join a space with an invite code; prints its id",
+        example="peerdaemon space join pd1-...",
+    )
     p.add_argument("code", metavar="CODE")
-    p = spaces.command("list", cmd_space_list, "list spaces, members and shared environments")
+    p = spaces.command(
+        "list",
+        cmd_space_list,
+        "list spaces, members and shared environments",
+        example="peerdaemon space list --json",
+    )
     p.add_argument("--json", action="store_true", help="print the list as JSON")
-    p = spaces.command("leave", cmd_space_leave, "leave a space (its environments stay local)")
+    p = spaces.command(
+        "leave",
+        cmd_space_leave,
+        "leave a space (its environments stay local)",
+        example="peerdaemon space leave Team",
+    )
     p.add_argument("space", metavar="SPACE", help="space id or name")
-    p = spaces.command("hub", cmd_space_hub, "sync a space through a hub too (docs/hublink.md)")
+    p = spaces.command(
+        "hub",
+        cmd_space_hub,
+        "sync a space through a hub too (docs/hublink.md)",
+        example="peerdaemon space hub Team wss://hub.example.com --token -",
+    )
     p.add_argument("space", metavar="SPACE", help="space id or name")
     p.add_argument(
         "url", metavar="URL", nargs="?", help="ws(s)://HOST:PORT (default: the invite's hub)"
@@ -80,7 +134,12 @@ def register(commands: Commands) -> None:
         default=15.0,
         help="wait this long for the hub's answer (default 15; 0: only store the attachment)",
     )
-    p = spaces.command("unhub", cmd_space_unhub, "stop syncing a space through its hub")
+    p = spaces.command(
+        "unhub",
+        cmd_space_unhub,
+        "stop syncing a space through its hub",
+        example="peerdaemon space unhub Team",
+    )
     p.add_argument("space", metavar="SPACE", help="space id or name")
 
 
@@ -92,7 +151,8 @@ def cmd_env_mock(args: argparse.Namespace) -> int:
         change["access"] = args.access
     if args.rotate_token:
         change["rotate_token"] = True
-    setting = call(args, "env.mock", id=args.id, **change)
+    with connect(args) as client:
+        setting = client.call("env.mock", id=resolve_env(client, args.id), **change)
     if args.json:
         print(to_json(setting))
         return 0
@@ -116,13 +176,16 @@ def _wait_seconds(text: str) -> float:
 
 
 def cmd_env_share(args: argparse.Namespace) -> int:
-    result = call(args, "env.share", id=args.id, space=args.space, copy=args.copy)
+    with connect(args) as client:
+        env_id = resolve_env(client, args.id)
+        result = client.call("env.share", id=env_id, space=args.space, copy=args.copy)
     print(result["id"])
     return 0
 
 
 def cmd_env_unshare(args: argparse.Namespace) -> int:
-    call(args, "env.unshare", id=args.id)
+    with connect(args) as client:
+        client.call("env.unshare", id=resolve_env(client, args.id))
     return 0
 
 

@@ -33,6 +33,7 @@ from ..mock import MockService
 from ..operations import Operations
 from ..peer import PeerConfig, PeerManager
 from ..spaces import SpacesService
+from ..status import DEFAULT_STATUS_LISTEN, StatusService, StatusSettings
 from ..store import Store, StoreError
 
 log = logging.getLogger("peerdaemon")
@@ -55,6 +56,11 @@ class DaemonConfig:
     mdns_interface: str | None = None
     peer_config: PeerConfig | None = None  # limits and timers of peer links (tests, benchmarks)
     mock_faker_seed: int | None = None  # `run --mock-faker-seed`: faker.js repeatable in mocks
+    status: bool = True  # the status page (docs/status-page.md); `run --no-status`: off
+    status_listen: tuple[str, int] = DEFAULT_STATUS_LISTEN  # `run --status-listen HOST:PORT`
+    status_tls_cert: Path | None = None  # required (with the key) off loopback
+    status_tls_key: Path | None = None
+    status_hosts: list[str] = field(default_factory=list)  # more Host names the page answers to
     extra: dict[str, object] = field(default_factory=dict)
 
 
@@ -75,6 +81,7 @@ class Daemon:
     hubs: HubLinkService | None = None
     mocks: MockService | None = None
     attachments: Attachments | None = None
+    status: StatusService | None = None  # the status page; `status.port` once it listens
 
 
 async def serve(
@@ -100,6 +107,21 @@ async def serve(
         spaces = SpacesService(registry, store, identity, events, attachments)
         spaces.load()
         spaces.register(service)
+        status = None
+        if config.status:
+            status = StatusService(
+                service,
+                store,
+                events,
+                config.data_dir,
+                StatusSettings(
+                    config.status_listen,
+                    config.status_tls_cert,
+                    config.status_tls_key,
+                    list(config.status_hosts),
+                ),
+            )
+            status.register(service)
         async with trio.open_nursery() as nursery:
             await nursery.start(store.run)
             mirror = MirrorService(registry, store, service, events, config.mirror_dir)
@@ -129,6 +151,8 @@ async def serve(
             await nursery.start(
                 partial(serve_unix, config.socket_path, service, max_frame=config.max_frame)
             )
+            if status is not None:
+                await nursery.start(status.run)
             events.emit(
                 "daemon-started",
                 environments=count,
@@ -155,6 +179,7 @@ async def serve(
                     hubs=hubs,
                     mocks=mocks,
                     attachments=attachments,
+                    status=status,
                 )
             )
     finally:
@@ -290,12 +315,25 @@ async def _main(config: DaemonConfig) -> None:
                 break
 
 
-def run_daemon(data_dir: Path, socket_path: Path, **options: object) -> int:
-    """`peerdaemon run`: returns the process exit code."""
+def run_daemon(
+    data_dir: Path,
+    socket_path: Path,
+    *,
+    log_level: str | None = None,
+    log_format: str | None = None,
+    **options: object,
+) -> int:
+    """`peerdaemon run`: returns the process exit code. `log_level`/`log_format` win over
+    `$PEERDAEMON_LOG_LEVEL`/`_FORMAT` (core/runner.py)."""
     config = DaemonConfig(data_dir=Path(data_dir), socket_path=Path(socket_path))
     for key, value in options.items():
         if value is not None and hasattr(config, key):
             setattr(config, key, value)
     return run_process(
-        _main, config, expected=(StoreError, OSError, RuntimeError), stopped="peerdaemon stopped"
+        _main,
+        config,
+        expected=(StoreError, OSError, RuntimeError),
+        stopped="peerdaemon stopped",
+        log_level=log_level,
+        log_format=log_format,
     )

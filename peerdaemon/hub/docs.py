@@ -135,6 +135,10 @@ class HubDocs:
         self._listeners: dict[int, Listener] = {}
         self._flush_listeners: dict[int, Callable[[], None]] = {}
         self._next_token = 1
+        # counters for /metrics (docs/hub.md, "Metrics")
+        self.stored_bytes = 0  # the sum of every document's `size`
+        self.relayed = 0  # updates handed to the listeners (durable), since start
+        self.relayed_bytes = 0
 
     # -- loading ---------------------------------------------------------------------------------
     def load(self) -> int:
@@ -158,6 +162,7 @@ class HubDocs:
             entry.rows_since = max(0, len(sizes) - 1)
             entry.bytes_since = sum(sizes[1:])
             entry.size = sum(sizes)
+            self.stored_bytes += entry.size
         return len(self._docs)
 
     def _add(self, space: str, doc_id: str, doc: Doc) -> _Entry:
@@ -262,6 +267,7 @@ class HubDocs:
             ticket = self.store.enqueue_append(entry.key, u)
             entry.last_ticket = ticket
             entry.size += len(u)
+            self.stored_bytes += len(u)
             entry.rows_since += 1
             entry.bytes_since += len(u)
             self._relay.append(_Relay(ticket, space_id, doc_id, u, origin))
@@ -315,6 +321,7 @@ class HubDocs:
     def _compact(self, entry: _Entry) -> None:
         snapshot = entry.doc.get_update()
         self.store.enqueue_compact(entry.key, snapshot)
+        self.stored_bytes += len(snapshot) - entry.size
         entry.size = entry.snapshot_bytes = len(snapshot)
         entry.rows_since = entry.bytes_since = 0
 
@@ -360,6 +367,8 @@ class HubDocs:
                 if item.ticket.failed:
                     self._store_failed(item)
                     continue
+                self.relayed += 1
+                self.relayed_bytes += len(item.update)
                 for fn in list(self._listeners.values()):
                     try:
                         fn(item.space, item.doc_id, item.update, item.origin)

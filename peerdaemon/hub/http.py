@@ -1,6 +1,7 @@
-"""The hub's one port: plain HTTP (`GET /health`; `/mock/SPACE/ENV/...`, the Cloud Mock, handed
-to `MockProxy`, mockproxy.py), and websocket upgrades for `/yjs/SPACE/DOC` (y-websocket clients,
-yjs.py) and `/peer` (daemons, handed to a `PeerHandler`, peer_socket.py).
+"""The hub's one port: plain HTTP (`GET /health`; `GET /metrics`, metrics.py;
+`/mock/SPACE/ENV/...`, the Cloud Mock, handed to `MockProxy`, mockproxy.py), and websocket
+upgrades for `/yjs/SPACE/DOC` (y-websocket clients, yjs.py) and `/peer` (daemons, handed to a
+`PeerHandler`, peer_socket.py).
 
 `HubHttp.handle` takes each accepted stream through the same steps: admission (a half-open
 slot, or `503 busy`: admission.py), the request head and its answer or upgrade (h11 and
@@ -10,7 +11,10 @@ core (`WsConn`: keep-alive, handshake deadline, too-slow).
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +23,7 @@ from urllib.parse import unquote
 import trio
 
 from ..peer import Slot
+from . import metrics
 from .admission import HandshakeWatch, HubAdmission
 from .mockproxy import MockProxy
 from .peer_socket import NotAvailablePeerHandler, PeerHandler, PeerSocket
@@ -52,6 +57,9 @@ class HttpConfig:
     max_half_open_per_ip: int = 16  # ... and this many from one remote address
     head_timeout: float = 10.0  # the request head must arrive (and be answered) by then
     handshake_timeout: float = 10.0  # a websocket must authenticate by then (+ CLOSE_TIMEOUT)
+    # `/metrics` (docs/hub.md, "Metrics"): with a token, only `Authorization: Bearer TOKEN`;
+    # without one, loopback clients only
+    metrics_token: str | None = None
 
 
 class HubHttp:
@@ -66,6 +74,7 @@ class HubHttp:
         version: str = "",
         stats: Callable[[], dict[str, Any]] | None = None,
         mocks: MockProxy | None = None,
+        metrics_source: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.yjs = yjs
         self.mocks = mocks
@@ -73,6 +82,9 @@ class HubHttp:
         self.config = config or HttpConfig()
         self.version = version
         self.stats = stats
+        self.metrics_source = metrics_source
+        """The figures of the rest of the hub for `/metrics` (`metrics.hub_families`' keys)."""
+        self.started = time.time()
         self.peer_connections = 0
         self._next_conn = 1
         self.gate = HubAdmission(self.config.max_half_open, self.config.max_half_open_per_ip)
@@ -106,7 +118,7 @@ class HubHttp:
     ) -> None:
         exchange = HttpExchange(stream)
         with trio.fail_after(self.config.head_timeout):  # the head, and the answer to it
-            upgraded = await self._answer_or_upgrade(exchange)
+            upgraded = await self._answer_or_upgrade(exchange, remote)
         if isinstance(upgraded, Request):  # a Cloud Mock request: its body by the same deadline
             assert self.mocks is not None
             deadline = trio.current_time() + self.config.head_timeout
@@ -138,7 +150,9 @@ class HubHttp:
             del upgraded, request  # the head: not kept while the client stays connected
             await self.yjs.serve(transport, conn, space_id, doc_id, query, slot)
 
-    async def _answer_or_upgrade(self, exchange: HttpExchange) -> Upgraded | Request | None:
+    async def _answer_or_upgrade(
+        self, exchange: HttpExchange, remote: tuple[str, int] | None = None
+    ) -> Upgraded | Request | None:
         """Read the request head and answer it: plain HTTP and bad requests get their response
         (None), a websocket upgrade of `/yjs/SPACE/DOC` or `/peer` its `101` (the request, and
         the websocket connection with the bytes read past the head); a Cloud Mock request is
@@ -155,6 +169,8 @@ class HubHttp:
         if not request.wants_websocket:
             if request.path == "/health" and request.method in ("GET", "HEAD"):
                 await exchange.respond_json(200, self.health())
+            elif request.path == "/metrics" and request.method in ("GET", "HEAD"):
+                await self._answer_metrics(exchange, request, remote)
             else:
                 await exchange.respond_json(404, {"error": "not found"})
             return None
@@ -184,6 +200,63 @@ class HubHttp:
             out.update(self.stats())
         return out
 
+    # -- /metrics -------------------------------------------------------------------------------
+    async def _answer_metrics(
+        self, exchange: HttpExchange, request: Request, remote: tuple[str, int] | None
+    ) -> None:
+        refusal = self.metrics_refusal(request, remote)
+        if refusal is not None:
+            status, body, headers = refusal
+            await exchange.respond_json(status, body, headers)
+            return
+        snapshot = self.metrics_snapshot(scraping=True)
+        text = metrics.render(metrics.hub_families(snapshot))
+        await exchange.respond(200, text.encode("utf-8"), content_type=metrics.CONTENT_TYPE)
+
+    def metrics_refusal(
+        self, request: Request, remote: tuple[str, int] | None
+    ) -> tuple[int, dict[str, str], list[tuple[bytes, bytes]]] | None:
+        """None if `/metrics` is served to this request, else the answer: with a token set,
+        401 unless `Authorization: Bearer TOKEN`; without one, 403 unless from loopback."""
+        token = self.config.metrics_token
+        if token:
+            scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
+            if scheme.lower() == "bearer" and hmac.compare_digest(
+                given.strip().encode("utf-8"), token.encode("utf-8")
+            ):
+                return None
+            challenge = [(b"WWW-Authenticate", b'Bearer realm="peerdaemon-hub"')]
+            body = {"error": "unauthorized", "message": "/metrics needs Authorization: Bearer"}
+            return 401, body, challenge
+        if remote is not None and _is_loopback(remote[0]):
+            return None
+        body = {
+            "error": "forbidden",
+            "message": "/metrics is served to loopback clients only, unless [metrics] token is set",
+        }
+        return 403, body, []
+
+    def metrics_snapshot(self, *, scraping: bool = False) -> dict[str, Any]:
+        """What `/metrics` shows (see `metrics.hub_families`): this port's connections, and the
+        rest of the hub's figures from `metrics_source`. `scraping`: asked by a `/metrics`
+        request, whose own half-open connection is not counted."""
+        rooms = self.yjs.rooms
+        snap: dict[str, Any] = {
+            "version": self.version,
+            "start_time": self.started,
+            "connections": {
+                "yjs": rooms.clients,
+                "peer": self.peer_connections,
+                "mock": self.mocks.connections if self.mocks is not None else 0,
+            },
+            "half_open": max(0, self.admission.count - (1 if scraping else 0)),
+            "busy_refusals": self.admission.refused,
+            "rooms": len(rooms.rooms),
+        }
+        if self.metrics_source is not None:
+            snap.update(self.metrics_source())
+        return snap
+
     # -- one websocket ---------------------------------------------------------------------------
     def _number(self) -> int:
         number = self._next_conn
@@ -208,3 +281,12 @@ class HubHttp:
             proto=upgraded.proto,
         )
         return WebSocketTransport(stream, core, upgraded.leftover)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return bool(address.is_loopback or (mapped is not None and mapped.is_loopback))

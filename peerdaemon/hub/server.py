@@ -17,12 +17,15 @@ create_peer_endpoint`.
 from __future__ import annotations
 
 import gc
+import http.client
+import json
 import logging
 import os
 import re
 import signal
 import sqlite3
 import ssl
+import stat
 import time
 import tomllib
 from collections.abc import Callable
@@ -38,15 +41,17 @@ import trio
 from .. import __version__
 from ..core.addresses import parse_address
 from ..core.events import EventLog
+from ..core.files import replace_file
 from ..core.heap import release_free_heap
 from ..core.identity import SETTING, Identity, load_or_create_identity
-from ..core.runner import run_process
+from ..core.runner import LOG_FORMATS, LOG_LEVELS, run_process
 from ..store import DB_NAME, Store, StoreError
 from ..store.errors import StoreLockedError
 from ..store.lock import LOCK_NAME
 from .accounts import Accounts, Limits
 from .docs import HubDocs
 from .http import HttpConfig, HubHttp
+from .metrics import EventCounts, Histogram, parse
 from .mockproxy import MockProxy
 from .mocks import HostedMocks, MockConfig
 from .peer_socket import PeerHandler
@@ -75,6 +80,8 @@ log = logging.getLogger("peerdaemon.hub")
 
 DEFAULT_LISTEN = ("127.0.0.1", 8765)
 SHUTDOWN_GRACE = 1.0
+RUNTIME_NAME = "hub-serve.json"
+"""In the data dir while a hub serves: its pid and the address it listens on (`hub status`)."""
 
 PeerHandlerFactory = Callable[[HubDocs, Accounts, EventLog], PeerHandler]
 
@@ -104,6 +111,9 @@ class HubConfig:
     accounts_poll: float = 1.0  # how often admin commands' changes are picked up
     peer_endpoint: PeerHandlerFactory | None = None
     mock: MockConfig = field(default_factory=MockConfig)  # the Cloud Mock (`[mock]`)
+    # `[log]`: below `$PEERDAEMON_LOG_LEVEL` / `_FORMAT` and the command line (`run_hub`)
+    log_level: str | None = None
+    log_format: str | None = None
 
 
 @dataclass
@@ -136,6 +146,7 @@ async def serve_hub(
 ) -> None:
     """Run the hub until cancelled; `task_status.started(HubServer)` once it listens."""
     started = time.monotonic()
+    runtime: Path | None = None
     ssl_context = _ssl_context(config) if config.tls_cert else None
     store = Store.open(
         config.data_dir, compact_count=config.compact_count, compact_bytes=config.compact_bytes
@@ -160,6 +171,8 @@ async def serve_hub(
         factory = config.peer_endpoint or create_peer_endpoint
         endpoint = factory(docs, accounts, events)
         mocks = HostedMocks(docs, accounts, events, config.data_dir, config.mock)
+        refusals = EventCounts("limit-exceeded", "reason")
+        events.listen(refusals)
         http = HubHttp(
             yjs,
             endpoint,
@@ -167,6 +180,7 @@ async def serve_hub(
             version=__version__,
             stats=lambda: {"documents": docs.stats()["documents"], "mocks": len(mocks.hosted)},
             mocks=MockProxy(mocks, tls=ssl_context is not None) if config.mock.enabled else None,
+            metrics_source=partial(_figures, store, docs, mocks, refusals),
         )
         async with trio.open_nursery() as nursery:
             await nursery.start(store.run)
@@ -208,11 +222,60 @@ async def serve_hub(
             if key is not None:
                 # what daemons check the hub by: `space hub ... --hub-key KEY` (docs/hublink.md)
                 log.info("hub key fingerprint: %s", key)
+            runtime = _write_runtime(config, host, bound, ssl_context is not None)
             task_status.started(server)
     finally:
+        if runtime is not None:
+            _remove_runtime(runtime)
         if accounts is not None:
             accounts.close()
         store.close()
+
+
+def _figures(
+    store: Store, docs: HubDocs, mocks: HostedMocks, refusals: EventCounts
+) -> dict[str, Any]:
+    """The hub's figures for `/metrics` beside the port's own (`metrics.hub_families`' keys):
+    cheap counters only, read on every scrape."""
+    stats = docs.stats()
+    commits = store.commit_times
+    states: dict[str, int] = {}
+    for key, mock in mocks.hosted.items():
+        server = mocks.engine.servers.get(key)
+        state = "refused" if mock.refused else (server.state if server else "waiting")
+        states[state] = states.get(state, 0) + 1
+    return {
+        "spaces": stats["spaces"],
+        "documents": stats["documents"],
+        "stored_bytes": docs.stored_bytes,
+        "relay_queued": stats["relay_queued"],
+        "updates_relayed": docs.relayed,
+        "relayed_bytes": docs.relayed_bytes,
+        "store_commit": Histogram(commits.bounds, list(commits.counts), commits.count, commits.sum),
+        "limit_refusals": dict(refusals.counts),
+        "mock_requests": mocks.requests,
+        "hosted_mocks": states,
+    }
+
+
+def _write_runtime(config: HubConfig, host: str, port: int, tls: bool) -> Path | None:
+    """`hub-serve.json`: where this hub listens, for `hub status` (a failure costs only that)."""
+    path = config.data_dir / RUNTIME_NAME
+    info = {"pid": os.getpid(), "host": host, "port": port, "tls": tls, "version": __version__}
+    try:
+        replace_file(path, (json.dumps(info) + "\n").encode("utf-8"), 0o600)
+    except OSError as exc:
+        log.warning("hub: cannot write %s: %s", path, exc)
+        return None
+    return path
+
+
+def _remove_runtime(path: Path) -> None:
+    try:
+        if _read_runtime(path.parent).get("pid") == os.getpid():
+            path.unlink()
+    except OSError:
+        pass
 
 
 def hub_key_of(endpoint: object) -> str | None:
@@ -223,29 +286,194 @@ def hub_key_of(endpoint: object) -> str | None:
     return device if isinstance(device, str) else None
 
 
-def hub_status(data_dir: Path) -> dict[str, Any]:
-    """`peerdaemon hub status`: the hub's key fingerprint, read from its data dir, and whether a
-    hub runs on it.
+def hub_status(
+    data_dir: Path,
+    *,
+    listen: tuple[str, int] | None = None,
+    tls: bool = False,
+    metrics_token: str | None = None,
+    probe: bool = True,
+    timeout: float = 3.0,
+) -> dict[str, Any]:
+    """`peerdaemon hub status`: what the hub's data dir holds, and what a running hub reports.
 
-    The key is the one `hub serve` keeps in its store (`peers.PeerEndpoint`); if no hub ever
-    ran on the dir, it is created now, so an admin can hand the fingerprint out before the
-    first start. A running hub holds the store's lock: its settings are then read from the database file
-    without the lock (read-only; SQLite's WAL lets a reader beside the writer)."""
+    - `hub_key`: the key fingerprint `hub serve` keeps in its store (`peers.PeerEndpoint`); if
+      no hub ever ran on the dir, it is created now, so an admin can hand the fingerprint out
+      before the first start.
+    - `running`, `pid`: whether a hub holds the store's lock (its pid, from the lock file).
+    - `users`, `spaces` (each with its owner, members, documents and bytes stored),
+      `documents`, `stored_bytes`, `db_bytes`: read from the accounts file and the store,
+      without the lock (read-only; SQLite's WAL lets a reader beside the writer).
+    - `address`, `live`: a running hub's address (from `hub-serve.json`, which it writes in its
+      data dir, else `listen`, the config's) and what it answers there: `/health`, and
+      `/metrics` (with `metrics_token`, or from loopback), summed up; `live_error` if it could
+      not be asked."""
     data_dir = Path(data_dir)
+    status: dict[str, Any] = {"data_dir": str(data_dir)}
     try:
         store = Store.open(data_dir)
     except StoreLockedError:
-        return {
-            "data_dir": str(data_dir),
-            "running": True,
-            "pid": _lock_holder(data_dir),
-            "hub_key": _read_key(data_dir),
+        pid = _lock_holder(data_dir)
+        status.update(running=True, pid=pid, hub_key=_read_key(data_dir))
+    else:
+        try:
+            identity = load_or_create_identity(store, "hub")
+        finally:
+            store.close()  # commits a new identity
+        status.update(running=False, pid=None, hub_key=identity.device_id)
+    stored = _store_figures(data_dir)
+    with Accounts.open(data_dir) as accounts:
+        users = accounts.users()
+        spaces = accounts.spaces()
+    known = {sp["id"] for sp in spaces}
+    for space_id in sorted(set(stored["by_space"]) - known):  # (not in the accounts file)
+        spaces.append({"id": space_id, "owner": None, "name": "", "members": []})
+    status["users"] = len(users)
+    status["spaces"] = [
+        {
+            "id": sp["id"],
+            "name": sp.get("name", ""),
+            "owner": sp.get("owner"),
+            "members": sp.get("members", []),
+            "documents": stored["by_space"].get(sp["id"], (0, 0))[0],
+            "stored_bytes": stored["by_space"].get(sp["id"], (0, 0))[1],
         }
+        for sp in spaces
+    ]
+    status["documents"] = stored["documents"]
+    status["stored_bytes"] = stored["stored_bytes"]
+    status["db_bytes"] = stored["db_bytes"]
+    if status["running"]:
+        runtime = _read_runtime(data_dir)
+        if runtime.get("pid") == status["pid"] or status["pid"] is None and runtime:
+            address: tuple[str, int] | None = (str(runtime["host"]), int(runtime["port"]))
+            tls = bool(runtime.get("tls"))
+        else:
+            address = listen if listen is not None and listen[1] else None
+        if address is None:
+            status["address"] = None
+            status["live_error"] = "its address is unknown (no hub-serve.json, port 0)"
+        else:
+            status["address"] = _url(address, tls)
+            if probe:
+                try:
+                    status["live"] = _probe(address, tls, metrics_token, timeout)
+                except (OSError, ValueError, http.client.HTTPException) as exc:
+                    status["live_error"] = f"cannot ask it at {status['address']}: {exc}"
+    return status
+
+
+def _url(address: tuple[str, int], tls: bool) -> str:
+    host, port = address
+    return f"{'wss' if tls else 'ws'}://{f'[{host}]' if ':' in host else host}:{port}"
+
+
+def _probe(
+    address: tuple[str, int], tls: bool, token: str | None, timeout: float
+) -> dict[str, Any]:
+    """Ask a running hub for `/health` and `/metrics` (on this machine: a wildcard address is
+    asked on loopback; its TLS certificate names its public host, so it is not checked)."""
+    host, port = address
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+
+    def get(path: str, headers: dict[str, str]) -> tuple[int, bytes]:
+        conn: http.client.HTTPConnection
+        if tls:
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=context)
+        else:
+            conn = http.client.HTTPConnection(host, port, timeout=timeout)
+        try:
+            conn.request("GET", path, headers=headers)
+            response = conn.getresponse()
+            return response.status, response.read()
+        finally:
+            conn.close()
+
+    status, body = get("/health", {})
+    if status != 200:
+        raise ValueError(f"/health answered {status}")
+    live: dict[str, Any] = {"health": json.loads(body)}
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    status, body = get("/metrics", headers)
+    if status == 200:
+        live["metrics"] = _metric_summary(parse(body.decode("utf-8")))
+    else:
+        live["metrics_error"] = f"/metrics answered {status}" + (
+            " (set [metrics] token in the config file given to `hub status`)"
+            if status in (401, 403)
+            else ""
+        )
+    return live
+
+
+def _metric_summary(
+    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float],
+) -> dict[str, Any]:
+    """`peerdaemon_hub_NAME` -> its value, or {label value: value} for a labelled family
+    (histogram buckets and `info` left out)."""
+    prefix = "peerdaemon_hub_"
+    out: dict[str, Any] = {}
+    for (name, labels), value in sorted(samples.items()):
+        if not name.startswith(prefix) or name.endswith("_bucket") or name == prefix + "info":
+            continue
+        key = name[len(prefix) :]
+        number: int | float = int(value) if value.is_integer() else value
+        if labels:
+            out.setdefault(key, {})[labels[0][1]] = number
+        else:
+            out[key] = number
+    return out
+
+
+def _store_figures(data_dir: Path) -> dict[str, Any]:
+    """Documents and the bytes they take (snapshot + log), per space, read-only."""
+    uri = (data_dir / DB_NAME).absolute().as_uri() + "?mode=ro"
+    by_space: dict[str, tuple[int, int]] = {}
     try:
-        identity = load_or_create_identity(store, "hub")
-    finally:
-        store.close()  # commits a new identity
-    return {"data_dir": str(data_dir), "running": False, "pid": None, "hub_key": identity.device_id}
+        db = sqlite3.connect(uri, uri=True)
+        try:
+            rows = db.execute(
+                "SELECT env_id, sum(n) FROM (SELECT env_id, length(blob) AS n FROM log"
+                " UNION ALL SELECT env_id, length(blob) AS n FROM snapshots) GROUP BY env_id"
+            ).fetchall()
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot read the hub's store in {data_dir}: {exc}") from None
+    for key, size in rows:
+        space, sep, _doc = str(key).partition("/")
+        if sep:
+            count, total = by_space.get(space, (0, 0))
+            by_space[space] = (count + 1, total + int(size or 0))
+    db_bytes = 0
+    for suffix in ("", "-wal"):
+        try:
+            db_bytes += os.path.getsize(str(data_dir / DB_NAME) + suffix)
+        except OSError:
+            pass
+    return {
+        "by_space": by_space,
+        "documents": sum(c for c, _ in by_space.values()),
+        "stored_bytes": sum(b for _, b in by_space.values()),
+        "db_bytes": db_bytes,
+    }
+
+
+def _read_runtime(data_dir: Path) -> dict[str, Any]:
+    """`hub-serve.json` as the running hub wrote it, or {} (none, unreadable, not ours)."""
+    path = data_dir / RUNTIME_NAME
+    try:
+        st = path.lstat()
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
+            return {}
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    ok = isinstance(info, dict) and isinstance(info.get("port"), int) and "host" in info
+    return info if ok else {}
 
 
 def _read_key(data_dir: Path) -> str | None:
@@ -323,7 +551,18 @@ def parse_listen(text: str) -> tuple[str, int]:
     return parse_address(str(text), any_port=True)
 
 
-_TOP_KEYS = {"listen", "data_dir", "tls", "limits", "fanout", "connections", "store", "mock"}
+_TOP_KEYS = {
+    "listen",
+    "data_dir",
+    "tls",
+    "limits",
+    "fanout",
+    "connections",
+    "store",
+    "mock",
+    "metrics",
+    "log",
+}
 SIZE_LIMITS = ("bytes_per_env", "mock_body_bytes")
 
 
@@ -426,6 +665,16 @@ def build_config(
             config.compact_count = _int(store["compact_count"], "compact_count")
         if "compact_bytes" in store:
             config.compact_bytes = parse_size(store["compact_bytes"])
+        metrics = _table(raw, "metrics", {"token"}, where)
+        if "token" in metrics:
+            config.http.metrics_token = _metrics_token(metrics["token"])
+        logs = _table(raw, "log", {"level", "format"}, where)
+        for key, choices in (("level", LOG_LEVELS), ("format", LOG_FORMATS)):
+            value = logs.get(key)
+            if value is not None and (not isinstance(value, str) or value.lower() not in choices):
+                raise ValueError(f"[log] {key} must be one of: {', '.join(choices)}")
+        config.log_level = logs["level"].lower() if "level" in logs else None
+        config.log_format = logs["format"].lower() if "format" in logs else None
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"{where}: {exc}") from None
     if data_dir is not None:
@@ -439,6 +688,16 @@ def build_config(
     if bool(config.tls_cert) != bool(config.tls_key):
         raise ConfigError("TLS needs both a certificate and a key (--tls-cert and --tls-key)")
     return config
+
+
+def _metrics_token(value: object) -> str | None:
+    """`[metrics] token`: visible ASCII, no spaces (it goes in an `Authorization` header); ""
+    is none."""
+    if not isinstance(value, str):
+        raise ValueError("[metrics] token must be a string")
+    if value and not all("!" <= c <= "~" for c in value):
+        raise ValueError("[metrics] token must be printable ASCII without spaces")
+    return value or None
 
 
 def _table(raw: dict[str, Any], name: str, keys: set[str], where: str) -> dict[str, Any]:
@@ -478,8 +737,11 @@ async def _main(config: HubConfig) -> None:
                 break
 
 
-def run_hub(config: HubConfig) -> int:
-    """`peerdaemon hub serve`: returns the process exit code."""
+def run_hub(
+    config: HubConfig, *, log_level: str | None = None, log_format: str | None = None
+) -> int:
+    """`peerdaemon hub serve`: returns the process exit code. `log_level` and `log_format` (the
+    command line's) win over `$PEERDAEMON_LOG_LEVEL` / `_FORMAT`, which win over `[log]`."""
     # Fewer cyclic-GC passes: the hub holds many long-lived objects (connections, rooms,
     # documents), and frequent collections that walk them all show up as fan-out delays.
     gc.set_threshold(50_000, 20, 20)
@@ -489,4 +751,8 @@ def run_hub(config: HubConfig) -> int:
         config,
         expected=(StoreError, OSError, ConfigError, sqlite3.Error),
         stopped="hub stopped",
+        log_level=log_level,
+        log_format=log_format,
+        file_level=config.log_level,
+        file_format=config.log_format,
     )

@@ -253,6 +253,19 @@ class SpacesService:
 
     def create_space(self, name: str) -> tuple[Space, list[Ticket]]:
         name = _validate_space_name(name)
+        # Two spaces of one name make every command that names the space ambiguous (`resolve`).
+        taken = {n for s in self.spaces.values() for n in (s.display_name, s.name)}
+        if name in taken:
+            same = next(s for s in self.spaces.values() if name in (s.display_name, s.name))
+            free = next(
+                f"{name} {n}" for n in range(2, len(taken) + 3) if f"{name} {n}" not in taken
+            )
+            such = f", such as {free!r}" if len(free) <= MAX_SPACE_NAME else ""
+            raise SpaceError(
+                EXISTS,
+                f"this device already has a space named {name!r} ({same.id}); "
+                f"choose another name{such}",
+            )
         space = self._track(
             Space(id=_new_space_id(), secret=secrets.token_bytes(32), name=name, joined=time.time())
         )

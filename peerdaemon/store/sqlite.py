@@ -22,6 +22,8 @@ import logging
 import os
 import sqlite3
 import threading
+import time
+from bisect import bisect_left
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +62,29 @@ RETRY_MAX = 5.0
 # SQLite primary result codes of failures that may pass: BUSY, LOCKED, NOMEM, IOERR, FULL,
 # CANTOPEN, PROTOCOL (extended codes carry the primary code in their low byte).
 _TRANSIENT_CODES = frozenset({5, 6, 7, 10, 13, 14, 15})
+
+
+# Upper bounds (seconds) of the commit-latency histogram (`Store.commit_times`).
+COMMIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class CommitTimes:
+    """How long the writer's batches took (seconds, from handing the batch to the worker thread
+    until it returned: the wait a ticket sees), bucketed by `COMMIT_BUCKETS`; the last count is
+    the batches past the largest bound. Trio thread only. The hub's `/metrics` reads it."""
+
+    __slots__ = ("bounds", "counts", "count", "sum")
+
+    def __init__(self) -> None:
+        self.bounds = COMMIT_BUCKETS
+        self.counts = [0] * (len(COMMIT_BUCKETS) + 1)
+        self.count = 0
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(self.bounds, seconds)] += 1
+        self.count += 1
+        self.sum += seconds
 
 
 def _transient(exc: BaseException) -> bool:
@@ -225,6 +250,7 @@ class Store:
         self._failed_writes = 0
         self._retry_delay = 0.0  # > 0 while failed batches wait to be tried again
         self._last_error: str | None = None  # why they failed
+        self.commit_times = CommitTimes()
 
     # ------------------------------------------------------------------ open / close
 
@@ -524,11 +550,13 @@ class Store:
         (`requeue`) to be tried again."""
         batch = _Batch(self._take_batch())
         self._inflight = batch
+        started = time.perf_counter()
         try:
             with trio.CancelScope(shield=True):
                 outcome = await trio.to_thread.run_sync(self._apply_inflight, batch)
         finally:
             self._inflight = None
+        self.commit_times.observe(time.perf_counter() - started)
         return self._finish_batch(batch.ops, outcome, requeue)
 
     def _take_batch(self) -> list[_Op]:
