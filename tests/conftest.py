@@ -183,3 +183,23 @@ def _no_mdns_outside_namespaces():
         os.environ.pop("PEERDAEMON_NO_MDNS", None)
     else:
         os.environ["PEERDAEMON_NO_MDNS"] = previous
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_user_config(tmp_path_factory):
+    """No test reads or writes the config file of the user running the suite: the default
+    config dir is a fresh one (tests of the default location set XDG_CONFIG_HOME themselves),
+    and a PEERDAEMON_CONFIG or setting variable from the caller's shell is dropped."""
+    saved = {k: v for k, v in os.environ.items() if k.startswith("PEERDAEMON_")}
+    home = tmp_path_factory.mktemp("xdg-config")
+    previous = os.environ.get("XDG_CONFIG_HOME")
+    for key in saved:
+        if key not in ("PEERDAEMON_NO_MDNS", "PEERDAEMON_DEBUG"):
+            os.environ.pop(key)
+    os.environ["XDG_CONFIG_HOME"] = str(home)
+    yield
+    os.environ.update(saved)
+    if previous is None:
+        os.environ.pop("XDG_CONFIG_HOME", None)
+    else:
+        os.environ["XDG_CONFIG_HOME"] = previous

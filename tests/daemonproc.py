@@ -37,13 +37,15 @@ START_TIMEOUT = 20.0
 STOP_TIMEOUT = 20.0
 PYTHON = sys.executable
 
-# `run` does not expose the compaction thresholds: this child runs the same supervisor with them.
+# The supervisor as `run` starts it, with the compaction thresholds given (`store.compact_count`
+# and `store.compact_bytes` in the config file), and no status page (no fixed port to contend for).
 COMPACTING_CHILD = """
 import sys
 from pathlib import Path
+from peerdaemon.daemon.config import DaemonConfig
 from peerdaemon.daemon.supervisor import run_daemon
-raise SystemExit(run_daemon(Path(sys.argv[1]), Path(sys.argv[2]),
-                            compact_count=int(sys.argv[3]), compact_bytes=int(sys.argv[4])))
+raise SystemExit(run_daemon(DaemonConfig(Path(sys.argv[1]), Path(sys.argv[2]),
+                            compact_count=int(sys.argv[3]), compact_bytes=int(sys.argv[4]))))
 """
 
 

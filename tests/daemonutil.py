@@ -203,3 +203,19 @@ async def devs_fixture(base, nursery):
     for dev in made:
         if dev.running:
             await dev.stop()
+
+
+def file_config(d: InProcessDaemon, path: Path, **flags: Any) -> DaemonConfig:
+    """The config `peerdaemon run --config PATH` would build for `d` (daemon/config.py), with
+    its data dir and socket as flags, mDNS and the status page off unless a flag turns them on,
+    and no environment variable taken (the daemon reloads PATH when it changes)."""
+    from peerdaemon.daemon.config import daemon_config, load
+
+    given = {
+        "data_dir": d.data_dir,
+        "socket": d.socket_path,
+        "status.enabled": False,
+        "lan.mdns": False,
+        **flags,
+    }
+    return daemon_config(load(path, flags=given, environ={}), flags=given, environ={})

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 import trio
-from daemonutil import InProcessDaemon
+from daemonutil import InProcessDaemon, file_config
 from helpers import run_cli, running_hub, until
 from modelutil import load
 
@@ -188,6 +188,7 @@ def test_status_sections_for_hubs_and_mocks(capsys):
             },
         ],
         "status_page": {"url": "http://127.0.0.1:7611/", "error": None, "tls": False},
+        "config": {"file": "/c.toml", "pending": ["lan.listen", "mirror_dir"], "error": None},
         "future_key": [1, 2],
     }
     spaces = [{"id": "s1", "name": "Team", "members": [{"self": True}, {}], "environments": [{}]}]
@@ -212,6 +213,7 @@ def test_status_sections_for_hubs_and_mocks(capsys):
     top = fields(out)
     assert top["uptime"] == "1h 1m" and top["environments"] == "2 (1 from a newer Mockoon: e2)"
     assert top["store"] == "2.50 MB on disk; ERROR: disk full"
+    assert top["config"] == "/c.toml; restart to apply: lan.listen, mirror_dir"
     assert "  Team (s1): 1 other member, 1 environment\n" in out
     assert (
         "  wss://hub.example:443: connected as alice, synced; key KEY-1; spaces: Team ok\n" in out
@@ -228,30 +230,59 @@ def test_status_sections_for_hubs_and_mocks(capsys):
 
 
 # --- 3. config ------------------------------------------------------------------------------------
-async def test_config_get_list_and_set(daemon, capsys):
-    sock = ["--socket", str(daemon.socket_path)]
-    code, out, err = await cli_run(capsys, *sock, "config", "get", "listen")
-    assert (code, out, err) == (1, "", "peerdaemon: listen is not set\n")
+async def test_config_get_list_and_set(nursery, base, capsys):
+    """Against a daemon that reads a config file: `get` of an unset key exits 1, `set` says
+    whether the change applied now or at the next start, `list` shows value, source and when
+    it applies (and what waits for a restart)."""
+    d = InProcessDaemon(base, "alpha")
+    path = base / "config.toml"
+    path.write_text('name = "alpha"\n')
+    await d.start_with(nursery, file_config(d, path))
+    sock = ["--socket", str(d.socket_path), "--config", str(path)]
+    code, out, err = await cli_run(capsys, *sock, "config", "get", "lan.listen")
+    assert (code, out, err) == (1, "", "peerdaemon: lan.listen is not set\n")
     assert await cli_run(capsys, *sock, "config", "get", "listen", "--json") == (0, "null\n", "")
     code, out, err = await cli_run(capsys, *sock, "config", "set", "listen", "127.0.0.1:7600")
-    assert (code, out, err) == (0, "listen set; takes effect at the next start\n", "")
-    assert await cli_run(capsys, *sock, "config", "get", "listen") == (0, "127.0.0.1:7600\n", "")
-    assert await cli_run(capsys, *sock, "config", "set", "name", "beta") == (0, "", "")  # live
+    assert (code, err) == (0, "")
+    assert out.startswith(f"lan.listen set in {path}; applies at the next start")
+    # what runs is unchanged; the file's value waits for a restart
+    assert (await cli_run(capsys, *sock, "config", "get", "lan.listen"))[0] == 1
+    assert await cli_run(capsys, *sock, "config", "set", "name", "beta") == (
+        0,
+        f"name set in {path}; applied now\n",
+        "",
+    )
     assert await cli_run(capsys, *sock, "config", "get", "name") == (0, "beta\n", "")
+    assert (await d.op("identity"))["name"] == "beta"
 
     code, out, _ = await cli_run(capsys, *sock, "config", "list")
-    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()}
-    assert rows["KEY"] == ["VALUE", "APPLIES"]
-    assert rows["name"] == ["beta", "now"] and rows["listen"] == ["127.0.0.1:7600", "at", "start"]
-    assert rows["mdns"] == ["-", "at", "start"] and "mirror-dir" in rows and "max-frame" in rows
+    lines = out.splitlines()
+    assert lines[0] == f"config file: {path}"
+    rows = {line.split()[0]: line.split()[1:] for line in lines[1:]}
+    assert rows["KEY"] == ["VALUE", "SOURCE", "APPLIES"]
+    assert rows["name"] == ["beta", "file", "now"]
+    assert rows["lan.listen"] == ["-", "default", "restart", "to", "use", "127.0.0.1:7600"]
+    assert rows["lan.mdns"] == ["off", "flag", "at", "start"]
+    assert rows["data_dir"][1] == "flag" and "limits.max_frame" in rows
     code, out, _ = await cli_run(capsys, *sock, "config", "list", "--json")
     config = json.loads(out)
-    assert config["name"] == "beta" and config["listen"] == "127.0.0.1:7600"
-    assert config["peers"] is None
+    assert config["file"] == str(path) and config["running"] is True
+    assert config["settings"]["name"] == {
+        "value": "beta",
+        "source": "file",
+        "live": True,
+        "env": "PEERDAEMON_NAME",
+        "help": config["settings"]["name"]["help"],
+    }
+    assert config["settings"]["lan.listen"]["pending"] == "127.0.0.1:7600"
+    assert config["settings"]["lan.peers"]["value"] == []
     code, out, _ = await cli_run(capsys, *sock, "config", "set", "listen", "")
-    assert out == "listen cleared; takes effect at the next start\n"
+    assert out == f"lan.listen removed from {path}; applied now\n"  # back to what runs
+    assert "listen" not in path.read_text()
+    code, out, _ = await cli_run(capsys, *sock, "config", "list", "--json")
+    assert "pending" not in json.loads(out)["settings"]["lan.listen"]
     code, out, err = await cli_run(capsys, *sock, "config", "get", "colour")
-    assert code == 1 and "unknown setting" in one_line(err)
+    assert code == 1 and "unknown setting 'colour'" in one_line(err)
 
 
 # --- 4. space names -------------------------------------------------------------------------------
@@ -536,7 +567,7 @@ async def test_completion_scripts(daemon, capsys, tmp_path):
     assert "env" in bash("") and "doctor" in bash("") and "completion" in bash("")
     assert bash("env", "li") == ["link", "links", "list"]
     assert bash("--socket", sock, "env", "export", "x", "--format", "") == ["json", "yjs"]
-    assert bash("env", "list", "--") == ["--help", "--json", "--socket"]
+    assert bash("env", "list", "--") == ["--config", "--help", "--json", "--socket"]
     assert bash("completion", "") == ["bash", "fish", "zsh"]
     (tmp_path / "some.json").write_text("{}")
     assert bash("env", "import", str(tmp_path / "some.")) == [str(tmp_path / "some.json")]

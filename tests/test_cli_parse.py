@@ -67,8 +67,8 @@ def test_missing_daemon_is_one_line_exit_1():
 def test_socket_option_is_global_and_per_run(monkeypatch, tmp_path):
     calls = []
 
-    def fake_run_daemon(data_dir, socket_path):
-        calls.append((data_dir, socket_path))
+    def fake_run_daemon(config, **_log):
+        calls.append((config.data_dir, config.socket_path))
         return 3
 
     import peerdaemon.daemon.supervisor as supervisor

@@ -157,24 +157,34 @@ async def test_a_data_dir_locked_by_a_process_that_does_not_answer(base, capsys)
     assert checks["data dir"]["status"] == "ok"
 
 
-async def test_mdns_interface(daemon, capsys):
+async def test_mdns_interface(daemon, nursery, base, capsys):
+    """The checks read the settings the daemon runs with (`config.get`)."""
     sock = ["--socket", str(daemon.socket_path)]
-    _, checks = await run_doctor(capsys, *sock)  # tests run with only loopback
-    assert checks["mdns"]["status"] == "warn"
-    assert "no network interface besides loopback" in checks["mdns"]["message"]
-    await daemon.op("config.set", key="mdns-interface", value="nosuch0")
-    code, checks = await run_doctor(capsys, *sock)
-    assert code == 1 and checks["mdns"]["status"] == "fail"
-    assert "interface nosuch0 (config mdns-interface) does not exist" in checks["mdns"]["message"]
-    assert (
-        "lo" in checks["mdns"]["message"] and "config set mdns-interface" in checks["mdns"]["fix"]
-    )
-    await daemon.op("config.set", key="mdns-interface", value="lo")
     _, checks = await run_doctor(capsys, *sock)
-    assert checks["mdns"]["status"] == "fail" and "no multicast" in checks["mdns"]["message"]
-    await daemon.op("config.set", key="mdns", value="off")
-    code, checks = await run_doctor(capsys, *sock)
-    assert checks["mdns"]["status"] == "skip" and "off" in checks["mdns"]["message"]
+    assert checks["mdns"]["status"] == "skip"  # this fixture's daemon runs with mDNS off
+    await daemon.stop()
+
+    async def doctor_of(**config: Any) -> tuple[int, dict[str, Any]]:
+        d = InProcessDaemon(base, "alpha")
+        await d.start_with(nursery, DaemonConfig(d.data_dir, d.socket_path, **config))
+        try:
+            code, checks = await run_doctor(capsys, *sock)
+        finally:
+            await d.stop()
+        return code, checks["mdns"]
+
+    _, mdns = await doctor_of()  # tests run with only loopback
+    assert mdns["status"] == "warn"
+    assert "no network interface besides loopback" in mdns["message"]
+    code, mdns = await doctor_of(mdns_interface="nosuch0")
+    assert code == 1 and mdns["status"] == "fail"
+    assert "interface nosuch0 (config lan.mdns_interface) does not exist" in mdns["message"]
+    assert "lo" in mdns["message"] and "config set lan.mdns_interface" in mdns["fix"]
+    _, mdns = await doctor_of(mdns_interface="lo")
+    assert mdns["status"] == "fail" and "no multicast" in mdns["message"]
+    _, mdns = await doctor_of(mdns=False)
+    assert mdns["status"] == "skip" and "off" in mdns["message"]
+    await daemon.start_with(nursery, DaemonConfig(daemon.data_dir, daemon.socket_path))
 
 
 def test_interface_flags_are_read_in_this_network_namespace():

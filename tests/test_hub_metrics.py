@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import secrets
+import time
 
 import pytest
 import trio
@@ -449,19 +450,24 @@ def test_metrics_and_log_keys_in_the_config_file(tmp_path):
     config = build_config(config_file=path)
     assert config.http.metrics_token == "s3cret-Token_1"
     assert (config.log_level, config.log_format) == ("debug", "json")
-    assert build_config().http.metrics_token is None
-    assert (build_config().log_level, build_config().log_format) == (None, None)
+    assert build_config(environ={}).http.metrics_token is None
+    assert (build_config(environ={}).log_level, build_config(environ={}).log_format) == (
+        "info",
+        "text",
+    )
     for bad in (
         '[metrics]\ntoken = "has space"\n',
         "[metrics]\ntoken = 12\n",
-        '[metrics]\nuser = "x"\n',
         '[log]\nlevel = "loud"\n',
         '[log]\nformat = "xml"\n',
-        '[log]\ncolour = "yes"\n',
     ):
         path.write_text(bad)
-        with pytest.raises(ConfigError):
+        with pytest.raises(ConfigError, match=f"^{path}:2: "):
             build_config(config_file=path)
+    for unknown in ('[metrics]\nuser = "x"\n', '[log]\ncolour = "yes"\n'):  # warned about
+        path.write_text(unknown)
+        (warning,) = build_config(config_file=path).warnings
+        assert warning.startswith(f"{path}:2: unknown key")
 
 
 async def test_hub_status_reports_what_a_running_hub_answers(tmp_path, capsys):
@@ -533,3 +539,16 @@ def test_store_commit_times_fill_the_buckets():
     )
     assert families["t"]["samples"][("t_bucket", (("le", "10.0"),))] == 3
     assert families["t"]["samples"][("t_bucket", (("le", "+Inf"),))] == 4
+
+
+async def test_the_hub_dates_its_answers_so_doctor_can_read_its_clock(tmp_path):
+    from email.utils import parsedate_to_datetime
+
+    from peerdaemon.cli.doctor import hub_clock
+
+    async with running_hub(tmp_path) as server:
+        status, headers, _ = await scrape(server.port, path="/health")
+        assert status == 200
+        assert abs(parsedate_to_datetime(headers["date"]).timestamp() - time.time()) < 3
+        skew, seen = await trio.to_thread.run_sync(hub_clock, f"http://127.0.0.1:{server.port}")
+        assert skew is not None and abs(skew) < 3, seen

@@ -828,8 +828,12 @@ def test_config_file_and_overrides(tmp_path):
     assert config.http.stall_seconds == 5 and config.http.limit_bytes == 8 << 20
     config = build_config(config_file=path, listen=("127.0.0.1", 0), data_dir=tmp_path / "x")
     assert config.listen == ("127.0.0.1", 0) and config.data_dir == tmp_path / "x"
-    path.write_text("[limits]\nenvs_per_spaces = 3\n")
-    with pytest.raises(ConfigError, match="envs_per_spaces"):
+    path.write_text("[limits]\nenvs_per_spaces = 3\n")  # a typo: warned about, not applied
+    config = build_config(config_file=path)
+    assert config.limits == Limits()
+    assert len(config.warnings) == 1 and "envs_per_spaces" in config.warnings[0]
+    path.write_text("[limits]\nenvs_per_space = -3\n")
+    with pytest.raises(ConfigError, match="limits.envs_per_space"):
         build_config(config_file=path)
     with pytest.raises(ConfigError, match="tls-key"):
         build_config(tls_cert=tmp_path / "c.pem")

@@ -314,3 +314,35 @@ def test_a_hub_that_cannot_start_says_so_in_one_json_line():
             assert proc.wait(30) == 1
             records = json_lines(log.read_text(encoding="utf-8"))
     assert records[-1]["level"] == "error" and "cannot listen" in records[-1]["message"]
+
+
+def test_journal_lines_carry_priorities_and_no_time(tmp_path):
+    """stderr that is the journal's stream ($JOURNAL_STREAM names its device and inode, as
+    systemd sets it): `<N>` priority prefixes, no timestamp, one prefix per line."""
+    err = tmp_path / "stderr"
+    with err.open("w") as stream:
+        info = os.fstat(stream.fileno())
+        done = subprocess.run(
+            [PYTHON, "-c", CHILD, "ok"],
+            stdout=subprocess.PIPE,
+            stderr=stream,
+            text=True,
+            env=child_env(JOURNAL_STREAM=f"{info.st_dev}:{info.st_ino}"),
+            timeout=60,
+        )
+    assert done.returncode == 0
+    lines = err.read_text().splitlines()
+    assert lines[:4] == [
+        "<6>peerdaemon.child: an info line",
+        "<4>peerdaemon.child: a warning line",
+        "<4>with a second line",
+        "<3>peerdaemon.child: an error line: {'quoted': '\"x\"'}",
+    ]
+    assert "<3>peerdaemon.child: with a traceback" in lines
+    assert "<3>Traceback (most recent call last):" in lines
+    assert lines[-1] == "<6>peerdaemon: child stopped"
+    assert all(re.fullmatch(r"<[2-7]>.*", line) for line in lines)
+    # a JOURNAL_STREAM that names another file (stderr redirected by the unit): plain text
+    done = run_child("ok", JOURNAL_STREAM=f"{info.st_dev}:{info.st_ino}")
+    assert any(TEXT_LINE.fullmatch(line) for line in done.stderr.splitlines())
+    assert not done.stderr.startswith("<")

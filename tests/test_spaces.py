@@ -607,9 +607,6 @@ async def test_operation_errors(nodes):
         ("env.share", {"id": "missing", "space": space_id}, "not-found"),
         ("env.share", {"id": env_id, "space": "nope"}, "not-found"),
         ("env.unshare", {"id": env_id}, "not-shared"),
-        ("config.set", {"key": "colour", "value": "x"}, "not-found"),
-        ("config.set", {"key": "name", "value": ""}, "bad-request"),
-        ("config.get", {"key": "colour"}, "not-found"),
     ]:
         with pytest.raises(OpError) as info:
             await a.op(op, **args)
@@ -620,12 +617,15 @@ async def test_operation_errors(nodes):
     assert info.value.code == "exists" and "--copy" in info.value.message
 
 
-async def test_config_identity_and_status(nodes):
+async def test_rename_identity_and_status(nodes):
+    """A rename (`config set name`, daemon/live.py) reaches every space's member list."""
     a, b, relay, space_id = await space_of_two(nodes)
-    assert await a.op("config.get", key="name") == "a"
-    config = await a.op("config.get")
-    assert config["name"] == "a" and config["mirror-dir"] is None and config["listen"] is None
-    assert (await a.op("config.set", key="name", value="workstation"))["value"] == "workstation"
+    assert (await a.op("identity"))["name"] == "a"
+    with pytest.raises(OpError) as info:
+        a.spaces.set_name("")
+    assert info.value.code == "bad-request"
+    for ticket in a.spaces.set_name("workstation"):
+        await ticket.wait()
     relay.flush()
     names = {m["device"]: m["name"] for m in b.space(space_id)["members"]}
     assert names[a.device] == "workstation"
@@ -668,7 +668,7 @@ async def test_cli_spaces_sharing_and_config(nursery, base, capsys, fixture_dir)
     assert await run_cli(*s2, "space", "join", code[:-3] + "aaa") == 1
     err = capsys.readouterr().err
     assert err.startswith("peerdaemon: ") and "mistyped" in err and err.count("\n") == 1
-    assert await run_cli(*s2, "space", "join", code) == 0
+    assert await run_cli(*s2, "space", "join", code, "--no-wait") == 0  # no peer link here
     assert capsys.readouterr().out.strip() == space_id
     assert await run_cli(*s2, "space", "join", code) == 1
     assert "already in space" in capsys.readouterr().err
@@ -703,6 +703,7 @@ async def test_cli_spaces_sharing_and_config(nursery, base, capsys, fixture_dir)
     assert "nope" in capsys.readouterr().err
 
     assert await run_cli(*s1, "config", "set", "name", "gamma") == 0
+    assert capsys.readouterr().out == "name applied now (the running daemon reads no config file)\n"
     assert await run_cli(*s1, "config", "get", "name") == 0
     assert capsys.readouterr().out == "gamma\n"
     assert await run_cli(*s1, "config", "set", "colour", "red") == 1
@@ -746,8 +747,8 @@ async def test_identity_and_name_survive_a_daemon_restart(base):
 def test_run_passes_name_to_the_daemon(monkeypatch, tmp_path):
     calls = []
 
-    def fake_run_daemon(data_dir, socket_path, **options):
-        calls.append(options)
+    def fake_run_daemon(config, **_log):
+        calls.append(config.name)
         return 0
 
     import peerdaemon.daemon.supervisor as supervisor
@@ -755,4 +756,4 @@ def test_run_passes_name_to_the_daemon(monkeypatch, tmp_path):
     monkeypatch.setattr(supervisor, "run_daemon", fake_run_daemon)
     assert cli.main(["run", "--data-dir", str(tmp_path), "--socket", "/tmp/x.sock"]) == 0
     assert cli.main(["run", "--data-dir", str(tmp_path), "--name", "lab"]) == 0
-    assert calls == [{}, {"name": "lab"}]
+    assert calls == [None, "lab"]

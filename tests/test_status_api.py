@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 async def start(base: Path, nursery: trio.Nursery, name: str = "a", **config: Any):
     d = InProcessDaemon(base, name)
+    config.setdefault("status", True)
     config.setdefault("status_listen", (LOCAL, 0))
     await d.start_with(nursery, DaemonConfig(d.data_dir, d.socket_path, **config))
     return d

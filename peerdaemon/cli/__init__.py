@@ -2,7 +2,8 @@
 except `hub`, which works on a hub's data dir.
 
 Exit codes: 0 success, 1 failure (one `peerdaemon: <message>` line on stderr, never a
-traceback unless PEERDAEMON_DEBUG is set), 2 bad usage (argparse), 130 interrupted.
+traceback unless PEERDAEMON_DEBUG is set), 2 bad usage (argparse), 3 `space join` timed out
+(joined; the first sync goes on), 130 interrupted.
 Client commands use the blocking `Client` so they do not pay for importing trio.
 
 Each command group is a module that registers its parsers beside their handlers:
@@ -49,6 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
         "$XDG_RUNTIME_DIR/peerdaemon/peerdaemon.sock, else /tmp/peerdaemon-UID/peerdaemon.sock)",
     )
     parser.add_argument(
+        "--config",
+        metavar="FILE",
+        default=None,
+        help="the daemon's config file (default: $PEERDAEMON_CONFIG, else "
+        "~/.config/peerdaemon/config.toml or the platform's config dir)",
+    )
+    parser.add_argument(
         "--json",
         action="store_true",
         help="print JSON (commands that list or show something; also after the command)",
@@ -66,7 +74,8 @@ NO_DAEMON = ("hub", "service", "completion")
 
 
 def _spread_global_options(parser: argparse.ArgumentParser) -> None:
-    """`--socket` and `--json` anywhere on the command line, not only before the command.
+    """`--socket`, `--config` and `--json` anywhere on the command line, not only before the
+    command.
 
     Every parser below the top one gets `--socket` (unless it has its own, as `run` does), with
     `default=SUPPRESS` so that a subcommand that is not given it leaves the top-level value alone.
@@ -82,11 +91,21 @@ def _spread_global_options(parser: argparse.ArgumentParser) -> None:
         help="the daemon's socket (as before the command)",
     )
     socket_action = socket._actions[0]
+    config = argparse.ArgumentParser(add_help=False)
+    config.add_argument(
+        "--config",
+        metavar="FILE",
+        default=argparse.SUPPRESS,
+        help="the daemon's config file (as before the command)",
+    )
+    config_action = config._actions[0]
 
     def walk(sub: argparse.ArgumentParser, path: tuple[str, ...]) -> None:
         options = sub._option_string_actions
         if path[0] not in NO_DAEMON and "--socket" not in options:
             sub._add_action(socket_action)
+        if path[0] not in NO_DAEMON and "--config" not in options:
+            sub._add_action(config_action)
         json_action = options.get("--json")
         if json_action is not None:
             json_action.default = argparse.SUPPRESS

@@ -18,7 +18,7 @@ from typing import Any
 from peerdaemon.api.client import Client, DaemonError
 from peerdaemon.core.addresses import parse_address
 from peerdaemon.core.files import replace_file
-from peerdaemon.core.locations import default_socket_path
+from peerdaemon.core.locations import default_data_dir, default_socket_path
 
 PROG = "peerdaemon"
 
@@ -200,7 +200,40 @@ def host_port(text: str) -> tuple[str, int]:
 
 
 def socket_path(args: argparse.Namespace) -> Path:
-    return Path(args.socket).expanduser() if args.socket else default_socket_path()
+    """`--socket`, else `$PEERDAEMON_SOCKET`, else `socket` in the config file, else the
+    default (core/locations.py): the order the daemon resolves it in."""
+    if getattr(args, "socket", None):
+        return Path(args.socket).expanduser()
+    if os.environ.get("PEERDAEMON_SOCKET"):
+        return default_socket_path()
+    return _from_file(args, "socket") or default_socket_path()
+
+
+def data_dir_of(args: argparse.Namespace) -> Path:
+    """The daemon's data dir as `run` would find it: `$PEERDAEMON_DATA_DIR`, else the file's
+    `data_dir`, else the default."""
+    if os.environ.get("PEERDAEMON_DATA_DIR"):
+        return default_data_dir()
+    return _from_file(args, "data_dir") or default_data_dir()
+
+
+def config_file(args: argparse.Namespace) -> tuple[Path, bool]:
+    """The config file this command reads (`--config`, `$PEERDAEMON_CONFIG`, the default)
+    and whether it must exist."""
+    from peerdaemon.daemon.config import config_path
+
+    return config_path(getattr(args, "config", None))
+
+
+def _from_file(args: argparse.Namespace, key: str) -> Path | None:
+    from peerdaemon.daemon.config import SCHEMA, ConfigFileError, read_file
+
+    path, required = config_file(args)
+    try:
+        value = read_file(SCHEMA, path, required=required).values.get(key)
+    except ConfigFileError as exc:
+        raise CliError(str(exc)) from None
+    return value if isinstance(value, Path) else None
 
 
 def connect(args: argparse.Namespace) -> Client:

@@ -10,6 +10,7 @@ from peerdaemon.cli.common import (
     CliError,
     Commands,
     cell,
+    config_file,
     connect,
     duration,
     host_port,
@@ -18,8 +19,8 @@ from peerdaemon.cli.common import (
     print_table,
     socket_path,
     to_json,
+    warn,
 )
-from peerdaemon.core.locations import default_data_dir
 from peerdaemon.core.runner import FORMAT_ENV, LEVEL_ENV, LOG_FORMATS, LOG_LEVELS
 
 
@@ -73,33 +74,54 @@ def register(commands: Commands) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """Settings: these flags, then PEERDAEMON_* variables, then the config file, then the
+    defaults (daemon/config.py); the daemon keeps the file to pick up later edits."""
+    import os
+
     # Imported here: every other command is a client and should not pay for trio and the daemon.
     try:
+        from peerdaemon.daemon.config import ConfigFileError, daemon_config, load
         from peerdaemon.daemon.supervisor import run_daemon
     except ImportError as exc:
         raise CliError(f"the daemon is not available in this installation: {exc}") from None
-    data_dir = Path(args.data_dir).expanduser() if args.data_dir else default_data_dir()
-    options: dict[str, Any] = {"name": args.name} if getattr(args, "name", None) else {}
-    if getattr(args, "mirror_dir", None):
-        options["mirror_dir"] = Path(args.mirror_dir).expanduser().absolute()
-    if args.listen:
-        options["listen"] = args.listen
-    if args.peer:
-        options["peers"] = list(args.peer)
-    if args.no_mdns:
-        options["mdns"] = False
-    if args.mdns_interface:
-        options["mdns_interface"] = args.mdns_interface
-    if args.max_frame:
-        options["max_frame"] = args.max_frame
-    if args.mock_faker_seed is not None:
-        options["mock_faker_seed"] = args.mock_faker_seed
-    options.update(status_options(args))
-    if args.log_level:
-        options["log_level"] = args.log_level
-    if args.log_format:
-        options["log_format"] = args.log_format
-    return int(run_daemon(data_dir, socket_path(args), **options) or 0)
+    path, required = config_file(args)
+    flags = run_flags(args)
+    try:
+        resolved = load(path, required=required, flags=flags)
+    except ConfigFileError as exc:
+        raise CliError(str(exc)) from None
+    for warning in resolved.file.warnings:
+        warn(f"warning: {warning}")
+    config = daemon_config(resolved, flags=flags, environ=dict(os.environ))
+    return int(
+        run_daemon(config, log_level=resolved["log.level"], log_format=resolved["log.format"]) or 0
+    )
+
+
+def run_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """`run`'s flags as settings (daemon/config.py keys); None: not given."""
+    absolute = lambda name: (  # noqa: E731
+        Path(getattr(args, name)).expanduser().absolute() if getattr(args, name, None) else None
+    )
+    return {
+        "name": getattr(args, "name", None),
+        "data_dir": absolute("data_dir"),
+        "socket": absolute("socket"),
+        "mirror_dir": absolute("mirror_dir"),
+        "lan.listen": args.listen,
+        "lan.peers": list(args.peer) or None,
+        "lan.mdns": False if args.no_mdns else None,
+        "lan.mdns_interface": args.mdns_interface,
+        "limits.max_frame": args.max_frame,
+        "mock.faker_seed": args.mock_faker_seed,
+        "status.enabled": False if args.no_status else None,
+        "status.listen": args.status_listen,
+        "status.tls_cert": absolute("status_tls_cert"),
+        "status.tls_key": absolute("status_tls_key"),
+        "status.hosts": list(args.status_host) or None,
+        "log.level": args.log_level,
+        "log.format": args.log_format,
+    }
 
 
 def add_status_options(parser: argparse.ArgumentParser) -> None:
@@ -120,20 +142,6 @@ def add_status_options(parser: argparse.ArgumentParser) -> None:
         default=[],
         help="a Host name the status page answers to besides localhost (repeatable)",
     )
-
-
-def status_options(args: argparse.Namespace) -> dict[str, Any]:
-    options: dict[str, Any] = {}
-    if args.no_status:
-        options["status"] = False
-    if args.status_listen:
-        options["status_listen"] = args.status_listen
-    for name in ("status_tls_cert", "status_tls_key"):
-        if getattr(args, name):
-            options[name] = Path(getattr(args, name)).expanduser().absolute()
-    if args.status_host:
-        options["status_hosts"] = list(args.status_host)
-    return options
 
 
 def add_log_options(parser: argparse.ArgumentParser) -> None:
@@ -292,6 +300,14 @@ def print_status(status: dict[str, Any], spaces: Any, mocks: Any, socket: str) -
     events = take("events")
     if events is not None:
         lines.append(("last event", cell(events)))
+    config = take("config")
+    if isinstance(config, dict):
+        text = config.get("file") or "none"
+        if config.get("pending"):
+            text += f"; restart to apply: {', '.join(map(str, config['pending']))}"
+        if config.get("error"):
+            text += f"; NOT RELOADED: {config['error']}"
+        lines.append(("config", text))
     space_count = take("spaces")
     hubs = take("hub")
     width = max(len(label) for label, _ in lines) + 1

@@ -27,8 +27,14 @@ from pathlib import Path
 from typing import Any
 
 from peerdaemon.api.client import Client, ClientError, DaemonNotRunning
-from peerdaemon.cli.common import PROG, Commands, optional_call, socket_path, to_json
-from peerdaemon.core.locations import default_data_dir
+from peerdaemon.cli.common import (
+    PROG,
+    Commands,
+    data_dir_of,
+    optional_call,
+    socket_path,
+    to_json,
+)
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "fail", "skip"
 TIMEOUT = 5.0
@@ -80,7 +86,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         if args.data_dir
         else Path(daemon.status["data_dir"])
         if daemon.status and daemon.status.get("data_dir")
-        else default_data_dir()
+        else data_dir_of(args)
     )
     checks.append(check_lock(data_dir, daemon, path))
     checks.append(check_mdns(daemon))
@@ -145,7 +151,12 @@ def check_daemon(path: Path, daemon: Daemon) -> Check:
             status = client.status()
             daemon.status = status if isinstance(status, dict) else {}
             config = optional_call(client, "config.get", None)
-            daemon.config = config if isinstance(config, dict) else None
+            settings = config.get("settings") if isinstance(config, dict) else None
+            daemon.config = (
+                {key: row.get("value") for key, row in settings.items() if isinstance(row, dict)}
+                if isinstance(settings, dict)
+                else None
+            )
     except DaemonNotRunning:
         if path.exists():
             return Check(
@@ -261,18 +272,18 @@ def _interfaces() -> list[str]:
 
 def check_mdns(daemon: Daemon) -> Check:
     config = daemon.config or {}
-    if config.get("mdns") is False:
-        return Check("mdns", SKIP, "mDNS discovery is off (config mdns off)")
+    if config.get("lan.mdns") is False:
+        return Check("mdns", SKIP, "mDNS discovery is off (config lan.mdns off)")
     names = _interfaces()
-    chosen = config.get("mdns-interface")
+    chosen = config.get("lan.mdns_interface")
     if chosen:
         if chosen not in names:
             return Check(
                 "mdns",
                 FAIL,
-                f"interface {chosen} (config mdns-interface) does not exist; there are: "
+                f"interface {chosen} (config lan.mdns_interface) does not exist; there are: "
                 f"{', '.join(names) or 'none'}",
-                f'`{PROG} config set mdns-interface IF` with one of them, or "" for all',
+                f'`{PROG} config set lan.mdns_interface IF` with one of them, or "" for all',
             )
         flags = _if_flags(chosen)
         if flags is None:
@@ -281,17 +292,17 @@ def check_mdns(daemon: Daemon) -> Check:
             return Check(
                 "mdns",
                 FAIL,
-                f"interface {chosen} (config mdns-interface) is down",
-                f"bring it up, or `{PROG} config set mdns-interface IF` with another",
+                f"interface {chosen} (config lan.mdns_interface) is down",
+                f"bring it up, or `{PROG} config set lan.mdns_interface IF` with another",
             )
         if not flags & IFF_MULTICAST:
             return Check(
                 "mdns",
                 FAIL,
                 f"interface {chosen} has no multicast: mDNS cannot work on it",
-                f'`{PROG} config set mdns-interface IF` with another, or "" for all',
+                f'`{PROG} config set lan.mdns_interface IF` with another, or "" for all',
             )
-        return Check("mdns", OK, f"{chosen} (config mdns-interface) is up, with multicast")
+        return Check("mdns", OK, f"{chosen} (config lan.mdns_interface) is up, with multicast")
     usable = []
     for name in names:
         flags = _if_flags(name)

@@ -26,6 +26,7 @@ from peerdaemon.cli.common import (
     warn,
     write_file,
 )
+from peerdaemon.cli.progress import Progress, format_bytes
 from peerdaemon.model.schema import LAST_MIGRATION
 
 ID_HELP = "environment id, a unique id prefix (4+ characters) or its exact name"
@@ -219,16 +220,55 @@ def cmd_env_list(args: argparse.Namespace) -> int:
     return 0
 
 
+CHUNK = 1 << 20  # read and write a MiB at a time: a large file shows progress as it goes
+
+
+def _read_input(name: str, progress: Progress) -> str:
+    """`read_text`, in chunks so that reading a large FILE (or stdin) shows how far it got."""
+    label = "stdin" if name == "-" else name
+    try:
+        stream = sys.stdin.buffer if name == "-" else open(name, "rb")  # noqa: SIM115
+    except OSError as exc:
+        raise CliError(f"cannot read {name}: {exc.strerror or exc}") from None
+    chunks: list[bytes] = []
+    typed = name == "-" and sys.stdin.isatty()  # no line drawn across what the user types
+    try:
+        total = None if name == "-" else os.fstat(stream.fileno()).st_size
+        if not typed:
+            progress.phase(f"reading {os.path.basename(label)}", total=total, done=0)
+        while chunk := stream.read(CHUNK):
+            chunks.append(chunk)
+            if not typed:
+                progress.update(advance=len(chunk))
+    except OSError as exc:
+        raise CliError(f"cannot read {name}: {exc.strerror or exc}") from None
+    finally:
+        if name != "-":
+            stream.close()
+    data = b"".join(chunks)
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise CliError(
+            f"{label}: not valid UTF-8 text ({exc.reason} at byte {exc.start})"
+        ) from None
+
+
 def cmd_env_import(args: argparse.Namespace) -> int:
     if getattr(args, "link", False) and args.file == "-":
         raise CliError("--link needs a FILE to link, not stdin")
-    text = read_text(args.file)
-    with connect(args) as client:
-        if getattr(args, "link", False):  # import, then keep FILE linked (docs/mirror.md)
-            path = os.path.abspath(args.file)
-            result = client.call("env.import_link", json=text, new_id=args.new_id, path=path)
-        else:
-            result = client.import_env(text, new_id=args.new_id)
+    with Progress() as progress:
+        text = _read_input(args.file, progress)
+        with connect(args) as client:
+            size = format_bytes(len(text.encode("utf-8")))
+            progress.phase(f"importing {size}")  # one request: a spinner and the time it takes
+            if getattr(args, "link", False):  # import, then keep FILE linked (docs/mirror.md)
+                path = os.path.abspath(args.file)
+                result = progress.run(
+                    lambda: client.call("env.import_link", json=text, new_id=args.new_id, path=path)
+                )
+            else:
+                result = progress.run(lambda: client.import_env(text, new_id=args.new_id))
     _report_repairs(result)
     if args.json:
         print(to_json(result))
@@ -237,30 +277,74 @@ def cmd_env_import(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_env_export(args: argparse.Namespace) -> int:
-    with connect(args) as client:
-        result = client.export(resolve_env(client, args.id), format=args.format)
-    if args.format == "yjs":
-        if not isinstance(result, bytes | bytearray):
-            raise CliError("the daemon did not return a binary update")
-        data = bytes(result)
-        if args.output is None:
-            if sys.stdout.isatty():
-                raise CliError("refusing to write a binary Yjs update to a terminal; use -o FILE")
-            sys.stdout.flush()
-            sys.stdout.buffer.write(data)
-            sys.stdout.buffer.flush()
-        else:
-            write_file(Path(args.output), data)
-        return 0
-    last = result.get("lastMigration") if isinstance(result, dict) else None
-    if isinstance(last, int | float) and not isinstance(last, bool) and last > LAST_MIGRATION:
-        _warn_newer()
-    text = to_json(result)  # Mockoon's own layout: JSON.stringify(env, null, 2)
-    if args.output is None:
+def _print_text(text: str, progress: Progress) -> None:
+    """`print(text)`, in chunks while progress shows, so that `env export ID > big.json` shows
+    how far it got (on stderr); the same characters either way. On a terminal the text itself
+    scrolls by: the progress line is cleared first, not drawn across it."""
+    if not progress.enabled or sys.stdout.isatty():
+        progress.close()
         print(text)
-    else:
-        write_file(Path(args.output), text.encode("utf-8"))
+        return
+    progress.phase("writing to stdout", total=len(text.encode("utf-8")), done=0)
+    for start in range(0, len(text), CHUNK):
+        chunk = text[start : start + CHUNK]
+        sys.stdout.write(chunk)
+        progress.update(advance=len(chunk.encode("utf-8")))
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
+def _write_binary(data: bytes, progress: Progress) -> None:
+    """The binary update on stdout, in chunks while progress shows."""
+    sys.stdout.flush()
+    progress.phase("writing to stdout", total=len(data), done=0)
+    view = memoryview(data)
+    for start in range(0, len(view), CHUNK):
+        sys.stdout.buffer.write(view[start : start + CHUNK])
+        progress.update(advance=min(CHUNK, len(view) - start))
+    sys.stdout.buffer.flush()
+
+
+def _write_output(path: Path, data: bytes, progress: Progress) -> None:
+    """`write_file` replaces FILE whole in one call (atomic, fsynced): its size and a spinner."""
+    progress.phase(f"writing {path.name} ({format_bytes(len(data))})")
+    progress.run(lambda: write_file(path, data))
+
+
+def _is_newer(result: Any) -> bool:
+    last = result.get("lastMigration") if isinstance(result, dict) else None
+    number = isinstance(last, int | float) and not isinstance(last, bool)
+    return number and last > LAST_MIGRATION
+
+
+def cmd_env_export(args: argparse.Namespace) -> int:
+    with Progress() as progress:
+        with connect(args) as client:
+            env_id = resolve_env(client, args.id)
+            progress.phase(f"exporting {env_id}")  # one request: a spinner meanwhile
+            result = progress.run(lambda: client.export(env_id, format=args.format))
+        if args.format == "yjs":
+            if not isinstance(result, bytes | bytearray):
+                raise CliError("the daemon did not return a binary update")
+            data = bytes(result)
+            if args.output is None:
+                if sys.stdout.isatty():
+                    raise CliError(
+                        "refusing to write a binary Yjs update to a terminal; use -o FILE"
+                    )
+                _write_binary(data, progress)
+            else:
+                _write_output(Path(args.output), data, progress)
+            return 0
+        newer = _is_newer(result)
+        # Mockoon's own layout: JSON.stringify(env, null, 2)
+        text = progress.run(lambda: to_json(result))
+        if args.output is None:
+            _print_text(text, progress)
+        else:
+            _write_output(Path(args.output), text.encode("utf-8"), progress)
+    if newer:
+        _warn_newer()
     return 0
 
 

@@ -18,6 +18,7 @@ from peerdaemon.cli.common import (
     host_port,
     print_table,
     to_json,
+    warn,
 )
 from peerdaemon.cli.daemon import add_log_options
 
@@ -25,7 +26,9 @@ from peerdaemon.cli.daemon import add_log_options
 def register(commands: Commands) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--data-dir", metavar="DIR", help="the hub's data dir")
-    common.add_argument("--config", metavar="FILE", help="the hub's TOML config file")
+    common.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
+    only_config = argparse.ArgumentParser(add_help=False)
+    only_config.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
 
     def command(group: Commands, name: str, handler: Handler, help: str) -> argparse.ArgumentParser:
         return group.command(name, handler, help, parents=[common])
@@ -49,6 +52,42 @@ def register(commands: Commands) -> None:
         "the hub's key fingerprint, if it runs and what it reports, users, spaces, storage",
     )
     p.add_argument("--json", action="store_true", help="print the status as JSON")
+
+    group = hubs.add_group(
+        "config",
+        help="the hub's settings (its config file)",
+        description="the hub's settings, kept in its config file: --config FILE, else"
+        " $PEERDAEMON_HUB_CONFIG, else hub.toml in the user config dir (~/.config/peerdaemon)",
+        dest="hub_config_command",
+        metavar="CONFIG_COMMAND",
+        example="peerdaemon hub config list --config /etc/peerdaemon/hub.toml",
+    )
+    p = group.command(
+        "get",
+        cmd_hub_config_get,
+        "print a setting (exit 1 if it is not set)",
+        example="peerdaemon hub config get limits.bytes_per_env",
+        parents=[only_config],
+    )
+    p.add_argument("key", metavar="KEY")
+    p.add_argument("--json", action="store_true", help="print the value as JSON")
+    p = group.command(
+        "set",
+        cmd_hub_config_set,
+        'change a setting in the config file, keeping its comments ("" removes it)',
+        example="peerdaemon hub config set limits.devices_per_user 4",
+        parents=[only_config],
+    )
+    p.add_argument("key", metavar="KEY")
+    p.add_argument("value", metavar="VALUE")
+    p = group.command(
+        "list",
+        cmd_hub_config_list,
+        "every setting: its value, where it came from, whether a running hub applies it",
+        example="peerdaemon hub config list --json",
+        parents=[only_config],
+    )
+    p.add_argument("--json", action="store_true", help="print the settings as JSON")
 
     group = hubs.add_group(
         "user", help="hub users", dest="hub_user_command", metavar="USER_COMMAND"
@@ -114,19 +153,36 @@ def register(commands: Commands) -> None:
     p.add_argument("value", metavar="VALUE", help="an integer (sizes: also 15MB, 64MiB)")
 
 
-def _hub_config(args: argparse.Namespace) -> Any:
+CONFIG_HELP = (
+    "the hub's TOML config file (default $PEERDAEMON_HUB_CONFIG, else hub.toml in the user"
+    " config dir, if it exists)"
+)
+
+
+def _hub_config(args: argparse.Namespace, *, warnings: bool = True) -> Any:
+    """The hub's settings as `hub serve` resolves them; the file's warnings (unknown keys) on
+    stderr unless the caller logs them itself (`warnings=False`: `hub serve`)."""
+    from peerdaemon.hub.config import config_path
     from peerdaemon.hub.server import ConfigError, build_config
 
+    path, required = config_path(args.config)
     try:
-        return build_config(
-            config_file=Path(args.config).expanduser() if args.config else None,
+        config = build_config(
+            config_file=path,
+            required=required,
             data_dir=Path(args.data_dir).expanduser() if args.data_dir else None,
             listen=getattr(args, "listen", None),
             tls_cert=getattr(args, "tls_cert", None),
             tls_key=getattr(args, "tls_key", None),
+            log_level=getattr(args, "log_level", None),
+            log_format=getattr(args, "log_format", None),
         )
     except ConfigError as exc:
         raise CliError(str(exc)) from None
+    if warnings:
+        for warning in config.warnings:
+            warn(f"warning: {warning}")
+    return config
 
 
 def _hub_admin(args: argparse.Namespace, fn: Callable[[Any], Any]) -> Any:
@@ -148,7 +204,7 @@ def cmd_hub_serve(args: argparse.Namespace) -> int:
     from peerdaemon.hub.server import run_hub
 
     log = {"log_level": args.log_level, "log_format": args.log_format}
-    return int(run_hub(_hub_config(args), **log) or 0)
+    return int(run_hub(_hub_config(args, warnings=False), **log) or 0)
 
 
 def cmd_hub_status(args: argparse.Namespace) -> int:
@@ -173,6 +229,8 @@ def cmd_hub_status(args: argparse.Namespace) -> int:
         print(to_json(status))
         return 0
     print(f"data dir: {status['data_dir']}")
+    if config.config_file is not None and config.settings.file.exists:
+        print(f"config file: {config.config_file}")
     print(f"hub key: {status['hub_key'] or '(none yet: start the hub once)'}")
     running = f"yes (pid {status['pid']})" if status["pid"] else "yes"
     print(f"running: {running if status['running'] else 'no'}")
@@ -322,4 +380,107 @@ def cmd_hub_limits_set(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CliError(f"{args.key}: {exc}") from None
     _hub_admin(args, lambda a: a.set_limit(args.key, value, args.user))
+    return 0
+
+
+# --- hub config -------------------------------------------------------------------------------
+def _settings(args: argparse.Namespace) -> tuple[Any, Any, Path, bool]:
+    """(schema, resolved settings, the file, whether it must exist): what `hub serve` would
+    read, without its flags."""
+    from peerdaemon.hub import config as hubconfig
+
+    path, required = hubconfig.config_path(args.config)
+    schema = hubconfig.schema()
+    try:
+        resolved = hubconfig.load(path, required=required, settings=schema)
+    except hubconfig.ConfigFileError as exc:
+        raise CliError(str(exc)) from None
+    for warning in resolved.file.warnings:
+        warn(f"warning: {warning}")
+    return schema, resolved, path, required
+
+
+def _setting(schema: Any, key: str) -> Any:
+    from peerdaemon.hub.config import ConfigFileError
+
+    try:
+        return schema.setting(key)
+    except ConfigFileError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return "-"
+    return value if isinstance(value, str) else to_json(value, indent=None)
+
+
+def cmd_hub_config_get(args: argparse.Namespace) -> int:
+    from peerdaemon.hub.config import shown
+
+    schema, resolved, _, _ = _settings(args)
+    setting = _setting(schema, args.key)
+    value = resolved.values[setting.key]
+    if value is None:
+        raise CliError(f"{setting.key} is not set")
+    value = shown(schema, setting.key, value)
+    print(to_json(value) if args.json else _text(value))
+    return 0
+
+
+def cmd_hub_config_set(args: argparse.Namespace) -> int:
+    from peerdaemon.core.configfile import set_value
+    from peerdaemon.hub.config import HEADER, ConfigFileError, shown
+
+    schema, resolved, path, required = _settings(args)
+    setting = _setting(schema, args.key)
+    try:
+        value = set_value(schema, path, setting.key, args.value, header=HEADER)
+    except ConfigFileError as exc:
+        raise CliError(str(exc)) from None
+    text = "(set)" if setting.key == "metrics.token" else _text(shown(schema, setting.key, value))
+    what = (
+        f"{setting.key} removed from {path}"
+        if value is None
+        else f"{setting.key} = {text} in {path}"
+    )
+    when = (
+        "a running hub applies it within seconds (or at once on SIGHUP)"
+        if setting.live
+        else "it applies at the next start of the hub"
+    )
+    print(f"{what}: {when}")
+    source = resolved.sources[setting.key]
+    if source.startswith("env "):
+        warn(f"warning: ${source[4:]} is set and wins over the file")
+    return 0
+
+
+def cmd_hub_config_list(args: argparse.Namespace) -> int:
+    from peerdaemon.hub.config import shown
+
+    schema, resolved, _, _ = _settings(args)
+    if args.json:
+        print(
+            to_json(
+                {
+                    s.key: {
+                        "value": shown(schema, s.key, resolved.values[s.key]),
+                        "source": resolved.sources[s.key],
+                        "live": s.live,
+                        "env": schema.env_name(s),
+                        "help": s.help,
+                    }
+                    for s in schema.settings
+                }
+            )
+        )
+        return 0
+    rows = [("KEY", "VALUE", "SOURCE", "APPLIES")]
+    for s in schema.settings:
+        value = _text(shown(schema, s.key, resolved.values[s.key]))
+        if s.key == "metrics.token" and resolved.values[s.key]:
+            value = "(set)"  # a secret: `hub config get metrics.token` prints it
+        rows.append((s.key, value, resolved.sources[s.key], "now" if s.live else "restart"))
+    print_table(rows)
     return 0

@@ -14,6 +14,7 @@ from peerdaemon.cli.common import (
     call,
     cell,
     connect,
+    data_dir_of,
     print_table,
     resolve_env,
     to_json,
@@ -46,10 +47,9 @@ def register(commands: Commands) -> None:
 
 
 def cmd_install(args: argparse.Namespace) -> int:
-    from peerdaemon.core.locations import default_data_dir
     from peerdaemon.mock import InstallError, install
 
-    data_dir = Path(args.data_dir).expanduser() if args.data_dir else default_data_dir()
+    data_dir = Path(args.data_dir).expanduser() if args.data_dir else data_dir_of(args)
     try:
         where = install(data_dir)
     except InstallError as exc:

@@ -5,19 +5,31 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from typing import Any
 
+from peerdaemon.api.client import Client
 from peerdaemon.cli.common import (
     CliError,
     Commands,
     call,
     cell,
     connect,
+    optional_call,
     print_table,
     resolve_env,
     to_json,
+    warn,
 )
 from peerdaemon.cli.env import ID_HELP
+from peerdaemon.cli.progress import Progress, format_bytes
+
+JOIN_TIMEOUT = 120.0
+"""How long `space join` waits for the first sync by default: long enough for a LAN or a hub
+to deliver a large space, short enough that a script never hangs on an offline inviter."""
+EXIT_NOT_SYNCED = 3
+"""`space join` joined, but the first sync did not finish within `--timeout` (it goes on)."""
+POLL = 0.25  # seconds between two looks at `space.list` while waiting
 
 
 def register(commands: Commands) -> None:
@@ -85,10 +97,23 @@ def register(commands: Commands) -> None:
     p = spaces.command(
         "join",
         cmd_space_join,
-        "join a space with an invite code; prints its id",
-        example="peerdaemon space join pd1-...",
+        "join a space with an invite code, wait for its first sync; prints its id",
+        example="peerdaemon space join pd1-... --timeout 300",
     )
     p.add_argument("code", metavar="CODE")
+    p.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="return once joined; the first sync goes on in the background",
+    )
+    p.add_argument(
+        "--timeout",
+        metavar="SECONDS",
+        type=_timeout_seconds,
+        default=JOIN_TIMEOUT,
+        help=f"stop waiting for the first sync after this long (default {JOIN_TIMEOUT:g}; "
+        f"0: no limit); the join is kept and the exit status is {EXIT_NOT_SYNCED}",
+    )
     p = spaces.command(
         "list",
         cmd_space_list,
@@ -203,9 +228,110 @@ def cmd_space_invite(args: argparse.Namespace) -> int:
 
 
 def cmd_space_join(args: argparse.Namespace) -> int:
-    result = call(args, "space.join", code=args.code)
-    print(result["id"])
-    return 0
+    with connect(args) as client:
+        result = client.call("space.join", code=args.code)
+        space_id = str(result["id"])
+        code = 0 if args.no_wait else _wait_first_sync(client, space_id, args.timeout)
+    print(space_id)
+    return code
+
+
+def _timeout_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of seconds (0: no limit)")
+    return value
+
+
+def _find(spaces: Any, space_id: str) -> dict[str, Any] | None:
+    for space in spaces if isinstance(spaces, list) else ():
+        if isinstance(space, dict) and space.get("id") == space_id:
+            return space
+    return None
+
+
+def _links(client: Client) -> tuple[set[str], int]:
+    """Devices linked right now (LAN or through a hub), and the bytes received over those
+    links: what moves while the first sync has nothing else to show."""
+    rows = optional_call(client, "peers", {})
+    rows = rows.get("peers") if isinstance(rows, dict) else None
+    devices, received = set(), 0
+    for row in rows if isinstance(rows, list) else ():
+        if isinstance(row, dict) and row.get("state") == "connected":
+            devices.add(str(row.get("device") or row.get("url") or "?"))
+            count = row.get("bytes_received")
+            if isinstance(count, int) and not isinstance(count, bool):
+                received += count
+    return devices, received
+
+
+def _show(progress: Progress, space: dict[str, Any], links: set[str], received: int) -> None:
+    members = {
+        str(m.get("device"))
+        for m in space.get("members") or ()
+        if isinstance(m, dict) and not m.get("self")
+    }
+    data = f"{format_bytes(received)} received"
+    total = space.get("environments_total") or 0
+    if not members:  # the document is not here yet: this device is all the space lists
+        progress.phase(
+            "waiting for the space from its members",
+            detail=f"{len(links)} peers connected, {data}",
+        )
+        return
+    progress.phase(
+        "receiving environments",
+        done=space.get("environments_present") or 0,
+        total=total,
+        unit="environments",
+        detail=f"{len(members & links)}/{len(members)} members connected, {data}",
+    )
+
+
+def _wait_first_sync(client: Client, space_id: str, timeout: float) -> int:
+    """Wait until the daemon has the space's document and every environment it lists
+    (`space.list`'s `synced`), polling a few times a second: a local call is cheap, and the
+    daemon has no event for "the document arrived". 0 once synced; EXIT_NOT_SYNCED after
+    `timeout` (0: none); 130 on Ctrl-C. The join is kept either way: say so."""
+    deadline = time.monotonic() + timeout if timeout else None
+    with Progress() as progress:
+        _, start_bytes = _links(client) if progress.enabled else (set(), 0)
+        progress.phase("waiting for the space from its members")
+        try:
+            while True:
+                space = _find(client.call("space.list"), space_id)
+                if space is None:
+                    raise CliError(f"space {space_id} is gone (left meanwhile?)")
+                if "synced" not in space:  # an older daemon: no way to tell
+                    return 0
+                if space["synced"]:
+                    return 0
+                if progress.enabled:  # piped: nobody to show it to
+                    links, received = _links(client)
+                    _show(progress, space, links, max(0, received - start_bytes))
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+                pause = POLL if deadline is None else min(POLL, deadline - time.monotonic())
+                ends = time.monotonic() + max(0.0, pause)
+                while (left := ends - time.monotonic()) > 0:
+                    progress.tick()
+                    time.sleep(min(left, 0.1))
+        except KeyboardInterrupt:
+            progress.close()
+            _kept(space_id, "interrupted")
+            return 130
+    _kept(space_id, f"not synced after {timeout:g} s")
+    return EXIT_NOT_SYNCED
+
+
+def _kept(space_id: str, why: str) -> None:
+    warn(
+        f"{why}: joined space {space_id}, and the first sync goes on in the background "
+        "(see `peerdaemon space list`, `peerdaemon peers`)"
+    )
 
 
 def cmd_space_list(args: argparse.Namespace) -> int:

@@ -7,7 +7,9 @@ not a traceback nested in exception groups.
 Logging: a level (`debug`, `info`, `warning`, `error`) and a format, `text` (one
 `TIME LEVEL LOGGER: MESSAGE` line, as always) or `json` (one object per line: `time`, ISO 8601
 UTC; `level`; `logger`; `message`; `exc_info`, the traceback as a string, when there is one),
-on stderr. Each is taken from the command line, else `$PEERDAEMON_LOG_LEVEL` /
+on stderr. When stderr is the systemd journal (`$JOURNAL_STREAM` names it), text lines drop
+the time the journal keeps anyway and begin with a `<N>` priority prefix (sd-daemon(3)), so
+`journalctl -p warning` filters them. Each is taken from the command line, else `$PEERDAEMON_LOG_LEVEL` /
 `$PEERDAEMON_LOG_FORMAT`, else the hub's config file (`[log]`), else `info` and `text`.
 This module imports trio only to run: the command line reads its names without paying for it.
 """
@@ -28,12 +30,14 @@ __all__ = [
     "LOG_FORMATS",
     "LOG_LEVELS",
     "TEXT_FORMAT",
+    "JournalFormatter",
     "JsonFormatter",
     "LogSettingError",
     "configure_logging",
     "expected_failure",
     "resolve_logging",
     "run_process",
+    "to_journal",
 ]
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -112,6 +116,37 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
+_PRIORITIES = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
+
+
+class JournalFormatter(logging.Formatter):
+    """`<N>LOGGER: MESSAGE`: the journal stamps the time and reads the priority prefix; a
+    traceback's lines follow on their own lines (each one a journal entry at that priority)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = f"<{_PRIORITIES.get(record.levelname, 6)}>"
+        text = f"{record.name}: {record.getMessage()}"
+        if record.exc_info and record.exc_info[0] is not None and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            text += "\n" + record.exc_text
+        return "\n".join(prefix + line for line in text.splitlines() or [""])
+
+
+def to_journal(stream: TextIO, environ: Mapping[str, str] | None = None) -> bool:
+    """Whether `stream` is the journal's: `$JOURNAL_STREAM` is `DEVICE:INODE` of it
+    (systemd.exec(5)); a stream redirected elsewhere by the unit's child is not."""
+    value = (os.environ if environ is None else environ).get("JOURNAL_STREAM", "")
+    device, _, inode = value.partition(":")
+    if not (device.isdigit() and inode.isdigit()):
+        return False
+    try:
+        info = os.fstat(stream.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return (info.st_dev, info.st_ino) == (int(device), int(inode))
+
+
 def configure_logging(
     level: str = "info", format: str = "text", *, stream: TextIO | None = None
 ) -> None:
@@ -122,6 +157,10 @@ def configure_logging(
     if format == "json":
         handler = logging.StreamHandler(stream)
         handler.setFormatter(JsonFormatter())
+        logging.basicConfig(level=number, handlers=[handler])
+    elif to_journal(stream):
+        handler = logging.StreamHandler(stream)
+        handler.setFormatter(JournalFormatter())
         logging.basicConfig(level=number, handlers=[handler])
     else:
         logging.basicConfig(level=number, format=TEXT_FORMAT, stream=stream)

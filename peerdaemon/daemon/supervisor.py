@@ -12,16 +12,18 @@ import logging
 import os
 import signal
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import trio
 
 from ..api import serve_unix
-from ..core import settings
 from ..core.addresses import parse_address
 from ..core.attachments import Attachments
+from ..core.errors import OpError, Pending
 from ..core.events import EventLog
 from ..core.identity import Identity, load_or_create_identity
 from ..core.registry import Registry
@@ -31,37 +33,14 @@ from ..hublink import HubLinkService
 from ..mirror import Folder, FolderSync, MirrorService
 from ..mock import MockService
 from ..operations import Operations
-from ..peer import PeerConfig, PeerManager
+from ..peer import PeerManager
 from ..spaces import SpacesService
-from ..status import DEFAULT_STATUS_LISTEN, StatusService, StatusSettings
+from ..status import StatusService, StatusSettings
 from ..store import Store, StoreError
+from .config import DaemonConfig, migrate_legacy
+from .live import LiveConfig
 
 log = logging.getLogger("peerdaemon")
-
-DEFAULT_MAX_FRAME = 64 << 20
-
-
-@dataclass
-class DaemonConfig:
-    data_dir: Path
-    socket_path: Path
-    max_frame: int = DEFAULT_MAX_FRAME
-    compact_count: int = 1000
-    compact_bytes: int = 8 << 20
-    name: str | None = None  # this device's display name (`run --name`); kept once given
-    mirror_dir: Path | None = None
-    listen: tuple[str, int] | None = None  # LAN peers: `run --listen HOST:PORT`; None: no listener
-    peers: list[tuple[str, int]] = field(default_factory=list)  # static peers (`--peer`)
-    mdns: bool = True  # discovery runs only with a listener, and never when PEERDAEMON_NO_MDNS=1
-    mdns_interface: str | None = None
-    peer_config: PeerConfig | None = None  # limits and timers of peer links (tests, benchmarks)
-    mock_faker_seed: int | None = None  # `run --mock-faker-seed`: faker.js repeatable in mocks
-    status: bool = True  # the status page (docs/status-page.md); `run --no-status`: off
-    status_listen: tuple[str, int] = DEFAULT_STATUS_LISTEN  # `run --status-listen HOST:PORT`
-    status_tls_cert: Path | None = None  # required (with the key) off loopback
-    status_tls_key: Path | None = None
-    status_hosts: list[str] = field(default_factory=list)  # more Host names the page answers to
-    extra: dict[str, object] = field(default_factory=dict)
 
 
 @dataclass
@@ -82,6 +61,7 @@ class Daemon:
     mocks: MockService | None = None
     attachments: Attachments | None = None
     status: StatusService | None = None  # the status page; `status.port` once it listens
+    settings: LiveConfig | None = None  # config.get/set/reload; a reload on SIGHUP
 
 
 async def serve(
@@ -93,7 +73,7 @@ async def serve(
         config.data_dir, compact_count=config.compact_count, compact_bytes=config.compact_bytes
     )
     try:
-        settings.apply(config, store)
+        migrate_legacy(config, store)
         events = EventLog()
         registry = Registry(store, events)
         count = registry.load()
@@ -108,18 +88,14 @@ async def serve(
         spaces.load()
         spaces.register(service)
         status = None
-        if config.status:
+        if config.status or config.config_file is not None:  # (a file may turn it on later)
             status = StatusService(
                 service,
                 store,
                 events,
                 config.data_dir,
-                StatusSettings(
-                    config.status_listen,
-                    config.status_tls_cert,
-                    config.status_tls_key,
-                    list(config.status_hosts),
-                ),
+                _status_settings(config),
+                enabled=config.status,
             )
             status.register(service)
         async with trio.open_nursery() as nursery:
@@ -148,6 +124,14 @@ async def serve(
             hubs.register(service)
             await nursery.start(hubs.run)
             service.register("peers", hubs.peers_op(manager.op_peers))
+            live = LiveConfig(
+                config,
+                events,
+                _appliers(config, spaces, manager, status),
+                current_name=lambda: identity.name,
+            )
+            live.register(service)
+            await nursery.start(live.run)
             await nursery.start(
                 partial(serve_unix, config.socket_path, service, max_frame=config.max_frame)
             )
@@ -179,11 +163,73 @@ async def serve(
                     hubs=hubs,
                     mocks=mocks,
                     attachments=attachments,
+                    settings=live,
                     status=status,
                 )
             )
     finally:
         store.close()
+
+
+def _status_settings(config: DaemonConfig) -> StatusSettings:
+    return StatusSettings(
+        config.status_listen,
+        config.status_tls_cert,
+        config.status_tls_key,
+        list(config.status_hosts),
+    )
+
+
+def _appliers(
+    config: DaemonConfig,
+    spaces: SpacesService,
+    manager: PeerManager,
+    status: StatusService | None,
+) -> dict[str, Callable[[Any], Any]]:
+    """How each live setting (daemon/config.py) reaches the service that holds it."""
+    static = list(config.peers)
+
+    def name(value: str | None) -> Any:
+        if value is None:  # unset in the file: the device keeps the name it has
+            return None
+        tickets = spaces.set_name(value)  # an OpError (a bad name) is the caller's to report
+        return Pending(partial(_all_durable, tickets), None)
+
+    def peers(value: list[tuple[str, int]]) -> None:
+        for host, port in static:
+            if (host, port) not in value:
+                manager.remove_address(host, port)
+        for host, port in value:
+            if (host, port) not in static:
+                manager.add_address(host, port, source="static")
+        static[:] = value
+
+    def log_level(value: str) -> None:
+        logging.getLogger().setLevel(value.upper())
+
+    def status_page(values: dict[str, Any]) -> Pending:
+        if status is None:
+            raise RuntimeError("the status page needs a restart of the daemon")
+        settings = StatusSettings(
+            values["status.listen"],
+            values["status.tls_cert"].absolute() if values["status.tls_cert"] else None,
+            values["status.tls_key"].absolute() if values["status.tls_key"] else None,
+            list(values["status.hosts"]),
+        )
+        status.reconfigure(settings, bool(values["status.enabled"]))  # StatusConfigError
+        return Pending(status.served, None)
+
+    return {
+        "name": name,
+        "lan.peers": peers,
+        "log.level": log_level,
+        "status.*": status_page,
+    }
+
+
+async def _all_durable(tickets: list[Any]) -> None:
+    for ticket in tickets:
+        await ticket.wait()
 
 
 def _folders(mirror: MirrorService, mocks: MockService) -> dict[str, list[Folder]]:
@@ -307,28 +353,30 @@ async def _run_discovery(discovery: MdnsDiscovery, events: EventLog) -> None:
 
 async def _main(config: DaemonConfig) -> None:
     async with trio.open_nursery() as nursery:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            await nursery.start(serve, config)
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            daemon: Daemon = await nursery.start(serve, config)
             async for signum in signals:
+                if signum == signal.SIGHUP:  # `systemctl reload`: re-read the config file
+                    if daemon.settings is not None and config.config_file is not None:
+                        nursery.start_soon(_reload, daemon.settings)
+                    continue
                 log.info("received %s, shutting down", signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()
                 break
 
 
+async def _reload(settings: LiveConfig) -> None:
+    try:
+        await settings.reload("SIGHUP")
+    except OpError:
+        pass  # logged and emitted by the reload
+
+
 def run_daemon(
-    data_dir: Path,
-    socket_path: Path,
-    *,
-    log_level: str | None = None,
-    log_format: str | None = None,
-    **options: object,
+    config: DaemonConfig, *, log_level: str | None = None, log_format: str | None = None
 ) -> int:
     """`peerdaemon run`: returns the process exit code. `log_level`/`log_format` win over
     `$PEERDAEMON_LOG_LEVEL`/`_FORMAT` (core/runner.py)."""
-    config = DaemonConfig(data_dir=Path(data_dir), socket_path=Path(socket_path))
-    for key, value in options.items():
-        if value is not None and hasattr(config, key):
-            setattr(config, key, value)
     return run_process(
         _main,
         config,

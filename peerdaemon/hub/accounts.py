@@ -441,6 +441,13 @@ class Accounts:
             value,
         )
 
+    def set_defaults(self, defaults: Limits) -> None:
+        """New hub-wide defaults (the config file's `[limits]`, re-read by a running hub): they
+        take effect as a `hub limits set` does, caches dropped and listeners told."""
+        if defaults != self.defaults:
+            self.defaults = defaults
+            self._changed()
+
     def limits_for(self, user: str | None) -> Limits:
         """Built-in defaults < the config file (`defaults`) < `hub limits set` < `--user`."""
         name = user or ""

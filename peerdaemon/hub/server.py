@@ -3,7 +3,9 @@
 One nursery: the store writer first (every relay waits on it), then the HubDocs relay, the
 peer endpoint (if it has a background task), the accounts watcher, and the listener. SIGTERM
 or SIGINT: every client is told `1001 shutdown`, the nursery is cancelled, and the store
-writer commits what is still queued before the process exits.
+writer commits what is still queued before the process exits. SIGHUP, or an edit of the config
+file (`ConfigWatcher`), re-reads it: the log level, the metrics token and the default limits
+apply at once, the rest at the next start (hub/config.py).
 
 The wiring: HubDocs relays durable updates to the rooms (`rooms.on_update`) and, after each
 batch, to the `/yjs` endpoint (`yjs.flush`: the rooms send, the endpoint wakes the writers);
@@ -21,34 +23,34 @@ import http.client
 import json
 import logging
 import os
-import re
 import signal
 import sqlite3
 import ssl
 import stat
 import time
-import tomllib
-from collections.abc import Callable
-from dataclasses import dataclass, field, fields, replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import cbor2
-import platformdirs
 import trio
 
 from .. import __version__
 from ..core.addresses import parse_address
+from ..core.configfile import ConfigFileError, Resolved
 from ..core.events import EventLog
 from ..core.files import replace_file
 from ..core.heap import release_free_heap
 from ..core.identity import SETTING, Identity, load_or_create_identity
-from ..core.runner import LOG_FORMATS, LOG_LEVELS, run_process
+from ..core.runner import run_process
 from ..store import DB_NAME, Store, StoreError
 from ..store.errors import StoreLockedError
 from ..store.lock import LOCK_NAME
+from . import config as hubconfig
 from .accounts import Accounts, Limits
+from .config import SIZE_LIMITS, parse_size
 from .docs import HubDocs
 from .http import HttpConfig, HubHttp
 from .metrics import EventCounts, Histogram, parse
@@ -62,12 +64,15 @@ from .ywebsocket import CLOSE_CODES, Rooms
 
 __all__ = [
     "DEFAULT_LISTEN",
+    "SIZE_LIMITS",
     "ConfigError",
+    "ConfigWatcher",
     "HubConfig",
     "HubServer",
     "PeerHandlerFactory",
     "build_config",
     "default_hub_dir",
+    "hub_config",
     "hub_key_of",
     "hub_status",
     "parse_listen",
@@ -92,10 +97,10 @@ class ConfigError(Exception):
 
 def default_hub_dir() -> Path:
     """`$PEERDAEMON_HUB_DIR`, else `<user data dir>/peerdaemon/hub`."""
-    env = os.environ.get("PEERDAEMON_HUB_DIR")
+    env = os.environ.get(hubconfig.DATA_DIR_ENV)
     if env:
         return Path(env).expanduser()
-    return platformdirs.user_data_path("peerdaemon", appauthor=False) / "hub"
+    return hubconfig.default_data_dir()
 
 
 @dataclass
@@ -114,6 +119,16 @@ class HubConfig:
     # `[log]`: below `$PEERDAEMON_LOG_LEVEL` / `_FORMAT` and the command line (`run_hub`)
     log_level: str | None = None
     log_format: str | None = None
+    # where the settings came from (`build_config`): the file a running hub watches (None:
+    # none), what was resolved, the flags and environment a reload keeps on top, and the
+    # file's warnings (unknown keys), logged at start
+    config_file: Path | None = None
+    config_required: bool = False
+    settings: Resolved | None = None
+    flags: dict[str, Any] = field(default_factory=dict)
+    environ: dict[str, str] | None = None
+    warnings: list[str] = field(default_factory=list)
+    config_poll: float = 2.0  # how often the file's mtime, size and inode are checked
 
 
 @dataclass
@@ -131,6 +146,14 @@ class HubServer:
     host: str
     port: int
     mocks: HostedMocks | None = None
+    watcher: ConfigWatcher | None = None  # None: no config file to follow
+
+    def reload_config(self) -> bool:
+        """Re-read the config file now (SIGHUP); False if the hub has none."""
+        if self.watcher is None:
+            return False
+        self.watcher.request()
+        return True
 
     @property
     def url(self) -> str:
@@ -147,6 +170,8 @@ async def serve_hub(
     """Run the hub until cancelled; `task_status.started(HubServer)` once it listens."""
     started = time.monotonic()
     runtime: Path | None = None
+    for warning in config.warnings:
+        log.warning("hub: %s", warning)
     ssl_context = _ssl_context(config) if config.tls_cert else None
     store = Store.open(
         config.data_dir, compact_count=config.compact_count, compact_bytes=config.compact_bytes
@@ -192,6 +217,10 @@ async def serve_hub(
             if config.mock.enabled:
                 await nursery.start(mocks.run)  # serves nothing until a space asks for it
             nursery.start_soon(release_free_heap)  # bursts of connections leave free heap
+            watcher: ConfigWatcher | None = None
+            if config.config_file is not None and config.settings is not None:
+                watcher = ConfigWatcher(config, partial(_apply_live, http=http, accounts=accounts))
+                nursery.start_soon(watcher.run)
             host, port = config.listen
             try:
                 listeners: list[Any] = await trio.open_tcp_listeners(port, host=host)
@@ -202,7 +231,18 @@ async def serve_hub(
                 listeners = [trio.SSLListener(lis, ssl_context) for lis in listeners]
             nursery.start_soon(partial(trio.serve_listeners, http.handle, listeners))
             server = HubServer(
-                config, store, docs, accounts, events, rooms, http, endpoint, host, bound, mocks
+                config,
+                store,
+                docs,
+                accounts,
+                events,
+                rooms,
+                http,
+                endpoint,
+                host,
+                bound,
+                mocks,
+                watcher,
             )
             events.emit(
                 "hub-started",
@@ -523,47 +563,8 @@ def _ssl_context(config: HubConfig) -> ssl.SSLContext:
 
 
 # ------------------------------------------------------------------------------- config file
-_SIZE_RE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kmg]i?b|b)?\s*", re.IGNORECASE)
-_UNITS = {
-    "b": 1,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "kib": 1 << 10,
-    "mib": 1 << 20,
-    "gib": 1 << 30,
-}
-
-
-def parse_size(value: object) -> int:
-    """An int, or a string like "15MB" / "64MiB" -> bytes."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        if value < 0:
-            raise ValueError("must be >= 0")
-        return value
-    m = _SIZE_RE.fullmatch(str(value))
-    if not m:
-        raise ValueError(f"not a size: {value!r} (e.g. 1000, 15MB, 64MiB)")
-    return int(float(m.group(1)) * _UNITS[(m.group(2) or "b").lower()])
-
-
 def parse_listen(text: str) -> tuple[str, int]:
     return parse_address(str(text), any_port=True)
-
-
-_TOP_KEYS = {
-    "listen",
-    "data_dir",
-    "tls",
-    "limits",
-    "fanout",
-    "connections",
-    "store",
-    "mock",
-    "metrics",
-    "log",
-}
-SIZE_LIMITS = ("bytes_per_env", "mock_body_bytes")
 
 
 def build_config(
@@ -573,161 +574,181 @@ def build_config(
     listen: tuple[str, int] | None = None,
     tls_cert: Path | None = None,
     tls_key: Path | None = None,
+    log_level: str | None = None,
+    log_format: str | None = None,
+    required: bool | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> HubConfig:
-    """The config file (TOML, docs/hub.md) overlaid by command-line options."""
-    raw: dict[str, Any] = {}
-    base = Path.cwd()
-    if config_file is not None:
-        try:
-            raw = tomllib.loads(Path(config_file).read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise ConfigError(f"cannot read {config_file}: {exc.strerror or exc}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{config_file}: {exc}") from None
-        base = Path(config_file).expanduser().resolve().parent
-    where = str(config_file)
-    unknown = set(raw) - _TOP_KEYS
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s): {', '.join(sorted(unknown))}")
-
-    def path_of(value: object) -> Path:
-        p = Path(str(value)).expanduser()
-        return p if p.is_absolute() else base / p
-
-    config = HubConfig(data_dir=default_hub_dir())
+    """The hub's settings (hub/config.py): the options given here (the command line's), then
+    `PEERDAEMON_HUB_*` variables, then `config_file`, then the defaults. `required`: the file
+    must exist (by default, when one is given; `hub config` locates one that may not exist).
+    A bad file is one line (ConfigError); unknown keys are `warnings` on the result."""
+    flags: dict[str, Any] = {
+        "data_dir": Path(data_dir).expanduser() if data_dir is not None else None,
+        "listen": listen,
+        "tls.cert": Path(tls_cert).expanduser() if tls_cert is not None else None,
+        "tls.key": Path(tls_key).expanduser() if tls_key is not None else None,
+        "log.level": log_level.lower() if log_level else None,
+        "log.format": log_format.lower() if log_format else None,
+    }
+    flags = {k: v for k, v in flags.items() if v is not None}
+    path = Path(config_file).expanduser() if config_file is not None else None
+    must = path is not None if required is None else required
+    env = dict(environ) if environ is not None else None
     try:
-        if "data_dir" in raw:
-            config.data_dir = path_of(raw["data_dir"])
-        if "listen" in raw:
-            config.listen = parse_listen(raw["listen"])
-        tls = _table(raw, "tls", {"cert", "key"}, where)
-        if "cert" in tls:
-            config.tls_cert = path_of(tls["cert"])
-        if "key" in tls:
-            config.tls_key = path_of(tls["key"])
-        limits = _table(raw, "limits", {f.name for f in fields(Limits)}, where)
-        config.limits = replace(
-            config.limits,
-            **{k: parse_size(v) if k in SIZE_LIMITS else _int(v, k) for k, v in limits.items()},
-        )
-        fanout = _table(
-            raw,
-            "fanout",
-            {"coalesce_bytes", "limit_bytes", "stall_seconds", "ping_interval", "max_message"},
-            where,
-        )
-        for key, value in fanout.items():
-            seconds = key in ("stall_seconds", "ping_interval")
-            parsed = float(value) if seconds else parse_size(value)
-            setattr(config.http, key, parsed)
-        connections = _table(
-            raw,
-            "connections",
-            {"max_half_open", "max_half_open_per_ip", "head_timeout", "handshake_timeout"},
-            where,
-        )
-        for key, value in connections.items():
-            if key.endswith("_timeout"):
-                setattr(config.http, key, _seconds(value, key))
-            elif _int(value, key) < 1:
-                raise ValueError(f"{key} must be at least 1")
-            else:
-                setattr(config.http, key, value)
-        mock = _table(
-            raw,
-            "mock",
-            {
-                "enabled",
-                "max_hosted",
-                "allow_hosts",
-                "request_timeout",
-                "max_in_flight",
-                "max_connections",
-                "faker_seed",
-            },
-            where,
-        )
-        for key, value in mock.items():
-            if key == "enabled":
-                if not isinstance(value, bool):
-                    raise ValueError("[mock] enabled must be true or false")
-                config.mock.enabled = value
-            elif key == "allow_hosts":
-                if not isinstance(value, list) or not all(isinstance(h, str) for h in value):
-                    raise ValueError("[mock] allow_hosts must be a list of host names")
-                config.mock.allow_hosts = list(value)
-            elif key == "request_timeout":
-                config.mock.request_timeout = _seconds(value, key)
-            else:
-                setattr(config.mock, key, _int(value, key))
-        store = _table(raw, "store", {"compact_count", "compact_bytes"}, where)
-        if "compact_count" in store:
-            config.compact_count = _int(store["compact_count"], "compact_count")
-        if "compact_bytes" in store:
-            config.compact_bytes = parse_size(store["compact_bytes"])
-        metrics = _table(raw, "metrics", {"token"}, where)
-        if "token" in metrics:
-            config.http.metrics_token = _metrics_token(metrics["token"])
-        logs = _table(raw, "log", {"level", "format"}, where)
-        for key, choices in (("level", LOG_LEVELS), ("format", LOG_FORMATS)):
-            value = logs.get(key)
-            if value is not None and (not isinstance(value, str) or value.lower() not in choices):
-                raise ValueError(f"[log] {key} must be one of: {', '.join(choices)}")
-        config.log_level = logs["level"].lower() if "level" in logs else None
-        config.log_format = logs["format"].lower() if "format" in logs else None
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"{where}: {exc}") from None
-    if data_dir is not None:
-        config.data_dir = Path(data_dir).expanduser()
-    if listen is not None:
-        config.listen = listen
-    if tls_cert is not None:
-        config.tls_cert = Path(tls_cert).expanduser()
-    if tls_key is not None:
-        config.tls_key = Path(tls_key).expanduser()
+        resolved = hubconfig.load(path, required=must, flags=flags, environ=env)
+    except ConfigFileError as exc:
+        raise ConfigError(str(exc)) from None
+    config = hub_config(resolved)
+    config.config_file, config.config_required = path, must
+    config.flags, config.environ = flags, env
     if bool(config.tls_cert) != bool(config.tls_key):
         raise ConfigError("TLS needs both a certificate and a key (--tls-cert and --tls-key)")
     return config
 
 
-def _metrics_token(value: object) -> str | None:
-    """`[metrics] token`: visible ASCII, no spaces (it goes in an `Authorization` header); ""
-    is none."""
-    if not isinstance(value, str):
-        raise ValueError("[metrics] token must be a string")
-    if value and not all("!" <= c <= "~" for c in value):
-        raise ValueError("[metrics] token must be printable ASCII without spaces")
-    return value or None
+def hub_config(resolved: Resolved) -> HubConfig:
+    """A `HubConfig` from resolved settings (hub/config.py)."""
+    v = resolved.values
+    http = HttpConfig(
+        **hubconfig.section(v, "fanout"),
+        **hubconfig.section(v, "connections"),
+        metrics_token=v["metrics.token"],
+    )
+    mock = MockConfig(**hubconfig.section(v, "mock"))
+    mock.allow_hosts = list(mock.allow_hosts)
+    return HubConfig(
+        data_dir=Path(v["data_dir"]),
+        listen=v["listen"],
+        tls_cert=v["tls.cert"],
+        tls_key=v["tls.key"],
+        limits=Limits(**hubconfig.section(v, "limits")),
+        http=http,
+        compact_count=v["store.compact_count"],
+        compact_bytes=v["store.compact_bytes"],
+        mock=mock,
+        log_level=v["log.level"],
+        log_format=v["log.format"],
+        settings=resolved,
+        warnings=list(resolved.file.warnings),
+    )
 
 
-def _table(raw: dict[str, Any], name: str, keys: set[str], where: str) -> dict[str, Any]:
-    table = raw.get(name, {})
-    if not isinstance(table, dict):
-        raise ConfigError(f"{where}: [{name}] must be a table")
-    unknown = set(table) - keys
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) in [{name}]: {', '.join(sorted(unknown))}")
-    return table
+class ConfigWatcher:
+    """Re-reads the config file when asked (SIGHUP) and when it changes on disk (its mtime,
+    size or inode, checked every `config.config_poll` seconds), and hands what changed to
+    `apply` (`hubconfig.plan_reload`). A file that cannot be read is one warning, and the
+    running settings stay; keys that need a restart are logged once per new value."""
+
+    def __init__(self, config: HubConfig, apply: Callable[[hubconfig.Reload], None]) -> None:
+        assert config.config_file is not None and config.settings is not None
+        self.path = config.config_file
+        self.required = config.config_required
+        self.flags = config.flags
+        self.environ = config.environ
+        self.poll = config.config_poll
+        self.apply = apply
+        self.schema = hubconfig.schema()
+        self.running = config.settings  # the values in effect (pending changes not among them)
+        self.pending: dict[str, Any] = {}
+        self.stamp = _stamp(self.path)
+        self.reloads = 0  # files read again (a bad one included): what tests wait on
+        self._wake = trio.Event()
+
+    def request(self) -> None:
+        """Re-read the file now, changed or not (SIGHUP)."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            with trio.move_on_after(self.poll):
+                await self._wake.wait()
+            forced = self._wake.is_set()
+            if forced:
+                self._wake = trio.Event()
+            stamp = _stamp(self.path)
+            if forced or stamp != self.stamp:
+                self.stamp = stamp
+                self.reload()
+
+    def reload(self) -> hubconfig.Reload | None:
+        """Read, compare, apply; None if the file could not be read."""
+        self.reloads += 1
+        try:
+            new = hubconfig.load(
+                self.path,
+                required=self.required,
+                flags=self.flags,
+                environ=self.environ,
+                settings=self.schema,
+            )
+        except ConfigFileError as exc:
+            log.warning("hub: config file not reloaded, the running settings stay: %s", exc)
+            return None
+        plan = hubconfig.plan_reload(self.running, new, self.schema)
+        for warning in plan.warnings:
+            log.warning("hub: %s", warning)
+        if plan.live:
+            self.apply(plan)
+            log.info(
+                "hub: applied from %s: %s",
+                self.path,
+                ", ".join(f"{k} = {self._shown(k, v)}" for k, v in sorted(plan.live.items())),
+            )
+        values = dict(self.running.values) | plan.live
+        for key in sorted(set(self.pending) - set(plan.pending)):
+            log.info("hub: %s is back to the value it runs with", key)
+        for key, value in sorted(plan.pending.items()):
+            if key not in self.pending or self.pending[key] != value:
+                log.warning(
+                    "hub: %s = %s in %s applies at the next start",
+                    key,
+                    self._shown(key, value),
+                    self.path,
+                )
+        self.pending = dict(plan.pending)
+        self.running = Resolved(values, new.sources, new.file)
+        return plan
+
+    def _shown(self, key: str, value: Any) -> str:
+        if key == "metrics.token":
+            return "(set)" if value else "(none)"
+        return json.dumps(hubconfig.shown(self.schema, key, value))
 
 
-def _seconds(value: object, name: str) -> float:
-    if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
-        raise ValueError(f"{name} must be a number of seconds > 0")
-    return float(value)
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
-def _int(value: object, name: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ValueError(f"{name} must be an integer >= 0")
-    return value
+def _apply_live(plan: hubconfig.Reload, http: HubHttp, accounts: Accounts) -> None:
+    """The settings a running hub takes at once: the log level, the metrics token (read by
+    each scrape), the default limits (as `hub limits set` changes them)."""
+    live = plan.live
+    if "log.level" in live:
+        logging.getLogger().setLevel(str(live["log.level"]).upper())
+    if "metrics.token" in live:
+        http.config.metrics_token = live["metrics.token"]
+    limits = hubconfig.section(live, "limits")
+    if limits:
+        accounts.set_defaults(replace(accounts.defaults, **limits))
 
 
 # ------------------------------------------------------------------------------------ process
 async def _main(config: HubConfig) -> None:
     async with trio.open_nursery() as nursery:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             server: HubServer = await nursery.start(serve_hub, config)
             async for signum in signals:
+                if signum == signal.SIGHUP:
+                    if server.reload_config():
+                        log.info("received SIGHUP, re-reading %s", config.config_file)
+                    else:
+                        log.info("received SIGHUP: no config file to re-read")
+                    continue
                 log.info("received %s, shutting down", signal.Signals(signum).name)
                 server.close_clients()
                 with trio.move_on_after(SHUTDOWN_GRACE):

@@ -17,6 +17,7 @@ import os
 import socket
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -135,6 +136,8 @@ class HttpExchange:
             (b"Content-Length", str(len(body)).encode("ascii")),
             (b"Cache-Control", b"no-store"),
             (b"Connection", b"close"),
+            # RFC 9110 6.6.1: an origin server with a clock sends one (`doctor` reads the skew)
+            (b"Date", formatdate(usegmt=True).encode("ascii")),
             *headers,
         ]
         reason = HTTPStatus(status).phrase.encode("ascii") if status in _STATUSES else b""

@@ -194,6 +194,7 @@ ARG_KINDS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "space.unhub": {"space": str},
     "config.get": {"key": str},
     "config.set": {"key": str, "value": str},
+    "config.reload": {},
     "env.mock": {"id": str, "hub": bool, "access": str, "rotate_token": bool},
     "mock.start": {"id": str, "port": int, "hostname": str},
     "mock.stop": {"id": str},

@@ -29,7 +29,6 @@ from typing import Any, Protocol
 
 from pycrdt import Doc, Map
 
-from ..core import settings
 from ..core.attachments import Attachments, env_of, files_doc_id
 from ..core.errors import (
     AMBIGUOUS,
@@ -232,8 +231,6 @@ class SpacesService:
             "env.share": self.op_share,
             "env.unshare": self.op_unshare,
             "env.mock": self.op_mock,
-            "config.get": self.op_config_get,
-            "config.set": self.op_config_set,
             "identity": self.op_identity,
         }
         for op, handler in ops.items():
@@ -521,6 +518,7 @@ class SpacesService:
                 {"device": device, **info, "self": device == self.identity.device_id}
                 for device, info in sorted(space.doc.members().items())
             ]
+            present = sum(1 for e in envs if e["present"])
             out.append(
                 {
                     "id": space.id,
@@ -528,6 +526,12 @@ class SpacesService:
                     "joined": space.joined,
                     "members": members,
                     "environments": envs,
+                    # the first sync after a join (`space join` waits for it): the document
+                    # came from a member (its `info` is the creator's), and every environment
+                    # it lists as shared is here
+                    "synced": space.doc.name is not None and present == len(envs),
+                    "environments_total": len(envs),
+                    "environments_present": present,
                 }
             )
         return out
@@ -851,28 +855,6 @@ class SpacesService:
         env_id = _str(args, "id")
         space, tickets = self.unshare(env_id)
         return _pending(tickets, {"id": env_id, "space": space.id})
-
-    async def op_config_get(self, args: dict[str, Any], session: Any) -> Any:
-        config = {"name": self.identity.name, **settings.get_all(self.store)}
-        key = args.get("key")
-        if key is None:
-            return config
-        if key not in config:
-            raise OpError(NOT_FOUND, f"unknown setting {key!r} (known: {', '.join(config)})")
-        return config[key]
-
-    async def op_config_set(self, args: dict[str, Any], session: Any) -> Any:
-        key = _str(args, "key")
-        if key != "name":
-            try:
-                ticket = settings.set_one(self.store, key, args.get("value"))
-            except settings.SettingError as exc:
-                code = NOT_FOUND if str(exc).startswith("unknown setting") else BAD_REQUEST
-                raise OpError(code, str(exc)) from None
-            shown = settings.get_all(self.store)[key]
-            return _pending([ticket], {"key": key, "value": shown, "restart": True})
-        tickets = self.set_name(args.get("value"))
-        return _pending(tickets, {"key": key, "value": self.identity.name})
 
     async def op_identity(self, args: dict[str, Any], session: Any) -> Any:
         return {

@@ -57,8 +57,13 @@ class StatusService:
         events: EventLog,
         data_dir: Path,
         settings: StatusSettings,
+        *,
+        enabled: bool = True,
     ) -> None:
         check_tls(settings.listen, settings.tls_cert, settings.tls_key)
+        self.enabled = enabled
+        self._changed = trio.Event()
+        self._served = trio.Event()
         self.ops = ops
         self.store = store
         self.events = events
@@ -108,13 +113,47 @@ class StatusService:
 
     # -- running ------------------------------------------------------------------------------
 
+    def reconfigure(self, settings: StatusSettings, enabled: bool) -> None:
+        """New settings from a reloaded config file: checked first (StatusConfigError, and the
+        page goes on as it was), then the page is served again with them."""
+        check_tls(settings.listen, settings.tls_cert, settings.tls_key)
+        if (settings, enabled) == (self.settings, self.enabled):
+            return
+        self.settings, self.enabled = settings, enabled
+        self._served = trio.Event()
+        self._changed.set()
+
+    async def served(self) -> None:
+        """Returns once the page runs with the latest settings (or could not listen)."""
+        await self._served.wait()
+
     async def run(
         self, *, task_status: trio.TaskStatus[int | None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Serve until cancelled; `started` with the bound port, or None if the page is off."""
+        """Serve until cancelled, again after each `reconfigure`; `started` with the first
+        bound port, or None if the page is off."""
+        status: trio.TaskStatus[int | None] = task_status
+        while True:
+            self._changed = trio.Event()
+            async with trio.open_nursery() as nursery:
+                port = await nursery.start(self._serve) if self.enabled else None
+                if not self.enabled:
+                    self.port = self.url = self.error = None
+                status.started(port)
+                status = trio.TASK_STATUS_IGNORED
+                self._served.set()
+                await self._changed.wait()
+                nursery.cancel_scope.cancel()
+            log.info("status page settings changed: serving it again")
+
+    async def _serve(
+        self, *, task_status: trio.TaskStatus[int | None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """One listener with the current settings, until cancelled."""
         from hypercorn.config import Config
         from hypercorn.trio import serve
 
+        self.port = self.url = self.error = None
         host, port = self.settings.listen
         tls = self.settings.tls_cert is not None
         config = Config()
