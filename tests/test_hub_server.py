@@ -5,9 +5,7 @@ kill -9 of a real `peerdaemon hub serve`, TLS, and the admin commands."""
 from __future__ import annotations
 
 import base64
-import datetime
 import hashlib
-import ipaddress
 import json
 import os
 import re
@@ -24,7 +22,7 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
-from helpers import SPACE, YClient, client, running_hub, setup_accounts, url
+from helpers import SPACE, YClient, client, running_hub, self_signed, setup_accounts, url
 from pycrdt import Doc, Map, Text
 from trio_websocket import ConnectionClosed, open_websocket_url
 from wsproto.connection import Connection, ConnectionType
@@ -759,41 +757,6 @@ async def test_kill9_loses_nothing_acknowledged(tmp_path):
 
 
 # --------------------------------------------------------------------------------------- TLS
-def self_signed(tmp_path: Path) -> tuple[Path, Path]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
-
-
 async def test_tls_directly(tmp_path):
     tokens = setup_accounts(tmp_path, "alice")
     cert, key = self_signed(tmp_path)

@@ -21,7 +21,7 @@ from daemonutil import (
     InProcessDaemon,
     base_fixture,  # noqa: F401  (fixture)
 )
-from helpers import LOCAL, free_port
+from helpers import LOCAL, free_port, self_signed
 from modelutil import load
 
 from peerdaemon.daemon.supervisor import DaemonConfig
@@ -384,7 +384,7 @@ async def test_no_status_page_when_off(base, nursery):
 
 
 async def test_tls_listener_serves_https(base, nursery, tmp_path):
-    cert, key = make_cert(tmp_path)
+    cert, key = self_signed(tmp_path)
     port = free_port()
     d = await start(
         base,
@@ -410,40 +410,6 @@ async def test_tls_listener_serves_https(base, nursery, tmp_path):
     assert status == 200 and json.loads(body)["status_page"]["tls"] is True
     assert (await d.op("status"))["status_page"]["url"] == f"https://127.0.0.1:{port}/"
     await d.stop()
-
-
-def make_cert(where: Path) -> tuple[Path, Path]:
-    import datetime
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "peerdaemon test")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = where / "cert.pem", where / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
 
 
 # -- another user -------------------------------------------------------------------------------

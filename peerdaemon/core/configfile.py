@@ -33,6 +33,7 @@ __all__ = [
     "Schema",
     "Setting",
     "kinds",
+    "locate",
     "read_file",
     "set_value",
     "unset_value",
@@ -245,6 +246,25 @@ class Schema:
 
 
 # ------------------------------------------------------------------------------------ reading
+def locate(
+    explicit: str | os.PathLike[str] | None,
+    variable: str,
+    filename: str,
+    environ: Mapping[str, str] | None = None,
+) -> tuple[Path, bool]:
+    """A config file and whether it must exist: the one named on the command line (must),
+    else `$variable`, else `filename` in the platform's config dir (~/.config/peerdaemon on
+    Linux, `$XDG_CONFIG_HOME` honoured), read only if it is there."""
+    if explicit:
+        return Path(explicit).expanduser().absolute(), True
+    env = (os.environ if environ is None else environ).get(variable)
+    if env:
+        return Path(env).expanduser().absolute(), False
+    import platformdirs
+
+    return platformdirs.user_config_path("peerdaemon", appauthor=False) / filename, False
+
+
 @dataclass
 class FileValues:
     """What one config file sets: the program's values by key, their lines, the warnings."""

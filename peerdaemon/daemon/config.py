@@ -24,11 +24,12 @@ from ..core.configfile import (
     Schema,
     Setting,
     kinds,
+    locate,
     read_file,
     resolve,
     set_value,
 )
-from ..core.locations import APP_NAME, default_data_dir, default_socket_path
+from ..core.locations import default_data_dir, default_socket_path
 from ..core.runner import LOG_FORMATS, LOG_LEVELS
 
 if TYPE_CHECKING:
@@ -240,14 +241,7 @@ HEADER = """\
 def config_path(explicit: str | os.PathLike[str] | None = None) -> tuple[Path, bool]:
     """The config file and whether it must exist: `--config` (must), else `$PEERDAEMON_CONFIG`,
     else `config.toml` in the platform's config dir (~/.config/peerdaemon on Linux)."""
-    if explicit:
-        return Path(explicit).expanduser().absolute(), True
-    env = os.environ.get(CONFIG_ENV)
-    if env:
-        return Path(env).expanduser().absolute(), False
-    import platformdirs
-
-    return platformdirs.user_config_path(APP_NAME, appauthor=False) / "config.toml", False
+    return locate(explicit, CONFIG_ENV, "config.toml")
 
 
 def load(

@@ -28,6 +28,7 @@ from ..core.configfile import (
     Schema,
     Setting,
     kinds,
+    locate,
     parse_size,
     read_file,
     resolve,
@@ -297,14 +298,7 @@ def config_path(
     """The config file and whether it must exist: `--config` (must), else
     `$PEERDAEMON_HUB_CONFIG`, else `hub.toml` in the platform's config dir
     (~/.config/peerdaemon on Linux), read only if it is there."""
-    if explicit:
-        return Path(explicit).expanduser().absolute(), True
-    env = (os.environ if environ is None else environ).get(CONFIG_ENV)
-    if env:
-        return Path(env).expanduser().absolute(), False
-    import platformdirs
-
-    return platformdirs.user_config_path(APP_NAME, appauthor=False) / "hub.toml", False
+    return locate(explicit, CONFIG_ENV, "hub.toml", environ)
 
 
 def load(
