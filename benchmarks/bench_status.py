@@ -32,23 +32,15 @@ from typing import Any
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # chromium.py
 from bench_daemon import patch_load  # noqa: E402
+from chromium import CHROMIUM, chromium_args  # noqa: E402
 from envgen import FIXTURE, make_environment  # noqa: E402
 from procutil import stop_process  # noqa: E402
 
 from peerdaemon.api.client import Client, DaemonNotRunning  # noqa: E402
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
+CHROMIUM_ARGS = chromium_args()
 CLI = Path(sys.executable).parent / "peerdaemon"
 
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 import trio
+from chromium import CHROMIUM, chromium_args
 from daemonutil import (
     Dev,
     base_fixture,  # noqa: F401  (fixture)
@@ -35,19 +36,8 @@ from peerdaemon.daemon.supervisor import DaemonConfig
 playwright_api = pytest.importorskip("playwright.sync_api")
 expect = playwright_api.expect
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    # a DNS rebinding attacker's name, resolved to this machine (the Host check must refuse it)
-    "--host-resolver-rules=MAP rebind.test 127.0.0.1",
-]
+# a DNS rebinding attacker's name, resolved to this machine (the Host check must refuse it)
+CHROMIUM_ARGS = chromium_args(maps={"rebind.test": "127.0.0.1"})
 SHOTS = Path(__file__).resolve().parent.parent / "docs" / "status-page"
 WAIT_MS = 15_000
 
