@@ -24,6 +24,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -323,11 +324,24 @@ def check_expectations(observed: Sequence[Observed]) -> list[str]:
 # processes: the real Mockoon CLI
 
 
+_GIVEN: set[int] = set()
+_GIVEN_LOCK = threading.Lock()
+
+
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind((LOCAL, 0))
-        return s.getsockname()[1]
+    """A TCP port free on 127.0.0.1 right now, and never handed out before in this process.
+
+    Servers start in parallel threads: without the memory, the kernel could give a port just
+    released by one probe to the next, two servers would race for it, and the loser's requests
+    would reach the winner (a Mockoon 404 for routes it does not have)."""
+    with _GIVEN_LOCK:
+        while True:
+            with socket.socket() as s:
+                s.bind((LOCAL, 0))
+                port = s.getsockname()[1]
+            if port not in _GIVEN:
+                _GIVEN.add(port)
+                return port
 
 
 def process_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
