@@ -19,7 +19,7 @@ from pycrdt import Doc, Map
 
 from peerdaemon.api.client import AsyncClient, DaemonError
 from peerdaemon.daemon.supervisor import DaemonConfig, serve
-from peerdaemon.model import apply_environment, export_environment, prepare
+from peerdaemon.model import MODEL_VERSION, apply_environment, export_environment, prepare
 
 MAX_FRAME = 1 << 18  # small, so that oversized frames are cheap to send
 TEST_ENV = "test-env.json"
@@ -137,7 +137,7 @@ async def test_status_and_list_of_an_empty_daemon(daemon, client):
     assert status["data_dir"] == str(daemon.config.data_dir)
     assert status["socket"] == str(daemon.config.socket_path)
     assert status["environments"] == 0 and status["newer"] == []
-    assert status["last_migration"] == 33 and status["model_version"] == 1
+    assert status["last_migration"] == 33 and status["model_version"] == MODEL_VERSION == 2
     assert isinstance(status["store"], dict) and status["uptime"] >= 0
     assert status["events"] >= 1  # daemon-started
     assert await client.list_envs() == []

@@ -228,7 +228,7 @@ def test_connecting_to_ourselves_is_detected():
 
 
 def make_hello(identity: object) -> bytes:
-    conn = MemoryConnection(identity, FakeHost([S1]), dialer=True, now=0)  # type: ignore[arg-type]
+    conn = MemoryConnection(identity, FakeHost([S1]), dialer=True, now=0, model=1)  # type: ignore[arg-type]
     return conn.data_to_send()[0]
 
 
@@ -453,7 +453,7 @@ def test_a_listener_echoing_the_dialers_tags_is_not_admitted():
 
     Tags are bound to the sender's role, so Alice only accepts tags made with the listener's
     role: accepting her own would admit anyone who can copy what she just sent."""
-    a = MemoryConnection(ALICE, FakeHost([S1]), dialer=True, now=0)
+    a = MemoryConnection(ALICE, FakeHost([S1]), dialer=True, now=0, model=1)
     mallory = make_identity("mallory")
     m = Handshake(mallory, lambda: [], dialer=False, model=1)
     assert m.start() == []

@@ -136,7 +136,7 @@ def memory_pair() -> tuple[MemoryWs, MemoryWs]:
 
 def make_link(ident: Any, host: FakeHost, cfg: PeerConfig, *, dialer: bool, events: list) -> Link:
     def make_conn(now: float) -> PeerConnection:
-        return PeerConnection(ident, host, dialer=dialer, now=now, config=cfg.session)  # type: ignore[arg-type]
+        return PeerConnection(ident, host, dialer=dialer, now=now, config=cfg.session, model=1)  # type: ignore[arg-type]
 
     return Link(
         make_conn,

@@ -23,12 +23,23 @@ from typing import NoReturn
 
 from peerdaemon.api.client import Client as Client  # re-exported: tests stub Client.connect
 from peerdaemon.api.client import ClientError
-from peerdaemon.cli import completion, config, daemon, doctor, env, hub, mock, service, space
+from peerdaemon.cli import (
+    completion,
+    config,
+    daemon,
+    doctor,
+    env,
+    hub,
+    mock,
+    presence,
+    service,
+    space,
+)
 from peerdaemon.cli.common import EXAMPLES, PROG, CliError, Commands, warn
 
 __all__ = ["CliError", "build_parser", "main"]
 
-GROUPS = (daemon, env, space, mock, config, hub, service, doctor, completion)
+GROUPS = (daemon, env, space, presence, mock, config, hub, service, doctor, completion)
 
 
 def _version() -> str:

@@ -5,17 +5,20 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from peerdaemon.api.client import DaemonError
 from peerdaemon.api.protocol import UUID_MISMATCH
 from peerdaemon.cli.common import (
+    PROG,
     CliError,
     Commands,
     call,
     cell,
     connect,
+    match_env,
     optional_call,
     print_table,
     read_bytes,
@@ -26,6 +29,7 @@ from peerdaemon.cli.common import (
     warn,
     write_file,
 )
+from peerdaemon.cli.presence import editor_label, editors_by_env
 from peerdaemon.cli.progress import Progress, format_bytes
 from peerdaemon.model.schema import LAST_MIGRATION
 
@@ -115,6 +119,7 @@ def register(commands: Commands) -> None:
         "delete", cmd_env_delete, "delete an environment", example="peerdaemon env delete 3f2a"
     )
     p.add_argument("id", metavar="ID", help=ID_HELP)
+    _register_history(envs)
 
     p = envs.command(
         "watch",
@@ -195,27 +200,33 @@ def cmd_env_list(args: argparse.Namespace) -> int:
         envs = [e if isinstance(e, dict) else {"id": e} for e in client.list_envs() or ()]
         shared = _sharing(optional_call(client, "space.list", []))
         links = optional_call(client, "env.links", [])
+        editors = editors_by_env(optional_call(client, "presence.list", {}))
     links = links if isinstance(links, list) else []
     linked = {str(link.get("id")): link.get("path") for link in links if isinstance(link, dict)}
     if args.json:  # env.list's entries, plus where each is shared and linked
         for env in envs:
             env.setdefault("shared", shared.get(str(env.get("id"))))
             env.setdefault("linked", linked.get(str(env.get("id"))))
+            env.setdefault("editors", editors.get(str(env.get("id")), []))
         print(to_json(envs))
         return 0
-    rows = [("ID", "NAME", "ROUTES", "SHARED", "LINKED", "FLAGS")]
+    # who edits what (presence): a column only while someone does, so the usual table is
+    # unchanged
+    editing = any(editors.get(str(env.get("id"))) for env in envs)
+    head = ("ID", "NAME", "ROUTES", "SHARED", "LINKED")
+    rows = [(*head, "EDITORS", "FLAGS") if editing else (*head, "FLAGS")]
     for env in envs:
         space = shared.get(str(env.get("id")))
-        rows.append(
-            (
-                cell(env.get("id")),
-                cell(env.get("name")),
-                cell(env.get("routes")),
-                cell(space and (space.get("name") or space.get("id"))),
-                short_path(linked.get(str(env.get("id")))),
-                cell(_flags(env)),
-            )
+        row = (
+            cell(env.get("id")),
+            cell(env.get("name")),
+            cell(env.get("routes")),
+            cell(space and (space.get("name") or space.get("id"))),
+            short_path(linked.get(str(env.get("id")))),
         )
+        if editing:
+            row += (cell([editor_label(e) for e in editors.get(str(env.get("id")), [])]),)
+        rows.append((*row, cell(_flags(env))))
     print_table(rows)
     return 0
 
@@ -447,4 +458,153 @@ def cmd_env_links(args: argparse.Namespace) -> int:
     for link in links or ():
         if link.get("error"):
             warn(f"{link.get('id')}: {link['error']}")
+    return 0
+
+
+# --- history, restore and the trash (docs/history.md) ----------------------------------------
+def _register_history(envs: Any) -> None:
+    p = envs.command(
+        "history",
+        cmd_env_history,
+        "list an environment's versions: when, who, what changed",
+        example="peerdaemon env history Demo",
+    )
+    p.add_argument("id", metavar="ID", help=ID_HELP + " (or a deleted environment's id)")
+    p.add_argument("--json", action="store_true", help="print the versions as JSON")
+
+    p = envs.command(
+        "show",
+        cmd_env_show,
+        "print an environment's JSON, or a version's (--at)",
+        example="peerdaemon env show Demo --at 3",
+    )
+    p.add_argument("id", metavar="ID", help=ID_HELP + " (or a deleted environment's id)")
+    p.add_argument("--at", metavar="VERSION", type=int, help="the version to print")
+
+    p = envs.command(
+        "restore",
+        cmd_env_restore,
+        "make an environment what it was at VERSION (new edits every replica converges to)",
+        example="peerdaemon env restore Demo 3",
+    )
+    p.add_argument("id", metavar="ID", help=ID_HELP)
+    p.add_argument("version", metavar="VERSION", type=int, help="as `env history` lists it")
+
+    p = envs.command(
+        "trash",
+        cmd_env_trash,
+        "list deleted environments that can be brought back",
+        example="peerdaemon env trash",
+    )
+    p.add_argument("--json", action="store_true", help="print the trash as JSON")
+
+    p = envs.command(
+        "untrash",
+        cmd_env_untrash,
+        "bring a deleted environment back from the trash, as a local environment",
+        example="peerdaemon env untrash 3f2a",
+    )
+    p.add_argument("id", metavar="ID", help="its id, a unique id prefix or its exact name")
+    p.add_argument(
+        "--new-id",
+        action="store_true",
+        help="give it a fresh id (when an environment with its id exists again)",
+    )
+
+
+def _when(seconds: Any) -> str:
+    if not isinstance(seconds, int | float):
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds))
+
+
+def _who(devices: Any, me: Any) -> str:
+    names = []
+    for device in devices if isinstance(devices, list) else ():
+        names.append("this device" if device == me else str(device).split("-")[0])
+    return ", ".join(names) or "-"
+
+
+def cmd_env_history(args: argparse.Namespace) -> int:
+    with connect(args) as client:
+        env_id = resolve_env(client, args.id, missing_ok=True)
+        result = client.call("env.history", id=env_id)
+        me = (optional_call(client, "status", {}) or {}).get("device")
+    versions = result.get("versions") if isinstance(result, dict) else None
+    if args.json:
+        print(to_json(result))
+        return 0
+    rows = [("VERSION", "TIME", "REASON", "BY", "CHANGES")]
+    for v in versions or ():
+        changes = cell(v.get("summary"))
+        if v.get("note"):
+            changes = f"{changes} ({v['note']})"
+        rows.append(
+            (
+                cell(v.get("version")),
+                _when(v.get("time")),
+                cell(v.get("reason")),
+                _who(v.get("devices"), me),
+                changes,
+            )
+        )
+    print_table(rows)
+    return 0
+
+
+def cmd_env_show(args: argparse.Namespace) -> int:
+    with connect(args) as client:
+        if args.at is None:
+            value = client.export(resolve_env(client, args.id))
+        else:
+            env_id = resolve_env(client, args.id, missing_ok=True)
+            value = client.call("env.at", id=env_id, version=args.at)
+    print(to_json(value))
+    return 0
+
+
+def cmd_env_restore(args: argparse.Namespace) -> int:
+    with connect(args) as client:
+        env_id = resolve_env(client, args.id)
+        result = client.call("env.restore", id=env_id, version=args.version)
+    if isinstance(result, dict) and not result.get("changed"):
+        warn(f"{env_id} is version {args.version} already: nothing changed")
+    return 0
+
+
+def cmd_env_trash(args: argparse.Namespace) -> int:
+    entries = call(args, "env.trash")
+    if args.json:
+        print(to_json(entries))
+        return 0
+    rows = [("ID", "NAME", "ROUTES", "DELETED", "EXPIRES", "BY")]
+    for e in entries or ():
+        rows.append(
+            (
+                cell(e.get("id")),
+                cell(e.get("name")),
+                cell(e.get("routes")),
+                _when(e.get("deleted")),
+                _when(e.get("expires")),
+                cell(e.get("origin")),
+            )
+        )
+    print_table(rows)
+    return 0
+
+
+def cmd_env_untrash(args: argparse.Namespace) -> int:
+    with connect(args) as client:
+        trashed = client.call("env.trash")
+        env_id = match_env(trashed if isinstance(trashed, list) else [], args.id, missing_ok=True)
+        try:
+            result = client.call("env.untrash", id=env_id, new_id=args.new_id)
+        except DaemonError as exc:
+            if exc.code != "exists":
+                raise
+            raise CliError(
+                f"an environment with id {env_id} exists again; `{PROG} env untrash {env_id} "
+                "--new-id` brings the trashed one back beside it, under a new id (exists)"
+            ) from None
+    print(result["id"] if isinstance(result, dict) else result)
     return 0

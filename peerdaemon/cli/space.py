@@ -345,6 +345,13 @@ def cmd_space_list(args: argparse.Namespace) -> int:
         envs = [e.get("name") or e.get("id") for e in space.get("environments", ())]
         rows.append((cell(space.get("id")), cell(space.get("name")), cell(members), cell(envs)))
     print_table(rows)
+    for space in spaces or ():
+        if space.get("state") == "incompatible-version":
+            print(
+                f"{space.get('id')}: incompatible-version: its environments need model "
+                f"{space.get('needs')}; {space.get('action') or 'upgrade peerdaemon'} "
+                "(this device keeps its copies and syncs none of them until then)"
+            )
     return 0
 
 

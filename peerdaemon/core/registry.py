@@ -19,6 +19,7 @@ from pycrdt import Doc, Map, get_update
 from ..model import LAST_MIGRATION, apply_environment, export_environment
 from ..model.layout import ENV_ROOT
 from ..model.lib0 import EMPTY_UPDATE
+from ..model.migrations import daemon_version, doc_version, migrate
 from ..model.strays import Malformed, StrayFinder, decode, delete_update, has_strays
 from ..store import Store, Ticket
 from .errors import is_failure
@@ -77,14 +78,25 @@ class Environment:
 
 
 class Registry:
-    def __init__(self, store: Store, events: EventLog) -> None:
+    def __init__(self, store: Store, events: EventLog, *, model_version: int | None = None) -> None:
         self.store = store
         self.events = events
+        self.model_version = daemon_version() if model_version is None else model_version
+        """The model this daemon writes new documents at and migrates to (model/migrations.py);
+        lower than MODEL_VERSION only in tests of two daemon versions side by side."""
+        self.before_migrate: list[Callable[[str], None]] = []
+        """(env id): before `migrate` changes a document (a history checkpoint, "migration")."""
         self.envs: dict[str, Environment] = {}
         self._listeners: dict[int, ChangeListener] = {}
         self._next_token = 1
         self._failing: dict[tuple[str, str, int], str] = {}
         """(env id, follower) -> the reason it last failed: reported once, not on every change."""
+        self.before_apply: list[Callable[[str, dict[str, Any], dict[str, Any], str], None]] = []
+        """(env id, its JSON now, the JSON replacing it, origin): before a whole-environment
+        write changes the document (core/history.py keeps what a large removal replaces)."""
+        self.before_delete: list[Callable[[str, str], None]] = []
+        """(env id, origin): before any deletion, while the environment is still readable
+        (core/history.py: the trash). Every deletion path passes here."""
 
     # -- loading -------------------------------------------------------------------------------
 
@@ -159,7 +171,8 @@ class Registry:
 
     def create(self, env_id: str, prepared: dict[str, Any], origin: str) -> Ticket:
         env = self._track(Environment(env_id, Doc()))
-        apply_environment(env.doc, prepared)  # registered only once it holds the environment
+        # registered only once it holds the environment
+        apply_environment(env.doc, prepared, model=self.model_version)
         self.envs[env_id] = env
         self.events.emit("environment-created", id=env_id, origin=origin)
         self._commit(env, origin, new=prepared)
@@ -172,6 +185,8 @@ class Registry:
         """A whole-environment write, as minimal edits."""
         env = self.get(env_id)
         old = self.export(env_id)
+        for hook in self.before_apply:  # a failing hook is reported, never the write's failure
+            self._follow(env_id, origin, ("history", 0), hook, env_id, old, prepared, origin)
         try:
             apply_environment(env.doc, prepared, old=old)
         except BaseException:
@@ -218,6 +233,35 @@ class Registry:
             env.pending = repair
             self._commit(env, "repair")  # to every follower: the origin keeps them too
         return created, changed, env.last_ticket
+
+    def migrate(self, env_id: str, origin: str = "migration") -> Ticket | None:
+        """Bring an environment's document up to this daemon's model (model/migrations.py), as
+        one change of this device's that every replica converges to; None if it needs none.
+
+        The one place a migration runs (the spaces service decides when); `before_migrate`
+        hooks see the document before it (a failing hook is reported, never the migration's)."""
+        env = self.get(env_id)
+        if doc_version(env.doc) >= self.model_version:
+            return None
+        for hook in self.before_migrate:
+            self._follow(env_id, origin, ("history", 0), hook, env_id)
+        self._before_change(env)
+        try:
+            steps = migrate(env.doc, self.model_version, origin)
+        except BaseException:
+            self._rollback(env)
+            raise
+        for update in env.pending:
+            self._learn(env, update)
+        self._commit(env, origin)
+        self.events.emit(
+            "environment-migrated",
+            id=env_id,
+            origin=origin,
+            model=self.model_version,
+            migrations=[m.summary for m in steps],
+        )
+        return env.last_ticket
 
     def _remove_strays(
         self, env: Environment, update: list[Any] | None, commit: bool = True
@@ -272,6 +316,8 @@ class Registry:
 
     def delete(self, env_id: str, origin: str) -> Ticket:
         env = self.get(env_id)
+        for hook in self.before_delete:  # the trash: enqueued before the delete itself
+            self._follow(env_id, origin, ("trash", 0), hook, env_id, origin)
         del self.envs[env_id]
         ticket = self.store.enqueue_delete(env_id)
         for subscriber in list(env.subscribers.values()):

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..core.configfile import (
     ConfigFileError,
+    Kind,
     Resolved,
     Schema,
     Setting,
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CONFIG_ENV",
     "HEADER",
+    "HISTORY_KEYS",
     "SCHEMA",
     "ConfigFileError",
     "DaemonConfig",
@@ -63,6 +65,36 @@ PEER_DEFAULTS = {
     "max_half_open_per_ip": 8,
 }
 
+
+# -- history (core/history.py, docs/history.md) ---------------------------------------------
+def _share(value: Any) -> float:
+    if not isinstance(value, int | float) or isinstance(value, bool) or not 0 <= value <= 1:
+        raise ValueError("must be a share between 0 and 1 (0.5: half)")
+    return float(value)
+
+
+def _days(value: Any) -> float:
+    if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
+        raise ValueError("must be a number of days > 0")
+    return float(value)
+
+
+def _number_text(text: str) -> float:
+    try:
+        return float(text.strip())
+    except ValueError:
+        raise ValueError("must be a number") from None
+
+
+HISTORY_KEYS = (
+    "history.enabled",
+    "history.interval",
+    "history.keep_days",
+    "history.keep_count",
+    "history.put_threshold",
+    "history.trash_days",
+)
+
 S = Setting
 SCHEMA = Schema(
     [
@@ -72,6 +104,12 @@ SCHEMA = Schema(
             "this device's name, as the members of its spaces see it",
             live=True,
             flag="--name",
+        ),
+        S(
+            "display_name",
+            kinds.text,
+            "your name in presence (who edits what), as others see it (unset: the device name)",
+            live=True,
         ),
         S(
             "data_dir",
@@ -156,6 +194,49 @@ SCHEMA = Schema(
             kinds.minimum_size(1024),
             "bytes logged for an environment before it is compacted",
             default=8 << 20,
+        ),
+        S(
+            "history.enabled",
+            kinds.boolean,
+            "keep versions of environments (the trash is kept either way)",
+            default=True,
+            live=True,
+        ),
+        S(
+            "history.interval",
+            kinds.seconds,
+            "seconds of changes to an environment per version",
+            default=300.0,
+            live=True,
+        ),
+        S(
+            "history.keep_days",
+            Kind("days", _days, _number_text),
+            "versions older than this many days are pruned (the newest stays)",
+            default=90.0,
+            live=True,
+        ),
+        S(
+            "history.keep_count",
+            kinds.positive,
+            "versions kept per environment, at most",
+            default=200,
+            live=True,
+        ),
+        S(
+            "history.put_threshold",
+            Kind("share", _share, _number_text),
+            "a whole-environment write removing more than this share of its entities is"
+            " preceded by a version",
+            default=0.5,
+            live=True,
+        ),
+        S(
+            "history.trash_days",
+            Kind("days", _days, _number_text),
+            "days a deleted environment stays in the trash",
+            default=30.0,
+            live=True,
         ),
         S(
             "mock.faker_seed",
@@ -298,6 +379,7 @@ class DaemonConfig:
     flags: dict[str, Any] = field(default_factory=dict)
     environ: dict[str, str] | None = None
     extra: dict[str, object] = field(default_factory=dict)
+    history: dict[str, Any] = field(default_factory=dict)  # `history.*` (HISTORY_KEYS) set
 
 
 def daemon_config(resolved: Resolved, **extra: Any) -> DaemonConfig:
@@ -326,6 +408,7 @@ def daemon_config(resolved: Resolved, **extra: Any) -> DaemonConfig:
         status_tls_cert=v["status.tls_cert"].absolute() if v["status.tls_cert"] else None,
         status_tls_key=v["status.tls_key"].absolute() if v["status.tls_key"] else None,
         status_hosts=list(v["status.hosts"]),
+        history={key: v[key] for key in HISTORY_KEYS},
         config_file=resolved.file.path,
         settings=resolved,
         **extra,

@@ -25,6 +25,7 @@ from ..core.addresses import parse_address
 from ..core.attachments import Attachments
 from ..core.errors import OpError, Pending
 from ..core.events import EventLog
+from ..core.history import History, HistorySettings
 from ..core.identity import Identity, load_or_create_identity
 from ..core.registry import Registry
 from ..core.runner import run_process
@@ -34,6 +35,7 @@ from ..mirror import Folder, FolderSync, MirrorService
 from ..mock import MockService
 from ..operations import Operations
 from ..peer import PeerManager
+from ..presence import Me, PresenceService
 from ..spaces import SpacesService
 from ..status import StatusService, StatusSettings
 from ..store import Store, StoreError
@@ -62,6 +64,8 @@ class Daemon:
     attachments: Attachments | None = None
     status: StatusService | None = None  # the status page; `status.port` once it listens
     settings: LiveConfig | None = None  # config.get/set/reload; a reload on SIGHUP
+    presence: PresenceService | None = None  # who is connected and edits what (docs/presence.md)
+    history: History | None = None  # versions and the trash (docs/history.md)
 
 
 async def serve(
@@ -82,11 +86,21 @@ async def serve(
             identity = load_or_create_identity(store, config.name)
         except ValueError as exc:
             raise RuntimeError(f"--name: {exc}") from None
+        # history follows the registry before anything can delete (the trash sees every delete)
+        history = History(
+            registry, store, identity.device_id, HistorySettings.from_mapping(config.history)
+        )
+        history.attach()
+        service.history = history
         attachments = Attachments(store, events, identity.device_id)
         attachments.load()
         spaces = SpacesService(registry, store, identity, events, attachments)
         spaces.load()
         spaces.register(service)
+        presence = PresenceService(
+            Me(identity.device_id, identity.name, _display_name(config)), registry, spaces
+        )
+        presence.register(service)
         status = None
         if config.status or config.config_file is not None:  # (a file may turn it on later)
             status = StatusService(
@@ -100,6 +114,7 @@ async def serve(
             status.register(service)
         async with trio.open_nursery() as nursery:
             await nursery.start(store.run)
+            await nursery.start(history.run)
             mirror = MirrorService(registry, store, service, events, config.mirror_dir)
             await nursery.start(mirror.run)
             mocks = MockService(
@@ -118,8 +133,13 @@ async def serve(
             folders = partial(_folders, mirror, mocks)
             files = FolderSync(registry, attachments, events, folders, store=store)
             await nursery.start(files.run)
-            manager, port, discovery = await _start_lan(nursery, config, identity, spaces, events)
-            hubs = HubLinkService(identity, spaces, store, events, config=config.peer_config)
+            await nursery.start(presence.run)
+            manager, port, discovery = await _start_lan(
+                nursery, config, identity, spaces, events, awareness=presence
+            )
+            hubs = HubLinkService(
+                identity, spaces, store, events, config=config.peer_config, awareness=presence
+            )
             hubs.load()
             hubs.register(service)
             await nursery.start(hubs.run)
@@ -127,7 +147,7 @@ async def serve(
             live = LiveConfig(
                 config,
                 events,
-                _appliers(config, spaces, manager, status),
+                _presence_appliers(_appliers(config, spaces, manager, status, history), presence),
                 current_name=lambda: identity.name,
             )
             live.register(service)
@@ -165,6 +185,8 @@ async def serve(
                     attachments=attachments,
                     settings=live,
                     status=status,
+                    history=history,
+                    presence=presence,
                 )
             )
     finally:
@@ -185,6 +207,7 @@ def _appliers(
     spaces: SpacesService,
     manager: PeerManager,
     status: StatusService | None,
+    history: History | None = None,
 ) -> dict[str, Callable[[Any], Any]]:
     """How each live setting (daemon/config.py) reaches the service that holds it."""
     static = list(config.peers)
@@ -219,12 +242,42 @@ def _appliers(
         status.reconfigure(settings, bool(values["status.enabled"]))  # StatusConfigError
         return Pending(status.served, None)
 
+    def history_settings(values: dict[str, Any]) -> None:
+        if history is not None:
+            history.configure(HistorySettings.from_mapping(values))
+
     return {
+        "history.*": history_settings,
         "name": name,
         "lan.peers": peers,
         "log.level": log_level,
         "status.*": status_page,
     }
+
+
+def _display_name(config: DaemonConfig) -> str | None:
+    """The user's display name (`config set display_name`), shown to the other members."""
+    if config.settings is not None:
+        value = config.settings.values.get("display_name")
+    else:
+        value = config.extra.get("display_name")
+    return value if isinstance(value, str) and value else None
+
+
+def _presence_appliers(
+    appliers: dict[str, Callable[[Any], Any]], presence: PresenceService
+) -> dict[str, Callable[[Any], Any]]:
+    """The display name goes to presence live, and so does a new device name."""
+    rename = appliers.get("name")
+
+    def name(value: str | None) -> Any:
+        result = rename(value) if rename is not None else None
+        presence.set_device_name(value)
+        return result
+
+    appliers["name"] = name
+    appliers["display_name"] = presence.set_display_name
+    return appliers
 
 
 async def _all_durable(tickets: list[Any]) -> None:
@@ -283,6 +336,8 @@ async def _start_lan(
     identity: Identity,
     spaces: SpacesService,
     events: EventLog,
+    *,
+    awareness: PresenceService | None = None,
 ) -> tuple[PeerManager, int | None, MdnsDiscovery | None]:
     """The peer manager (listener, static peers, invite peers) and, if allowed, mDNS."""
     manager = PeerManager(
@@ -292,6 +347,7 @@ async def _start_lan(
         listen=config.listen,
         static_peers=list(config.peers),
         config=config.peer_config,
+        awareness=awareness,
     )
     port = await nursery.start(manager.run)
     if port is not None and config.listen is not None:

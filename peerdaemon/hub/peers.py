@@ -27,10 +27,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from ..core.awareness import AwarenessError
 from ..core.identity import Identity, load_or_create_identity
 from ..model import MODEL_VERSION
 from ..peer import (
     HUB_TOKEN_ID_LEN,
+    AwarenessReceived,
     Closed,
     DocFailed,
     DocRefused,
@@ -45,6 +47,7 @@ from ..peer import (
     hub_token_proof,
     messages,
 )
+from ..presence import Awareness
 from .accounts import LimitExceeded
 
 __all__ = ["HubAuth", "PeerEndpoint", "create_peer_endpoint"]
@@ -57,6 +60,10 @@ PROOF_LEN = 32
 MAX_SPACE_ID = 128
 OK = "ok"
 REGISTERED = "registered"
+ROOMS = "yws"
+"""The presence source of every y-websocket room's clients (they come and go with the rooms)."""
+ROOMS_CLIENT = 0
+"""The hub's own awareness client id: it publishes no state, so none is ever sent."""
 
 
 class HubDocsLike(Protocol):
@@ -282,6 +289,10 @@ class _ScopedDocs:
     def allowed(self, doc_id: str, space_ids: Iterable[str]) -> bool:
         return self._space_of(doc_id, space_ids) is not None
 
+    def space_of(self, doc_id: str) -> str | None:
+        """The accepted space `doc_id` belongs to (presence is kept per space)."""
+        return self._space_of(doc_id, self.auth.accepted)
+
     def state_vector(self, doc_id: str) -> bytes | None:
         space = self._space_of(doc_id, self.auth.accepted)
         if space is None:
@@ -345,6 +356,10 @@ class PeerEndpoint:
         self.model = model
         self._daemons: dict[Link, _Daemon] = {}
         self._envs: dict[str, frozenset[str]] = {}
+        self._awareness: dict[str, Awareness] = {}
+        """Per space, the presence the daemons and the y-websocket rooms send (docs/presence.md):
+        the hub relays it (only changes) and removes a daemon's states when its link closes."""
+        self._rooms: Any = None
         self._listener = hub_docs.add_listener(self._on_change)
         self._accounts_listener = accounts.add_change_listener(self._recheck)
 
@@ -359,6 +374,50 @@ class PeerEndpoint:
             except Exception:
                 log.exception("hub: could not keep an identity in the store; using a new one")
         return Identity.generate("hub")
+
+    def bridge_rooms(self, rooms: Any) -> None:
+        """Carry presence between the daemons and the y-websocket rooms (`ywebsocket.Rooms`):
+        what the rooms' clients send reaches the daemons of the space, and the daemons' states
+        reach the rooms' clients."""
+        self._rooms = rooms
+        rooms.awareness_listener = self._from_rooms
+        rooms.awareness_provider = self._awareness_snapshot
+
+    def _space_awareness(self, space_id: str) -> Awareness:
+        core = self._awareness.get(space_id)
+        if core is None:
+            core = self._awareness[space_id] = Awareness(ROOMS_CLIENT)
+        return core
+
+    def _from_rooms(self, space_id: str, doc_id: str, payload: bytes) -> None:
+        core = self._space_awareness(space_id)
+        try:
+            core.receive(ROOMS, doc_id, payload, time.monotonic())
+        except AwarenessError:
+            return
+        self._send_awareness(space_id)
+
+    def _awareness_snapshot(self, space_id: str, doc_id: str) -> bytes | None:
+        core = self._awareness.get(space_id)
+        return core.snapshot(doc_id) if core is not None else None
+
+    def _send_awareness(self, space_id: str) -> None:
+        """The space's presence core's sends: to its daemons, and to the rooms."""
+        core = self._awareness.get(space_id)
+        if core is None:
+            return
+        core.handle_timer(time.monotonic())  # time-outs (the hub holds no state of its own)
+        for send in core.sends():
+            if send.to is None and send.exclude != ROOMS and self._rooms is not None:
+                self._rooms.inject_awareness(space_id, send.doc, send.payload)
+            for daemon in list(self._daemons.values()):
+                link = daemon.link
+                if space_id not in daemon.auth.accepted or link.closed is not None:
+                    continue
+                source = link.awareness_source
+                if source != send.exclude and (send.to is None or send.to == source):
+                    link.send_awareness(send.doc, send.payload)
+        core.changes()  # the hub shows no presence of its own
 
     def close(self) -> None:
         """Stop following HubDocs and Accounts (the links end with the server's nursery)."""
@@ -500,6 +559,12 @@ class PeerEndpoint:
                 ):
                     other.link.close(messages.DUPLICATE, "the device connected again")
             daemon.since = time.time()
+            for space in sorted(daemon.auth.accepted):
+                docs = daemon.host.docs_of([space])
+                self._space_awareness(space).link_opened(
+                    link.awareness_source, docs, time.monotonic()
+                )
+                self._send_awareness(space)
             log.info(
                 "hub: daemon %s (%s) of user %s connected from %s: spaces %s",
                 event.name,
@@ -520,7 +585,24 @@ class PeerEndpoint:
             self._emit(
                 "environment-error", id=event.doc, device=daemon.auth.device, reason=event.reason
             )
+        elif isinstance(event, AwarenessReceived):
+            space = daemon.host.space_of(event.doc)
+            if space is not None:
+                try:
+                    self._space_awareness(space).receive(
+                        link.awareness_source, event.doc, event.payload, time.monotonic()
+                    )
+                except AwarenessError as exc:
+                    log.info("hub: bad awareness from %s: %s", link.peer_device, exc)
+                    return
+                self._send_awareness(space)
         elif isinstance(event, Closed):
+            if link.conn is not None and link.conn.established:
+                for space in sorted(daemon.auth.accepted):
+                    core = self._awareness.get(space)
+                    if core is not None:
+                        core.link_closed(link.awareness_source, time.monotonic())
+                        self._send_awareness(space)
             # a device id is a fact only once the handshake proved it; before, it is a claim
             conn = link.conn
             device = conn.established.device if conn and conn.established else None

@@ -195,6 +195,9 @@ async def serve_hub(
         accounts.add_change_listener(yjs.revalidate)
         factory = config.peer_endpoint or create_peer_endpoint
         endpoint = factory(docs, accounts, events)
+        bridge = getattr(endpoint, "bridge_rooms", None)
+        if bridge is not None:  # presence between the daemons and the y-websocket clients
+            bridge(rooms)
         mocks = HostedMocks(docs, accounts, events, config.data_dir, config.mock)
         refusals = EventCounts("limit-exceeded", "reason")
         events.listen(refusals)

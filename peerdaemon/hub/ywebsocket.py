@@ -28,15 +28,17 @@ Wire format (y-protocols): varuint message type, then
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Protocol
 
 from pycrdt import merge_updates
 
+from ..core.awareness import MAX_STATE, AwarenessEntry, AwarenessError, encode_awareness
+from ..core.awareness import decode_awareness as _decode_awareness
 from ..model.lib0 import EMPTY_UPDATE, BadVarUint, write_var_uint
 from ..model.lib0 import read_var_uint as lib0_read_var_uint
 
@@ -183,43 +185,13 @@ def decode_message(data: bytes) -> Message:
     return Message(kind, -1, b"")
 
 
-@dataclass(frozen=True, slots=True)
-class AwarenessEntry:
-    client: int
-    clock: int
-    state: str  # JSON text as sent; "null" removes the client's state
-
-    @property
-    def removed(self) -> bool:
-        return self.state == "null"
-
-
 def decode_awareness(payload: bytes) -> list[AwarenessEntry]:
-    """Decode an awareness update; states must be JSON (checked, so no client relays junk)."""
-    count, pos = read_var_uint(payload, 0)
-    entries = []
-    for _ in range(count):
-        client, pos = read_var_uint(payload, pos)
-        clock, pos = read_var_uint(payload, pos)
-        raw, pos = _read_var_bytes(payload, pos)
-        try:
-            text = raw.decode("utf-8")
-            if text != "null":
-                json.loads(text)
-        except (UnicodeDecodeError, ValueError):
-            raise ClientProtocolError("awareness state is not JSON") from None
-        entries.append(AwarenessEntry(client, clock, text))
-    return entries
-
-
-def encode_awareness(entries: Iterable[AwarenessEntry]) -> bytes:
-    items = list(entries)
-    out = [write_var_uint(len(items))]
-    for e in items:
-        out.append(write_var_uint(e.client))
-        out.append(write_var_uint(e.clock))
-        out.append(_var_bytes(e.state.encode("utf-8")))
-    return b"".join(out)
+    """Decode an awareness update (`core.awareness`); bytes that are not one are the client's
+    fault."""
+    try:
+        return _decode_awareness(payload)
+    except AwarenessError as exc:
+        raise ClientProtocolError(str(exc)) from None
 
 
 # ------------------------------------------------------------------------------------ outbox
@@ -458,6 +430,8 @@ class Room:
     states: dict[int, str] = field(default_factory=dict)  # awareness client -> JSON state
     relay: list[tuple[bytes, str]] = field(default_factory=list)  # durable, not yet sent
     waiting: list[_Waiting] = field(default_factory=list)  # step 1s waiting for durability
+    on_awareness: Callable[[bytes], None] | None = None
+    """Told each awareness update the room accepted from its clients (the daemons get it)."""
 
     @property
     def key(self) -> tuple[str, str]:
@@ -487,7 +461,9 @@ class Room:
                 removed.append(AwarenessEntry(client, clock, "null"))
         conn.awareness_ids.clear()
         if removed:
-            self._broadcast(awareness_message(encode_awareness(removed)), exclude=None)
+            payload = encode_awareness(removed)
+            self._broadcast(awareness_message(payload), exclude=None)
+            self._tell(payload)
         if len(self.clocks) - len(self.states) > MAX_REMOVED_CLOCKS:
             # forget the clocks of long-gone clients (every page reload is a new client id)
             self.clocks = {c: k for c, k in self.clocks.items() if c in self.states}
@@ -506,7 +482,9 @@ class Room:
                 elif msg.payload != EMPTY_UPDATE:
                     return StoreUpdate(conn, self.space_id, self.doc_id, msg.payload)
             elif msg.kind == MSG_AWARENESS:
-                self._on_awareness(conn, msg.payload)
+                accepted = self._on_awareness(conn, msg.payload)
+                if accepted:
+                    self._tell(encode_awareness(accepted))
             elif msg.kind == MSG_QUERY_AWARENESS:
                 conn.send(self.framer(awareness_message(self._all_states())))
             # auth messages from a client and unknown types are ignored, as y-websocket does
@@ -530,24 +508,47 @@ class Room:
             return
         conn.send(self.framer(_sync_head(SYNC_STEP2, update), update))
 
-    def _on_awareness(self, conn: YConn, payload: bytes) -> None:
+    def _on_awareness(self, conn: YConn | None, payload: bytes) -> list[AwarenessEntry]:
+        """Apply an awareness update from `conn` (None: from the daemons, `inject`); relay what
+        changed (a higher clock, or the removal of a known state) to the room."""
         accepted = []
         for e in decode_awareness(payload):
+            if not e.removed and len(e.state) > MAX_STATE:  # presence's cap: not relayed
+                log.info("yws room %s/%s: awareness state over %d bytes", *self.key, MAX_STATE)
+                continue
             current = self.clocks.get(e.client, 0)
             if current < e.clock or (current == e.clock and e.removed and e.client in self.states):
                 self.clocks[e.client] = e.clock
                 if e.removed:
                     self.states.pop(e.client, None)
-                    conn.awareness_ids.discard(e.client)
+                    if conn is not None:
+                        conn.awareness_ids.discard(e.client)
                 else:
                     self.states[e.client] = e.state
-                    conn.awareness_ids.add(e.client)
+                    if conn is not None:
+                        conn.awareness_ids.add(e.client)
                 accepted.append(e)
         if accepted:
             # To the sender too, as the Node server does: a client alone in a room otherwise
             # hears nothing, and y-websocket providers reconnect after 30 s of silence. Its own
             # entries come back with the clocks it has, so it does not send them again.
             self._broadcast(awareness_message(encode_awareness(accepted)), exclude=None)
+        return accepted
+
+    def inject(self, payload: bytes) -> None:
+        """Awareness from the daemons on the hub (`Rooms.inject_awareness`): relayed to the
+        room's clients; the daemons' side removes its own states when their links close."""
+        try:
+            self._on_awareness(None, payload)
+        except ClientProtocolError as exc:
+            log.info("yws room %s/%s: bad awareness from a daemon: %s", *self.key, exc)
+
+    def _tell(self, payload: bytes) -> None:
+        if self.on_awareness is not None:
+            try:
+                self.on_awareness(payload)
+            except Exception:
+                log.exception("room %s/%s: passing awareness on failed", *self.key)
 
     def _all_states(self) -> bytes:
         return encode_awareness(
@@ -608,6 +609,11 @@ class Rooms:
         self.framer = framer
         self.rooms: dict[tuple[str, str], Room] = {}
         self._dirty: set[tuple[str, str]] = set()
+        self.awareness_listener: Callable[[str, str, bytes], None] | None = None
+        """(space, doc, update): awareness the rooms accepted from their clients (for the
+        daemons on the hub: `peers.PeerEndpoint.bridge_rooms`)."""
+        self.awareness_provider: Callable[[str, str], bytes | None] | None = None
+        """(space, doc) -> the daemons' awareness states, given to a room when it opens."""
 
     @property
     def clients(self) -> int:
@@ -621,8 +627,21 @@ class Rooms:
         room = self.rooms.get(key)
         if room is None:
             room = self.rooms[key] = Room(self.docs, space_id, doc_id, self.framer)
+            listener = self.awareness_listener
+            if listener is not None:
+                room.on_awareness = partial(listener, space_id, doc_id)
+            provider = self.awareness_provider
+            payload = provider(space_id, doc_id) if provider is not None else None
+            if payload:
+                room.inject(payload)  # nobody to send it to yet: it becomes the room's states
         room.join(conn)
         return room
+
+    def inject_awareness(self, space_id: str, doc_id: str, payload: bytes) -> None:
+        """Awareness from the daemons on the hub, to the room's clients if it is open."""
+        room = self.rooms.get((space_id, doc_id))
+        if room is not None:
+            room.inject(payload)
 
     def leave(self, conn: YConn) -> None:
         room = conn.room

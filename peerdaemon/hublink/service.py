@@ -47,6 +47,8 @@ from ..core.events import EventLog
 from ..core.identity import Identity
 from ..model import MODEL_VERSION
 from ..peer import (
+    AwarenessHost,
+    AwarenessReceived,
     Backoff,
     Closed,
     DocError,
@@ -318,6 +320,24 @@ class HubDialer:
             self.wake.set()
         elif self.link is not None:
             self.link.docs_changed()
+            self._awareness_opened(self.link)
+
+    def send_awareness(self, doc: str, payload: bytes, exclude: str | None, to: str | None) -> None:
+        """Presence to the hub (docs/presence.md), unless it came from this very link."""
+        link = self.link
+        if link is None or link.closed is not None:
+            return
+        source = link.awareness_source
+        if source != exclude and (to is None or to == source):
+            link.send_awareness(doc, payload)
+
+    def _awareness_opened(self, link: Link) -> None:
+        awareness = self.service.awareness
+        conn = link.conn
+        if awareness is not None and conn is not None and conn.established and not link.closed:
+            awareness.awareness_opened(
+                link.awareness_source, self.service.spaces.docs_of(conn.spaces)
+            )
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -441,6 +461,12 @@ class HubDialer:
             )
             self._set(CONNECTED, None)
             self.settle(self.attempt)
+            self._awareness_opened(link)
+        elif isinstance(event, AwarenessReceived):
+            if self.service.awareness is not None:
+                self.service.awareness.awareness_received(
+                    link.awareness_source, event.doc, event.payload
+                )
         elif isinstance(event, Synced):
             self.synced = True
             self.backoff.reset()
@@ -465,6 +491,9 @@ class HubDialer:
                 reason=event.reason,
             )
         elif isinstance(event, Closed):
+            awareness = self.service.awareness
+            if awareness is not None and link.conn is not None and link.conn.established:
+                awareness.awareness_closed(link.awareness_source)
             self.detail, self.versions = event.detail, event.versions
             if (
                 event.reason == messages.FORBIDDEN
@@ -630,8 +659,11 @@ class HubLinkService:
         config: PeerConfig | None = None,
         model: int = MODEL_VERSION,
         rng: random.Random | None = None,
+        awareness: AwarenessHost | None = None,
     ) -> None:
         self.identity = identity
+        self.awareness = awareness
+        """Presence (docs/presence.md), carried over the hub links too."""
         self.spaces = spaces
         self.store = store
         self.events = events
@@ -849,6 +881,8 @@ class HubLinkService:
         """Dial every attached hub until cancelled."""
         change = self.spaces.add_listener(self._on_local_change)
         docs = self.spaces.add_docs_listener(self._on_docs_changed)
+        awareness = self.awareness
+        presence = awareness.add_awareness_listener(self._on_awareness) if awareness else None
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -860,6 +894,12 @@ class HubLinkService:
             self._nursery = None
             self.spaces.remove_listener(change)
             self.spaces.remove_docs_listener(docs)
+            if awareness is not None and presence is not None:
+                awareness.remove_awareness_listener(presence)
+
+    def _on_awareness(self, doc: str, payload: bytes, exclude: str | None, to: str | None) -> None:
+        for dialer in list(self.dialers.values()):
+            dialer.send_awareness(doc, payload, exclude, to)
 
     def _on_local_change(self, doc: str, update: bytes, origin: str) -> None:
         for dialer in list(self.dialers.values()):

@@ -44,7 +44,11 @@ def prepare(env: Any, env_id: str | None = None) -> tuple[dict[str, Any], list[s
 
 
 def apply_environment(
-    doc: Doc, env: dict[str, Any], origin: Any = None, old: dict[str, Any] | None = None
+    doc: Doc,
+    env: dict[str, Any],
+    origin: Any = None,
+    old: dict[str, Any] | None = None,
+    model: int | None = None,
 ) -> None:
     """Bring `doc` to `env` (a result of `prepare`) with the smallest change, in one transaction.
 
@@ -53,8 +57,13 @@ def apply_environment(
     little. If that export had to give entities new uuids or mend references, `old` is not a
     faithful picture of the document (a skipped part could read differently once the rest has
     changed), and the whole document is synced instead, once: afterwards it mirrors `env`.
+
+    A new document gets `meta.model` = `model` (default MODEL_VERSION: a daemon run at a lower
+    model passes its own); an existing one keeps its version, which only a migration changes
+    (model/migrations.py), and one that has none gets 1, what it reads as.
     """
     remove_strays(doc)  # text in the arrays is not part of any environment, and hangs yrs
+    new = not len(root_map(doc, ENV_ROOT))
     if _UNFAITHFUL.pop(doc, False):
         old = None
     old = old or {}
@@ -80,15 +89,10 @@ def apply_environment(
         if not unchanged(old.get(ROOT_REF_LIST), refs):
             sync_plain_array(root_array(doc, ROOT_REF_LIST), refs)
         meta = root_map(doc, META_ROOT)
-        absent = sorted(k for k in _TOP_LISTS if k not in env)
-        if meta.get("model") != MODEL_VERSION:
-            meta["model"] = MODEL_VERSION
-        current = meta.get("absent")
-        if (current or []) != absent:
-            if absent:
-                meta["absent"] = absent
-            elif "absent" in meta:
-                del meta["absent"]
+        if "model" not in meta:  # an existing one without it was written by a model-1 client
+            meta["model"] = (MODEL_VERSION if model is None else model) if new else 1
+        if "absent" in meta:  # no longer in the layout (migration 1 -> 2); a client wrote it
+            del meta["absent"]
 
 
 def import_environment(

@@ -23,8 +23,9 @@ MAX_DEPTH = 64
 `routes` list 1, a route 2...). Deeper containers read as absent and are refused on writes, so
 that no reader or writer recurses without bound."""
 
-MODEL_VERSION = 1
-"""Version of the Yjs layout in docs/model.md; written in the document's `meta` map."""
+MODEL_VERSION = 2
+"""Version of the Yjs layout in docs/model.md; written in the document's `meta` map. Raising it
+takes a migration in model/migrations.py."""
 
 
 @dataclass(frozen=True)

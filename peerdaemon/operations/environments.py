@@ -36,6 +36,7 @@ from ..core.errors import (
     Pending,
     arg,
 )
+from ..core.history import History
 from ..core.registry import Registry, UnknownEnvironment, UnsupportedUpdate, UpdateRejected
 from ..model import LAST_MIGRATION, MODEL_VERSION, ModelError, is_newer, prepare
 from ..model.keyorder import order_like
@@ -121,6 +122,13 @@ def _list_index(token: str, size: int) -> int | None:
     return index if index < size else None
 
 
+def _version_arg(args: dict[str, Any]) -> int:
+    version = args.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise OpError(BAD_REQUEST, "argument 'version' must be a version number (1 or more)")
+    return version
+
+
 def _pending(ticket: Ticket | None, result: Any) -> Any:
     if ticket is None:
         return result
@@ -179,6 +187,11 @@ ARG_KINDS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "env.delete": {"id": str},
     "env.export": {"id": str, "format": str, "state_vector": bytes},
     "env.merge": {"id": str},  # `update` of the wrong type is `bad-update` (the op says so)
+    "env.history": {"id": str},
+    "env.at": {"id": str, "version": int},
+    "env.restore": {"id": str, "version": int},
+    "env.trash": {},
+    "env.untrash": {"id": str, "new_id": bool},
     "env.subscribe": {"id": str},
     "events.subscribe": {"since": int},
     "unsubscribe": {"sub": int},
@@ -200,6 +213,10 @@ ARG_KINDS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "mock.stop": {"id": str},
     "mock.list": {},
     "mock.logs": {"id": str, "limit": int, "follow": bool},
+    "presence.set": {"env": str, "entity": str, "field": str},
+    "presence.clear": {"env": str},
+    "presence.list": {"space": str},
+    "presence.subscribe": {"space": str},
 }
 """The type of each argument an operation takes (of every service on the socket), checked before
 the operation runs: an argument of the wrong type is `bad-request` with a message, never an
@@ -227,6 +244,10 @@ class Operations:
         from its space, on every device)."""
         self.status_hooks: list[Callable[[], dict[str, Any]]] = []
         """Each adds keys to the `status` result (spaces: `device`, `name`)."""
+        self.summary_hooks: list[Callable[[dict[str, Any]], None]] = []
+        """Each may add keys to an `env.list` entry (spaces: `incompatible`, docs/spaces.md)."""
+        self.history: History | None = None
+        """Versions and the trash (core/history.py); the supervisor sets it."""
         self._ops: dict[str, Callable[[dict[str, Any], Any], Awaitable[Any]]] = {
             "status": self.op_status,
             "env.list": self.op_list,
@@ -237,6 +258,11 @@ class Operations:
             "env.delete": self.op_delete,
             "env.export": self.op_export,
             "env.merge": self.op_merge,
+            "env.history": self.op_history,
+            "env.at": self.op_at,
+            "env.restore": self.op_restore,
+            "env.trash": self.op_trash,
+            "env.untrash": self.op_untrash,
             "env.subscribe": self.op_subscribe,
             "events.subscribe": self.op_events_subscribe,
             "unsubscribe": self.op_unsubscribe,
@@ -290,12 +316,18 @@ class Operations:
             "store": reg.store.stats(),
             "events": reg.events.last_id,
         }
+        if self.history is not None:
+            status["history"] = self.history.stats()
         for hook in self.status_hooks:
             status.update(hook())
         return status
 
     async def op_list(self, args: dict[str, Any], session: Any) -> Any:
-        return [self.registry.summary(i) for i in sorted(self.registry.envs)]
+        summaries = [self.registry.summary(i) for i in sorted(self.registry.envs)]
+        for hook in self.summary_hooks:
+            for summary in summaries:
+                hook(summary)
+        return summaries
 
     # -- environments --------------------------------------------------------------------------
 
@@ -387,6 +419,46 @@ class Operations:
             raise OpError(BAD_UPDATE, "update must be bytes (a Yjs v1 update)")
         created, changed, ticket = self.registry.merge(env_id, update, LOCAL)
         return _pending(ticket, {"created": created, "changed": changed})
+
+    # -- history and trash (core/history.py, docs/history.md) ----------------------------------
+
+    def _history(self) -> History:
+        if self.history is None:
+            raise OpError(BAD_REQUEST, "this daemon keeps no history")
+        return self.history
+
+    async def op_history(self, args: dict[str, Any], session: Any) -> Any:
+        env_id = _str_arg(args, "id")
+        history = self._history()
+        await history.settled()
+        return {"id": env_id, "versions": history.versions(env_id)}
+
+    async def op_at(self, args: dict[str, Any], session: Any) -> Any:
+        env_id = _str_arg(args, "id")
+        version = _version_arg(args)
+        history = self._history()
+        await history.settled()
+        return order_like(history.at(env_id, version), None)
+
+    async def op_restore(self, args: dict[str, Any], session: Any) -> Any:
+        env_id = _str_arg(args, "id")
+        version = _version_arg(args)
+        history = self._history()
+        await history.settled()
+        changed, ticket = history.restore(env_id, version, LOCAL)
+        return _pending(ticket, {"restored": version, "changed": changed})
+
+    async def op_trash(self, args: dict[str, Any], session: Any) -> Any:
+        history = self._history()
+        await history.settled()
+        return history.trash()
+
+    async def op_untrash(self, args: dict[str, Any], session: Any) -> Any:
+        env_id = _str_arg(args, "id")
+        history = self._history()
+        await history.settled()
+        new_id, ticket = history.untrash(env_id, LOCAL, new_id=bool(args.get("new_id")))
+        return _pending(ticket, {"id": new_id, "from": env_id})
 
     # -- subscriptions -------------------------------------------------------------------------
 

@@ -38,6 +38,8 @@ from .messages import (
     PeerProtocolError,
 )
 from .session import (
+    AwarenessHost,
+    AwarenessReceived,
     Closed,
     DocError,
     DocFailed,
@@ -66,6 +68,8 @@ __all__ = [
     "REASONS",
     "Admission",
     "AuthPolicy",
+    "AwarenessHost",
+    "AwarenessReceived",
     "Backoff",
     "CloseConnection",
     "Closed",

@@ -23,6 +23,7 @@ upgrade, which a dialer reports as `busy`.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import ssl
@@ -86,6 +87,9 @@ def _lost_reason(exc: ConnectionClosed) -> str:
     return TOO_LARGE if reason is not None and reason.code == WS_MESSAGE_TOO_BIG else CLOSED
 
 
+_numbers = itertools.count(1)
+
+
 class Link:
     """One websocket connection driving one `PeerConnection`.
 
@@ -122,6 +126,8 @@ class Link:
         self._wakeup = trio.Event()
         self._tick = trio.Event()
         self._cancel: trio.CancelScope | None = None
+        self.number = next(_numbers)
+        """This link's serial number (a presence `source` names one link: `awareness_source`)."""
         self.bytes_sent = 0
         self.bytes_received = 0
         """Websocket message payload bytes (the protocol's CBOR messages), both directions."""
@@ -140,6 +146,13 @@ class Link:
     def closed(self) -> Closed | None:
         return self.conn.closed if self.conn is not None else None
 
+    @property
+    def awareness_source(self) -> str:
+        """The presence source of this link: its origin and serial (`AwarenessHost`)."""
+        conn = self.conn
+        origin = conn.origin if conn is not None else None
+        return f"{origin or f'peer:{self.peer_device}'}#{self.number}"
+
     # -- called by the manager -----------------------------------------------------------------
 
     def local_update(self, doc: str, update: bytes, origin: str) -> None:
@@ -151,6 +164,13 @@ class Link:
         if self.conn is not None:
             self.conn.docs_changed()
             self._pump()
+
+    def send_awareness(self, doc: str, payload: bytes) -> None:
+        """Queue presence for the peer. Only wakes the writer, never drains events: it is
+        called from inside other links' (and this link's) event handling."""
+        if self.conn is not None and self.conn.send_awareness(doc, payload):
+            self._wakeup.set()
+            self._tick.set()
 
     def close(self, reason: str, detail: str = "") -> None:
         if self.conn is not None:

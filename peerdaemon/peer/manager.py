@@ -36,6 +36,8 @@ from .handshake import Established, IdentityLike, PeerHello
 from .link import Link, Slot, Unreachable, dial, format_address, remote_address, serve
 from .messages import CLOSED, DUPLICATE, SELF
 from .session import (
+    AwarenessHost,
+    AwarenessReceived,
     Closed,
     DocFailed,
     Event,
@@ -116,8 +118,11 @@ class PeerManager:
         config: PeerConfig | None = None,
         model: int = MODEL_VERSION,
         rng: random.Random | None = None,
+        awareness: AwarenessHost | None = None,
     ) -> None:
         self.identity = identity
+        self.awareness = awareness
+        """Presence (docs/presence.md): what the links receive goes there, and its updates out."""
         self.host = host
         self.emit_event = emit_event
         self.listen = listen
@@ -143,6 +148,10 @@ class PeerManager:
         self._space_secrets = self._secrets()
         change_token = host.add_listener(self._on_local_change)
         docs_token = host.add_docs_listener(self._on_docs_changed)
+        awareness = self.awareness
+        awareness_token = (
+            awareness.add_awareness_listener(self._on_awareness) if awareness else None
+        )
         try:
             async with trio.open_nursery() as nursery:
                 if self.listen is not None:
@@ -158,6 +167,8 @@ class PeerManager:
         finally:
             self._nursery = None
             host.remove_listener(change_token)
+            if awareness is not None and awareness_token is not None:
+                awareness.remove_awareness_listener(awareness_token)
             remove = getattr(host, "remove_docs_listener", None)
             if remove is not None:  # not in the SyncHost contract; the spaces service has it
                 remove(docs_token)
@@ -398,7 +409,12 @@ class PeerManager:
                 row.synced = True
             if target is not None:
                 target.backoff.reset()
+        elif isinstance(event, AwarenessReceived):
+            if self.awareness is not None:
+                self.awareness.awareness_received(link.awareness_source, event.doc, event.payload)
         elif isinstance(event, Closed):
+            if self.awareness is not None and link.conn is not None and link.conn.established:
+                self.awareness.awareness_closed(link.awareness_source)
             self._on_closed(link, target, event)
         elif isinstance(event, DocFailed):  # that environment's error; the link goes on
             peer = f"peer:{link.peer_device}"
@@ -434,6 +450,8 @@ class PeerManager:
         )
         self._tie_break(row, event.device)
         self._refresh(row)
+        if self.awareness is not None and link.closed is None:
+            self.awareness.awareness_opened(link.awareness_source, self.host.docs_of(event.spaces))
 
     def _tie_break(self, row: _Row, peer: str) -> None:
         """Keep one connection per device pair; both sides reach the same choice."""
@@ -514,9 +532,22 @@ class PeerManager:
         for link in self._links():
             link.local_update(doc, update, origin)
 
+    def _on_awareness(self, doc: str, payload: bytes, exclude: str | None, to: str | None) -> None:
+        """Presence to send: to one link (`to`) or to every link but `exclude`."""
+        for link in self._links():
+            source = link.awareness_source
+            if source != exclude and (to is None or source == to):
+                link.send_awareness(doc, payload)
+
     def _on_docs_changed(self) -> None:
         for link in self._links():
             link.docs_changed()
+        if self.awareness is not None:  # presence of the documents a link syncs now
+            for link in self._links():
+                if link.closed is None:
+                    self.awareness.awareness_opened(
+                        link.awareness_source, self.host.docs_of(link.conn.spaces)
+                    )
         secrets = self._secrets()
         if secrets != self._space_secrets:
             # A space was joined or left: a peer that was unauthorized may not be any more.

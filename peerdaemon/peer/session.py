@@ -69,6 +69,9 @@ from .messages import (
 __all__ = [
     "EMPTY_STATE_VECTOR",
     "EMPTY_UPDATE",
+    "MAX_AWARENESS",
+    "AwarenessHost",
+    "AwarenessReceived",
     "Closed",
     "DocError",
     "DocFailed",
@@ -94,6 +97,9 @@ BOX_OVERHEAD = 64
 """Upper bound of what boxing adds to an inner message (tag, CBOR map, counter)."""
 UPDATE_OVERHEAD = BOX_OVERHEAD + 32
 """Upper bound of what a `sync` update message adds to its doc id and update bytes."""
+MAX_AWARENESS = 1 << 20
+"""Largest `awareness` message payload handled (docs/peer-protocol.md section 5.1); larger ones
+are ignored, the link stays up."""
 
 
 class SyncHostView(Protocol):
@@ -104,6 +110,21 @@ class SyncHostView(Protocol):
     def allowed(self, doc_id: str, space_ids: Iterable[str]) -> bool: ...
     def state_vector(self, doc_id: str) -> bytes | None: ...
     def diff(self, doc_id: str, state_vector: bytes) -> bytes: ...
+
+
+class AwarenessHost(Protocol):
+    """Where the shells hand presence (`peerdaemon.presence`, docs/presence.md): `source` names
+    one link, so that closing it removes exactly the states it delivered; the host sends through
+    its listeners `(doc, payload, exclude, to)`: to the link `to`, or to every link but
+    `exclude`."""
+
+    def awareness_opened(self, source: str, docs: Iterable[str]) -> None: ...
+    def awareness_received(self, source: str, doc: str, payload: bytes) -> None: ...
+    def awareness_closed(self, source: str) -> None: ...
+    def add_awareness_listener(
+        self, fn: Callable[[str, bytes, str | None, str | None], None]
+    ) -> int: ...
+    def remove_awareness_listener(self, token: int) -> None: ...
 
 
 @runtime_checkable
@@ -192,6 +213,15 @@ class DocFailed:
 
 
 @dataclass(frozen=True)
+class AwarenessReceived:
+    """The peer sent an awareness update (`payload`, the y-protocols encoding) of `doc`, one of
+    the connection's documents: the shell hands it to its `AwarenessHost`."""
+
+    doc: str
+    payload: bytes
+
+
+@dataclass(frozen=True)
 class Closed:
     """The connection is over: `reason` is ours (`by_peer` False) or the peer's close reason."""
 
@@ -201,7 +231,16 @@ class Closed:
     versions: dict[str, dict[str, int | None]] | None = None
 
 
-Event = UpdateReceived | HelloReceived | Established | Synced | DocError | DocFailed | Closed
+Event = (
+    UpdateReceived
+    | HelloReceived
+    | Established
+    | Synced
+    | DocError
+    | DocFailed
+    | AwarenessReceived
+    | Closed
+)
 
 
 class DocRefused(Exception):
@@ -236,7 +275,7 @@ class SyncSession:
         *,
         max_deferred: int = 4096,
         origin: str | None = None,
-        report: Callable[[DocError | DocFailed], None] | None = None,
+        report: Callable[[DocError | DocFailed | AwarenessReceived], None] | None = None,
         send_update: Callable[[str, bytes], None] | None = None,
     ) -> None:
         self.host = host
@@ -253,11 +292,16 @@ class SyncSession:
         self.sent_step1: set[str] = set()
         self._awaiting: set[str] = set()
         self._deferred: dict[str, bytes] = {}
+        self._deferred_awareness: dict[str, list[bytes]] = {}
+        """Presence of documents not (yet) allowed, the latest few messages of each."""
         self._applying_step2 = False
         """Whether the update handed out by `receive` answers one of our step 1s."""
         self.synced = False
         self.ignored = 0
         """Messages dropped because their document is not allowed on this connection."""
+
+    MAX_DEFERRED_AWARENESS = 8
+    """Presence messages kept per document not (yet) allowed."""
 
     def open(self) -> None:
         """Send step 1 for every document the common spaces share."""
@@ -290,6 +334,11 @@ class SyncSession:
             if self.host.allowed(doc, self.spaces):
                 del self._deferred[doc]
                 self._answer_step1(doc, sv)
+        for doc, payloads in list(self._deferred_awareness.items()):
+            if self.host.allowed(doc, self.spaces):
+                del self._deferred_awareness[doc]
+                for payload in payloads:
+                    self._awareness(doc, payload)
 
     def local_update(self, doc: str, update: bytes, origin: str) -> None:
         """A change of a local document: forward it unless it came from this very peer."""
@@ -307,7 +356,8 @@ class SyncSession:
         (its outcome goes to `update_done` before the next message)."""
         t = msg["t"]
         if t == "awareness":
-            return None  # reserved for presence; accepted and ignored in protocol version 1
+            self._awareness(msg["doc"], msg["m"])
+            return None
         if t == "error":
             error = DocError(msg["doc"], msg["reason"], msg.get("detail", ""))
             self.refused[error.doc] = error
@@ -337,6 +387,29 @@ class SyncSession:
             return None
         self._applying_step2 = kind == SYNC_STEP2
         return UpdateReceived(doc, payload, self.origin)
+
+    def _awareness(self, doc: str, payload: bytes) -> None:
+        """Presence of one of the connection's documents: an event for the shell. Presence is
+        advisory, so what is not ours to read (another document, an oversized payload) is
+        dropped and the link stays up."""
+        if len(payload) > MAX_AWARENESS:
+            self.ignored += 1
+            log.debug("ignoring awareness for %s on the connection to %s", doc, self.origin)
+            return
+        if not self.host.allowed(doc, self.spaces):
+            # kept (as a step 1 is) for a document shared a moment later: its presence would
+            # otherwise wait for the sender's next renewal
+            deferred = self._deferred_awareness.get(doc)
+            if deferred is not None:
+                deferred.append(payload)
+                del deferred[: -self.MAX_DEFERRED_AWARENESS]
+            elif len(self._deferred_awareness) < self._max_deferred:
+                self._deferred_awareness[doc] = [payload]
+            else:
+                self.ignored += 1
+            return
+        if self._report is not None:
+            self._report(AwarenessReceived(doc, payload))
 
     def update_done(self, event: UpdateReceived, exc: BaseException | None) -> None:
         """The shell applied `event` (`exc` None) or its host raised `exc`: a refusal becomes an
@@ -623,6 +696,17 @@ class PeerConnection:
         """A local document changed (`SyncHost.add_listener`)."""
         if self.session is not None and self.closed is None:
             self._guard(self.session.local_update, doc, update, origin)
+
+    def send_awareness(self, doc: str, payload: bytes) -> bool:
+        """Queue an awareness update of `doc` (docs/presence.md) if the connection is open and
+        syncs `doc`; -> whether it was queued."""
+        session = self.session
+        if session is None or self.closed is not None or len(payload) > MAX_AWARENESS:
+            return False
+        if not session.host.allowed(doc, session.spaces):
+            return False
+        self._guard(self._send_inner, {"t": "awareness", "doc": doc, "m": payload})
+        return True
 
     def docs_changed(self) -> None:
         """The syncable documents or our spaces changed (`SyncHost.add_docs_listener`)."""

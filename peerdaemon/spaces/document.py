@@ -3,9 +3,10 @@
 Layout (docs/spaces.md), every value a plain JSON object so each key is last-writer-wins:
 
     info          Y.Map  name, created (Unix s), creator (device id), layout (1)
-    members       Y.Map  device id -> {name, joined}
+    members       Y.Map  device id -> {name, joined, model}
     environments  Y.Map  env id -> {state: "shared" | "unshared" | "deleted", by, at}
     mocks         Y.Map  env id -> {hub: bool, access: "public" | "token", token, by, at}
+    models        Y.Map  "N" -> {by, at}: the environment model N reached the space
 
 Why a document and not messages: members and shares must converge on every device whatever the
 order in which devices meet, including devices that were offline while things changed. Values
@@ -27,6 +28,7 @@ __all__ = [
     "LAYOUT",
     "MEMBERS",
     "MOCKS",
+    "MODELS",
     "SHARED",
     "STATES",
     "UNSHARED",
@@ -38,6 +40,7 @@ INFO = "info"
 MEMBERS = "members"
 ENVIRONMENTS = "environments"
 MOCKS = "mocks"
+MODELS = "models"
 ACCESS = ("public", "token")
 
 SHARED = "shared"
@@ -69,11 +72,28 @@ class SpaceDoc:
             if isinstance(entry, dict):
                 name = entry.get("name")
                 joined = entry.get("joined")
+                model = entry.get("model")
                 out[device] = {
                     "name": name if isinstance(name, str) else "",
                     "joined": joined if isinstance(joined, int | float) else None,
+                    "model": _version(model),
                 }
         return out
+
+    def model(self) -> int:
+        """The environment model the space's documents follow: the newest any member brought
+        (`models` keys; 1 without any). Keys are only ever added, one per version, so concurrent
+        marks by devices that were apart all survive the merge and the newest wins."""
+        versions = [_version(key) for key in self._map(MODELS).keys()]
+        return max((v for v in versions if v is not None), default=1)
+
+    def mark_model(self, version: int, by: str) -> bool:
+        """Record that a device of model `version` is in the space (before it migrates any of
+        its documents, so that an older device learns it first); -> whether it wrote."""
+        if self.model() >= version:
+            return False
+        self._map(MODELS)[str(version)] = {"by": by, "at": time.time()}
+        return True
 
     def entry(self, env_id: str) -> dict[str, Any] | None:
         value = self._map(ENVIRONMENTS).get(env_id)
@@ -141,13 +161,21 @@ class SpaceDoc:
             info["layout"] = LAYOUT
             self._map(MEMBERS)[creator] = {"name": member_name, "joined": now}
 
-    def set_member(self, device: str, name: str, joined: float | None = None) -> None:
+    def set_member(
+        self, device: str, name: str, joined: float | None = None, model: int | None = None
+    ) -> None:
+        """This device's own entry; `model`: the environment model it runs at."""
         current = self.members().get(device)
         if joined is None:
             joined = current["joined"] if current and current["joined"] else time.time()
-        if current == {"name": name, "joined": joined}:
+        if model is None:
+            model = current["model"] if current else None
+        if current == {"name": name, "joined": joined, "model": model}:
             return  # no update for a no-op
-        self._map(MEMBERS)[device] = {"name": name, "joined": joined}
+        entry: dict[str, Any] = {"name": name, "joined": joined}
+        if model is not None:
+            entry["model"] = model
+        self._map(MEMBERS)[device] = entry
 
     def remove_member(self, device: str) -> None:
         members = self._map(MEMBERS)
@@ -169,3 +197,14 @@ class SpaceDoc:
         if state not in STATES:
             raise ValueError(f"unknown environment state {state!r}")
         self._map(ENVIRONMENTS)[env_id] = {"state": state, "by": by, "at": time.time()}
+
+
+def _version(value: object) -> int | None:
+    """A model version from a peer's entry or key ("2", 2 or 2.0); None for anything else."""
+    if isinstance(value, str):
+        value = int(value) if value.isdigit() and len(value) < 10 else None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+        return None
+    if value in (float("inf"), float("-inf")) or value != int(value) or value < 1:
+        return None
+    return int(value)

@@ -13,6 +13,13 @@ also repairs a crash between two writes): an environment whose entry says `unsha
 syncing and stays as a local copy, one that says `deleted` is deleted here. Because this is a
 function of the converged state rather than of the order of messages, devices that were apart
 end up doing the same thing when they meet. See docs/spaces.md.
+
+Model versions ("Model versions" in docs/spaces.md): each space document records the newest
+environment model a member brought (`SpaceDoc.model`). This device marks its own on meeting a
+space (`_meet`), migrates the documents it holds or receives below it (`_migrate`, through
+`Registry.migrate`), and syncs none of a space's environments that need a newer model than its
+own (`needs`, checked by `_sharing_space` and so by every SyncHost read; `_refuses` for an
+update that writes a newer `meta.model`).
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ from ..core.registry import Registry
 from ..model import prepare
 from ..model.layout import ENV_ROOT
 from ..model.lib0 import EMPTY_UPDATE
+from ..model.migrations import doc_version, model_item_ids, update_models
 from ..store import Store, Ticket
 from .document import ACCESS, DELETED, SHARED, UNSHARED, SpaceDoc
 from .invite import Invite, InviteError, decode_invite, encode_invite, parse_address
@@ -61,6 +69,8 @@ BINDINGS_SETTING = "spaces.bindings"
 EMPTY_STATE_VECTOR = b"\x00"
 MAX_SPACE_NAME = 100
 MAX_EARLY_UPDATES = 256
+INCOMPATIBLE = "incompatible-version"
+UPGRADE = "upgrade peerdaemon"
 
 ChangeListener = Callable[[str, bytes, str], None]
 
@@ -177,6 +187,14 @@ class SpacesService:
         self._next_token = 1
         self._docs: frozenset[str] = frozenset()
         self._early: dict[str, list[bytes]] = {}  # updates that came before the env's state
+        self.model_version = registry.model_version
+        """The environment model this device runs at (docs/model.md, "Migrations")."""
+        self._newer: dict[str, int] = {}
+        """env id -> the model of an update refused for it: a document that moved on."""
+        self._model_ids: dict[str, set[tuple[int, int]]] = {}
+        """env id -> the ids of its `meta.model` entries, to read versions from updates."""
+        self._reported: set[str] = set()
+        """Spaces and environments already reported as `incompatible-version`."""
         self.address_provider: Callable[[], list[str]] | None = None
         """Set by the peer side: this daemon's reachable `host:port`s, put into invites."""
         registry.add_listener(self._on_env_change)
@@ -217,7 +235,11 @@ class SpacesService:
         if isinstance(bindings, dict):
             self.bindings = {str(e): str(s) for e, s in bindings.items() if isinstance(s, str)}
         self._reconcile("local")
+        for space in self.spaces.values():
+            self._meet(space)
+        self._migrate_all()
         self._docs = self._syncable()
+        self._report_incompatible()
         return len(self.spaces)
 
     def register(self, service: Any) -> None:
@@ -237,6 +259,7 @@ class SpacesService:
             service.register(op, handler)
         service.before_delete.append(self.before_delete)
         service.status_hooks.append(self.status)
+        service.summary_hooks.append(self.decorate_summary)
 
     def _track(self, space: Space) -> Space:
         def on_transaction(event: Any) -> None:
@@ -267,6 +290,7 @@ class SpacesService:
             Space(id=_new_space_id(), secret=secrets.token_bytes(32), name=name, joined=time.time())
         )
         space.doc.init(name, self.identity.device_id, self.identity.name)
+        self._meet(space, commit=False)
         self.spaces[space.id] = space
         tickets = self._commit_space(space, LOCAL)
         tickets.append(self._save_spaces())
@@ -333,7 +357,10 @@ class SpacesService:
                 hub_key=invite.hub_key,
             )
         )
-        space.doc.set_member(self.identity.device_id, self.identity.name, space.joined)
+        space.doc.set_member(
+            self.identity.device_id, self.identity.name, space.joined, self.model_version
+        )
+        self._meet(space, commit=False)
         self.spaces[space.id] = space
         tickets = self._commit_space(space, LOCAL)
         tickets.append(self._save_spaces())
@@ -358,6 +385,13 @@ class SpacesService:
         """Share an environment in a space; with `copy_`, a duplicate under a new id."""
         space = self.resolve(ref)
         self.registry.get(env_id)  # UnknownEnvironment -> not-found
+        needed = self.needs(None, space.id)
+        if needed is not None:  # it would never sync: say so now
+            raise SpaceError(
+                INCOMPATIBLE,
+                f"space {space.display_name!r} needs model {needed} and this peerdaemon runs "
+                f"model {self.model_version}: upgrade peerdaemon to share into it",
+            )
         tickets: list[Ticket] = []
         if copy_:
             duplicate = copy.deepcopy(self.registry.export(env_id))
@@ -372,6 +406,7 @@ class SpacesService:
                 f"environment {env_id} is already shared in space {other.display_name!r}; "
                 "unshare it first, or share a duplicate with --copy",
             )
+        tickets += self._migrate(env_id)  # one a client merged in at an older model
         self.bindings[env_id] = space.id
         tickets.append(self._save_bindings())  # before the document: see _reconcile
         space.doc.set_state(env_id, SHARED, self.identity.device_id)
@@ -513,12 +548,19 @@ class SpacesService:
                     entry["name"] = self.registry.summary(env_id)["name"]
                 if conflict:
                     entry["conflict"] = True  # a local environment with the same id: not synced
+                elif (needs := self.needs(env_id, space.id)) is not None:
+                    entry["state"] = INCOMPATIBLE  # kept as it is here, not synced
+                    entry["needs"] = needs
                 envs.append(entry)
             members = [
                 {"device": device, **info, "self": device == self.identity.device_id}
                 for device, info in sorted(space.doc.members().items())
             ]
             present = sum(1 for e in envs if e["present"])
+            needs = self.needs(None, space.id)
+            versions: dict[str, Any] = {"model": space.doc.model()}
+            if needs is not None:  # the space moved on: its environments are not synced
+                versions.update(state=INCOMPATIBLE, needs=needs, action=UPGRADE)
             out.append(
                 {
                     "id": space.id,
@@ -532,16 +574,21 @@ class SpacesService:
                     "synced": space.doc.name is not None and present == len(envs),
                     "environments_total": len(envs),
                     "environments_present": present,
+                    **versions,
                 }
             )
         return out
 
     def status(self) -> dict[str, Any]:
-        return {
+        status = {
             "device": self.identity.device_id,
             "name": self.identity.name,
             "spaces": len(self.spaces),
+            "model_version": self.model_version,
         }
+        if incompatible := self.incompatible():
+            status["incompatible"] = incompatible
+        return status
 
     # -- SyncHost ------------------------------------------------------------------------------
 
@@ -630,12 +677,15 @@ class SpacesService:
             return
         space_id = self._sharing_space(doc_id)
         if space_id is None:
-            log.debug("spaces: ignoring an update of %s (not shared) from %s", doc_id, origin)
+            log.debug("spaces: ignoring an update of %s (not synced) from %s", doc_id, origin)
+            return
+        if self._refuses(doc_id, space_id, update, origin):
             return
         if doc_id in self.registry.envs:
             self._merge(doc_id, update, origin)
         else:
             self._receive_new(doc_id, space_id, update, origin)
+        self._migrate(doc_id)  # one that arrives at an older model: this device migrates it
 
     def add_listener(self, fn: ChangeListener) -> int:
         token = self._token()
@@ -677,14 +727,151 @@ class SpacesService:
         if bound is not None:
             space = self.spaces.get(bound)
             ok = space is not None and bound in ids and space.doc.state(env_id) == SHARED
-            return bound if ok else None
+            return bound if ok and self.needs(env_id, bound) is None else None
         if env_id in self.registry.envs:
             return None
         for space_id in ids:
             space = self.spaces.get(space_id)
             if space is not None and space.doc.state(env_id) == SHARED:
-                return space_id
+                return space_id if self.needs(env_id, space_id) is None else None
         return None
+
+    # -- model versions (docs/spaces.md, "Model versions") -----------------------------------
+
+    def needs(self, env_id: str | None, space_id: str) -> int | None:
+        """The model this device would need to sync `env_id` (None: the space itself) in the
+        space; None if it has it. A space whose documents moved on to a newer model, or an
+        environment that did (its document, or an update refused for it), is not synced."""
+        space = self.spaces.get(space_id)
+        needed = space.doc.model() if space is not None else 0
+        if env_id is not None:
+            needed = max(needed, self._newer.get(env_id, 0))
+            env = self.registry.envs.get(env_id)
+            if env is not None:
+                needed = max(needed, doc_version(env.doc))
+        return needed if needed > self.model_version else None
+
+    def _meet(self, space: Space, *, commit: bool = True) -> list[Ticket]:
+        """Publish this device's model in the space: its member entry, and the space's model
+        if this device's is newer, written before any of its documents is migrated so that an
+        older member learns that the space moved on before it would merge a migrated one."""
+        me = self.identity.device_id
+        entry = space.doc.members().get(me)
+        if entry is not None and entry["model"] != self.model_version:
+            space.doc.set_member(me, entry["name"] or self.identity.name, None, self.model_version)
+        space.doc.mark_model(self.model_version, me)
+        return self._commit_space(space, LOCAL) if commit else []
+
+    def _migrate(self, env_id: str) -> list[Ticket]:
+        """Migrate an environment this device holds up to its model, unless a space it is
+        shared in needs a newer one (an older device keeps its copies untouched)."""
+        env = self.registry.envs.get(env_id)
+        if env is None or doc_version(env.doc) >= self.model_version:
+            return []
+        for space in self.spaces.values():
+            if space.doc.state(env_id) == SHARED and self.needs(None, space.id) is not None:
+                return []
+        ticket = self.registry.migrate(env_id)
+        self._model_ids.pop(env_id, None)  # it holds a new `meta.model` entry
+        return [ticket] if ticket is not None else []
+
+    def _migrate_all(self) -> list[Ticket]:
+        return [t for env_id in sorted(self.registry.envs) for t in self._migrate(env_id)]
+
+    def _refuses(self, env_id: str, space_id: str, update: bytes, origin: str) -> bool:
+        """Whether `update` writes a `meta.model` newer than this device's: then it is not
+        merged (the local copy stays as it is) and the environment is reported. Read from the
+        update's bytes, so it holds whatever order updates arrive in."""
+        env = self.registry.envs.get(env_id)
+
+        def known() -> set[tuple[int, int]]:
+            ids = self._model_ids.get(env_id)
+            if ids is None:
+                ids = model_item_ids(env.doc.get_update()) if env is not None else set()
+                self._model_ids[env_id] = ids
+            return ids
+
+        try:
+            versions, ids = update_models(update, known)
+        except ValueError:
+            return False  # not decodable here: the registry refuses it with its reason
+        newest = max(versions, default=0)
+        if newest > self.model_version:
+            self._newer[env_id] = max(newest, self._newer.get(env_id, 0))
+            log.warning(
+                "spaces: %s from %s is at model %d, this device at %d: not merged",
+                env_id,
+                origin,
+                newest,
+                self.model_version,
+            )
+            self._report_incompatible()
+            self._docs_changed()
+            return True
+        if ids:
+            known().update(ids)
+        return False
+
+    def incompatible(self) -> list[dict[str, Any]]:
+        """Spaces and environments not synced because they moved on to a newer model."""
+        out = []
+        for space in sorted(self.spaces.values(), key=lambda s: s.id):
+            needed = self.needs(None, space.id)
+            envs = sorted(
+                e
+                for e in space.doc.shared()
+                if (e in self.registry.envs or e in self._newer)
+                and self.needs(e, space.id) is not None
+            )
+            if needed is None and not envs:
+                continue
+            out.append(
+                {
+                    "space": space.id,
+                    "name": space.display_name,
+                    "state": INCOMPATIBLE,
+                    "needs": max([needed or 0, *(self.needs(e, space.id) or 0 for e in envs)]),
+                    "model": self.model_version,
+                    "environments": envs,
+                    "action": UPGRADE,
+                }
+            )
+        return out
+
+    def _report_incompatible(self) -> None:
+        """An `incompatible-version` event per space (or environment) the first time it is."""
+        for entry in self.incompatible():
+            whole = self.needs(None, entry["space"]) is not None
+            for key in [entry["space"]] * whole + entry["environments"]:
+                if key in self._reported:
+                    continue
+                self._reported.add(key)
+                extra = {"id": key} if key != entry["space"] else {}
+                self.events.emit(
+                    INCOMPATIBLE,
+                    space=entry["space"],
+                    needs=entry["needs"],
+                    model=self.model_version,
+                    action=UPGRADE,
+                    **extra,
+                )
+
+    def decorate_summary(self, summary: dict[str, Any]) -> None:
+        """`env.list` hook: flag an environment this device holds but cannot sync."""
+        env_id = summary.get("id")
+        space_id = self.bindings.get(env_id) if isinstance(env_id, str) else None
+        if space_id is None or space_id not in self.spaces:
+            return
+        needed = self.needs(env_id, space_id)
+        if needed is None:
+            return
+        summary["flags"] = [*summary.get("flags", ()), INCOMPATIBLE]
+        summary["incompatible"] = {
+            "space": space_id,
+            "needs": needed,
+            "model": self.model_version,
+            "action": UPGRADE,
+        }
 
     def _receive_new(self, env_id: str, space_id: str, update: bytes, origin: str) -> None:
         """An environment shared in a space arrives here for the first time.
@@ -731,6 +918,7 @@ class SpacesService:
         if self._commit_space(space, origin):
             self._reconcile(origin)
             self._docs_changed()
+            self._report_incompatible()
 
     def _commit_space(self, space: Space, origin: str) -> list[Ticket]:
         """Store the space document's new updates and hand them to the listeners."""
@@ -798,6 +986,10 @@ class SpacesService:
                 listener(doc_id, update, origin)
 
     def _on_env_change(self, env_id: str, update: bytes, origin: str) -> None:
+        if self._model_ids.get(env_id) == set() and not origin.startswith("peer:"):
+            # A local write adds a `meta.model` entry only to a document that had none (merges
+            # learn theirs in `_refuses`, a migration drops the ids): read them again if needed.
+            del self._model_ids[env_id]
         if self._listeners and self._sharing_space(env_id) is not None:
             for listener in list(self._listeners.values()):
                 listener(env_id, update, origin)

@@ -4,14 +4,16 @@ See docs/store.md.
 """
 
 from .errors import StoreError, StoreLockedError
-from .sqlite import DB_NAME, SCHEMA_VERSION, LoadedEnv, Store, Ticket
+from .sqlite import DB_NAME, SCHEMA_VERSION, HistoryRow, LoadedEnv, Store, Ticket, TrashRow
 
 __all__ = [
     "DB_NAME",
     "SCHEMA_VERSION",
+    "HistoryRow",
     "LoadedEnv",
     "Store",
     "StoreError",
     "StoreLockedError",
     "Ticket",
+    "TrashRow",
 ]

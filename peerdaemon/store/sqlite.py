@@ -39,6 +39,8 @@ __all__ = [
     "DB_NAME",
     "SCHEMA_VERSION",
     "LoadedEnv",
+    "HistoryRow",
+    "TrashRow",
     "Store",
     "StoreError",
     "StoreLockedError",
@@ -48,7 +50,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DB_NAME = "peerdaemon.sqlite3"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Bounds of one group commit: large enough to amortise the fsync, small enough that one
 # transaction does not hold tens of MB in the WAL or keep early tickets waiting long.
@@ -116,8 +118,31 @@ CREATE TABLE settings (
 );
 """
 
+# Version 2: environments' history and the trash (core/history.py, docs/history.md). Rows are
+# written through the same writer as the log, so a version taken before a change is durable
+# before (or with) the change, and a trash row with the delete that made it.
+_SCHEMA_V2 = """
+CREATE TABLE history (
+    id      INTEGER PRIMARY KEY,
+    env_id  TEXT    NOT NULL,
+    version INTEGER NOT NULL,        -- per environment, increasing
+    time    REAL    NOT NULL,        -- unix seconds
+    reason  TEXT    NOT NULL,
+    info    BLOB    NOT NULL,        -- CBOR map: devices, summary...
+    digest  BLOB    NOT NULL,        -- sha256 of the JSON: an identical snapshot is skipped
+    blob    BLOB    NOT NULL         -- the environment's JSON, zlib-compressed
+);
+CREATE UNIQUE INDEX history_env_version ON history (env_id, version);
+CREATE TABLE trash (
+    env_id TEXT PRIMARY KEY,
+    time   REAL NOT NULL,
+    info   BLOB NOT NULL,            -- CBOR map: name, origin...
+    blob   BLOB NOT NULL             -- the environment's last JSON, zlib-compressed
+);
+"""
+
 # version -> script that upgrades (version - 1) to version. Version 1 is the initial schema.
-_MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1}
+_MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1, 2: _SCHEMA_V2}
 
 
 @dataclass
@@ -126,6 +151,29 @@ class LoadedEnv:
 
     updates: list[bytes] = field(default_factory=list)  # snapshot first (if any), then log rows
     meta: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryRow:
+    """One stored version of an environment, without its content (`history_blob`)."""
+
+    env_id: str
+    version: int
+    time: float
+    reason: str
+    info: dict
+    digest: bytes
+    size: int  # bytes of the compressed JSON
+
+
+@dataclass(frozen=True, slots=True)
+class TrashRow:
+    """A deleted environment's last content in the trash, without it (`trash_blob`)."""
+
+    env_id: str
+    time: float
+    info: dict
+    size: int
 
 
 class Ticket:
@@ -179,11 +227,12 @@ class Ticket:
 
 @dataclass(slots=True)
 class _Op:
-    kind: str  # "append" | "meta" | "delete" | "compact" | "setting"
+    kind: str  # "append" | "meta" | "delete" | "compact" | "setting" | "version" | "prune"...
     key: str  # env id, or setting key
     blob: bytes | None
     seq: int  # append: its seq; compact: last seq covered
     ticket: Ticket
+    row: tuple[Any, ...] = ()  # the other columns of a history or trash row
 
 
 _Outcome = list[BaseException | None] | BaseException  # per-op errors, or the batch's error
@@ -454,6 +503,70 @@ class Store:
             "bytes_since_snapshot": c.bytes,
         }
 
+    def history_rows(self, env_id: str | None = None) -> list[HistoryRow]:
+        """Committed versions (of one environment, or of all), oldest first, without content."""
+        sql = (
+            "SELECT env_id, version, time, reason, info, digest, length(blob) FROM history"
+            + (" WHERE env_id = ?" if env_id is not None else "")
+            + " ORDER BY env_id, version"
+        )
+        with self._read() as r:
+            rows = r.execute(sql, (env_id,) if env_id is not None else ()).fetchall()
+        return [
+            HistoryRow(e, v, t, reason, _decode_map(info, f"history of {e!r}"), digest, size)
+            for e, v, t, reason, info, digest, size in rows
+        ]
+
+    def history_heads(self) -> dict[str, tuple[int, bytes]]:
+        """env id -> (newest committed version, its digest)."""
+        with self._read() as r:
+            return {
+                env_id: (version, digest)
+                for env_id, version, digest in r.execute(
+                    "SELECT h.env_id, h.version, h.digest FROM history h JOIN"
+                    " (SELECT env_id, max(version) AS v FROM history GROUP BY env_id) m"
+                    " ON h.env_id = m.env_id AND h.version = m.v"
+                )
+            }
+
+    def history_blob(self, env_id: str, version: int) -> bytes | None:
+        """The compressed JSON of one committed version, or None."""
+        with self._read() as r:
+            row = r.execute(
+                "SELECT blob FROM history WHERE env_id = ? AND version = ?", (env_id, version)
+            ).fetchone()
+        return row[0] if row else None
+
+    def trash_rows(self) -> list[TrashRow]:
+        """Committed trash entries, oldest first, without content."""
+        with self._read() as r:
+            rows = r.execute(
+                "SELECT env_id, time, info, length(blob) FROM trash ORDER BY time, env_id"
+            ).fetchall()
+        return [TrashRow(e, t, _decode_map(info, f"trash of {e!r}"), n) for e, t, info, n in rows]
+
+    def trash_blob(self, env_id: str) -> bytes | None:
+        """The compressed JSON of `env_id`'s trash entry, or None."""
+        with self._read() as r:
+            row = r.execute("SELECT blob FROM trash WHERE env_id = ?", (env_id,)).fetchone()
+        return row[0] if row else None
+
+    def history_stats(self) -> dict:
+        """Rows and bytes of the history and the trash, committed."""
+        with self._read() as r:
+            versions, hbytes = r.execute(
+                "SELECT count(*), coalesce(sum(length(blob)), 0) FROM history"
+            ).fetchone()
+            trashed, tbytes = r.execute(
+                "SELECT count(*), coalesce(sum(length(blob)), 0) FROM trash"
+            ).fetchone()
+        return {
+            "versions": versions,
+            "history_bytes": hbytes,
+            "trashed": trashed,
+            "trash_bytes": tbytes,
+        }
+
     def get_setting(self, key: str, default: Any = None) -> Any:
         """The latest value put for `key`, including puts not yet committed."""
         return self._settings.get(key, default)
@@ -492,6 +605,34 @@ class Store:
         ticket = self._push(_Op("compact", env_id, bytes(snapshot), self._next_seq - 1, Ticket()))
         self._counts[env_id] = _Counts()
         return ticket
+
+    def enqueue_version(
+        self,
+        env_id: str,
+        version: int,
+        when: float,
+        reason: str,
+        info: dict,
+        digest: bytes,
+        blob: bytes,
+    ) -> Ticket:
+        """Queue one version of `env_id`'s history (`blob`: its JSON, compressed by the caller)."""
+        row = (int(version), float(when), str(reason), _encode(info), bytes(digest))
+        return self._push(_Op("version", env_id, bytes(blob), 0, Ticket(), row))
+
+    def enqueue_prune(self, env_id: str, versions: Iterable[int]) -> Ticket:
+        """Queue the removal of these versions of `env_id`'s history."""
+        return self._push(_Op("prune", env_id, None, 0, Ticket(), tuple(int(v) for v in versions)))
+
+    def enqueue_trash(self, env_id: str, when: float, info: dict, blob: bytes) -> Ticket:
+        """Queue `env_id`'s last content into the trash (replacing an older entry of that id)."""
+        return self._push(
+            _Op("trash", env_id, bytes(blob), 0, Ticket(), (float(when), _encode(info)))
+        )
+
+    def enqueue_untrash(self, env_id: str) -> Ticket:
+        """Queue the removal of `env_id`'s trash entry (restored, or expired)."""
+        return self._push(_Op("untrash", env_id, None, 0, Ticket()))
 
     def put_setting(self, key: str, value: Any) -> Ticket:
         """Queue a CBOR value for `key`; `get_setting` sees it immediately."""
@@ -602,7 +743,7 @@ class Store:
         db.execute("BEGIN IMMEDIATE")
         try:
             for i, op in enumerate(batch):
-                multi = op.kind in ("delete", "compact")
+                multi = op.kind in ("delete", "compact", "prune")
                 try:
                     if multi:
                         db.execute("SAVEPOINT op")
@@ -641,7 +782,8 @@ class Store:
                     outcome,
                 )
                 again = [
-                    _Op(op.kind, op.key, op.blob, op.seq, Ticket(op.ticket.seq)) for op in batch
+                    _Op(op.kind, op.key, op.blob, op.seq, Ticket(op.ticket.seq), op.row)
+                    for op in batch
                 ]
                 for op, retry in zip(batch, again, strict=True):
                     op.ticket.retry = retry.ticket
@@ -844,7 +986,40 @@ def _apply_setting(db: sqlite3.Connection, op: _Op) -> None:
     )
 
 
+def _apply_version(db: sqlite3.Connection, op: _Op) -> None:
+    version, when, reason, info, digest = op.row
+    db.execute(
+        "INSERT INTO history (env_id, version, time, reason, info, digest, blob)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (op.key, version, when, reason, info, digest, op.blob),
+    )
+
+
+def _apply_prune(db: sqlite3.Connection, op: _Op) -> None:
+    db.executemany(
+        "DELETE FROM history WHERE env_id = ? AND version = ?", [(op.key, v) for v in op.row]
+    )
+
+
+def _apply_trash(db: sqlite3.Connection, op: _Op) -> None:
+    when, info = op.row
+    db.execute(
+        "INSERT INTO trash (env_id, time, info, blob) VALUES (?, ?, ?, ?)"
+        " ON CONFLICT (env_id) DO UPDATE SET time = excluded.time, info = excluded.info,"
+        " blob = excluded.blob",
+        (op.key, when, info, op.blob),
+    )
+
+
+def _apply_untrash(db: sqlite3.Connection, op: _Op) -> None:
+    db.execute("DELETE FROM trash WHERE env_id = ?", (op.key,))
+
+
 _APPLY = {
+    "version": _apply_version,
+    "prune": _apply_prune,
+    "trash": _apply_trash,
+    "untrash": _apply_untrash,
     "append": _apply_append,
     "meta": _apply_meta,
     "delete": _apply_delete,
