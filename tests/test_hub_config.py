@@ -226,9 +226,9 @@ def test_set_then_get_and_unset(tmp_path, capsys, monkeypatch):
     assert hub_cli(capsys, "config", "set", "listen", "0.0.0.0:9000")[0] == 0
     assert hub_cli(capsys, "config", "get", "listen") == (0, "0.0.0.0:9000\n", "")
     assert hub_cli(capsys, "config", "get", "listen", "--json") == (0, '"0.0.0.0:9000"\n', "")
-    assert hub_cli(capsys, "config", "set", "mock.allow_hosts", "a.example,10.0.0.0/8")[0] == 0
+    assert hub_cli(capsys, "config", "set", "mock.allow_hosts", "a.example,198.51.100.0/24")[0] == 0
     code, out, _ = hub_cli(capsys, "config", "get", "mock.allow_hosts", "--json")
-    assert json.loads(out) == ["a.example", "10.0.0.0/8"]
+    assert json.loads(out) == ["a.example", "198.51.100.0/24"]
     assert hub_cli(capsys, "config", "set", "metrics.token", "")[0] == 0
     assert hub_cli(capsys, "config", "get", "metrics.token")[0] == 1
     code, _, err = hub_cli(capsys, "config", "get", "nope")

@@ -262,7 +262,9 @@ def locate(
         return Path(env).expanduser().absolute(), False
     import platformdirs
 
-    return platformdirs.user_config_path("peerdaemon", appauthor=False) / filename, False
+    from .locations import APP_NAME
+
+    return platformdirs.user_config_path(APP_NAME, appauthor=False) / filename, False
 
 
 @dataclass
