@@ -10,7 +10,11 @@
 - idle traffic, measured: bytes on the LAN link (the peer protocol's messages, both directions)
   per minute while both daemons are idle, A with an editor's selection (renewals every 15 s,
   keep-alive pings included), over `--window` seconds scaled to a minute.
-- idle traffic of 50 editors, computed with the sans-I/O cores (`presence.Awareness`, a fake
+- idle traffic of 50 editors, measured on the wire: a hub, and 50 y-websocket clients (web
+  editors) in one environment's room, each holding an awareness state the size of a daemon's
+  and renewing it every 15 s as y-protocols does; the TCP bytes every client sends and receives
+  (websocket framing included) over `--window` seconds scaled to a minute.
+- the same, computed with the sans-I/O cores (`presence.Awareness`, a fake
   clock): 50 devices, each with a state on one environment, linked to one relay (a hub's core);
   the awareness payload bytes (y-protocols encoding) every device sends and receives in a
   minute of renewals, and the relay's total. Add ~100 bytes per message for the peer protocol's
@@ -157,6 +161,97 @@ async def idle_bytes(base: Path, window: float) -> float:
     return (after - before) * 60 / window
 
 
+class CountingStream(trio.abc.Stream):
+    """A TCP stream that counts the bytes it moves: what the wire carries."""
+
+    def __init__(self, inner: trio.SocketStream) -> None:
+        self.inner = inner
+        self.sent = self.received = 0
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self.sent += len(data)
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        data = await self.inner.receive_some(max_bytes)
+        self.received += len(data)
+        return data
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def idle_wire_editors(base: Path, n: int, window: float) -> dict[str, float]:
+    """`n` y-websocket clients idle in one room of a hub, each renewing its awareness state
+    every 15 s; bytes on the wire per client per minute, and the hub's total."""
+    from trio_websocket import wrap_client_stream
+
+    from peerdaemon.core.awareness import AwarenessEntry, encode_awareness
+    from peerdaemon.hub.ywebsocket import awareness_message
+
+    with Accounts.open(base / "hub") as accounts:
+        token = accounts.add_user("bench")
+        accounts.create_space("bench-space", "bench")
+        accounts.set_limit("devices_per_user", n + 10, user="bench")
+    streams: list[CountingStream] = []
+    async with trio.open_nursery() as nursery:
+        hub = await nursery.start(
+            serve_hub, HubConfig(data_dir=base / "hub", listen=(LOCAL, 0), accounts_poll=0.05)
+        )
+
+        async def editor(i: int, ready: trio.Event) -> None:
+            stream = CountingStream(await trio.open_tcp_stream(LOCAL, hub.port))
+            streams.append(stream)
+            resource = f"/yjs/bench-space/env-1?token={token}&device=editor-{i}"
+            ws = await wrap_client_stream(nursery, stream, LOCAL, resource)  # type: ignore[arg-type]
+            client = 5000 + i
+            state = json.dumps(
+                Me(
+                    f"DEVICE{i:02d}-XXXXXXX-XXXXXXX-XXXXXXX-XXXXXXX", f"laptop-{i}", f"Editor {i}"
+                ).state([{"via": "editor", "entity": "route-uuid-" + "x" * 28}])
+            )
+            clock = 1
+
+            async def drain() -> None:
+                while True:  # y-websocket clients read everything the hub sends
+                    await ws.get_message()
+
+            nursery.start_soon(drain)
+            await ws.send_message(
+                awareness_message(encode_awareness([AwarenessEntry(client, clock, state)]))
+            )
+            ready.set()
+            await trio.sleep(15 * (i + 1) / n)  # renewals spread over the 15 s
+            while True:
+                clock += 1
+                await ws.send_message(
+                    awareness_message(encode_awareness([AwarenessEntry(client, clock, state)]))
+                )
+                await trio.sleep(15)
+
+        for i in range(n):
+            ready = trio.Event()
+            nursery.start_soon(editor, i, ready)
+            await ready.wait()
+        await trio.sleep(16)  # every client renewed once: the joins are done
+        sent0 = [s.sent for s in streams]
+        recv0 = [s.received for s in streams]
+        await trio.sleep(window)
+        sent = sum(s.sent for s in streams) - sum(sent0)
+        received = sum(s.received for s in streams) - sum(recv0)
+        nursery.cancel_scope.cancel()
+    per = 60 / window
+    return {
+        "editors": n,
+        "bytes_sent_per_editor": sent / n * per,
+        "bytes_received_per_editor": received / n * per,
+        "hub_bytes_out": received * per,
+    }
+
+
 def idle_editors(n: int = 50, minutes: float = 1.0) -> dict[str, float]:
     """`n` editors (devices) on one environment, each linked to one relay, for a minute."""
     relay = Awareness(0)
@@ -238,6 +333,17 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         shutil.rmtree(base, ignore_errors=True)
     results["idle_lan_link_bytes_per_minute"] = per_minute
     print(f"idle LAN link, one editor: {per_minute:.0f} bytes/minute (both directions)")
+    base = Path(tempfile.mkdtemp(prefix="pdbp"))
+    try:
+        wire = await idle_wire_editors(base, 50, args.window)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    results["idle_50_editors_on_the_wire_per_minute"] = wire
+    print(
+        f"50 idle y-websocket editors on a hub, on the wire: {wire['bytes_sent_per_editor']:.0f}"
+        f" B sent and {wire['bytes_received_per_editor']:.0f} B received per editor per minute,"
+        f" hub out {wire['hub_bytes_out']:.0f} B/min"
+    )
     editors = idle_editors()
     results["idle_50_editors_per_minute"] = editors
     print(

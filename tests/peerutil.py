@@ -20,6 +20,7 @@ from helpers import LOCAL
 from pycrdt import Doc, Map
 
 from peerdaemon.core.identity import Identity
+from peerdaemon.model import MODEL_VERSION
 from peerdaemon.peer import (
     Event,
     PeerConfig,
@@ -259,7 +260,9 @@ class Events:
 class Node:
     """One daemon's peer side: identity, host, events, manager (restartable)."""
 
-    def __init__(self, name: str, *spaces: Any, config: PeerConfig = FAST, model: int = 1) -> None:
+    def __init__(
+        self, name: str, *spaces: Any, config: PeerConfig = FAST, model: int = MODEL_VERSION
+    ) -> None:
         self.identity = make_identity(name)
         self.host = FakeHost(spaces)
         self.events = Events()

@@ -190,6 +190,17 @@ def test_status_sections_for_hubs_and_mocks(capsys):
         "status_page": {"url": "http://127.0.0.1:7611/", "error": None, "tls": False},
         "config": {"file": "/c.toml", "pending": ["lan.listen", "mirror_dir"], "error": None},
         "future_key": [1, 2],
+        "incompatible": [
+            {
+                "space": "s1",
+                "name": "Team",
+                "state": "incompatible-version",
+                "needs": 3,
+                "model": 2,
+                "environments": ["e1"],
+                "action": "upgrade peerdaemon",
+            }
+        ],
     }
     spaces = [{"id": "s1", "name": "Team", "members": [{"self": True}, {}], "environments": [{}]}]
     mocks = [
@@ -215,6 +226,11 @@ def test_status_sections_for_hubs_and_mocks(capsys):
     assert top["store"] == "2.50 MB on disk; ERROR: disk full"
     assert top["config"] == "/c.toml; restart to apply: lan.listen, mirror_dir"
     assert "  Team (s1): 1 other member, 1 environment\n" in out
+    assert (
+        "  incompatible-version: Team (1 environment) needs model 3, this device runs 2: "
+        "upgrade peerdaemon; not synced until then\n" in out
+    )
+    assert "incompatible:" not in out  # not printed raw as well
     assert (
         "  wss://hub.example:443: connected as alice, synced; key KEY-1; spaces: Team ok\n" in out
     )

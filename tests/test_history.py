@@ -262,6 +262,32 @@ async def test_a_put_that_removes_most_content_is_preceded_by_a_version(base, nu
     assert await d.op("env.at", id=env_id, version=2) == before
 
 
+async def test_a_linked_file_save_that_removes_most_content_is_preceded_by_a_version(base, nursery):
+    """A save through a linked file arrives as a merge (mirror/runner.py), not a put: history
+    sees it all the same."""
+    d = await start(base, nursery, interval=3600.0)
+    env_id = (await d.client.import_env(load(ENV)))["id"]
+    await versions(d, env_id, 1)
+    path = base / "linked.json"
+    await d.op("env.link", id=env_id, path=str(path))
+    await until(lambda: path.exists() or None, what="the linked file written")
+    await d.client.patch(env_id, [{"op": "replace", "path": "/name", "value": "Renamed"}])
+    await until(lambda: "Renamed" in path.read_text() or None, what="the file rendered")
+    before = await d.client.export(env_id)
+    small = json.loads(path.read_text())
+    small["routes"] = small["routes"][:3]
+    path.write_text(json.dumps(small, indent=2))
+
+    async def saved() -> bool | None:
+        return len((await d.client.export(env_id))["routes"]) == 3 or None
+
+    await until(saved, what="the save applied")
+    found = await versions(d, env_id, 2)
+    assert [v["reason"] for v in found] == ["first", "put"]
+    assert found[1]["note"] == "removed 67% of its entities"
+    assert await d.op("env.at", id=env_id, version=2) == before
+
+
 async def test_a_checkpoint_of_another_content_keeps_the_documents_changes_waiting(base, nursery):
     """As a resolve calls it: the side that loses is kept, and the document's own changes not
     yet in a version still become one."""

@@ -20,6 +20,7 @@ from peerdaemon.hub.wsconn import WsConn
 from peerdaemon.hub.yauth import Admitted, Refused, YjsAuth
 from peerdaemon.hub.yjs import store_update
 from peerdaemon.hub.ywebsocket import (
+    AWARENESS_TIMEOUT,
     MSG_AUTH,
     MSG_AWARENESS,
     MSG_SYNC,
@@ -111,8 +112,8 @@ class StoringRooms(Rooms):
         super().__init__(docs)
         self.writer = docs
 
-    def receive(self, conn: YConn, data: bytes) -> StoreUpdate | None:
-        event = super().receive(conn, data)
+    def receive(self, conn: YConn, data: bytes, now: float | None = None) -> StoreUpdate | None:
+        event = super().receive(conn, data, now)
         if event is not None:
             store_update(self.writer, self, event)
         return event
@@ -339,6 +340,37 @@ def test_disconnect_removes_its_awareness_and_broadcasts_it(hub):
     assert [m.kind for m in received(c)] == [MSG_SYNC]  # no states left
     rooms.receive(b, aw((100, 5, '{"n":1}')))  # an old state cannot come back
     assert received(c) == []
+
+
+def test_a_state_not_renewed_for_30_s_is_removed_while_its_connection_stays(hub):
+    """A client whose page froze keeps its websocket open but stops renewing: its state goes
+    after y-protocols' 30 s, for the room and the daemons, and a renewed one stays."""
+    _, rooms = hub
+    told: list[bytes] = []
+    rooms.awareness_listener = lambda space, doc, payload: told.append(payload)
+    a, b = connect(rooms, 1), connect(rooms, 2)
+    room = a.room
+    assert room is not None
+    room.on_awareness = lambda payload: told.append(payload)
+    rooms.receive(a, aw((100, 1, '{"n":"frozen"}')), now=0.0)
+    rooms.receive(b, aw((200, 1, '{"n":"alive"}')), now=0.0)
+    assert rooms.expire(10.0) == AWARENESS_TIMEOUT  # the next time-out is due then
+    rooms.receive(b, aw((200, 2, '{"n":"alive"}')), now=20.0)  # renewed
+    received(a), received(b)
+    told.clear()
+    assert rooms.expire(AWARENESS_TIMEOUT - 0.1) == AWARENESS_TIMEOUT
+    assert received(b) == []
+    assert rooms.expire(AWARENESS_TIMEOUT) == 20.0 + AWARENESS_TIMEOUT
+    assert awareness_of(received(b)) == [AwarenessEntry(100, 2, "null")]
+    assert [decode_awareness(p) for p in told] == [[AwarenessEntry(100, 2, "null")]]
+    assert a.closing is None and a.awareness_ids == set()
+    c = connect(rooms, 3)
+    assert awareness_of(received(c)[1:]) == [AwarenessEntry(200, 2, '{"n":"alive"}')]
+    rooms.leave(a)  # its state already went: nothing more to remove
+    assert received(b) == []
+    assert rooms.expire(100.0) is None and awareness_of(received(b)) == [
+        AwarenessEntry(200, 3, "null")
+    ]
 
 
 def test_room_is_dropped_with_its_last_connection(hub):

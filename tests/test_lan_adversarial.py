@@ -37,7 +37,7 @@ from helpers import LOCAL, free_port, until_sync
 from trio_websocket import ConnectionClosed, open_websocket
 
 from peerdaemon.core.identity import Identity
-from peerdaemon.model import MODEL_VERSION
+from peerdaemon.model import FIRST_GATED_MODEL, MODEL_VERSION
 from peerdaemon.peer import PeerConfig
 from peerdaemon.peer.handshake import Handshake
 from peerdaemon.peer.messages import SYNC_STEP1, SYNC_UPDATE, encode_sync
@@ -313,7 +313,7 @@ async def test_a_bad_update_closes_the_link_and_leaves_the_document_alone(devs, 
 
 
 # --- versions and strangers ----------------------------------------------------------------------
-@pytest.mark.parametrize("proto, model", [(2, MODEL_VERSION), (1, MODEL_VERSION + 98)])
+@pytest.mark.parametrize("proto, model", [(2, MODEL_VERSION), (1, FIRST_GATED_MODEL - 1)])
 async def test_another_version_gets_incompatible_version(devs, nursery, proto, model):
     lan = await lan_of_two(devs, nursery)
     async with raw_peer(lan.a.port) as peer:

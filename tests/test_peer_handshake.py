@@ -6,6 +6,7 @@ import cbor2
 import pytest
 from peerutil import FakeHost, MemoryConnection, drain_events, exchange, make_identity, make_space
 
+from peerdaemon.model import FIRST_GATED_MODEL, MODEL_VERSION
 from peerdaemon.peer import (
     Closed,
     Established,
@@ -36,8 +37,8 @@ def connect(
     host_b: FakeHost,
     *,
     config: SessionConfig | None = None,
-    model_a: int = 1,
-    model_b: int = 1,
+    model_a: int = MODEL_VERSION,
+    model_b: int = MODEL_VERSION,
     now: float = 0.0,
 ) -> tuple[PeerConnection, PeerConnection]:
     a = MemoryConnection(ALICE, host_a, dialer=True, now=now, config=config, model=model_a)
@@ -148,7 +149,7 @@ def test_future_protocol_hello_is_incompatible_not_malformed():
     closed = closed_of(b)
     assert closed.reason == "incompatible-version"
     assert closed.versions == {
-        "local": {"proto": 1, "model": 1},
+        "local": {"proto": 1, "model": MODEL_VERSION},
         "remote": {"proto": 2, "model": 7},
     }
     (reply,) = b.data_to_send()
@@ -157,7 +158,7 @@ def test_future_protocol_hello_is_incompatible_not_malformed():
         "close",
         "incompatible-version",
         1,
-        1,
+        MODEL_VERSION,
     )
     assert msg["device"] == BOB.device_id
 
@@ -228,7 +229,7 @@ def test_connecting_to_ourselves_is_detected():
 
 
 def make_hello(identity: object) -> bytes:
-    conn = MemoryConnection(identity, FakeHost([S1]), dialer=True, now=0, model=1)  # type: ignore[arg-type]
+    conn = MemoryConnection(identity, FakeHost([S1]), dialer=True, now=0, model=MODEL_VERSION)  # type: ignore[arg-type]
     return conn.data_to_send()[0]
 
 
@@ -245,7 +246,7 @@ def make_hello(identity: object) -> bytes:
         cbor2.dumps({"t": "nonsense"}),  # unknown type
         cbor2.dumps({"t": "sync", "doc": "d", "m": b"\x00\x01\x00"}),  # before the handshake
         cbor2.dumps({"t": "box", "n": 0, "c": bytes(32)}),  # a box before the hellos
-        cbor2.dumps({"t": "hello", "proto": 1, "model": 1}),  # missing fields
+        cbor2.dumps({"t": "hello", "proto": 1, "model": MODEL_VERSION}),  # missing fields
         b"",
         "a text message",
     ],
@@ -428,10 +429,26 @@ def test_spec_test_vector():
     assert SecureChannel(keys, dialer=False).open(cbor2.loads(box), 1024) == {"t": "ping"}
 
 
+def test_links_accept_newer_models_and_leave_them_to_the_spaces():
+    """A device of the next model still links with this one (both ways): what each space syncs
+    between them is the space gate's decision (docs/spaces.md "Model versions"); only a device
+    from before the gate is refused."""
+    for model_a, model_b in (
+        (MODEL_VERSION, MODEL_VERSION + 1),
+        (MODEL_VERSION + 1, MODEL_VERSION),
+    ):
+        a, b = connect(FakeHost([S1]), FakeHost([S1]), model_a=model_a, model_b=model_b)
+        exchange(a, b)
+        assert a.established and b.established, (model_a, model_b)
+    a, b = connect(FakeHost([S1]), FakeHost([S1]), model_a=FIRST_GATED_MODEL - 1)
+    exchange(a, b)
+    assert closed_of(b).reason == "incompatible-version"
+
+
 def test_dialer_refusing_the_listener_version_closes_in_cleartext():
     """The listener accepted the dialer's hello (and derived keys); the dialer does not accept
     the listener's: its cleartext close is still understood."""
-    a = MemoryConnection(ALICE, FakeHost([S1]), dialer=True, now=0, model=1)
+    a = MemoryConnection(ALICE, FakeHost([S1]), dialer=True, now=0, model=1, accepted_models={1})
     b = MemoryConnection(BOB, FakeHost([S1]), dialer=False, now=0, model=2, accepted_models={1, 2})
     exchange(a, b)
     closed_a = closed_of(a)
@@ -453,9 +470,9 @@ def test_a_listener_echoing_the_dialers_tags_is_not_admitted():
 
     Tags are bound to the sender's role, so Alice only accepts tags made with the listener's
     role: accepting her own would admit anyone who can copy what she just sent."""
-    a = MemoryConnection(ALICE, FakeHost([S1]), dialer=True, now=0, model=1)
+    a = MemoryConnection(ALICE, FakeHost([S1]), dialer=True, now=0, model=MODEL_VERSION)
     mallory = make_identity("mallory")
-    m = Handshake(mallory, lambda: [], dialer=False, model=1)
+    m = Handshake(mallory, lambda: [], dialer=False, model=MODEL_VERSION)
     assert m.start() == []
     (hello_a,) = a.data_to_send()
     (hello_m,) = m.receive_hello(cbor2.loads(hello_a), hello_a)

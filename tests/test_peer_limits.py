@@ -19,6 +19,7 @@ from helpers import until as wait_for
 from peerutil import FakeHost, MemoryConnection, Node, exchange, make_identity, make_space, wire
 from trio_websocket import CloseReason, ConnectionClosed, ConnectionRejected, open_websocket
 
+from peerdaemon.model import MODEL_VERSION
 from peerdaemon.peer import Closed, Link, PeerConfig, PeerConnection
 
 S1 = make_space("s1")
@@ -136,7 +137,9 @@ def memory_pair() -> tuple[MemoryWs, MemoryWs]:
 
 def make_link(ident: Any, host: FakeHost, cfg: PeerConfig, *, dialer: bool, events: list) -> Link:
     def make_conn(now: float) -> PeerConnection:
-        return PeerConnection(ident, host, dialer=dialer, now=now, config=cfg.session, model=1)  # type: ignore[arg-type]
+        return PeerConnection(
+            ident, host, dialer=dialer, now=now, config=cfg.session, model=MODEL_VERSION
+        )  # type: ignore[arg-type]
 
     return Link(
         make_conn,

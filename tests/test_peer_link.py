@@ -225,7 +225,7 @@ async def test_no_common_space_is_unauthorized_on_both_sides(monkeypatch):
 
 
 async def test_incompatible_version_shows_both_versions():
-    a, b = Node("alice", S1), Node("bob", S1, model=2)
+    a, b = Node("alice", S1, model=1), Node("bob", S1, model=2)  # a predates the space gate
     async with b.running(), a.running(static=[(LOCAL, b.port)]):  # type: ignore[list-item]
         # no key is proven across a version mismatch: a's row is the dialed address's, and b
         # (which only heard a's unproven hello) keeps no row for a

@@ -196,9 +196,9 @@ def crafted_text_in(
 
 
 def nested_arrays(doc: Doc) -> list[tuple[int, int]]:
-    from peerdaemon.model import strays as s
+    from peerdaemon.model.yupdate import read_items
 
-    return [(i.client, i.clock) for i in s._read_items(doc.get_update()) if i.type_ref == 0]
+    return [(i.client, i.clock) for i in read_items(doc.get_update()) if i.type_ref == 0]
 
 
 def test_the_finder_finds_text_in_nested_arrays_and_waits_for_gaps():

@@ -309,6 +309,8 @@ def print_status(status: dict[str, Any], spaces: Any, mocks: Any, socket: str) -
             text += f"; NOT RELOADED: {config['error']}"
         lines.append(("config", text))
     space_count = take("spaces")
+    incompatible = take("incompatible") or []
+    conflicts = take("conflicts") or []
     hubs = take("hub")
     width = max(len(label) for label, _ in lines) + 1
     for label, value in lines:
@@ -324,6 +326,22 @@ def print_status(status: dict[str, Any], spaces: Any, mocks: Any, socket: str) -
                 f"  {space.get('name') or '-'} ({space.get('id')}): "
                 f"{len(members)} other member{'s' if len(members) != 1 else ''}, "
                 f"{len(shared)} environment{'s' if len(shared) != 1 else ''}"
+            )
+    for item in incompatible if isinstance(incompatible, list) else ():
+        if isinstance(item, dict):
+            envs = item.get("environments") or ()
+            which = f" ({len(envs)} environment{'s' if len(envs) != 1 else ''})" if envs else ""
+            print(
+                f"  incompatible-version: {item.get('name') or item.get('space')}{which} needs "
+                f"model {item.get('needs')}, this device runs {item.get('model')}: "
+                f"{item.get('action') or 'upgrade peerdaemon'}; not synced until then"
+            )
+    for item in conflicts if isinstance(conflicts, list) else ():
+        if isinstance(item, dict):
+            print(
+                f"  conflict: environment {item.get('id')} changed here and elsewhere while "
+                f"apart; held until `peerdaemon env resolve {item.get('id')} --keep-local | "
+                "--take-remote | --merge`"
             )
     if hubs:
         print(f"\nhubs ({len(hubs)}):")

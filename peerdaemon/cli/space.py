@@ -65,6 +65,20 @@ def register(commands: Commands) -> None:
     )
     p.add_argument("--rotate-token", action="store_true", help="a new token; the old one stops")
     p.add_argument("--json", action="store_true", help="print the setting as JSON")
+    p = envs.command(
+        "resolve",
+        cmd_env_resolve,
+        "end an offline conflict of an `ask` space's environment (docs/spaces.md)",
+        example="peerdaemon env resolve Demo --keep-local",
+    )
+    p.add_argument("id", metavar="ID", help=ID_HELP)
+    choice = p.add_mutually_exclusive_group(required=True)
+    for flag, what in (
+        ("--keep-local", "every replica becomes this device's version"),
+        ("--take-remote", "this device becomes the others' version"),
+        ("--merge", "keep both sides' changes (the CRDT merge)"),
+    ):
+        choice.add_argument(flag, dest="choice", action="store_const", const=flag[2:], help=what)
 
     spaces = commands.add_group(
         "space",
@@ -122,12 +136,30 @@ def register(commands: Commands) -> None:
     )
     p.add_argument("--json", action="store_true", help="print the list as JSON")
     p = spaces.command(
+        "policy",
+        cmd_space_policy,
+        "show or set what happens to offline changes: merge, or ask when both sides changed",
+        example="peerdaemon space policy Team ask",
+    )
+    p.add_argument("space", metavar="SPACE", help="space id or name")
+    p.add_argument("policy", metavar="POLICY", nargs="?", choices=("merge", "ask"))
+    p.add_argument("--json", action="store_true", help="print the setting as JSON")
+    p = spaces.command(
         "leave",
         cmd_space_leave,
         "leave a space (its environments stay local)",
         example="peerdaemon space leave Team",
     )
     p.add_argument("space", metavar="SPACE", help="space id or name")
+    p = spaces.command(
+        "remove-device",
+        cmd_space_remove_device,
+        "remove another device from a space: it is refused from now on and the secret rotates",
+        example="peerdaemon space remove-device Team stolen-laptop",
+    )
+    p.add_argument("space", metavar="SPACE", help="space id or name")
+    p.add_argument("device", metavar="DEVICE", help="device id, unique id prefix or member name")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p = spaces.command(
         "hub",
         cmd_space_hub,
@@ -346,6 +378,10 @@ def cmd_space_list(args: argparse.Namespace) -> int:
         rows.append((cell(space.get("id")), cell(space.get("name")), cell(members), cell(envs)))
     print_table(rows)
     for space in spaces or ():
+        for gone in space.get("removed") or ():
+            print(f"{space.get('id')}: removed device {gone.get('device')}")
+        if space.get("policy") == "ask":
+            print(f"{space.get('id')}: offline policy ask (conflicting offline changes are held)")
         if space.get("state") == "incompatible-version":
             print(
                 f"{space.get('id')}: incompatible-version: its environments need model "
@@ -355,8 +391,36 @@ def cmd_space_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_space_policy(args: argparse.Namespace) -> int:
+    result = call(args, "space.policy", space=args.space, policy=args.policy)
+    print(to_json(result) if args.json else result["policy"])
+    return 0
+
+
+def cmd_env_resolve(args: argparse.Namespace) -> int:
+    with connect(args) as client:
+        client.call("env.resolve", id=resolve_env(client, args.id), choice=args.choice)
+    return 0
+
+
 def cmd_space_leave(args: argparse.Namespace) -> int:
     call(args, "space.leave", space=args.space)
+    return 0
+
+
+def cmd_space_remove_device(args: argparse.Namespace) -> int:
+    result = call(args, "space.remove_device", space=args.space, device=args.device)
+    if args.json:
+        print(to_json(result))
+        return 0
+    print(
+        f"removed {result['device']} from space {result['space']}; its secret rotated "
+        f"(key epoch {result['epoch']}): members get the new one when they meet a member "
+        "that has it, and the removed device is refused on the LAN and by the space's hub.\n"
+        "Through a hub, every account token that device used is refused for this space: "
+        "the user's other devices that used the same token need a new one "
+        "(`peerdaemon hub token add` on the hub, then `peerdaemon space hub SPACE URL --token`)."
+    )
     return 0
 
 

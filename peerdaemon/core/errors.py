@@ -7,7 +7,7 @@ socket's modules: the codes are the operations' vocabulary, and the socket only 
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,6 +115,20 @@ class Pending:
 
     wait: Callable[[], Awaitable[None]]
     result: Any = None
+
+
+def when_durable(tickets: Iterable[Any], result: Any) -> Any:
+    """`result` once every ticket (`store.Ticket`: `await ticket.wait()`) is durable: the
+    acknowledgement of an operation that made several writes."""
+    waiting = [t for t in tickets if t is not None]
+    if not waiting:
+        return result
+
+    async def wait() -> None:
+        for ticket in waiting:
+            await ticket.wait()
+
+    return Pending(wait, result)
 
 
 _MISSING: Any = object()

@@ -179,14 +179,25 @@ class Registry:
         assert env.last_ticket is not None
         return env.last_ticket
 
+    def before_replace(self, env_id: str, new: dict[str, Any], origin: str) -> None:
+        """A whole-environment write that arrives as a merge (a linked file's save): the
+        `before_apply` hooks see it as they see `apply`, so history keeps what a save removes."""
+        if self.before_apply and env_id in self.envs:
+            self._before_replace(env_id, self.export(env_id), new, origin)
+
+    def _before_replace(
+        self, env_id: str, old: dict[str, Any], new: dict[str, Any], origin: str
+    ) -> None:
+        for hook in self.before_apply:  # a failing hook is reported, never the write's failure
+            self._follow(env_id, origin, ("history", 0), hook, env_id, old, new, origin)
+
     def apply(
         self, env_id: str, prepared: dict[str, Any], origin: str
     ) -> tuple[bool, Ticket | None]:
         """A whole-environment write, as minimal edits."""
         env = self.get(env_id)
         old = self.export(env_id)
-        for hook in self.before_apply:  # a failing hook is reported, never the write's failure
-            self._follow(env_id, origin, ("history", 0), hook, env_id, old, prepared, origin)
+        self._before_replace(env_id, old, prepared, origin)
         try:
             apply_environment(env.doc, prepared, old=old)
         except BaseException:

@@ -94,7 +94,7 @@ async def serve(
         service.history = history
         attachments = Attachments(store, events, identity.device_id)
         attachments.load()
-        spaces = SpacesService(registry, store, identity, events, attachments)
+        spaces = SpacesService(registry, store, identity, events, attachments, history=history)
         spaces.load()
         spaces.register(service)
         presence = PresenceService(

@@ -207,19 +207,29 @@ class HubAuth:
         except LimitExceeded as exc:
             raise PeerProtocolError(messages.TOO_MANY_DEVICES, exc.detail) from None
         try:
-            accepted = self._spaces(name, request)
+            accepted = self._spaces(name, request, peer.device, user.token_hash)
         except BaseException:
             lease.release()  # a refused connection must not hold a slot
             raise
         self.lease = lease
         self.user, self.token_hash, self.device = name, user.token_hash, peer.device
+        removals = getattr(self.endpoint, "removals", None)
+        if removals is not None:  # which token each device used (removals.py)
+            removals.note(peer.device, user.token_hash)
         return accepted
 
-    def _spaces(self, name: str, request: HubRequest) -> frozenset[str]:
+    def _spaces(
+        self, name: str, request: HubRequest, device: str = "", token_hash: str = ""
+    ) -> frozenset[str]:
         accounts = self.endpoint.accounts
+        removals = getattr(self.endpoint, "removals", None)
         statuses: dict[str, str] = {}
+        removed: list[str] = []
         for space in request.spaces:
-            if accounts.can_access(name, space):
+            if removals is not None and removals.refused(space, device, token_hash):
+                statuses[space] = messages.FORBIDDEN  # the device, or its token, was removed
+                removed.append(space)
+            elif accounts.can_access(name, space):
                 statuses[space] = OK
             elif space in request.register and self.endpoint.register_space(
                 space, name, request.register[space]
@@ -228,6 +238,10 @@ class HubAuth:
             else:
                 statuses[space] = messages.FORBIDDEN
         accepted = frozenset(s for s, status in statuses.items() if status != messages.FORBIDDEN)
+        if not accepted and removed:
+            raise PeerProtocolError(
+                messages.DEVICE_REMOVED, f"removed from spaces: {', '.join(sorted(removed))}"
+            )
         if not accepted:
             forbidden = ", ".join(sorted(statuses)) or "none asked"
             raise PeerProtocolError(
@@ -362,6 +376,8 @@ class PeerEndpoint:
         self._rooms: Any = None
         self._listener = hub_docs.add_listener(self._on_change)
         self._accounts_listener = accounts.add_change_listener(self._recheck)
+        self.removals: Any = None
+        """`removals.Removals` (set by the server): devices and tokens a space refuses."""
 
     @staticmethod
     def _identity(hub_docs: Any) -> Identity:
@@ -632,9 +648,20 @@ class PeerEndpoint:
         for daemon in list(self._daemons.values()):
             if space_id not in daemon.auth.accepted or daemon.link.closed is not None:
                 continue
+            if is_space_doc and self._removed(daemon, space_id):
+                continue
             daemon.link.local_update(doc_id, update, origin)
             if is_space_doc:
                 daemon.link.docs_changed()
+
+    def _removed(self, daemon: _Daemon, space_id: str) -> bool:
+        """Close the link of a daemon the space document now lists as removed (or whose token
+        a removed device used): it redials, and gets the spaces it may still sync."""
+        removals, auth = self.removals, daemon.auth
+        if removals is None or not removals.refused(space_id, auth.device, auth.token_hash):
+            return False
+        daemon.link.close(messages.DEVICE_REMOVED, f"removed from space {space_id}")
+        return True
 
     def _emit(self, kind: str, **data: Any) -> None:
         emit = getattr(self.events, "emit", None)

@@ -58,6 +58,7 @@ from .mockproxy import MockProxy
 from .mocks import HostedMocks, MockConfig
 from .peer_socket import PeerHandler
 from .peers import create_peer_endpoint
+from .removals import Removals
 from .wsconn import ws_frame
 from .yjs import YjsEndpoint
 from .ywebsocket import CLOSE_CODES, Rooms
@@ -195,6 +196,11 @@ async def serve_hub(
         accounts.add_change_listener(yjs.revalidate)
         factory = config.peer_endpoint or create_peer_endpoint
         endpoint = factory(docs, accounts, events)
+        removals = Removals(docs)  # devices removed from a space: /peer and /yjs refuse them
+        yjs.auth.removals = removals
+        if hasattr(endpoint, "removals"):
+            endpoint.removals = removals
+        docs.add_listener(partial(_removals_changed, yjs))
         bridge = getattr(endpoint, "bridge_rooms", None)
         if bridge is not None:  # presence between the daemons and the y-websocket clients
             bridge(rooms)
@@ -220,6 +226,7 @@ async def serve_hub(
             if config.mock.enabled:
                 await nursery.start(mocks.run)  # serves nothing until a space asks for it
             nursery.start_soon(release_free_heap)  # bursts of connections leave free heap
+            nursery.start_soon(yjs.expire_awareness)
             watcher: ConfigWatcher | None = None
             if config.config_file is not None and config.settings is not None:
                 watcher = ConfigWatcher(config, partial(_apply_live, http=http, accounts=accounts))
@@ -273,6 +280,14 @@ async def serve_hub(
         if accounts is not None:
             accounts.close()
         store.close()
+
+
+def _removals_changed(
+    yjs: YjsEndpoint, space_id: str, doc_id: str, update: bytes, origin: str
+) -> None:
+    """A space document changed: it may list a removed device, whose token's Yjs clients go."""
+    if doc_id == f"space:{space_id}":
+        yjs.revalidate()
 
 
 def _figures(

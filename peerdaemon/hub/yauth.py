@@ -52,8 +52,13 @@ class Refused:
 
 
 class YjsAuth:
-    def __init__(self, accounts: AccountsLike) -> None:
+    def __init__(self, accounts: AccountsLike, removals: Any = None) -> None:
         self.accounts = accounts
+        self.removals = removals
+        """`removals.Removals`: a token a removed device used is refused for that space."""
+
+    def _removed(self, token_hash: str, space_id: str) -> bool:
+        return self.removals is not None and self.removals.refused(space_id, None, token_hash)
 
     def admit(
         self, query: Mapping[str, str], space_id: str, doc_id: str, connection: str
@@ -66,6 +71,8 @@ class YjsAuth:
             return Refused("unauthorized")
         if not accounts.can_access(user.name, space_id):
             return Refused("forbidden", f"{user.name} cannot reach space {space_id}")
+        if self._removed(user.token_hash, space_id):
+            return Refused("forbidden", f"a device removed from space {space_id} used this token")
         try:
             check_ids(space_id, doc_id)
         except ValueError as exc:
@@ -84,5 +91,7 @@ class YjsAuth:
         if user is None:
             return "unauthorized"
         if not self.accounts.can_access(user.name, space_id):
+            return "forbidden"
+        if self._removed(token_hash, space_id):
             return "forbidden"
         return None

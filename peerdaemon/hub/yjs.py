@@ -15,15 +15,26 @@ room does with each message (`ywebsocket.Rooms`), when a connection is pinged, c
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from typing import Protocol
+
+import trio
 
 from ..core.events import EventLog
 from ..peer import Slot
 from .accounts import LimitExceeded
 from .transport import WebSocketTransport
 from .yauth import AccountsLike, Admitted, YjsAuth
-from .ywebsocket import CLOSE_CODES, Outlet, Rooms, StoreUpdate, YConn, take_ready
+from .ywebsocket import (
+    AWARENESS_TIMEOUT,
+    CLOSE_CODES,
+    Outlet,
+    Rooms,
+    StoreUpdate,
+    YConn,
+    take_ready,
+)
 
 __all__ = ["DocsWriter", "YjsEndpoint", "store_update"]
 
@@ -94,6 +105,16 @@ class YjsEndpoint:
                 cut += 1
         self.wake_ready()
         return cut
+
+    async def expire_awareness(self) -> None:
+        """Time out the y-websocket clients' awareness states (`Rooms.expire`), for ever."""
+        while True:
+            now = time.monotonic()  # the clock `Rooms.receive` uses
+            due = self.rooms.expire(now)
+            self.wake_ready()
+            await trio.sleep(
+                min(max(due - now, 0.5), AWARENESS_TIMEOUT) if due else AWARENESS_TIMEOUT
+            )
 
     def close_all(self, code: int, reason: str) -> None:
         for conn in self.rooms.connections():

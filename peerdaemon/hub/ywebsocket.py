@@ -29,6 +29,7 @@ Wire format (y-protocols): varuint message type, then
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ from ..model.lib0 import EMPTY_UPDATE, BadVarUint, write_var_uint
 from ..model.lib0 import read_var_uint as lib0_read_var_uint
 
 __all__ = [
+    "AWARENESS_TIMEOUT",
     "CLOSE_CODES",
     "MSG_AUTH",
     "MSG_AWARENESS",
@@ -86,6 +88,10 @@ SYNC_UPDATE = 2
 AUTH_PERMISSION_DENIED = 0
 
 MAX_REMOVED_CLOCKS = 10_000  # awareness clocks kept for clients that left, per room
+AWARENESS_TIMEOUT = 30.0
+"""A client's awareness state not renewed for this long is removed (y-protocols' outdatedTimeout:
+clients renew every 15 s). Without it, a connection that stays open after its page froze keeps
+a ghost in everyone's presence."""
 
 # Close codes. 4400-4499 are "permanent" for the y-websocket provider (it stops reconnecting);
 # 1013 ("try again later") lets a dropped slow client reconnect and resync.
@@ -428,6 +434,7 @@ class Room:
     conns: dict[int, YConn] = field(default_factory=dict)
     clocks: dict[int, int] = field(default_factory=dict)  # awareness client -> last clock
     states: dict[int, str] = field(default_factory=dict)  # awareness client -> JSON state
+    renewed: dict[int, float] = field(default_factory=dict)  # a client's state -> when last set
     relay: list[tuple[bytes, str]] = field(default_factory=list)  # durable, not yet sent
     waiting: list[_Waiting] = field(default_factory=list)  # step 1s waiting for durability
     on_awareness: Callable[[bytes], None] | None = None
@@ -454,6 +461,7 @@ class Room:
         self.waiting = [w for w in self.waiting if w.conn is not conn]
         removed = []
         for client in sorted(conn.awareness_ids):
+            self.renewed.pop(client, None)
             if client in self.states:
                 del self.states[client]
                 clock = self.clocks.get(client, 0) + 1
@@ -469,9 +477,9 @@ class Room:
             self.clocks = {c: k for c, k in self.clocks.items() if c in self.states}
 
     # -- incoming ------------------------------------------------------------------------------
-    def receive(self, conn: YConn, data: bytes) -> StoreUpdate | None:
-        """One websocket message from `conn`; a document update comes back as a `StoreUpdate`
-        for the shell. Errors close `conn`, never the room."""
+    def receive(self, conn: YConn, data: bytes, now: float = 0.0) -> StoreUpdate | None:
+        """One websocket message from `conn` at time `now`; a document update comes back as a
+        `StoreUpdate` for the shell. Errors close `conn`, never the room."""
         if conn.closing is not None:
             return None
         try:
@@ -482,7 +490,7 @@ class Room:
                 elif msg.payload != EMPTY_UPDATE:
                     return StoreUpdate(conn, self.space_id, self.doc_id, msg.payload)
             elif msg.kind == MSG_AWARENESS:
-                accepted = self._on_awareness(conn, msg.payload)
+                accepted = self._on_awareness(conn, msg.payload, now)
                 if accepted:
                     self._tell(encode_awareness(accepted))
             elif msg.kind == MSG_QUERY_AWARENESS:
@@ -508,7 +516,9 @@ class Room:
             return
         conn.send(self.framer(_sync_head(SYNC_STEP2, update), update))
 
-    def _on_awareness(self, conn: YConn | None, payload: bytes) -> list[AwarenessEntry]:
+    def _on_awareness(
+        self, conn: YConn | None, payload: bytes, now: float = 0.0
+    ) -> list[AwarenessEntry]:
         """Apply an awareness update from `conn` (None: from the daemons, `inject`); relay what
         changed (a higher clock, or the removal of a known state) to the room."""
         accepted = []
@@ -521,12 +531,14 @@ class Room:
                 self.clocks[e.client] = e.clock
                 if e.removed:
                     self.states.pop(e.client, None)
+                    self.renewed.pop(e.client, None)
                     if conn is not None:
                         conn.awareness_ids.discard(e.client)
                 else:
                     self.states[e.client] = e.state
-                    if conn is not None:
+                    if conn is not None:  # the daemons time out their own states
                         conn.awareness_ids.add(e.client)
+                        self.renewed[e.client] = now
                 accepted.append(e)
         if accepted:
             # To the sender too, as the Node server does: a client alone in a room otherwise
@@ -534,6 +546,26 @@ class Room:
             # entries come back with the clocks it has, so it does not send them again.
             self._broadcast(awareness_message(encode_awareness(accepted)), exclude=None)
         return accepted
+
+    def expire(self, now: float) -> float | None:
+        """Remove the clients' states not renewed for `AWARENESS_TIMEOUT` (relayed as `null`
+        with the clock raised, to the room and the daemons); -> when the next one is due."""
+        due = now - AWARENESS_TIMEOUT
+        stale = sorted(c for c, at in self.renewed.items() if at <= due)
+        removed = []
+        for client in stale:
+            del self.renewed[client]
+            for conn in self.conns.values():
+                conn.awareness_ids.discard(client)
+            if self.states.pop(client, None) is not None:
+                clock = self.clocks.get(client, 0) + 1
+                self.clocks[client] = clock
+                removed.append(AwarenessEntry(client, clock, "null"))
+        if removed:
+            payload = encode_awareness(removed)
+            self._broadcast(awareness_message(payload), exclude=None)
+            self._tell(payload)
+        return min(self.renewed.values()) + AWARENESS_TIMEOUT if self.renewed else None
 
     def inject(self, payload: bytes) -> None:
         """Awareness from the daemons on the hub (`Rooms.inject_awareness`): relayed to the
@@ -652,15 +684,21 @@ class Rooms:
             self.rooms.pop(room.key, None)
             self._dirty.discard(room.key)
 
-    def receive(self, conn: YConn, data: bytes) -> StoreUpdate | None:
-        """One message from `conn`; a `StoreUpdate` to apply before its next one, or None."""
+    def receive(self, conn: YConn, data: bytes, now: float | None = None) -> StoreUpdate | None:
+        """One message from `conn` (at `now`, `time.monotonic()` by default: `expire` must be
+        given the same clock); a `StoreUpdate` to apply before its next one, or None."""
         room = conn.room
         if room is None:
             return None
-        event = room.receive(conn, data)
+        event = room.receive(conn, data, time.monotonic() if now is None else now)
         if room.waiting:
             self._dirty.add(room.key)
         return event
+
+    def expire(self, now: float) -> float | None:
+        """Time out the rooms' stale awareness states; -> the next deadline (None: none held)."""
+        deadlines = [d for room in list(self.rooms.values()) if (d := room.expire(now)) is not None]
+        return min(deadlines) if deadlines else None
 
     def update_refused(self, event: StoreUpdate, limit: str | None) -> None:
         """The shell could not store `event`: over a limit (`limit` is the reason: the client

@@ -316,6 +316,7 @@ class LinkRunner:
                 machine.in_flight = False
                 return []
             if delta != EMPTY_UPDATE:
+                registry.before_replace(self.env_id, environment, ORIGIN)
                 registry.merge(self.env_id, delta, ORIGIN)
         except BaseException as exc:  # a bug, or a pycrdt panic: keep the file, keep running
             if not is_failure(exc):

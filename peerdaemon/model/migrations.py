@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import math
 import os
-import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from pycrdt import Doc, Map
 
-from .lib0 import BadVarUint, read_var_uint
 from .schema import MODEL_VERSION
+from .yupdate import GC, read_items
 
 __all__ = [
     "ENV_OVERRIDE",
@@ -138,90 +137,6 @@ def migrate(
 # meta.model in update bytes (Yjs update format v1)
 
 _ID = tuple[int, int]
-_GC, _DELETED, _JSON, _BINARY, _STRING, _EMBED, _FORMAT, _TYPE, _ANY, _DOC, _SKIP = range(11)
-_NO_VALUE = object()
-
-
-class _Bytes:
-    def __init__(self, data: bytes) -> None:
-        self.data = memoryview(data)
-        self.pos = 0
-
-    def byte(self) -> int:
-        if self.pos >= len(self.data):
-            raise ValueError("unexpected end of update")
-        b = self.data[self.pos]
-        self.pos += 1
-        return b
-
-    def uint(self) -> int:
-        try:
-            value, self.pos = read_var_uint(self.data, self.pos)
-        except BadVarUint as exc:
-            raise ValueError(str(exc)) from None
-        return value
-
-    def raw(self, n: int) -> bytes:
-        if n < 0 or self.pos + n > len(self.data):
-            raise ValueError("unexpected end of update")
-        out = bytes(self.data[self.pos : self.pos + n])
-        self.pos += n
-        return out
-
-    def string(self) -> str:
-        return self.raw(self.uint()).decode("utf-8", "surrogatepass")
-
-    def signed(self) -> int:
-        b = self.byte()
-        negative, value, shift = b & 0x40, b & 0x3F, 6
-        while b & 0x80:
-            b = self.byte()
-            value |= (b & 0x7F) << shift
-            shift += 7
-        return -value if negative else value
-
-    def any_value(self) -> object:
-        """One lib0 `Any`: a number is returned, anything else read past (_NO_VALUE)."""
-        tag = self.byte()
-        if tag == 125:
-            return self.signed()
-        if tag == 124:
-            return struct.unpack(">f", self.raw(4))[0]
-        if tag == 123:
-            return struct.unpack(">d", self.raw(8))[0]
-        if tag == 122:
-            return struct.unpack(">q", self.raw(8))[0]
-        todo = {118: 0, 117: 0}.get(tag)
-        if todo is None:
-            if tag in (119, 116):
-                self.raw(self.uint())
-            elif tag not in (127, 126, 121, 120):
-                raise ValueError(f"unknown value tag {tag}")
-            return _NO_VALUE
-        pending = [tag]
-        while pending:  # iterative: nesting costs no stack
-            kind = pending.pop()
-            if kind == 0:  # a map's key
-                self.raw(self.uint())
-                continue
-            if kind in (118, 117):
-                n = self.uint()
-                pending += ([1, 0] if kind == 118 else [1]) * n
-                continue
-            inner = self.byte()  # kind 1: a value
-            if inner in (118, 117):
-                pending.append(inner)
-            elif inner == 125:
-                self.signed()
-            elif inner == 124:
-                self.raw(4)
-            elif inner in (123, 122):
-                self.raw(8)
-            elif inner in (119, 116):
-                self.raw(self.uint())
-            elif inner not in (127, 126, 121, 120):
-                raise ValueError(f"unknown value tag {inner}")
-        return _NO_VALUE
 
 
 @dataclass(slots=True)
@@ -234,62 +149,18 @@ class _Entry:
 
 
 def _entries(update: bytes) -> list[_Entry]:
-    r = _Bytes(update)
-    out: list[_Entry] = []
-    for _ in range(r.uint()):
-        count, client, clock = r.uint(), r.uint(), r.uint()
-        for _ in range(count):
-            info = r.byte()
-            ref = info & 0x1F
-            if ref in (_GC, _SKIP):
-                clock += r.uint()
-                continue
-            origin = (r.uint(), r.uint()) if info & 0x80 else None
-            right = (r.uint(), r.uint()) if info & 0x40 else None
-            parent: str | None = None
-            sub: str | None = None
-            if not info & 0xC0:
-                parent = r.string() if r.uint() == 1 else str((r.uint(), r.uint()))
-                if info & 0x20:
-                    sub = r.string()
-            value: object = _NO_VALUE
-            if ref == _DELETED:
-                length = r.uint()
-            elif ref == _JSON:
-                length = r.uint()
-                for _ in range(length):
-                    r.string()
-            elif ref == _BINARY:
-                r.raw(r.uint())
-                length = 1
-            elif ref == _STRING:
-                length = len(r.string().encode("utf-16-le", "surrogatepass")) // 2
-            elif ref == _EMBED:
-                r.string()
-                length = 1
-            elif ref == _FORMAT:
-                r.string()
-                r.string()
-                length = 1
-            elif ref == _TYPE:
-                if r.uint() in (3, 5):  # an XmlElement's or XmlHook's name
-                    r.string()
-                length = 1
-            elif ref == _ANY:
-                length = r.uint()
-                values = [r.any_value() for _ in range(length)]
-                value = values[0] if length == 1 else _NO_VALUE
-            elif ref == _DOC:
-                r.string()
-                r.any_value()
-                length = 1
-            else:
-                raise ValueError(f"unknown content ref {ref}")
-            if length == 1:  # a map entry is one item; longer ones are array content
-                keyed = parent == META_ROOT and sub == MODEL_KEY
-                out.append(_Entry((client, clock), origin, right, keyed, value))
-            clock += length
-    return out
+    """The update's one-unit items (map entries among them), with their numbers."""
+    return [
+        _Entry(
+            (it.client, it.clock),
+            it.origin,
+            it.right_origin,
+            it.parent == META_ROOT and it.sub == MODEL_KEY,
+            it.value,
+        )
+        for it in read_items(update)
+        if it.length == 1 and it.content != GC  # longer ones are array content
+    ]
 
 
 def _model_entries(entries: list[_Entry], known: Iterable[_ID]) -> list[_Entry]:

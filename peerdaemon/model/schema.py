@@ -27,6 +27,11 @@ MODEL_VERSION = 2
 """Version of the Yjs layout in docs/model.md; written in the document's `meta` map. Raising it
 takes a migration in model/migrations.py."""
 
+FIRST_GATED_MODEL = 2
+"""The first model whose devices gate every space by its model (docs/spaces.md "Model
+versions"): links accept a peer of this model or any newer one, and leave what syncs to the
+spaces. Older devices have no gate and are refused at the handshake."""
+
 
 @dataclass(frozen=True)
 class Kind:

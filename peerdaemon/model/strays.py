@@ -8,7 +8,7 @@ item in one unit and indexes it in another. Such items mean nothing to the layou
 reference list holds uuids and references), so the registry deletes them, as a change of its
 own that reaches every replica (docs/model.md, "Text in an array").
 
-`scan` decodes updates (Yjs update format v1), works out each item's parent (given, or that of
+`scan` takes an update's items (`yupdate.read_items`), works out each item's parent (given, or that of
 its origin, looked up in an `ItemIndex` of the document), and returns the ranges of string,
 embed and format items whose parent is a root array or a nested Y.Array; `StrayFinder` keeps
 the index per document; `delete_update` is an update that deletes them. Decoding is iterative
@@ -18,13 +18,12 @@ and bounded by the input (no recursion, no allocation beyond what the bytes anno
 from __future__ import annotations
 
 from bisect import bisect_right
-from dataclasses import dataclass
 
 from pycrdt import Doc, Text
 
-from .lib0 import BadVarUint, read_var_uint
 from .lib0 import write_var_uint as _uint
 from .schema import ORDER_SUFFIX, ROOT_ENTITY_LISTS, ROOT_REF_LIST
+from .yupdate import EMBED, FORMAT, GC, STRING, TYPE_ARRAY, Item, Malformed, read_items
 
 __all__ = [
     "ARRAY_ROOTS",
@@ -42,157 +41,7 @@ __all__ = [
 ARRAY_ROOTS = frozenset({*(k + ORDER_SUFFIX for k in ROOT_ENTITY_LISTS), ROOT_REF_LIST})
 """The roots the layout reads as arrays (docs/model.md)."""
 
-# content refs (Yjs `contentRefs`) and type refs (`typeRefs`)
-_GC, _DELETED, _JSON, _BINARY, _STRING, _EMBED, _FORMAT, _TYPE, _ANY, _DOC, _SKIP = range(11)
-_TYPE_ARRAY, _TYPE_XML_ELEMENT, _TYPE_XML_HOOK = 0, 3, 5
-_TEXTUAL = frozenset({_STRING, _EMBED, _FORMAT})
-
-
-class Malformed(ValueError):
-    """The bytes are not a Yjs v1 update this decoder understands."""
-
-
-@dataclass(slots=True)
-class _Item:
-    client: int
-    clock: int
-    length: int
-    content: int
-    origin: tuple[int, int] | None
-    right_origin: tuple[int, int] | None
-    parent: str | tuple[int, int] | None  # a root's name, or the id of the type's item
-    type_ref: int | None = None  # for a type item
-    where: str | tuple[int, int] | None = None  # the parent, given or found through origins
-    resolved: bool = False
-
-
-class _Reader:
-    def __init__(self, data: bytes) -> None:
-        self.data = memoryview(data)
-        self.pos = 0
-
-    def byte(self) -> int:
-        if self.pos >= len(self.data):
-            raise Malformed("unexpected end of update")
-        b = self.data[self.pos]
-        self.pos += 1
-        return b
-
-    def uint(self) -> int:
-        try:
-            value, self.pos = read_var_uint(self.data, self.pos)
-        except BadVarUint as exc:
-            raise Malformed(str(exc)) from None
-        return value
-
-    def count(self) -> int:
-        """A count of things to come, each at least a byte long."""
-        n = self.uint()
-        if n > len(self.data) - self.pos:
-            raise Malformed("a count beyond the end of the update")
-        return n
-
-    def skip_int(self) -> None:  # lib0's signed varint
-        while self.byte() & 0x80:
-            pass
-
-    def raw(self, n: int) -> bytes:
-        if n < 0 or self.pos + n > len(self.data):
-            raise Malformed("unexpected end of update")
-        out = bytes(self.data[self.pos : self.pos + n])
-        self.pos += n
-        return out
-
-    def string(self) -> str:
-        return self.raw(self.uint()).decode("utf-8", "surrogatepass")
-
-    def skip_any(self) -> None:
-        todo = [False]  # what comes next, last first: a value (False) or a map's key (True)
-        while todo:  # iterative: nesting costs no stack
-            if todo.pop():
-                self.raw(self.uint())
-                continue
-            tag = self.byte()
-            if tag in (127, 126, 121, 120):
-                continue
-            if tag == 125:
-                self.skip_int()
-            elif tag == 124:
-                self.raw(4)
-            elif tag in (123, 122):
-                self.raw(8)
-            elif tag in (119, 116):
-                self.raw(self.uint())
-            elif tag == 118:
-                todo += [False, True] * self.count()  # popped as key, value, key, value...
-            elif tag == 117:
-                todo += [False] * self.count()
-            else:
-                raise Malformed(f"unknown value tag {tag}")
-
-
-def _utf16_len(s: str) -> int:
-    return len(s.encode("utf-16-le", "surrogatepass")) // 2
-
-
-def _read_items(update: bytes) -> list[_Item]:
-    r = _Reader(update)
-    items: list[_Item] = []
-    for _ in range(r.uint()):
-        count, client, clock = r.uint(), r.uint(), r.uint()
-        for _ in range(count):
-            info = r.byte()
-            ref = info & 0x1F
-            if ref in (_GC, _SKIP):
-                length = r.uint()
-                if ref == _GC:
-                    items.append(_Item(client, clock, length, _GC, None, None, None))
-                clock += length
-                continue
-            origin = (r.uint(), r.uint()) if info & 0x80 else None
-            right = (r.uint(), r.uint()) if info & 0x40 else None
-            parent: str | tuple[int, int] | None = None
-            if not info & 0xC0:
-                parent = r.string() if r.uint() == 1 else (r.uint(), r.uint())
-                if info & 0x20:
-                    r.string()  # parentSub: a map entry
-            type_ref = None
-            if ref == _DELETED:
-                length = r.uint()
-            elif ref == _JSON:
-                length = r.uint()
-                for _ in range(length):
-                    r.string()
-            elif ref == _BINARY:
-                r.raw(r.uint())
-                length = 1
-            elif ref == _STRING:
-                length = _utf16_len(r.string())
-            elif ref == _EMBED:
-                r.string()
-                length = 1
-            elif ref == _FORMAT:
-                r.string()
-                r.string()
-                length = 1
-            elif ref == _TYPE:
-                type_ref = r.uint()
-                if type_ref in (_TYPE_XML_ELEMENT, _TYPE_XML_HOOK):
-                    r.string()
-                length = 1
-            elif ref == _ANY:
-                length = r.uint()
-                for _ in range(length):
-                    r.skip_any()
-            elif ref == _DOC:
-                r.string()
-                r.skip_any()
-                length = 1
-            else:
-                raise Malformed(f"unknown content ref {ref}")
-            items.append(_Item(client, clock, length, ref, origin, right, parent, type_ref))
-            clock += length
-    return items
+_TEXTUAL = frozenset({STRING, EMBED, FORMAT})
 
 
 class ItemIndex:
@@ -200,9 +49,9 @@ class ItemIndex:
     are looked up in (their origins, their parent types)."""
 
     def __init__(self) -> None:
-        self._clients: dict[int, tuple[list[int], list[_Item]]] = {}
+        self._clients: dict[int, tuple[list[int], list[Item]]] = {}
 
-    def find(self, id_: tuple[int, int]) -> _Item | None:
+    def find(self, id_: tuple[int, int]) -> Item | None:
         entry = self._clients.get(id_[0])
         if entry is None:
             return None
@@ -212,7 +61,7 @@ class ItemIndex:
             return items[k]
         return None
 
-    def add(self, item: _Item) -> None:
+    def add(self, item: Item) -> None:
         starts, items = self._clients.setdefault(item.client, ([], []))
         k = bisect_right(starts, item.clock)
         if k and items[k - 1].clock + items[k - 1].length > item.clock:
@@ -222,7 +71,7 @@ class ItemIndex:
 
 
 def scan(
-    items: list[_Item], index: ItemIndex, array_roots: frozenset[str] | set[str]
+    items: list[Item], index: ItemIndex, array_roots: frozenset[str] | set[str]
 ) -> tuple[list[tuple[int, int, int]], bool]:
     """Find the parent of each item (given, or its origin's, or its right origin's, looked up
     among `items` and in `index`), add those found to `index`; -> the (client, clock, length)
@@ -232,18 +81,18 @@ def scan(
     for item in items:
         local.add(item)
 
-    def find(id_: tuple[int, int]) -> _Item | None:
+    def find(id_: tuple[int, int]) -> Item | None:
         return local.find(id_) or index.find(id_)
 
-    def resolve(item: _Item) -> bool:
-        chain: list[_Item] = []
+    def resolve(item: Item) -> bool:
+        chain: list[Item] = []
         seen: set[int] = set()
         node = item
         while True:  # iterative: a chain of origins costs no stack
             if node.resolved:
                 where = node.where
                 break
-            if node.parent is not None or node.content == _GC:
+            if node.parent is not None or node.content == GC:
                 where = node.parent  # (an item after a collected one is collected too)
                 chain.append(node)
                 break
@@ -252,7 +101,7 @@ def scan(
             following = None
             for o in (node.origin, node.right_origin):
                 f = find(o) if o is not None else None
-                if f is not None and f.content != _GC:
+                if f is not None and f.content != GC:
                     following = f
                     break
             if following is None or id(following) in seen:
@@ -283,21 +132,21 @@ def scan(
             if owner is None:
                 unknown = True
                 continue
-            stray = owner.type_ref == _TYPE_ARRAY
+            stray = owner.type_ref == TYPE_ARRAY
         if stray and item.length:
             found.append((item.client, item.clock, item.length))
     return found, unknown
 
 
-def decode(update: bytes) -> list[_Item]:
+def decode(update: bytes) -> list[Item]:
     """The items of a Yjs v1 update (raises Malformed): what `StrayFinder.check` takes."""
-    return _read_items(update)
+    return read_items(update)
 
 
 def strays(update: bytes, array_roots: frozenset[str] | set[str]) -> list[tuple[int, int, int]]:
     """(client, clock, length) of every string, embed or format item in `update` (a document's
     whole state) whose parent is a root named in `array_roots` or a nested Y.Array."""
-    return scan(_read_items(update), ItemIndex(), array_roots)[0]
+    return scan(read_items(update), ItemIndex(), array_roots)[0]
 
 
 class StrayFinder:
@@ -314,17 +163,17 @@ class StrayFinder:
     def __init__(self, array_roots: frozenset[str] = ARRAY_ROOTS) -> None:
         self.array_roots = array_roots
         self.index: ItemIndex | None = None
-        self.waiting: list[_Item] = []
+        self.waiting: list[Item] = []
 
     def learn(self, update: bytes) -> None:
         """An update the document made itself (a local write): index its items."""
         if self.index is not None:
-            scan(_read_items(update), self.index, self.array_roots)
+            scan(read_items(update), self.index, self.array_roots)
 
-    def check(self, doc: Doc, update: bytes | list[_Item]) -> list[tuple[int, int, int]]:
+    def check(self, doc: Doc, update: bytes | list[Item]) -> list[tuple[int, int, int]]:
         """The strays in `doc` after it applied `update` (or its `decode`d items; raises
         Malformed)."""
-        items = _read_items(update) if isinstance(update, bytes) else update
+        items = read_items(update) if isinstance(update, bytes) else update
         textual = [i for i in items if i.content in _TEXTUAL]
         if not self.waiting:
             if self.index is None and not textual:
@@ -343,7 +192,7 @@ class StrayFinder:
     def rebuild(self, doc: Doc) -> list[tuple[int, int, int]]:
         """Index the whole document; -> its strays."""
         self.index = ItemIndex()
-        return scan(_read_items(doc.get_update()), self.index, self.array_roots)[0]
+        return scan(read_items(doc.get_update()), self.index, self.array_roots)[0]
 
 
 def delete_update(ranges: list[tuple[int, int, int]]) -> bytes:

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ..model.schema import FIRST_GATED_MODEL
 from . import messages
 from .crypto import (
     DIALER,
@@ -32,6 +33,7 @@ from .crypto import (
     transcript_hash,
 )
 from .messages import (
+    DEVICE_REMOVED,
     INCOMPATIBLE_VERSION,
     PROTOCOL_ERROR,
     PROTOCOL_VERSION,
@@ -64,8 +66,16 @@ class IdentityLike(Protocol):
 
 
 class SpaceKeyLike(Protocol):
+    """One secret of a space; a space may have several (its current key epoch and older ones,
+    docs/peer-protocol.md 6.1). Keys without `epoch` are epoch 0."""
+
     id: str
     secret: bytes
+
+
+Refuse = Callable[[str, str, int], "str | None"]
+"""(peer device id, space id, key epoch it proved) -> why it may not sync that space (a close
+reason) or None: the host's removal and epoch rules (`SpacesService.refuse_peer`)."""
 
 
 @dataclass(frozen=True)
@@ -163,15 +173,19 @@ class Handshake:
         accepted_models: Iterable[int] | None = None,
         random: Callable[[int], bytes] = os.urandom,
         auth: AuthPolicy | None = None,
+        refuse: Refuse | None = None,
     ) -> None:
         self.identity = identity
         self.auth = auth
+        self.refuse = refuse
         self.space_keys = space_keys
         self.dialer = dialer
         self.role = DIALER if dialer else LISTENER
         self.peer_role = LISTENER if dialer else DIALER
         self.model = model
-        self.accepted_models = frozenset(accepted_models or (model,))
+        # None: every model from the first with the space gate on (newer ones included: what a
+        # space syncs between models is the spaces' decision, not the link's)
+        self.accepted_models = None if accepted_models is None else frozenset(accepted_models)
         self._random = random
         self._eph = Ephemeral(random)
         self._hello: bytes | None = None
@@ -185,6 +199,12 @@ class Handshake:
         refused (no common space, a wrong token). Until then they are claims."""
         self.result: Established | None = None
         self.peer_tags: list[bytes] = []
+        self.proven: dict[str, int] = {}
+        """Per common space, the newest key epoch the peer's latest tags prove."""
+        self.refusal: str | None = None
+        """Why the last `match` dropped a space the peer proved (`device-removed` first)."""
+        self.peer_takes_keys = False
+        """The peer's auth says it understands `space-key` (6.1)."""
 
     @property
     def done(self) -> bool:
@@ -220,7 +240,7 @@ class Handshake:
         if self.state != "wait-hello":
             raise PeerProtocolError(PROTOCOL_ERROR, "unexpected hello")
         proto, model = messages.versions_of(msg)
-        if proto != PROTOCOL_VERSION or model not in self.accepted_models:
+        if proto != PROTOCOL_VERSION or not self.accepts(model):
             raise IncompatibleVersion((PROTOCOL_VERSION, self.model), (proto, model))
         messages.validate_hello(msg)
         device, key = msg["device"], msg["key"]
@@ -257,17 +277,23 @@ class Handshake:
             raise PeerProtocolError(UNAUTHORIZED, "auth signature does not verify")
         self.verified = self.peer
         self.peer_tags = list(msg["tags"])
+        self.peer_takes_keys = msg.get("keys") == 1
         if self.auth is not None:
             spaces = self.auth.accept(self.peer, msg, self.th, self.peer_role)
         else:
             spaces = self.match(self.peer_tags)
         if not spaces:
-            raise PeerProtocolError(UNAUTHORIZED, "no common space")
+            raise PeerProtocolError(self.refusal or UNAUTHORIZED, "no common space")
         out = [] if self.dialer else [self.channel.seal(self._auth())]
         peer = self.peer
         self.result = Established(peer.device, peer.name, peer.key, spaces, peer.proto, peer.model)
         self.state = "done"
         return out
+
+    def accepts(self, model: int) -> bool:
+        if self.accepted_models is None:
+            return model >= FIRST_GATED_MODEL
+        return model in self.accepted_models
 
     # -- space tags ----------------------------------------------------------------------------
 
@@ -281,12 +307,24 @@ class Handshake:
         return [space_tag(k.secret, self.role, self.th) for k in keys]
 
     def match(self, tags: Iterable[bytes]) -> frozenset[str]:
-        """Our ids of the spaces whose tag (made with the peer's role) the peer showed."""
+        """Our ids of the spaces whose tag (made with the peer's role) the peer showed, for any
+        key epoch we hold, less those our `refuse` rule keeps the peer out of."""
         assert self.th is not None
         shown = set(tags)
-        return frozenset(
-            k.id for k in self.space_keys() if space_tag(k.secret, self.peer_role, self.th) in shown
-        )
+        proven: dict[str, int] = {}
+        for k in self.space_keys():
+            if space_tag(k.secret, self.peer_role, self.th) in shown:
+                epoch = getattr(k, "epoch", 0)
+                proven[k.id] = max(epoch, proven.get(k.id, epoch))
+        self.proven = proven
+        refused = {}
+        if self.refuse is not None and self.peer is not None:
+            for space, epoch in proven.items():
+                if (reason := self.refuse(self.peer.device, space, epoch)) is not None:
+                    refused[space] = reason
+        reasons = set(refused.values())
+        self.refusal = DEVICE_REMOVED if DEVICE_REMOVED in reasons else next(iter(reasons), None)
+        return frozenset(proven) - frozenset(refused)
 
     def common_spaces(self) -> frozenset[str]:
         """The spaces the connection syncs now: from the peer's latest tags, or its auth policy."""
@@ -299,7 +337,7 @@ class Handshake:
         if self.auth is not None:
             fields = self.auth.auth_fields(self.peer, self.th, self.role)
         else:
-            fields = {"tags": self.own_tags()}
+            fields = {"tags": self.own_tags(), "keys": 1}  # we take `space-key` (6.1)
         return {
             "t": "auth",
             "sig": self.identity.sign(auth_payload(self.role, self.th)),

@@ -43,6 +43,7 @@ from .session import (
     Event,
     HelloReceived,
     PeerConnection,
+    SpaceKeyReceived,
     Synced,
     SyncHostView,
     UpdateSink,
@@ -416,6 +417,10 @@ class PeerManager:
             if self.awareness is not None and link.conn is not None and link.conn.established:
                 self.awareness.awareness_closed(link.awareness_source)
             self._on_closed(link, target, event)
+        elif isinstance(event, SpaceKeyReceived):  # the host judges it (a member's, newer)
+            receive = getattr(self.host, "receive_space_key", None)
+            if receive is not None:
+                receive(event.space, event.epoch, event.secret, event.sender)
         elif isinstance(event, DocFailed):  # that environment's error; the link goes on
             peer = f"peer:{link.peer_device}"
             self.emit_event(

@@ -71,6 +71,8 @@ TOO_SLOW = "too-slow"
 """The peer does not read what we send fast enough (its queue hit a limit, or a write stalled)."""
 BUSY = "busy"
 """Too many connections have not finished their handshake; try again later."""
+DEVICE_REMOVED = "device-removed"
+"""The peer's device was removed from the (last) space the connection could sync (6.1)."""
 # Hub mode (docs/peer-protocol.md, "Hub mode"): close reasons a hub sends...
 FORBIDDEN = "forbidden"
 TOO_MANY_DEVICES = "too-many-devices"
@@ -97,6 +99,7 @@ REASONS = frozenset(
         FORBIDDEN,
         TOO_MANY_DEVICES,
         HUB_KEY_CHANGED,
+        DEVICE_REMOVED,
     }
 )
 
@@ -250,6 +253,10 @@ def validate_inner(msg: dict[str, Any]) -> None:
             _str(msg, "detail", MAX_DETAIL, min_len=0)
     elif t == "spaces":
         _tags(msg)
+    elif t == "space-key":
+        _str(msg, "space", MAX_DOC_ID)
+        _uint(msg, "epoch", 1 << 32)
+        _bytes(msg, "secret", 32)
     elif t in ("sync", "awareness"):
         _str(msg, "doc", MAX_DOC_ID)
         _bytes(msg, "m")

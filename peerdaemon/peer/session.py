@@ -28,7 +28,7 @@ import logging
 import os
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from pycrdt import merge_updates
@@ -81,6 +81,7 @@ __all__ = [
     "PeerConnection",
     "QueuedMessage",
     "SessionConfig",
+    "SpaceKeyReceived",
     "SyncHostView",
     "SyncSession",
     "Synced",
@@ -93,6 +94,8 @@ __all__ = [
 log = logging.getLogger("peerdaemon.peer")
 
 EMPTY_STATE_VECTOR = b"\x00"
+SPACE_DOC_PREFIX = "space:"
+"""Doc ids of space documents (section 5): a space's key is handed over after its document."""
 BOX_OVERHEAD = 64
 """Upper bound of what boxing adds to an inner message (tag, CBOR map, counter)."""
 UPDATE_OVERHEAD = BOX_OVERHEAD + 32
@@ -110,6 +113,22 @@ class SyncHostView(Protocol):
     def allowed(self, doc_id: str, space_ids: Iterable[str]) -> bool: ...
     def state_vector(self, doc_id: str) -> bytes | None: ...
     def diff(self, doc_id: str, state_vector: bytes) -> bytes: ...
+
+    # Optional: `ask(doc) -> bool`, a document whose initial exchange the host decides itself
+    # (docs/peer-protocol.md section 5.2); a host without it (the hub) never does.
+
+
+def _asks(host: SyncHostView, doc: str) -> bool:
+    ask = getattr(host, "ask", None)
+    return bool(ask(doc)) if ask is not None else False
+
+
+def _merged(doc: str, *updates: bytes) -> bytes:
+    """The peer's updates of one document as one; bytes that are no update are its fault."""
+    try:
+        return merge_updates(*updates)
+    except Exception as exc:
+        raise PeerProtocolError(PROTOCOL_ERROR, f"update for {doc} rejected: {exc}") from None
 
 
 class AwarenessHost(Protocol):
@@ -134,6 +153,9 @@ class UpdateSink(Protocol):
     store."""
 
     def apply(self, doc_id: str, update: bytes, origin: str) -> None: ...
+
+    # Optional: `apply_initial(doc_id, update, origin) -> "push" | "pull" | "hold"` for an
+    # `UpdateReceived` with `initial` (section 5.2); without it, `apply` takes it.
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +197,9 @@ class UpdateReceived:
     update: bytes
     origin: str
     """`peer:<device id>`, or the connection's own origin (`hub:<url>` on a connection to a hub)."""
+    initial: bool = False
+    """The peer's whole state of an ask document at the link's initial exchange (section 5.2):
+    the host decides (`UpdateSink.apply_initial`) before our own step 2 goes out."""
 
 
 @dataclass(frozen=True)
@@ -222,6 +247,18 @@ class AwarenessReceived:
 
 
 @dataclass(frozen=True)
+class SpaceKeyReceived:
+    """The peer handed us the current key of `space`, one of the connection's common spaces
+    (docs/peer-protocol.md 6.1): the shell gives it to its host (`receive_space_key`), which
+    takes it only from a member that is not removed, and only if it is newer than its own."""
+
+    space: str
+    epoch: int
+    secret: bytes = field(repr=False)
+    sender: str
+
+
+@dataclass(frozen=True)
 class Closed:
     """The connection is over: `reason` is ours (`by_peer` False) or the peer's close reason."""
 
@@ -239,6 +276,7 @@ Event = (
     | DocError
     | DocFailed
     | AwarenessReceived
+    | SpaceKeyReceived
     | Closed
 )
 
@@ -296,6 +334,13 @@ class SyncSession:
         """Presence of documents not (yet) allowed, the latest few messages of each."""
         self._applying_step2 = False
         """Whether the update handed out by `receive` answers one of our step 1s."""
+        self._deciding: dict[str, bytes | None] = {}
+        """Ask documents (section 5.2) whose whole state we asked for and not got yet, with the
+        peer's updates received meanwhile (merged): part of the state to decide on."""
+        self._answer_later: dict[str, bytes] = {}
+        """The peer's step 1s of those documents: answered once the host has decided."""
+        self._answered: set[str] = set()
+        """Documents whose step 1 we answered on this connection."""
         self.synced = False
         self.ignored = 0
         """Messages dropped because their document is not allowed on this connection."""
@@ -333,7 +378,7 @@ class SyncSession:
         for doc, sv in list(self._deferred.items()):
             if self.host.allowed(doc, self.spaces):
                 del self._deferred[doc]
-                self._answer_step1(doc, sv)
+                self._on_step1(doc, sv)
         for doc, payloads in list(self._deferred_awareness.items()):
             if self.host.allowed(doc, self.spaces):
                 del self._deferred_awareness[doc]
@@ -346,6 +391,8 @@ class SyncSession:
             return
         if not self.host.allowed(doc, self.spaces):
             return
+        if doc in self._deciding and doc not in self._answered:
+            return  # our step 2, once the host has decided, carries it (section 5.2)
         self._send_update(doc, update)
 
     def _update_message(self, doc: str, update: bytes) -> None:
@@ -377,16 +424,57 @@ class SyncSession:
             log.debug("ignoring sync for %s: not allowed on the connection to %s", doc, self.origin)
             return None
         if kind == SYNC_STEP1:
-            self._answer_step1(doc, payload)
-            if doc not in self.sent_step1:
-                self._step1(doc)
+            self._on_step1(doc, payload)
             return None
+        if doc in self._deciding:
+            return self._deciding_received(doc, kind, payload)
         if payload == EMPTY_UPDATE:
             if kind == SYNC_STEP2:
                 self._step2_received(doc)
             return None
         self._applying_step2 = kind == SYNC_STEP2
         return UpdateReceived(doc, payload, self.origin)
+
+    def _on_step1(self, doc: str, state_vector: bytes) -> None:
+        """Answer a step 1, then send ours if not sent yet. An ask document's answer waits for
+        the host's decision (section 5.2) unless the peer asked for our whole state (the empty
+        state vector: a peer that decides itself, or one that holds nothing)."""
+        if (
+            state_vector != EMPTY_STATE_VECTOR
+            and doc not in self._answered
+            and _asks(self.host, doc)
+        ):
+            if doc not in self.sent_step1:
+                self._step1(doc)
+            if doc in self._deciding:
+                self._answer_later[doc] = state_vector
+                return
+        self._answer_step1(doc, state_vector)
+        if doc not in self.sent_step1:
+            self._step1(doc)
+
+    def _deciding_received(self, doc: str, kind: int, payload: bytes) -> UpdateReceived | None:
+        """A message of an ask document awaiting the peer's whole state: an update joins what
+        the host will decide on; the step 2 completes it and goes to the host as `initial`."""
+        early = self._deciding[doc]
+        if kind != SYNC_STEP2:
+            if payload != EMPTY_UPDATE:
+                self._deciding[doc] = payload if early is None else _merged(doc, early, payload)
+            return None
+        del self._deciding[doc]
+        parts = [p for p in (payload, early) if p is not None and p != EMPTY_UPDATE]
+        if not parts:  # the peer holds nothing of it: ours goes out as the plain answer
+            self._step2_received(doc)
+            self._decided(doc)
+            return None
+        update = parts[0] if len(parts) == 1 else _merged(doc, *parts)
+        self._applying_step2 = True
+        return UpdateReceived(doc, update, self.origin, initial=True)
+
+    def _decided(self, doc: str) -> None:
+        state_vector = self._answer_later.pop(doc, None)
+        if state_vector is not None:
+            self._answer_step1(doc, state_vector)
 
     def _awareness(self, doc: str, payload: bytes) -> None:
         """Presence of one of the connection's documents: an event for the shell. Presence is
@@ -431,6 +519,8 @@ class SyncSession:
             self._doc_failed(doc, "applying the peer's update", exc)
         if step2:
             self._step2_received(doc)
+        if event.initial:
+            self._decided(doc)
 
     def _step2_received(self, doc: str) -> None:
         if doc in self._awaiting:
@@ -438,12 +528,18 @@ class SyncSession:
             self._check_synced()
 
     def _step1(self, doc: str) -> None:
-        sv = self.host.state_vector(doc)
+        if _asks(self.host, doc):
+            # ask for the peer's whole state: the host compares it with its own (section 5.2)
+            sv: bytes | None = EMPTY_STATE_VECTOR
+            self._deciding[doc] = None
+        else:
+            sv = self.host.state_vector(doc)
         self.sent_step1.add(doc)
         m = messages.encode_sync(SYNC_STEP1, EMPTY_STATE_VECTOR if sv is None else sv)
         self._send({"t": "sync", "doc": doc, "m": m})
 
     def _answer_step1(self, doc: str, state_vector: bytes) -> None:
+        self._answered.add(doc)
         if self.host.state_vector(doc) is None:
             update = EMPTY_UPDATE
         else:
@@ -554,6 +650,7 @@ class PeerConnection:
             accepted_models=accepted_models,
             random=random,
             auth=auth,
+            refuse=getattr(host, "refuse_peer", None),
         )
         self.session: SyncSession | None = None
         self.closed: Closed | None = None
@@ -582,6 +679,9 @@ class PeerConnection:
         self._next_ping = now + self.config.ping_interval
         self._announced: frozenset[bytes] = frozenset()
         self._synced_reported = False
+        self._space_docs_asked: set[str] = set()
+        """Space documents the peer sent its step 1 of: it has our step 2 (removals) first."""
+        self._keys_sent: set[tuple[str, int]] = set()
         self._queue_wire(self.handshake.start())
 
     # -- state ---------------------------------------------------------------------------------
@@ -817,15 +917,60 @@ class PeerConnection:
         elif t == "spaces":
             self.handshake.peer_tags = list(msg["tags"])
             self._refresh_spaces(announce=False)
+        elif t == "space-key":
+            self._space_key(msg)
         elif t == "auth":
             raise PeerProtocolError(PROTOCOL_ERROR, "second auth")
         else:
+            asked = t == "sync" and msg["doc"].startswith(SPACE_DOC_PREFIX)
+            if asked and msg["m"][:1] == b"\0":  # a step 1 of a space document
+                self._space_docs_asked.add(msg["doc"])
             update = self.session.receive(msg)
             if update is not None:
                 self._applying = update
                 self._events.append(update)
             else:
                 self._report_synced()
+            if asked:
+                self._offer_keys()
+
+    # -- key epochs (docs/peer-protocol.md 6.1) --------------------------------------------------
+
+    def _offer_keys(self) -> None:
+        """Hand our current key of each common space to a peer that proved only an older one
+        (its device is a member: `refuse` admitted it), once it has asked for the space
+        document, so that our step 2 (with any removal) reaches it before the key does."""
+        session = self.session
+        if session is None or self.handshake.auth is not None:
+            return
+        if not self.handshake.peer_takes_keys:
+            return
+        current: dict[str, Any] = {}
+        for key in self.host.space_keys():
+            current.setdefault(key.id, key)  # the current key comes first
+        for space in session.spaces:
+            key = current.get(space)
+            epoch = getattr(key, "epoch", 0)
+            if key is None or self.handshake.proven.get(space, epoch) >= epoch:
+                continue
+            if (space, epoch) in self._keys_sent:
+                continue
+            if SPACE_DOC_PREFIX + space not in self._space_docs_asked:
+                continue
+            self._keys_sent.add((space, epoch))
+            msg = {"t": "space-key", "space": space, "epoch": epoch, "secret": key.secret}
+            self._send_inner(msg)
+
+    def _space_key(self, msg: dict[str, Any]) -> None:
+        """A `space-key`: for the host to judge, if the space is one the connection syncs (a
+        hub holds no space secrets and never sends one; anything else is ignored)."""
+        if self.handshake.auth is not None or self.session is None:
+            return
+        if msg["space"] not in self.session.spaces or self.established is None:
+            return
+        self._events.append(
+            SpaceKeyReceived(msg["space"], msg["epoch"], msg["secret"], self.established.device)
+        )
 
     def _open(self, result: Established | None) -> None:
         assert result is not None
@@ -844,6 +989,7 @@ class PeerConnection:
         self._events.append(result)
         self.session.open()
         self._report_synced()
+        self._offer_keys()
 
     def _refresh_spaces(self, announce: bool = True) -> None:
         """Recompute the common spaces after our spaces or the peer's announcement changed."""
@@ -857,12 +1003,13 @@ class PeerConnection:
         if not spaces:
             # after the peer's announcement, its doing; after a change of ours, ours
             fault = LocalProtocolError if announce else PeerProtocolError
-            raise fault(UNAUTHORIZED, "no common space any more")
+            raise fault(self.handshake.refusal or UNAUTHORIZED, "no common space any more")
         if spaces != self.session.spaces:
             self.session.set_spaces(spaces)
         else:
             self.session.docs_changed()
         self._report_synced()
+        self._offer_keys()
 
     def _report_synced(self) -> None:
         if self.session is not None and self.session.synced and not self._synced_reported:
@@ -1033,8 +1180,12 @@ def apply_update(conn: PeerConnection, event: UpdateReceived, sink: UpdateSink) 
     which decides what the peer is told. Called by the shell, never by the core: this is where
     a received update reaches the registry, the store and the other connections. Cancellations
     and interrupts go on (the connection is being torn down anyway)."""
+    initial = getattr(sink, "apply_initial", None) if event.initial else None
     try:
-        sink.apply(event.doc, event.update, event.origin)
+        if initial is not None:
+            initial(event.doc, event.update, event.origin)
+        else:
+            sink.apply(event.doc, event.update, event.origin)
     except BaseException as exc:
         if not is_failure(exc):
             raise

@@ -7,6 +7,8 @@ Layout (docs/spaces.md), every value a plain JSON object so each key is last-wri
     environments  Y.Map  env id -> {state: "shared" | "unshared" | "deleted", by, at}
     mocks         Y.Map  env id -> {hub: bool, access: "public" | "token", token, by, at}
     models        Y.Map  "N" -> {by, at}: the environment model N reached the space
+    settings      Y.Map  "offline" -> {policy: "merge" | "ask", by, at}: offline choices
+    removed       Y.Map  device id -> {by, at, epoch}: devices removed from the space
 
 Why a document and not messages: members and shares must converge on every device whatever the
 order in which devices meet, including devices that were offline while things changed. Values
@@ -29,6 +31,7 @@ __all__ = [
     "MEMBERS",
     "MOCKS",
     "MODELS",
+    "REMOVED",
     "SHARED",
     "STATES",
     "UNSHARED",
@@ -41,6 +44,11 @@ MEMBERS = "members"
 ENVIRONMENTS = "environments"
 MOCKS = "mocks"
 MODELS = "models"
+SETTINGS = "settings"
+OFFLINE = "offline"
+POLICIES = ("merge", "ask")
+REMOVED = "removed"
+KEYS = "keys"
 ACCESS = ("public", "token")
 
 SHARED = "shared"
@@ -80,6 +88,44 @@ class SpaceDoc:
                 }
         return out
 
+    def removed(self) -> dict[str, dict[str, Any]]:
+        """device id -> {by, at, epoch} for every device removed from the space (`space
+        remove-device`); a key is never deleted, so a removal outlives any concurrent write of
+        the device's own `members` entry. Malformed entries are skipped."""
+        out: dict[str, dict[str, Any]] = {}
+        for device, entry in self._map(REMOVED).items():
+            if isinstance(entry, dict):
+                by, at, epoch = entry.get("by"), entry.get("at"), entry.get("epoch")
+                out[device] = {
+                    "by": by if isinstance(by, str) else None,
+                    "at": at if isinstance(at, int | float) else None,
+                    "epoch": _version(epoch) or 0,  # Yjs numbers read back as floats
+                }
+        return out
+
+    def is_removed(self, device: str) -> bool:
+        return isinstance(self._map(REMOVED).get(device), dict)
+
+    def remove_device(self, device: str, by: str, epoch: int) -> None:
+        """Record the removal of `device` and drop its `members` entry (one transaction)."""
+        with self.doc.transaction():
+            self._map(REMOVED)[device] = {"by": by, "at": time.time(), "epoch": epoch}
+            members = self._map(MEMBERS)
+            if device in members:
+                del members[device]
+
+    def key_commitments(self) -> dict[str, dict[str, Any]]:
+        """check (hex) -> {epoch, by, pk, sig, at}: the keys members rotated to (`keys` root;
+        entries only added). Which of them count is `removal.target_key`'s decision."""
+        out: dict[str, dict[str, Any]] = {}
+        for check, entry in self._map(KEYS).items():
+            if isinstance(entry, dict):
+                out[check] = dict(entry)
+        return out
+
+    def commit_key(self, check: str, entry: dict[str, Any]) -> None:
+        self._map(KEYS)[check] = entry
+
     def model(self) -> int:
         """The environment model the space's documents follow: the newest any member brought
         (`models` keys; 1 without any). Keys are only ever added, one per version, so concurrent
@@ -94,6 +140,19 @@ class SpaceDoc:
             return False
         self._map(MODELS)[str(version)] = {"by": by, "at": time.time()}
         return True
+
+    def policy(self) -> str:
+        """The space's offline policy (docs/spaces.md, "Offline choices"): `ask` only when a
+        well-formed entry says so, `merge` for anything else."""
+        value = self._map(SETTINGS).get(OFFLINE)
+        if isinstance(value, dict) and value.get("policy") in POLICIES:
+            return str(value["policy"])
+        return "merge"
+
+    def set_policy(self, policy: str, by: str) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"unknown offline policy {policy!r}")
+        self._map(SETTINGS)[OFFLINE] = {"policy": policy, "by": by, "at": time.time()}
 
     def entry(self, env_id: str) -> dict[str, Any] | None:
         value = self._map(ENVIRONMENTS).get(env_id)

@@ -44,6 +44,7 @@ class Invite:
     addresses: tuple[str, ...] = field(default=())  # "host:port" where the inviter listens
     hub: str | None = None
     hub_key: str | None = None  # the hub's key fingerprint (device id), if the inviter has one
+    epoch: int = 0  # the secret's key epoch (after `space remove-device`); absent means 0
 
 
 def _checksum(payload: bytes) -> bytes:
@@ -58,6 +59,8 @@ def encode_invite(invite: Invite) -> str:
         "d": invite.inviter,
         "a": list(invite.addresses),
     }
+    if invite.epoch:
+        body["e"] = invite.epoch
     if invite.hub:
         body["h"] = invite.hub
         if invite.hub_key:
@@ -112,6 +115,7 @@ def _invite_of(body: object) -> Invite:
     space_id, name, secret = body.get("s"), body.get("n"), body.get("k")
     inviter, addresses, hub = body.get("d"), body.get("a", []), body.get("h")
     hub_key = body.get("hk")
+    epoch = body.get("e", 0)
     if not (isinstance(space_id, str) and space_id and isinstance(name, str)):
         raise InviteError("the invitation has no valid space id or name")
     if not (isinstance(secret, bytes) and len(secret) == 32):
@@ -124,7 +128,11 @@ def _invite_of(body: object) -> Invite:
         raise InviteError("the invitation's hub url is malformed")
     if hub_key is not None and not (isinstance(hub_key, str) and _is_key(hub_key) and hub):
         raise InviteError("the invitation's hub key is malformed")
-    return Invite(space_id, name, secret, inviter, tuple(addresses), hub or None, hub_key or None)
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or not 0 <= epoch < 1 << 32:
+        raise InviteError("the invitation's key epoch is malformed")
+    return Invite(
+        space_id, name, secret, inviter, tuple(addresses), hub or None, hub_key or None, epoch
+    )
 
 
 def _is_key(text: str) -> bool:

@@ -45,9 +45,9 @@ from ..core.errors import (
     NOT_FOUND,
     NOT_SHARED,
     OpError,
-    Pending,
     arg,
     is_failure,
+    when_durable,
 )
 from ..core.events import EventLog
 from ..core.identity import Identity, save_name
@@ -59,6 +59,18 @@ from ..model.migrations import doc_version, model_item_ids, update_models
 from ..store import Store, Ticket
 from .document import ACCESS, DELETED, SHARED, UNSHARED, SpaceDoc
 from .invite import Invite, InviteError, decode_invite, encode_invite, parse_address
+from .offline import ASK, Holds, OfflineChoices
+from .removal import (
+    KeyEpoch,
+    adopt_key,
+    current_key_invalid,
+    load_previous,
+    previous_setting,
+    refusal,
+    resolve_device,
+)
+from .removal import commit_key as commit_space_key
+from .removal import rotate as rotate_key
 
 log = logging.getLogger("peerdaemon.spaces")
 
@@ -83,6 +95,7 @@ def space_doc_id(space_id: str) -> str:
 class SpaceKey:
     id: str
     secret: bytes  # 32 random bytes; never leaves the device except in invite codes
+    epoch: int = 0  # the key epoch (docs/spaces.md, "Removing a device")
 
 
 @dataclass(frozen=True)
@@ -124,6 +137,8 @@ class Space:
     hub: str | None = None
     hub_key: str | None = None  # the key fingerprint trusted for `hub` (invite, or our pin)
     pending: list[bytes] = field(default_factory=list)
+    epoch: int = 0  # key epoch of `secret`: bumped by each `space remove-device`
+    previous: tuple[KeyEpoch, ...] = ()  # older secrets, newest first (spaces/removal.py)
 
     @property
     def doc_id(self) -> str:
@@ -134,7 +149,11 @@ class Space:
         return self.doc.name or self.name
 
     def key(self) -> SpaceKey:
-        return SpaceKey(self.id, self.secret)
+        return SpaceKey(self.id, self.secret, self.epoch)
+
+    def keys(self) -> list[SpaceKey]:
+        """The current key, then the previous ones (a member offline at a rotation proves one)."""
+        return [self.key(), *(SpaceKey(self.id, k.secret, k.epoch) for k in self.previous)]
 
     def setting(self) -> dict[str, Any]:
         return {
@@ -145,6 +164,8 @@ class Space:
             "addresses": list(self.addresses),
             "hub": self.hub,
             "hub_key": self.hub_key,
+            "epoch": self.epoch,
+            "previous": previous_setting(self.previous),
         }
 
 
@@ -173,8 +194,14 @@ class SpacesService:
         identity: Identity,
         events: EventLog,
         attachments: Attachments | None = None,
+        history: Any = None,
     ) -> None:
         self.registry = registry
+        self.history = history
+        """`core.history.History`: a resolve records the losing side there first."""
+        self.holds = Holds(store)
+        """Environments held by an `ask` space's offline choice (spaces/offline.py)."""
+        self.offline = OfflineChoices(self)
         self.attachments = attachments
         """Each shared environment's files document (`files:<env id>`) syncs beside it."""
         self.store = store
@@ -186,6 +213,8 @@ class SpacesService:
         self._docs_listeners: dict[int, Callable[[], None]] = {}
         self._next_token = 1
         self._docs: frozenset[str] = frozenset()
+        self._access: frozenset[tuple[str, str, int]] = frozenset()
+        """Removed devices and key epochs per space: a change re-checks every link."""
         self._early: dict[str, list[bytes]] = {}  # updates that came before the env's state
         self.model_version = registry.model_version
         """The environment model this device runs at (docs/model.md, "Migrations")."""
@@ -210,6 +239,7 @@ class SpacesService:
         saved = self.store.get_setting(SPACES_SETTING) or {}
         bindings = self.store.get_setting(BINDINGS_SETTING) or {}
         loaded = self.store.load() if saved else {}  # a second read only for users of spaces
+        self.holds.load()
         for space_id, entry in saved.items() if isinstance(saved, dict) else ():
             try:
                 space = Space(
@@ -221,6 +251,8 @@ class SpacesService:
                     addresses=tuple(entry.get("addresses") or ()),
                     hub=entry.get("hub"),
                     hub_key=entry.get("hub_key") if isinstance(entry.get("hub_key"), str) else None,
+                    epoch=int(entry.get("epoch") or 0),
+                    previous=load_previous(entry.get("previous")),
                 )
             except (KeyError, TypeError, ValueError):
                 log.warning("spaces: ignoring a malformed saved space %r", space_id)
@@ -239,6 +271,7 @@ class SpacesService:
             self._meet(space)
         self._migrate_all()
         self._docs = self._syncable()
+        self._access = self._access_state()
         self._report_incompatible()
         return len(self.spaces)
 
@@ -250,9 +283,12 @@ class SpacesService:
             "space.join": self.op_join,
             "space.list": self.op_list,
             "space.leave": self.op_leave,
+            "space.remove_device": self.op_remove_device,
             "env.share": self.op_share,
             "env.unshare": self.op_unshare,
             "env.mock": self.op_mock,
+            "space.policy": self.offline.op_policy,
+            "env.resolve": self.offline.op_resolve,
             "identity": self.op_identity,
         }
         for op, handler in ops.items():
@@ -332,6 +368,7 @@ class SpacesService:
             hub=hub or space.hub,
             # the hub key travels only with the URL it was trusted for
             hub_key=space.hub_key if (hub or space.hub) == space.hub else None,
+            epoch=space.epoch,
         )
         return encode_invite(invite)
 
@@ -355,6 +392,7 @@ class SpacesService:
                 addresses=invite.addresses,
                 hub=invite.hub,
                 hub_key=invite.hub_key,
+                epoch=invite.epoch,
             )
         )
         space.doc.set_member(
@@ -380,6 +418,37 @@ class SpacesService:
         self.events.emit("space-left", space=space.id, name=space.display_name)
         self._docs_changed()
         return space, tickets
+
+    def remove_device(self, ref: str, device_ref: object) -> tuple[Space, str, list[Ticket]]:
+        """Remove a member: record it in the space document (before the key changes, so every
+        link sends the record first), rotate the secret, and re-check every link."""
+        space = self.resolve(ref)
+        device = resolve_device(space, device_ref, self.identity.device_id)
+        space.doc.remove_device(device, self.identity.device_id, space.epoch + 1)
+        rotate_key(space)
+        # in the same commit as the removal: a member takes the new key only once this signed
+        # record of it has arrived, and the record arrives with the removal
+        commit_space_key(space, space.epoch, space.secret, self.identity)
+        tickets = self._commit_space(space, LOCAL)
+        tickets.append(self._save_spaces())
+        me = self.identity.device_id
+        self.events.emit("device-removed", space=space.id, device=device, by=me)
+        self._docs_changed()
+        return space, device, tickets
+
+    def refuse_peer(self, device: str, space_id: str, epoch: int) -> str | None:
+        """Why a peer that proved key `epoch` of a space may not sync it (None: it may)."""
+        return refusal(self.spaces.get(space_id), device, epoch)
+
+    def receive_space_key(self, space_id: str, epoch: int, secret: bytes, sender: str) -> bool:
+        """A member handed us a space's current key (docs/peer-protocol.md 6.1)."""
+        space = self.spaces.get(space_id)
+        if space is None or not adopt_key(space, sender, epoch, secret, self.identity.device_id):
+            return False
+        self._save_spaces()
+        self.events.emit("space-key-changed", space=space.id, epoch=epoch, by=sender)
+        self._docs_changed()
+        return True
 
     def share(self, env_id: str, ref: str, *, copy_: bool = False) -> tuple[str, list[Ticket]]:
         """Share an environment in a space; with `copy_`, a duplicate under a new id."""
@@ -568,12 +637,18 @@ class SpacesService:
                     "joined": space.joined,
                     "members": members,
                     "environments": envs,
+                    "removed": [
+                        {"device": device, **info}
+                        for device, info in sorted(space.doc.removed().items())
+                    ],
+                    "key_epoch": space.epoch,
                     # the first sync after a join (`space join` waits for it): the document
                     # came from a member (its `info` is the creator's), and every environment
                     # it lists as shared is here
                     "synced": space.doc.name is not None and present == len(envs),
                     "environments_total": len(envs),
                     "environments_present": present,
+                    "policy": space.doc.policy(),
                     **versions,
                 }
             )
@@ -588,12 +663,15 @@ class SpacesService:
         }
         if incompatible := self.incompatible():
             status["incompatible"] = incompatible
+        status["conflicts"] = self.offline.conflicts()
         return status
 
     # -- SyncHost ------------------------------------------------------------------------------
 
     def space_keys(self) -> list[SpaceKey]:
-        return [space.key() for space in self.spaces.values()]
+        """Every space's current key first, then their previous ones (tags are bounded)."""
+        spaces = list(self.spaces.values())
+        return [s.key() for s in spaces] + [k for s in spaces for k in s.keys()[1:]]
 
     def docs_of(self, space_ids: Iterable[str]) -> list[str]:
         """`space:<id>` and the environments shared there, including ones not received yet."""
@@ -652,6 +730,8 @@ class SpacesService:
                 return self.attachments.diff(files_of, state_vector or EMPTY_STATE_VECTOR)
             if self._sharing_space(doc_id) is None or doc_id not in self.registry.envs:
                 return EMPTY_UPDATE
+            if doc_id in self.holds:
+                return EMPTY_UPDATE  # held: none of our state goes out until resolved
             return self.registry.state_update(doc_id, state_vector or EMPTY_STATE_VECTOR)
         except ValueError as exc:
             raise ValueError(f"bad state vector for {doc_id}: {exc}") from None
@@ -681,11 +761,27 @@ class SpacesService:
             return
         if self._refuses(doc_id, space_id, update, origin):
             return
+        if doc_id in self.holds:  # kept apart until resolved (docs/spaces.md)
+            self.offline.add_remote(doc_id, update, origin)
+            return
         if doc_id in self.registry.envs:
             self._merge(doc_id, update, origin)
         else:
             self._receive_new(doc_id, space_id, update, origin)
         self._migrate(doc_id)  # one that arrives at an older model: this device migrates it
+
+    def ask(self, doc_id: str) -> bool:
+        """Whether `doc_id` is an environment of an `ask` space (docs/spaces.md, "Offline
+        choices"): the link's initial exchange lets `apply_initial` decide."""
+        if doc_id.startswith(SPACE_PREFIX) or env_of(doc_id) is not None:
+            return False
+        space_id = self._sharing_space(doc_id)
+        return space_id is not None and self.spaces[space_id].doc.policy() == ASK
+
+    def apply_initial(self, doc_id: str, update: bytes, origin: str) -> str:
+        """The peer's whole state of an ask environment at a link's initial exchange: push,
+        pull or hold (spaces/offline.py)."""
+        return self.offline.initial(doc_id, update, origin)
 
     def add_listener(self, fn: ChangeListener) -> int:
         token = self._token()
@@ -862,6 +958,7 @@ class SpacesService:
         space_id = self.bindings.get(env_id) if isinstance(env_id, str) else None
         if space_id is None or space_id not in self.spaces:
             return
+        self.offline.decorate(summary)
         needed = self.needs(env_id, space_id)
         if needed is None:
             return
@@ -943,6 +1040,7 @@ class SpacesService:
                 continue
             del self.bindings[env_id]
             changed = True
+            self.holds.release(env_id)
             if not present:
                 continue  # deleted here, or never arrived: nothing to keep
             if state == DELETED:
@@ -967,13 +1065,21 @@ class SpacesService:
     def _docs_changed(self) -> None:
         """Tell the docs listeners if the set of syncable docs changed."""
         docs = self._syncable()
-        if docs == self._docs:
+        access = self._access_state()
+        if docs == self._docs and access == self._access:
             return
-        self._docs = docs
+        self._docs, self._access = docs, access
         for env_id in [e for e in self._early if e not in docs]:
             del self._early[env_id]
         for listener in list(self._docs_listeners.values()):
             listener()
+
+    def _access_state(self) -> frozenset[tuple[str, str, int, bool]]:
+        return frozenset(
+            (space.id, device, space.epoch, current_key_invalid(space))
+            for space in self.spaces.values()
+            for device in ["", *space.doc.removed()]
+        )
 
     def _neighbours(self, env_id: str) -> list[str]:
         space = self.bindings.get(env_id)
@@ -990,6 +1096,8 @@ class SpacesService:
             # A local write adds a `meta.model` entry only to a document that had none (merges
             # learn theirs in `_refuses`, a migration drops the ids): read them again if needed.
             del self._model_ids[env_id]
+        if env_id in self.holds:
+            return  # held: local edits stay here until resolved
         if self._listeners and self._sharing_space(env_id) is not None:
             for listener in list(self._listeners.values()):
                 listener(env_id, update, origin)
@@ -998,7 +1106,7 @@ class SpacesService:
 
     async def op_create(self, args: dict[str, Any], session: Any) -> Any:
         space, tickets = self.create_space(args.get("name"))
-        return _pending(tickets, {"id": space.id, "name": space.display_name})
+        return when_durable(tickets, {"id": space.id, "name": space.display_name})
 
     async def op_invite(self, args: dict[str, Any], session: Any) -> Any:
         addresses = args.get("addresses")
@@ -1017,21 +1125,26 @@ class SpacesService:
         if not isinstance(code, str):
             raise OpError(BAD_REQUEST, "argument 'code' must be a string")
         space, tickets = self.join(code)
-        return _pending(tickets, {"id": space.id, "name": space.display_name})
+        return when_durable(tickets, {"id": space.id, "name": space.display_name})
 
     async def op_list(self, args: dict[str, Any], session: Any) -> Any:
         return self.list_spaces()
 
     async def op_leave(self, args: dict[str, Any], session: Any) -> Any:
         space, tickets = self.leave(_space_arg(args))
-        return _pending(tickets, {"id": space.id, "left": True})
+        return when_durable(tickets, {"id": space.id, "left": True})
+
+    async def op_remove_device(self, args: dict[str, Any], session: Any) -> Any:
+        space, device, tickets = self.remove_device(_space_arg(args), args.get("device"))
+        result = {"space": space.id, "device": device, "epoch": space.epoch}
+        return when_durable(tickets, result)
 
     async def op_share(self, args: dict[str, Any], session: Any) -> Any:
         env_id = _str(args, "id")
         copy_ = bool(args.get("copy", False))
         shared_id, tickets = self.share(env_id, _space_arg(args), copy_=copy_)
         space = self.spaces[self.bindings[shared_id]]
-        return _pending(tickets, {"id": shared_id, "space": space.id, "copy": copy_})
+        return when_durable(tickets, {"id": shared_id, "space": space.id, "copy": copy_})
 
     async def op_mock(self, args: dict[str, Any], session: Any) -> Any:
         env_id = arg(args, "id", str, op="env.mock")
@@ -1041,12 +1154,12 @@ class SpacesService:
         if access is not None and access not in ACCESS:
             raise SpaceError(BAD_REQUEST, f"env.mock: access must be one of {', '.join(ACCESS)}")
         result, tickets = self.hosted_mock(env_id, hub=hub, access=access, rotate_token=rotate)
-        return _pending(tickets, result)
+        return when_durable(tickets, result)
 
     async def op_unshare(self, args: dict[str, Any], session: Any) -> Any:
         env_id = _str(args, "id")
         space, tickets = self.unshare(env_id)
-        return _pending(tickets, {"id": env_id, "space": space.id})
+        return when_durable(tickets, {"id": env_id, "space": space.id})
 
     async def op_identity(self, args: dict[str, Any], session: Any) -> Any:
         return {
@@ -1081,18 +1194,6 @@ def _str(args: dict[str, Any], name: str) -> str:
 
 def _space_arg(args: dict[str, Any]) -> str:
     return _str(args, "space")
-
-
-def _pending(tickets: list[Ticket], result: Any) -> Any:
-    """Acknowledge once every write of the operation is durable."""
-    if not tickets:
-        return result
-
-    async def wait() -> None:
-        for ticket in tickets:
-            await ticket.wait()
-
-    return Pending(wait, result)
 
 
 __all__ = [
