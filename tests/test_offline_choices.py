@@ -422,6 +422,19 @@ def test_ask_policy_merge_choice_and_a_held_live_edit(daemons, fixture_dir):
     until_sync(lambda: conflicts(a) == conflicts(b) == [], what="no conflict left")
 
 
+def test_switching_the_space_back_to_merge_ends_the_holds_as_a_merge(daemons, fixture_dir):
+    """`merge` means the CRDT merge: a hold of a space switched back to it (here, and on the
+    other member when the change reaches it) ends as `env resolve --merge` would."""
+    a, b, space, env, other, before = held_pair(daemons, fixture_dir)
+    pd(a.socket_path, "space", "policy", space, "merge")
+    assert conflicts(a) == []
+    result = converged(a, b, env)
+    assert [r["endpoint"] for r in result["routes"][:2]] == ["a-offline", "b-offline"]
+    until_sync(lambda: conflicts(b) == [], what="B's hold ended too")
+    versions = j(a, "env", "history", env)["versions"]
+    assert "resolve" in [v["reason"] for v in versions]  # the local side, before the merge
+
+
 # --- through a hub -------------------------------------------------------------------------------
 async def test_through_a_hub_the_device_back_last_with_changes_holds(base, nursery):
     """The hub merges whatever reaches it, so the first device back pushes its changes; the

@@ -253,6 +253,19 @@ class OfflineChoices:
             "environment-resolved", id=env_id, space=held.space, choice=PULL, origin=origin
         )
 
+    def settle(self) -> list[Ticket]:
+        """Holds of spaces whose policy is no longer `ask` (switched back to `merge`, here or by
+        another member) end as the CRDT merge: that is what `merge` means. Called after every
+        change of a space document and at start."""
+        svc = self.service
+        tickets: list[Ticket] = []
+        for env_id, held in list(self.holds.held.items()):
+            space = svc.spaces.get(held.space)
+            if space is None or space.doc.policy() == ASK or env_id not in svc.registry.envs:
+                continue
+            tickets += self.resolve(env_id, MERGE)[1]
+        return tickets
+
     # -- reads ------------------------------------------------------------------------------
 
     def conflicts(self) -> list[dict[str, Any]]:
@@ -285,6 +298,7 @@ class OfflineChoices:
                 space.doc.set_policy(policy, svc.identity.device_id)
                 tickets = svc._commit_space(space, "local")
                 svc.events.emit("space-policy", space=space.id, policy=policy, origin="local")
+                tickets += self.settle()
         return {"id": space.id, "name": space.display_name, "policy": space.doc.policy()}, tickets
 
     def resolve(self, env_id: str, choice: str) -> tuple[dict[str, Any], list[Ticket]]:

@@ -1049,6 +1049,7 @@ class SpacesService:
                 self.events.emit("environment-unshared", id=env_id, space=space_id, origin=origin)
         if changed:
             tickets.append(self._save_bindings())
+        tickets += self.offline.settle()  # holds of a space switched back to merge
         return tickets
 
     def _save_spaces(self) -> Ticket:
