@@ -435,6 +435,17 @@ def test_switching_the_space_back_to_merge_ends_the_holds_as_a_merge(daemons, fi
     assert "resolve" in [v["reason"] for v in versions]  # the local side, before the merge
 
 
+def test_a_held_environment_deleted_and_brought_back_is_not_held(daemons, fixture_dir):
+    """Deleting a held environment ends its hold: back from the trash, it is a local
+    environment with nothing to resolve."""
+    a, b, space, env, other, before = held_pair(daemons, fixture_dir)
+    pd(a.socket_path, "env", "delete", env)
+    pd(a.socket_path, "env", "untrash", env)
+    assert export(a, env)["routes"][0]["endpoint"] == "a-offline"
+    assert conflicts(a) == []
+    assert "conflict" not in {e["id"]: e.get("flags", []) for e in j(a, "env", "list")}[env]
+
+
 # --- through a hub -------------------------------------------------------------------------------
 async def test_through_a_hub_the_device_back_last_with_changes_holds(base, nursery):
     """The hub merges whatever reaches it, so the first device back pushes its changes; the

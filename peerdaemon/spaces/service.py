@@ -577,6 +577,7 @@ class SpacesService:
         self._commit_space(space, LOCAL)
         del self.bindings[env_id]
         self._save_bindings()  # the env's own delete is enqueued next and acknowledged last
+        self.holds.release(env_id)  # deleted everywhere: nothing left to resolve
         self._docs_changed()
 
     def set_name(self, name: str) -> list[Ticket]:
