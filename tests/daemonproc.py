@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from helpers import until_sync
+from helpers import LOCAL, free_port, until_sync
 from modelutil import FIXTURE_DIR
 
 from peerdaemon.api.client import Client, ClientError, DaemonError
@@ -406,3 +406,34 @@ def check_everything_acknowledged_is_there(
     assert len(keys) == len(set(keys))
     assert acked <= set(keys), sorted(acked - set(keys))[:10]
     return keys
+
+
+def lan_pair(daemons: Daemons, *, both_dial: bool = False) -> tuple[DaemonProcess, DaemonProcess]:
+    """Two daemons (not started) on loopback ports, B dialing A; with `both_dial` A dials B
+    too, so whichever restarts reconnects at once, whatever the other's backoff."""
+    port_a, port_b = free_port(), free_port()
+    a, b = daemons.new(), daemons.new()
+    peer_a = ["--peer", f"{LOCAL}:{port_a}"]
+    peer_b = ["--peer", f"{LOCAL}:{port_b}"] if both_dial else []
+    for d, port, extra in ((a, port_a, peer_b), (b, port_b, peer_a)):
+        d.argv += ["--listen", f"{LOCAL}:{port}", "--no-mdns", "--name", f"p{port}", *extra]
+    return a, b
+
+
+def shared_space(
+    a: DaemonProcess, b: DaemonProcess, name: str, env_file: Path, count: int = 1
+) -> tuple[str, list[str]]:
+    """A creates space `name`, B joins it, A imports `env_file` `count` times (new ids after
+    the first) and shares them; -> (space id, env ids) once B has every one."""
+    space = pd(a.socket_path, "space", "create", name).strip()
+    code = pd(a.socket_path, "space", "invite", space).strip()
+    assert pd(b.socket_path, "space", "join", code).strip() == space
+    envs = []
+    for i in range(count):
+        fresh = ["--new-id"] if i else []
+        env_id = pd(a.socket_path, "env", "import", *fresh, str(env_file)).strip()
+        assert pd(a.socket_path, "env", "share", env_id, "--space", space).strip() == env_id
+        envs.append(env_id)
+    for env_id in envs:
+        until_sync(lambda e=env_id: export(a, e) == export(b, e) != None, what="first sync")  # noqa: E711
+    return space, envs

@@ -16,7 +16,7 @@ import json
 from typing import Any
 
 import trio
-from daemonproc import daemons_fixture, export, pd  # noqa: F401  (fixture)
+from daemonproc import daemons_fixture, export, lan_pair, pd, shared_space  # noqa: F401  (fixture)
 from daemonutil import (
     ENV_FILE,
     Dev,
@@ -359,25 +359,12 @@ def peer_row(daemon, device: str) -> dict | None:
 
 
 def test_real_processes_share_survive_kill9_and_converge(daemons, fixture_dir):
-    port_a, port_b = free_port(), free_port()
-    a, b = daemons.new(), daemons.new()
-    for d, port, extra in ((a, port_a, []), (b, port_b, ["--peer", f"{LOCAL}:{port_a}"])):
-        d.argv += ["--listen", f"{LOCAL}:{port}", "--no-mdns", "--name", f"p{port}", *extra]
+    a, b = lan_pair(daemons)
     a.start()
     b.start()
     dev_a = json.loads(pd(a.socket_path, "status", "--json"))["device"]
     dev_b = json.loads(pd(b.socket_path, "status", "--json"))["device"]
-
-    space = pd(a.socket_path, "space", "create", "Procs").strip()
-    code = pd(a.socket_path, "space", "invite", space).strip()
-    assert pd(b.socket_path, "space", "join", code).strip() == space
-    env_id = pd(a.socket_path, "env", "import", str(fixture_dir / ENV_FILE)).strip()
-    assert pd(a.socket_path, "env", "share", env_id, "--space", space).strip() == env_id
-    until_sync(
-        lambda: export(a, env_id) == export(b, env_id) != None,  # noqa: E711
-        what="first sync",
-        while_down=True,
-    )
+    space, [env_id] = shared_space(a, b, "Procs", fixture_dir / ENV_FILE)
 
     rows = json.loads(pd(b.socket_path, "peers", "--json"))["peers"]
     assert [(r["device"], r["state"], r["direction"]) for r in rows] == [

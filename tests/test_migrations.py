@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 import trio
-from daemonproc import daemons_fixture, export, pd  # noqa: F401 (fixture)
+from daemonproc import daemons_fixture, export, lan_pair, pd, shared_space  # noqa: F401 (fixture)
 from daemonutil import base_fixture  # noqa: F401 (fixture)
-from helpers import free_port, until_sync
 from helpers import until as wait_until
+from helpers import until_sync
 from modelutil import assert_strict_equal, clone, edit, load, sync_pair
 from pycrdt import Doc, Map
 from test_hub_link import Dev as HubDev
@@ -462,22 +462,14 @@ def status_of(daemon) -> dict:
 
 def test_real_daemons_older_one_offline_then_upgraded(daemons, fixture_dir):
     """A real daemon run with PEERDAEMON_MODEL_VERSION=1 beside a current one."""
-    port_a, port_b = free_port(), free_port()
-    a, b = daemons.new(), daemons.new()
-    for d, port, extra in ((a, port_a, []), (b, port_b, ["--peer", f"{LOCAL}:{port_a}"])):
-        d.argv += ["--listen", f"{LOCAL}:{port}", "--no-mdns", "--name", f"p{port}", *extra]
+    a, b = lan_pair(daemons)
     current_a, current_b = list(a.argv), list(b.argv)
     a.argv = ["env", f"{ENV_OVERRIDE}=1", *current_a]  # exec'd by env(1): the same pid
     b.argv = ["env", f"{ENV_OVERRIDE}=1", *current_b]
     a.start()
     b.start()
     assert status_of(a)["model_version"] == 1
-    space = pd(a.socket_path, "space", "create", "Procs").strip()
-    code = pd(a.socket_path, "space", "invite", space).strip()
-    assert pd(b.socket_path, "space", "join", code).strip() == space
-    env_id = pd(a.socket_path, "env", "import", str(fixture_dir / ENV_FILE)).strip()
-    pd(a.socket_path, "env", "share", env_id, "--space", space)
-    until_sync(lambda: export(a, env_id) == export(b, env_id) != None, what="first sync")  # noqa: E711
+    space, [env_id] = shared_space(a, b, "Procs", fixture_dir / ENV_FILE)
 
     assert b.stop() == 0  # B, still at model 1, goes offline
     assert a.stop() == 0

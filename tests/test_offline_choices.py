@@ -12,10 +12,10 @@ import json
 from typing import Any
 
 import pytest
-from daemonproc import daemons_fixture, export, pd  # noqa: F401 (fixture)
+from daemonproc import daemons_fixture, export, lan_pair, pd, shared_space  # noqa: F401 (fixture)
 from daemonutil import base_fixture  # noqa: F401 (fixture)
-from helpers import free_port, until_sync
 from helpers import until as wait_until
+from helpers import until_sync
 from peerutil import FakeHost, MemoryConnection, drain_events, exchange, make_identity, make_space
 from pycrdt import Array, Doc, Map
 from test_hub_link import Dev as HubDev
@@ -238,24 +238,11 @@ def conflicts(daemon: Any) -> list[str]:
 
 def two_daemons(daemons: Any, fixture_dir: Any, policy: str) -> tuple[Any, Any, str, str, str]:
     """A and B (each dials the other) in one space with the policy, two environments shared and synced."""
-    port_a, port_b = free_port(), free_port()
-    a, b = daemons.new(), daemons.new()
-    # each dials the other: whichever restarts reconnects at once, whatever the other's backoff
-    peer_a, peer_b = ["--peer", f"{LOCAL}:{port_a}"], ["--peer", f"{LOCAL}:{port_b}"]
-    for d, port, extra in ((a, port_a, peer_b), (b, port_b, peer_a)):
-        d.argv += ["--listen", f"{LOCAL}:{port}", "--no-mdns", "--name", f"p{port}", *extra]
+    a, b = lan_pair(daemons, both_dial=True)
     a.start()
     b.start()
-    space = pd(a.socket_path, "space", "create", "Offline").strip()
-    code = pd(a.socket_path, "space", "invite", space).strip()
-    assert pd(b.socket_path, "space", "join", code).strip() == space
-    env = pd(a.socket_path, "env", "import", str(fixture_dir / ENV_FILE)).strip()
-    other = pd(a.socket_path, "env", "import", "--new-id", str(fixture_dir / ENV_FILE)).strip()
-    for env_id in (env, other):
-        pd(a.socket_path, "env", "share", env_id, "--space", space)
+    space, (env, other) = shared_space(a, b, "Offline", fixture_dir / ENV_FILE, count=2)
     assert pd(a.socket_path, "space", "policy", space, policy).strip() == policy
-    for env_id in (env, other):
-        until_sync(lambda e=env_id: export(a, e) == export(b, e) != None, what="first sync")  # noqa: E711
     until_sync(lambda: j(b, "space", "list")[0]["policy"] == policy, what="policy on B")
     return a, b, space, env, other
 

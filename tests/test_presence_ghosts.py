@@ -12,8 +12,8 @@ import subprocess
 import sys
 import time
 
-from daemonproc import daemons_fixture, export, pd  # noqa: F401  (fixture)
-from helpers import LOCAL, free_port, until_sync
+from daemonproc import daemons_fixture, export, lan_pair, pd, shared_space  # noqa: F401  (fixture)
+from helpers import until_sync
 
 from peerdaemon.api.client import Client
 
@@ -52,20 +52,12 @@ def _connected(daemon, space: str) -> set[str]:
 
 
 def test_kill9_of_an_editor_and_of_a_daemon_leaves_no_ghost(daemons, fixture_dir):
-    port_a, port_b = free_port(), free_port()
-    a, b = daemons.new(), daemons.new()
-    for d, port, extra in ((a, port_a, []), (b, port_b, ["--peer", f"{LOCAL}:{port_a}"])):
-        d.argv += ["--listen", f"{LOCAL}:{port}", "--no-mdns", "--name", f"p{port}", *extra]
+    a, b = lan_pair(daemons)
     a.start()
     b.start()
     dev_a = json.loads(pd(a.socket_path, "status", "--json"))["device"]
     dev_b = json.loads(pd(b.socket_path, "status", "--json"))["device"]
-    space = pd(a.socket_path, "space", "create", "Procs").strip()
-    code = pd(a.socket_path, "space", "invite", space).strip()
-    assert pd(b.socket_path, "space", "join", code).strip() == space
-    env_id = pd(a.socket_path, "env", "import", str(fixture_dir / ENV_FILE)).strip()
-    assert pd(a.socket_path, "env", "share", env_id, "--space", space).strip() == env_id
-    until_sync(lambda: export(a, env_id) == export(b, env_id) != None, what="sync")  # noqa: E711
+    space, [env_id] = shared_space(a, b, "Procs", fixture_dir / ENV_FILE)
     until_sync(lambda: _connected(a, space) == {dev_a, dev_b}, what="both connected")
 
     # two editors on b: one in a process of its own (killed -9 below), one on this connection
