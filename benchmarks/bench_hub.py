@@ -1,6 +1,8 @@
 """The hub's y-websocket figures, side by side with the classic Node y-websocket server.
 
     .venv/bin/python benchmarks/bench_hub.py [--rounds 3] [--out DIR]
+    .venv/bin/python benchmarks/bench_hub.py --prepare /tmp/yh      # npm ci, once (registry)
+    ../shared/tools/leakcheck .venv/bin/python benchmarks/bench_hub.py --harness /tmp/yh/bench
 
 Runs the shared harness (`shared/bench/yjs-bench/bench.mjs` beside the checkout, stock y-websocket 3.1.0
 clients in one Node process) against `peerdaemon hub serve` and against the reference server
@@ -202,17 +204,36 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated")
     parser.add_argument("--out", metavar="DIR", help="keep every JSON line in DIR/results.jsonl")
+    parser.add_argument(
+        "--prepare",
+        metavar="DIR",
+        help="only install the harness's packages into DIR (needs the npm registry), and exit",
+    )
+    parser.add_argument(
+        "--harness",
+        metavar="DIR",
+        help="a harness --prepare installed: nothing is installed, so the run can go under "
+        "../shared/tools/leakcheck (which lets nothing leave the machine)",
+    )
     args = parser.parse_args()
     scenarios = [s for s in args.scenarios.split(",") if s]
     missing = harness_missing()
     if missing:
         print(f"bench_hub: skipped every scenario ({', '.join(scenarios)}): {missing}")
         return 0
+    if args.prepare:
+        target = Path(args.prepare)
+        target.mkdir(parents=True, exist_ok=True)
+        print(f"installed in {prepare_harness(target)}")
+        return 0
     work = Path(tempfile.mkdtemp(prefix="pdbench-hub"))
     results: list[dict[str, Any]] = []
     try:
-        print(f"preparing the harness in {work} ...", file=sys.stderr)
-        harness = prepare_harness(work)
+        if args.harness:
+            harness = Path(args.harness)
+        else:
+            print(f"preparing the harness in {work} ...", file=sys.stderr)
+            harness = prepare_harness(work)
         for n in range(args.rounds):
             for scenario in scenarios:
                 order = ("hub", "ref") if n % 2 == 0 else ("ref", "hub")

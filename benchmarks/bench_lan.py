@@ -15,7 +15,7 @@ line with everything. Each round starts fresh daemons in a temporary directory.
 - bytes on the wire for one small edit (one character appended to an endpoint): the Yjs update,
   the peer protocol message (the link's byte counters, `bytes_sent` in `peers`), and the TCP
   payload (websocket framing included) counted by a loopback proxy, both directions.
-- discovery: three daemon processes, each in its own private network namespace (tests/netns.py)
+- discovery: three daemon processes, each in its own private network namespace (lab/netnslab.py)
   with mDNS on and the spaces already joined; time from spawning them to `peers` showing both
   others connected on every daemon. Needs root and `ip netns`; skipped otherwise (`--no-netns`).
 
@@ -43,7 +43,7 @@ from typing import Any
 import trio
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # netns.py: the namespace lab and its safety checks
+sys.path.insert(0, str(ROOT / "lab"))  # netnslab.py: the namespace lab and its safety checks
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from envgen import FIXTURE  # noqa: E402
 from procutil import stop_process  # noqa: E402
@@ -57,8 +57,8 @@ NETNS_PORT = 22000
 # namespace other than its creator's, so mDNS never reaches the machine's own interfaces.
 NETNS_CHILD = f"""
 import sys
-sys.path.insert(0, {str(ROOT / "tests")!r})
-from netns import private_namespace_problem
+sys.path.insert(0, {str(ROOT / "lab")!r})
+from netnslab import private_namespace_problem
 problem = private_namespace_problem()
 if problem:
     print("refusing to run mDNS outside a private test namespace:", problem, file=sys.stderr)
@@ -445,7 +445,7 @@ async def _true(value: bool) -> bool:
 
 def bench_discovery(base: Path) -> dict[str, float] | None:
     """Spawn -> every daemon shows both others connected, three namespaces, mDNS on."""
-    from netns import NetnsLab, netns_unavailable_reason
+    from netnslab import NetnsLab, netns_unavailable_reason
 
     if netns_unavailable_reason():
         return None
@@ -561,7 +561,7 @@ def main() -> None:
     def line(label: str, key: str, field: str, fmt: str = "{:.2f}") -> None:
         vals = [res[field] for res in results[key]]
         if not vals:
-            from netns import netns_unavailable_reason
+            from netnslab import netns_unavailable_reason
 
             why = "--no-netns" if args.no_netns else netns_unavailable_reason()
             print(f"{label}: skipped (needs private network namespaces: {why or 'none ran'})")

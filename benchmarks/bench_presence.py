@@ -29,7 +29,6 @@ import argparse
 import json
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,7 +37,6 @@ from typing import Any
 import trio
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
 
 from peerdaemon.api.client import open_client  # noqa: E402
 from peerdaemon.daemon.supervisor import DaemonConfig, serve  # noqa: E402

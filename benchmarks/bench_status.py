@@ -32,7 +32,7 @@ from typing import Any
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # chromium.py
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "lab"))  # chromium.py
 from bench_daemon import patch_load  # noqa: E402
 from chromium import CHROMIUM, chromium_args  # noqa: E402
 from envgen import FIXTURE, make_environment  # noqa: E402

@@ -18,6 +18,9 @@ import pytest_timeout
 import trio
 from modelutil import FIXTURE_DIR, load
 
+# lab/: what the tests and the benchmarks both use (the namespace lab, Chromium's switches)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lab"))
+
 HOW_TO_RUN = "tests/isolated .venv/bin/python -m pytest [ARGS]"
 
 

@@ -2,7 +2,7 @@
 
 A and B share space S1, C holds S2: A and B find each other, nobody finds C (its tag matches none
 of their spaces) or itself. C then joins S1 (refresh()) and everybody finds it; C stops and the
-others see its goodbye (on_lost). The namespaces (tests/netns.py) are created and deleted by this test;
+others see its goodbye (on_lost). The namespaces (lab/netnslab.py) are created and deleted by this test;
 zeroconf only ever runs in the runner processes inside them, never in this process.
 """
 

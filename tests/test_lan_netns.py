@@ -1,6 +1,6 @@
 """Three real daemon processes with mDNS on, each in its own private network namespace.
 
-The namespaces (tests/netns.py: a private bridge in a hub namespace, nothing on the machine's own
+The namespaces (lab/netnslab.py: a private bridge in a hub namespace, nothing on the machine's own
 interfaces) are created and deleted by this test. Each child checks that it really is inside a
 `pdtest-` namespace other than ours before it runs the daemon with mDNS (exit 3 otherwise); this
 process never runs zeroconf. The daemons listen on 0.0.0.0, so their invite codes carry no

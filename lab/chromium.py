@@ -3,7 +3,7 @@
 Chromium phones home even with `--disable-background-networking` (update, accounts and autofill
 lookups were caught by ../shared/tools/leakcheck), so every name but the ones a caller maps is
 answered NOTFOUND inside the browser: no DNS query leaves it, whatever a component wants.
-Shared by tests/test_status_page.py and benchmarks/bench_status.py.
+Shared by tests/test_status_page.py and benchmarks/bench_status.py (lab/: what both use).
 """
 
 from __future__ import annotations
