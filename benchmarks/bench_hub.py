@@ -18,8 +18,8 @@ Figures (medians over the rounds, each round's values listed):
   bigdoc   a 15 MB document: initial sync of a new client (ms)
   idle     server RSS (MB) with 200 clients connected (fanout with a single edit)
 
-The hub relays an update only after its store committed it (fsync), so its latency includes a
-commit; the reference server keeps documents in memory only.
+The hub relays an update at once and commits it alongside (docs/hub.md, "Durability"); the
+reference server keeps documents in memory only.
 """
 
 from __future__ import annotations

@@ -232,9 +232,9 @@ def setup_accounts(data_dir: Path, *users: str) -> dict[str, str]:
 class YClient:
     """A minimal y-websocket client: a pycrdt doc kept in sync over one websocket."""
 
-    def __init__(self, ws) -> None:
+    def __init__(self, ws, doc: Doc | None = None) -> None:
         self.ws = ws
-        self.doc = Doc()
+        self.doc = doc if doc is not None else Doc()  # a doc of an earlier connection: a reconnect
         self.messages: list = []
 
     async def recv(self):

@@ -38,7 +38,9 @@ from peerdaemon.hub.server import ConfigError, build_config
 from peerdaemon.hub.transport import MAX_HEAD, BadRequest, HttpExchange
 from peerdaemon.hub.ywebsocket import (
     MSG_AUTH,
+    SYNC_STEP2,
     decode_message,
+    sync_step1,
     sync_update,
 )
 from peerdaemon.store import Store
@@ -86,7 +88,7 @@ def reloaded_docs(data_dir: Path) -> Iterator[HubDocs]:
         yield docs
 
 
-async def test_hubdocs_relays_in_order_once_durable(tmp_path):
+async def test_hubdocs_relays_in_order(tmp_path):
     store = Store.open(tmp_path, compact_count=5)
     try:
         docs = HubDocs(store, EventLog())
@@ -138,9 +140,10 @@ async def test_hubdocs_relays_in_order_once_durable(tmp_path):
         store.close()
 
 
-async def test_hubdocs_relay_what_a_full_disk_refused_once_it_is_stored(tmp_path):
-    """Nothing is relayed before it is durable: on a full disk (SQLite's max_page_count) the
-    updates wait, and once the store's retry commits them they are relayed, each once."""
+async def test_hubdocs_relay_at_once_and_store_what_a_full_disk_refused_once_it_can(tmp_path):
+    """The relay does not wait for the disk (docs/hub.md, "Durability"): on a full disk
+    (SQLite's max_page_count) the updates are relayed all the same, each once, and the
+    store's retry commits them once there is room."""
     store = Store.open(tmp_path)
     try:
         docs = HubDocs(store, EventLog())
@@ -162,15 +165,16 @@ async def test_hubdocs_relay_what_a_full_disk_refused_once_it_is_stored(tmp_path
             with trio.move_on_after(0.8):  # failing and retried meanwhile
                 while not store.stats()["error"]:
                     await trio.sleep(0.01)
-            assert store.stats()["error"] and len(heard) == 1
+            assert store.stats()["error"] and sorted(heard[1:]) == sorted(updates)
+            assert docs.stats()["unconfirmed"] >= 1
             with store._db_lock:
                 store._db.execute("PRAGMA max_page_count = 1073741823")
             with trio.fail_after(20):
-                while len(heard) < 3:
+                while docs.stats()["unconfirmed"] or store.stats()["error"]:
                     await trio.sleep(0.01)
             await docs.wait_durable(SPACE, "env-1")  # the retried writes are committed...
             await trio.testing.wait_all_tasks_blocked()  # ...and nothing else is under way
-            assert sorted(heard[1:]) == sorted(updates) and store.stats()["error"] is None
+            assert len(heard) == 3  # relayed once each, the retries included
             nursery.cancel_scope.cancel()
     finally:
         store.close()
@@ -680,18 +684,20 @@ def start_hub_process(data_dir: Path, log_path: Path) -> tuple[subprocess.Popen,
     raise AssertionError(f"hub did not start: {log_path.read_text()}")
 
 
-async def test_kill9_loses_nothing_acknowledged(tmp_path):
-    """Acknowledged = relayed to another client: the hub relays an update only after the store
-    committed it. A writer streams edits, a reader records what reaches it, the hub is killed
-    with SIGKILL mid-stream, and every recorded edit must be in the data dir."""
+async def test_kill9_loses_nothing_once_its_clients_reconnect(tmp_path):
+    """The hub relays before its store commits (docs/hub.md, "Durability"): a writer streams
+    edits, a reader records what reaches it, the hub is killed with SIGKILL mid-stream. What
+    the data dir lacks, the clients still hold: once both reconnect to the restarted hub (a
+    Yjs sync each), the hub holds every edit the writer made, and so everything the reader saw."""
     tokens = setup_accounts(tmp_path, "alice")
     proc, port = start_hub_process(tmp_path, tmp_path / "hub.log")
     acknowledged: set[str] = set()
+    writer_doc, reader_doc = Doc(), Doc()
     try:
         base = f"ws://127.0.0.1:{port}/yjs/{SPACE}/env-1?token={tokens['alice']}"
         async with trio.open_nursery() as nursery:
             async with open_websocket_url(base) as wa, open_websocket_url(base) as wb:
-                writer, reader = YClient(wa), YClient(wb)
+                writer, reader = YClient(wa, writer_doc), YClient(wb, reader_doc)
                 await writer.sync()
                 await reader.sync()
                 observed = reader.doc.get("m", type=Map)  # keep it: the subscription lives on it
@@ -725,7 +731,24 @@ async def test_kill9_loses_nothing_acknowledged(tmp_path):
             proc.kill()
             proc.wait()
     del subscription, observed
-    assert len(acknowledged) >= 300
+    sent = set(writer_doc.get("m", type=Map).keys())
+    assert len(acknowledged) >= 300 and acknowledged <= sent
+
+    proc, port = start_hub_process(tmp_path, tmp_path / "hub-back.log")
+    try:
+        base = f"ws://127.0.0.1:{port}/yjs/{SPACE}/env-1?token={tokens['alice']}"
+        for doc in (reader_doc, writer_doc):  # the reader first: it may hold less
+            async with open_websocket_url(base) as ws:
+                back = YClient(ws, doc)
+                await back.sync()  # the hub's step 1 is answered with what it lacks
+                await back.ws.send_message(sync_step1(b"\x00"))  # answered once that is stored
+                await back.wait_for(lambda c=back: c.messages[-1].sub == SYNC_STEP2)
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     store = Store.open(tmp_path)
     try:
         docs = HubDocs(store, EventLog())
@@ -733,7 +756,7 @@ async def test_kill9_loses_nothing_acknowledged(tmp_path):
         stored = set(docs.get_doc(SPACE, "env-1").get("m", type=Map).keys())
     finally:
         store.close()
-    assert acknowledged <= stored, sorted(acknowledged - stored)[:10]
+    assert sent <= stored, sorted(sent - stored)[:10]
 
     # the real server restarts on it, serves it, and a SIGTERM stops it cleanly
     proc, port = start_hub_process(tmp_path, tmp_path / "hub2.log")

@@ -13,6 +13,6 @@ Read top-down:
 - `transport`: HTTP/1.1 (h11), the upgrade (wsproto) and one websocket's reader, writer and
   timer over a trio stream; `wsconn`: that websocket's core, without I/O (keep-alive,
   handshake deadline, too-slow).
-- `docs`: HubDocs, the documents, persisted, relayed once durable; `accounts`: users, hashed
+- `docs`: HubDocs, the documents, persisted, relayed at once, stored alongside; `accounts`: users, hashed
   tokens, spaces, limits.
 """

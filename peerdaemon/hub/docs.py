@@ -4,12 +4,14 @@ Documents are keyed by (space id, doc id): `space:<space id>` for the space docu
 environment id. In the store they live under `<space id>/<doc id>` (one log + snapshot each,
 the daemon's store and its guarantees: docs/store.md).
 
-Why the relay waits for the disk: `apply()` changes the in-memory document and enqueues the
-update (group commit), but listeners hear of it only from `run()`, after the store's ticket
-completed. So whatever the hub hands to anyone else (a y-websocket room, a daemon) has been
-acknowledged by the store and survives a `kill -9`. Listeners are called in enqueue order; the
-flush listeners after each batch, so a room can merge the updates that became durable
-together into one message.
+Why the relay does not wait for the disk (docs/hub.md, "Durability"): `apply()` changes the
+in-memory document and enqueues the update (group commit); `run()` hands it to the listeners
+(the rooms, the daemons) at once, while the store commits it alongside. Nobody waits for an
+acknowledgement from the hub (y-websocket has none, a daemon keeps its own store), every
+receiver keeps what it got, and the Yjs sync of the next connection brings back anything a
+crashed hub had not written: nothing is lost for good. A write that fails is written again
+(never relayed twice). Listeners are called in apply order; the flush listeners after each
+batch, so a room can merge the updates of one batch into one message.
 
 Limits are checked in `apply()` before anything changes: a new environment in a full space
 (`quota-exceeded`), or an update whose new content would take an environment past its byte
@@ -132,6 +134,8 @@ class HubDocs:
         self._by_space: dict[str, dict[str, _Entry]] = {}
         self._relay: deque[_Relay] = deque()
         self._relay_wakeup = trio.Event()
+        self._watch: deque[_Relay] = deque()  # relayed, their store writes not confirmed yet
+        self._watch_wakeup = trio.Event()
         self._listeners: dict[int, Listener] = {}
         self._flush_listeners: dict[int, Callable[[], None]] = {}
         self._next_token = 1
@@ -327,7 +331,8 @@ class HubDocs:
 
     # -- followers -------------------------------------------------------------------------------
     def add_listener(self, fn: Listener) -> int:
-        """`fn(space, doc, update, origin)` for every change, once durable, in order."""
+        """`fn(space, doc, update, origin)` for every change, in order (not waiting for the
+        store: see the module's docstring)."""
         token = self._token()
         self._listeners[token] = fn
         return token
@@ -337,7 +342,7 @@ class HubDocs:
         self._flush_listeners.pop(token, None)
 
     def add_flush_listener(self, fn: Callable[[], None]) -> int:
-        """`fn()` after each batch of listener calls (changes that became durable together)."""
+        """`fn()` after each batch of listener calls (changes applied together)."""
         token = self._token()
         self._flush_listeners[token] = fn
         return token
@@ -348,25 +353,22 @@ class HubDocs:
         return token
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """The relay: hands each update to the listeners once the store made it durable."""
-        task_status.started()
+        """The relay, and the watch over the store's writes of what it relayed."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._confirm)
+            task_status.started()
+            await self._relay_loop()
+
+    async def _relay_loop(self) -> None:
+        """Hand each batch of applied updates to the listeners, then the flush listeners."""
         relay = self._relay
         while True:
             if not relay:
                 self._relay_wakeup = trio.Event()
                 await self._relay_wakeup.wait()
                 continue
-            head = relay[0].ticket
-            if not head.done:
-                try:
-                    await head.wait()
-                except StoreError:
-                    pass
-            while relay and relay[0].ticket.done:
+            while relay:
                 item = relay.popleft()
-                if item.ticket.failed:
-                    self._store_failed(item)
-                    continue
                 self.relayed += 1
                 self.relayed_bytes += len(item.update)
                 for fn in list(self._listeners.values()):
@@ -374,22 +376,51 @@ class HubDocs:
                         fn(item.space, item.doc_id, item.update, item.origin)
                     except Exception:
                         log.exception("hub: update listener failed")
-            for fn in list(self._flush_listeners.values()):
-                try:
-                    fn()
-                except Exception:
-                    log.exception("hub: flush listener failed")
+                self._watch.append(item)
+            self._watch_wakeup.set()
+            self._flushed()
             await trio.lowlevel.checkpoint()
 
+    async def _confirm(self) -> None:
+        """Follow the store's tickets of relayed updates, in order: a failed write is written
+        again (`_store_failed`)."""
+        watch = self._watch
+        while True:
+            if not watch:
+                self._watch_wakeup = trio.Event()
+                await self._watch_wakeup.wait()
+                continue
+            head = watch[0].ticket
+            if not head.done:
+                try:
+                    await head.wait()
+                except StoreError:
+                    pass
+            confirmed = False
+            while watch and watch[0].ticket.done:
+                item = watch.popleft()
+                if item.ticket.failed:
+                    self._store_failed(item)
+                else:
+                    confirmed = True
+            if confirmed:  # what waited for durability (a new client's step 1) may go now
+                self._flushed()
+
+    def _flushed(self) -> None:
+        for fn in list(self._flush_listeners.values()):
+            try:
+                fn()
+            except Exception:
+                log.exception("hub: flush listener failed")
+
     def _store_failed(self, item: _Relay) -> None:
-        """A write failed (disk full, I/O error): it is in memory but not on disk, so it is not
-        relayed yet. The store tries again by itself when the failure may pass (`retry`: relay
-        once that attempt is durable); otherwise enqueue it again (Yjs does not mind the order),
-        a few times."""
+        """A write failed (disk full, I/O error): it is in memory (and relayed) but not on disk.
+        The store tries again by itself when the failure may pass (`retry`: watch that attempt);
+        otherwise enqueue it again (Yjs does not mind the order), a few times."""
         entry = self._docs.get((item.space, item.doc_id))
         if entry is not None and item.ticket.retry is not None:
             item.ticket = item.ticket.retry
-            self._relay.append(item)
+            self._watch.append(item)
             return
         if entry is None or item.attempts >= MAX_STORE_ATTEMPTS:
             log.error(
@@ -404,11 +435,12 @@ class HubDocs:
         item.ticket = self.store.enqueue_append(entry.key, item.update)
         item.attempts += 1
         entry.last_ticket = item.ticket
-        self._relay.append(item)
+        self._watch.append(item)
 
     def stats(self) -> dict[str, int]:
         return {
             "documents": len(self._docs),
             "spaces": len(self._by_space),
-            "relay_queued": len(self._relay),
+            "relay_queued": len(self._relay) + len(self._watch),  # not on disk for sure yet
+            "unconfirmed": len(self._watch),
         }

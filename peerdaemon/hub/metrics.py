@@ -200,13 +200,13 @@ def hub_families(snap: Mapping[str, Any]) -> list[Family]:
         "relay_queued",
         "relay_queued_updates",
         "gauge",
-        "Updates applied and waiting for the store before they are relayed.",
+        "Updates applied (and relayed) whose commit is not confirmed yet.",
     )
     one(
         "updates_relayed",
         "updates_relayed_total",
         "counter",
-        "Document updates relayed once durable (to rooms, daemons and Cloud Mocks).",
+        "Document updates relayed (to rooms, daemons and Cloud Mocks).",
     )
     one("relayed_bytes", "relayed_bytes_total", "counter", "Bytes of the updates relayed.")
     if "store_commit" in snap:

@@ -6,7 +6,7 @@ room does with each message (`ywebsocket.Rooms`), when a connection is pinged, c
 
 * a `StoreUpdate` the rooms return: applied to `HubDocs` at once, before the connection's next
   message (so each client's updates keep their order), with its origin so that HubDocs relays
-  it, once durable, to every connection but that one; a limit or bad bytes go back to the rooms
+  it to every connection but that one (its store commits it alongside); a limit or bad bytes go back to the rooms
   (`Rooms.update_refused`), which deny or close that connection;
 * connections with something new to write (the shared `ready` list): after every call into
   the rooms, their transports are woken, and an idle one writes at once (transport.py).

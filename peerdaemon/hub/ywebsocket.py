@@ -397,7 +397,7 @@ class YConn(Outlet):
 @dataclass(frozen=True, slots=True)
 class StoreUpdate:
     """A client's document update for the shell to apply to `HubDocs` (origin `conn.origin`,
-    so that it is relayed to everyone but `conn` once durable). Applied before the connection's
+    so that it is relayed to everyone but `conn`). Applied before the connection's
     next message, which keeps each client's updates in order; a refusal goes back to the rooms
     with `Rooms.update_refused`."""
 
