@@ -278,10 +278,8 @@ def incompatible_events(node: Node) -> list[dict]:
     return [e["data"] for e in node.events.since(0) if e["type"] == "incompatible-version"]
 
 
-async def test_space_migrated_while_an_older_device_is_offline(versioned):
-    """A and B at model 1 share an environment; B goes offline; A is upgraded and migrates
-    the space; B edits offline and reconnects still at 1: it keeps its copy, syncs nothing of
-    the space and says so. Upgraded, B migrates its copy and both converge, B's edit kept."""
+async def model1_pair(versioned) -> tuple[VersionedNode, VersionedNode, Relay, str, str]:
+    """A and B at model 1, relayed, sharing one environment that B has received."""
     a, b = await versioned("a", 1), await versioned("b", 1)
     space_id = (await a.op("space.create", name="Team"))["id"]
     code = (await a.op("space.invite", space=space_id))["code"]
@@ -291,6 +289,14 @@ async def test_space_migrated_while_an_older_device_is_offline(versioned):
     env_id = a.import_env()
     await a.op("env.share", id=env_id, space=space_id)
     relay.flush()
+    return a, b, relay, space_id, env_id
+
+
+async def test_space_migrated_while_an_older_device_is_offline(versioned):
+    """A and B at model 1 share an environment; B goes offline; A is upgraded and migrates
+    the space; B edits offline and reconnects still at 1: it keeps its copy, syncs nothing of
+    the space and says so. Upgraded, B migrates its copy and both converge, B's edit kept."""
+    a, b, relay, space_id, env_id = await model1_pair(versioned)
     assert b.export(env_id) == a.export(env_id)
     assert doc_version(b.registry.get(env_id).doc) == 1
     assert a.space(space_id)["model"] == 1 and "state" not in b.space(space_id)
@@ -383,15 +389,7 @@ async def test_space_migrated_while_an_older_device_is_offline(versioned):
 async def test_an_older_device_refuses_a_migrated_update_whatever_the_order(versioned):
     """The space document may not have told B yet (here B never got A's mark): the migrated
     environment itself is refused, read from the update's bytes, and B reports it."""
-    a, b = await versioned("a", 1), await versioned("b", 1)
-    space_id = (await a.op("space.create", name="Team"))["id"]
-    code = (await a.op("space.invite", space=space_id))["code"]
-    await b.op("space.join", code=code)
-    relay = Relay(a, b)
-    relay.connect()
-    env_id = a.import_env()
-    await a.op("env.share", id=env_id, space=space_id)
-    relay.flush()
+    a, b, relay, space_id, env_id = await model1_pair(versioned)
     relay.pause()
     state = b.registry.get(env_id).doc.get_state()
     migrated = clone(a.registry.get(env_id).doc)
@@ -411,6 +409,23 @@ async def test_an_older_device_refuses_a_migrated_update_whatever_the_order(vers
     edit(edited, lambda e: e.__setitem__("name", "plain edit"))
     a.spaces.apply(env_id, edited.get_update(c_state), "peer:someone")
     assert a.export(env_id)["name"] == "plain edit"
+
+
+async def test_an_ask_space_neither_holds_nor_merges_a_migrated_state(versioned):
+    """Under the `ask` policy a link's first exchange goes to `apply_initial`, not `apply`: the
+    model gate holds there too, so a newer model's state is not kept apart for a resolve that
+    would merge it into an older device."""
+    a, b, relay, space_id, env_id = await model1_pair(versioned)
+    relay.pause()
+    await b.op("space.policy", space=space_id, policy="ask")
+    await b.op("env.patch", id=env_id, patch=[{"op": "replace", "path": "/name", "value": "b"}])
+    migrated = clone(a.registry.get(env_id).doc)
+    migrate(migrated)
+    before = copy.deepcopy(b.export(env_id))
+    assert b.spaces.apply_initial(env_id, migrated.get_update(), "peer:someone") == "refused"
+    assert env_id not in b.spaces.holds and b.spaces.offline.conflicts() == []
+    assert_strict_equal(b.export(env_id), before)
+    assert b.space(space_id)["environments"][0]["state"] == "incompatible-version"
 
 
 async def test_a_newer_device_joining_migrates_what_it_receives_once(versioned):

@@ -51,6 +51,7 @@ POLICIES = (MERGE, ASK)
 PUSH = "push"
 PULL = "pull"
 HOLD = "hold"
+REFUSED = "refused"
 KEEP_LOCAL = "keep-local"
 TAKE_REMOTE = "take-remote"
 CHOICES = (KEEP_LOCAL, TAKE_REMOTE, MERGE)
@@ -218,13 +219,16 @@ class OfflineChoices:
     # -- the links (SyncHost.apply_initial, and apply for a held environment) ---------------
 
     def initial(self, env_id: str, update: bytes, origin: str) -> str:
-        """Decide on the peer's whole state of an ask environment at a link's opening."""
+        """Decide on the peer's whole state of an ask environment at a link's opening (the model
+        gate first, as for every update: `SpacesService.apply`)."""
         svc = self.service
         space_id = svc._sharing_space(env_id)
         if space_id is None or env_id not in svc.registry.envs or not svc.ask(env_id):
             svc.apply(env_id, update, origin)  # nothing here to keep apart: a plain receive
             return PULL
         update = _bytes(update)
+        if svc._refuses(env_id, space_id, update, origin):
+            return REFUSED  # a newer model's state: neither merged nor kept for a resolve
         if env_id in self.holds:
             self.add_remote(env_id, update, origin)
             return HOLD if env_id in self.holds else PULL
