@@ -155,10 +155,6 @@ class Awareness:
         state = self._remote.get(doc, {}).get(client)
         return frozenset(state.sources) if state is not None else frozenset()
 
-    def local_state(self, doc: str) -> dict[str, Any] | None:
-        local = self._local.get(doc)
-        return None if local is None or local.text == "null" else json.loads(local.text)
-
     def snapshot(self, doc: str) -> bytes | None:
         """Every state of `doc` we know (ours and the live remote ones) as one update: what a
         link that just opened is told; None if there is none."""
