@@ -1,16 +1,25 @@
 """Figures of the local core, measured against real daemon processes.
 
     .venv/bin/python benchmarks/bench_daemon.py [--rounds 3] [--quick] [--only big,patch]
+    .venv/bin/python benchmarks/bench_daemon.py --only writes --baseline /tmp/base
 
 Prints one line per figure with the median over rounds (and each round's value), then a JSON
 summary. Each round starts fresh daemons in a temporary directory; everything runs on this
 machine's Unix sockets only.
+
+`writes` (issue 13): a small patch's acknowledgement on a small and on a 15 MB environment of one
+daemon, interleaved (their ratio says whether a write costs the change or the environment), and
+durable patches per second from one client, sequential. `--baseline DIR` runs the same figures
+on another tree (e.g. `git archive HEAD | tar -x -C DIR`) in the same rounds, alternating which
+goes first, and prints both with their ratio: this machine is shared, so only figures taken
+side by side compare.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -29,14 +38,17 @@ from peerdaemon.api.client import AsyncClient, Client, DaemonNotRunning  # noqa:
 
 
 class Daemon:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, tree: Path | None = None) -> None:
         self.root = root
+        self.tree = tree
+        """Where the daemon's code comes from (PYTHONPATH), if not this checkout."""
         self.data = root / "data"
         self.sock = root / "d.sock"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> float:
         """Start the daemon; returns seconds until it answered `status`."""
+        self.root.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         self.proc = subprocess.Popen(
             [
@@ -51,6 +63,8 @@ class Daemon:
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONPATH": str(self.tree)} if self.tree else None,
+            cwd=self.root,  # `-m` puts the working directory first: not a checkout's
         )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -158,6 +172,48 @@ def bench_big(root: Path, size: int) -> dict[str, float]:
         }
     finally:
         d.stop()
+
+
+async def interleaved(sock: Path, env_ids: list[str], each: int) -> list[list[float]]:
+    """`each` small patches of every environment, one after the other in turn, sequential:
+    the ack latencies (seconds) per environment, measured under the same conditions."""
+    latencies: list[list[float]] = [[] for _ in env_ids]
+    async with await AsyncClient.connect(sock) as client:
+        for n in range(each):
+            for i, env_id in enumerate(env_ids):
+                op = [{"op": "replace", "path": "/routes/0/responses/0/label", "value": f"i{n}"}]
+                t = time.perf_counter()
+                await client.patch(env_id, op)
+                latencies[i].append(time.perf_counter() - t)
+    return latencies
+
+
+def bench_writes(
+    root: Path, size: int, each: int, total: int, tree: Path | None
+) -> dict[str, float]:
+    """A small patch's ack on a small and on a big environment of one daemon, interleaved;
+    then durable sequential patches per second on the small one."""
+    d = Daemon(root, tree)
+    d.start()
+    try:
+        with Client.connect(d.sock) as c:
+            small = c.import_env(FIXTURE.read_text())["id"]
+            big = c.import_env(json.dumps(make_environment(size)))["id"]
+        trio.run(interleaved, d.sock, [small, big], 20)  # warm up: caches, the WAL's size
+        lat_small, lat_big = trio.run(interleaved, d.sock, [small, big], each)
+        seq = trio.run(patch_load, d.sock, small, total, 1)
+    finally:
+        d.stop()
+    return {
+        "small_p50_ms": pct(lat_small, 0.5) * 1000,
+        "small_p99_ms": pct(lat_small, 0.99) * 1000,
+        "big_p50_ms": pct(lat_big, 0.5) * 1000,
+        "big_p99_ms": pct(lat_big, 0.99) * 1000,
+        "big_to_small_p50": pct(lat_big, 0.5) / pct(lat_small, 0.5),
+        "sequential_per_s": seq["per_s"],
+        "sequential_p50_ms": seq["p50_ms"],
+        "sequential_p99_ms": seq["p99_ms"],
+    }
 
 
 def bench_merge(root: Path, size: int, edits: int) -> dict[str, float]:
@@ -291,18 +347,29 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="smaller sizes, to check the script")
-    parser.add_argument("--only", help="comma-separated figures: patch,big,merge,rss,start,db")
+    parser.add_argument(
+        "--only", help="comma-separated figures: writes,patch,big,merge,rss,start,db"
+    )
+    parser.add_argument(
+        "--baseline", type=Path, help="another tree to run `writes` on too, side by side"
+    )
     a = parser.parse_args()
     q = a.quick
     results: dict[str, list[dict[str, Any]]] = {
-        k: [] for k in ("patch", "big", "merge", "merge1", "rss", "start", "db")
+        k: []
+        for k in ("writes", "writes_base", "patch", "big", "merge", "merge1", "rss", "start", "db")
     }
-    only = set(a.only.split(",")) if a.only else set(results)
+    only = set(a.only.split(",")) if a.only else set(results) - {"writes_base"}
     if "merge" in only:
         only.add("merge1")
     for r in range(a.rounds):
         with tempfile.TemporaryDirectory(prefix="pdb") as tmp:
             base = Path(tmp)
+            if "writes" in only:
+                size, each, total = (1_000_000, 50, 300) if q else (15_000_000, 300, 2000)
+                trees = [("writes", None), ("writes_base", a.baseline)][: 2 if a.baseline else 1]
+                for key, tree in trees if r % 2 == 0 else trees[::-1]:
+                    results[key].append(bench_writes(base / key, size, each, total, tree))
             if "patch" in only:
                 results["patch"].append(bench_patches(base / "p", 500 if q else 5000))
             if "big" in only:
@@ -334,6 +401,24 @@ def main() -> None:
             + ")"
         )
 
+    for key, label in (("writes", "this tree"), ("writes_base", f"baseline {a.baseline}")):
+        if not results[key]:
+            continue
+        print(f"-- writes, {label}")
+        line("small patch ack p50 ms, small env", key, ["small_p50_ms"], "{:.2f}")
+        line("small patch ack p99 ms, small env", key, ["small_p99_ms"], "{:.2f}")
+        line("small patch ack p50 ms, big env", key, ["big_p50_ms"], "{:.2f}")
+        line("small patch ack p99 ms, big env", key, ["big_p99_ms"], "{:.2f}")
+        line("  big / small p50", key, ["big_to_small_p50"], "{:.2f}")
+        line("durable patches/s, 1 client sequential", key, ["sequential_per_s"], "{:.0f}")
+        line("  ack p50 ms", key, ["sequential_p50_ms"], "{:.2f}")
+        line("  ack p99 ms", key, ["sequential_p99_ms"], "{:.2f}")
+    if results["writes"] and results["writes_base"]:
+        print("-- writes, this tree / baseline (ratio of the medians)")
+        for field in ("small_p50_ms", "big_p50_ms", "big_p99_ms", "sequential_per_s"):
+            ours = median_of(results["writes"], [field])
+            theirs = median_of(results["writes_base"], [field])
+            print(f"{field}: {ours:.2f} / {theirs:.2f} = {ours / theirs:.3f}")
     line("patches/s, 1 client sequential, durable", "patch", ["sequential", "per_s"], "{:.0f}")
     line("  ack latency p50 ms", "patch", ["sequential", "p50_ms"], "{:.2f}")
     line("  ack latency p99 ms", "patch", ["sequential", "p99_ms"], "{:.2f}")

@@ -6,7 +6,9 @@ Prints one line per figure with the median over rounds (and each round's value),
 line with everything. Each round starts fresh daemons in a temporary directory.
 
 - edit latency: a socket edit (`env.patch`) on daemon A to the `change` event on a subscriber of
-  daemon B (B dials A on 127.0.0.1), p50 and p99 over sequential edits.
+  daemon B (B dials A on 127.0.0.1), p50 and p99 over sequential edits; in the same round, the
+  reference (relay_reference.py: a minimal pycrdt relay carrying an edit client to client) and
+  the ratio of the two.
 - convergence: 5 daemons in a full mesh (static peers through loopback TCP proxies that this
   script controls), converged on one shared environment; the proxies cut every link and hold
   the redials, each daemon makes 200 edits while apart (1,000 in all: conflicting endpoint
@@ -47,6 +49,7 @@ sys.path.insert(0, str(ROOT / "lab"))  # netnslab.py: the namespace lab and its 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from envgen import FIXTURE  # noqa: E402
 from procutil import stop_process  # noqa: E402
+from relay_reference import measure as relay_latency  # noqa: E402
 
 from peerdaemon.api.client import AsyncClient, Client, ClientError, open_client  # noqa: E402
 
@@ -542,6 +545,7 @@ def main() -> None:
     per_daemon = 20 if args.quick else 200
     results: dict[str, list[dict[str, Any]]] = {
         "latency": [],
+        "relay": [],
         "bytes": [],
         "converge": [],
         "discovery": [],
@@ -550,6 +554,11 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="pdl") as tmp:
             base = Path(tmp)
             results["latency"].append(trio.run(bench_latency, base / "l", edits))
+            relay = relay_latency(edits)
+            lat = results["latency"][-1]
+            relay["ratio_p50"] = lat["p50_ms"] / relay["p50_ms"]
+            relay["ratio_p99"] = lat["p99_ms"] / relay["p99_ms"]
+            results["relay"].append(relay)
             results["bytes"].append(trio.run(bench_bytes, base / "b"))
             results["converge"].append(trio.run(bench_convergence, base / "c", per_daemon))
             if not args.no_netns:
@@ -580,6 +589,10 @@ def main() -> None:
         "latency",
         "local_p50_ms",
     )
+    line("  reference: minimal pycrdt relay, client to client, p50 ms", "relay", "p50_ms")
+    line("  reference p99 ms", "relay", "p99_ms")
+    line("  ratio LAN hop / reference, p50", "relay", "ratio_p50")
+    line("  ratio LAN hop / reference, p99", "relay", "ratio_p99")
     c0 = results["converge"][0]
     line(
         f"convergence of {c0['daemons']} daemons after {c0['offline_edits']} offline edits, s",

@@ -674,7 +674,7 @@ async def test_an_environment_no_file_can_hold_is_its_links_error(short_tmp, une
         # readable again: the link writes the change and resumes
         unexportable.clear()
         await until(lambda: (read_json(path) or {}).get("name") == "unwritable", 20.0)
-        await until(lambda: _equals(_state(c), "ok"), 2.0, "state ok")
+        await until(lambda: _equals(_link_state(c, env_id), "ok"), 2.0, "state ok")
         resumed = events(daemon, "mirror-resumed")[-1]
         assert resumed == {"id": env_id, "path": str(path), "after": "error"}
 

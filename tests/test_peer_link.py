@@ -338,3 +338,41 @@ async def test_dial_only_manager_and_removed_address():
         await wait_for(lambda: a.host.values("env") == {"v": 2})
         assert a.row(b.id)["state"] == "connected"  # type: ignore[index]  # the link stays up
         assert [e for e in a.events.of("peer-disconnected") if e["device"] == b.id] == []
+
+
+class _QuietConn:
+    """Just what `Link._pump` reads of a `PeerConnection`."""
+
+    def __init__(self) -> None:
+        self.timer: float | None = 100.0
+        self.wants_write = False
+
+    def next_event(self) -> None:
+        return None
+
+    def get_timer(self) -> float | None:
+        return self.timer
+
+
+async def test_a_message_wakes_the_writer_and_the_ticker_only_when_they_have_work():
+    """Each woken task runs before what the message itself woke (our send, a subscriber's
+    write), so a received update wakes neither a writer with nothing to send nor a ticker whose
+    deadline only moved later."""
+    from peerdaemon.peer.link import Link
+
+    link = Link(lambda now: None, dialer=True, address="x", on_event=lambda *a: None, config=FAST)
+    conn = _QuietConn()
+    link.conn = conn  # type: ignore[assignment]
+    link._tick_at = 50.0  # the ticker sleeps until 50
+    link._pump()  # the deadline moved later (a message was received): nothing to do
+    assert not link._wakeup.is_set() and not link._tick.is_set()
+    conn.wants_write = True
+    link._pump()
+    assert link._wakeup.is_set() and not link._tick.is_set()
+    conn.timer = 10.0  # earlier than the ticker's: it must wake
+    link._pump()
+    assert link._tick.is_set()
+    link._tick = trio.Event()
+    conn.timer = None  # closed
+    link._pump()
+    assert link._tick.is_set()

@@ -206,7 +206,7 @@ def test_failing_listeners_and_subscribers_are_isolated_and_the_merge_succeeds(
 def test_a_change_whose_event_cannot_be_built_gets_an_error_event(
     tmp_path: Path, monkeypatch
 ) -> None:
-    """The export raises for this environment (content no environment can hold, or a bug): the
+    """Telling the change's paths raises (content no environment can hold, or a bug): the
     merge is still a success, subscribers get an `error` push, the event log paths are ""."""
     env = load("test-env.json")
     e1 = env["uuid"]
@@ -216,8 +216,7 @@ def test_a_change_whose_event_cannot_be_built_gets_an_error_event(
         registry.create(e1, prepare(env, e1)[0], "local")
         pushed: list[dict] = []
         registry.subscribe(e1, pushed.append)
-        assert registry.get(e1).cache is not None  # the JSON before the change is known
-        monkeypatch.setattr(registry_mod, "export_environment", _boom)
+        monkeypatch.setattr(registry_mod.Touched, "pointers", _boom)
         update = _edit(registry, e1, name="unreadable")
         assert registry.merge(e1, update, "local")[:2] == (False, True)
         ((push),) = pushed

@@ -17,6 +17,7 @@ import pytest
 import trio
 from helpers import run_cli
 from modelutil import load
+from pycrdt import Map
 
 from peerdaemon import cli
 from peerdaemon.api.protocol import OpError, Pending
@@ -318,6 +319,59 @@ async def test_share_appears_on_the_other_and_edits_converge_both_ways(nodes):
         routes = node.export(env_id)["routes"]
         assert (routes[0]["endpoint"], routes[1]["endpoint"]) == ("from-a", "from-b")
     assert a.export(env_id) == b.export(env_id)
+
+
+async def test_a_peer_update_is_decoded_once(nodes, monkeypatch):
+    """The spaces model gate and the registry's stray check read the same items: each update
+    from a peer is decoded once, also when it writes text (the stray check's case)."""
+    from peerdaemon.model import migrations, strays
+
+    a, b, relay, space_id = await space_of_two(nodes)
+    env_id = a.import_env()
+    await a.op("env.share", id=env_id, space=space_id)
+    relay.flush()
+    decoded: list[bytes] = []
+    for module in (strays, migrations):
+        real = module.read_items
+
+        def counting(update, real=real):
+            decoded.append(bytes(update))
+            return real(update)
+
+        monkeypatch.setattr(module, "read_items", counting)
+
+    def set_body(env: dict) -> None:
+        env["routes"][1]["responses"][0]["body"] += "ü"
+
+    for change in (set_endpoint(0, "once"), set_body):
+        decoded.clear()
+        a.edit(env_id, change)
+        relay.flush()
+        assert decoded and len(decoded) == len(set(decoded)), "an update was decoded twice"
+    assert b.export(env_id) == a.export(env_id)
+
+
+async def test_space_doc_reads_follow_every_write(nodes):
+    """`state` and `model` are remembered between writes: a local write, a peer's update and a
+    peer's deletion (no new item, only a delete set) are all seen at once."""
+    a, b, relay, space_id = await space_of_two(nodes)
+    doc = b.spaces.spaces[space_id].doc
+    assert doc.state("e1") is None and doc.model() == a.spaces.spaces[space_id].doc.model()
+    doc.set_state("e1", "unshared", "me")  # a local write
+    assert doc.state("e1") == "unshared"
+    remote = a.spaces.spaces[space_id].doc
+
+    def from_peer(write) -> None:
+        before = remote.doc.get_state()
+        write()
+        b.spaces.apply(f"space:{space_id}", remote.doc.get_update(before), f"peer:{a.device}")
+
+    from_peer(lambda: remote.set_state("e2", "shared", "them"))
+    assert doc.state("e2") == "shared"
+    from_peer(lambda: remote.doc.get("models", type=Map).update({"99": {"by": "them"}}))
+    assert doc.model() == 99
+    from_peer(lambda: remote.doc.get("environments", type=Map).pop("e2"))
+    assert doc.state("e2") is None  # a delete set alone
 
 
 async def test_an_edit_that_overtakes_the_full_state_is_kept(nodes):

@@ -23,6 +23,8 @@ import uuid
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from itertools import compress
+from operator import is_not
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -133,6 +135,36 @@ def summarize(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
     return ", ".join(parts) or "no change"
 
 
+def _keeps_entities(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """True when `new` holds every entity of `old` at its place: told from the entities `new`
+    does not share with `old` (a patch shares what it leaves, model.prepare), so a small edit of
+    a big environment is not counted whole on every write."""
+    for key, _, _ in _COLLECTIONS:
+        a, b = old.get(key), new.get(key)
+        if a is b:
+            continue
+        if type(a) is not list or type(b) is not list or len(a) != len(b):
+            return False
+        for i in compress(range(len(a)), map(is_not, a, b)):
+            x, y = a[i], b[i]
+            if type(x) is not dict or type(y) is not dict or x.get("uuid") != y.get("uuid"):
+                return False
+            if key == "routes" and not _same_uuids(x.get("responses"), y.get("responses")):
+                return False
+    return True
+
+
+def _same_uuids(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    if type(a) is not list or type(b) is not list or len(a) != len(b):
+        return False
+    return all(
+        type(x) is dict and type(y) is dict and x.get("uuid") == y.get("uuid")
+        for x, y in zip(a, b, strict=True)
+    )
+
+
 def _units(env: dict[str, Any]) -> set[str]:
     """The entities of an environment (routes, their responses, folders, data buckets,
     callbacks), by uuid: what "content removed" counts."""
@@ -147,6 +179,8 @@ def _units(env: dict[str, Any]) -> set[str]:
 
 def removed_share(old: dict[str, Any], new: dict[str, Any]) -> float:
     """The share (0..1) of `old`'s entities that `new` no longer holds."""
+    if _keeps_entities(old, new):
+        return 0.0
     before = _units(old)
     if not before:
         return 0.0

@@ -24,7 +24,7 @@ from ..model.strays import Malformed, StrayFinder, decode, delete_update, has_st
 from ..store import Store, Ticket
 from .errors import is_failure
 from .events import EventLog
-from .pointers import changed_paths
+from .pointers import Touched, changed_paths
 
 log = logging.getLogger("peerdaemon.registry")
 
@@ -209,11 +209,18 @@ class Registry:
         # it becomes the cache: no export after a local write.
         return self._commit(env, origin, new=prepared), env.last_ticket
 
-    def merge(self, env_id: str, update: bytes, origin: str) -> tuple[bool, bool, Ticket | None]:
-        """Apply a Yjs update; an unknown id creates the environment. -> (created, changed, ticket)"""
-        items = _decode(update)
+    def merge(
+        self, env_id: str, update: bytes, origin: str, *, items: list[Any] | None = None
+    ) -> tuple[bool, bool, Ticket | None]:
+        """Apply a Yjs update; an unknown id creates the environment. -> (created, changed, ticket)
+
+        `items`: the update's `strays.decode`, when the caller read them already (the spaces
+        service does, for its model check): each update is decoded once."""
+        if items is None:
+            items = _decode(update)
         env = self.envs.get(env_id)
         created = env is None
+        touched: Touched | None = None
         if env is None:
             env = self._track(Environment(env_id, Doc()))
             try:
@@ -227,9 +234,10 @@ class Registry:
             self.envs[env_id] = env
             self.events.emit("environment-created", id=env_id, origin=origin)
         else:
-            self._before_change(env)
+            touched = Touched(env.doc)  # the change's paths, from its events
             try:
-                env.doc.apply_update(update)
+                with touched.watch():
+                    env.doc.apply_update(update)
             except Exception as exc:
                 env.pending.clear()
                 raise UpdateRejected(f"not a Yjs update: {exc}") from None
@@ -239,7 +247,7 @@ class Registry:
         env.pending = []
         repair = self._remove_strays(env, items, commit=False)  # before anything reads it
         env.pending = merged
-        changed = self._commit(env, origin)
+        changed = self._commit(env, origin, touched=touched)
         if repair:
             env.pending = repair
             self._commit(env, "repair")  # to every follower: the origin keeps them too
@@ -364,10 +372,18 @@ class Registry:
                     raise
                 env.cache = None
 
-    def _commit(self, env: Environment, origin: str, new: dict[str, Any] | None = None) -> bool:
+    def _commit(
+        self,
+        env: Environment,
+        origin: str,
+        new: dict[str, Any] | None = None,
+        touched: Touched | None = None,
+    ) -> bool:
         """Send the updates of the transactions just made down the stream; True if any.
 
-        `new`: the environment's JSON after the change when the caller knows it.
+        `new`: the environment's JSON after the change when the caller knows it (its paths are
+        then a diff with the JSON before, which shares what did not change: cheap); `touched`:
+        the change's events (a merged update: its paths come from them, with no export).
 
         Once the updates are queued for the store the change has happened: nothing after that
         (describing it, subscribers, listeners, events, compaction) may fail the write that made
@@ -380,12 +396,18 @@ class Registry:
         for update in updates:
             env.ticket = self.store.enqueue_append(env.id, update)
         old, env.cache = env.cache, new
+
+        def describe() -> list[str]:
+            if touched is not None:
+                return touched.pointers()
+            return self._paths(old, env.id) if old is not None else [""]
+
         paths: list[str] | None = None
         followed = bool(env.subscribers) or self.events.listening
         if env.subscribers:
             event: dict[str, Any]
             try:
-                paths = self._paths(old, env.id) if old is not None else [""]
+                paths = describe()
                 self._succeeded(env.id, ("change event", 0))
                 update = updates[0] if len(updates) == 1 else _merge(updates)
                 event = {
@@ -406,12 +428,13 @@ class Registry:
                 follower = (_name(listener), token)
                 self._follow(env.id, origin, follower, listener, env.id, update, origin)
         if paths is None:
-            # The event log promises paths too (docs/local-api.md): precise when the JSON from
-            # before the change is at hand and someone follows the events (exporting a big
-            # environment after every merged update is not free), else "" (everything).
-            known = old is not None and (followed or env.cache is not None)
+            # The event log promises paths too (docs/local-api.md): precise when the change's
+            # events or the JSON from before it are at hand (exporting a big environment after
+            # a change only for the log is not free: only if someone follows the events), else
+            # "" (everything).
+            known = touched is not None or (old is not None and (followed or env.cache is not None))
             try:
-                paths = self._paths(old, env.id) if known else [""]
+                paths = describe() if known else [""]
                 self._succeeded(env.id, ("change event", 0))
             except BaseException as exc:
                 self._follower_failed(env.id, origin, ("change event", 0), exc)

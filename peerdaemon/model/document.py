@@ -8,8 +8,25 @@ from typing import Any
 from pycrdt import Doc
 
 from .edits import sync_entities, sync_fields, sync_plain_array, unchanged
-from .layout import ENV_ROOT, META_ROOT, NotJson, prepared_value, read, root_array, root_map
-from .repair import check_environment, check_json, conform, is_newer, repair
+from .layout import (
+    ENV_ROOT,
+    META_ROOT,
+    NotJson,
+    prepared_along,
+    prepared_value,
+    read,
+    root_array,
+    root_map,
+)
+from .repair import (
+    ModelError,
+    check_environment,
+    check_json,
+    conform,
+    conform_along,
+    is_newer,
+    repair,
+)
 from .schema import KINDS, MODEL_VERSION, ORDER_SUFFIX, ROOT_ENTITY_LISTS, ROOT_REF_LIST
 from .strays import has_strays, remove_strays
 
@@ -20,15 +37,27 @@ _UNFAITHFUL: weakref.WeakKeyDictionary[Doc, bool] = weakref.WeakKeyDictionary()
 `apply_environment`)."""
 
 
-def prepare(env: Any, env_id: str | None = None) -> tuple[dict[str, Any], list[str]]:
+def prepare(
+    env: Any, env_id: str | None = None, base: dict[str, Any] | None = None
+) -> tuple[dict[str, Any], list[str]]:
     """Check and repair a JSON environment before it touches a document; returns a copy.
 
     Refuses (ModelError, naming the field's JSON Pointer) what no environment can hold or a
     known field of the wrong type; fills Mockoon's defaults for missing fields; notes every
     other repair. The result is exactly what the document will export (`repair` leaves it as
     it is), so callers may cache it as the export.
+
+    `base`: a prepared environment of `env_id` that `env` was made from by changing copies of
+    some of its containers (a JSON Patch on the cached export). The containers `env` still
+    shares with it are prepared already: they are shared by the result too, and only the rest
+    is checked, so a small patch of a big environment costs little. The result is the same
+    as without it (whatever `base` is, if it was prepared and never changed since).
     """
     check_environment(env)
+    if base is not None and env_id is not None and type(env) is dict:
+        fast = _prepare_along(env, env_id, base)
+        if fast is not None:
+            return fast
     try:
         env = prepared_value(env)  # a copy, with numbers and strings as they will export
     except (NotJson, AttributeError):
@@ -41,6 +70,25 @@ def prepare(env: Any, env_id: str | None = None) -> tuple[dict[str, Any], list[s
         env["uuid"] = env_id
     conform(env, strict=not is_newer(env), notes=notes)
     return env, notes
+
+
+def _prepare_along(
+    env: dict[str, Any], env_id: str, base: dict[str, Any]
+) -> tuple[dict[str, Any], list[str]] | None:
+    """`prepare` on what `env` does not share with `base`; None when `prepare` must do it all
+    (also for anything it refuses, so that its error is the one of the whole walk)."""
+    if env.get("uuid") != env_id:
+        return None  # noted by the whole walk
+    try:
+        out = prepared_along(env, base)
+        if out is base:
+            out = dict(base)
+        notes: list[str] = []
+        if conform_along(out, base, strict=not is_newer(out), notes=notes):
+            return out, notes
+    except (NotJson, AttributeError, ModelError, RecursionError):
+        pass
+    return None
 
 
 def apply_environment(

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 import re
+from itertools import compress
+from operator import is_not
 from typing import Any
 
 from pycrdt import Array, Doc, Map, Text
@@ -178,6 +180,71 @@ def prepared_value(value: Any, depth: int = 0) -> Any:
     if t is bool or value is None:
         return value
     raise NotJson
+
+
+_NOTHING: Any = object()
+
+
+def prepared_along(value: Any, base: Any, depth: int = 0) -> Any:
+    """`prepared_value(value)` for a value made from `base`, a prepared value, by changing copies
+    of some of its containers (a JSON Patch applied along `operations.patch_along`).
+
+    What `value` still shares with `base` at the same place is prepared already (a fixed point)
+    and is kept as it is, shared: the cost follows the copied containers, not the whole value,
+    and later comparisons with `base` stop at the shared parts (`is` before `==`).
+    """
+    if value is base:
+        return base
+    t = type(value)
+    if depth >= MAX_DEPTH or t is not type(base) or (t is not dict and t is not list):
+        return prepared_value(value, depth)
+    depth += 1
+    if t is dict:
+        get = base.get
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            old = get(k, _NOTHING)
+            key = k if k.isascii() else _well_formed(k)
+            if v is old:
+                out[key] = v
+            elif old is not _NOTHING and (type(v) is dict or type(v) is list):
+                out[key] = prepared_along(v, old, depth)
+            else:
+                out[key] = prepared_value(v, depth)
+        return out
+    n = len(base)
+    if len(value) == n:  # the items not shared at their place, found at C speed
+        items = list(value)
+        places = list(compress(range(n), map(is_not, value, base)))
+        # base's items by identity: those moved are kept (one changed place is no move)
+        known = {id(x): x for x in base} if len(places) > 1 else {}
+        for i in places:
+            v = value[i]
+            if type(v) is dict or type(v) is list:
+                if known.get(id(v)) is not v:
+                    items[i] = prepared_along(v, base[i], depth)
+            else:
+                items[i] = prepared_value(v, depth)
+        return items
+    items = []
+    moved: dict[int, Any] | None = None  # base's items by identity: an insert shifts the rest
+    for i, v in enumerate(value):
+        old = base[i] if i < n else _NOTHING
+        if v is old:
+            items.append(v)
+            continue
+        if type(v) is dict or type(v) is list:
+            if moved is None:
+                moved = {id(x): x for x in base}
+            if moved.get(id(v)) is v:
+                items.append(v)
+            elif old is not _NOTHING:
+                items.append(prepared_along(v, old, depth))
+            else:
+                items.append(prepared_value(v, depth))
+        else:
+            items.append(prepared_value(v, depth))
+    return items
 
 
 ABSENT: Any = object()

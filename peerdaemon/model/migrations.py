@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pycrdt import Doc, Map
 
 from .schema import MODEL_VERSION
-from .yupdate import GC, read_items
+from .yupdate import GC, Item, read_items
 
 __all__ = [
     "ENV_OVERRIDE",
@@ -148,8 +148,10 @@ class _Entry:
     value: object
 
 
-def _entries(update: bytes) -> list[_Entry]:
-    """The update's one-unit items (map entries among them), with their numbers."""
+def _entries(update: bytes | Sequence[Item]) -> list[_Entry]:
+    """The update's one-unit items (map entries among them), with their numbers; `update` may
+    be its items already read (`read_items`), so that a caller decodes each update once."""
+    items = read_items(update) if isinstance(update, bytes | bytearray | memoryview) else update
     return [
         _Entry(
             (it.client, it.clock),
@@ -158,7 +160,7 @@ def _entries(update: bytes) -> list[_Entry]:
             it.parent == META_ROOT and it.sub == MODEL_KEY,
             it.value,
         )
-        for it in read_items(update)
+        for it in items
         if it.length == 1 and it.content != GC  # longer ones are array content
     ]
 
@@ -190,7 +192,7 @@ def model_item_ids(state: bytes) -> set[_ID]:
 
 
 def update_models(
-    update: bytes, known: set[_ID] | Callable[[], set[_ID]]
+    update: bytes | Sequence[Item], known: set[_ID] | Callable[[], set[_ID]]
 ) -> tuple[list[int], set[_ID]]:
     """The versions an update writes into `meta.model` (of a document whose model entries are
     `known`), and the ids of those entries. Raises ValueError on bytes it cannot decode.

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import math
 import re
+from itertools import compress
+from operator import is_not
 from typing import Any
 
 from .schema import (
@@ -112,6 +114,18 @@ def conform(
     repair is noted in `notes` (if given).
     """
     _Conform(strict, notes).run(env, env_id)
+
+
+def conform_along(
+    env: dict[str, Any], base: dict[str, Any], strict: bool, notes: list[str] | None
+) -> bool:
+    """`conform(env, strict, notes)` for an environment from `layout.prepared_along(..., base)`,
+    where `base` is a conformed environment of the same uuid: the entities `env` shares with it
+    are conformed already, so only the others are checked, and the references and the uuids of
+    the whole only when a change can reach them. False when it cannot tell (a uuid to repair, a
+    different lastMigration...): `env` may then be half done; the caller conforms a fresh copy.
+    """
+    return _Conform(strict, notes).run_along(env, base)
 
 
 _MISSING = object()
@@ -245,6 +259,139 @@ class _Conform:
                     self.generated_id(entity, where)
         self.references(env)
         return self.identity
+
+    def run_along(self, env: dict[str, Any], base: dict[str, Any]) -> bool:
+        """`run` on what `env` does not share with `base` (see `conform_along`), visiting it in
+        the order `run` does, so that the same notes come in the same order."""
+        uid = env.get("uuid")
+        if type(uid) is not str or uid != base.get("uuid"):
+            return False
+        lm, base_lm = env.get("lastMigration", _MISSING), base.get("lastMigration", _MISSING)
+        if type(lm) is not type(base_lm) or lm != base_lm:
+            return False  # the mode (strict or not) may change with it
+        lists = {
+            key: self.entities_along(env, key, "", _KIND[key], base.get(key))
+            for key in _ENTITY_LISTS
+        }
+        # (key, index, entity, its responses not shared with base or None) of every entity
+        # not shared with base; `recheck`: the uuids of the whole may no longer be unique
+        changed: list[tuple[str, int, dict[str, Any], list[tuple[int, Any]] | None]] = []
+        recheck = False
+        for key in _ENTITY_LISTS:
+            items, before = lists[key], base.get(key)
+            if items is before:
+                continue
+            if type(before) is not list:
+                return False
+            n = len(before)
+            same_length = len(items) == n
+            if same_length:  # the places not shared with base, found at C speed
+                places: Any = list(compress(range(n), map(is_not, items, before)))
+            else:
+                places, recheck = range(len(items)), True
+            known = {id(e): e for e in before} if len(places) > 1 else {}
+            by_uuid: dict[Any, Any] | None = None
+            for i in places:
+                entity = items[i]
+                uid = entity.get("uuid")
+                if same_length and uid != before[i].get("uuid"):
+                    recheck = True  # moved, or another entity
+                if known.get(id(entity)) is entity:
+                    continue  # moved as it was
+                if type(uid) is not str:
+                    return False
+                responses = None
+                if key == "routes":
+                    where = _pointer("/routes", i)
+                    if same_length and uid == before[i].get("uuid"):
+                        old = before[i]
+                    else:
+                        if by_uuid is None:
+                            by_uuid = {e.get("uuid"): e for e in before}
+                        old = by_uuid.get(uid)
+                    old_responses = old.get("responses") if type(old) is dict else None
+                    responses = self.entities_along(
+                        entity, "responses", where, "response", old_responses
+                    )
+                    if responses is not old_responses:
+                        if type(old_responses) is not list or [
+                            r.get("uuid") for r in responses
+                        ] != [r.get("uuid") for r in old_responses]:
+                            recheck = True
+                        same = {id(r): r for r in old_responses or ()}
+                        responses = [
+                            (j, r) for j, r in enumerate(responses) if same.get(id(r)) is not r
+                        ]
+                        if any(type(r.get("uuid")) is not str for _j, r in responses):
+                            return False
+                    else:
+                        responses = []
+                changed.append((key, i, entity, responses))
+        if recheck and not self.unique_uuids(env, lists, changed):
+            return False
+        self.fields(env, FIELDS["environment"], "")
+        refs = recheck or env.get(ROOT_REF_LIST) is not base.get(ROOT_REF_LIST)
+        for key, i, entity, responses in changed:
+            kind = _KIND[key]
+            where = _pointer(f"/{key}", i)
+            self.fields(entity, FIELDS[kind], where)
+            if responses is not None:
+                for j, response in responses:
+                    self.fields(response, FIELDS["response"], f"{where}/responses/{j}")
+            elif kind in ("data", "callback"):
+                self.generated_id(entity, where)
+            elif kind == "folder":
+                refs = True
+        if refs:
+            # `references` rebuilds every folder's children: on copies, never on base's folders
+            env["folders"] = [dict(f) for f in env["folders"]]
+            self.references(env)
+        return True
+
+    def entities_along(
+        self, parent: dict[str, Any], key: str, where: str, kind: str, before: Any
+    ) -> list[Any]:
+        """`entities`, looking only at the items not shared with `before` (base's list)."""
+        items = parent.get(key)
+        if type(items) is list and type(before) is list:
+            if items is before:
+                return items
+            n = len(before)
+            if all(type(e) is dict for e in compress(items, map(is_not, items, before))) and all(
+                type(e) is dict for e in items[n:]
+            ):
+                return items
+        return self.entities(parent, key, where, kind)
+
+    def unique_uuids(
+        self,
+        env: dict[str, Any],
+        lists: dict[str, list[Any]],
+        changed: list[tuple[str, int, dict[str, Any], list[tuple[int, Any]] | None]],
+    ) -> bool:
+        """Whether every entity keeps its uuid as `run`'s claims go (each a GUID no other entity
+        or the environment holds): then they change nothing. The uuids of the entities shared
+        with base are GUIDs already; only the others' are parsed."""
+        taken = {env["uuid"]}
+        count = 1
+        for key in _ENTITY_LISTS:
+            for entity in lists[key]:
+                taken.add(entity.get("uuid"))
+                count += 1
+                if key == "routes":
+                    responses = entity.get("responses")
+                    for response in responses if type(responses) is list else ():
+                        taken.add(response.get("uuid") if type(response) is dict else None)
+                        count += 1
+        if len(taken) != count:
+            return False
+        for _key, _i, entity, responses in changed:
+            if not is_guid(entity.get("uuid")):
+                return False
+            for _j, response in responses or ():
+                if not is_guid(response.get("uuid")):
+                    return False
+        return True
 
     def entities(self, parent: dict[str, Any], key: str, where: str, kind: str) -> list[Any]:
         """`parent[key]` as a list of objects (missing: []); refuses or drops what is not."""

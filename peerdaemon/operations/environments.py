@@ -139,41 +139,76 @@ def _pointer_tokens(pointer: str) -> list[str]:
     return [t.replace("~1", "/").replace("~0", "~") for t in pointer.split("/")[1:]]
 
 
-def copy_along(env: Any, ops: Any) -> Any:
-    """A copy of `env` that a JSON Patch may change in place without touching `env`.
+def patch_along(env: Any, ops: Any) -> Any:
+    """`ops`, a JSON Patch, applied to a copy of `env` that shares whatever the patch leaves as
+    it is; `env` (the cached export) is never changed. Raises what jsonpatch raises.
 
-    Only the containers on the way to each op's `path` and `from` are copied (copy on write):
-    a patch changes nothing else, and copying the whole of a big environment for every patch
-    would cost more than the edit. The cached export is shared, never mutated.
+    Copy on write, op by op: before each op, the containers on the way to its `path` and `from`
+    are copied as that op sees them (after the ops before it, and `move` sees its `path` once
+    `from` is removed: indexes shift). Copying the whole of a big environment for every patch
+    would cost more than the edit, and what stays shared `prepare` need not check again.
     """
-    if not isinstance(env, dict | list):
-        return env
-    root = copy.copy(env)
+    root = copy.copy(env) if isinstance(env, dict | list) else env
+    if not isinstance(ops, list):
+        return jsonpatch.apply_patch(root, ops, in_place=True)  # its error says why
     copied = {id(root)}
-    for op in ops if isinstance(ops, list) else ():
-        if not isinstance(op, dict):
-            continue
-        for key in ("path", "from"):
-            pointer = op.get(key)
-            if not isinstance(pointer, str) or not pointer.startswith("/"):
-                continue
-            node: Any = root
-            for token in _pointer_tokens(pointer)[:-1]:
-                if isinstance(node, dict) and token in node:
-                    index: Any = token
-                elif isinstance(node, list) and (at := _list_index(token, len(node))) is not None:
-                    index = at
-                else:
-                    break
-                child = node[index]
-                if not isinstance(child, dict | list):
-                    break
-                if id(child) not in copied:
-                    child = copy.copy(child)
-                    copied.add(id(child))
-                    node[index] = child
-                node = child
+    for op in ops:
+        if isinstance(op, dict):
+            source = op.get("from")
+            removed = _copy_path(root, source, copied) if op.get("op") == "move" else None
+            if op.get("op") == "copy":
+                _copy_path(root, source, copied)
+            _copy_path(root, op.get("path"), copied, removed)
+        patched = jsonpatch.apply_patch(root, [op], in_place=True)
+        if patched is not root and isinstance(patched, dict | list) and id(patched) not in copied:
+            patched = copy.copy(patched)  # a part of `env` moved to the root
+            copied.add(id(patched))
+        root = patched
     return root
+
+
+def _copy_path(
+    root: Any, pointer: Any, copied: set[int], removed: tuple[Any, Any] | None = None
+) -> tuple[Any, Any] | None:
+    """Copy the containers on the way to `pointer` (up to its parent) that are not copies yet;
+    -> (its parent, its key or index), or None if the path leads nowhere (then the patch
+    library refuses it). `removed`: the (container, key or index) a `move` removes before
+    it adds at `pointer`: indexes past it in that list shift by one."""
+    if not isinstance(pointer, str) or not pointer.startswith("/"):
+        return None
+    tokens = _pointer_tokens(pointer)
+    node: Any = root
+    for depth, token in enumerate(tokens):
+        if isinstance(node, dict):
+            if removed is not None and node is removed[0] and token == removed[1]:
+                return None  # gone by the time the op gets there
+            index: Any = token
+            if depth == len(tokens) - 1:
+                return node, index
+            if token not in node:
+                return None
+        elif isinstance(node, list):
+            at = _list_index(token, len(node))
+            if at is None:
+                return None
+            if removed is not None and node is removed[0] and at >= removed[1]:
+                at += 1
+                if at >= len(node):
+                    return None
+            if depth == len(tokens) - 1:
+                return node, at
+            index = at
+        else:
+            return None
+        child = node[index]
+        if not isinstance(child, dict | list):
+            return None
+        if id(child) not in copied:
+            child = copy.copy(child)
+            copied.add(id(child))
+            node[index] = child
+        node = child
+    return None
 
 
 _TEXT = (str, bytes)  # a `json` argument: JSON text, or its UTF-8 bytes
@@ -379,17 +414,18 @@ class Operations:
     async def op_patch(self, args: dict[str, Any], session: Any) -> Any:
         env_id = _str_arg(args, "id")
         ops = _json_arg(args, "patch")
-        current = copy_along(self.registry.export(env_id), ops)
+        base = self.registry.export(env_id)
         try:
-            patched = jsonpatch.apply_patch(current, ops, in_place=True)
+            patched = patch_along(base, ops)
         except (jsonpatch.JsonPatchException, jsonpointer.JsonPointerException) as exc:
             raise OpError(BAD_PATCH, f"JSON Patch: {exc}") from None
         except (TypeError, AttributeError, KeyError, ValueError) as exc:
             raise OpError(BAD_PATCH, f"JSON Patch: not a list of operations ({exc})") from None
-        return self._write(env_id, patched)
+        # what the patch left shared with the export is prepared already (model.prepare)
+        return self._write(env_id, patched, base)
 
-    def _write(self, env_id: str, env: Any) -> Any:
-        prepared, notes = prepare(env, env_id)
+    def _write(self, env_id: str, env: Any, base: dict[str, Any] | None = None) -> Any:
+        prepared, notes = prepare(env, env_id, base)
         changed, ticket = self.registry.apply(env_id, prepared, LOCAL)
         return _pending(ticket, {"changed": changed, "repairs": notes})
 

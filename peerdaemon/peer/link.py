@@ -125,6 +125,8 @@ class Link:
         self.started = trio.current_time()
         self._wakeup = trio.Event()
         self._tick = trio.Event()
+        self._tick_at = math.inf
+        """The deadline the ticker sleeps until: it is woken only for an earlier one."""
         self._cancel: trio.CancelScope | None = None
         self.number = next(_numbers)
         """This link's serial number (a presence `source` names one link: `awareness_source`)."""
@@ -170,7 +172,7 @@ class Link:
         called from inside other links' (and this link's) event handling."""
         if self.conn is not None and self.conn.send_awareness(doc, payload):
             self._wakeup.set()
-            self._tick.set()
+            self._retime()
 
     def close(self, reason: str, detail: str = "") -> None:
         if self.conn is not None:
@@ -206,7 +208,9 @@ class Link:
 
     def _pump(self) -> None:
         """Apply the updates the connection reports, hand its other events to the owner, and
-        wake the writer and the ticker."""
+        wake the writer if there is something to write and the ticker if its deadline came
+        closer. (Waking them for nothing costs each message two task switches, which run
+        before whatever the message woke: the socket subscriber's write, our own send.)"""
         conn = self.conn
         if conn is None:
             return
@@ -219,8 +223,17 @@ class Link:
                 self._on_event(self, event)
             except Exception:  # the manager's bookkeeping must not kill the link's tasks
                 log.exception("peer event handler failed for %r", event)
-        self._wakeup.set()
-        self._tick.set()
+        if conn.wants_write:
+            self._wakeup.set()
+        self._retime()
+
+    def _retime(self) -> None:
+        """Wake the ticker if the connection's timer is now earlier than what it sleeps until
+        (or the connection closed); a later one it finds on waking."""
+        conn = self.conn
+        timer = conn.get_timer() if conn is not None else None
+        if timer is None or timer < self._tick_at:
+            self._tick.set()
 
     async def _flush(self, ws: WebSocketConnection) -> bool:
         """Send what the connection has queued; False if the websocket is gone."""
@@ -232,7 +245,7 @@ class Link:
                 if not writing:
                     writing = True
                     conn.sending(trio.current_time())
-                    self._tick.set()  # the ticker now waits for the connection's stall deadline
+                    self._retime()  # the ticker may have to wait for the stall deadline
                 for data in batch:
                     try:
                         await ws.send_message(data)
@@ -288,6 +301,7 @@ class Link:
             if deadline is None:
                 deadline = math.inf
             self._tick = trio.Event()
+            self._tick_at = deadline
             with trio.move_on_at(deadline):
                 await self._tick.wait()
             if conn.closed is not None:

@@ -725,6 +725,12 @@ class PeerConnection:
     def next_event(self) -> Event | None:
         return self._events.popleft() if self._events else None
 
+    @property
+    def wants_write(self) -> bool:
+        """Whether the shell's writer has work: messages queued, or a closed connection to
+        hang up."""
+        return bool(self._out) or self.closed is not None
+
     def get_timer(self) -> float | None:
         """When `handle_timer` must next be called (None once closed)."""
         if self.closed is not None:

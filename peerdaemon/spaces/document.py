@@ -62,6 +62,17 @@ class SpaceDoc:
 
     def __init__(self, doc: Doc | None = None) -> None:
         self.doc = doc if doc is not None else Doc()
+        self._memo: dict[str | None, Any] | None = None
+
+    def remember_reads(self) -> None:
+        """Keep `state` and `model` answers until the document's next write transaction (any
+        transaction that writes fires the observer; reads fire none). Every update a peer sends
+        asks them several times (`SyncHost.allowed`, `apply`, the change listeners), and each
+        is a pycrdt read. Opt-in: the observer lives as long as the document."""
+        if self._memo is None:
+            memo: dict[str | None, Any] = {}
+            self._memo = memo
+            self.doc.observe(lambda _event: memo.clear())
 
     def _map(self, name: str) -> Map:
         return self.doc.get(name, type=Map)
@@ -130,8 +141,14 @@ class SpaceDoc:
         """The environment model the space's documents follow: the newest any member brought
         (`models` keys; 1 without any). Keys are only ever added, one per version, so concurrent
         marks by devices that were apart all survive the merge and the newest wins."""
+        memo = self._memo
+        if memo is not None and None in memo:
+            return int(memo[None])
         versions = [_version(key) for key in self._map(MODELS).keys()]
-        return max((v for v in versions if v is not None), default=1)
+        model = max((v for v in versions if v is not None), default=1)
+        if memo is not None:
+            memo[None] = model
+        return model
 
     def mark_model(self, version: int, by: str) -> bool:
         """Record that a device of model `version` is in the space (before it migrates any of
@@ -161,8 +178,14 @@ class SpaceDoc:
         return None
 
     def state(self, env_id: str) -> str | None:
+        memo = self._memo
+        if memo is not None and env_id in memo:
+            return memo[env_id]  # type: ignore[no-any-return]
         entry = self.entry(env_id)
-        return entry["state"] if entry is not None else None
+        state = entry["state"] if entry is not None else None
+        if memo is not None:
+            memo[env_id] = state
+        return state
 
     def states(self) -> dict[str, str]:
         """env id -> state, for every well-formed entry."""

@@ -56,6 +56,8 @@ from ..model import prepare
 from ..model.layout import ENV_ROOT
 from ..model.lib0 import EMPTY_UPDATE
 from ..model.migrations import doc_version, model_item_ids, update_models
+from ..model.strays import decode
+from ..model.yupdate import Item
 from ..store import Store, Ticket
 from .document import ACCESS, DELETED, SHARED, UNSHARED, SpaceDoc
 from .invite import Invite, InviteError, decode_invite, encode_invite, parse_address
@@ -303,6 +305,7 @@ class SpacesService:
                 space.pending.append(event.update)
 
         space.doc.doc.observe(on_transaction)
+        space.doc.remember_reads()
         return space
 
     # -- the local operations (Python API; the op_* wrappers below speak the socket) -----------
@@ -760,13 +763,14 @@ class SpacesService:
         if space_id is None:
             log.debug("spaces: ignoring an update of %s (not synced) from %s", doc_id, origin)
             return
-        if self._refuses(doc_id, space_id, update, origin):
+        items = _items(update)  # read once: the model check here, the stray check there
+        if self._refuses(doc_id, space_id, update, origin, items):
             return
         if doc_id in self.holds:  # kept apart until resolved (docs/spaces.md)
             self.offline.add_remote(doc_id, update, origin)
             return
         if doc_id in self.registry.envs:
-            self._merge(doc_id, update, origin)
+            self._merge(doc_id, update, origin, items)
         else:
             self._receive_new(doc_id, space_id, update, origin)
         self._migrate(doc_id)  # one that arrives at an older model: this device migrates it
@@ -875,10 +879,18 @@ class SpacesService:
     def _migrate_all(self) -> list[Ticket]:
         return [t for env_id in sorted(self.registry.envs) for t in self._migrate(env_id)]
 
-    def _refuses(self, env_id: str, space_id: str, update: bytes, origin: str) -> bool:
+    def _refuses(
+        self,
+        env_id: str,
+        space_id: str,
+        update: bytes,
+        origin: str,
+        items: list[Item] | None = None,
+    ) -> bool:
         """Whether `update` writes a `meta.model` newer than this device's: then it is not
         merged (the local copy stays as it is) and the environment is reported. Read from the
-        update's bytes, so it holds whatever order updates arrive in."""
+        update's bytes (or its `items`, read already), so it holds whatever order updates
+        arrive in."""
         env = self.registry.envs.get(env_id)
 
         def known() -> set[tuple[int, int]]:
@@ -889,7 +901,7 @@ class SpacesService:
             return ids
 
         try:
-            versions, ids = update_models(update, known)
+            versions, ids = update_models(update if items is None else items, known)
         except ValueError:
             return False  # not decodable here: the registry refuses it with its reason
         newest = max(versions, default=0)
@@ -997,9 +1009,11 @@ class SpacesService:
             self._merge(env_id, early_update, origin)
         self.events.emit("environment-shared", id=env_id, space=space_id, origin=origin)
 
-    def _merge(self, env_id: str, update: bytes, origin: str) -> None:
+    def _merge(
+        self, env_id: str, update: bytes, origin: str, items: list[Item] | None = None
+    ) -> None:
         try:
-            self.registry.merge(env_id, update, origin)
+            self.registry.merge(env_id, update, origin, items=items)
         except BaseException as exc:
             if type(exc).__name__ != "PanicException":  # pycrdt's Rust panics
                 raise
@@ -1185,6 +1199,15 @@ def _mock_url(
     prefix = environment.get("endpointPrefix")
     prefix = prefix.strip("/") if isinstance(prefix, str) else ""
     return f"{base}/mock/{space_id}/{env_id}/" + (f"{prefix}/" if prefix else "")
+
+
+def _items(update: bytes) -> list[Item] | None:
+    """The update's items (`strays.decode`), or None for bytes it cannot read: the registry
+    then decodes them itself and refuses them with its own reason."""
+    try:
+        return decode(bytes(update))
+    except ValueError:  # Malformed, or text that is no UTF-8
+        return None
 
 
 def _str(args: dict[str, Any], name: str) -> str:
