@@ -13,6 +13,12 @@ durable patches per second from one client, sequential. `--baseline DIR` runs th
 on another tree (e.g. `git archive HEAD | tar -x -C DIR`) in the same rounds, alternating which
 goes first, and prints both with their ratio: this machine is shared, so only figures taken
 side by side compare.
+
+`memory` (issue 13): a daemon's RSS holding 1,000 stored environments of ~100 kB with 10 in use,
+and its start-up time, this tree against `--baseline DIR` (e.g. HEAD: every document in memory)
+side by side on copies of one data directory, alternating which goes first. The directory is
+made once by this tree's daemon, which imports them and stops once it unloaded them all (so it
+holds what any daemon that ran this code holds: each environment's facts beside its updates).
 """
 
 from __future__ import annotations
@@ -38,10 +44,14 @@ from peerdaemon.api.client import AsyncClient, Client, DaemonNotRunning  # noqa:
 
 
 class Daemon:
-    def __init__(self, root: Path, tree: Path | None = None) -> None:
+    def __init__(
+        self, root: Path, tree: Path | None = None, env: dict[str, str] | None = None
+    ) -> None:
         self.root = root
         self.tree = tree
         """Where the daemon's code comes from (PYTHONPATH), if not this checkout."""
+        self.env = env or {}
+        """More environment variables (`PEERDAEMON_*` settings)."""
         self.data = root / "data"
         self.sock = root / "d.sock"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -63,7 +73,11 @@ class Daemon:
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            env={**os.environ, "PYTHONPATH": str(self.tree)} if self.tree else None,
+            env={
+                **os.environ,
+                **({"PYTHONPATH": str(self.tree)} if self.tree else {}),
+                **self.env,
+            },
             cwd=self.root,  # `-m` puts the working directory first: not a checkout's
         )
         deadline = time.monotonic() + 60
@@ -333,6 +347,65 @@ def bench_db_size(root: Path, edits: int) -> dict[str, float]:
     }
 
 
+def prepare_memory_store(root: Path, count: int, size: int) -> Path:
+    """`count` environments of ~`size` bytes stored by this tree's daemon, which stops once it
+    unloaded them all (history on, as by default: each gets its first version). -> its data."""
+    d = Daemon(root, env={"PEERDAEMON_STORE_EVICT_AFTER": "1"})
+    d.start()
+    try:
+        with Client.connect(d.sock) as c:
+            for i in range(count):
+                c.import_env(json.dumps(make_environment(size, seed=5000 + i)))
+            deadline = time.monotonic() + 300
+            while c.status()["loaded"]:  # versions taken, then unloaded by the sweeps
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"documents still loaded: {c.status()['loaded']}")
+                time.sleep(0.5)
+    finally:
+        d.stop()
+    return d.data
+
+
+async def use_envs(sock: Path, env_ids: list[str]) -> None:
+    """Use each: read it and change it."""
+    async with await AsyncClient.connect(sock) as client:
+        for env_id in env_ids:
+            await client.export(env_id)
+            op = [{"op": "replace", "path": "/latency", "value": 1}]
+            await client.patch(env_id, op)
+
+
+def bench_memory(root: Path, data: Path, tree: Path | None, in_use: int) -> dict[str, float]:
+    """One daemon (this tree, or `tree`) on a copy of `data`: start-up seconds until it answers,
+    RSS once started, and RSS with `in_use` environments read and changed."""
+    import shutil
+
+    d = Daemon(root, tree)
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(data, d.data)
+    started = d.start()
+    try:
+        time.sleep(1.0)  # whatever the start left to do in the background
+        rss_started = d.rss_kb()
+        with Client.connect(d.sock) as c:
+            ids = sorted(e["id"] for e in c.list_envs())
+        trio.run(use_envs, d.sock, ids[: in_use * 10 : 10])
+        time.sleep(1.0)
+        rss_in_use = d.rss_kb()
+        with Client.connect(d.sock) as c:
+            loaded = c.status().get("loaded", len(ids))  # a daemon without it holds every one
+    finally:
+        d.stop()
+    shutil.rmtree(root, ignore_errors=True)
+    return {
+        "startup_s": started,
+        "rss_started_mb": rss_started / 1024,
+        "rss_in_use_mb": rss_in_use / 1024,
+        "loaded": loaded,
+        "environments": len(ids),
+    }
+
+
 def median_of(rounds: list[dict[str, Any]], path: list[str]) -> float:
     values = []
     for r in rounds:
@@ -348,20 +421,31 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="smaller sizes, to check the script")
     parser.add_argument(
-        "--only", help="comma-separated figures: writes,patch,big,merge,rss,start,db"
+        "--only", help="comma-separated figures: writes,patch,big,merge,rss,start,db,memory"
     )
     parser.add_argument(
-        "--baseline", type=Path, help="another tree to run `writes` on too, side by side"
+        "--baseline",
+        type=Path,
+        help="another tree to run `writes` and `memory` on too, side by side",
     )
     a = parser.parse_args()
     q = a.quick
     results: dict[str, list[dict[str, Any]]] = {
         k: []
-        for k in ("writes", "writes_base", "patch", "big", "merge", "merge1", "rss", "start", "db")
+        for k in (
+            *("writes", "writes_base", "patch", "big", "merge", "merge1", "rss", "start", "db"),
+            *("memory", "memory_base"),
+        )
     }
-    only = set(a.only.split(",")) if a.only else set(results) - {"writes_base"}
+    only = set(a.only.split(",")) if a.only else set(results) - {"writes_base", "memory_base"}
     if "merge" in only:
         only.add("merge1")
+    memory_tmp = tempfile.TemporaryDirectory(prefix="pdm")
+    memory_data: Path | None = None
+    if "memory" in only:
+        count = 100 if q else 1000
+        print(f"storing {count} environments of ~100 kB (once)...", file=sys.stderr)
+        memory_data = prepare_memory_store(Path(memory_tmp.name) / "prep", count, 100_000)
     for r in range(a.rounds):
         with tempfile.TemporaryDirectory(prefix="pdb") as tmp:
             base = Path(tmp)
@@ -384,6 +468,10 @@ def main() -> None:
                 results["start"].append(bench_startup(base / "s", 10 if q else 100, 100_000, 3))
             if r == 0 and "db" in only:
                 results["db"].append(bench_db_size(base / "d", 2000 if q else 100_000))
+            if memory_data is not None:
+                trees = [("memory", None), ("memory_base", a.baseline)][: 2 if a.baseline else 1]
+                for key, tree in trees if r % 2 == 0 else trees[::-1]:
+                    results[key].append(bench_memory(base / key, memory_data, tree, 10))
         print(f"round {r + 1}/{a.rounds} done", file=sys.stderr)
 
     def line(label: str, key: str, path: list[str], fmt: str = "{:.1f}") -> None:
@@ -454,6 +542,22 @@ def main() -> None:
             "{snapshot_kb:.0f} KiB); compacted state {compacted_state_kb:.1f} KiB; ratio "
             "{ratio_files_to_state:.1f}".format(**res)
         )
+    for key, label in (("memory", "this tree"), ("memory_base", f"baseline {a.baseline}")):
+        if not results[key]:
+            continue
+        n = results[key][0]["environments"]
+        print(f"-- memory, {label}: {n} stored environments of ~100 kB")
+        line("  start-up s (until it answers)", key, ["startup_s"], "{:.2f}")
+        line("  RSS once started MB", key, ["rss_started_mb"])
+        line("  RSS with 10 in use MB", key, ["rss_in_use_mb"])
+        line("  documents in memory", key, ["loaded"], "{:.0f}")
+    if results["memory"] and results["memory_base"]:
+        print("-- memory, this tree / baseline (ratio of the medians)")
+        for field in ("startup_s", "rss_started_mb", "rss_in_use_mb"):
+            ours = median_of(results["memory"], [field])
+            theirs = median_of(results["memory_base"], [field])
+            print(f"{field}: {ours:.2f} / {theirs:.2f} = {ours / theirs:.3f}")
+    memory_tmp.cleanup()
     print(json.dumps(results))
 
 

@@ -93,7 +93,16 @@ def pct(values: list[float], q: float) -> float:
 class Proc:
     """One `peerdaemon run` process (loopback listener, mDNS off unless in a namespace)."""
 
-    def __init__(self, root: Path, name: str, port: int, peers: list[int] = ()) -> None:  # type: ignore[assignment]
+    def __init__(
+        self,
+        root: Path,
+        name: str,
+        port: int,
+        peers: list[int] = (),  # type: ignore[assignment]
+        tree: Path | None = None,
+    ) -> None:
+        self.tree = tree
+        """Where the daemon's code comes from (PYTHONPATH), if not this checkout."""
         self.root = root / name
         self.name = name
         self.sock = root / f"{name}.s"
@@ -126,12 +135,16 @@ class Proc:
     ) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         with open(self.root / "log", "ab") as log:
+            env = child_env(mdns)
+            if self.tree is not None:
+                env["PYTHONPATH"] = str(self.tree)
             self.proc = popen(
                 argv or self.argv(),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
-                env=child_env(mdns),
+                env=env,
+                cwd=self.root,  # `-m` puts the working directory first: not a checkout's
             )
 
     def wait_ready(self, timeout: float = 30) -> None:
@@ -291,12 +304,13 @@ def endpoint_patch(index: int, value: str) -> list[dict]:
 
 
 # --- figures ----------------------------------------------------------------------------------------
-async def bench_latency(base: Path, edits: int) -> dict[str, float]:
-    """Socket edit on A -> change event on a subscriber of B."""
+async def bench_latency(base: Path, edits: int, tree: Path | None = None) -> dict[str, float]:
+    """Socket edit on A -> change event on a subscriber of B (both daemons from `tree`, if
+    given, instead of this checkout)."""
     with Procs() as procs:
         port_a = free_port()
-        a = procs.add(Proc(base, "a", port_a)).start()
-        b = procs.add(Proc(base, "b", free_port(), [port_a])).start()
+        a = procs.add(Proc(base, "a", port_a, tree=tree)).start()
+        b = procs.add(Proc(base, "b", free_port(), [port_a], tree=tree)).start()
         async with open_client(a.sock) as ca, open_client(b.sock) as cb:
             _, env_id = await share_space(ca, [cb])
             await wait_for(lambda: exports_equal([ca, cb], env_id), "first sync")
@@ -540,11 +554,21 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="fewer edits, to check the script")
     parser.add_argument("--no-netns", action="store_true", help="skip the discovery figure")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="another tree (e.g. `git archive HEAD | tar -x -C DIR`) whose edit latency is"
+        " measured in the same rounds, alternating which goes first",
+    )
+    parser.add_argument(
+        "--only-latency", action="store_true", help="only the edit latency (and its references)"
+    )
     args = parser.parse_args()
     edits = 50 if args.quick else 300
     per_daemon = 20 if args.quick else 200
     results: dict[str, list[dict[str, Any]]] = {
         "latency": [],
+        "latency_base": [],
         "relay": [],
         "bytes": [],
         "converge": [],
@@ -553,12 +577,19 @@ def main() -> None:
     for r in range(args.rounds):
         with tempfile.TemporaryDirectory(prefix="pdl") as tmp:
             base = Path(tmp)
-            results["latency"].append(trio.run(bench_latency, base / "l", edits))
+            trees = [("latency", None)] + (
+                [("latency_base", args.baseline)] if args.baseline else []
+            )
+            for key, tree in trees if r % 2 == 0 else trees[::-1]:
+                results[key].append(trio.run(bench_latency, base / key, edits, tree))
             relay = relay_latency(edits)
             lat = results["latency"][-1]
             relay["ratio_p50"] = lat["p50_ms"] / relay["p50_ms"]
             relay["ratio_p99"] = lat["p99_ms"] / relay["p99_ms"]
             results["relay"].append(relay)
+            if args.only_latency:
+                print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
+                continue
             results["bytes"].append(trio.run(bench_bytes, base / "b"))
             results["converge"].append(trio.run(bench_convergence, base / "c", per_daemon))
             if not args.no_netns:
@@ -589,10 +620,17 @@ def main() -> None:
         "latency",
         "local_p50_ms",
     )
+    if results["latency_base"]:
+        line("  baseline tree: edit A -> change event on B, p50 ms", "latency_base", "p50_ms")
+        line("  baseline tree: p99 ms", "latency_base", "p99_ms")
+        line("  baseline tree: same-daemon event p50 ms", "latency_base", "local_p50_ms")
     line("  reference: minimal pycrdt relay, client to client, p50 ms", "relay", "p50_ms")
     line("  reference p99 ms", "relay", "p99_ms")
     line("  ratio LAN hop / reference, p50", "relay", "ratio_p50")
     line("  ratio LAN hop / reference, p99", "relay", "ratio_p99")
+    if args.only_latency:
+        print(json.dumps({"rounds": args.rounds, **results}))
+        return
     c0 = results["converge"][0]
     line(
         f"convergence of {c0['daemons']} daemons after {c0['offline_edits']} offline edits, s",

@@ -392,3 +392,60 @@ def test_unexpected_error_is_one_line(monkeypatch, capsys):
     monkeypatch.delenv("PEERDAEMON_DEBUG", raising=False)
     assert cli.main(["--socket", "/x", "status"]) == 1
     assert capsys.readouterr().err == "peerdaemon: internal error: ZeroDivisionError: oops\n"
+
+
+# --- lazy command groups --------------------------------------------------------------------------
+def _tree(parser) -> dict[str, str]:
+    """Every parser below `parser` by its path, as its help text and defaults (the handler)."""
+    out = {}
+    for action in parser._actions:
+        if action.choices is not None and isinstance(action.choices, dict):
+            for name, child in action.choices.items():
+                defaults = {k: getattr(v, "__qualname__", v) for k, v in child._defaults.items()}
+                out[name] = child.format_help() + repr(sorted(defaults.items()))
+                out.update({f"{name} {k}": v for k, v in _tree(child).items()})
+    return out
+
+
+def test_each_command_builds_as_in_the_whole_tree():
+    """`COMMANDS` names every top-level command, and the groups it lists build that command
+    exactly as the whole tree does (help, options, handlers)."""
+    whole = _tree(cli.build_parser())
+    assert {path for path in whole if " " not in path} == set(cli.COMMANDS)
+    for command in cli.COMMANDS:
+        part = {
+            path: text
+            for path, text in _tree(cli.build_parser(command)).items()
+            if path.split()[0] == command
+        }
+        assert part == {path: text for path, text in whole.items() if path.split()[0] == command}
+
+
+@pytest.mark.parametrize(
+    ("argv", "command"),
+    [
+        (["hub", "serve", "--data-dir", "d"], "hub"),
+        (["--socket", "hub", "status"], "status"),  # `hub` is the socket's value
+        (["--sock=s", "--json", "--conf", "c", "env", "list"], "env"),  # abbreviated options
+        (["--json", "space", "list"], "space"),
+        ([], None),
+        (["--help"], None),
+        (["-h", "hub"], None),  # the top-level help lists every command
+        (["hub", "serve", "--he"], None),
+        (["frobnicate"], None),
+        (["--socket"], None),
+    ],
+)
+def test_command_of_reads_the_command_as_argparse_does(argv, command):
+    assert cli.command_of(argv) == command
+
+
+def test_a_command_loads_only_its_groups():
+    """What the lazy groups are for: `hub serve` does not import the client commands."""
+    code = (
+        "import sys; from peerdaemon import cli; cli.build_parser(cli.command_of(['hub', 'serve']));"
+        "print(sorted(m for m in sys.modules if m.startswith('peerdaemon.cli.')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = ["peerdaemon.cli.common", "peerdaemon.cli.daemon", "peerdaemon.cli.hub"]
+    assert out.stdout.strip() == repr(loaded)

@@ -1,9 +1,11 @@
 """The hub's port bounds the connections that have not authenticated yet (docs/hub.md,
 "Connections in their handshake"), like the LAN listener: in total and per remote address, from
 the TCP accept until the request is answered (plain HTTP), the token is accepted (`/yjs`) or the
-daemon's auth is (`/peer`). One more is answered `503 busy` at once, while authenticated
-y-websocket clients and daemons keep syncing. A request head that does not arrive within
-`head_timeout`, and a websocket not authenticated in time, are closed. All on 127.0.0.1.
+daemon's auth is (`/peer`). One more waits for a slot (a burst of fast handshakes is served
+whole); past `max_waiting` waiting, or after `head_timeout` waiting, it is answered `503 busy`,
+while authenticated y-websocket clients and daemons keep syncing. A request head that does not
+arrive within `head_timeout`, and a websocket not authenticated in time, are closed. All on
+127.0.0.1.
 """
 
 from __future__ import annotations
@@ -24,13 +26,14 @@ from trio_websocket import (
 )
 
 import peerdaemon.hub.http as hub_http
+from peerdaemon.core.admission import Admission, Slot
 from peerdaemon.hub.accounts import Limits
+from peerdaemon.hub.admission import REFUSE_TIMEOUT, QueuedAdmission
 from peerdaemon.hub.http import HttpConfig
 from peerdaemon.hub.server import ConfigError, build_config
 from peerdaemon.hub.transport import CLOSE_TIMEOUT
 from peerdaemon.hublink import HubClientAuth
 from peerdaemon.peer import Established, Link, PeerConfig, PeerConnection
-from peerdaemon.peer.admission import Admission
 
 SPACE_DOC = f"space:{SPACE}"
 MANY_DEVICES = Limits(devices_per_user=10)
@@ -106,15 +109,18 @@ class Daemon:
 
 
 # ------------------------------------------------------------------------------------ limits
-async def test_one_more_half_open_connection_gets_busy_while_the_authenticated_sync(tmp_path):
+async def test_past_the_limit_connections_wait_for_a_slot_then_busy_while_the_authenticated_sync(
+    tmp_path,
+):
     tokens = setup_accounts(tmp_path, "alice")
-    http = HttpConfig(max_half_open=8, max_half_open_per_ip=8)
+    http = HttpConfig(max_half_open=8, max_half_open_per_ip=8, max_waiting=2)
     async with running_hub(tmp_path, http=http, limits=MANY_DEVICES) as server:
         admission = server.http.admission
         daemon = Daemon(tokens["alice"])
         async with (
             client(server, SPACE, SPACE_DOC, tokens["alice"], device="web") as web,
             daemon.running(server.port),
+            trio.open_nursery() as nursery,
         ):
             assert admission.count == 0  # authenticated: neither counts
             async with AsyncExitStack() as stack:
@@ -124,7 +130,17 @@ async def test_one_more_half_open_connection_gets_busy_while_the_authenticated_s
                 ]
                 await until(lambda: admission.count == 8)
 
-                # One more, whatever it asks for: 503 busy at once, and closed.
+                # Two more wait for their turn (nothing of theirs is read meanwhile) ...
+                answers: list[tuple[int, bytes]] = []
+
+                async def ask() -> None:
+                    answers.append(await http_raw(server.port, "/health"))
+
+                nursery.start_soon(ask)
+                nursery.start_soon(ask)
+                await until(lambda: admission.waiting == 2)
+
+                # ... and one more, whatever it asks for, gets 503 busy at once, and is closed.
                 start = trio.current_time()
                 with pytest.raises(ConnectionRejected) as refused:
                     async with open_websocket_url(url(server, SPACE, SPACE_DOC, tokens["alice"])):
@@ -136,7 +152,7 @@ async def test_one_more_half_open_connection_gets_busy_while_the_authenticated_s
                 assert (refused.value.status_code, refused.value.body) == (503, b"busy\n")
                 assert await http_raw(server.port, "/health") == (503, b"busy\n")
                 assert trio.current_time() - start < 1.0
-                assert admission.count == 8 and admission.refused == 3
+                assert admission.count == 8 and admission.refused == 3 and not answers
 
                 # Meanwhile the authenticated client and daemon sync both ways.
                 await web.edit("from", "web")
@@ -144,10 +160,12 @@ async def test_one_more_half_open_connection_gets_busy_while_the_authenticated_s
                 daemon.host.edit(SPACE_DOC, {"daemon": 1})
                 await web.wait_for(lambda: web.map().get("daemon") == 1)
 
-                # A half-open one leaves: its slot is free, and a client takes it only until
-                # its token is accepted.
+                # A half-open one leaves: the waiting ones are served in turn.
                 await idle.pop().aclose()
-                await until(lambda: admission.count == 7)
+                await until(lambda: len(answers) == 2)
+                assert [status for status, _ in answers] == [200, 200]
+                assert admission.waiting == 0 and admission.count == 7
+                # A client takes the free slot only until its token is accepted.
                 async with client(server, SPACE, SPACE_DOC, tokens["alice"], device="late") as late:
                     assert late.map() == {"from": "web", "daemon": 1}
                     assert admission.count == 7
@@ -157,6 +175,32 @@ async def test_one_more_half_open_connection_gets_busy_while_the_authenticated_s
             assert admission.by_ip == {}
             await web.edit("still", "syncing")
             await until(lambda: daemon.host.values(SPACE_DOC).get("still") == "syncing")
+
+
+async def test_a_burst_of_clients_from_one_address_is_served_whole(tmp_path):
+    """More clients at once than one address may have in their handshake (a page of tabs, a
+    reconnect storm, a proxy): every one is served, none is refused."""
+    tokens = setup_accounts(tmp_path, "alice")
+    http = HttpConfig(max_half_open=4, max_half_open_per_ip=2)
+    burst = 40
+    async with running_hub(tmp_path, http=http, limits=Limits(devices_per_user=burst)) as server:
+        admission = server.http.admission
+        synced = 0
+        everyone_in = trio.Event()
+
+        async def join(i: int) -> None:
+            nonlocal synced
+            async with client(server, SPACE, "env-1", tokens["alice"], device=f"tab{i}"):
+                synced += 1
+                if synced == burst:
+                    everyone_in.set()
+                await everyone_in.wait()
+
+        async with trio.open_nursery() as nursery:
+            for i in range(burst):
+                nursery.start_soon(join, i)
+        assert synced == burst and admission.refused == 0
+        assert admission.count == 0 and admission.waiting == 0
 
 
 async def test_half_open_connections_are_capped_per_address(tmp_path, monkeypatch):
@@ -179,24 +223,41 @@ async def test_half_open_connections_are_capped_per_address(tmp_path, monkeypatc
                 for _ in range(3)
             ]
             await until(lambda: admission.by_ip.get(a) == 3)
-            over = await connect_from(server.port, seen_as, a)  # a's fourth
-            async with over:
-                await over.send_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-                assert (await read_all(over)).startswith(b"HTTP/1.1 503 ")
+            over = await stack.enter_async_context(await connect_from(server.port, seen_as, a))
+            await over.send_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")  # a's fourth
+            await until(lambda: admission.waiting == 1)  # waits for one of a's slots
             assert admission.count == 3 < http.max_half_open
-            for _ in range(3):  # another address still gets in
+            for _ in range(3):  # another address still gets in at once
                 await stack.enter_async_context(await connect_from(server.port, seen_as, b))
             await until(lambda: admission.by_ip == {a: 3, b: 3})
             async with client(server, SPACE, "env-1", tokens["alice"]) as c:  # and 127.0.0.1
                 await c.edit("k", "v")
-            await from_a[0].aclose()  # one of a's leaves: a may connect again
-            await until(lambda: admission.by_ip.get(a) == 2)
-            again = await stack.enter_async_context(await connect_from(server.port, seen_as, a))
-            await until(lambda: admission.by_ip.get(a) == 3)
-            await again.send_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-            assert (await read_all(again)).startswith(b"HTTP/1.1 200 ")  # answered: released
+            assert admission.waiting == 1
+            await from_a[0].aclose()  # one of a's leaves: a's fourth gets its slot
+            assert (await read_all(over)).startswith(b"HTTP/1.1 200 ")  # answered: released
             await until(lambda: admission.by_ip == {a: 2, b: 3})
+            assert admission.waiting == 0 and admission.refused == 0
         await until(lambda: admission.count == 0)
+
+
+async def test_a_connection_that_waits_too_long_gets_busy(tmp_path, autojump_clock):
+    """A wait for a slot lasts at most `head_timeout`: then `503 busy`."""
+
+    class Silent:  # holds its slot until the hub cuts it (handshake_timeout + CLOSE_TIMEOUT)
+        async def handle_peer(self, ws: Any) -> None:
+            await trio.sleep_forever()
+
+    http = HttpConfig(max_half_open=1, max_half_open_per_ip=1, head_timeout=5.0)
+    async with running_hub(
+        tmp_path, http=http, peer_endpoint=lambda docs, accounts, events: Silent()
+    ) as server:
+        admission = server.http.admission
+        async with open_websocket("127.0.0.1", server.port, "/peer", use_ssl=False):
+            assert admission.count == 1
+            start = trio.current_time()
+            assert await http_raw(server.port, "/health") == (503, b"busy\n")
+            assert 5.0 - 0.1 <= trio.current_time() - start <= 5.0 + REFUSE_TIMEOUT
+            assert admission.waiting == 0 and admission.refused == 1
 
 
 async def test_refused_and_closed_connections_release_their_slots(tmp_path):
@@ -323,3 +384,25 @@ def test_admission_counts_per_address():
     t1.release()  # idempotent
     assert t1.released and admission.by_ip == {"a": 1, "b": 1} and admission.refused == 2
     assert admission.admit("c") is not None
+
+
+def test_connections_past_the_limits_wait_in_line():
+    """Without I/O: each released slot goes to the longest waiting connection whose address is
+    under its own limit; a cancelled wait leaves the line; past `max_waiting`: refused."""
+    line = QueuedAdmission(total=3, per_ip=2, max_waiting=3)
+    a1, a2, b1 = line.enter("a"), line.enter("a"), line.enter("b")
+    assert all(isinstance(s, Slot) for s in (a1, a2, b1))
+    a3 = line.enter("a")  # a's third: a is at its limit
+    c1 = line.enter("c")  # the total is reached
+    c2 = line.enter("c")
+    assert line.enter("d") is None and line.refused == 1  # the line is full
+    assert line.waiting == 3 and all(w.slot is None for w in (a3, c1, c2))
+    line.cancel(c2)
+    assert line.waiting == 2
+    b1.release()  # the total has room; a is still at its limit: c's first goes, before a's
+    assert c1.slot is not None and a3.slot is None and line.by_ip == {"a": 2, "c": 1}
+    a1.release()  # now a's own turn
+    assert a3.slot is not None and line.waiting == 0 and line.count == 3
+    line.cancel(a3)  # a granted wait that is given up releases its slot
+    assert line.count == 2 and line.by_ip == {"a": 1, "c": 1}
+    assert isinstance(line.enter("e"), Slot)  # nobody waits: straight in

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AsyncExitStack, contextmanager
 from pathlib import Path
 
 import pytest
@@ -333,7 +333,7 @@ async def test_h11_reads_the_head_and_answers_even_a_bad_one():
     assert json.loads(body) == {"status": "ok"}
 
 
-async def test_wsproto_accepts_the_upgrade_and_declines_compression():
+async def test_the_upgrade_is_accepted_and_declines_compression():
     key = base64.b64encode(os.urandom(16))
     client = Connection(ConnectionType.CLIENT)
     first_frame = client.send(BytesMessage(b"early"))
@@ -353,16 +353,41 @@ async def test_wsproto_accepts_the_upgrade_and_declines_compression():
     assert b"extensions" not in head.lower()  # permessage-deflate declined
     assert upgraded.leftover == first_frame  # read with the head: not lost
 
-    for bad, status in ((b"POST", 400), (b"GET", 426)):
-        exchange, _ = await exchange_of(
-            bad + b" /peer HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            b"Sec-WebSocket-Key: " + key + b"\r\nSec-WebSocket-Version: 7\r\n\r\n"
+    good = {
+        b"Host": b"x",
+        b"Upgrade": b"websocket",
+        b"Connection": b"keep-alive, Upgrade",
+        b"Sec-WebSocket-Key": key,
+        b"Sec-WebSocket-Version": b"13",
+    }
+    for method, changed, status in (
+        (b"GET", {}, 101),
+        (b"POST", {}, 400),
+        (b"GET", {b"Sec-WebSocket-Version": b"7"}, 426),
+        (b"GET", {b"Sec-WebSocket-Version": None}, 400),
+        (b"GET", {b"Sec-WebSocket-Key": None}, 400),
+        (b"GET", {b"Connection": b"keep-alive"}, 400),
+        (b"GET", {b"Upgrade": b"h2c"}, 400),
+    ):
+        fields = {k: v for k, v in {**good, **changed}.items() if v is not None}
+        exchange, peer = await exchange_of(
+            method
+            + b" /peer HTTP/1.1\r\n"
+            + b"".join(k + b": " + v + b"\r\n" for k, v in fields.items())
+            + b"\r\n",
+            eof=False,
         )
         request = await exchange.read_request()
         assert request is not None
+        if status == 101:
+            await exchange.upgrade(request)
+            assert (await peer.receive_some(65536)).startswith(b"HTTP/1.1 101 ")
+            continue
         with pytest.raises(BadRequest) as refused:
             await exchange.upgrade(request)
         assert refused.value.status == status
+        if status == 426:
+            assert (b"Sec-WebSocket-Version", b"13") in refused.value.headers
 
 
 async def test_token_ok_syncs_and_relays(tmp_path):
@@ -594,6 +619,37 @@ async def test_slow_reader_is_dropped_and_the_room_goes_on(tmp_path):
                         await trio.sleep(0.02)
                 sock.close()
         assert any(e["type"] == "client-dropped" for e in server.events.since(0))
+
+
+def _all_tasks() -> list[trio.lowlevel.Task]:
+    def walk(task: trio.lowlevel.Task) -> Iterator[trio.lowlevel.Task]:
+        yield task
+        for nursery in task.child_nurseries:
+            for child in nursery.child_tasks:
+                yield from walk(child)
+
+    return list(walk(trio.lowlevel.current_root_task()))
+
+
+async def test_an_idle_client_costs_the_hub_one_task(tmp_path):
+    """What a waiting connection keeps alive counts thousands of times (docs/hub.md, "Storage"):
+    once synced, an idle y-websocket client is one task on the hub, its reader, with no
+    nursery of its own and no writer task; its deadlines are in the port's `Timers`."""
+    tokens = setup_accounts(tmp_path, "alice")
+    async with running_hub(tmp_path, limits=Limits(devices_per_user=50)) as server:
+        async with AsyncExitStack() as stack:
+            for i in range(20):
+                await stack.enter_async_context(
+                    client(server, SPACE, "env-1", tokens["alice"], device=f"d{i}")
+                )
+            await trio.testing.wait_all_tasks_blocked()
+            tasks = _all_tasks()
+            handlers = [t for t in tasks if t.name.endswith("serve_listeners._run_handler")]
+            assert len(handlers) == 20
+            assert all(not t.child_nurseries for t in handlers)  # one task a connection
+            assert not [t for t in tasks if "_writer" in t.name]  # nothing held back: no writer
+            timers = server.http._timers
+            assert timers is not None and len(timers) >= 20  # a deadline each, in one heap
 
 
 async def test_silent_clients_are_pinged_and_dead_ones_dropped(tmp_path):

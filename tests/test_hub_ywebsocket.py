@@ -1,4 +1,4 @@
-"""The hub's y-websocket without I/O: the rooms (codec, sync, relay after durability, awareness
+"""The hub's y-websocket without I/O: the rooms (codec, sync, relay of what HubDocs applied, awareness
 only when it changed, removal on disconnect, limits, coalescing and dropping of slow clients,
 the store events they hand to the shell, the connections they mark ready to write); the
 websocket connection's core on a made-up clock (messages, keep-alive, the handshake deadline,
@@ -13,6 +13,7 @@ from pycrdt import Doc, Map, Text
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
 
+from peerdaemon.core.admission import Admission
 from peerdaemon.hub.accounts import Accounts, LimitExceeded, Limits
 from peerdaemon.hub.admission import HandshakeWatch
 from peerdaemon.hub.transport import CLOSE_TIMEOUT
@@ -46,7 +47,6 @@ from peerdaemon.hub.ywebsocket import (
     take_ready,
     write_var_uint,
 )
-from peerdaemon.peer.admission import Admission
 
 SPACE = "s1"
 DOC = "env-1"
@@ -228,7 +228,9 @@ def test_fanout_encodes_once_and_merges_a_durable_batch(hub):
     assert dict(doc.get("m", type=Map)) == {f"k{i}": i for i in range(5)}
 
 
-def test_step1_waits_until_the_doc_is_durable(hub):
+def test_step1_is_answered_at_once_with_what_is_applied(hub):
+    """No wait for the store (docs/hub.md, "Durability"): a new client gets what the document
+    holds, committed or not, as a relayed update's receivers do."""
     docs, rooms = hub
     a = connect(rooms, 1)
     b = connect(rooms, 2)
@@ -236,10 +238,8 @@ def test_step1_waits_until_the_doc_is_durable(hub):
     _, update = edit("x", 1)
     rooms.receive(a, sync_update(update))
     rooms.receive(b, sync_step1(b"\x00"))
-    assert received(b) == []  # would hand out data not yet on disk
-    docs.commit()
-    (msg,) = received(b)  # the step 2 holds the update: it is not relayed to b as well
-    assert msg.sub == SYNC_STEP2
+    (msg,) = received(b)  # not committed yet
+    assert msg.sub == SYNC_STEP2 and docs.pending_ticket(SPACE, DOC) is not None
     doc = Doc()
     doc.apply_update(msg.payload)
     assert doc.get("m", type=Map)["x"] == 1
@@ -310,6 +310,20 @@ def test_awareness_is_relayed_only_when_it_changed(hub):
     # a stale clock is ignored
     rooms.receive(c, aw((100, 1, '{"user":"forged"}')))
     assert received(a) == [] and received(b) == []
+
+
+def test_the_removal_of_a_state_the_room_never_had_is_not_relayed(hub):
+    """A client with awareness off says `null` for itself on connecting: relayed, every join
+    would cost a message to every client of the room (y-protocols does not relay it either)."""
+    _, rooms = hub
+    a, b = connect(rooms, 1), connect(rooms, 2)
+    received(a), received(b)
+    rooms.receive(b, aw((200, 1, "null")))
+    assert received(a) == received(b) == []
+    rooms.receive(b, aw((200, 2, '{"n":1}')))  # its clock was kept: a newer state still counts
+    assert awareness_of(received(a)) == [AwarenessEntry(200, 2, '{"n":1}')]
+    rooms.receive(b, aw((200, 3, "null")))  # and the removal of a known state is relayed
+    assert awareness_of(received(a)) == [AwarenessEntry(200, 3, "null")]
 
 
 def test_join_gets_states_and_query_awareness_answers(hub):

@@ -10,11 +10,16 @@ Each command group is a module that registers its parsers beside their handlers:
 `register(commands)` adds the group's commands, each with `set_defaults(handler=...)`. A new
 group is one more module and one more entry in `GROUPS`, whose order is the order of `--help`;
 a group that adds commands to another's (`space` adds `env share`) comes after it.
+
+Groups are imported only when needed: a command line naming a command loads the groups that
+build it (`COMMANDS`), so a long-running `hub serve` does not keep every other command's code
+and imports in memory; `--help`, completion and a command line without a known command load all.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import traceback
@@ -23,23 +28,40 @@ from typing import NoReturn
 
 from peerdaemon.api.client import Client as Client  # re-exported: tests stub Client.connect
 from peerdaemon.api.client import ClientError
-from peerdaemon.cli import (
-    completion,
-    config,
-    daemon,
-    doctor,
-    env,
-    hub,
-    mock,
-    presence,
-    service,
-    space,
-)
 from peerdaemon.cli.common import EXAMPLES, PROG, CliError, Commands, warn
 
 __all__ = ["CliError", "build_parser", "main"]
 
-GROUPS = (daemon, env, space, presence, mock, config, hub, service, doctor, completion)
+GROUPS = (
+    "daemon",
+    "env",
+    "space",
+    "presence",
+    "mock",
+    "config",
+    "hub",
+    "service",
+    "doctor",
+    "completion",
+)
+"""The command groups' modules (in `peerdaemon.cli`), in `--help` order."""
+
+COMMANDS: dict[str, tuple[str, ...]] = {
+    "run": ("daemon",),
+    "peers": ("daemon",),
+    "status": ("daemon",),
+    "env": ("env", "space"),  # `space` adds `env share`
+    "space": ("env", "space"),  # ... to the `env` group, which must exist first
+    "presence": ("presence",),
+    "mock": ("mock",),
+    "config": ("config",),
+    "hub": ("hub",),
+    "service": ("service",),
+    "doctor": ("doctor",),
+    "completion": ("completion",),
+}
+"""Each top-level command and the groups that build it (tests/test_cli_parse.py checks this
+against the whole tree)."""
 
 
 def _version() -> str:
@@ -48,7 +70,8 @@ def _version() -> str:
     return getattr(peerdaemon, "__version__", "unknown")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole command tree, or with `command` (a key of `COMMANDS`) only what it needs."""
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Local-first sync daemon for Mockoon environments.",
@@ -74,10 +97,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = Commands(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
-    for group in GROUPS:
-        group.register(commands)
+    for group in COMMANDS[command] if command in COMMANDS else GROUPS:
+        importlib.import_module(f"{__name__}.{group}").register(commands)
     _spread_global_options(parser)
     return parser
+
+
+class _Unsure(Exception):
+    pass
+
+
+class _Probe(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise _Unsure(message)
+
+
+def command_of(argv: Sequence[str]) -> str | None:
+    """The top-level command `argv` names, read with the top-level options as `build_parser`
+    defines them (abbreviations included); None when unsure or asked for help (the top-level
+    help lists every command), and then everything is loaded: argparse itself reports the error
+    or prints the help."""
+    probe = _Probe(prog=PROG, add_help=False)
+    probe.add_argument("-h", "--help", action="store_true")
+    probe.add_argument("--socket")
+    probe.add_argument("--config")
+    probe.add_argument("--json", action="store_true")
+    probe.add_argument("command", nargs="?")
+    try:
+        args, _ = probe.parse_known_args(list(argv))
+    except _Unsure:
+        return None
+    return args.command if args.command in COMMANDS and not args.help else None
 
 
 # Command groups that never talk to a daemon: no `--socket` there.
@@ -151,7 +201,9 @@ def _quiet_broken_pipe() -> NoReturn:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    if argv is None:
+        argv = sys.argv[1:]
+    parser = build_parser(command_of(argv))
     args = parser.parse_args(argv)  # exits 2 on bad usage
     if getattr(args, "json", False) and not getattr(args, "json_ok", True):
         parser.error(f"`{PROG} {args.command_path}` has no JSON output: drop --json")

@@ -267,7 +267,7 @@ class Attachments:
                 self.forget(env_id)
 
     def load(self) -> int:
-        for doc_id, loaded in self.store.load().items():
+        for doc_id, loaded in self.store.load_prefixed(FILES_PREFIX).items():
             env_id = env_of(doc_id)
             if env_id is None:
                 continue

@@ -262,13 +262,21 @@ class History:
 
     def attach(self) -> None:
         """Read the newest version of each environment and follow the registry. Environments
-        that exist are checked once against their newest version (changes made before a crash,
-        or before history was on, become a version; one without any becomes `first`)."""
+        that may have changed unrecorded are checked once against their newest version
+        (changes made before a crash, or before history was on, become a version; one without
+        any becomes `first`): those the registry loaded at start. One it did not load was
+        unloaded with nothing waiting here (a document with changes waiting for a version
+        stays loaded: the keeper below), and has not changed since."""
         self._heads = {e: _Head(v, d) for e, (v, d) in self.store.history_heads().items()}
         now = self.clock()
+        loaded = getattr(self.registry, "loaded", None)
         for env_id in self.registry.envs:
-            self._pending.setdefault(env_id, _Pending(now))
+            if loaded is None or loaded(env_id):
+                self._pending.setdefault(env_id, _Pending(now))
         self._token = self.registry.add_listener(self._on_change)
+        keep = getattr(self.registry, "add_keeper", None)  # core/residency.py
+        if keep is not None:
+            keep(lambda env_id: self.settings.enabled and env_id in self._pending)
         self.registry.before_apply.append(self._before_apply)
         self.registry.before_delete.append(self._before_delete)
         migrating = getattr(self.registry, "before_migrate", None)  # model/migrations.py

@@ -15,12 +15,6 @@ from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from cryptography.hazmat.primitives.serialization import (
-    Encoding,
-    NoEncryption,
-    PrivateFormat,
-    PublicFormat,
-)
 
 from ..store import Store, Ticket
 
@@ -62,9 +56,8 @@ class Identity:
 
     def __init__(self, private_key: Ed25519PrivateKey, name: str) -> None:
         self._private_key = private_key
-        self.public_key: bytes = private_key.public_key().public_bytes(
-            Encoding.Raw, PublicFormat.Raw
-        )
+        # the *_raw methods: `serialization` (with its SSH and PKCS machinery) stays unloaded
+        self.public_key: bytes = private_key.public_key().public_bytes_raw()
         self.device_id: str = self.device_id_of(self.public_key)
         self.name = name
 
@@ -77,7 +70,7 @@ class Identity:
         return cls(Ed25519PrivateKey.from_private_bytes(raw), name or default_name())
 
     def private_bytes(self) -> bytes:
-        return self._private_key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+        return self._private_key.private_bytes_raw()
 
     def sign(self, data: bytes) -> bytes:
         return self._private_key.sign(data)

@@ -4,6 +4,12 @@ Every change to a document, whoever makes it (a socket client, a merged Yjs upda
 peer or the hub), goes through `Registry`, which turns the document's transaction into one Yjs
 update and hands that same update to the store (durability), to subscribers (the socket) and to
 listeners (mirrors, peers, the hub). Documents stay on the trio thread; only bytes leave it.
+
+Every environment is listed (`envs`), but its document is in memory only while used: it is
+loaded from the store on first use (`Environment.doc`), and a sweep unloads it again once idle
+(core/residency.py), keeping the facts that listings and a peer's initial exchange read
+(`summary`, `state_vector`, `model_of`, an in-step `state_update`). Services that need a
+document loaded say so with `add_keeper`, never by holding a `Doc` across awaits.
 """
 
 from __future__ import annotations
@@ -11,7 +17,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from pycrdt import Doc, Map, get_update
@@ -25,11 +30,14 @@ from ..store import Store, Ticket
 from .errors import is_failure
 from .events import EventLog
 from .pointers import Touched, changed_paths
+from .residency import Facts, Residency, covers, holds_news
 
 log = logging.getLogger("peerdaemon.registry")
 
 ChangeListener = Callable[[str, bytes, str], None]
 """(env id, Yjs update, origin): called for every change, after it is queued for the store."""
+Keeper = Callable[[str], bool]
+"""(env id) -> whether a service needs the environment's document to stay loaded."""
 
 Subscriber = Callable[[dict[str, Any]], None]
 Follower = tuple[str, int]
@@ -54,18 +62,71 @@ class UnsupportedUpdate(Exception):
     so one such update relayed by a hub does not end every daemon's link."""
 
 
-@dataclass(eq=False)
 class Environment:
-    id: str
-    doc: Doc
-    created: float = field(default_factory=time.time)
-    ticket: Ticket | None = None
-    """The store ticket of the document's last change."""
-    cache: dict[str, Any] | None = None
-    subscribers: dict[int, Subscriber] = field(default_factory=dict)
-    pending: list[bytes] = field(default_factory=list)
-    strays: StrayFinder = field(default_factory=StrayFinder)
-    """Finds text that updates put in the document's arrays (model/strays.py)."""
+    """One environment: its document while loaded (`doc` loads it from the store when it is
+    not), else its `facts`; what follows it (subscribers) and its last store write."""
+
+    __slots__ = (
+        "id",
+        "_doc",
+        "_loader",
+        "facts",
+        "used",
+        "created",
+        "ticket",
+        "cache",
+        "subscribers",
+        "pending",
+        "strays",
+        "kept",
+    )
+
+    def __init__(
+        self,
+        id: str,
+        doc: Doc | None = None,
+        *,
+        loader: Callable[[Environment], None] | None = None,
+        facts: Facts | None = None,
+    ) -> None:
+        self.id = id
+        self._doc = doc
+        self._loader = loader
+        self.facts = facts
+        """What listings read while the document is not loaded (core/residency.py)."""
+        self.used = True
+        """Whether anything used the document since the last sweep (core/residency.py)."""
+        self.created = time.time()
+        self.ticket: Ticket | None = None
+        """The store ticket of the document's last change."""
+        self.cache: dict[str, Any] | None = None
+        self.subscribers: dict[int, Subscriber] = {}
+        self.pending: list[bytes] = []
+        self.strays = StrayFinder()
+        """Finds text that updates put in the document's arrays (model/strays.py)."""
+        self.kept: tuple[int | None, int | None] | None = None
+        """The store marks of the state whose facts the store keeps (`Store.index`)."""
+
+    @property
+    def doc(self) -> Doc:
+        """The document, loaded from the store if it is not in memory (a use: see `used`)."""
+        self.used = True
+        doc = self._doc
+        if doc is None:
+            if self._loader is None:
+                raise RuntimeError(f"environment {self.id}: no document and no store to load it")
+            self._loader(self)
+            doc = self._doc
+            assert doc is not None
+        return doc
+
+    @doc.setter
+    def doc(self, doc: Doc) -> None:
+        self._doc = doc
+
+    @property
+    def loaded(self) -> bool:
+        return self._doc is not None
 
     @property
     def last_ticket(self) -> Ticket | None:
@@ -97,21 +158,44 @@ class Registry:
         self.before_delete: list[Callable[[str, str], None]] = []
         """(env id, origin): before any deletion, while the environment is still readable
         (core/history.py: the trash). Every deletion path passes here."""
+        self._keepers: dict[int, Keeper] = {}
+        self._failed_keepers: set[int] = set()
+        self.loads = 0
+        """Documents loaded from the store since start (at start, or later on first use)."""
+        self.unloads = 0
 
     # -- loading -------------------------------------------------------------------------------
 
     def load(self) -> int:
-        """Rebuild every document from the store; called once at start."""
-        for env_id, loaded in self.store.load().items():
+        """List every environment of the store; called once at start. An environment whose
+        facts were kept for the state stored (it was unloaded, or the daemon stopped, with
+        nothing written since) stays unloaded; any other one is loaded now, as it may have
+        changed since (a crash), or was stored by an older daemon."""
+        for env_id, (upto, seq, meta) in self.store.index().items():
             if env_id.startswith(("space:", "files:")):
                 continue  # space documents (the spaces service), files (core/attachments.py)
-            doc = Doc()
-            for update in loaded.updates:
-                doc.apply_update(update)
-            env = self.envs[env_id] = self._track(Environment(env_id, doc))
-            if has_strays(doc):  # stored before they were removed (roots: cheap to tell)
-                self._remove_strays(env, None)
+            facts = Facts.from_meta(meta, (upto, seq))
+            env = Environment(env_id, loader=self._load, facts=facts)
+            env.kept = (upto, seq) if facts is not None else None
+            self.envs[env_id] = env
+            if facts is None:
+                self._load(env)
         return len(self.envs)
+
+    def _load(self, env: Environment) -> None:
+        """Rebuild a document from the store: the first use of an environment not in memory."""
+        doc = Doc()
+        for update in self.store.updates_of(env.id):
+            doc.apply_update(update)
+        env.doc = doc
+        env.facts = None
+        env.cache = None
+        env.strays = StrayFinder()
+        env.used = True
+        self.loads += 1
+        self._track(env)
+        if has_strays(doc):  # stored before they were removed (roots: cheap to tell)
+            self._remove_strays(env, None)
 
     def _track(self, env: Environment) -> Environment:
         def on_transaction(event: Any) -> None:
@@ -119,12 +203,23 @@ class Registry:
             if update != EMPTY_UPDATE:
                 env.pending.append(update)
 
-        env.doc.observe(on_transaction)
+        assert env._doc is not None
+        env._doc.observe(on_transaction)
         return env
 
     # -- reading -------------------------------------------------------------------------------
 
     def get(self, env_id: str) -> Environment:
+        """The environment, for a use of it (an unused one is unloaded after a while: reads of
+        its facts, `summary`, `state_vector`, `model_of`, are no use)."""
+        try:
+            env = self.envs[env_id]
+        except KeyError:
+            raise UnknownEnvironment(env_id) from None
+        env.used = True
+        return env
+
+    def _held(self, env_id: str) -> Environment:
         try:
             return self.envs[env_id]
         except KeyError:
@@ -138,25 +233,44 @@ class Registry:
         return env.cache
 
     def summary(self, env_id: str) -> dict[str, Any]:
-        """Cheap facts for listings, read without exporting the whole environment."""
-        env = self.get(env_id)
-        top = env.environment_map()
-        last = top.get("lastMigration")
-        name = top.get("name")
-        if type(last) is int:  # a Yjs BigInt
-            last = float(last)
-        if type(last) is not float or last != last or abs(last) == float("inf"):
-            last = None  # any client may have written anything there (a Map, NaN...)
+        """Cheap facts for listings, read without exporting the whole environment (or loading
+        it: an unloaded one's are kept)."""
+        env = self._held(env_id)
+        doc, facts = env._doc, env.facts
+        if doc is None and facts is not None:
+            name, last, newer, routes = facts.name, facts.last_migration, facts.newer, facts.routes
+        else:
+            name, last, newer, routes = _listing(doc if doc is not None else env.doc)
         summary: dict[str, Any] = {
             "id": env_id,
-            "name": name if isinstance(name, str) else "",
-            "lastMigration": int(last) if last is not None and last.is_integer() else last,
-            "newer": last is not None and last > LAST_MIGRATION,
-            "routes": len(env.doc.get("routes", type=Map)),
+            "name": name,
+            "lastMigration": last,
+            "newer": newer,
+            "routes": routes,
         }
         if errors := self.errors(env_id):
             summary["errors"] = errors
         return summary
+
+    def state_vector(self, env_id: str) -> bytes:
+        """The document's state vector, without loading it."""
+        env = self._held(env_id)
+        doc = env._doc
+        if doc is None and env.facts is not None:
+            return env.facts.state_vector
+        return (doc if doc is not None else env.doc).get_state()
+
+    def model_of(self, env_id: str) -> int:
+        """The document's model version (`meta.model`, model/migrations.py), without loading it."""
+        env = self._held(env_id)
+        doc = env._doc
+        if doc is None and env.facts is not None:
+            return env.facts.model
+        return doc_version(doc if doc is not None else env.doc)
+
+    def loaded(self, env_id: str) -> bool:
+        env = self.envs.get(env_id)
+        return env is not None and env._doc is not None
 
     def errors(self, env_id: str) -> list[str]:
         """Why followers of the environment failed on its last changes (`environment-error`);
@@ -164,13 +278,19 @@ class Registry:
         return sorted(r for (e, _f, _t), r in self._failing.items() if e == env_id)
 
     def state_update(self, env_id: str, state_vector: bytes | None = None) -> bytes:
+        """What `state_vector` misses (everything, without one). A state vector that holds the
+        document's (a peer in step) is answered from an unloaded one's facts."""
+        env = self._held(env_id)
+        facts = env.facts if env._doc is None else None
+        if facts is not None and state_vector and _covers(state_vector, facts.state_vector):
+            return facts.deletions
         env = self.get(env_id)
         return env.doc.get_update(state_vector) if state_vector else env.doc.get_update()
 
     # -- changing ------------------------------------------------------------------------------
 
     def create(self, env_id: str, prepared: dict[str, Any], origin: str) -> Ticket:
-        env = self._track(Environment(env_id, Doc()))
+        env = self._track(Environment(env_id, Doc(), loader=self._load))
         # registered only once it holds the environment
         apply_environment(env.doc, prepared, model=self.model_version)
         self.envs[env_id] = env
@@ -220,9 +340,12 @@ class Registry:
             items = _decode(update)
         env = self.envs.get(env_id)
         created = env is None
+        if env is not None and env._doc is None and env.facts is not None:
+            if not holds_news(env.facts, bytes(update), get_update):
+                return False, False, env.last_ticket  # a copy of what it holds: left unloaded
         touched: Touched | None = None
         if env is None:
-            env = self._track(Environment(env_id, Doc()))
+            env = self._track(Environment(env_id, Doc(), loader=self._load))
             try:
                 env.doc.apply_update(update)
             except Exception as exc:  # pycrdt raises ValueError on undecodable bytes
@@ -334,7 +457,7 @@ class Registry:
         env.cache = None
 
     def delete(self, env_id: str, origin: str) -> Ticket:
-        env = self.get(env_id)
+        env = self._held(env_id)
         for hook in self.before_delete:  # the trash: enqueued before the delete itself
             self._follow(env_id, origin, ("trash", 0), hook, env_id, origin)
         del self.envs[env_id]
@@ -493,6 +616,104 @@ class Registry:
                 raise
         return reason
 
+    # -- documents in memory (core/residency.py) -----------------------------------------------
+
+    def add_keeper(self, keeper: Keeper) -> int:
+        """A service that needs some documents loaded while it uses them (a served mock, an
+        offline hold, a version not taken yet) says so here, rather than by holding `doc`."""
+        token = self._token()
+        self._keepers[token] = keeper
+        return token
+
+    def remove_keeper(self, token: int) -> None:
+        self._keepers.pop(token, None)
+
+    def may_unload(self, env_id: str) -> bool:
+        """Whether the document could go now, nothing lost: loaded, no subscriber, no change
+        on its way, its last write durable, and no keeper needing it."""
+        env = self.envs.get(env_id)
+        if env is None or env._doc is None or env.subscribers or env.pending:
+            return False
+        last = env.last_ticket
+        if last is not None and (not last.done or last.failed):
+            return False
+        for token, keeper in list(self._keepers.items()):
+            try:
+                if keeper(env_id):
+                    return False
+            except BaseException as exc:  # a failing keeper keeps everything (reported once)
+                if not is_failure(exc):
+                    raise
+                if token not in self._failed_keepers:
+                    self._failed_keepers.add(token)
+                    log.error(
+                        "%s failed", _name(keeper).replace("listener", "keeper"), exc_info=exc
+                    )
+                return False
+        return True
+
+    def unload(self, env_id: str) -> bool:
+        """Drop the document from memory, keeping its facts (in memory, and in the store beside
+        the state they describe, for the next start); False if it may not go now."""
+        if not self.may_unload(env_id):
+            return False
+        marks = self.store.marks(env_id)
+        if marks is None:  # a write of it still queued (a compaction): the next sweep
+            return False
+        env = self.envs[env_id]
+        facts = _facts(env)
+        if marks != env.kept:  # else the store has them already (it was only read)
+            self.store.enqueue_meta(env_id, facts.to_meta(marks))
+            env.kept = marks
+        env.facts = facts
+        env._doc = None
+        env.cache = None
+        env.strays = StrayFinder()
+        self.unloads += 1
+        return True
+
+    def sweep(self, residency: Residency, now: float) -> list[str]:
+        """One sweep: unload the documents `residency` finds idle. -> their ids."""
+        loaded = []
+        for env in self.envs.values():
+            if env._doc is not None:
+                used, env.used = env.used, False
+                loaded.append((env.id, used, self.may_unload(env.id)))
+        gone = []
+        for env_id in residency.decide(now, loaded):
+            try:
+                if self.unload(env_id):
+                    gone.append(env_id)
+            except BaseException as exc:  # it stays loaded: nothing lost
+                if not is_failure(exc):
+                    raise
+                log.error("environment %s: unloading failed", env_id, exc_info=exc)
+        return gone
+
+    def keep_facts(self) -> int:
+        """At shutdown, before the store closes: keep the facts of every loaded document that
+        could be unloaded now, so that the next start loads none of them (one a keeper needs,
+        a version waiting for instance, is loaded again then). -> how many."""
+        kept = 0
+        for env in self.envs.values():
+            if not self.may_unload(env.id):
+                continue
+            try:
+                marks = self.store.marks(env.id)
+                if marks is not None and marks != env.kept:
+                    self.store.enqueue_meta(env.id, _facts(env).to_meta(marks))
+                    env.kept = marks
+                    kept += 1
+            except BaseException as exc:
+                if not is_failure(exc):
+                    raise
+                log.error("environment %s: its facts not kept", env.id, exc_info=exc)
+        return kept
+
+    def resident(self) -> int:
+        """How many documents are in memory."""
+        return sum(env._doc is not None for env in self.envs.values())
+
     # -- followers -----------------------------------------------------------------------------
 
     def subscribe(self, env_id: str, subscriber: Subscriber) -> int:
@@ -521,6 +742,39 @@ class Registry:
         token = self._next_token
         self._next_token += 1
         return token
+
+
+def _listing(doc: Doc) -> tuple[str, int | float | None, bool, int]:
+    """(name, lastMigration, newer, route count) as listings show them."""
+    top = doc.get(ENV_ROOT, type=Map)
+    last = top.get("lastMigration")
+    name = top.get("name")
+    if type(last) is int:  # a Yjs BigInt
+        last = float(last)
+    if type(last) is not float or last != last or abs(last) == float("inf"):
+        last = None  # any client may have written anything there (a Map, NaN...)
+    return (
+        name if isinstance(name, str) else "",
+        int(last) if last is not None and last.is_integer() else last,
+        last is not None and last > LAST_MIGRATION,
+        len(doc.get("routes", type=Map)),
+    )
+
+
+def _facts(env: Environment) -> Facts:
+    """What the environment is while unloaded, read from its (loaded) document."""
+    doc = env._doc
+    assert doc is not None
+    name, last, newer, routes = _listing(doc)
+    sv = doc.get_state()
+    return Facts(name, last, newer, routes, doc_version(doc), sv, doc.get_update(sv))
+
+
+def _covers(state_vector: bytes, ours: bytes) -> bool:
+    try:
+        return covers(state_vector, ours)
+    except ValueError:  # not a state vector: the document answers (and raises) as it would
+        return False
 
 
 def _merge(updates: list[bytes]) -> bytes:

@@ -86,6 +86,24 @@ def _number_text(text: str) -> float:
         raise ValueError("must be a number") from None
 
 
+def _idle_seconds(value: Any) -> float:
+    if not isinstance(value, int | float) or isinstance(value, bool) or not value >= 0:
+        raise ValueError("must be a number of seconds >= 0 (0: never)")
+    if value == float("inf"):
+        raise ValueError("must be a number of seconds (0: never)")
+    return float(value)
+
+
+def _seconds_text(text: str) -> float:
+    try:
+        return float(text.strip().removesuffix("s"))
+    except ValueError:
+        raise ValueError("must be a number of seconds") from None
+
+
+DEFAULT_EVICT_AFTER = 60.0
+DEFAULT_EVICT_SWEEPS = 2
+
 HISTORY_KEYS = (
     "history.enabled",
     "history.interval",
@@ -194,6 +212,21 @@ SCHEMA = Schema(
             kinds.minimum_size(1024),
             "bytes logged for an environment before it is compacted",
             default=8 << 20,
+        ),
+        S(
+            "store.evict_after",
+            Kind("seconds", _idle_seconds, _seconds_text),
+            "seconds an environment's document stays in memory unused (0: every one stays)",
+            default=DEFAULT_EVICT_AFTER,
+            live=True,
+        ),
+        S(
+            "store.evict_sweeps",
+            kinds.positive,
+            "sweeps for unused documents per store.evict_after (an unused one goes after as"
+            " many sweeps in a row)",
+            default=DEFAULT_EVICT_SWEEPS,
+            live=True,
         ),
         S(
             "history.enabled",
@@ -357,6 +390,10 @@ class DaemonConfig:
     max_frame: int = DEFAULT_MAX_FRAME
     compact_count: int = 1000
     compact_bytes: int = 8 << 20
+    # documents in memory (core/residency.py): unused ones go after this long (0: never), found
+    # by this many sweeps in that time
+    evict_after: float = DEFAULT_EVICT_AFTER
+    evict_sweeps: int = DEFAULT_EVICT_SWEEPS
     name: str | None = None  # this device's display name (`run --name`); kept once given
     mirror_dir: Path | None = None
     listen: tuple[str, int] | None = None  # LAN peers: `run --listen HOST:PORT`; None: no listener
@@ -395,6 +432,8 @@ def daemon_config(resolved: Resolved, **extra: Any) -> DaemonConfig:
         max_frame=v["limits.max_frame"],
         compact_count=v["store.compact_count"],
         compact_bytes=v["store.compact_bytes"],
+        evict_after=v["store.evict_after"],
+        evict_sweeps=v["store.evict_sweeps"],
         name=v["name"],
         mirror_dir=v["mirror_dir"].absolute() if v["mirror_dir"] else None,
         listen=v["lan.listen"],

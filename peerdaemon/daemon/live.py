@@ -249,6 +249,8 @@ def _embedded(config: DaemonConfig, key: str) -> Any:
         "limits.max_frame": config.max_frame,
         "store.compact_count": config.compact_count,
         "store.compact_bytes": config.compact_bytes,
+        "store.evict_after": config.evict_after,
+        "store.evict_sweeps": config.evict_sweeps,
         "mock.faker_seed": config.mock_faker_seed,
         "status.enabled": config.status,
         "status.listen": config.status_listen,

@@ -28,6 +28,7 @@ from ..core.events import EventLog
 from ..core.history import History, HistorySettings
 from ..core.identity import Identity, load_or_create_identity
 from ..core.registry import Registry
+from ..core.residency import Residency, Sweeper
 from ..core.runner import run_process
 from ..discovery import DiscoveryError, MdnsDiscovery
 from ..hublink import HubLinkService
@@ -66,6 +67,7 @@ class Daemon:
     settings: LiveConfig | None = None  # config.get/set/reload; a reload on SIGHUP
     presence: PresenceService | None = None  # who is connected and edits what (docs/presence.md)
     history: History | None = None  # versions and the trash (docs/history.md)
+    sweeper: Sweeper | None = None  # unloads unused documents (core/residency.py)
 
 
 async def serve(
@@ -76,11 +78,13 @@ async def serve(
     store = Store.open(
         config.data_dir, compact_count=config.compact_count, compact_bytes=config.compact_bytes
     )
+    registry: Registry | None = None
     try:
         migrate_legacy(config, store)
         events = EventLog()
         registry = Registry(store, events)
         count = registry.load()
+        sweeper = Sweeper(registry, Residency(config.evict_after, config.evict_sweeps))
         service = Operations(registry, data_dir=config.data_dir, socket_path=config.socket_path)
         try:
             identity = load_or_create_identity(store, config.name)
@@ -115,6 +119,7 @@ async def serve(
         async with trio.open_nursery() as nursery:
             await nursery.start(store.run)
             await nursery.start(history.run)
+            await nursery.start(sweeper.run)
             mirror = MirrorService(registry, store, service, events, config.mirror_dir)
             await nursery.start(mirror.run)
             mocks = MockService(
@@ -147,7 +152,9 @@ async def serve(
             live = LiveConfig(
                 config,
                 events,
-                _presence_appliers(_appliers(config, spaces, manager, status, history), presence),
+                _presence_appliers(
+                    _appliers(config, spaces, manager, status, history, sweeper), presence
+                ),
                 current_name=lambda: identity.name,
             )
             live.register(service)
@@ -163,8 +170,9 @@ async def serve(
                 startup_seconds=round(time.monotonic() - started, 4),
             )
             log.info(
-                "peerdaemon ready: %d environments, socket %s, data %s",
+                "peerdaemon ready: %d environments (%d loaded), socket %s, data %s",
                 count,
+                registry.resident(),
                 config.socket_path,
                 config.data_dir,
             )
@@ -187,9 +195,15 @@ async def serve(
                     status=status,
                     history=history,
                     presence=presence,
+                    sweeper=sweeper,
                 )
             )
     finally:
+        if registry is not None and not store.closed:
+            try:  # the next start then loads none of the documents that could go now
+                registry.keep_facts()
+            except Exception:
+                log.exception("keeping the environments' facts failed")
         store.close()
 
 
@@ -208,6 +222,7 @@ def _appliers(
     manager: PeerManager,
     status: StatusService | None,
     history: History | None = None,
+    sweeper: Sweeper | None = None,
 ) -> dict[str, Callable[[Any], Any]]:
     """How each live setting (daemon/config.py) reaches the service that holds it."""
     static = list(config.peers)
@@ -246,8 +261,18 @@ def _appliers(
         if history is not None:
             history.configure(HistorySettings.from_mapping(values))
 
+    def evict_after(value: float) -> None:
+        if sweeper is not None:
+            sweeper.configure(value)
+
+    def evict_sweeps(value: int) -> None:
+        if sweeper is not None:
+            sweeper.configure(sweeper.residency.evict_after, value)
+
     return {
         "history.*": history_settings,
+        "store.evict_after": evict_after,
+        "store.evict_sweeps": evict_sweeps,
         "name": name,
         "lan.peers": peers,
         "log.level": log_level,

@@ -70,6 +70,7 @@ HTTP_DEFAULTS: dict[str, Any] = {
     "ping_interval": 30.0,
     "max_half_open": 256,
     "max_half_open_per_ip": 16,
+    "max_waiting": 4096,
     "head_timeout": 10.0,
     "handshake_timeout": 10.0,
     "metrics_token": None,
@@ -190,7 +191,7 @@ def schema() -> Schema:
         S(
             "connections.max_half_open",
             kinds.positive,
-            "connections not authenticated yet, at once (one more: 503 busy)",
+            "connections not authenticated yet, at once (one more waits for its turn)",
             default=h["max_half_open"],
         ),
         S(
@@ -198,6 +199,12 @@ def schema() -> Schema:
             kinds.positive,
             "... from one remote address",
             default=h["max_half_open_per_ip"],
+        ),
+        S(
+            "connections.max_waiting",
+            kinds.positive,
+            "connections past those waiting for their turn (past this: 503 busy)",
+            default=h["max_waiting"],
         ),
         S(
             "connections.head_timeout",

@@ -1,8 +1,14 @@
-"""HubDocs: every document of every space the hub keeps, in memory and in the Store.
+"""HubDocs: every document of every space the hub keeps, in the Store, and those in use in memory.
 
 Documents are keyed by (space id, doc id): `space:<space id>` for the space document, or an
 environment id. In the store they live under `<space id>/<doc id>` (one log + snapshot each,
 the daemon's store and its guarantees: docs/store.md).
+
+Memory grows with what is used, not with what is stored (docs/hub.md, "Storage"): at start only
+each document's sizes are read; its content is loaded from the store when something first reads
+or changes it (`_loaded_entry`, the one way in), and dropped again by the sweep after two idle
+checkpoints, if no client has its room open (`in_use`) and nothing of it waits for the disk or
+the relay. Its sizes stay known, so limits, `has`, `size` and `env_count` never load anything.
 
 Why the relay does not wait for the disk (docs/hub.md, "Durability"): `apply()` changes the
 in-memory document and enqueues the update (group commit); `run()` hands it to the listeners
@@ -64,31 +70,49 @@ def check_ids(space_id: str, doc_id: str) -> None:
 
 
 class _Entry:
+    """A stored document: its sizes always, its content (`doc`) while it is loaded."""
+
     __slots__ = (
         "space",
         "doc_id",
         "key",
         "doc",
+        "_subscription",
         "pending",
         "size",
         "snapshot_bytes",
         "rows_since",
         "bytes_since",
         "last_ticket",
+        "idle",
+        "unstored",
     )
 
-    def __init__(self, space: str, doc_id: str, doc: Doc) -> None:
+    def __init__(self, space: str, doc_id: str, doc: Doc | None = None) -> None:
         self.space = space
         self.doc_id = doc_id
         self.key = f"{space}/{doc_id}"
-        self.doc = doc
+        self.doc: Doc | None = None
+        self._subscription: Any = None
         self.pending: list[bytes] = []  # updates of the transaction(s) just applied
         self.size = 0  # stored bytes: snapshot + log since (an upper bound of the state's size)
         self.snapshot_bytes = 0
         self.rows_since = 0
         self.bytes_since = 0
         self.last_ticket: Ticket | None = None
-        doc.observe(self._on_transaction)
+        self.idle = 0  # sweeps since it was last used
+        self.unstored = False  # holds an update the store failed to write: never dropped
+        if doc is not None:
+            self.attach(doc)
+
+    def attach(self, doc: Doc) -> None:
+        self.doc = doc
+        self._subscription = doc.observe(self._on_transaction)
+
+    def detach(self) -> None:
+        if self.doc is not None and self._subscription is not None:
+            self.doc.unobserve(self._subscription)
+        self.doc = self._subscription = None
 
     def _on_transaction(self, event: Any) -> None:
         update = event.update
@@ -107,13 +131,18 @@ class _Relay:
 
 
 MAX_STORE_ATTEMPTS = 3
+SWEEP_INTERVAL = 30.0
+"""Seconds between idle checkpoints: a document unused for two of them is dropped from memory."""
+IDLE_SWEEPS = 2
 
 
 class HubDocs:
     """The hub's documents; all methods but `run`/`wait_durable` are synchronous (trio thread).
 
     `limits(space_id) -> Limits` (optional) gives the limits of a space's documents; without it
-    nothing is limited.
+    nothing is limited. `in_use(space_id, doc_id)` (optional, settable): whether clients hold the
+    document open (a y-websocket room), which keeps it loaded. `sweep_interval`: seconds
+    between idle checkpoints (None: documents stay loaded once used).
     """
 
     def __init__(
@@ -124,13 +153,18 @@ class HubDocs:
         limits: Callable[[str], Limits] | None = None,
         compact_count: int = 1000,
         compact_bytes: int = 8 << 20,
+        in_use: Callable[[str, str], bool] | None = None,
+        sweep_interval: float | None = SWEEP_INTERVAL,
     ) -> None:
         self.store = store
         self.events = events
         self.limits = limits
         self.compact_count = compact_count
         self.compact_bytes = compact_bytes
-        self._docs: dict[tuple[str, str], _Entry] = {}
+        self.in_use = in_use
+        self.sweep_interval = sweep_interval
+        self._docs: dict[tuple[str, str], _Entry] = {}  # every stored document
+        self._loaded: dict[tuple[str, str], _Entry] = {}  # those whose content is in memory
         self._by_space: dict[str, dict[str, _Entry]] = {}
         self._relay: deque[_Relay] = deque()
         self._relay_wakeup = trio.Event()
@@ -143,37 +177,98 @@ class HubDocs:
         self.stored_bytes = 0  # the sum of every document's `size`
         self.relayed = 0  # updates handed to the listeners (durable), since start
         self.relayed_bytes = 0
+        self.loads = 0  # documents read from the store since start
+        self.evictions = 0  # and dropped from memory again
 
     # -- loading ---------------------------------------------------------------------------------
     def load(self) -> int:
-        """Rebuild every document from the store; returns how many."""
-        for key, loaded in self.store.load().items():
+        """Learn every stored document and its sizes (not its content); returns how many."""
+        for key, (snapshot, rows, nbytes) in self.store.sizes().items():
             space, sep, doc_id = key.partition("/")
             if not sep:
                 log.warning("hub store: ignoring %r (not <space>/<doc>)", key)
                 continue
-            doc = Doc()
-            try:
-                for update in loaded.updates:
-                    doc.apply_update(update)
-            except Exception as exc:
-                log.error("hub store: %s is unreadable (%s); skipped", key, exc)
-                continue
-            entry = self._add(space, doc_id, doc)
-            entry.pending.clear()
-            sizes = [len(u) for u in loaded.updates]
-            entry.snapshot_bytes = sizes[0] if sizes else 0
-            entry.rows_since = max(0, len(sizes) - 1)
-            entry.bytes_since = sum(sizes[1:])
-            entry.size = sum(sizes)
+            entry = self._add(_Entry(space, doc_id))
+            entry.snapshot_bytes = snapshot
+            entry.rows_since = rows
+            entry.bytes_since = nbytes
+            entry.size = snapshot + nbytes
             self.stored_bytes += entry.size
         return len(self._docs)
 
-    def _add(self, space: str, doc_id: str, doc: Doc) -> _Entry:
-        entry = _Entry(space, doc_id, doc)
-        self._docs[(space, doc_id)] = entry
-        self._by_space.setdefault(space, {})[doc_id] = entry
+    def _add(self, entry: _Entry) -> _Entry:
+        self._docs[(entry.space, entry.doc_id)] = entry
+        self._by_space.setdefault(entry.space, {})[entry.doc_id] = entry
         return entry
+
+    def _loaded_entry(self, space_id: str, doc_id: str) -> _Entry | None:
+        """The document with its content in memory (read from the store if it was not), or
+        None if it is not stored. Every reader of a document's content comes through here."""
+        entry = self._docs.get((space_id, doc_id))
+        if entry is None:
+            return None
+        entry.idle = 0
+        if entry.doc is None:
+            doc = Doc()
+            try:
+                for update in self.store.updates_of(entry.key):
+                    doc.apply_update(update)
+            except Exception as exc:
+                # as if it were not stored (a client's next update starts it again)
+                log.error("hub store: %s is unreadable (%s); skipped", entry.key, exc)
+                self._forget(entry)
+                return None
+            entry.attach(doc)
+            self._loaded[(space_id, doc_id)] = entry
+            self.loads += 1
+        return entry
+
+    def _forget(self, entry: _Entry) -> None:
+        entry.detach()
+        key = (entry.space, entry.doc_id)
+        self._docs.pop(key, None)
+        self._loaded.pop(key, None)
+        docs = self._by_space.get(entry.space)
+        if docs is not None:
+            docs.pop(entry.doc_id, None)
+            if not docs:
+                del self._by_space[entry.space]
+        self.stored_bytes -= entry.size
+
+    # -- memory ----------------------------------------------------------------------------------
+    def sweep(self) -> int:
+        """One idle checkpoint: drop the content of documents unused since the last two, that
+        no client holds open and with nothing waiting for the disk or the relay (it stays in
+        the store and is read again when next needed). Returns how many were dropped."""
+        in_flight = {(r.space, r.doc_id) for queue in (self._relay, self._watch) for r in queue}
+        dropped = 0
+        for key, entry in list(self._loaded.items()):
+            busy = (
+                key in in_flight
+                or entry.pending
+                or entry.unstored
+                or (entry.last_ticket is not None and not entry.last_ticket.latest.done)
+                or (self.in_use is not None and self.in_use(*key))
+            )
+            if busy:
+                entry.idle = 0
+                continue
+            entry.idle += 1
+            if entry.idle >= IDLE_SWEEPS:
+                entry.detach()
+                entry.last_ticket = None
+                del self._loaded[key]
+                dropped += 1
+        self.evictions += dropped
+        return dropped
+
+    async def _sweep_loop(self, interval: float) -> None:
+        while True:
+            await trio.sleep(interval)
+            try:
+                self.sweep()
+            except Exception:  # the documents stay loaded; nothing is lost
+                log.exception("hub: sweeping idle documents failed")
 
     # -- reading ---------------------------------------------------------------------------------
     def has(self, space_id: str, doc_id: str) -> bool:
@@ -188,13 +283,13 @@ class HubDocs:
         return sorted(self._by_space.get(space_id, {}))
 
     def state_vector(self, space_id: str, doc_id: str) -> bytes:
-        entry = self._docs.get((space_id, doc_id))
-        return entry.doc.get_state() if entry is not None else EMPTY_STATE_VECTOR
+        entry = self._loaded_entry(space_id, doc_id)
+        return entry.doc.get_state() if entry is not None and entry.doc else EMPTY_STATE_VECTOR
 
     def diff(self, space_id: str, doc_id: str, state_vector: bytes) -> bytes:
         """What a holder of `state_vector` lacks; ValueError on a bad state vector."""
-        entry = self._docs.get((space_id, doc_id))
-        if entry is None:
+        entry = self._loaded_entry(space_id, doc_id)
+        if entry is None or entry.doc is None:
             if state_vector != EMPTY_STATE_VECTOR:
                 Doc().get_update(state_vector)  # still reject garbage
             return EMPTY_UPDATE
@@ -205,8 +300,8 @@ class HubDocs:
 
     def env_ids(self, space_id: str) -> list[str]:
         """Environments listed as shared in the space document (docs/spaces.md)."""
-        entry = self._docs.get((space_id, SPACE_PREFIX + space_id))
-        if entry is None:
+        entry = self._loaded_entry(space_id, SPACE_PREFIX + space_id)
+        if entry is None or entry.doc is None:
             return []
         out = []
         for env_id, value in entry.doc.get(ENVIRONMENTS, type=Map).items():
@@ -224,9 +319,14 @@ class HubDocs:
         return sum(1 for doc_id in docs if not doc_id.startswith((SPACE_PREFIX, FILES_PREFIX)))
 
     def get_doc(self, space_id: str, doc_id: str) -> Doc | None:
-        """The live document, to read (exports, tests). Change it only through `apply`."""
-        entry = self._docs.get((space_id, doc_id))
+        """The live document, to read at once (exports, tests): loaded if it was not, and
+        possibly dropped at a later sweep, so do not keep it. Change it only through `apply`."""
+        entry = self._loaded_entry(space_id, doc_id)
         return entry.doc if entry is not None else None
+
+    def is_loaded(self, space_id: str, doc_id: str) -> bool:
+        """Whether the document's content is in memory now (metrics, tests)."""
+        return (space_id, doc_id) in self._loaded
 
     def pending_ticket(self, space_id: str, doc_id: str) -> Ticket | None:
         """The ticket of the document's last append if it is not durable yet, else None."""
@@ -249,12 +349,13 @@ class HubDocs:
         if it changed nothing. ValueError on bad ids or bytes, LimitExceeded on a limit."""
         check_ids(space_id, doc_id)
         update = bytes(update)
-        entry = self._docs.get((space_id, doc_id))
+        entry = self._loaded_entry(space_id, doc_id)
         if self.limits is not None:
             self._check_limits(space_id, doc_id, entry, update, origin)
         created = entry is None
         if entry is None:
             entry = _Entry(space_id, doc_id, Doc())
+        assert entry.doc is not None
         try:
             entry.doc.apply_update(update)
         except Exception as exc:  # pycrdt raises ValueError on undecodable bytes
@@ -263,8 +364,8 @@ class HubDocs:
         if not entry.pending:
             return None  # nothing new (a duplicate, or only structs still missing a dependency)
         if created:
-            self._docs[(space_id, doc_id)] = entry
-            self._by_space.setdefault(space_id, {})[doc_id] = entry
+            self._add(entry)
+            self._loaded[(space_id, doc_id)] = entry
             self.events.emit("hub-doc-created", space=space_id, doc=doc_id, origin=origin)
         updates, entry.pending = entry.pending, []
         for u in updates:
@@ -304,6 +405,7 @@ class HubDocs:
             elif entry.size + len(update) <= limits.bytes_per_env:
                 return  # the new content cannot be larger than the update: no need to diff
             else:
+                assert entry.doc is not None  # (`apply` loaded it)
                 try:
                     new = len(get_update(update, entry.doc.get_state()))
                 except ValueError as exc:
@@ -323,6 +425,7 @@ class HubDocs:
             raise
 
     def _compact(self, entry: _Entry) -> None:
+        assert entry.doc is not None  # (`apply` loaded it)
         snapshot = entry.doc.get_update()
         self.store.enqueue_compact(entry.key, snapshot)
         self.stored_bytes += len(snapshot) - entry.size
@@ -356,6 +459,8 @@ class HubDocs:
         """The relay, and the watch over the store's writes of what it relayed."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._confirm)
+            if self.sweep_interval is not None:
+                nursery.start_soon(self._sweep_loop, self.sweep_interval)
             task_status.started()
             await self._relay_loop()
 
@@ -423,6 +528,8 @@ class HubDocs:
             self._watch.append(item)
             return
         if entry is None or item.attempts >= MAX_STORE_ATTEMPTS:
+            if entry is not None:
+                entry.unstored = True  # in memory only: keep it there
             log.error(
                 "hub: %s/%s: an update could not be stored; it is in memory only until a"
                 " client sends it again",
@@ -440,6 +547,7 @@ class HubDocs:
     def stats(self) -> dict[str, int]:
         return {
             "documents": len(self._docs),
+            "loaded": len(self._loaded),
             "spaces": len(self._by_space),
             "relay_queued": len(self._relay) + len(self._watch),  # not on disk for sure yet
             "unconfirmed": len(self._watch),

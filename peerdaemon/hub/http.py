@@ -4,9 +4,9 @@ upgrades for `/yjs/SPACE/DOC` (y-websocket clients, yjs.py) and `/peer` (daemons
 `PeerHandler`, peer_socket.py).
 
 `HubHttp.handle` takes each accepted stream through the same steps: admission (a half-open
-slot, or `503 busy`: admission.py), the request head and its answer or upgrade (h11 and
-wsproto: transport.py), then the endpoint, on a `WebSocketTransport` driving the connection's
-core (`WsConn`: keep-alive, handshake deadline, too-slow).
+slot, after a wait for one if need be, or `503 busy`: admission.py), the request head and its
+answer or upgrade (h11: transport.py), then the endpoint, on a `WebSocketTransport` driving the
+connection's core (`WsConn`: keep-alive, handshake deadline, too-slow).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from urllib.parse import unquote
 
 import trio
 
-from ..peer import Slot
+from ..core.admission import Slot
 from . import metrics
 from .admission import HandshakeWatch, HubAdmission
 from .mockproxy import MockProxy
@@ -32,6 +32,7 @@ from .transport import (
     BadRequest,
     HttpExchange,
     Request,
+    Timers,
     Upgraded,
     WebSocketTransport,
     remote_address,
@@ -55,6 +56,7 @@ class HttpConfig:
     # Connections not authenticated yet (docs/hub.md, "Connections in their handshake"):
     max_half_open: int = 256  # at most this many at once; one more gets 503 busy
     max_half_open_per_ip: int = 16  # ... and this many from one remote address
+    max_waiting: int = 4096  # more wait (up to head_timeout) for a slot; past this: 503 busy
     head_timeout: float = 10.0  # the request head must arrive (and be answered) by then
     handshake_timeout: float = 10.0  # a websocket must authenticate by then (+ CLOSE_TIMEOUT)
     # `/metrics` (docs/hub.md, "Metrics"): with a token, only `Authorization: Bearer TOKEN`;
@@ -87,19 +89,41 @@ class HubHttp:
         self.started = time.time()
         self.peer_connections = 0
         self._next_conn = 1
-        self.gate = HubAdmission(self.config.max_half_open, self.config.max_half_open_per_ip)
+        c = self.config
+        self.gate = HubAdmission(
+            c.max_half_open, c.max_half_open_per_ip, c.max_waiting, c.head_timeout
+        )
         self.admission = self.gate.admission
         """Connections not authenticated yet (every path), in total and per remote address."""
+        self._writers: trio.Nursery | None = None
+        self._timers: Timers | None = None
 
     # -- entry -----------------------------------------------------------------------------------
+    async def serve(self, listeners: list[Any]) -> None:
+        """Serve `listeners` until cancelled. The connections' writer tasks (started only while
+        a socket holds back output) and their timers are kept here, one nursery and one task
+        for all rather than a nursery and a cancel scope per connection."""
+        async with trio.open_nursery() as nursery:
+            self._writers = nursery
+            self._timers = Timers()
+            nursery.start_soon(self._timers.run)
+            try:
+                await trio.serve_listeners(self.handle, listeners)
+            finally:
+                self._writers = self._timers = None
+
     async def handle(self, stream: trio.abc.Stream) -> None:
         remote = remote_address(stream)
-        slot = self.gate.admit(remote)
+        slot: Slot | None = None
         try:
-            if slot is None:
-                await self.gate.refuse(stream, remote)
-            else:
-                await self._handle(stream, remote, slot)
+            slot = await self.gate.admit(stream, remote)
+            yws = await self._handle(stream, remote, slot) if slot is not None else None
+            if yws is not None:  # a y-websocket client, served from here: one coroutine less
+                transport, conn, doc_id, on_message = yws  # kept alive per idle connection
+                try:
+                    await transport.run(on_message)
+                finally:
+                    self.yjs.close(conn, doc_id)
         except trio.TooSlowError:
             log.debug("hub connection from %s: no request head in time; closed", remote)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -115,7 +139,10 @@ class HubHttp:
 
     async def _handle(
         self, stream: trio.abc.Stream, remote: tuple[str, int] | None, slot: Slot
-    ) -> None:
+    ) -> tuple[WebSocketTransport, YConn, str, Callable[[bytes | str], None]] | None:
+        """Answer the request, or serve its websocket (`/peer`, the Cloud Mock); a `/yjs`
+        client admitted to its room comes back (its transport, connection, document id and
+        message handler) for `handle` to run."""
         exchange = HttpExchange(stream)
         with trio.fail_after(self.config.head_timeout):  # the head, and the answer to it
             upgraded = await self._answer_or_upgrade(exchange, remote)
@@ -123,11 +150,11 @@ class HubHttp:
             assert self.mocks is not None
             deadline = trio.current_time() + self.config.head_timeout
             await self.mocks.handle(exchange, upgraded, remote, deadline, slot.release)
-            return
+            return None
         del exchange  # h11's buffers: not kept for the websocket's lifetime
         if upgraded is None:
             slot.release()  # answered
-            return
+            return None
         request = upgraded.request
         watch = HandshakeWatch.after_upgrade(
             slot, trio.current_time(), self.config.handshake_timeout
@@ -142,13 +169,12 @@ class HubHttp:
                 await ws.serve(self.peer_handler)
             finally:
                 self.peer_connections -= 1
-        else:
-            space_id, doc_id = (unquote(p) for p in request.path[len("/yjs/") :].split("/"))
-            query = request.query
-            conn = YConn(self._number(), self._outbox(), ready=self.yjs.ready)
-            transport = self._transport(stream, conn, upgraded, watch)
-            del upgraded, request  # the head: not kept while the client stays connected
-            await self.yjs.serve(transport, conn, space_id, doc_id, query, slot)
+            return None
+        space_id, doc_id = (unquote(p) for p in request.path[len("/yjs/") :].split("/"))
+        conn = YConn(self._number(), self._outbox(), ready=self.yjs.ready)
+        transport = self._transport(stream, conn, upgraded, watch)
+        on_message = self.yjs.open(transport, conn, space_id, doc_id, request.query, slot)
+        return transport, conn, doc_id, on_message
 
     async def _answer_or_upgrade(
         self, exchange: HttpExchange, remote: tuple[str, int] | None = None
@@ -280,7 +306,8 @@ class HubHttp:
             watch=watch,
             proto=upgraded.proto,
         )
-        return WebSocketTransport(stream, core, upgraded.leftover)
+        spawn = self._writers.start_soon if self._writers is not None else None
+        return WebSocketTransport(stream, core, upgraded.leftover, spawn, self._timers)
 
 
 def _is_loopback(host: str) -> bool:

@@ -22,9 +22,7 @@ from typing import Any
 
 import trio
 
-from ..core.attachments import FilesDoc
 from ..core.events import EventLog
-from ..mirror import materialize
 from ..mock import (
     ERROR,
     RUNNING,
@@ -245,6 +243,10 @@ class HostedMocks:
     async def _write_files(self, key: str) -> None:
         """The environment's synced files (core/attachments.py) into its folder: the only files
         its engine may read (the runner is confined to that folder)."""
+        # here, not at the top: a hub that hosts no mock does not keep these loaded
+        from ..core.attachments import FilesDoc
+        from ..mirror import materialize
+
         space, env = key.split("/", 1)
         doc = self.docs.get_doc(space, FILES_PREFIX + env)
         if doc is None:

@@ -25,7 +25,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..core.awareness import AwarenessError
 from ..core.identity import Identity, load_or_create_identity
@@ -38,17 +38,19 @@ from ..peer import (
     DocRefused,
     Established,
     Event,
-    Link,
     PeerConfig,
     PeerConnection,
     PeerHello,
     PeerProtocolError,
-    format_address,
     hub_token_proof,
     messages,
 )
-from ..presence import Awareness
 from .accounts import LimitExceeded
+
+if TYPE_CHECKING:
+    # loaded at the first daemon or awareness, not at start: the hub keeps them out of memory
+    from ..peer import Link
+    from ..presence import Awareness
 
 __all__ = ["HubAuth", "PeerEndpoint", "create_peer_endpoint"]
 
@@ -402,6 +404,8 @@ class PeerEndpoint:
     def _space_awareness(self, space_id: str) -> Awareness:
         core = self._awareness.get(space_id)
         if core is None:
+            from ..presence import Awareness
+
             core = self._awareness[space_id] = Awareness(ROOMS_CLIENT)
         return core
 
@@ -489,6 +493,8 @@ class PeerEndpoint:
                 model=self.model,
                 auth=auth,
             )
+
+        from ..peer import Link
 
         link = Link(
             make_conn,
@@ -674,6 +680,8 @@ class PeerEndpoint:
 
 
 def _address(remote: Any) -> str:
+    from ..peer import format_address  # the trio shell: loaded with the first daemon's link
+
     if isinstance(remote, tuple) and len(remote) == 2:
         return format_address(str(remote[0]), int(remote[1]))
     if hasattr(remote, "address") and hasattr(remote, "port"):  # trio-websocket's Endpoint

@@ -190,6 +190,7 @@ async def serve_hub(
         )
         count = docs.load()
         rooms = Rooms(docs, framer=ws_frame)
+        docs.in_use = lambda space, doc: (space, doc) in rooms.rooms  # open rooms stay loaded
         yjs = YjsEndpoint(rooms, docs, accounts, events=events)
         docs.add_listener(rooms.on_update)
         docs.add_flush_listener(yjs.flush)
@@ -239,7 +240,7 @@ async def serve_hub(
             bound = listeners[0].socket.getsockname()[1]
             if ssl_context is not None:
                 listeners = [trio.SSLListener(lis, ssl_context) for lis in listeners]
-            nursery.start_soon(partial(trio.serve_listeners, http.handle, listeners))
+            nursery.start_soon(http.serve, listeners)
             server = HubServer(
                 config,
                 store,
@@ -776,11 +777,25 @@ async def _main(config: HubConfig) -> None:
                 break
 
 
+def _raise_open_files_limit() -> None:
+    """Each client is an open file: take the hard limit, not the soft one (systemd's default
+    soft limit, 1024, would refuse the thousand-and-first client), as Go programs do."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):  # not POSIX, or not allowed: keep the soft limit
+        pass
+
+
 def run_hub(
     config: HubConfig, *, log_level: str | None = None, log_format: str | None = None
 ) -> int:
     """`peerdaemon hub serve`: returns the process exit code. `log_level` and `log_format` (the
     command line's) win over `$PEERDAEMON_LOG_LEVEL` / `_FORMAT`, which win over `[log]`."""
+    _raise_open_files_limit()
     # Fewer cyclic-GC passes: the hub holds many long-lived objects (connections, rooms,
     # documents), and frequent collections that walk them all show up as fan-out delays.
     gc.set_threshold(50_000, 20, 20)

@@ -1,20 +1,30 @@
 """The hub's port at the byte level: one HTTP/1.1 request and its answer (h11), the websocket
-upgrade (wsproto's handshake), and the tasks that move one websocket's bytes
+upgrade (RFC 6455's checks on h11's head), and the task that moves one websocket's bytes
 (`WebSocketTransport`). Nothing here decides what bytes mean or when to give up: h11, wsproto
-and `WsConn` (wsconn.py) do; this module reads, writes and sleeps until their deadlines.
+and `WsConn` (wsconn.py) do; this module reads, writes and waits for their deadlines.
 
-Why the writer has a fast path: fan-out. A broadcast puts the same frame bytes in every
-recipient's outbox; `wake()` then writes an idle connection's frames at once with one
-non-blocking `send()` on a duplicate of the socket (no task switch per recipient, no copy).
-Only what the socket does not take waits for the writer task (and under TLS, everything does).
+Why writes go out from wherever frames were queued: fan-out. A broadcast puts the same frame
+bytes in every recipient's outbox; `wake()` then writes an idle connection's frames at once with
+one non-blocking `write()` on its socket (no task switch per recipient, no copy). Only what the
+socket does not take starts a writer task (and under TLS, everything does).
+
+Why one task per connection, and shared timers: an idle hub holds thousands of connections, and
+whatever a waiting connection keeps alive (a task, a nursery, a cancel scope, an event, the
+stream's wrappers) counts thousands of times (docs/hub.md, "Storage").
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import heapq
+import itertools
 import json
 import logging
+import math
 import os
-import socket
+import weakref
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from email.utils import formatdate
@@ -25,9 +35,6 @@ from urllib.parse import parse_qsl, urlsplit
 import h11
 import trio
 from wsproto.connection import Connection, ConnectionType
-from wsproto.events import AcceptConnection, RejectConnection
-from wsproto.handshake import H11Handshake
-from wsproto.utilities import RemoteProtocolError as WsRemoteProtocolError
 
 from .wsconn import WsConn
 
@@ -38,6 +45,7 @@ __all__ = [
     "HttpExchange",
     "Request",
     "Upgraded",
+    "Timers",
     "WebSocketTransport",
     "remote_address",
 ]
@@ -50,6 +58,7 @@ RECEIVE_SIZE = 256 * 1024
 SEND_CHUNK = 1 << 20
 """The writer hands the socket at most this much at a time: each chunk taken is progress."""
 CLOSE_TIMEOUT = 2.0
+WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 """How long a closing handshake (and a `/peer` handler's own close) may take."""
 
 
@@ -153,25 +162,33 @@ class HttpExchange:
         await self.respond(status, (json.dumps(body) + "\n").encode("utf-8"), headers=headers)
 
     async def upgrade(self, request: Request) -> Upgraded:
-        """Accept a websocket upgrade of `request` with wsproto's handshake (sends the `101`).
-        permessage-deflate is declined (no extensions), so every client can be sent the very
-        same frame bytes. `BadRequest` if the upgrade request is not valid."""
-        if request.method != "GET":
+        """Accept a websocket upgrade of `request` (sends the `101`): RFC 6455's checks, as
+        wsproto's handshake makes them, done here on the head h11 already parsed rather than by
+        parsing it a second time (every connection of a burst pays for it). permessage-deflate
+        is declined (no extensions), so every client can be sent the very same frame bytes.
+        `BadRequest` if the upgrade request is not valid."""
+        headers = request.headers
+        connection = {t.strip().lower() for t in headers.get("connection", "").split(",")}
+        version = headers.get("sec-websocket-version")
+        key = headers.get("sec-websocket-key")
+        if request.method != "GET" or "upgrade" not in connection:
             raise BadRequest(400, "bad websocket upgrade request")
-        handshake = H11Handshake(ConnectionType.SERVER)
-        try:
-            handshake.initiate_upgrade_connection(request.raw_headers, request.target)
-            list(handshake.events())
-        except WsRemoteProtocolError as exc:
-            hint = exc.event_hint
-            status = hint.status_code if isinstance(hint, RejectConnection) else 400
-            headers = list(hint.headers) if isinstance(hint, RejectConnection) else []
-            raise BadRequest(status, "bad websocket upgrade request", headers) from None
-        except h11.ProtocolError:
-            raise BadRequest(400, "bad websocket upgrade request") from None
-        await self.stream.send_all(handshake.send(AcceptConnection(extensions=[])))
-        proto = handshake.connection
-        assert proto is not None
+        if version != "13":
+            raise BadRequest(
+                426 if version else 400,
+                "bad websocket upgrade request",
+                [(b"Sec-WebSocket-Version", b"13")],
+            )
+        if not key or headers.get("upgrade", "").lower() != "websocket" or "host" not in headers:
+            raise BadRequest(400, "bad websocket upgrade request")
+        accept = base64.b64encode(hashlib.sha1(key.encode("latin-1") + WS_GUID).digest())
+        await self.stream.send_all(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: WebSocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+        )
+        proto = Connection(ConnectionType.SERVER, extensions=[])
+        if isinstance(getattr(proto, "_events", None), deque):
+            proto._events = _EventQueue()  # type: ignore[assignment]
         return Upgraded(request, proto, self._leftover())
 
     def _leftover(self) -> bytes:
@@ -189,6 +206,17 @@ class HttpExchange:
 
 
 _STATUSES = {s.value for s in HTTPStatus}
+
+
+class _EventQueue(list):  # type: ignore[type-arg]
+    """wsproto's queue of parsed events, as a list: the deque it makes costs 600 bytes per
+    idle connection, for a queue that holds an event or two at a time (it only appends,
+    pops from the left and tests for emptiness)."""
+
+    __slots__ = ()
+
+    def popleft(self) -> object:
+        return self.pop(0)
 
 
 def _request(event: h11.Request) -> Request:
@@ -212,157 +240,205 @@ def _request(event: h11.Request) -> Request:
 # --------------------------------------------------------------------------------- websocket
 OnMessage = Callable[[bytes | str], Awaitable[None] | None]
 """Gets each message; an async one applies back-pressure (the reader waits for it)."""
+Spawn = Callable[..., object]
+"""`spawn(async_fn)`: start a task (a nursery's `start_soon`)."""
 
 
 class WebSocketTransport:
-    """Moves one websocket's bytes between a trio stream and its `WsConn`: a reader that feeds
-    it, and a writer that sends what it has and, while idle, sleeps until the core's deadline
-    (two tasks a connection: an idle hub holds thousands)."""
+    """Moves one websocket's bytes between a trio stream and its `WsConn`.
 
-    def __init__(self, stream: trio.abc.Stream, core: WsConn, leftover: bytes = b"") -> None:
+    One task per connection: the one calling `run` reads, and sleeps in its read until the
+    core's deadline. Writing needs no task while the socket takes what it is given: `wake()`
+    writes at once (see the module's docstring); only output the socket holds back starts a
+    writer task, which ends once it is written (in `spawn`, else in the connection's own
+    nursery). Its deadlines are kept by `Timers` when it has them (a plain socket on the hub's
+    port), else by a cancel scope around each read."""
+
+    __slots__ = (
+        "stream",
+        "core",
+        "leftover",
+        "on_reader_done",
+        "_spawn",
+        "_fd",
+        "_writing",
+        "_hung_up",
+        "_done",
+        "_close_by",
+        "_read_scope",
+        "_scope",
+        "_drained",
+        "_reader_done",
+        "_timers",
+        "_scheduled",
+        "_waiting",
+        "__weakref__",
+    )
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        core: WsConn,
+        leftover: bytes = b"",
+        spawn: Spawn | None = None,
+        timers: Timers | None = None,
+    ) -> None:
         self.stream = stream
         self.core = core
         self.leftover = leftover
-        self.drained = trio.Event()
-        """Set while nothing waits to be written (replaced when the writer takes frames)."""
-        self.reader_done = trio.Event()
         self.on_reader_done: Callable[[], None] | None = None
-        self._wakeup = trio.Event()
-        self._raw = _raw_socket(stream)
-        self._idle = False  # the writer waits with nothing queued
-        self._scope: trio.CancelScope | None = None
+        self._spawn = spawn
+        self._fd = _socket_fd(stream)  # -1: every write goes through a writer task (TLS)
+        self._writing = False  # a writer task is at work
+        self._hung_up = False  # end now: cut, lost while writing, or stalled
+        self._done = False  # the reader ended: nothing more is written
+        self._close_by = math.inf  # once our close frame is out: hang up by then
+        self._read_scope: trio.CancelScope | None = None
+        self._scope: trio.CancelScope | None = None  # the connection's own nursery, if any
+        self._drained: trio.Event | None = None
+        self._reader_done: trio.Event | None = None
+        self._timers = timers if self._fd >= 0 else None  # else: a cancel scope on each read
+        self._scheduled = math.inf  # the earliest deadline `_timers` holds for this connection
+        self._waiting = False  # blocked in `wait_readable` (shared timers)
 
     @property
     def number(self) -> int:
         return self.core.outlet.number
 
-    def wake(self) -> None:
-        """The connection has something to write. An idle writer's frames go out right here
-        with one non-blocking send (no task switch, no trio wrapper: that is what makes a
-        broadcast to hundreds of clients cheap); only what the socket did not take wakes the
-        writer task."""
-        if self._idle and self._raw is not None and self.core.outlet.closing is None:
-            if self._send_now():
-                return
-        self._wakeup.set()
+    @property
+    def drained(self) -> trio.Event:
+        """Set once nothing waits to be written (for a sender that waits for its reader)."""
+        if self._writing:
+            if self._drained is None:
+                self._drained = trio.Event()
+            return self._drained
+        event = trio.Event()
+        event.set()
+        return event
 
-    def _send_now(self) -> bool:
-        frames = self.core.data_to_send()
-        if not frames:
-            return True
-        data = frames[0] if len(frames) == 1 else b"".join(frames)
+    @property
+    def reader_done(self) -> trio.Event:
+        if self._reader_done is None:
+            self._reader_done = trio.Event()
+            if self._done:
+                self._reader_done.set()
+        return self._reader_done
+
+    # -- output ----------------------------------------------------------------------------------
+    def wake(self) -> None:
+        """The connection has something to write: it goes out right here with one non-blocking
+        write (no task switch, no trio wrapper: that is what makes a broadcast to hundreds of
+        clients cheap); only what the socket did not take starts a writer task."""
+        if self._writing or self._done or self.core.lost:
+            return
+        if self._fd >= 0 and self._write_now():
+            if self.core.outlet.closing is not None:
+                self._after_write()
+            return
+        if self._hung_up:
+            return
+        self._writing = True
+        if self._spawn is not None:
+            self._spawn(self._writer)
+        else:
+            self._writing = False  # no nursery yet (before `run`): `run` writes what waits
+
+    def _write_now(self) -> bool:
+        """Write what is queued without waiting; False if some is left (the socket is full)."""
+        core = self.core
+        while frames := core.data_to_send():  # the close frame comes once the rest is out
+            data = frames[0] if len(frames) == 1 else b"".join(frames)
+            try:
+                sent = os.write(self._fd, data)
+            except BlockingIOError:
+                sent = 0
+            except OSError:  # broken: no close frame can go out any more
+                core.connection_lost()
+                self._hang_up()
+                return False
+            if sent < len(data):
+                core.put_back(memoryview(data)[sent:])
+                return False
+            if core.outlet.closing is None:
+                return True  # (only a close frame could follow)
+        return True
+
+    async def _writer(self) -> None:
+        """Write until nothing is queued (or the connection is lost or too slow)."""
+        core = self.core
         try:
-            assert self._raw is not None
-            sent = self._raw.send(data)
-        except OSError:  # would block, or broken: the writer task finds out which
-            sent = 0
-        if sent >= len(data):
-            return True
-        self.core.put_back(memoryview(data)[sent:])
-        return False
+            while not core.lost and not self._done:
+                frames = core.data_to_send()
+                if not frames:
+                    break
+                if not await self._send(frames):
+                    self._hang_up()
+                    break
+        except Exception:  # never takes down the nursery it runs in
+            log.exception("websocket %s: writing failed", self.number)
+            core.connection_lost()
+            self._hang_up()
+        finally:
+            self._writing = False
+            if self._drained is not None:
+                self._drained.set()
+                self._drained = None
+        self._after_write()
+
+    def _after_write(self) -> None:
+        """Our close frame is out: the client has `CLOSE_TIMEOUT` to answer it."""
+        if self.core.finished and self._close_by == math.inf:
+            self._close_by = trio.current_time() + CLOSE_TIMEOUT
+            if self._read_scope is not None:
+                self._read_scope.deadline = min(self._read_scope.deadline, self._close_by)
+            self._schedule()
+
+    def _hang_up(self) -> None:
+        self._hung_up = True
+        if self._read_scope is not None:
+            self._read_scope.cancel()
+        if self._scope is not None:
+            self._scope.cancel()
+        if self._waiting:  # wakes the reader's `wait_readable` (ClosedResourceError)
+            self._waiting = False
+            trio.lowlevel.notify_closing(self._fd)
+
+    # -- time (shared timers) ------------------------------------------------------------------
+    def _schedule(self) -> None:
+        """Make sure `_timers` calls `on_timer` by the core's next deadline."""
+        if self._timers is None or self._done:
+            return
+        deadline = min(self.core.get_timer(), self._close_by)
+        if deadline < self._scheduled:
+            self._scheduled = deadline
+            self._timers.add(deadline, self)
+
+    def on_timer(self, now: float) -> None:
+        """`_timers` says a deadline this connection gave it has come (it may have moved on:
+        a message arrived since, which puts the keep-alive further off)."""
+        self._scheduled = math.inf
+        if self._done or self._hung_up:
+            return
+        if now >= self._close_by:
+            self._hang_up()  # the client did not answer our close in time
+            return
+        if now >= self.core.get_timer():
+            self.core.handle_timer(now)  # a ping, a cut, a handshake deadline
+            self._after_core()
+        if self.core.lost:
+            self._hang_up()
+            return
+        self._schedule()
 
     def _after_core(self) -> None:
-        """After the core was fed input or time: hang up if it cut the client, else let the
-        writer send whatever it queued (a pong, a ping, a close)."""
+        """After the core was fed input or time: hang up if it cut the client, else let what
+        it queued (a pong, a ping, a close) go out."""
         if self.core.cut:
-            if self._scope is not None:
-                self._scope.cancel()
+            self._hang_up()
             return
         outlet = self.core.outlet
         if outlet.closing is not None or len(outlet.outbox):
             self.wake()
-
-    async def run(
-        self, on_message: OnMessage, handler: Callable[[], Awaitable[None]] | None = None
-    ) -> None:
-        """Until closed. `handler` (the /peer endpoint) runs beside, and may finish its own
-        close within `CLOSE_TIMEOUT`."""
-        handler_done = trio.Event()
-
-        async def run_handler() -> None:
-            try:
-                assert handler is not None
-                await handler()
-            finally:
-                handler_done.set()
-
-        try:
-            async with trio.open_nursery() as nursery:
-                self._scope = nursery.cancel_scope
-                nursery.start_soon(self._reader, on_message)
-                if handler is not None:
-                    nursery.start_soon(run_handler)
-                await self._writer()
-                with trio.move_on_after(CLOSE_TIMEOUT):
-                    if not self.core.lost:
-                        await self.reader_done.wait()
-                    if handler is not None:
-                        await handler_done.wait()
-                nursery.cancel_scope.cancel()
-        finally:
-            if self._raw is not None:
-                self._raw.close()
-                self._raw = None
-            with trio.move_on_after(CLOSE_TIMEOUT) as scope:
-                scope.shield = True
-                await self.stream.aclose()
-
-    async def _reader(self, on_message: OnMessage) -> None:
-        core = self.core
-        try:
-            if self.leftover:
-                leftover, self.leftover = self.leftover, b""
-                core.receive_data(leftover, trio.current_time())
-                await self._deliver(on_message)
-            while not core.input_ended:
-                data = await self._receive()
-                core.receive_data(data, trio.current_time())
-                await self._deliver(on_message)
-        finally:
-            self.reader_done.set()
-            if self.on_reader_done is not None:
-                self.on_reader_done()
-
-    async def _deliver(self, on_message: OnMessage) -> None:
-        core = self.core
-        outlet = core.outlet
-        while (message := core.next_message()) is not None:
-            if outlet.closing is None:
-                result = on_message(message)
-                if result is not None:
-                    await result
-        self._after_core()
-
-    async def _receive(self) -> bytes | None:
-        try:
-            data = await self.stream.receive_some(RECEIVE_SIZE)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            return None
-        return data or None
-
-    async def _writer(self) -> None:
-        core = self.core
-        while True:
-            self._wakeup = trio.Event()
-            frames = core.data_to_send()
-            if frames:
-                self.drained = trio.Event()
-                if not await self._send(frames):
-                    return
-                continue
-            self.drained.set()
-            if core.finished:
-                return
-            self._idle = True
-            try:
-                with trio.move_on_at(core.get_timer()):
-                    await self._wakeup.wait()
-            finally:
-                self._idle = False
-            now = trio.current_time()
-            if not self._wakeup.is_set() and now >= core.get_timer():
-                core.handle_timer(now)  # a ping, a cut, a handshake deadline
-                self._after_core()
 
     async def _send(self, frames: list[bytes | memoryview]) -> bool:
         """Write `frames`; False if the connection is gone or the core found the client too
@@ -383,6 +459,198 @@ class WebSocketTransport:
             return False
         core.write_done()
         return True
+
+    # -- the connection's task ---------------------------------------------------------------------
+    async def run(
+        self, on_message: OnMessage, handler: Callable[[], Awaitable[None]] | None = None
+    ) -> None:
+        """Read until the connection is over. `handler` (the /peer endpoint) runs beside, and
+        may finish its own close within `CLOSE_TIMEOUT`."""
+        try:
+            if handler is None and self._spawn is not None:
+                self.wake()  # what was queued before (the server speaks first)
+                if self._timers is not None:
+                    await self._read_fd(on_message)  # (one coroutine less per idle connection)
+                else:
+                    await self._read(on_message)
+                await self._flush()
+                return
+            async with trio.open_nursery() as nursery:
+                self._spawn = nursery.start_soon
+                self._scope = nursery.cancel_scope
+                handler_done = trio.Event()
+
+                async def run_handler() -> None:
+                    try:
+                        assert handler is not None
+                        await handler()
+                    finally:
+                        handler_done.set()
+
+                if handler is not None:
+                    nursery.start_soon(run_handler)
+                self.wake()  # anything queued before the nursery was there
+                if self._timers is not None:
+                    await self._read_fd(on_message)
+                else:
+                    await self._read(on_message)
+                await self._flush()
+                if handler is not None:
+                    with trio.move_on_after(CLOSE_TIMEOUT):
+                        await handler_done.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            self._done = True
+            self._fd = -1  # the descriptor's number may be reused once the stream is closed
+            with trio.move_on_after(CLOSE_TIMEOUT) as scope:
+                scope.shield = True
+                await self.stream.aclose()
+
+    async def _flush(self) -> None:
+        """What is still being written (the answer to the client's close) gets its chance."""
+        if self._writing and not self._hung_up and not self.core.lost:
+            with trio.move_on_after(CLOSE_TIMEOUT):
+                await self.drained.wait()
+
+    async def _read(self, on_message: OnMessage) -> None:
+        """The reader of any stream: each read under a cancel scope with the core's deadline."""
+        core = self.core
+        try:
+            await self._take_leftover(on_message)
+            while not core.input_ended and not self._hung_up:
+                data: bytes | None = None
+                with trio.move_on_at(min(core.get_timer(), self._close_by)) as scope:
+                    self._read_scope = scope
+                    try:
+                        data = await self._receive()
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                        data = b""
+                self._read_scope = None
+                if not scope.cancelled_caught:
+                    core.receive_data(data or None, trio.current_time())
+                    await self._deliver(on_message)
+                    continue
+                if self._hung_up:
+                    break
+                now = trio.current_time()
+                if now >= self._close_by:
+                    break  # the client did not answer our close in time
+                core.handle_timer(now)  # a ping, a cut, a handshake deadline
+                self._after_core()
+        finally:
+            self._read_scope = None
+            self._done_reading()
+
+    async def _read_fd(self, on_message: OnMessage) -> None:
+        """The reader of a plain socket with shared timers: an idle connection waits in
+        `wait_readable` alone (no cancel scope, no stream or socket wrapper, each of which a
+        waiting connection would keep alive); `_timers` acts on its deadlines."""
+        core = self.core
+        fd = self._fd
+        try:
+            await self._take_leftover(on_message)
+            while not core.input_ended and not self._hung_up:
+                try:
+                    data: bytes | None = os.read(fd, RECEIVE_SIZE)
+                except BlockingIOError:
+                    data = None
+                except OSError:
+                    data = b""
+                if data is None:  # wait outside the `except`: the exception would stay alive
+                    self._schedule()
+                    self._waiting = True
+                    try:
+                        await trio.lowlevel.wait_readable(fd)
+                    except trio.ClosedResourceError:
+                        break  # hung up (`_hang_up`), or the stream was closed
+                    finally:
+                        self._waiting = False
+                    continue
+                await trio.lowlevel.cancel_shielded_checkpoint()  # others run between reads
+                core.receive_data(data or None, trio.current_time())
+                data = None  # not kept while waiting for more
+                await self._deliver(on_message)
+        finally:
+            self._done_reading()
+
+    async def _take_leftover(self, on_message: OnMessage) -> None:
+        """What was read past the request head: the client's first frames, maybe."""
+        if self.leftover:
+            leftover, self.leftover = self.leftover, b""
+            self.core.receive_data(leftover, trio.current_time())
+            await self._deliver(on_message)
+
+    async def _receive(self) -> bytes:
+        """The next bytes from the client (b"": it left)."""
+        fd = self._fd
+        if fd < 0:
+            return await self.stream.receive_some(RECEIVE_SIZE)
+        while True:
+            try:
+                data = os.read(fd, RECEIVE_SIZE)
+            except BlockingIOError:
+                data = None
+            if data is None:  # wait outside the `except`: the exception would stay alive
+                await trio.lowlevel.wait_readable(fd)
+                continue
+            await trio.lowlevel.cancel_shielded_checkpoint()  # others run between reads
+            return data
+
+    def _done_reading(self) -> None:
+        if self._reader_done is not None:
+            self._reader_done.set()
+        if self.on_reader_done is not None:
+            self.on_reader_done()
+
+    async def _deliver(self, on_message: OnMessage) -> None:
+        core = self.core
+        outlet = core.outlet
+        while (message := core.next_message()) is not None:
+            if outlet.closing is None:
+                result = on_message(message)
+                if result is not None:
+                    await result
+        self._after_core()
+
+
+class Timers:
+    """The deadlines of every connection of the port, kept by one task (`run`): a heap entry
+    per connection instead of a cancel scope per connection. An entry names its connection
+    weakly (a closed one is not kept alive) and may be stale (the connection's deadline moved
+    on): the connection checks its own deadline when told (`WebSocketTransport.on_timer`)."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, weakref.ref[WebSocketTransport]]] = []
+        self._order = itertools.count()
+        self._next = math.inf
+        self._wakeup = trio.Event()
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def add(self, deadline: float, transport: WebSocketTransport) -> None:
+        heapq.heappush(self._heap, (deadline, next(self._order), weakref.ref(transport)))
+        if deadline < self._next:
+            self._wakeup.set()
+
+    async def run(self) -> None:
+        heap = self._heap
+        while True:
+            now = trio.current_time()
+            while heap and heap[0][0] <= now:
+                transport = heapq.heappop(heap)[2]()
+                if transport is None:
+                    continue
+                try:
+                    transport.on_timer(now)
+                except Exception:  # one connection's failure is that connection's
+                    log.exception("websocket %s: timer failed", transport.number)
+                    transport.core.connection_lost()
+                    transport._hang_up()
+            self._next = heap[0][0] if heap else math.inf
+            self._wakeup = trio.Event()
+            with trio.move_on_at(self._next):
+                await self._wakeup.wait()
 
 
 def _chunks(frames: list[bytes | memoryview]) -> list[bytes | memoryview]:
@@ -409,15 +677,12 @@ def _chunks(frames: list[bytes | memoryview]) -> list[bytes | memoryview]:
     return chunks
 
 
-def _raw_socket(stream: trio.abc.Stream) -> socket.socket | None:
-    """A duplicate of a plain TCP stream's socket (same non-blocking file description), for
-    `WebSocketTransport.wake`'s immediate writes; None under TLS."""
+def _socket_fd(stream: trio.abc.Stream) -> int:
+    """A plain TCP stream's descriptor, for `WebSocketTransport.wake`'s immediate writes
+    (non-blocking, as trio keeps it); -1 under TLS."""
     if not isinstance(stream, trio.SocketStream):
-        return None
-    try:
-        return socket.socket(fileno=os.dup(stream.socket.fileno()))
-    except OSError:
-        return None
+        return -1
+    return stream.socket.fileno()
 
 
 def remote_address(stream: trio.abc.Stream) -> tuple[str, int] | None:

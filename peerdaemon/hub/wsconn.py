@@ -54,6 +54,9 @@ def ws_frame(*parts: bytes, opcode: int = OPCODE_BINARY) -> bytes:
     return b"".join((head, *parts))
 
 
+_NO_EVENTS: Iterator[Event] = iter(())
+
+
 class HandshakeDeadline(Protocol):
     """A rule that cuts a connection not authenticated in time (`admission.HandshakeWatch`)."""
 
@@ -91,7 +94,7 @@ class WsConn:
         self._pinged = False
         self._close_sent = False
         self._write_since: float | None = None
-        self._events: Iterator[Event] = iter(())
+        self._events: Iterator[Event] = _NO_EVENTS
         self._parts: list[bytes] = []
         self._size = 0
 
@@ -133,6 +136,7 @@ class WsConn:
                     return None
         except (RemoteProtocolError, LocalProtocolError) as exc:
             self._protocol_error(exc)
+        self._events = _NO_EVENTS  # wsproto's generator, not kept while the client is idle
         return None
 
     def _add_part(self, event: BytesMessage | TextMessage) -> bytes | str | None:

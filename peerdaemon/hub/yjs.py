@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Protocol
 
 import trio
 
+from ..core.admission import Slot
 from ..core.events import EventLog
-from ..peer import Slot
 from .accounts import LimitExceeded
 from .transport import WebSocketTransport
 from .yauth import AccountsLike, Admitted, YjsAuth
@@ -91,7 +92,7 @@ class YjsEndpoint:
 
     # -- what the hub's documents and accounts call ------------------------------------------------
     def flush(self) -> None:
-        """HubDocs flush listener: relay the updates that became durable, answer step 1s."""
+        """HubDocs flush listener: relay the updates just applied."""
         self.rooms.flush()
         self.wake_ready()
 
@@ -131,55 +132,74 @@ class YjsEndpoint:
         query: Mapping[str, str],
         slot: Slot,
     ) -> None:
-        """Admit `conn` (its token, access, ids, device slot) and keep it in its room until it
-        closes; a refused one gets permission-denied and a close. The connection's admission
-        `slot` is released once it joined (its `HandshakeWatch` cuts it otherwise).
-        `conn` must have been made with this endpoint's `ready` list."""
-        rooms = self.rooms
+        """Admit `conn` and keep it in its room until it closes: `open`, the transport's run,
+        `close` (the port calls the three itself, which keeps one coroutine less alive per
+        idle connection)."""
+        on_message = self.open(transport, conn, space_id, doc_id, query, slot)
+        try:
+            await transport.run(on_message)
+        finally:
+            self.close(conn, doc_id)
+
+    def open(
+        self,
+        transport: WebSocketTransport,
+        conn: YConn,
+        space_id: str,
+        doc_id: str,
+        query: Mapping[str, str],
+        slot: Slot,
+    ) -> Callable[[bytes | str], None]:
+        """Admit `conn` (its token, access, ids, device slot) into its room, or have it refused
+        (permission-denied and a close); -> what its transport hands each message. The
+        connection's admission `slot` is released once it joined (its `HandshakeWatch` cuts it
+        otherwise). `conn` must have been made with this endpoint's `ready` list."""
         verdict = self.auth.admit(query, space_id, doc_id, conn.origin)
-        lease = None
         if isinstance(verdict, Admitted):
             conn.user = verdict.user
             conn.token_hash = verdict.token_hash
             conn.space_id = space_id
             conn.device = verdict.device
-            lease = verdict.lease
-            rooms.join(space_id, doc_id, conn)
+            conn.lease = verdict.lease
+            self.rooms.join(space_id, doc_id, conn)
             slot.release()  # authenticated: no longer counts as half-open
         else:
             log.info("yws %d: refused: %s %s", conn.number, verdict.reason, verdict.detail)
             conn.deny(verdict.reason)
-
-        def on_message(data: bytes | str) -> None:
-            if isinstance(data, str):
-                conn.close(CLOSE_CODES["protocol-error"], "protocol-error")
-            else:
-                try:
-                    event = rooms.receive(conn, data)
-                    if event is not None:
-                        store_update(self.docs, rooms, event)
-                except Exception:
-                    log.exception("yws %d: message handling failed", conn.number)
-                    conn.close(1011, "internal-error")
-            self.wake_ready()
-
         self.transports[conn.number] = transport
-        try:
-            await transport.run(on_message)
-        finally:
-            del self.transports[conn.number]
-            rooms.leave(conn)
-            self.wake_ready()
-            if lease is not None:
-                lease.release()
-            if conn.dropped_slow:
-                log.warning("yws %d (%s): dropped: too slow", conn.number, conn.user)
-                if self.events is not None:
-                    self.events.emit(
-                        "client-dropped",
-                        connection=conn.number,
-                        user=conn.user,
-                        space=space_id,
-                        doc=doc_id,
-                        reason="too-slow",
-                    )
+        return partial(self.receive, conn)
+
+    def receive(self, conn: YConn, data: bytes | str) -> None:
+        """One message from `conn`."""
+        if isinstance(data, str):
+            conn.close(CLOSE_CODES["protocol-error"], "protocol-error")
+        else:
+            rooms = self.rooms
+            try:
+                event = rooms.receive(conn, data)
+                if event is not None:
+                    store_update(self.docs, rooms, event)
+            except Exception:
+                log.exception("yws %d: message handling failed", conn.number)
+                conn.close(1011, "internal-error")
+        self.wake_ready()
+
+    def close(self, conn: YConn, doc_id: str) -> None:
+        """`conn` is gone: out of its room, its device slot freed."""
+        self.transports.pop(conn.number, None)
+        self.rooms.leave(conn)
+        self.wake_ready()
+        if conn.lease is not None:
+            conn.lease.release()
+            conn.lease = None
+        if conn.dropped_slow:
+            log.warning("yws %d (%s): dropped: too slow", conn.number, conn.user)
+            if self.events is not None:
+                self.events.emit(
+                    "client-dropped",
+                    connection=conn.number,
+                    user=conn.user,
+                    space=conn.space_id,
+                    doc=doc_id,
+                    reason="too-slow",
+                )

@@ -5,11 +5,12 @@ of ready-to-write frames. Nothing here writes or stores: the rooms queue frames,
 (`yjs.py`, `transport.py`) learns from the shared `ready` list which connections have something
 to write, and acts on the events `Rooms.receive` returns. Why it is shaped so:
 
-* The server speaks first (sync step 1), answers a client's step 1 with step 2, and hands the
-  client's step 2 and updates back as a `StoreUpdate` event; the shell applies it to `HubDocs`
-  (or reports a refusal with `Rooms.update_refused`), which relays it back here only once it is
-  durable (`Rooms.on_update` / `Rooms.flush`), to every connection but its origin. Updates that
-  became durable together and came from the same origin are merged into one message, encoded
+* The server speaks first (sync step 1), answers a client's step 1 with step 2 at once, and
+  hands the client's step 2 and updates back as a `StoreUpdate` event; the shell applies it to
+  `HubDocs` (or reports a refusal with `Rooms.update_refused`), which relays it back here as
+  soon as it is applied, its store committing it alongside (`Rooms.on_update` /
+  `Rooms.flush`; docs/hub.md, "Durability"), to every connection but its origin. Updates
+  applied in one batch that came from the same origin are merged into one message, encoded
   ONCE, and the same frame bytes go to every recipient.
 * Awareness is relayed (to the whole room, the sender included) only for entries whose clock
   advanced, or the removal of a known state: y-websocket clients re-send every awareness
@@ -30,7 +31,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -213,8 +213,9 @@ def _identity(*parts: bytes) -> bytes:
 class Outbox:
     """A connection's queue of frames waiting for its writer.
 
-    Items are `[frame, room key | None, update | None]`; those with an update are document
-    updates of that room and may be merged. `nbytes` counts what is queued, not what the writer
+    Items are `(frame, room key | None, update | None)`; those with an update are document
+    updates of that room and may be merged (a list, not a deque: an empty deque costs 600
+    bytes, times every idle connection). `nbytes` counts what is queued, not what the writer
     already took. `push` returns False when the connection should be dropped (more than
     `limit_bytes` queued even after coalescing, and more than one item: a single big message,
     such as the first sync of a large document, never counts as falling behind).
@@ -240,7 +241,7 @@ class Outbox:
         coalesce_bytes: int = 1 << 20,
         limit_bytes: int = 64 << 20,
     ) -> None:
-        self._items: deque[list] = deque()
+        self._items: list[tuple[bytes, object, bytes | None]] = []
         self.nbytes = 0
         self.coalesce_bytes = coalesce_bytes
         self.limit_bytes = limit_bytes
@@ -252,7 +253,7 @@ class Outbox:
         return len(self._items) + (self.partial is not None)
 
     def push(self, frame: bytes, key: object = None, update: bytes | None = None) -> bool:
-        self._items.append([frame, key, update])
+        self._items.append((frame, key, update))
         self.nbytes += len(frame)
         if self.nbytes > self.coalesce_bytes and len(self._items) > 1:
             self.coalesce()
@@ -262,23 +263,22 @@ class Outbox:
 
     def coalesce(self) -> None:
         """Merge the queued updates of each room into one, at the place of the first."""
-        groups: dict[object, list[list]] = {}
-        for item in self._items:
+        groups: dict[object, list[int]] = {}
+        for i, item in enumerate(self._items):
             if item[2] is not None:
-                groups.setdefault(item[1], []).append(item)
+                groups.setdefault(item[1], []).append(i)
+        items: list[tuple[bytes, object, bytes | None] | None] = list(self._items)
         merged_any = False
-        for items in groups.values():
-            if len(items) < 2:
+        for key, places in groups.items():
+            if len(places) < 2:
                 continue
-            update = merge_updates(*(item[2] for item in items))
-            first = items[0]
-            first[0] = self.framer(_sync_head(SYNC_UPDATE, update), update)
-            first[2] = update
-            for item in items[1:]:
-                item[0] = None  # tombstone, dropped below
+            update = merge_updates(*(self._items[i][2] for i in places))
+            items[places[0]] = (self.framer(_sync_head(SYNC_UPDATE, update), update), key, update)
+            for i in places[1:]:
+                items[i] = None  # dropped below
             merged_any = True
         if merged_any:
-            self._items = deque(item for item in self._items if item[0] is not None)
+            self._items = [item for item in items if item is not None]
             self.nbytes = sum(len(item[0]) for item in self._items)
             if self.partial is not None:
                 self.nbytes += len(self.partial)
@@ -286,11 +286,16 @@ class Outbox:
 
     def take(self) -> list[bytes | memoryview]:
         """Everything queued, in order (the writer's next batch)."""
-        frames: list[bytes | memoryview] = [item[0] for item in self._items]
+        items = self._items
+        if not items and self.partial is None:
+            return []
+        frames: list[bytes | memoryview] = (
+            [items[0][0]] if len(items) == 1 else [i[0] for i in items]
+        )
         if self.partial is not None:
             frames.insert(0, self.partial)
             self.partial = None
-        self._items.clear()
+        items.clear()
         self.nbytes = 0
         return frames
 
@@ -362,7 +367,16 @@ class YConn(Outlet):
     """One y-websocket connection as the rooms see it: an `Outlet`, the room it is in, the
     awareness clients it introduced, and who it was admitted as."""
 
-    __slots__ = ("origin", "user", "device", "room", "awareness_ids", "token_hash", "space_id")
+    __slots__ = (
+        "origin",
+        "user",
+        "device",
+        "room",
+        "awareness_ids",
+        "token_hash",
+        "space_id",
+        "lease",
+    )
 
     def __init__(
         self,
@@ -378,9 +392,11 @@ class YConn(Outlet):
         self.user = user
         self.device = device
         self.room: Room | None = None
-        self.awareness_ids: set[int] = set()
+        self.awareness_ids: set[int] | None = None
+        """The awareness clients it introduced (None: none yet, the common case)."""
         self.token_hash = ""  # the token it was admitted with (re-checked on accounts changes)
         self.space_id = ""
+        self.lease: Lease | None = None  # its device slot, while it is in its room
 
     def __repr__(self) -> str:
         return f"<YConn {self.number} {self.user}>"
@@ -408,19 +424,15 @@ class StoreUpdate:
 
 
 # ------------------------------------------------------------------------------------- rooms
+class Lease(Protocol):
+    def release(self) -> None: ...
+
+
 class DocsLike(Protocol):
     """What a room reads from `HubDocs` (docs/architecture.md); it never writes to them."""
 
     def state_vector(self, space_id: str, doc_id: str) -> bytes: ...
     def diff(self, space_id: str, doc_id: str, state_vector: bytes) -> bytes: ...
-    def pending_ticket(self, space_id: str, doc_id: str) -> object: ...
-
-
-@dataclass
-class _Waiting:
-    conn: YConn
-    state_vector: bytes
-    ticket: object  # has `.done`
 
 
 @dataclass
@@ -435,8 +447,7 @@ class Room:
     clocks: dict[int, int] = field(default_factory=dict)  # awareness client -> last clock
     states: dict[int, str] = field(default_factory=dict)  # awareness client -> JSON state
     renewed: dict[int, float] = field(default_factory=dict)  # a client's state -> when last set
-    relay: list[tuple[bytes, str]] = field(default_factory=list)  # durable, not yet sent
-    waiting: list[_Waiting] = field(default_factory=list)  # step 1s waiting for durability
+    relay: list[tuple[bytes, str]] = field(default_factory=list)  # applied, not yet sent
     on_awareness: Callable[[bytes], None] | None = None
     """Told each awareness update the room accepted from its clients (the daemons get it)."""
 
@@ -458,16 +469,15 @@ class Room:
         if self.conns.pop(conn.number, None) is None:
             return
         conn.room = None
-        self.waiting = [w for w in self.waiting if w.conn is not conn]
         removed = []
-        for client in sorted(conn.awareness_ids):
+        for client in sorted(conn.awareness_ids or ()):
             self.renewed.pop(client, None)
             if client in self.states:
                 del self.states[client]
                 clock = self.clocks.get(client, 0) + 1
                 self.clocks[client] = clock
                 removed.append(AwarenessEntry(client, clock, "null"))
-        conn.awareness_ids.clear()
+        conn.awareness_ids = None
         if removed:
             payload = encode_awareness(removed)
             self._broadcast(awareness_message(payload), exclude=None)
@@ -502,13 +512,9 @@ class Room:
         return None
 
     def _on_step1(self, conn: YConn, state_vector: bytes) -> None:
-        ticket = self.docs.pending_ticket(self.space_id, self.doc_id)
-        if ticket is None or getattr(ticket, "done", True):
-            self._answer_step1(conn, state_vector)
-        else:  # answer once what the doc holds now is durable: never hand out unsaved data
-            self.waiting.append(_Waiting(conn, state_vector, ticket))
-
-    def _answer_step1(self, conn: YConn, state_vector: bytes) -> None:
+        """Answered at once with what the document holds, committed or not (docs/hub.md,
+        "Durability": a client that gets data the hub then loses gives it back on its next
+        sync, as a relayed update's receivers do)."""
         try:
             update = self.docs.diff(self.space_id, self.doc_id, state_vector)
         except ValueError:
@@ -520,7 +526,11 @@ class Room:
         self, conn: YConn | None, payload: bytes, now: float = 0.0
     ) -> list[AwarenessEntry]:
         """Apply an awareness update from `conn` (None: from the daemons, `inject`); relay what
-        changed (a higher clock, or the removal of a known state) to the room."""
+        changed (a higher clock, or the removal of a known state) to the room. The removal of a
+        state the room never had is not relayed: each joining client without awareness would
+        otherwise cost a message to every client of the room."""
+        if self._nothing_new(payload):
+            return []
         accepted = []
         for e in decode_awareness(payload):
             if not e.removed and len(e.state) > MAX_STATE:  # presence's cap: not relayed
@@ -530,13 +540,18 @@ class Room:
             if current < e.clock or (current == e.clock and e.removed and e.client in self.states):
                 self.clocks[e.client] = e.clock
                 if e.removed:
-                    self.states.pop(e.client, None)
                     self.renewed.pop(e.client, None)
-                    if conn is not None:
+                    if conn is not None and conn.awareness_ids:
                         conn.awareness_ids.discard(e.client)
+                    if self.states.pop(e.client, None) is None:
+                        # nothing to remove (a client that never set a state, as one with
+                        # awareness off says on connecting): not relayed, as y-protocols does
+                        continue
                 else:
                     self.states[e.client] = e.state
                     if conn is not None:  # the daemons time out their own states
+                        if conn.awareness_ids is None:
+                            conn.awareness_ids = set()
                         conn.awareness_ids.add(e.client)
                         self.renewed[e.client] = now
                 accepted.append(e)
@@ -547,6 +562,26 @@ class Room:
             self._broadcast(awareness_message(encode_awareness(accepted)), exclude=None)
         return accepted
 
+    def _nothing_new(self, payload: bytes) -> bool:
+        """Whether no entry of this awareness update can change the room (every clock known
+        already): the echoes y-websocket clients send of what they applied, N of them for each
+        change in a room of N, are dropped without decoding their JSON. Anything else (or
+        anything malformed) gets the full decoding."""
+        clocks = self.clocks
+        try:
+            count, pos = lib0_read_var_uint(payload, 0)
+            for _ in range(count):
+                client, pos = lib0_read_var_uint(payload, pos)
+                clock, pos = lib0_read_var_uint(payload, pos)
+                n, pos = lib0_read_var_uint(payload, pos)
+                current = clocks.get(client, 0)
+                if current < clock or (current == clock and client in self.states and n == 4):
+                    return False  # newer, or maybe the removal ("null") of a known state
+                pos += n
+        except BadVarUint:
+            return False
+        return pos == len(payload)
+
     def expire(self, now: float) -> float | None:
         """Remove the clients' states not renewed for `AWARENESS_TIMEOUT` (relayed as `null`
         with the clock raised, to the room and the daemons); -> when the next one is due."""
@@ -556,7 +591,8 @@ class Room:
         for client in stale:
             del self.renewed[client]
             for conn in self.conns.values():
-                conn.awareness_ids.discard(client)
+                if conn.awareness_ids:
+                    conn.awareness_ids.discard(client)
             if self.states.pop(client, None) is not None:
                 clock = self.clocks.get(client, 0) + 1
                 self.clocks[client] = clock
@@ -596,14 +632,12 @@ class Room:
                 conn.send(frame)
 
     def on_update(self, update: bytes, origin: str) -> None:
-        """A durable change of this room's document (any origin); sent at `flush()`."""
+        """An applied change of this room's document (any origin); sent at `flush()`."""
         self.relay.append((update, origin))
 
     def flush(self) -> None:
-        """Send the durable updates (merged per run of one origin), then due step 2 answers."""
+        """Send the applied updates, merged per run of one origin."""
         relay, self.relay = self.relay, []
-        # Connections whose step 1 is answered below get all of this in their step 2.
-        answering = {w.conn.number for w in self.waiting if getattr(w.ticket, "done", True)}
         i = 0
         while i < len(relay):
             origin = relay[i][1]
@@ -615,24 +649,15 @@ class Room:
             frame = self.framer(_sync_head(SYNC_UPDATE, update), update)
             key = self.key
             for conn in list(self.conns.values()):
-                if conn.origin != origin and conn.number not in answering:
+                if conn.origin != origin:
                     conn.send(frame, key, update)
             i = j
-        if self.waiting:
-            still = []
-            for w in self.waiting:
-                if getattr(w.ticket, "done", True):
-                    if w.conn.closing is None:
-                        self._answer_step1(w.conn, w.state_vector)
-                else:
-                    still.append(w)
-            self.waiting = still
 
 
 class Rooms:
     """Every open room, keyed by (space id, doc id); a room lives while it has connections.
 
-    HubDocs feeds it durable updates (`on_update`) and, after each batch, has it send them
+    HubDocs feeds it applied updates (`on_update`) and, after each batch, has it send them
     (`flush`, through the `/yjs` endpoint, which then wakes the writers: server.py wires it).
     """
 
@@ -690,10 +715,7 @@ class Rooms:
         room = conn.room
         if room is None:
             return None
-        event = room.receive(conn, data, time.monotonic() if now is None else now)
-        if room.waiting:
-            self._dirty.add(room.key)
-        return event
+        return room.receive(conn, data, time.monotonic() if now is None else now)
 
     def expire(self, now: float) -> float | None:
         """Time out the rooms' stale awareness states; -> the next deadline (None: none held)."""
@@ -711,14 +733,15 @@ class Rooms:
             conn.close(CLOSE_CODES["bad-update"], "bad-update")
 
     def on_update(self, space_id: str, doc_id: str, update: bytes, origin: str) -> None:
-        """HubDocs listener: a durable update of any document."""
+        """HubDocs listener: an applied update of any document (relayed at once; the store
+        commits it alongside)."""
         room = self.rooms.get((space_id, doc_id))
         if room is not None:
             room.on_update(update, origin)
             self._dirty.add(room.key)
 
     def flush(self) -> None:
-        """HubDocs flush listener: after each batch of durable updates."""
+        """HubDocs flush listener: after each batch of applied updates."""
         dirty, self._dirty = self._dirty, set()
         for key in dirty:
             room = self.rooms.get(key)
@@ -729,5 +752,3 @@ class Rooms:
             except Exception:  # one room's failure must not stop the others
                 log.exception("room %s/%s: flush failed", *key)
                 room.relay.clear()
-            if room.waiting:
-                self._dirty.add(key)

@@ -101,6 +101,8 @@ class MockService:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         listener = self.registry.add_listener(self._on_change)
+        # a served environment's document stays loaded: each change is exported for the engine
+        keeper = self.registry.add_keeper(lambda env_id: env_id in self.engine.servers)
         watcher = self.events.listen(self._on_event)
         try:
             async with trio.open_nursery() as nursery:
@@ -117,6 +119,7 @@ class MockService:
                 task_status.started()
         finally:
             self.registry.remove_listener(listener)
+            self.registry.remove_keeper(keeper)
             self.events.unlisten(watcher)
 
     def _saved(self) -> dict[str, dict[str, Any]]:

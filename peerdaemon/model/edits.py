@@ -251,8 +251,15 @@ def sync_text(text: Text, new: str) -> None:
 _CHAR_DIFF_LIMIT = 250_000
 
 
-def _text_hunks(old: str, new: str, base: int = 0) -> list[tuple[int, int, str]]:
-    """(start, end, replacement) hunks in `old` coordinates, in order."""
+def _text_hunks(
+    old: str, new: str, base: int = 0, by_lines: bool = True
+) -> list[tuple[int, int, str]]:
+    """(start, end, replacement) hunks in `old` coordinates, in order.
+
+    A block the line diff replaces shares no line, so it is refined by characters only
+    (`by_lines=False`): splitting it into lines again could give back the same block, and recurse
+    on it forever. Too large for that and for Myers, a block is one replace hunk.
+    """
     p = 0
     limit = min(len(old), len(new))
     while p < limit and old[p] == new[p]:
@@ -272,6 +279,8 @@ def _text_hunks(old: str, new: str, base: int = 0) -> list[tuple[int, int, str]]
         few = _myers_hunks(a, b, start)
         if few is not None:
             return few
+        if not by_lines:
+            return [(start, start + len(a), b)]
         units_a, units_b = a.splitlines(keepends=True), b.splitlines(keepends=True)
         if len(units_a) * len(units_b) > _CHAR_DIFF_LIMIT or (
             len(units_a) < 2 and len(units_b) < 2
@@ -290,7 +299,7 @@ def _text_hunks(old: str, new: str, base: int = 0) -> list[tuple[int, int, str]]
             continue
         sa, ea, sb, eb = pos_a[i1], pos_a[i2], pos_b[j1], pos_b[j2]
         if lines and tag == "replace":  # line units: refine inside the block
-            hunks.extend(_text_hunks(a[sa:ea], b[sb:eb], start + sa))
+            hunks.extend(_text_hunks(a[sa:ea], b[sb:eb], start + sa, by_lines=False))
         else:
             hunks.append((start + sa, start + ea, b[sb:eb]))
     return hunks

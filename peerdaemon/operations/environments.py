@@ -348,6 +348,7 @@ class Operations:
             "data_dir": str(self.data_dir),
             "socket": str(self.socket_path),
             "environments": len(reg.envs),
+            "loaded": reg.resident(),  # documents in memory (core/residency.py)
             "newer": newer,
             "last_migration": LAST_MIGRATION,
             "model_version": MODEL_VERSION,

@@ -17,9 +17,9 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from ..core.admission import BUSY_BODY, BUSY_STATUS, Admission, Slot
 from ..core.backoff import Backoff
 from . import messages
-from .admission import BUSY_BODY, BUSY_STATUS, Admission, Slot
 from .config import PeerConfig
 from .crypto import HUB_TOKEN_ID_LEN, hub_token_hash, hub_token_id, hub_token_proof
 from .handshake import (

@@ -41,7 +41,7 @@ from trio_websocket import (
     wrap_server_stream,
 )
 
-from .admission import BUSY_BODY, BUSY_STATUS, Admission, Slot
+from ..core.admission import BUSY_BODY, BUSY_STATUS, Admission, Slot
 from .config import PeerConfig
 from .messages import BUSY, CLOSED, SHUTDOWN, TOO_LARGE, UNREACHABLE
 from .session import Closed, Event, PeerConnection, UpdateReceived, UpdateSink, apply_update

@@ -2,19 +2,30 @@
 
 `SpacesService` keeps this device's spaces and implements `SyncHost`, the daemon side of a peer
 link (docs/architecture.md, docs/spaces.md).
+
+Loading the package loads the space document only (what the hub reads); the invites and the
+service (with the registry and the device identity's cryptography behind it) are loaded when
+first asked for (a module `__getattr__`), so a hub does not keep them in memory.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .document import DELETED, ENVIRONMENTS, SHARED, UNSHARED, SpaceDoc
-from .invite import Invite, InviteError, decode_invite, encode_invite, parse_address
-from .service import (
-    InvitePeer,
-    Space,
-    SpaceError,
-    SpaceKey,
-    SpacesService,
-    SyncHost,
-    space_doc_id,
-)
+
+if TYPE_CHECKING:
+    from .invite import Invite, InviteError, decode_invite, encode_invite, parse_address
+    from .service import (
+        InvitePeer,
+        Space,
+        SpaceError,
+        SpaceKey,
+        SpacesService,
+        SyncHost,
+        space_doc_id,
+    )
 
 __all__ = [
     "DELETED",
@@ -35,3 +46,28 @@ __all__ = [
     "parse_address",
     "space_doc_id",
 ]
+
+_LAZY = {
+    "Invite": "invite",
+    "InviteError": "invite",
+    "decode_invite": "invite",
+    "encode_invite": "invite",
+    "parse_address": "invite",
+    "InvitePeer": "service",
+    "Space": "service",
+    "SpaceError": "service",
+    "SpaceKey": "service",
+    "SpacesService": "service",
+    "SyncHost": "service",
+    "space_doc_id": "service",
+}
+"""Names loaded on first use, by module."""
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value

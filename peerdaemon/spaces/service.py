@@ -55,7 +55,7 @@ from ..core.registry import Registry
 from ..model import prepare
 from ..model.layout import ENV_ROOT
 from ..model.lib0 import EMPTY_UPDATE
-from ..model.migrations import doc_version, model_item_ids, update_models
+from ..model.migrations import model_item_ids, update_models
 from ..model.strays import decode
 from ..model.yupdate import Item
 from ..store import Store, Ticket
@@ -229,6 +229,8 @@ class SpacesService:
         self.address_provider: Callable[[], list[str]] | None = None
         """Set by the peer side: this daemon's reachable `host:port`s, put into invites."""
         registry.add_listener(self._on_env_change)
+        # a held environment's document stays loaded until resolved (core/residency.py)
+        registry.add_keeper(lambda env_id: env_id in self.holds)
         if attachments is not None:
             attachments.add_listener(self._on_files_change)
             attachments.neighbours = self._neighbours
@@ -240,7 +242,8 @@ class SpacesService:
         after `Registry.load`. Returns the number of spaces."""
         saved = self.store.get_setting(SPACES_SETTING) or {}
         bindings = self.store.get_setting(BINDINGS_SETTING) or {}
-        loaded = self.store.load() if saved else {}  # a second read only for users of spaces
+        # only the space documents, and only for users of spaces
+        loaded = self.store.load_prefixed(SPACE_PREFIX) if saved else {}
         self.holds.load()
         for space_id, entry in saved.items() if isinstance(saved, dict) else ():
             try:
@@ -718,8 +721,9 @@ class SpacesService:
             return self.attachments.state_vector(files_of)
         if self._sharing_space(doc_id) is None:
             return None
-        env = self.registry.envs.get(doc_id)
-        return env.doc.get_state() if env is not None else EMPTY_STATE_VECTOR
+        if doc_id not in self.registry.envs:
+            return EMPTY_STATE_VECTOR
+        return self.registry.state_vector(doc_id)  # no document loaded for it (residency.py)
 
     def diff(self, doc_id: str, state_vector: bytes) -> bytes:
         """What `state_vector` misses; the empty update for a doc that is not synced here."""
@@ -847,9 +851,8 @@ class SpacesService:
         needed = space.doc.model() if space is not None else 0
         if env_id is not None:
             needed = max(needed, self._newer.get(env_id, 0))
-            env = self.registry.envs.get(env_id)
-            if env is not None:
-                needed = max(needed, doc_version(env.doc))
+            if env_id in self.registry.envs:
+                needed = max(needed, self.registry.model_of(env_id))
         return needed if needed > self.model_version else None
 
     def _meet(self, space: Space, *, commit: bool = True) -> list[Ticket]:
@@ -866,8 +869,7 @@ class SpacesService:
     def _migrate(self, env_id: str) -> list[Ticket]:
         """Migrate an environment this device holds up to its model, unless a space it is
         shared in needs a newer one (an older device keeps its copies untouched)."""
-        env = self.registry.envs.get(env_id)
-        if env is None or doc_version(env.doc) >= self.model_version:
+        if env_id not in self.registry.envs or self.registry.model_of(env_id) >= self.model_version:
             return []
         for space in self.spaces.values():
             if space.doc.state(env_id) == SHARED and self.needs(None, space.id) is not None:

@@ -13,6 +13,11 @@ Why this shape (details in docs/store.md):
   goes back to the head of the queue and is retried with backoff: the callers' documents already
   hold those changes, and a later write of the same document must not become durable on top of
   a hole (it would be acknowledged, and lost at the next start).
+- The file gives back what compactions and deletes free (`auto_vacuum=INCREMENTAL`): the writer
+  moves free pages out in bounded steps of their own when it has nothing else to write, so a
+  step never holds a write back for long. A database made before that is rebuilt once by a
+  `VACUUM` at the writer's start (the only way to turn it on; atomic, so a crash keeps the old
+  file), while the daemon already serves from memory and its writes queue.
 """
 
 from __future__ import annotations
@@ -64,6 +69,18 @@ RETRY_MAX = 5.0
 # SQLite primary result codes of failures that may pass: BUSY, LOCKED, NOMEM, IOERR, FULL,
 # CANTOPEN, PROTOCOL (extended codes carry the primary code in their low byte).
 _TRANSIENT_CODES = frozenset({5, 6, 7, 10, 13, 14, 15})
+
+# Incremental vacuum (docs/store.md, "Giving space back"): worth a run from this many free
+# pages, and from this fraction of the file (below, appends soon reuse them); at most this many
+# pages per step (4 MiB of 4 KiB pages: a few ms of writing, and what a write may wait for); a
+# run starts once the writer had nothing to write for VACUUM_IDLE seconds, or after this many
+# batches if it never has.
+VACUUM_MIN_FREE_PAGES = 64
+VACUUM_FREE_FRACTION = 8
+VACUUM_STEP_PAGES = 1024
+VACUUM_IDLE = 0.5
+VACUUM_EVERY_BATCHES = 64
+_FREEING = frozenset({"delete", "compact", "prune", "trash", "untrash"})
 
 
 # Upper bounds (seconds) of the commit-latency histogram (`Store.commit_times`).
@@ -300,6 +317,15 @@ class Store:
         self._retry_delay = 0.0  # > 0 while failed batches wait to be tried again
         self._last_error: str | None = None  # why they failed
         self.commit_times = CommitTimes()
+        self.incremental_vacuum = _auto_vacuum(db) == _INCREMENTAL
+        """False for a database made before it existed, until the writer's migration ran."""
+        free = db.execute("PRAGMA freelist_count").fetchone()[0]
+        self._vacuum_due = free >= VACUUM_MIN_FREE_PAGES  # look when the writer is idle
+        self._vacuum_running = False  # a run of steps is under way: go down to no free page
+        self._vacuum_batches = 0  # batches written since a step became due
+        self._vacuumed_pages = 0
+        self._migrating = False  # the one-time VACUUM runs in the worker thread
+        self._settled: trio.Event | None = None  # `settled()` waits for the writer's idle
 
     # ------------------------------------------------------------------ open / close
 
@@ -357,6 +383,8 @@ class Store:
             return
         self._closed = True
         self._wakeup.set()  # let a waiting run() notice and return
+        if self._migrating:  # a one-time VACUUM may take long: stop it (it runs again next time)
+            self._db.interrupt()
         try:
             with self._db_lock:  # waits for a batch of run() that is being written
                 inflight = self._inflight
@@ -446,6 +474,79 @@ class Store:
             ]
         return stored + pending
 
+    def sizes(self) -> dict[str, tuple[int, int, int]]:
+        """id -> (snapshot bytes, log rows, log bytes) of every stored env, committed, without
+        reading their content: what lets a caller load documents only when they are used."""
+        out: dict[str, tuple[int, int, int]] = {}
+        with self._read() as r:
+            for env_id, nbytes in r.execute("SELECT env_id, length(blob) FROM snapshots"):
+                out[env_id] = (nbytes, 0, 0)
+            for env_id, rows, nbytes in r.execute(
+                "SELECT env_id, count(*), sum(length(blob)) FROM log GROUP BY env_id"
+            ):
+                out[env_id] = (out.get(env_id, (0, 0, 0))[0], rows, nbytes)
+            for (env_id,) in r.execute("SELECT env_id FROM env_meta"):
+                out.setdefault(env_id, (0, 0, 0))
+        return out
+
+    def index(self) -> dict[str, tuple[int | None, int | None, dict | None]]:
+        """id -> (snapshot upto, newest log seq, meta) of every stored doc, committed, without
+        reading updates. The two marks say which stored state the meta was written for: any
+        later append, or a compaction of one, changes them (see `marks`). A meta that cannot be
+        decoded is None (it only ever describes: the updates are what counts)."""
+        out: dict[str, tuple[int | None, int | None, dict | None]] = {}
+        with self._read() as r:
+            for env_id, upto in r.execute("SELECT env_id, upto FROM snapshots"):
+                out[env_id] = (upto, None, None)
+            for env_id, seq in r.execute("SELECT env_id, max(seq) FROM log GROUP BY env_id"):
+                out[env_id] = (out.get(env_id, (None, None, None))[0], seq, None)
+            for env_id, blob in r.execute("SELECT env_id, meta FROM env_meta"):
+                try:
+                    meta: dict | None = _decode_map(blob, f"meta of {env_id!r}")
+                except StoreError:
+                    meta = None
+                upto, seq, _ = out.get(env_id, (None, None, None))
+                out[env_id] = (upto, seq, meta)
+        return out
+
+    def marks(self, env_id: str) -> tuple[int | None, int | None] | None:
+        """`env_id`'s (snapshot upto, newest log seq) as committed, as `index` reads them; None
+        while an append, compaction or delete of it is queued or being written (not final)."""
+        queued = [*(self._inflight.ops if self._inflight is not None else ()), *self._queue]
+        if any(op.key == env_id and op.kind in ("append", "compact", "delete") for op in queued):
+            return None
+        with self._read() as r:
+            snap = r.execute("SELECT upto FROM snapshots WHERE env_id = ?", (env_id,)).fetchone()
+            (seq,) = r.execute("SELECT max(seq) FROM log WHERE env_id = ?", (env_id,)).fetchone()
+        return (snap[0] if snap else None, seq)
+
+    def load_prefixed(self, prefix: str) -> dict[str, LoadedEnv]:
+        """`load`, of the docs whose id starts with `prefix` only (`space:`, `files:`): a
+        service that keeps those in memory reads none of the environments' updates."""
+        envs: dict[str, LoadedEnv] = {}
+        uptos: dict[str, int] = {}
+        end = prefix[:-1] + chr(ord(prefix[-1]) + 1)  # ids in [prefix, end) start with it
+        with self._read() as r:
+            for env_id, upto, blob in r.execute(
+                "SELECT env_id, upto, blob FROM snapshots WHERE env_id >= ? AND env_id < ?",
+                (prefix, end),
+            ):
+                envs[env_id] = LoadedEnv(updates=[blob])
+                uptos[env_id] = upto
+            for seq, env_id, blob in r.execute(
+                "SELECT seq, env_id, blob FROM log WHERE env_id >= ? AND env_id < ? ORDER BY seq",
+                (prefix, end),
+            ):
+                if seq <= uptos.get(env_id, 0):
+                    continue
+                envs.setdefault(env_id, LoadedEnv()).updates.append(blob)
+            for env_id, meta in r.execute(
+                "SELECT env_id, meta FROM env_meta WHERE env_id >= ? AND env_id < ?",
+                (prefix, end),
+            ):
+                envs.setdefault(env_id, LoadedEnv()).meta = _decode_map(meta, f"meta of {env_id!r}")
+        return envs
+
     def needs_compaction(self, env_id: str) -> bool:
         """Whether the log since the last snapshot reached a threshold, counting what is
         enqueued (not only committed), so the caller can compact under sustained load."""
@@ -476,6 +577,8 @@ class Store:
             "failed_writes": self._failed_writes,
             "queued": len(self._queue),
             "error": self._last_error if self._retry_delay else None,
+            "incremental_vacuum": self.incremental_vacuum,
+            "vacuumed_pages": self._vacuumed_pages,
         }
 
     def env_stats(self, env_id: str) -> dict:
@@ -647,6 +750,8 @@ class Store:
         if not isinstance(op.key, str):
             raise StoreError(f"key must be str, not {type(op.key).__name__}")
         self._queue.append(op)
+        if op.kind in _FREEING:
+            self._vacuum_due = True
         self._wakeup.set()
         return op.ticket
 
@@ -666,16 +771,29 @@ class Store:
         self._running = True
         task_status.started()
         try:
+            if not self.incremental_vacuum:
+                await self._migrate_vacuum()
             while not self._closed:
                 await trio.lowlevel.checkpoint_if_cancelled()
                 if not self._queue:
+                    if self._vacuum_due and self.incremental_vacuum and not self._retry_delay:
+                        if self._vacuum_running or await self._quiet():
+                            await self._vacuum_step()
+                        continue
                     self._wakeup = trio.Event()
+                    if self._settled is not None:
+                        self._settled.set()
+                        self._settled = None
                     await self._wakeup.wait()
                     continue
                 if await self._flush_once(requeue=True):
                     if self._retry_delay:
                         log.warning("store: writes succeed again (%s is over)", self._last_error)
                     self._retry_delay = 0.0
+                    if self._vacuum_due and self.incremental_vacuum:  # never idle: now and then
+                        self._vacuum_batches += 1
+                        if self._vacuum_batches >= VACUUM_EVERY_BATCHES:
+                            await self._vacuum_step()
                 else:  # failed, and back in the queue: let the disk recover first
                     self._retry_delay = min(max(self._retry_delay * 2, RETRY_INITIAL), RETRY_MAX)
                     await trio.sleep(self._retry_delay)
@@ -684,6 +802,123 @@ class Store:
                 while self._queue and not self._closed:
                     await self._flush_once(requeue=False)
             self._running = False
+            if self._settled is not None:  # nothing more will be written by this writer
+                self._settled.set()
+
+    async def settled(self) -> None:
+        """Until the running writer has written everything queued and given back the free
+        pages (tests and benchmarks: the file's size is final then)."""
+        if not self._running:
+            raise StoreError("the writer is not running")
+        if self._settled is None:
+            self._settled = trio.Event()
+        settled = self._settled
+        self._wakeup.set()  # have the loop look again
+        await settled.wait()
+
+    # ------------------------------------------------------------------ giving space back
+
+    async def _migrate_vacuum(self) -> None:
+        """Rebuild a database made without incremental vacuum (the only way to turn it on).
+
+        It takes about as long as writing the file once (~1 s per 100 MB here) and needs as
+        much free space again; writes queue meanwhile. Atomic like any transaction: a crash or
+        a failure (a full disk) leaves the old file, and the next start tries again. Shutdown
+        interrupts it (`close()`)."""
+        size = self._db_bytes()
+        log.info("store: converting %s (%d MB) to give space back; once", self.db_path, size >> 20)
+        started = time.perf_counter()
+        self._migrating = True
+
+        async def interrupt_when_cancelled() -> None:
+            try:
+                await trio.sleep_forever()
+            finally:
+                if self._migrating:  # the writer is being cancelled: stop the VACUUM
+                    self._db.interrupt()  # (thread-safe; it rolls back)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(interrupt_when_cancelled)
+                with trio.CancelScope(shield=True):
+                    error = await trio.to_thread.run_sync(self._vacuum_whole)
+                self._migrating = False
+                nursery.cancel_scope.cancel()
+        finally:
+            self._migrating = False
+        if error is not None:
+            log.warning("store: not converted (%s); trying again at the next start", error)
+            return
+        self.incremental_vacuum = True
+        log.info("store: converted in %.1f s", time.perf_counter() - started)
+
+    def _vacuum_whole(self) -> str | None:
+        """Worker thread: the one-time VACUUM; why it failed, or None."""
+        with self._db_lock:
+            if self._db_closed:
+                return "store closed"
+            try:
+                self._db.execute("PRAGMA auto_vacuum = INCREMENTAL")
+                self._db.execute("VACUUM")
+                return None if _auto_vacuum(self._db) == _INCREMENTAL else "mode unchanged"
+            except sqlite3.Error as e:
+                return str(e)
+
+    async def _quiet(self) -> bool:
+        """Whether nothing was enqueued for `VACUUM_IDLE` seconds (`settled()` does not wait)."""
+        if self._settled is not None:
+            return True
+        self._wakeup = trio.Event()
+        with trio.move_on_after(VACUUM_IDLE):
+            await self._wakeup.wait()
+            return self._settled is not None and not self._queue
+        return True
+
+    async def _vacuum_step(self) -> None:
+        """Give back up to `VACUUM_STEP_PAGES` free pages in a transaction of their own."""
+        self._vacuum_batches = 0
+        self._vacuum_due = False  # a freeing write enqueued meanwhile sets it again
+        with trio.CancelScope(shield=True):
+            more = await trio.to_thread.run_sync(self._vacuum_some)
+        self._vacuum_running = more
+        self._vacuum_due = self._vacuum_due or more
+
+    def _vacuum_some(self) -> bool:
+        """Worker thread: one step; True if free pages remain for another."""
+        with self._db_lock:
+            if self._db_closed or not self.incremental_vacuum:
+                return False
+            db = self._db
+            try:
+                free = db.execute("PRAGMA freelist_count").fetchone()[0]
+                if not self._vacuum_running:
+                    pages = db.execute("PRAGMA page_count").fetchone()[0]
+                    if free < max(VACUUM_MIN_FREE_PAGES, pages // VACUUM_FREE_FRACTION):
+                        return False
+                elif not free:
+                    return False
+                pages = min(free, VACUUM_STEP_PAGES)
+                # executescript steps the pragma to its end (execute() frees a single page)
+                db.executescript(f"BEGIN IMMEDIATE; PRAGMA incremental_vacuum({pages}); COMMIT;")
+                left = db.execute("PRAGMA freelist_count").fetchone()[0]
+                self._vacuumed_pages += max(0, free - left)
+                if 0 < left < free:
+                    return True
+                # done: the file shrank at the checkpoint; empty the WAL too, unless a reader
+                # holds it (a short wait: writes may be queuing)
+                db.execute("PRAGMA busy_timeout = 200")
+                try:
+                    db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+                finally:
+                    db.execute("PRAGMA busy_timeout = 10000")
+            except sqlite3.Error as e:
+                if db.in_transaction:
+                    try:
+                        db.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass
+                log.warning("store: giving space back failed: %s", e)
+            return False
 
     async def _flush_once(self, requeue: bool) -> bool:
         """Commit one batch in a worker thread, then complete its tickets (shielded: a batch
@@ -903,7 +1138,17 @@ def _connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
+_INCREMENTAL = 2  # PRAGMA auto_vacuum: 0 none, 1 full, 2 incremental
+
+
+def _auto_vacuum(db: sqlite3.Connection) -> int:
+    return int(db.execute("PRAGMA auto_vacuum").fetchone()[0])
+
+
 def _init_writer(db: sqlite3.Connection) -> None:
+    # Before anything writes the header (even journal_mode does): takes effect for a new file
+    # only; an older one is converted by the writer (`Store._migrate_vacuum`).
+    db.execute("PRAGMA auto_vacuum = INCREMENTAL")
     mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
     if str(mode).lower() != "wal":
         raise StoreError(f"cannot enable WAL journal mode (got {mode!r})")
