@@ -209,9 +209,9 @@ def _export_of(update: bytes, env_id: str) -> dict[str, Any]:
 
 
 def _same_delete_set(a: bytes, b: bytes) -> bool:
-    from peerdaemon.core.residency import _delete_set
+    from peerdaemon.model.yupdate import read_delete_set
 
-    return a[:1] == b[:1] == b"\x00" and _delete_set(a, 1) == _delete_set(b, 1)
+    return a[:1] == b[:1] == b"\x00" and read_delete_set(a, 1) == read_delete_set(b, 1)
 
 
 async def test_nothing_unloads_what_is_followed_not_durable_or_kept(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 import trio
 
-from ..model.lib0 import read_var_uint
+from ..model.yupdate import covered, read_delete_set, read_state_vector
 from .heap import FreeHeap
 
 log = logging.getLogger("peerdaemon.residency")
@@ -101,51 +101,11 @@ class Facts:
 # -- reading state vectors and delete sets ----------------------------------------------------
 
 
-def _state_vector(sv: bytes) -> dict[int, int]:
-    out: dict[int, int] = {}
-    n, pos = read_var_uint(sv, 0)
-    for _ in range(n):
-        client, pos = read_var_uint(sv, pos)
-        clock, pos = read_var_uint(sv, pos)
-        out[client] = clock
-    if pos != len(sv):
-        raise ValueError("bytes after the state vector")
-    return out
-
-
 def covers(big: bytes, small: bytes) -> bool:
     """Whether state vector `big` holds every item state vector `small` does (raises
     ValueError on bytes that are not one)."""
-    have = _state_vector(big)
-    return all(clock <= have.get(client, 0) for client, clock in _state_vector(small).items())
-
-
-def _delete_set(data: bytes, pos: int) -> dict[int, list[tuple[int, int]]]:
-    """client -> sorted (start, end) ranges of the delete set at `pos`."""
-    out: dict[int, list[tuple[int, int]]] = {}
-    clients, pos = read_var_uint(data, pos)
-    for _ in range(clients):
-        client, pos = read_var_uint(data, pos)
-        count, pos = read_var_uint(data, pos)
-        ranges = out.setdefault(client, [])
-        for _ in range(count):
-            clock, pos = read_var_uint(data, pos)
-            length, pos = read_var_uint(data, pos)
-            ranges.append((clock, clock + length))
-    for ranges in out.values():
-        ranges.sort()
-    return out
-
-
-def _covered(ranges: list[tuple[int, int]], start: int, end: int) -> bool:
-    for a, b in ranges:
-        if a <= start < b:
-            start = b
-            if start >= end:
-                return True
-        elif a > start:
-            return False
-    return start >= end
+    have = read_state_vector(big)
+    return all(clock <= have.get(client, 0) for client, clock in read_state_vector(small).items())
 
 
 def holds_news(facts: Facts, update: bytes, diff: Callable[[bytes, bytes], bytes]) -> bool:
@@ -157,14 +117,14 @@ def holds_news(facts: Facts, update: bytes, diff: Callable[[bytes, bytes], bytes
         beyond = diff(update, facts.state_vector)
         if beyond[:1] != b"\x00":  # structs this document has not seen
             return True
-        theirs = _delete_set(beyond, 1)
+        theirs = read_delete_set(beyond, 1)
         if not theirs:
             return False
-        ours = _delete_set(facts.deletions, 1)
+        ours = read_delete_set(facts.deletions, 1)
     except Exception:
         return True
     return not all(
-        _covered(ours.get(client, []), a, b) for client, ranges in theirs.items() for a, b in ranges
+        covered(ours.get(client, []), a, b) for client, ranges in theirs.items() for a, b in ranges
     )
 
 

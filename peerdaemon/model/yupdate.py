@@ -12,7 +12,17 @@ from dataclasses import dataclass
 
 from .lib0 import BadVarUint, read_var_uint
 
-__all__ = ["NO_VALUE", "Item", "Malformed", "Reader", "read_items"]
+__all__ = [
+    "NO_VALUE",
+    "DeleteSet",
+    "Item",
+    "Malformed",
+    "Reader",
+    "covered",
+    "read_delete_set",
+    "read_items",
+    "read_state_vector",
+]
 
 # content refs (Yjs `contentRefs`) and type refs (`typeRefs`)
 GC, DELETED, JSON, BINARY, STRING, EMBED, FORMAT, TYPE, ANY, DOC, SKIP = range(11)
@@ -192,3 +202,51 @@ def read_items(update: bytes) -> list[Item]:
             )
             clock += length
     return items
+
+
+# -- state vectors and delete sets ----------------------------------------------------------------
+
+DeleteSet = dict[int, list[tuple[int, int]]]
+"""client -> sorted (start, end) clock ranges."""
+
+
+def read_state_vector(sv: bytes) -> dict[int, int]:
+    """client -> clock of an encoded state vector (ValueError on bytes that are not one)."""
+    out: dict[int, int] = {}
+    n, pos = read_var_uint(sv, 0)
+    for _ in range(n):
+        client, pos = read_var_uint(sv, pos)
+        clock, pos = read_var_uint(sv, pos)
+        out[client] = clock
+    if pos != len(sv):
+        raise ValueError("bytes after the state vector")
+    return out
+
+
+def read_delete_set(data: bytes, pos: int) -> DeleteSet:
+    """The delete set encoded at `pos` (after an update's structs)."""
+    out: DeleteSet = {}
+    clients, pos = read_var_uint(data, pos)
+    for _ in range(clients):
+        client, pos = read_var_uint(data, pos)
+        count, pos = read_var_uint(data, pos)
+        ranges = out.setdefault(client, [])
+        for _ in range(count):
+            clock, pos = read_var_uint(data, pos)
+            length, pos = read_var_uint(data, pos)
+            ranges.append((clock, clock + length))
+    for ranges in out.values():
+        ranges.sort()
+    return out
+
+
+def covered(ranges: list[tuple[int, int]], start: int, end: int) -> bool:
+    """Whether sorted `ranges` cover [start, end) (ranges may touch or overlap)."""
+    for a, b in ranges:
+        if a <= start < b:
+            start = b
+            if start >= end:
+                return True
+        elif a > start:
+            return False
+    return start >= end

@@ -22,6 +22,7 @@ from pycrdt import Doc, merge_updates
 from ..core.errors import BAD_REQUEST, NOT_SHARED, OpError, arg, is_failure, when_durable
 from ..model import export_environment, prepare
 from ..model.lib0 import EMPTY_UPDATE, read_var_uint
+from ..model.yupdate import covered, read_delete_set, read_state_vector
 from ..store import Store, Ticket
 
 if TYPE_CHECKING:
@@ -64,41 +65,14 @@ def _state(update: bytes) -> tuple[dict[int, int], dict[int, list[tuple[int, int
     doc = Doc()
     doc.apply_update(update)
     sv_bytes = doc.get_state()
-    sv: dict[int, int] = {}
-    n, pos = read_var_uint(sv_bytes, 0)
-    for _ in range(n):
-        client, pos = read_var_uint(sv_bytes, pos)
-        clock, pos = read_var_uint(sv_bytes, pos)
-        sv[client] = clock
+    sv = read_state_vector(sv_bytes)
     # the diff against its own state vector: no structs, just the whole delete set
     ds_bytes = doc.get_update(sv_bytes)
     structs, pos = read_var_uint(ds_bytes, 0)
     if structs:
         raise ValueError("unexpected structs in a delete set")
-    ds: dict[int, list[tuple[int, int]]] = {}
-    clients, pos = read_var_uint(ds_bytes, pos)
-    for _ in range(clients):
-        client, pos = read_var_uint(ds_bytes, pos)
-        count, pos = read_var_uint(ds_bytes, pos)
-        ranges = ds.setdefault(client, [])
-        for _ in range(count):
-            clock, pos = read_var_uint(ds_bytes, pos)
-            length, pos = read_var_uint(ds_bytes, pos)
-            ranges.append((clock, clock + length))
-    for ranges in ds.values():
-        ranges.sort()
+    ds = read_delete_set(ds_bytes, pos)
     return sv, ds
-
-
-def _covered(ranges: list[tuple[int, int]], start: int, end: int) -> bool:
-    for a, b in ranges:
-        if a <= start < b:
-            start = b
-            if start >= end:
-                return True
-        elif a > start:
-            return False
-    return start >= end
 
 
 def contains(big: bytes, small: bytes) -> bool:
@@ -112,7 +86,7 @@ def contains(big: bytes, small: bytes) -> bool:
         return False
     for client, ranges in small_ds.items():
         have = big_ds.get(client, [])
-        if not all(_covered(have, a, b) for a, b in ranges):
+        if not all(covered(have, a, b) for a, b in ranges):
             return False
     return True
 
