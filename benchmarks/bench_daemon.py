@@ -38,9 +38,9 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from envgen import FIXTURE, make_environment  # noqa: E402
-from procutil import stop_process  # noqa: E402
+from procutil import stop_process, wait_daemon  # noqa: E402
 
-from peerdaemon.api.client import AsyncClient, Client, DaemonNotRunning  # noqa: E402
+from peerdaemon.api.client import AsyncClient, Client  # noqa: E402
 
 
 class Daemon:
@@ -80,15 +80,8 @@ class Daemon:
             },
             cwd=self.root,  # `-m` puts the working directory first: not a checkout's
         )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                with Client.connect(self.sock) as c:
-                    c.status()
-                return time.perf_counter() - t0
-            except (DaemonNotRunning, OSError):
-                time.sleep(0.005)
-        raise RuntimeError("daemon did not start")
+        wait_daemon(self.sock)
+        return time.perf_counter() - t0
 
     def rss_kb(self) -> int:
         assert self.proc is not None

@@ -29,9 +29,9 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from envgen import FIXTURE, make_environment  # noqa: E402
-from procutil import stop_process  # noqa: E402
+from procutil import stop_process, wait_daemon  # noqa: E402
 
-from peerdaemon.api.client import AsyncClient, Client, DaemonNotRunning  # noqa: E402
+from peerdaemon.api.client import AsyncClient, Client  # noqa: E402
 
 MODES = {
     "off": "[history]\nenabled = false\n",
@@ -68,15 +68,7 @@ class Daemon:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                with Client.connect(self.sock) as c:
-                    c.status()
-                return
-            except (DaemonNotRunning, OSError):
-                time.sleep(0.005)
-        raise RuntimeError("daemon did not start")
+        wait_daemon(self.sock)
 
     def stop(self) -> None:
         stop_process(self.proc)

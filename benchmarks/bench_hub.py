@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import resource
 import shutil
 import socket
@@ -45,7 +44,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from procutil import stop_process  # noqa: E402
+from procutil import stop_process, wait_hub_port  # noqa: E402
 
 SHARED = Path(
     os.environ.get("YJS_BENCH_DIR", Path(__file__).resolve().parents[2] / "shared" / "bench")
@@ -193,16 +192,7 @@ class Hub:
                 stderr=subprocess.STDOUT,
                 **self._where(),
             )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            m = re.search(r"hub listening on 127\.0\.0\.1:(\d+)", self.log.read_text())
-            if m:
-                self.port = int(m.group(1))
-                return
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise RuntimeError(f"hub did not start:\n{self.log.read_text()}")
+        self.port = wait_hub_port(self.proc, self.log, 30)
 
     def stop(self) -> None:
         stop_process(self.proc)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -113,16 +112,9 @@ class Hub:
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            m = re.search(r"hub listening on 127\.0\.0\.1:(\d+)", self.log.read_text())
-            if m:
-                self.port = int(m.group(1))
-                return
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise RuntimeError(f"hub did not start:\n{self.log.read_text()}")
+        from procutil import wait_hub_port
+
+        self.port = wait_hub_port(self.proc, self.log, 120)
 
     def rss(self) -> dict[str, int]:
         assert self.proc is not None

@@ -95,7 +95,7 @@ class Daemon:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        from peerdaemon.api.client import Client, DaemonNotRunning
+        from procutil import wait_daemon
 
         argv = [sys.executable, "-m", "peerdaemon", "run", "--data-dir", str(self.data)]
         self.proc = subprocess.Popen(
@@ -105,15 +105,7 @@ class Daemon:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                with Client.connect(self.sock) as c:
-                    c.status()
-                return
-            except (DaemonNotRunning, OSError):
-                time.sleep(0.01)
-        raise RuntimeError("daemon did not start")
+        wait_daemon(self.sock)
 
     def stop(self) -> None:
         from procutil import stop_process

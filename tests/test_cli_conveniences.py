@@ -179,7 +179,7 @@ def test_status_sections_for_hubs_and_mocks(capsys):
                 "errors": [{"doc": "e1", "reason": "quota-exceeded", "detail": ""}],
             },
             {
-                "url": "ws://10.0.0.1:8765",
+                "url": "ws://192.0.2.1:8765",
                 "state": "disconnected",
                 "reason": "unreachable",
                 "detail": "connection refused",
@@ -236,7 +236,7 @@ def test_status_sections_for_hubs_and_mocks(capsys):
     )
     assert "    error: e1: quota-exceeded\n" in out
     assert (
-        "  ws://10.0.0.1:8765: disconnected (unreachable: connection refused); key NOT PINNED\n"
+        "  ws://192.0.2.1:8765: disconnected (unreachable: connection refused); key NOT PINNED\n"
         in out
     )
     assert "  Demo: running at http://127.0.0.1:3000, 4 requests\n" in out
