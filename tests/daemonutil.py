@@ -74,6 +74,10 @@ class Dev(InProcessDaemon):
         self.port: int | None = None
         self.peers: list[tuple[str, int]] = []
 
+    def config_extra(self) -> dict[str, Any]:
+        """More `DaemonConfig` fields of a subclass's daemons (a status page, no history...)."""
+        return {}
+
     async def start(self, nursery: trio.Nursery, *peers: Dev | tuple[str, int]) -> Dev:
         self.peers = [(LOCAL, p.port) if isinstance(p, Dev) else p for p in peers]
         config = DaemonConfig(
@@ -83,6 +87,7 @@ class Dev(InProcessDaemon):
             listen=(LOCAL, self.port or 0),
             peers=list(self.peers),
             peer_config=self.peer_config,
+            **self.config_extra(),
         )
         await self.start_with(nursery, config)
         self.port = self.daemon.peer_port

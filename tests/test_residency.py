@@ -290,22 +290,8 @@ async def test_subscribed_served_and_held_documents_stay_loaded(base, nursery, m
 class QuietDev(Dev):
     """A LAN daemon without history (a changed document would stay loaded for its version)."""
 
-    async def start(self, nursery: trio.Nursery, *peers: Dev | tuple[str, int]) -> QuietDev:
-        from daemonutil import LOCAL
-
-        self.peers = [(LOCAL, p.port) if isinstance(p, Dev) else p for p in peers]
-        config = DaemonConfig(
-            self.data_dir,
-            self.socket_path,
-            name=self.name,
-            listen=(LOCAL, self.port or 0),
-            peers=list(self.peers),
-            peer_config=self.peer_config,
-            history=NO_HISTORY,
-        )
-        await self.start_with(nursery, config)
-        self.port = self.daemon.peer_port
-        return self
+    def config_extra(self) -> dict[str, Any]:
+        return {"history": NO_HISTORY}
 
 
 async def test_a_peers_initial_exchange_loads_no_idle_document(base, nursery):

@@ -31,8 +31,6 @@ from daemonutil import (
 from helpers import LOCAL, free_port, until_sync
 from mockutil import request, require_runner, small_env
 
-from peerdaemon.daemon.supervisor import DaemonConfig
-
 playwright_api = pytest.importorskip("playwright.sync_api")
 expect = playwright_api.expect
 
@@ -55,21 +53,8 @@ class PageDev(Dev):
         super().__init__(base, name)
         self.status = status
 
-    async def start(self, nursery: trio.Nursery, *peers: Dev | tuple[str, int]) -> PageDev:
-        self.peers = [(LOCAL, p.port) if isinstance(p, Dev) else p for p in peers]
-        config = DaemonConfig(
-            self.data_dir,
-            self.socket_path,
-            name=self.name,
-            listen=(LOCAL, self.port or 0),
-            peers=list(self.peers),
-            peer_config=self.peer_config,
-            status=self.status,
-            status_listen=(LOCAL, 0),
-        )
-        await self.start_with(nursery, config)
-        self.port = self.daemon.peer_port
-        return self
+    def config_extra(self) -> dict[str, Any]:
+        return {"status": self.status, "status_listen": (LOCAL, 0)}
 
     @property
     def url(self) -> str:
