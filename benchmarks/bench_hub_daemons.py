@@ -32,9 +32,9 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from envgen import FIXTURE  # noqa: E402
-from procutil import stop_process  # noqa: E402
+from procutil import stop_process, wait_daemon  # noqa: E402
 
-from peerdaemon.api.client import Client, DaemonNotRunning, open_client  # noqa: E402
+from peerdaemon.api.client import Client, open_client  # noqa: E402
 
 LOCAL = "127.0.0.1"
 WARMUP = 10
@@ -75,18 +75,6 @@ def wait_port(port: int, proc: Proc) -> None:
         except OSError:
             time.sleep(0.02)
     raise RuntimeError("the hub did not start")
-
-
-def wait_socket(path: Path) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            with Client.connect(path) as c:
-                c.status()
-            return
-        except (DaemonNotRunning, OSError):
-            time.sleep(0.01)
-    raise RuntimeError("a daemon did not start")
 
 
 def hub_admin(hub_dir: Path, *argv: str) -> str:
@@ -159,7 +147,7 @@ def one_round(base: Path, edits: int) -> dict[str, Any]:
                 )
             )
         for sock in socks.values():
-            wait_socket(sock)
+            wait_daemon(sock)
         with Client.connect(socks["a"]) as a, Client.connect(socks["b"]) as b:
             space = a.call("space.create", name="bench")["id"]
             env_id = a.import_env(FIXTURE.read_text(encoding="utf-8"), new_id=True)["id"]
