@@ -313,3 +313,59 @@ async def test_apart_a_stale_file_never_reverts_a_peer_and_two_changes_keep_both
     await until(both_kept, what="both versions on both devices")
     await b.stop()
     await a.stop()
+
+
+async def test_an_idle_linked_folder_neither_exports_nor_keeps_its_environment(
+    tmp_path, monkeypatch
+):
+    """FolderSync's rounds (every 0.25 s) read the files an environment references from the
+    last change, not from a fresh export: an idle environment may be unloaded, and a change
+    that references a new file is still picked up on the next round."""
+    from peerdaemon.core.registry import Registry  # noqa: PLC0415
+    from peerdaemon.mirror.attached import Folder, FolderSync  # noqa: PLC0415
+    from peerdaemon.model import prepare  # noqa: PLC0415
+
+    folder = tmp_path / "work"
+    folder.mkdir()
+    (folder / "body.json").write_text('{"v": 1}')
+    (folder / "other.json").write_text('{"v": 2}')
+    env = file_env("body.json")
+    env_id = env["uuid"]
+    with Store.open(tmp_path / "data") as store:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            events = EventLog()
+            registry = Registry(store, events)
+            attachments = Attachments(store, events, device="D")
+            registry.create(env_id, prepare(env, env_id)[0], "local")
+            sync = FolderSync(
+                registry, attachments, events, lambda: {env_id: [Folder(folder, True)]}
+            )
+            exports = []
+            read = referenced_paths
+            monkeypatch.setattr(
+                "peerdaemon.mirror.attached.referenced_paths",
+                lambda e: exports.append(1) or read(e),
+            )
+            nursery.start_soon(sync.run)
+            await until(lambda: "body.json" in attachments.entries(env_id), what="body.json in")
+            rounds = len(exports)
+            assert rounds == 1
+            for _ in range(3):
+                await sync.sync_once()
+            assert len(exports) == rounds  # idle: no export
+            await registry.envs[env_id].last_ticket.wait()
+            registry.envs[env_id].used = False
+            await sync.sync_once()
+            assert registry.may_unload(env_id) and not registry.envs[env_id].used
+
+            changed = json.loads(json.dumps(registry.export(env_id)))
+            for route_ in changed["routes"]:
+                for response in route_["responses"]:
+                    if response.get("filePath") == "body.json":
+                        response["filePath"] = "other.json"
+            registry.apply(env_id, prepare(changed, env_id)[0], "local")
+            await sync.sync_once()
+            assert "other.json" in attachments.entries(env_id)
+            assert len(exports) == rounds + 1
+            nursery.cancel_scope.cancel()

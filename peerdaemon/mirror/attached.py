@@ -139,10 +139,14 @@ class FolderSync:
         self._synced: dict[str, str] = dict(saved) if isinstance(saved, dict) else {}
         """(env, folder, path), joined by NUL -> the digest disk and document last agreed on."""
         self._refused: set[tuple[str, str]] = set()
+        self._wanted: dict[str, tuple[list[str], list[str]]] = {}
+        """env id -> the files its environment references (and refuses), until it changes: a
+        round reads them from this, so an idle environment is neither exported nor kept loaded."""
         self._wake = trio.Event()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         token = self.attachments.add_files_listener(self._on_files)
+        changes = self.registry.add_listener(self._on_change)
         try:
             task_status.started()
             while True:
@@ -154,10 +158,20 @@ class FolderSync:
                     await self._wake.wait()
                 self._wake = trio.Event()
         finally:
+            self.registry.remove_listener(changes)
             self.attachments.remove_listener(token)
 
     def _on_files(self, env_id: str, paths: list[str], origin: str) -> None:
         self._wake.set()  # written on the next round, at once
+
+    def _on_change(self, env_id: str, update: bytes, origin: str) -> None:
+        self._wanted.pop(env_id, None)
+
+    def _referenced(self, env_id: str) -> tuple[list[str], list[str]]:
+        known = self._wanted.get(env_id)
+        if known is None:
+            known = self._wanted[env_id] = referenced_paths(self.registry.export(env_id))
+        return known
 
     async def sync_once(self) -> None:
         changed = False
@@ -194,7 +208,7 @@ class FolderSync:
         root = str(folder.path)
         wanted: list[str] = []
         if folder.two_way:
-            wanted, refused = referenced_paths(self.registry.export(env_id))
+            wanted, refused = self._referenced(env_id)
             for path in refused:
                 self._refuse(env_id, path, "it is not inside the environment's folder")
         entries = self.attachments.entries(env_id)
