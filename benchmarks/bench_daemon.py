@@ -9,10 +9,15 @@ machine's Unix sockets only.
 
 `writes` (issue 13): a small patch's acknowledgement on a small and on a 15 MB environment of one
 daemon, interleaved (their ratio says whether a write costs the change or the environment), and
-durable patches per second from one client, sequential. `--baseline DIR` runs the same figures
-on another tree (e.g. `git archive HEAD | tar -x -C DIR`) in the same rounds, alternating which
-goes first, and prints both with their ratio: this machine is shared, so only figures taken
-side by side compare.
+durable patches per second from one client, sequential, with what bounds it ("floor"): requests
+that write nothing (`env.get`: the socket, client and server), the store alone (enqueue to
+durable ticket, `bench_store.py --store-alone`) and bare SQLite commits with the store's
+settings, on the same disk. `--baseline DIR` runs the same figures on another tree (e.g. `git
+archive HEAD | tar -x -C DIR`) in the same rounds, alternating which goes first, and prints both
+with their ratio: this machine is shared, so only figures taken side by side compare. With
+`--baseline`, the durable sequential patches are also measured with both daemons up at once, in
+alternating chunks of 100 (the disk's speed here changes by the second: this pairing is what
+compares them best).
 
 `memory` (issue 13): a daemon's RSS holding 1,000 stored environments of ~100 kB with 10 in use,
 and its start-up time, this tree against `--baseline DIR` (e.g. HEAD: every document in memory)
@@ -36,7 +41,9 @@ from typing import Any
 
 import trio
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from bench_store import bare_commits  # noqa: E402
 from envgen import FIXTURE, make_environment  # noqa: E402
 from procutil import stop_process, wait_daemon  # noqa: E402
 
@@ -181,6 +188,19 @@ def bench_big(root: Path, size: int) -> dict[str, float]:
         d.stop()
 
 
+PATCHED = "/routes/0/responses/0/label"
+
+
+async def get_load(sock: Path, env_id: str, total: int) -> float:
+    """Requests per second that write nothing (`env.get` of one field), one at a time: the
+    round trip of the socket, the client and the server without the store."""
+    async with await AsyncClient.connect(sock) as client:
+        t0 = time.perf_counter()
+        for _ in range(total):
+            await client.call("env.get", id=env_id, pointer="/routes/0/responses/0/label")
+        return total / (time.perf_counter() - t0)
+
+
 async def interleaved(sock: Path, env_ids: list[str], each: int) -> list[list[float]]:
     """`each` small patches of every environment, one after the other in turn, sequential:
     the ack latencies (seconds) per environment, measured under the same conditions."""
@@ -199,7 +219,8 @@ def bench_writes(
     root: Path, size: int, each: int, total: int, tree: Path | None
 ) -> dict[str, float]:
     """A small patch's ack on a small and on a big environment of one daemon, interleaved;
-    then durable sequential patches per second on the small one."""
+    then durable sequential patches per second on the small one, and what bounds that figure
+    (`floor`): a request that writes nothing (`env.get`) and the store alone, on this disk."""
     d = Daemon(root, tree)
     d.start()
     try:
@@ -209,9 +230,27 @@ def bench_writes(
         trio.run(interleaved, d.sock, [small, big], 20)  # warm up: caches, the WAL's size
         lat_small, lat_big = trio.run(interleaved, d.sock, [small, big], each)
         seq = trio.run(patch_load, d.sock, small, total, 1)
+        gets = trio.run(get_load, d.sock, small, total)
     finally:
         d.stop()
+    alone = subprocess.run(
+        [
+            sys.executable,
+            str(HERE / "bench_store.py"),
+            "--store-alone",
+            str(root / "alone"),
+            str(total),
+        ],
+        env={**os.environ, **({"PYTHONPATH": str(tree)} if tree else {})},
+        cwd=root,
+        capture_output=True,
+        check=True,
+        text=True,
+    )
     return {
+        "get_per_s": gets,
+        "store_alone_per_s": float(alone.stdout),
+        "bare_commit_per_s": bare_commits(root / "bare", total),
         "small_p50_ms": pct(lat_small, 0.5) * 1000,
         "small_p99_ms": pct(lat_small, 0.99) * 1000,
         "big_p50_ms": pct(lat_big, 0.5) * 1000,
@@ -220,6 +259,55 @@ def bench_writes(
         "sequential_per_s": seq["per_s"],
         "sequential_p50_ms": seq["p50_ms"],
         "sequential_p99_ms": seq["p99_ms"],
+    }
+
+
+def bench_paired(root: Path, tree: Path, total: int, chunk: int) -> dict[str, float]:
+    """Durable sequential patches/s of this tree and of `tree`, both daemons up at once, in
+    alternating chunks of `chunk` patches: on a shared disk whose speed changes by the second,
+    both see the same disk (the separate runs of `bench_writes` may not). -> each one's rate
+    and ack p50, and the ratio."""
+    daemons = [Daemon(root / "ours"), Daemon(root / "base", tree)]
+    for d in daemons:
+        d.start()
+    try:
+        env_ids = []
+        for d in daemons:
+            with Client.connect(d.sock) as c:
+                env_ids.append(c.import_env(FIXTURE.read_text())["id"])
+
+        async def go() -> list[list[float]]:
+            latencies: list[list[float]] = [[], []]
+            async with (
+                await AsyncClient.connect(daemons[0].sock) as a,
+                await AsyncClient.connect(daemons[1].sock) as b,
+            ):
+                clients = (a, b)
+                for n in range(-2 * chunk, total, chunk):  # one chunk each to warm up
+                    order = (0, 1) if (n // chunk) % 2 == 0 else (1, 0)
+                    for i in order:
+                        for k in range(chunk):
+                            op = [{"op": "replace", "path": PATCHED, "value": f"p{n}-{k}"}]
+                            t = time.perf_counter()
+                            await clients[i].patch(env_ids[i], op)
+                            if n >= 0:
+                                latencies[i].append(time.perf_counter() - t)
+            return latencies
+
+        ours, base = trio.run(go)
+    finally:
+        for d in daemons:
+            d.stop()
+    return {
+        "per_s": len(ours) / sum(ours),
+        "base_per_s": len(base) / sum(base),
+        "ratio": sum(base) / sum(ours),
+        "p50_ms": pct(ours, 0.5) * 1000,
+        "base_p50_ms": pct(base, 0.5) * 1000,
+        "p90_ms": pct(ours, 0.9) * 1000,
+        "base_p90_ms": pct(base, 0.9) * 1000,
+        "p99_ms": pct(ours, 0.99) * 1000,
+        "base_p99_ms": pct(base, 0.99) * 1000,
     }
 
 
@@ -382,7 +470,7 @@ def bench_memory(root: Path, data: Path, tree: Path | None, in_use: int) -> dict
         rss_started = d.rss_kb()
         with Client.connect(d.sock) as c:
             ids = sorted(e["id"] for e in c.list_envs())
-        trio.run(use_envs, d.sock, ids[: in_use * 10 : 10])
+        trio.run(use_envs, d.sock, ids[:: max(1, len(ids) // in_use)][:in_use])  # spread out
         time.sleep(1.0)
         rss_in_use = d.rss_kb()
         with Client.connect(d.sock) as c:
@@ -421,22 +509,27 @@ def main() -> None:
         type=Path,
         help="another tree to run `writes` and `memory` on too, side by side",
     )
+    parser.add_argument(
+        "--memory-envs", type=int, help="environments stored for `memory` (1,000; --quick 100)"
+    )
+    parser.add_argument("--json", metavar="FILE", help="also write the results (JSON) to FILE")
     a = parser.parse_args()
     q = a.quick
     results: dict[str, list[dict[str, Any]]] = {
         k: []
         for k in (
             *("writes", "writes_base", "patch", "big", "merge", "merge1", "rss", "start", "db"),
-            *("memory", "memory_base"),
+            *("memory", "memory_base", "writes_paired"),
         )
     }
     only = set(a.only.split(",")) if a.only else set(results) - {"writes_base", "memory_base"}
+    only.discard("writes_paired")  # (part of `writes` with --baseline)
     if "merge" in only:
         only.add("merge1")
     memory_tmp = tempfile.TemporaryDirectory(prefix="pdm")
     memory_data: Path | None = None
     if "memory" in only:
-        count = 100 if q else 1000
+        count = a.memory_envs or (100 if q else 1000)
         print(f"storing {count} environments of ~100 kB (once)...", file=sys.stderr)
         memory_data = prepare_memory_store(Path(memory_tmp.name) / "prep", count, 100_000)
     for r in range(a.rounds):
@@ -447,6 +540,10 @@ def main() -> None:
                 trees = [("writes", None), ("writes_base", a.baseline)][: 2 if a.baseline else 1]
                 for key, tree in trees if r % 2 == 0 else trees[::-1]:
                     results[key].append(bench_writes(base / key, size, each, total, tree))
+                if a.baseline:
+                    results["writes_paired"].append(
+                        bench_paired(base / "paired", a.baseline, total, 50 if q else 100)
+                    )
             if "patch" in only:
                 results["patch"].append(bench_patches(base / "p", 500 if q else 5000))
             if "big" in only:
@@ -494,12 +591,25 @@ def main() -> None:
         line("durable patches/s, 1 client sequential", key, ["sequential_per_s"], "{:.0f}")
         line("  ack p50 ms", key, ["sequential_p50_ms"], "{:.2f}")
         line("  ack p99 ms", key, ["sequential_p99_ms"], "{:.2f}")
+        line("  floor: requests/s writing nothing (env.get)", key, ["get_per_s"], "{:.0f}")
+        line("  floor: store alone, durable writes/s", key, ["store_alone_per_s"], "{:.0f}")
+        line("  floor: bare SQLite commits/s (WAL, FULL)", key, ["bare_commit_per_s"], "{:.0f}")
     if results["writes"] and results["writes_base"]:
         print("-- writes, this tree / baseline (ratio of the medians)")
-        for field in ("small_p50_ms", "big_p50_ms", "big_p99_ms", "sequential_per_s"):
+        for field in (
+            *("small_p50_ms", "small_p99_ms", "big_p50_ms", "big_p99_ms", "sequential_per_s"),
+            *("sequential_p50_ms", "get_per_s", "store_alone_per_s", "bare_commit_per_s"),
+        ):
             ours = median_of(results["writes"], [field])
             theirs = median_of(results["writes_base"], [field])
             print(f"{field}: {ours:.2f} / {theirs:.2f} = {ours / theirs:.3f}")
+        print("-- writes, both daemons at once, alternating chunks (this tree, baseline, ratio)")
+        line("durable patches/s, 1 client sequential", "writes_paired", ["per_s"], "{:.0f}")
+        line("  baseline", "writes_paired", ["base_per_s"], "{:.0f}")
+        line("  this tree / baseline", "writes_paired", ["ratio"], "{:.3f}")
+        for q in ("p50", "p90", "p99"):
+            line(f"  ack {q} ms", "writes_paired", [f"{q}_ms"], "{:.2f}")
+            line("  baseline", "writes_paired", [f"base_{q}_ms"], "{:.2f}")
     line("patches/s, 1 client sequential, durable", "patch", ["sequential", "per_s"], "{:.0f}")
     line("  ack latency p50 ms", "patch", ["sequential", "p50_ms"], "{:.2f}")
     line("  ack latency p99 ms", "patch", ["sequential", "p99_ms"], "{:.2f}")
@@ -552,6 +662,8 @@ def main() -> None:
             print(f"{field}: {ours:.2f} / {theirs:.2f} = {ours / theirs:.3f}")
     memory_tmp.cleanup()
     print(json.dumps(results))
+    if a.json:
+        Path(a.json).write_text(json.dumps(results))
 
 
 if __name__ == "__main__":

@@ -320,6 +320,7 @@ def main() -> int:
         help="a harness --prepare installed: nothing is installed, so the run can go under "
         "../shared/tools/leakcheck (which lets nothing leave the machine)",
     )
+    parser.add_argument("--json", metavar="FILE", help="also write the summary (JSON) to FILE")
     args = parser.parse_args()
     scenarios = [s for s in args.scenarios.split(",") if s]
     missing = harness_missing(Path(args.harness) if args.harness else SHARED)
@@ -374,6 +375,8 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
     summary = report(results, scenarios, args.rounds, servers)
     print(json.dumps(summary))
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary))
     return 0 if all(r.get("ok") for r in results) else 1
 
 

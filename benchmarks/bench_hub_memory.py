@@ -1,15 +1,15 @@
 """The hub's memory with many stored environments and few in use (issue 13): RSS of a hub whose
 store holds 1,000 environments of ~100 kB, of which 10 are open in y-websocket clients.
 
-    .venv/bin/python benchmarks/bench_hub_memory.py [--base DIR] [--rounds 3] [--touch 200]
+    .venv/bin/python benchmarks/bench_hub_memory.py [--baseline DIR] [--rounds 3] [--touch 200]
 
-`--base DIR`: also run the code in DIR (say a `git archive HEAD` copy), alternating with this
-tree round by round, on the same stored data. Per run: a fresh data dir seeded by that code's own
-store (one update per environment, as a client's first upload leaves it) with a user and a
-space; `peerdaemon hub serve` on 127.0.0.1; its RSS once started and idle, then with 10 clients
-connected and synced to 10 environments (and how long their first sync took). `--touch N`: then
-N more clients each sync one other environment and leave, and the RSS is read right after and
-once the hub had time for two idle checkpoints (95 s). Loopback only.
+`--baseline DIR` (or `--base`): also run the code in DIR (say a `git archive HEAD` copy),
+alternating with this tree round by round, on the same stored data. Per run: a fresh data dir
+seeded by that code's own store (one update per environment, as a client's first upload leaves it)
+with a user and a space; `peerdaemon hub serve` on 127.0.0.1; its RSS once started and idle, then
+with 10 clients connected and synced to 10 environments (and how long their first sync took).
+`--touch N`: then N more clients each sync one other environment and leave, and the RSS is read
+right after and once the hub had time for two idle checkpoints (95 s). Loopback only.
 """
 
 from __future__ import annotations
@@ -201,7 +201,11 @@ def main() -> None:
     parser.add_argument("--in-use", type=int, default=10)
     parser.add_argument("--touch", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--base", type=Path, help="the code to compare with (a tree)")
+    parser.add_argument(
+        "--baseline", dest="base", type=Path, metavar="TREE", help="the code to compare with"
+    )
+    parser.add_argument("--base", dest="base", type=Path, help=argparse.SUPPRESS)  # old name
+    parser.add_argument("--json", metavar="FILE", help="also write the results (JSON) to FILE")
     parser.add_argument("--seed", nargs=2, type=Path, help=argparse.SUPPRESS)
     a = parser.parse_args()
     if a.seed:
@@ -253,6 +257,8 @@ def main() -> None:
         ratio = med("this", "in_use_kb") / med("base", "in_use_kb")
         print(f"  this/base RSS with {a.in_use} in use: {ratio:.2f}")
     print(json.dumps(results))
+    if a.json:
+        Path(a.json).write_text(json.dumps(results))
 
 
 if __name__ == "__main__":

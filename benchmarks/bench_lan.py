@@ -563,6 +563,7 @@ def main() -> None:
     parser.add_argument(
         "--only-latency", action="store_true", help="only the edit latency (and its references)"
     )
+    parser.add_argument("--json", metavar="FILE", help="also write the results (JSON) to FILE")
     args = parser.parse_args()
     edits = 50 if args.quick else 300
     per_daemon = 20 if args.quick else 200
@@ -630,6 +631,8 @@ def main() -> None:
     line("  ratio LAN hop / reference, p99", "relay", "ratio_p99")
     if args.only_latency:
         print(json.dumps({"rounds": args.rounds, **results}))
+        if args.json:
+            Path(args.json).write_text(json.dumps({"rounds": args.rounds, **results}))
         return
     c0 = results["converge"][0]
     line(
@@ -650,6 +653,8 @@ def main() -> None:
         "  of which the daemons' own start-up (mDNS registered), s", "discovery", "daemon_startup_s"
     )
     print(json.dumps({"rounds": args.rounds, **results}))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rounds": args.rounds, **results}))
 
 
 if __name__ == "__main__":

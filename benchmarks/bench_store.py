@@ -3,14 +3,14 @@
 holds only the compacted state (one snapshot per environment, the same history, trash and
 settings). The ratio is what the file holds beyond the data (issue 13).
 
-    .venv/bin/python benchmarks/bench_store.py [--edits 100000] [--rounds 1] [--base DIR]
+    .venv/bin/python benchmarks/bench_store.py [--edits 100000] [--rounds 1] [--baseline DIR]
 
-`--base DIR`: also run the code in DIR (say a `git archive HEAD` copy) in the same run,
-alternating with this tree, round by round. Each run starts a daemon process on a fresh data
-dir, imports 10 environments of ~100 kB, gives routes new documentation (100 random
-characters each, 64 patches in flight, each acknowledged once durable), deletes 5 environments, lets the daemon
-idle for 2 s and stops it cleanly (SIGTERM); then the SQLite files are measured. Unix sockets
-only, no network.
+`--baseline DIR` (or `--base`): also run the code in DIR (say a `git archive HEAD` copy) in the
+same run, alternating with this tree, round by round. Each run starts a daemon process on a fresh
+data dir, imports 10 environments of ~100 kB, gives routes new documentation (100 random
+characters each, 64 patches in flight, each acknowledged once durable), deletes 5 environments,
+lets the daemon idle for 2 s and stops it cleanly (SIGTERM); then the SQLite files are measured.
+Unix sockets only, no network.
 """
 
 from __future__ import annotations
@@ -174,15 +174,71 @@ def one_run(root: Path, tree: Path, edits: int) -> dict[str, Any]:
     }
 
 
+def bare_commits(data_dir: Path, n: int, size: int = 60) -> float:
+    """Commits per second of a bare SQLite loop with the store's durability settings (WAL,
+    synchronous=FULL), one small row per transaction: what the disk allows a sequential writer,
+    with no thread, queue or event loop around it."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(data_dir / "bare.sqlite3", isolation_level=None)
+    try:
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("PRAGMA synchronous = FULL")
+        db.execute("CREATE TABLE log (seq INTEGER PRIMARY KEY, env_id TEXT, blob BLOB)")
+        row = os.urandom(size)
+        for seq in range(-50, n):  # the first 50 warm the WAL up
+            if seq == 0:
+                t0 = time.perf_counter()
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("INSERT INTO log VALUES (?, ?, ?)", (seq, "e", row))
+            db.execute("COMMIT")
+        return n / (time.perf_counter() - t0)
+    finally:
+        db.close()
+
+
+def store_alone(data_dir: Path, n: int, size: int = 60) -> float:
+    """Durable writes per second of the store alone (the code on PYTHONPATH), one at a time:
+    `enqueue_append` and `await ticket.wait()`, in a trio program that does nothing else."""
+    from peerdaemon.store import Store
+
+    row = os.urandom(size)
+
+    async def go() -> float:
+        store = Store.open(data_dir)
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(store.run)
+                for _ in range(50):
+                    await store.enqueue_append("e", row).wait()
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    await store.enqueue_append("e", row).wait()
+                elapsed = time.perf_counter() - t0
+                nursery.cancel_scope.cancel()
+        finally:
+            store.close()
+        return n / elapsed
+
+    return trio.run(go)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--edits", type=int, default=100_000)
     parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--base", type=Path, help="the code to compare with (a tree)")
+    parser.add_argument(
+        "--baseline", dest="base", type=Path, metavar="TREE", help="the code to compare with"
+    )
+    parser.add_argument("--base", dest="base", type=Path, help=argparse.SUPPRESS)  # old name
+    parser.add_argument("--json", metavar="FILE", help="also write the results (JSON) to FILE")
     parser.add_argument("--compact-copy", nargs=2, type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--store-alone", nargs=2, help=argparse.SUPPRESS)  # DIR N (bench_daemon)
     a = parser.parse_args()
     if a.compact_copy:
         compact_copy(*a.compact_copy)
+        return
+    if a.store_alone:
+        print(json.dumps(store_alone(Path(a.store_alone[0]), int(a.store_alone[1]))))
         return
     sys.path.insert(0, str(HERE))
     trees = {"this": ROOT}
@@ -211,6 +267,8 @@ def main() -> None:
     if a.base is not None:
         print(f"  this/base size: {med('this', 'db_kib') / med('base', 'db_kib'):.2f}")
     print(json.dumps(results))
+    if a.json:
+        Path(a.json).write_text(json.dumps(results))
 
 
 if __name__ == "__main__":

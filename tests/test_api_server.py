@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sqlite3
 import stat
 import struct
 from functools import partial
@@ -30,6 +31,7 @@ from peerdaemon.api.server import (
     prepare_socket_dir,
     serve_unix,
 )
+from peerdaemon.store import Ticket
 
 
 class RawConn:
@@ -505,3 +507,104 @@ async def test_events_of_a_pending_subscribe_wait_for_its_ack(nursery, sock_path
         assert await c.recv() == {"sub": 1, "event": {"n": 1}}  # held until after the ack
     finally:
         await c.aclose()
+
+
+# --- answers from store tickets and straight into the socket ------------------------------------
+async def test_store_tickets_are_answered_without_a_task_per_write(conn, handler, monkeypatch):
+    """A Pending that waits for one store ticket is answered from the ticket's completion (no
+    task waiting per write); a failed ticket is `store-failed` with what `wait()` would raise."""
+    tickets: dict[int, Ticket] = {}
+
+    def ticketed(args: dict) -> Pending:
+        ticket = tickets[args["n"]] = Ticket()
+        return Pending(ticket.wait, {"n": args["n"]})
+
+    handler.responses["ticketed"] = ticketed
+    waited: list[Any] = []
+    finish = server_mod._Connection._finish_pending
+
+    async def counted(self: Any, *args: Any) -> None:
+        waited.append(args[0])
+        await finish(self, *args)
+
+    monkeypatch.setattr(server_mod._Connection, "_finish_pending", counted)
+    await conn.send_raw(
+        b"".join(encode_frame({"id": n, "op": "ticketed", "args": {"n": n}}) for n in (1, 2, 3))
+        + encode_frame({"id": 4, "op": "echo", "args": {"n": 4}})
+    )
+    assert await conn.recv() == {"id": 4, "result": {"n": 4}}
+    tickets[2]._complete()
+    assert await conn.recv() == {"id": 2, "result": {"n": 2}}
+    tickets[1].retry = Ticket()
+    tickets[1]._complete(sqlite3.OperationalError("database or disk is full"))
+    failed = await conn.recv()
+    assert failed["id"] == 1 and failed["error"]["code"] == "store-failed"
+    assert "kept in memory" in failed["error"]["message"]
+    tickets[3]._complete()
+    assert await conn.recv() == {"id": 3, "result": {"n": 3}}
+    assert waited == []  # no task was started for them
+    await conn.send({"id": 5, "op": "durable", "args": {"gate": "g", "n": 5}})  # any other wait
+    await trio.testing.wait_all_tasks_blocked()
+    handler.gate("g").set()
+    assert await conn.recv() == {"id": 5, "result": {"n": 5}}
+    assert waited == [5]
+
+
+async def test_frames_written_directly_keep_their_order(nursery, sock_path, handler):
+    """Answers go straight into the socket while nothing is ahead of them; once the socket is
+    full, the rest (and everything after it) goes through the writer task: a client that reads
+    only at the end gets every frame whole and in order."""
+    await nursery.start(partial(serve_unix, sock_path, handler, max_frame=1 << 20))
+    c = await RawConn.open(sock_path)
+    try:
+        sizes = [300_000, 10, 500_000, 7, 200_000, 1]
+        await c.send_raw(
+            b"".join(
+                encode_frame({"id": i, "op": "big", "args": {"n": n}}) for i, n in enumerate(sizes)
+            )
+        )
+        await trio.testing.wait_all_tasks_blocked()  # all answered, most still unsent
+        for i, n in enumerate(sizes):
+            assert await c.recv() == {"id": i, "result": b"x" * n}
+        assert await c.call({"id": 9, "op": "echo", "args": {}}) == {"id": 9, "result": {}}
+    finally:
+        await c.aclose()
+
+
+async def test_a_frame_never_overtakes_one_still_queued(nursery):
+    """The direct write's rule, step by step on a socket pair: a frame goes into the socket at
+    once only while nothing is queued ahead of it; the rest of a partly written frame, and every
+    frame after it, waits for the writer task, which sends them in order."""
+    ours, theirs = trio.socket.socketpair()
+    conn = server_mod._Connection(
+        trio.SocketStream(ours),
+        FakeHandler(),
+        number=1,
+        peer_uid=None,
+        peer_pid=None,
+        max_frame=1 << 24,
+        max_inflight=10,
+        max_backlog_frames=100,
+        max_backlog_bytes=1 << 26,
+    )
+    first, second, third = b"a" * 4_000_000, b"b" * 10, b"c" * 5
+    conn.enqueue(first)  # more than the socket holds: the rest is queued
+    assert conn.backlog_frames == 1 and 0 < conn.backlog_bytes < len(first)
+    received = bytearray()
+    with trio.move_on_after(0.05):  # room in the socket again...
+        while True:
+            received += await theirs.recv(1 << 20)
+    conn.enqueue(second)  # ...but the rest of `first` is ahead of it
+    assert conn.backlog_frames == 2
+    nursery.start_soon(conn._writer)
+    conn.enqueue(third)
+    while len(received) < len(first) + len(second) + len(third):
+        received += await theirs.recv(1 << 20)
+    assert bytes(received) == first + second + third
+    await trio.testing.wait_all_tasks_blocked()
+    assert conn.backlog_frames == 0 and conn.backlog_bytes == 0
+    conn.enqueue(b"d" * 3)  # nothing ahead: written at once, the writer task idle
+    assert conn.backlog_frames == 0
+    assert await theirs.recv(10) == b"ddd"
+    conn.send_ch.close()
+    theirs.close()

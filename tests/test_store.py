@@ -32,7 +32,7 @@ from peerdaemon.store import (
 
 HERE = Path(__file__).resolve().parent
 CRASH_CHILD = HERE / "store_crash_child.py"
-TIMEOUT = 60.0
+TIMEOUT = float(os.environ.get("STORE_TEST_TIMEOUT", "60"))
 
 
 def rand_update(rng: random.Random, lo: int = 1, hi: int = 2048) -> bytes:
@@ -650,19 +650,28 @@ async def test_close_without_writer_flushes(data_dir: Path) -> None:
 
 
 async def test_close_while_writer_running(data_dir: Path) -> None:
-    """close() with run() active (a batch possibly in flight): every write is committed once,
-    in order, and run() returns on its own."""
+    """close() with run() active and a batch in the middle of its COMMIT: every write is
+    committed once, in order, every ticket done when close() returns, and run() returns on its
+    own."""
     expected = [os.urandom(50) for _ in range(3000)]
     store = Store.open(data_dir)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(store.run)
-        tickets = [store.enqueue_append("a", u) for u in expected[:2500]]
-        await trio.sleep(0)  # let run() take a batch into its worker thread
-        await trio.sleep(0)
-        tickets += [store.enqueue_append("a", u) for u in expected[2500:]]
-        assert store._inflight is not None  # the path this test is about
+    held = _HeldCommit(store._db)
+    store._db = held  # type: ignore[assignment]
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            tickets = [store.enqueue_append("a", u) for u in expected[:2500]]
+            committing = await trio.to_thread.run_sync(held.committing.wait, TIMEOUT)
+            assert committing, "the writer never reached COMMIT"
+            tickets += [store.enqueue_append("a", u) for u in expected[2500:]]
+            assert store._inflight is not None  # the path this test is about
+            threading.Timer(0.05, held.release.set).start()  # while close() waits for it
+            store.close()
+            assert all(t.done for t in tickets)
+    finally:
+        held.release.set()
+        store._db = held._db
         store.close()
-    assert all(t.done for t in tickets)
     await wait_all(tickets)
     assert reopen_load(data_dir)["a"].updates == expected
 
@@ -849,20 +858,88 @@ async def test_no_ticket_is_done_before_its_commit_returns(data_dir: Path) -> No
                 store.put_setting("k", 1),
                 store.enqueue_append("a", b"U2"),
             ]
+            called: list[Ticket] = []
+            for t in tickets:
+                t.add_done_callback(called.append)
             try:
                 committing = await trio.to_thread.run_sync(held.committing.wait, TIMEOUT)
                 assert committing, "the writer never reached COMMIT"
                 await wait_all_tasks_blocked()  # every chance to complete them early
                 assert [t.done for t in tickets] == [False] * 4
+                assert called == []
                 with store._read() as r:  # a reader sees nothing of the batch yet
                     assert r.execute("SELECT count(*) FROM log").fetchone()[0] == 0
             finally:
                 held.release.set()  # (the writer's flush is shielded: never leave it held)
             with trio.fail_after(TIMEOUT):
                 await wait_all(tickets)
+            assert called == tickets  # in order
             nursery.cancel_scope.cancel()
     finally:
         held.release.set()
         store._db = held._db
         store.close()
     assert reopen_load(data_dir)["a"].updates == [b"U1", b"U2"]
+
+
+async def test_the_writer_thread_commits_while_the_trio_thread_is_busy(data_dir: Path) -> None:
+    """The writer takes a write the moment it is queued, in a thread of its own: it reaches
+    COMMIT while the trio thread is still busy (here: blocked, never yielding) with the request
+    that queued it, instead of waiting for a trio task to hand it the batch."""
+    store = Store.open(data_dir)
+    held = _HeldCommit(store._db)
+    store._db = held  # type: ignore[assignment]
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            await wait_all_tasks_blocked()  # run() waits on its thread
+            ticket = store.enqueue_append("a", b"U1")
+            try:
+                # no checkpoint from here on: the trio thread does not run any task
+                assert held.committing.wait(TIMEOUT), "the commit waited for the trio thread"
+                assert not ticket.done
+            finally:
+                held.release.set()
+            with trio.fail_after(TIMEOUT):
+                await ticket.wait()
+            nursery.cancel_scope.cancel()
+    finally:
+        held.release.set()
+        store._db = held._db
+        store.close()
+    assert reopen_load(data_dir)["a"].updates == [b"U1"]
+
+
+async def test_ticket_callbacks_and_errors(caplog: pytest.LogCaptureFixture) -> None:
+    """Callbacks run once done, in the order added (at once when added after); one that raises
+    is logged and the others still run. `error()` is what `wait()` raises."""
+    calls: list[str] = []
+
+    def boom(t: Ticket) -> None:
+        raise RuntimeError("boom")
+
+    ticket = Ticket(7)
+    ticket.add_done_callback(lambda t: calls.append("first"))
+    ticket.add_done_callback(boom)
+    ticket.add_done_callback(lambda t: calls.append("second"))
+    assert calls == [] and ticket.error() is None and not ticket.done
+    ticket._complete()
+    assert calls == ["first", "second"] and "boom" in caplog.text
+    ticket.add_done_callback(lambda t: calls.append("late"))
+    assert calls[-1] == "late"
+    await ticket.wait()
+    ticket._complete(RuntimeError("ignored: completed once"))
+    assert ticket.error() is None
+
+    failed, again = Ticket(), Ticket()
+    failed.retry = again
+    failed._complete(sqlite3.OperationalError("database or disk is full"))
+    error = failed.error()
+    assert isinstance(error, StoreError) and "kept in memory" in str(error)
+    assert isinstance(error.__cause__, sqlite3.OperationalError)
+    with pytest.raises(StoreError, match="kept in memory"):
+        await failed.wait()
+    lost = Ticket()
+    lost._complete(sqlite3.IntegrityError("constraint"))
+    with pytest.raises(StoreError, match="write failed: constraint"):
+        await lost.wait()

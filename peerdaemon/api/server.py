@@ -1,8 +1,10 @@
 """Trio shell around the sans-I/O framing: the daemon's Unix-socket server.
 
 Per connection: one reader applies requests strictly in order via `Handler.handle`; a `Pending`
-result is acknowledged from a background task once durable, so pipelined writes share the store's
-group commit; every outgoing frame goes through one queue drained by one writer task. Pushes never
+result is acknowledged once durable (from its store ticket's completion, else from a background
+task), so pipelined writes share the store's group commit; every outgoing frame goes through one
+queue drained by one writer task, except that a frame with nothing ahead of it is written to the
+(non-blocking) socket at once: a request's answer costs no hop to another task. Pushes never
 block the daemon: a client that stops reading is disconnected instead.
 """
 
@@ -20,6 +22,7 @@ from typing import Any, Protocol
 
 import trio
 
+from ..store import Ticket
 from ..store.errors import StoreError
 from ..store.lock import LockFileUnusable, LockHeld, lock_file
 from .framing import DEFAULT_MAX_FRAME, FrameDecoder, FrameError, FrameTooLarge, encode_frame
@@ -272,6 +275,7 @@ class _Connection:
         self.inflight = 0
         self.room = trio.lowlevel.ParkingLot()
         self.dead = False
+        self.fd = stream.socket.fileno()  # written directly only while not `dead` (reused then)
         self.read_scope: trio.CancelScope | None = None
         self.bg_scope: trio.CancelScope | None = None
         self.bg_nursery: trio.Nursery | None = None
@@ -290,6 +294,21 @@ class _Connection:
     def enqueue(self, frame: bytes, *, counted: bool = False) -> None:
         if not counted:
             self.count(frame)
+        if self.backlog_frames == 1 and not self.dead:
+            # Nothing ahead of it (a frame stays counted until written, also while the writer
+            # task sends it): straight into the socket, which trio made non-blocking; what does
+            # not fit goes to the writer task.
+            try:
+                sent = os.write(self.fd, frame)
+            except OSError:  # full (BlockingIOError), or broken: the writer task says so
+                sent = 0
+            if sent:
+                self.backlog_bytes -= sent
+                if sent == len(frame):
+                    self.backlog_frames -= 1
+                    self.room.unpark_all()
+                    return
+                frame = frame[sent:]
         try:
             self.send_ch.send_nowait(frame)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
@@ -435,12 +454,31 @@ class _Connection:
             self.respond(req.id, result, opened)
             return
         self.inflight += 1
+        ticket = _ticket_of(result)
+        if ticket is not None:  # answered from the ticket's completion: no task per write
+            ticket.add_done_callback(partial(self._durable, req.id, result.result, opened))
+            return
         try:
             assert self.bg_nursery is not None
             self.bg_nursery.start_soon(self._finish_pending, req.id, result, opened)
         except RuntimeError:  # background nursery already closed: the connection is dead
             self.inflight -= 1
             session._discard(opened)
+
+    def _durable(self, req_id: int | str, result: Any, opened: list[int], ticket: Ticket) -> None:
+        """The write of a request is durable (or failed): answer it, as `_finish_pending` does."""
+        try:
+            if self.dead:  # (a dead connection's subscriptions are closed already)
+                return
+            error = ticket.error()
+            if error is not None:  # logged by the store
+                self.session._discard(opened)
+                self.respond_error(req_id, STORE_FAILED, str(error))
+            else:
+                self.respond(req_id, result, opened)
+        finally:
+            self.inflight -= 1
+            self.room.unpark_all()
 
     async def _finish_pending(self, req_id: int | str, pending: Pending, opened: list[int]) -> None:
         try:
@@ -463,6 +501,16 @@ class _Connection:
         finally:
             self.inflight -= 1
             self.room.unpark_all()
+
+
+def _ticket_of(pending: Pending) -> Ticket | None:
+    """The store ticket a `Pending` waits for, when its `wait` is that ticket's own (as the
+    operations make them); None for any other wait (several tickets, other conditions)."""
+    wait = pending.wait
+    ticket = getattr(wait, "__self__", None)
+    if isinstance(ticket, Ticket) and getattr(wait, "__func__", None) is Ticket.wait:
+        return ticket
+    return None
 
 
 def check_peer_uid(uid: int | None) -> bool:

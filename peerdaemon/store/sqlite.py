@@ -2,11 +2,16 @@
 
 Why this shape (details in docs/store.md):
 - Callers on the trio thread enqueue synchronously (no await, so the order of enqueues is the
-  order of the log) and get a Ticket; `run()` commits everything queued in ONE transaction in a
-  worker thread and completes the tickets only after COMMIT returned. With WAL +
-  synchronous=FULL, a completed ticket survives a process crash or power loss.
+  order of the log) and get a Ticket. One writer thread (started by `run()`, for its lifetime)
+  takes everything queued the moment it is queued, commits it in ONE transaction, and hands the
+  batch back to the trio thread with one `run_sync_soon`, which completes the tickets only after
+  COMMIT returned. With WAL + synchronous=FULL, a completed ticket survives a process crash or
+  power loss. No trio task or `to_thread` round per batch: a sequential writer's commit starts
+  while the trio thread still answers the request, and costs one wake-up of the loop.
 - While a batch commits, new work piles up for the next one, so fsync latency bounds the commit
   rate, not the write rate.
+- pycrdt objects never reach the writer thread: ops carry bytes only, tickets stay on the trio
+  thread (the writer never touches them).
 - Every append gets a global `seq` at enqueue time; a compaction records the last seq enqueued
   before it and deletes only rows up to it, atomically with writing the snapshot.
 - A batch that fails for a reason that may pass (disk full, I/O error) fails its tickets but
@@ -29,7 +34,7 @@ import sqlite3
 import threading
 import time
 from bisect import bisect_left
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,9 +93,9 @@ COMMIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 
 
 
 class CommitTimes:
-    """How long the writer's batches took (seconds, from handing the batch to the worker thread
-    until it returned: the wait a ticket sees), bucketed by `COMMIT_BUCKETS`; the last count is
-    the batches past the largest bound. Trio thread only. The hub's `/metrics` reads it."""
+    """How long the writer's batches took (seconds, in the writer thread, until COMMIT
+    returned), bucketed by `COMMIT_BUCKETS`; the last count is the batches past the largest
+    bound. Trio thread only. The hub's `/metrics` reads it."""
 
     __slots__ = ("bounds", "counts", "count", "sum")
 
@@ -197,21 +202,24 @@ class Ticket:
     """Completion handle of one enqueued write.
 
     `await wait()` returns once the write is committed (durable) and raises StoreError if it
-    failed. Any number of tasks may wait, before or after completion. A write that failed for a
-    reason that may pass is tried again: `retry` is then the ticket of that next attempt.
+    failed. Any number of tasks may wait, before or after completion; `add_done_callback` lets
+    a caller (the socket server) answer without a task waiting per write. A write that failed
+    for a reason that may pass is tried again: `retry` is then the ticket of that next attempt.
     """
 
-    __slots__ = ("_event", "_error", "retry", "seq")
+    __slots__ = ("_done", "_event", "_error", "_callbacks", "retry", "seq")
 
     def __init__(self, seq: int | None = None) -> None:
-        self._event = trio.Event()
+        self._done = False
+        self._event: trio.Event | None = None  # made by the first waiter
         self._error: BaseException | None = None
+        self._callbacks: list[Callable[[Ticket], None]] | None = None
         self.retry: Ticket | None = None
         self.seq = seq  # the log seq of an append, else None
 
     @property
     def done(self) -> bool:
-        return self._event.is_set()
+        return self._done
 
     @property
     def failed(self) -> bool:
@@ -227,19 +235,57 @@ class Ticket:
 
     async def wait(self) -> None:
         """Block until durable; raise StoreError if the write was not committed."""
-        await self._event.wait()
-        if self._error is not None:
-            if self.retry is not None:
-                raise StoreError(
-                    f"not stored: {self._error}. The change is kept in memory and stored as soon"
-                    " as the disk accepts it (until then, stopping the daemon would lose it)"
-                ) from self._error
-            raise StoreError(f"write failed: {self._error}") from self._error
+        if not self._done:
+            if self._event is None:
+                self._event = trio.Event()
+            await self._event.wait()
+        else:
+            await trio.lowlevel.checkpoint()
+        error = self.error()
+        if error is not None:
+            raise error
+
+    def error(self) -> StoreError | None:
+        """Once done, what `wait()` raises: None if the write is durable."""
+        if self._error is None:
+            return None
+        if self.retry is not None:
+            error = StoreError(
+                f"not stored: {self._error}. The change is kept in memory and stored as soon"
+                " as the disk accepts it (until then, stopping the daemon would lose it)"
+            )
+        else:
+            error = StoreError(f"write failed: {self._error}")
+        error.__cause__ = self._error
+        return error
+
+    def add_done_callback(self, fn: Callable[[Ticket], None]) -> None:
+        """Call `fn(self)` on the trio thread once done (now, if it is): sync, in the order
+        added; what it raises is logged and dropped."""
+        if self._done:
+            _call_back(fn, self)
+        elif self._callbacks is None:
+            self._callbacks = [fn]
+        else:
+            self._callbacks.append(fn)
 
     def _complete(self, error: BaseException | None = None) -> None:
-        if not self._event.is_set():
-            self._error = error
+        if self._done:
+            return
+        self._done = True
+        self._error = error
+        if self._event is not None:
             self._event.set()
+        callbacks, self._callbacks = self._callbacks, None
+        for fn in callbacks or ():
+            _call_back(fn, self)
+
+
+def _call_back(fn: Callable[[Ticket], None], ticket: Ticket) -> None:
+    try:
+        fn(ticket)
+    except Exception:
+        log.exception("store: callback %r of a ticket failed", fn)
 
 
 @dataclass(slots=True)
@@ -256,11 +302,13 @@ _Outcome = list[BaseException | None] | BaseException  # per-op errors, or the b
 
 
 @dataclass(slots=True)
-class _Batch:
-    """A batch taken off the queue; `outcome` is set once written (by the worker or close())."""
+class _Written:
+    """A batch the writer thread is done with, for the trio thread to complete its tickets."""
 
     ops: list[_Op]
-    outcome: _Outcome | None = None
+    outcome: _Outcome
+    requeued: bool  # failed for a reason that may pass and went back to the head of the queue
+    seconds: float  # how long the transaction took
 
 
 class _Counts:
@@ -277,10 +325,11 @@ class Store:
     """The update log + snapshots of every environment in one SQLite file, plus the dir lock.
 
     Threading: every public method except `run()` is synchronous and must be called from the
-    trio thread (or before/after trio runs). The writer connection is only used by the worker
-    thread of `run()` (or by `close()` while no batch is in flight); sync reads (`load`,
-    `stats`, `env_stats`) go through a second, query-only connection, which in WAL mode never
-    blocks on the writer.
+    trio thread (or before/after trio runs). The writer connection is only used by the writer
+    thread of `run()` (or by `close()` once that thread returned); sync reads (`load`, `stats`,
+    `env_stats`) go through a second, query-only connection, which in WAL mode never blocks on
+    the writer. `_cond` guards what both threads touch: the queue, `_inflight`, `_written` and
+    the writer's flags; tickets, counters and `_counts` belong to the trio thread.
     """
 
     def __init__(
@@ -299,23 +348,31 @@ class Store:
         self.compact_bytes = compact_bytes
         self._lock = lock
         self._db = db
-        self._db_lock = threading.Lock()  # writer connection: worker thread vs close()
+        self._db_lock = threading.Lock()  # writer connection: writer thread vs close()
         self._reader = reader
         self._reader_lock = threading.Lock()
         self._queue: collections.deque[_Op] = collections.deque()
-        self._wakeup = trio.Event()
+        self._cond = threading.Condition(threading.Lock())
+        self._written: list[_Written | None] = []  # None: the writer went idle (`settled`)
+        self._written_posted = False  # a `_take_written` is on its way to the trio thread
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._no_writer = threading.Event()  # set while no writer thread runs
+        self._no_writer.set()
+        self._stop = False  # run() is cancelled: write what is queued, one attempt each, return
+        self._settle_wanted = False
         self._closed = False
         self._db_closed = False
         self._running = False
-        self._inflight: _Batch | None = None
+        self._inflight: list[_Op] | None = None  # the batch the writer thread is writing
         self._next_seq = 1
         self._counts: dict[str, _Counts] = {}
         self._settings: dict[str, Any] = {}
         self._commits = 0
         self._batched_writes = 0
         self._failed_writes = 0
-        self._retry_delay = 0.0  # > 0 while failed batches wait to be tried again
-        self._last_error: str | None = None  # why they failed
+        self._retry_delay = 0.0  # writer thread: > 0 while failed batches wait to be tried again
+        self._last_error: str | None = None  # writer thread: why they failed
+        self._error: str | None = None  # the same, as the trio thread learnt it (`stats()`)
         self.commit_times = CommitTimes()
         self.incremental_vacuum = _auto_vacuum(db) == _INCREMENTAL
         """False for a database made before it existed, until the writer's migration ran."""
@@ -324,7 +381,7 @@ class Store:
         self._vacuum_running = False  # a run of steps is under way: go down to no free page
         self._vacuum_batches = 0  # batches written since a step became due
         self._vacuumed_pages = 0
-        self._migrating = False  # the one-time VACUUM runs in the worker thread
+        self._migrating = False  # the one-time VACUUM runs in the writer thread
         self._settled: trio.Event | None = None  # `settled()` waits for the writer's idle
 
     # ------------------------------------------------------------------ open / close
@@ -377,24 +434,24 @@ class Store:
         """Flush anything still queued (synchronously), close the database, release the lock.
 
         Safe to call twice. Normally `run()` has already flushed during shutdown; the flush
-        here covers a store that was used without a running writer.
+        here covers a store that was used without a running writer, or one still running (it
+        waits for the writer's current batch, which may block for one commit).
         """
         if self._closed:
             return
-        self._closed = True
-        self._wakeup.set()  # let a waiting run() notice and return
-        if self._migrating:  # a one-time VACUUM may take long: stop it (it runs again next time)
+        with self._cond:
+            self._closed = True  # a running writer finishes its batch or step and returns
+            self._cond.notify_all()
+            migrating = self._migrating
+        if migrating:  # a one-time VACUUM may take long: stop it (it runs again next time)
             self._db.interrupt()
         try:
-            with self._db_lock:  # waits for a batch of run() that is being written
-                inflight = self._inflight
-                if inflight is not None and inflight.outcome is None:
-                    # run() took this batch but its worker has not started: write it first,
-                    # the worker will find it done and run() completes its tickets.
-                    inflight.outcome = self._apply_batch_safe(inflight.ops)
+            self._no_writer.wait()
+            self._take_written()  # complete what it wrote, in order, before what follows
+            with self._db_lock:
                 while self._queue:
                     ops = self._take_batch()
-                    self._finish_batch(ops, self._apply_batch_safe(ops))
+                    self._finish_batch(_Written(ops, self._apply_batch_safe(ops), False, 0.0))
                 try:
                     self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
                 except sqlite3.Error as e:  # harmless: the WAL is replayed at the next open
@@ -453,7 +510,8 @@ class Store:
         harmless for Yjs updates; a queued delete hides everything before it. A write being
         retried is queued, so it is listed; one that failed for good is not.
         """
-        queued = [*(self._inflight.ops if self._inflight is not None else ()), *self._queue]
+        with self._cond:
+            queued = [*(self._inflight or ()), *self._queue]
         mine = [
             op for op in queued if op.key == env_id and op.kind in ("append", "compact", "delete")
         ]
@@ -512,7 +570,8 @@ class Store:
     def marks(self, env_id: str) -> tuple[int | None, int | None] | None:
         """`env_id`'s (snapshot upto, newest log seq) as committed, as `index` reads them; None
         while an append, compaction or delete of it is queued or being written (not final)."""
-        queued = [*(self._inflight.ops if self._inflight is not None else ()), *self._queue]
+        with self._cond:
+            queued = [*(self._inflight or ()), *self._queue]
         if any(op.key == env_id and op.kind in ("append", "compact", "delete") for op in queued):
             return None
         with self._read() as r:
@@ -576,7 +635,7 @@ class Store:
             "batched_writes": self._batched_writes,
             "failed_writes": self._failed_writes,
             "queued": len(self._queue),
-            "error": self._last_error if self._retry_delay else None,
+            "error": self._error,
             "incremental_vacuum": self.incremental_vacuum,
             "vacuumed_pages": self._vacuumed_pages,
         }
@@ -749,10 +808,11 @@ class Store:
             raise StoreError("store is closed")
         if not isinstance(op.key, str):
             raise StoreError(f"key must be str, not {type(op.key).__name__}")
-        self._queue.append(op)
-        if op.kind in _FREEING:
-            self._vacuum_due = True
-        self._wakeup.set()
+        with self._cond:
+            self._queue.append(op)
+            if op.kind in _FREEING:
+                self._vacuum_due = True
+            self._cond.notify()
         return op.ticket
 
     # ------------------------------------------------------------------ writer service
@@ -760,50 +820,42 @@ class Store:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The group-commit writer. Run it in the daemon's nursery; cancel it to shut down.
 
-        On cancellation it flushes everything still queued (shielded) before re-raising, so
-        nothing enqueued before shutdown is dropped. A failed batch fails its tickets and the
-        loop goes on.
+        It lives in a thread of its own for as long as this runs. On cancellation it writes
+        everything still queued (one attempt each, including what other tasks' cleanup enqueues
+        meanwhile) before re-raising, so nothing enqueued before shutdown is dropped. A failed
+        batch fails its tickets and the writer goes on.
         """
         if self._running:
             raise RuntimeError("Store.run() is already running")
         if self._closed:
             raise StoreError("store is closed")
         self._running = True
+        self._stop = False
+        self._token = trio.lowlevel.current_trio_token()
         task_status.started()
         try:
-            if not self.incremental_vacuum:
-                await self._migrate_vacuum()
-            while not self._closed:
-                await trio.lowlevel.checkpoint_if_cancelled()
-                if not self._queue:
-                    if self._vacuum_due and self.incremental_vacuum and not self._retry_delay:
-                        if self._vacuum_running or await self._quiet():
-                            await self._vacuum_step()
-                        continue
-                    self._wakeup = trio.Event()
-                    if self._settled is not None:
-                        self._settled.set()
-                        self._settled = None
-                    await self._wakeup.wait()
-                    continue
-                if await self._flush_once(requeue=True):
-                    if self._retry_delay:
-                        log.warning("store: writes succeed again (%s is over)", self._last_error)
-                    self._retry_delay = 0.0
-                    if self._vacuum_due and self.incremental_vacuum:  # never idle: now and then
-                        self._vacuum_batches += 1
-                        if self._vacuum_batches >= VACUUM_EVERY_BATCHES:
-                            await self._vacuum_step()
-                else:  # failed, and back in the queue: let the disk recover first
-                    self._retry_delay = min(max(self._retry_delay * 2, RETRY_INITIAL), RETRY_MAX)
-                    await trio.sleep(self._retry_delay)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._stop_when_cancelled)
+                with trio.CancelScope(shield=True):  # the thread returns once told to
+                    await trio.to_thread.run_sync(self._writer, limiter=trio.CapacityLimiter(1))
+                nursery.cancel_scope.cancel()
         finally:
-            with trio.CancelScope(shield=True):  # one last attempt each, no retry
-                while self._queue and not self._closed:
-                    await self._flush_once(requeue=False)
+            self._take_written()  # (already posted, but run() returns with them completed)
             self._running = False
             if self._settled is not None:  # nothing more will be written by this writer
                 self._settled.set()
+                self._settled = None
+
+    async def _stop_when_cancelled(self) -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            with self._cond:
+                self._stop = True
+                self._cond.notify_all()
+                migrating = self._migrating
+            if migrating:  # the one-time VACUUM: stop it (it runs again at the next start)
+                self._db.interrupt()  # (thread-safe; it rolls back)
 
     async def settled(self) -> None:
         """Until the running writer has written everything queued and given back the free
@@ -813,39 +865,160 @@ class Store:
         if self._settled is None:
             self._settled = trio.Event()
         settled = self._settled
-        self._wakeup.set()  # have the loop look again
+        with self._cond:
+            self._settle_wanted = True  # have the writer say when it is idle
+            self._cond.notify()
         await settled.wait()
+
+    def _writer(self) -> None:
+        """The writer thread: write batches as they are queued, retry, give space back."""
+        with self._cond:
+            if self._closed:
+                return
+            self._no_writer.clear()
+        try:
+            if not self.incremental_vacuum:
+                self._migrate_vacuum()
+            while True:
+                with self._cond:
+                    ops = self._next_job()
+                    if ops is None:
+                        return
+                    self._inflight = ops or None
+                if not ops:
+                    self._vacuum_step()
+                elif self._write(ops):
+                    if self._vacuum_due and self.incremental_vacuum:  # never idle: now and then
+                        self._vacuum_batches += 1
+                        if self._vacuum_batches >= VACUUM_EVERY_BATCHES and not self._stop:
+                            self._vacuum_step()
+                else:  # failed (and back in the queue, unless stopping): let the disk recover
+                    with self._cond:
+                        self._cond.wait_for(lambda: self._stop or self._closed, self._retry_delay)
+        finally:
+            self._no_writer.set()
+
+    def _next_job(self) -> list[_Op] | None:
+        """Writer thread, holding `_cond`: wait for the next batch; [] for a vacuum step, None
+        to return (closed, or stopping with nothing queued)."""
+        while True:
+            if self._closed:
+                return None
+            if self._queue:
+                return self._take_batch()
+            if self._stop:
+                return None
+            if self._vacuum_due and self.incremental_vacuum and not self._retry_delay:
+                if self._vacuum_running or self._settle_wanted:
+                    return []
+                # start a run once nothing was enqueued for VACUUM_IDLE seconds
+                deadline = time.monotonic() + VACUUM_IDLE
+                while not (self._queue or self._stop or self._closed or self._settle_wanted):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return []
+                    self._cond.wait(left)
+                continue
+            if self._settle_wanted:
+                self._settle_wanted = False
+                self._post(None)
+            self._cond.wait()
+
+    def _write(self, ops: list[_Op]) -> bool:
+        """Writer thread: commit one batch and hand it to the trio thread; False if it failed."""
+        started = time.perf_counter()
+        with self._db_lock:
+            outcome = self._apply_batch_safe(ops)
+        seconds = time.perf_counter() - started
+        if not isinstance(outcome, BaseException):
+            if self._retry_delay:
+                log.warning("store: writes succeed again (%s is over)", self._last_error)
+            self._retry_delay = 0.0
+            with self._cond:
+                self._inflight = None
+                self._post(_Written(ops, outcome, False, seconds))
+            return True
+        with self._cond:
+            # The callers' documents hold these changes: they go back ahead of anything
+            # enqueued later, unless this is the last attempt (closing or stopping).
+            requeue = _transient(outcome) and not (self._closed or self._stop)
+            if requeue:
+                self._last_error = str(outcome)
+                log.log(
+                    logging.DEBUG if self._retry_delay else logging.ERROR,  # once per outage
+                    "store: %d writes failed (%s); kept in memory, trying again",
+                    len(ops),
+                    outcome,
+                )
+                self._queue.extendleft(reversed(ops))
+            self._retry_delay = min(max(self._retry_delay * 2, RETRY_INITIAL), RETRY_MAX)
+            self._inflight = None
+            self._post(_Written(ops, outcome, requeue, seconds))
+        return False
+
+    def _post(self, item: _Written | None) -> None:
+        """Writer thread, holding `_cond`: hand `item` to the trio thread, with one wake-up for
+        whatever piles up before it runs."""
+        self._written.append(item)
+        if self._written_posted or self._token is None:
+            return
+        try:
+            self._token.run_sync_soon(self._take_written)
+            self._written_posted = True
+        except trio.RunFinishedError:  # (cannot happen while run() waits) close() takes them
+            pass
+
+    def _take_written(self) -> None:
+        """Trio thread: complete the tickets of the batches the writer is done with, in order
+        (a callback of `run_sync_soon`: it must not raise)."""
+        with self._cond:
+            items, self._written = self._written, []
+            self._written_posted = False
+        for item in items:
+            try:
+                if item is None:
+                    self._writer_idle()
+                else:
+                    self.commit_times.observe(item.seconds)
+                    self._finish_batch(item)
+            except Exception:
+                log.exception("store: completing written batch failed")
+
+    def _writer_idle(self) -> None:
+        """Trio thread: the writer found nothing to do; `settled()` returns unless something
+        was queued since (then the writer says so again once that is written)."""
+        if self._settled is None:
+            return
+        with self._cond:
+            if self._queue or self._inflight or self._written:
+                self._settle_wanted = True
+                self._cond.notify()
+                return
+        self._settled.set()
+        self._settled = None
 
     # ------------------------------------------------------------------ giving space back
 
-    async def _migrate_vacuum(self) -> None:
-        """Rebuild a database made without incremental vacuum (the only way to turn it on).
+    def _migrate_vacuum(self) -> None:
+        """Writer thread: rebuild a database made without incremental vacuum (the only way to
+        turn it on).
 
         It takes about as long as writing the file once (~1 s per 100 MB here) and needs as
         much free space again; writes queue meanwhile. Atomic like any transaction: a crash or
         a failure (a full disk) leaves the old file, and the next start tries again. Shutdown
-        interrupts it (`close()`)."""
+        interrupts it (`close()`, or run() cancelled)."""
+        with self._cond:
+            if self._closed or self._stop:
+                return
+            self._migrating = True
         size = self._db_bytes()
         log.info("store: converting %s (%d MB) to give space back; once", self.db_path, size >> 20)
         started = time.perf_counter()
-        self._migrating = True
-
-        async def interrupt_when_cancelled() -> None:
-            try:
-                await trio.sleep_forever()
-            finally:
-                if self._migrating:  # the writer is being cancelled: stop the VACUUM
-                    self._db.interrupt()  # (thread-safe; it rolls back)
-
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(interrupt_when_cancelled)
-                with trio.CancelScope(shield=True):
-                    error = await trio.to_thread.run_sync(self._vacuum_whole)
-                self._migrating = False
-                nursery.cancel_scope.cancel()
+            error = self._vacuum_whole()
         finally:
-            self._migrating = False
+            with self._cond:
+                self._migrating = False
         if error is not None:
             log.warning("store: not converted (%s); trying again at the next start", error)
             return
@@ -853,7 +1026,7 @@ class Store:
         log.info("store: converted in %.1f s", time.perf_counter() - started)
 
     def _vacuum_whole(self) -> str | None:
-        """Worker thread: the one-time VACUUM; why it failed, or None."""
+        """Writer thread: the one-time VACUUM; why it failed, or None."""
         with self._db_lock:
             if self._db_closed:
                 return "store closed"
@@ -864,27 +1037,19 @@ class Store:
             except sqlite3.Error as e:
                 return str(e)
 
-    async def _quiet(self) -> bool:
-        """Whether nothing was enqueued for `VACUUM_IDLE` seconds (`settled()` does not wait)."""
-        if self._settled is not None:
-            return True
-        self._wakeup = trio.Event()
-        with trio.move_on_after(VACUUM_IDLE):
-            await self._wakeup.wait()
-            return self._settled is not None and not self._queue
-        return True
-
-    async def _vacuum_step(self) -> None:
-        """Give back up to `VACUUM_STEP_PAGES` free pages in a transaction of their own."""
-        self._vacuum_batches = 0
-        self._vacuum_due = False  # a freeing write enqueued meanwhile sets it again
-        with trio.CancelScope(shield=True):
-            more = await trio.to_thread.run_sync(self._vacuum_some)
-        self._vacuum_running = more
-        self._vacuum_due = self._vacuum_due or more
+    def _vacuum_step(self) -> None:
+        """Writer thread: give back up to `VACUUM_STEP_PAGES` free pages in a transaction of
+        their own."""
+        with self._cond:
+            self._vacuum_batches = 0
+            self._vacuum_due = False  # a freeing write enqueued meanwhile sets it again
+        more = self._vacuum_some()
+        with self._cond:
+            self._vacuum_running = more
+            self._vacuum_due = self._vacuum_due or more
 
     def _vacuum_some(self) -> bool:
-        """Worker thread: one step; True if free pages remain for another."""
+        """Writer thread: one step; True if free pages remain for another."""
         with self._db_lock:
             if self._db_closed or not self.incremental_vacuum:
                 return False
@@ -920,21 +1085,6 @@ class Store:
                 log.warning("store: giving space back failed: %s", e)
             return False
 
-    async def _flush_once(self, requeue: bool) -> bool:
-        """Commit one batch in a worker thread, then complete its tickets (shielded: a batch
-        taken off the queue is always finished). False if it failed and went back to the queue
-        (`requeue`) to be tried again."""
-        batch = _Batch(self._take_batch())
-        self._inflight = batch
-        started = time.perf_counter()
-        try:
-            with trio.CancelScope(shield=True):
-                outcome = await trio.to_thread.run_sync(self._apply_inflight, batch)
-        finally:
-            self._inflight = None
-        self.commit_times.observe(time.perf_counter() - started)
-        return self._finish_batch(batch.ops, outcome, requeue)
-
     def _take_batch(self) -> list[_Op]:
         batch: list[_Op] = []
         size = 0
@@ -946,13 +1096,6 @@ class Store:
             batch.append(q.popleft())
             size += n
         return batch
-
-    def _apply_inflight(self, batch: _Batch) -> _Outcome:
-        """Worker thread: write `batch` unless close() already did."""
-        with self._db_lock:
-            if batch.outcome is None:
-                batch.outcome = self._apply_batch_safe(batch.ops)
-            return batch.outcome
 
     def _apply_batch_safe(self, ops: list[_Op]) -> _Outcome:
         """`_apply_batch`, with a failure of the whole batch returned instead of raised."""
@@ -966,7 +1109,7 @@ class Store:
             return e
 
     def _apply_batch(self, batch: list[_Op]) -> list[BaseException | None]:
-        """Worker thread: one transaction for the whole batch; returns per-op errors.
+        """Writer thread: one transaction for the whole batch; returns per-op errors.
 
         A statement that fails on its own (e.g. a constraint) fails only its op: SQLite rolls
         back just that statement, and multi-statement ops run in a SAVEPOINT. If SQLite instead
@@ -1002,35 +1145,26 @@ class Store:
             raise
         return errors
 
-    def _finish_batch(self, batch: list[_Op], outcome: _Outcome, requeue: bool = False) -> bool:
-        """Trio thread (or close()): complete the batch's tickets, in order. With `requeue`, a
-        batch that failed for a reason that may pass goes back to the head of the queue, with
-        new tickets (each failed ticket's `retry`). True if the batch was committed."""
+    def _finish_batch(self, written: _Written) -> None:
+        """Trio thread: complete a written batch's tickets, in order. A batch that went back to
+        the queue gets new tickets (each failed ticket's `retry`) for its next attempt."""
+        batch, outcome = written.ops, written.outcome
         if isinstance(outcome, BaseException):
             errors: list[BaseException | None] = [outcome] * len(batch)
-            if requeue and _transient(outcome) and not self._closed:
-                self._last_error = str(outcome)
-                log.log(
-                    logging.DEBUG if self._retry_delay else logging.ERROR,  # once per outage
-                    "store: %d writes failed (%s); kept in memory, trying again",
-                    len(batch),
-                    outcome,
-                )
-                again = [
-                    _Op(op.kind, op.key, op.blob, op.seq, Ticket(op.ticket.seq), op.row)
-                    for op in batch
-                ]
-                for op, retry in zip(batch, again, strict=True):
-                    op.ticket.retry = retry.ticket
-                    op.ticket._complete(outcome)
-                self._queue.extendleft(reversed(again))
+            if written.requeued:
+                self._error = str(outcome)  # until a batch commits
+                for op in batch:  # (the writer never touches tickets: this is safe)
+                    failed, op.ticket = op.ticket, Ticket(op.ticket.seq)
+                    failed.retry = op.ticket
+                    failed._complete(outcome)
                 self._failed_writes += len(batch)
-                return False
+                return
             if _transient(outcome):  # (other failures were logged with their traceback)
                 log.error("store: %d writes failed for good: %s", len(batch), outcome)
         else:
             errors = outcome
             self._commits += 1
+            self._error = None
         failed = 0
         for op, err in zip(batch, errors, strict=True):
             if err is None:
@@ -1043,7 +1177,6 @@ class Store:
         if failed:
             self._failed_writes += failed
             self._recount()
-        return not isinstance(outcome, BaseException)
 
     def _recount(self) -> None:
         """After a failure the enqueue-time counters over-count: rebuild them from the
@@ -1061,7 +1194,9 @@ class Store:
         except (sqlite3.Error, StoreError):
             log.exception("store: recount failed")
             return
-        self._replay_counts(self._queue)
+        with self._cond:
+            queued = [*(self._inflight or ()), *self._queue]
+        self._replay_counts(queued)
 
     def _replay_counts(self, ops: Iterable[_Op]) -> None:
         for op in ops:
@@ -1132,8 +1267,8 @@ class _ReadTxn:
 
 
 def _connect(path: Path) -> sqlite3.Connection:
-    # isolation_level=None: we issue BEGIN/COMMIT ourselves. check_same_thread=False: trio's
-    # worker threads differ from call to call; access is serialised by the Store's locks.
+    # isolation_level=None: we issue BEGIN/COMMIT ourselves. check_same_thread=False: the writer
+    # thread and close() share the connection; access is serialised by the Store's locks.
     conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=10.0)
     return conn
 
