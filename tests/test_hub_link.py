@@ -961,11 +961,10 @@ async def test_an_impostor_at_the_hubs_url_receives_no_document(base, nursery, m
     assert hub.key == real_key
     for dev, key in ((a, {}), (b, {"hub_key": real_key})):
         answer = await attach(dev, **key)
-        assert (answer["outcome"], answer["status"], answer["hub_key"]) == (
-            "accepted",
-            "registered",
-            real_key,
-        )
+        # a's own dialer (it kept the key) may have registered the space first: then "ok"
+        registered = ("registered", "ok") if dev is a else ("registered",)
+        assert (answer["outcome"], answer["hub_key"]) == ("accepted", real_key)
+        assert answer["status"] in registered, answer
         space, [env] = spaces[dev]
         await hub_holds(hub, space, dev, env)
         assert (await dev.hub())["device"] == real_key

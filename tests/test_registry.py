@@ -304,3 +304,30 @@ def test_summary_of_any_last_migration(tmp_path, hostile):
             or (type(last) is float and math.isfinite(last))
         )
         assert summary["newer"] in (True, False)
+
+
+def test_the_model_version_read_follows_every_change_of_meta(tmp_path: Path) -> None:
+    """`model_of` is remembered between changes (every update a link sends or receives asks
+    it several times), and forgotten whenever the document's `meta` map changes: a peer's
+    migrated update, a local migration, a reload."""
+    from peerdaemon.model.migrations import META_ROOT, MODEL_KEY
+
+    with Store.open(tmp_path) as store:
+        registry = Registry(store, EventLog(), model_version=1)
+        env = load("test-env.json")
+        e1 = env["uuid"]
+        registry.create(e1, prepare(env, e1)[0], "local")
+        assert registry.model_of(e1) == 1
+        registry.apply(e1, prepare({**env, "port": 4243}, e1)[0], "local")
+        assert registry.model_of(e1) == 1  # an edit of the environment keeps it
+
+        registry.model_version = 2  # this daemon, upgraded, migrates it
+        registry.migrate(e1)
+        assert registry.model_of(e1) == 2
+
+        peer = Doc()  # a newer peer migrated it further: its update sets meta.model
+        peer.apply_update(registry.state_update(e1))
+        before = peer.get_state()
+        peer.get(META_ROOT, type=Map)[MODEL_KEY] = 7
+        registry.merge(e1, peer.get_update(before), "peer:x")
+        assert registry.model_of(e1) == 7

@@ -24,7 +24,7 @@ from pycrdt import Doc, Map, get_update
 from ..model import LAST_MIGRATION, apply_environment, export_environment
 from ..model.layout import ENV_ROOT
 from ..model.lib0 import EMPTY_UPDATE
-from ..model.migrations import daemon_version, doc_version, migrate
+from ..model.migrations import META_ROOT, daemon_version, doc_version, migrate
 from ..model.strays import Malformed, StrayFinder, decode, delete_update, has_strays
 from ..store import Store, Ticket
 from .errors import is_failure
@@ -79,6 +79,8 @@ class Environment:
         "pending",
         "strays",
         "kept",
+        "model",
+        "_meta_watch",
     )
 
     def __init__(
@@ -106,6 +108,10 @@ class Environment:
         """Finds text that updates put in the document's arrays (model/strays.py)."""
         self.kept: tuple[int | None, int | None] | None = None
         """The store marks of the state whose facts the store keeps (`Store.index`)."""
+        self.model: int | None = None
+        """The loaded document's model version (`model_of`), until its `meta` map changes
+        (`Registry._track` observes it): every check of whether a change may sync reads it."""
+        self._meta_watch: Any = None  # (the subscription lasts while it is referenced)
 
     @property
     def doc(self) -> Doc:
@@ -123,6 +129,7 @@ class Environment:
     @doc.setter
     def doc(self, doc: Doc) -> None:
         self._doc = doc
+        self.model = None
 
     @property
     def loaded(self) -> bool:
@@ -203,8 +210,12 @@ class Registry:
             if update != EMPTY_UPDATE:
                 env.pending.append(update)
 
+        def on_meta(_event: Any) -> None:
+            env.model = None  # `meta.model` may have changed (a migration, a peer's)
+
         assert env._doc is not None
         env._doc.observe(on_transaction)
+        env._meta_watch = env._doc.get(META_ROOT, type=Map).observe(on_meta)
         return env
 
     # -- reading -------------------------------------------------------------------------------
@@ -266,7 +277,9 @@ class Registry:
         doc = env._doc
         if doc is None and env.facts is not None:
             return env.facts.model
-        return doc_version(doc if doc is not None else env.doc)
+        if env.model is None or doc is None:
+            env.model = doc_version(doc if doc is not None else env.doc)
+        return env.model
 
     def loaded(self, env_id: str) -> bool:
         env = self.envs.get(env_id)
@@ -455,6 +468,7 @@ class Registry:
         along several paths) never get here, so nothing can ping-pong."""
         env.ticket = self.store.enqueue_append(env.id, update)
         env.cache = None
+        env.model = None
 
     def delete(self, env_id: str, origin: str) -> Ticket:
         env = self._held(env_id)
@@ -668,6 +682,7 @@ class Registry:
         env.facts = facts
         env._doc = None
         env.cache = None
+        env.model = None
         env.strays = StrayFinder()
         self.unloads += 1
         return True

@@ -5,7 +5,14 @@ decisions live in `session.py`.
 Three tasks per `Link`: a reader (websocket -> `receive`), a writer (`data_to_send` ->
 websocket, woken whenever the connection may have something to send; it tells the connection
 `sending(now)` / `sent()` so that the core can judge a stalled write) and a ticker
-(`handle_timer` at `get_timer()`). After every input the link drains the connection's events:
+(`handle_timer` at `get_timer()`). Over our own websocket (`core.wsstream.WebSocket`: `dial`,
+`serve`) the writer is needed only when the socket is full: whatever queues a message (a local
+change, a received step 1) writes it at once from its own task while the socket takes all of
+it, and the reader reads the socket itself. That saves a LAN hop the task switches of
+trio-websocket (a reader task and a channel on receive, a lock and the writer's wake-up on
+send). Any object with trio-websocket's `get_message`, `send_message` and `aclose` still works
+(the hub's `PeerSocket`, trio-websocket's own), through the writer task.
+After every input the link drains the connection's events:
 an `UpdateReceived` is applied through the link's host at once (`apply_update`), before the next
 message is read, and every other event goes to the owner's `on_event`. Once the connection is
 closed the writer flushes the close message and hangs up; if a send is stuck (a peer that
@@ -29,19 +36,14 @@ import math
 import ssl
 from collections.abc import Awaitable, Callable
 from functools import partial
+from typing import Any
 
 import trio
-from trio_websocket import (
-    ConnectionClosed,
-    ConnectionRejected,
-    HandshakeError,
-    WebSocketConnection,
-    WebSocketRequest,
-    open_websocket,
-    wrap_server_stream,
-)
+import trio_websocket
 
 from ..core.admission import BUSY_BODY, BUSY_STATUS, Admission, Slot
+from ..core.websocket import ConnectionClosed, HandshakeFailed, Rejected
+from ..core.wsstream import WebSocket, connect, read_upgrade
 from .config import PeerConfig
 from .messages import BUSY, CLOSED, SHUTDOWN, TOO_LARGE, UNREACHABLE
 from .session import Closed, Event, PeerConnection, UpdateReceived, UpdateSink, apply_update
@@ -61,7 +63,6 @@ __all__ = [
 log = logging.getLogger("peerdaemon.peer")
 
 PATH = "/peer"
-RECEIVE_BUFFER = 256 * 1024
 WS_MESSAGE_TOO_BIG = 1009
 SHUTDOWN_FLUSH = 0.5
 """How long a link cancelled by a daemon shutdown may spend telling the peer."""
@@ -82,7 +83,12 @@ def format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _lost_reason(exc: ConnectionClosed) -> str:
+_CLOSED = (ConnectionClosed, trio_websocket.ConnectionClosed)
+"""What a websocket's methods raise once it is closed: ours, or trio-websocket's (whose
+exception the hub's `PeerSocket` raises too)."""
+
+
+def _lost_reason(exc: ConnectionClosed | trio_websocket.ConnectionClosed) -> str:
     reason = exc.reason
     return TOO_LARGE if reason is not None and reason.code == WS_MESSAGE_TOO_BIG else CLOSED
 
@@ -128,6 +134,10 @@ class Link:
         self._tick_at = math.inf
         """The deadline the ticker sleeps until: it is woken only for an earlier one."""
         self._cancel: trio.CancelScope | None = None
+        self._ws: WebSocket | None = None
+        """Our own websocket, which `_send_now` writes to from the caller's task."""
+        self._send_error: ConnectionClosed | None = None
+        """A send from `_send_now` found the websocket closed: the writer reports it."""
         self.number = next(_numbers)
         """This link's serial number (a presence `source` names one link: `awareness_source`)."""
         self.bytes_sent = 0
@@ -168,10 +178,12 @@ class Link:
             self._pump()
 
     def send_awareness(self, doc: str, payload: bytes) -> None:
-        """Queue presence for the peer. Only wakes the writer, never drains events: it is
-        called from inside other links' (and this link's) event handling."""
+        """Queue presence for the peer, and write it at once if the socket takes it (else
+        wake the writer); never drains events: it is called from inside other links' (and
+        this link's) event handling."""
         if self.conn is not None and self.conn.send_awareness(doc, payload):
-            self._wakeup.set()
+            if not self._send_now():
+                self._wakeup.set()
             self._retime()
 
     def close(self, reason: str, detail: str = "") -> None:
@@ -181,13 +193,15 @@ class Link:
 
     # -- the tasks -----------------------------------------------------------------------------
 
-    async def run(self, ws: WebSocketConnection) -> Closed:
-        """Drive the connection until it is closed; returns why."""
+    async def run(self, ws: Any) -> Closed:
+        """Drive the connection over `ws` (a `WebSocket`, or anything with trio-websocket's
+        `get_message`, `send_message` and `aclose`) until it is closed; returns why."""
         conn = self._make_conn(trio.current_time())
         sink = self._host if self._host is not None else conn.host
         if not isinstance(sink, UpdateSink):
             raise TypeError(f"{sink!r} cannot apply updates: give the Link a host")
         self.conn, self._sink = conn, sink
+        self._ws = ws if isinstance(ws, WebSocket) else None
         try:
             async with trio.open_nursery() as nursery:
                 self._cancel = nursery.cancel_scope
@@ -223,9 +237,32 @@ class Link:
                 self._on_event(self, event)
             except Exception:  # the manager's bookkeeping must not kill the link's tasks
                 log.exception("peer event handler failed for %r", event)
-        if conn.wants_write:
+        if conn.wants_write and not self._send_now():
             self._wakeup.set()
         self._retime()
+
+    def _send_now(self) -> bool:
+        """Write what the connection has queued from this task, with no task switch, while
+        our websocket's socket takes all of it. False: the writer has to go on (the socket is
+        full, the connection closed, or `ws` is another kind of websocket). Taking more only
+        once the socket took everything keeps the queue in the connection, which bounds and
+        merges it (`too-slow`)."""
+        ws, conn = self._ws, self.conn
+        if ws is None or conn is None or conn.closed is not None or ws.pending:
+            return False
+        try:
+            while batch := conn.data_to_send():
+                for data in batch:
+                    ws.send_nowait(data)
+                    self.bytes_sent += len(data)
+                    self.messages_sent += 1
+                if ws.pending:
+                    conn.sending(trio.current_time())  # the writer watches it drain
+                    return False
+        except ConnectionClosed as exc:
+            self._send_error = exc
+            return False
+        return True
 
     def _retime(self) -> None:
         """Wake the ticker if the connection's timer is now earlier than what it sleeps until
@@ -235,8 +272,10 @@ class Link:
         if timer is None or timer < self._tick_at:
             self._tick.set()
 
-    async def _flush(self, ws: WebSocketConnection) -> bool:
+    async def _flush(self, ws: Any) -> bool:
         """Send what the connection has queued; False if the websocket is gone."""
+        if self._ws is not None:
+            return await self._flush_ws(self._ws)
         conn = self.conn
         assert conn is not None
         writing = False
@@ -249,7 +288,7 @@ class Link:
                 for data in batch:
                     try:
                         await ws.send_message(data)
-                    except ConnectionClosed as exc:
+                    except _CLOSED as exc:
                         conn.connection_lost(_lost_reason(exc))
                         self._pump()
                         return False
@@ -261,7 +300,37 @@ class Link:
                 conn.sent()
         return True
 
-    async def _writer(self, ws: WebSocketConnection) -> None:
+    async def _flush_ws(self, ws: WebSocket) -> bool:
+        """`_flush` over our websocket: hand it the connection's messages whenever nothing is
+        pending, and watch what is pending drain (each write that takes some is progress)."""
+        conn = self.conn
+        assert conn is not None
+        try:
+            if self._send_error is not None:
+                raise self._send_error
+            while True:
+                if ws.pending:
+                    conn.sending(trio.current_time())
+                    self._retime()  # the ticker may have to wait for the stall deadline
+                    await ws.wait_progress()
+                    continue
+                batch = conn.data_to_send()
+                if not batch:
+                    break
+                for data in batch:
+                    ws.send_nowait(data)
+                    self.bytes_sent += len(data)
+                    self.messages_sent += 1
+        except ConnectionClosed as exc:
+            conn.connection_lost(_lost_reason(exc))
+            self._pump()
+            return False
+        finally:
+            if not ws.pending:
+                conn.sent()
+        return True
+
+    async def _writer(self, ws: Any) -> None:
         conn = self.conn
         assert conn is not None
         while True:
@@ -278,13 +347,13 @@ class Link:
         with trio.move_on_after(self.config.close_grace):
             await ws.aclose(1000, conn.closed.reason)
 
-    async def _reader(self, ws: WebSocketConnection) -> None:
+    async def _reader(self, ws: Any) -> None:
         conn = self.conn
         assert conn is not None
         while conn.closed is None:
             try:
                 data = await ws.get_message()
-            except ConnectionClosed as exc:
+            except _CLOSED as exc:
                 conn.connection_lost(_lost_reason(exc))
                 self._pump()
                 return
@@ -319,46 +388,65 @@ async def dial(link: Link, host: str, port: int, *, path: str = PATH, tls: bool 
     """Open a websocket to `host:port` and run `link` over it; `Unreachable` if it never opens.
 
     LAN peers use plain websockets on `/peer` (the protocol encrypts); a hub may sit behind TLS
-    and a path prefix (`tls`, `path`).
+    and a path prefix (`tls`, `path`). The TCP connection and the upgrade together are bounded
+    by `connect_timeout` (a listener that accepts TCP and never answers is `unreachable`).
     """
+    outcome: Closed | Unreachable
+    async with trio.open_nursery() as nursery:  # where the websocket's writer runs, if needed
+        outcome = await _dial_in(nursery, link, host, port, path, tls)
+        nursery.cancel_scope.cancel()
+    if isinstance(outcome, Unreachable):
+        raise outcome  # (outside the nursery, which would wrap it in a group)
+    return outcome
+
+
+async def _dial_in(
+    nursery: trio.Nursery, link: Link, host: str, port: int, path: str, tls: bool
+) -> Closed | Unreachable:
     config = link.config
-    opened = False
+    ws: WebSocket | None = None
     try:
-        # trio-websocket's own connect_timeout raises but then waits for its reader task, which
-        # never ends if the other side accepts TCP and stays silent (0.12.2): bound the opening
-        # here, and lift the bound once the websocket is open
-        with trio.CancelScope(deadline=trio.current_time() + config.connect_timeout) as opening:
-            async with open_websocket(
+        with trio.move_on_after(config.connect_timeout):
+            ws = await connect(
                 host,
                 port,
                 path,
-                use_ssl=ssl.create_default_context() if tls else False,
-                max_message_size=config.max_message,
-                receive_buffer_size=RECEIVE_BUFFER,
-                connect_timeout=config.connect_timeout,
-                disconnect_timeout=config.close_grace,
-            ) as ws:
-                opened = True
-                opening.deadline = math.inf
-                return await link.run(ws)
-        raise Unreachable(
-            f"no websocket handshake within {config.connect_timeout:g} s", UNREACHABLE
-        )
-    except (HandshakeError, OSError, ConnectionClosed, trio.BrokenResourceError) as exc:
-        if opened and link.closed is not None:
-            return link.closed  # a failure while hanging up: the link had already ended
+                nursery.start_soon,
+                max_message=config.max_message,
+                ssl_context=ssl.create_default_context() if tls else None,
+                close_timeout=config.close_grace,
+            )
+    except (HandshakeFailed, OSError, trio.BrokenResourceError) as exc:
         busy = (
-            isinstance(exc, ConnectionRejected)
-            and exc.status_code == BUSY_STATUS
-            and exc.body == BUSY_BODY
+            isinstance(exc, Rejected) and exc.status_code == BUSY_STATUS and exc.body == BUSY_BODY
         )
-        raise Unreachable(
+        return Unreachable(
             f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__,
             BUSY if busy else UNREACHABLE,
-        ) from None
+        )
+    if ws is None:
+        return Unreachable(
+            f"no websocket handshake within {config.connect_timeout:g} s", UNREACHABLE
+        )
+    try:
+        return await link.run(ws)
+    except _TRANSPORT_ERRORS as exc:
+        if link.closed is not None:
+            return link.closed  # a failure while hanging up: the link had already ended
+        return Unreachable(f"{type(exc).__name__}: {exc}", UNREACHABLE)
+    finally:
+        with trio.move_on_after(config.close_grace) as scope:
+            scope.shield = True
+            await ws.aclose()
 
 
-_TRANSPORT_ERRORS = (OSError, trio.BrokenResourceError, ConnectionClosed, HandshakeError)
+_TRANSPORT_ERRORS = (
+    OSError,
+    trio.BrokenResourceError,
+    ConnectionClosed,
+    trio_websocket.ConnectionClosed,
+    HandshakeFailed,
+)
 
 
 def _transport_failure(exc: BaseException) -> bool:
@@ -368,13 +456,18 @@ def _transport_failure(exc: BaseException) -> bool:
     return isinstance(exc, _TRANSPORT_ERRORS)
 
 
-def remote_address(ws: WebSocketConnection) -> str:
-    """`host:port` of the other end, or "?" once it is gone: `ws.remote` asks the socket, which
-    raises ENOTCONN after a reset, and a log line must not end the listener."""
+def remote_address(ws: Any) -> str:
+    """`host:port` of the other end, or "?" once it is gone (`ws.remote`: a `(host, port)`, or
+    trio-websocket's endpoint, which asks the socket and raises ENOTCONN after a reset: a log
+    line must not end the listener)."""
     try:
         remote = ws.remote
     except OSError:
         return "?"
+    if remote is None:
+        return "?"
+    if isinstance(remote, tuple):
+        return format_address(str(remote[0]), int(remote[1]))
     return remote if isinstance(remote, str) else format_address(str(remote.address), remote.port)
 
 
@@ -389,7 +482,7 @@ def _remote_ip(stream: trio.abc.Stream) -> str:
 async def serve(
     host: str,
     port: int,
-    handler: Callable[[WebSocketConnection, Slot], Awaitable[None]],
+    handler: Callable[[WebSocket, Slot], Awaitable[None]],
     config: PeerConfig,
     *,
     admission: Admission | None = None,
@@ -414,17 +507,14 @@ async def serve(
         refusing += 1
         try:
             with trio.move_on_after(min(REFUSE_TIMEOUT, config.connect_timeout)):
-                async with trio.open_nursery() as nursery:
-                    request = await wrap_server_stream(
-                        nursery, stream, max_message_size=config.max_message
-                    )
-                    await request.reject(BUSY_STATUS, body=BUSY_BODY)
-                    nursery.cancel_scope.cancel()
+                upgrade = await read_upgrade(stream)
+                await upgrade.refuse(BUSY_STATUS, BUSY_BODY)
         finally:
             refusing -= 1
             await trio.aclose_forcefully(stream)
 
     async def on_connection(stream: trio.abc.Stream) -> None:
+        """(`serve_tcp` closes the stream once this returns.)"""
         try:
             await serve_one(stream)
         except Exception as exc:  # one bad connection must not stop the listener
@@ -440,23 +530,21 @@ async def serve(
             await refuse(stream)
             return
         try:
-            async with trio.open_nursery() as nursery:
-                request: WebSocketRequest | None = None
-                with trio.move_on_after(config.connect_timeout):
-                    request = await wrap_server_stream(
-                        nursery,
-                        stream,
-                        max_message_size=config.max_message,
-                        receive_buffer_size=RECEIVE_BUFFER,
-                    )
-                    if request.path != PATH:
-                        await request.reject(404, body=b"not a peerdaemon peer endpoint\n")
-                        request = None
-                if request is None or request.path != PATH:
-                    nursery.cancel_scope.cancel()
-                    await trio.aclose_forcefully(stream)
+            upgrade = None
+            with trio.move_on_after(config.connect_timeout):
+                upgrade = await read_upgrade(stream)
+                if upgrade.request.path != PATH:
+                    await upgrade.refuse(404, b"not a peerdaemon peer endpoint\n")
                     return
-                ws = await request.accept()
+            if upgrade is None:
+                await trio.aclose_forcefully(stream)
+                return
+            async with trio.open_nursery() as nursery:  # the websocket's writer, if needed
+                ws = await upgrade.accept(
+                    nursery.start_soon,
+                    max_message=config.max_message,
+                    close_timeout=config.close_grace,
+                )
                 try:
                     await handler(ws, slot)
                 except Exception:  # one bad connection must not stop the listener

@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import trio
-from trio_websocket import WebSocketConnection
 
 from ..core.backoff import Backoff
+from ..core.wsstream import WebSocket
 from ..model import MODEL_VERSION
 from .config import PeerConfig
 from .handshake import Established, IdentityLike, PeerHello
@@ -346,7 +346,7 @@ class PeerManager:
             host=self.host,
         )
 
-    async def _serve_inbound(self, ws: WebSocketConnection, slot: Slot | None = None) -> None:
+    async def _serve_inbound(self, ws: WebSocket, slot: Slot | None = None) -> None:
         link = self._new_link(dialer=False, address=remote_address(ws))
         link.slot = slot  # released once the peer authenticates (`_on_established`)
         try:
