@@ -25,6 +25,7 @@ from peerdaemon.cli import main as cli_main
 from peerdaemon.core.configfile import set_value
 from peerdaemon.hub import config as hubconfig
 from peerdaemon.hub.accounts import Limits
+from peerdaemon.hub.docs import SWEEP_INTERVAL
 from peerdaemon.hub.http import HttpConfig
 from peerdaemon.hub.mocks import MockConfig
 from peerdaemon.hub.server import ConfigError, ConfigWatcher, HubConfig, build_config, serve_hub
@@ -69,6 +70,7 @@ def test_the_defaults_are_the_hubs():
     for name in ("listen", "tls_cert", "tls_key", "limits", "http", "mock", "compact_count"):
         assert getattr(config, name) == getattr(plain, name), name
     assert config.compact_bytes == plain.compact_bytes
+    assert config.sweep_interval == plain.sweep_interval == SWEEP_INTERVAL  # (hub/docs.py's)
     assert set(config.settings.sources.values()) == {"default"}
     keys = set(hubconfig.schema().by_key)
     assert {f"limits.{f.name}" for f in fields(Limits)} <= keys
@@ -476,3 +478,18 @@ def test_hub_serve_warns_of_unknown_keys_and_rereads_on_sighup(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+async def test_the_sweep_interval_is_a_setting(tmp_path):
+    """`[store] sweep_interval`: the idle checkpoints of the documents a hub keeps loaded."""
+    path = tmp_path / "hub.toml"
+    path.write_text("[store]\nsweep_interval = 4.5\n")
+    assert build_config(environ={}).sweep_interval == SWEEP_INTERVAL
+    env = {"PEERDAEMON_HUB_STORE_SWEEP_INTERVAL": "7"}
+    assert build_config(config_file=path, environ=env).sweep_interval == 7.0
+    path.write_text("[store]\nsweep_interval = 0\n")
+    with pytest.raises(ConfigError, match="sweep_interval"):
+        build_config(config_file=path, environ={})
+    path.write_text("[store]\nsweep_interval = 4.5\n")
+    async with hub_on_file(path, tmp_path / "data") as server:
+        assert server.docs.sweep_interval == 4.5

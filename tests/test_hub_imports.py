@@ -15,7 +15,9 @@ NOT_AT_START = [
     "peerdaemon.mirror",  # a hosted mock's files (hub/mocks.py)
     "peerdaemon.presence",  # the first awareness (hub/peers.py)
     "peerdaemon.peer.link",  # the first daemon (hub/peers.py)
-    "cryptography.hazmat.primitives.serialization",  # the key's raw bytes only (core/identity.py)
+    "cryptography",  # the first signature: a daemon's handshake (core/identity.py)
+    "peerdaemon.peer",  # the first daemon on /peer (hub/http.py, hub/peers.py)
+    "peerdaemon.hub.peer_socket",
 ]
 
 
@@ -28,3 +30,33 @@ def test_hub_serve_imports_leave_the_rest_unloaded():
     loaded = set(done.stdout.split())
     assert "peerdaemon.hub.server" in loaded
     assert [m for m in NOT_AT_START if m in loaded] == []
+
+
+def test_a_started_hub_leaves_the_peer_protocol_and_cryptography_unloaded(tmp_path):
+    """A hub that serves y-websocket clients only never needs the daemons' protocol: it starts,
+    reads its identity (its key fingerprint is logged) and listens without loading it; the
+    first daemon's connection loads it (tests/test_hub_link.py)."""
+    code = f"""
+import sys, trio
+from pathlib import Path
+from peerdaemon.hub.server import HubConfig, serve_hub
+
+async def main():
+    async with trio.open_nursery() as nursery:
+        config = HubConfig(data_dir=Path({str(tmp_path)!r}), listen=("127.0.0.1", 0))
+        server = await nursery.start(serve_hub, config)
+        print(server.peer_endpoint.identity.device_id)
+        nursery.cancel_scope.cancel()
+
+trio.run(main)
+print(" ".join(sys.modules))
+"""
+    # the first start makes the key (deriving its public key loads `cryptography`); every later
+    # start reads both kept
+    subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    device, modules = done.stdout.strip().split("\n")[-2:]
+    loaded = set(modules.split())
+    assert len(device) == 59 and "peerdaemon.hub.peers" in loaded
+    assert sorted(m for m in loaded if m.split(".")[0] == "cryptography") == []
+    assert [m for m in ("peerdaemon.peer", "peerdaemon.hub.peer_socket") if m in loaded] == []

@@ -238,6 +238,8 @@ def test_the_hubs_families_are_named_described_and_typed():
         "rooms": 2,
         "spaces": 1,
         "documents": 5,
+        "documents_loaded": 2,
+        "documents_evicted": 3,
         "stored_bytes": 1234,
         "relay_queued": 0,
         "updates_relayed": 10,
@@ -257,6 +259,8 @@ def test_the_hubs_families_are_named_described_and_typed():
     assert value_of(families, P + "limit_refusals_total", reason="environment-too-large") == 0
     assert value_of(families, P + "hosted_mocks", state="running") == 1
     assert value_of(families, P + "hosted_mocks", state="error") == 0
+    assert value_of(families, P + "documents_loaded") == 2
+    assert value_of(families, P + "documents_evicted_total") == 3
     commits = families[P + "store_commit_seconds"]["samples"]
     assert commits[(P + "store_commit_seconds_bucket", (("le", "0.01"),))] == 3
     assert commits[(P + "store_commit_seconds_count", ())] == 4
@@ -316,7 +320,7 @@ async def test_a_running_hub_counts_clients_updates_and_refusals(tmp_path):
             now = await families_of(server)
             assert value_of(now, P + "updates_relayed_total") == relayed >= 1
             assert value_of(now, P + "relayed_bytes_total") > 0
-            assert value_of(now, P + "documents") == 1
+            assert value_of(now, P + "documents") == value_of(now, P + "documents_loaded") == 1
             stored = value_of(now, P + "stored_bytes")
             assert stored == server.docs.size(SPACE, "env-1") > 0
             assert value_of(now, P + "store_commit_seconds_count") >= 1
@@ -336,6 +340,15 @@ async def test_a_running_hub_counts_clients_updates_and_refusals(tmp_path):
         after = await families_of(server)
         assert value_of(after, P + "connections", kind="yjs") == 0
         assert value_of(after, P + "rooms") == 0
+        await server.docs.wait_durable(SPACE, "env-1")
+        with trio.fail_after(5):
+            while server.docs.sweep() == 0:  # two idle checkpoints: out of memory, still stored
+                await trio.sleep(0.01)
+        after = await families_of(server)
+        assert value_of(after, P + "documents_loaded") == 0
+        assert (
+            value_of(after, P + "documents") == value_of(after, P + "documents_evicted_total") == 1
+        )
         start = value_of(after, P + "start_time_seconds")
         assert start == server.http.started
         status, headers, body = await scrape(server.port, method="HEAD")  # the head alone

@@ -87,3 +87,58 @@ def test_bad_name_option_leaves_the_store_alone(tmp_path):
         with pytest.raises(ValueError, match="control"):
             load_or_create_identity(store, "bad\tname")
         assert store.get_setting(SETTING) is None
+
+
+def test_the_public_key_is_kept_beside_the_private_key_and_checked_before_signing(tmp_path):
+    """The public key is derived once and kept (a later start needs no `cryptography`); an
+    older setting without it gets it; a kept key that is not the private key's refuses to sign
+    rather than sign what every peer would refuse."""
+    import os
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    for seed in [bytes(32), b"\xff" * 32, *(os.urandom(32) for _ in range(10))]:
+        expected = Ed25519PrivateKey.from_private_bytes(seed).public_key().public_bytes_raw()
+        assert Identity.from_private_bytes(seed).public_key == expected
+    with Store.open(tmp_path) as store:
+        seed = os.urandom(32)
+        store.put_setting(SETTING, {"private_key": seed, "name": "old"})  # before the key was kept
+        identity = load_or_create_identity(store)
+        public = Ed25519PrivateKey.from_private_bytes(seed).public_key().public_bytes_raw()
+        assert identity.public_key == public
+        assert store.get_setting(SETTING) == {
+            "private_key": seed,
+            "public_key": public,
+            "name": "old",
+        }
+        store.put_setting(SETTING, {"private_key": seed, "public_key": bytes(32), "name": "old"})
+        wrong = load_or_create_identity(store)
+        with pytest.raises(ValueError, match="does not match"):
+            wrong.sign(b"x")
+    with pytest.raises(ValueError):
+        Identity.from_private_bytes(b"short")
+    with pytest.raises(ValueError):
+        Identity.from_private_bytes(seed, "x", b"short")
+
+
+def test_an_identity_loads_cryptography_only_to_sign(tmp_path):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from peerdaemon.store import Store;"
+        "from peerdaemon.core.identity import load_or_create_identity;"
+        f"store = Store.open({str(tmp_path)!r}); i = load_or_create_identity(store, 'hub');"
+        "print(i.device_id, 'cryptography' in sys.modules); i.sign(b'x');"
+        "print('cryptography' in sys.modules); store.close()"
+    )
+    runs = []
+    for _ in range(2):  # made (derived: loaded), then read as kept
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        )
+        runs.append(out.stdout.split("\n")[:2])
+    (made, _), (first, second) = runs
+    assert made.split()[1] == "True" and first.split()[0] == made.split()[0]
+    assert ID_RE.match(first.split()[0]) and first.split()[1] == "False"
+    assert second == "True"

@@ -4,19 +4,26 @@ Created at the first start and kept in the store's settings (`"identity"`), so a
 its id across restarts: peers recognise it by that id, and spaces list their members by it. The
 id is derived from the public key (as Syncthing's), so a peer can check during the handshake
 that a device id really belongs to the key that signs for it.
+
+`cryptography` is loaded at the first signature or verification, not with the identity: the
+hub needs its device id at start (its key fingerprint) but signs only when a daemon dials it,
+and that library is 6-8 MB of an idle hub's memory (issue 13). So the public key is kept in the
+store beside the private key (derived once, when the key is made or first read without it), and
+checked against the private key when `cryptography` is loaded to sign.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import os
 import socket
-from typing import Any
-
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from typing import TYPE_CHECKING, Any
 
 from ..store import Store, Ticket
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 __all__ = [
     "SETTING",
@@ -54,30 +61,52 @@ def validate_name(name: object) -> str:
 class Identity:
     """The key pair plus the name; `name` may change (`config set name`), the id never does."""
 
-    def __init__(self, private_key: Ed25519PrivateKey, name: str) -> None:
-        self._private_key = private_key
-        # the *_raw methods: `serialization` (with its SSH and PKCS machinery) stays unloaded
-        self.public_key: bytes = private_key.public_key().public_bytes_raw()
+    def __init__(self, private_key: bytes, name: str, public_key: bytes | None = None) -> None:
+        """`private_key`: the 32 raw bytes of an Ed25519 private key (its seed); `public_key`:
+        its public key as kept beside it (else derived, which loads `cryptography`)."""
+        if not isinstance(private_key, bytes) or len(private_key) != 32:
+            raise ValueError("an Ed25519 private key is 32 bytes")
+        if public_key is not None and (not isinstance(public_key, bytes) or len(public_key) != 32):
+            raise ValueError("an Ed25519 public key is 32 bytes")
+        self._raw = private_key
+        self._key: Ed25519PrivateKey | None = None  # loaded with `cryptography`, when signing
+        self.public_key: bytes = (
+            public_key if public_key is not None else _public_key_of(private_key)
+        )
         self.device_id: str = self.device_id_of(self.public_key)
         self.name = name
 
     @classmethod
     def generate(cls, name: str | None = None) -> Identity:
-        return cls(Ed25519PrivateKey.generate(), name or default_name())
+        return cls(os.urandom(32), name or default_name())  # (what `generate()` does in OpenSSL)
 
     @classmethod
-    def from_private_bytes(cls, raw: bytes, name: str | None = None) -> Identity:
-        return cls(Ed25519PrivateKey.from_private_bytes(raw), name or default_name())
+    def from_private_bytes(
+        cls, raw: bytes, name: str | None = None, public_key: bytes | None = None
+    ) -> Identity:
+        return cls(bytes(raw), name or default_name(), public_key)
 
     def private_bytes(self) -> bytes:
-        return self._private_key.private_bytes_raw()
+        return self._raw
 
     def sign(self, data: bytes) -> bytes:
-        return self._private_key.sign(data)
+        if self._key is None:
+            from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+            key = Ed25519PrivateKey.from_private_bytes(self._raw)
+            if key.public_key().public_bytes_raw() != self.public_key:
+                # a stored public key that is not the private key's: signing with it would
+                # make every peer refuse this device, so say what is wrong instead
+                raise ValueError("the stored identity's public key does not match its private key")
+            self._key = key
+        return self._key.sign(data)
 
     @staticmethod
     def verify(public_key: bytes, signature: bytes, data: bytes) -> bool:
         """True if `signature` is `public_key`'s over `data`; False for anything malformed."""
+        from cryptography.exceptions import InvalidSignature
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
         try:
             Ed25519PublicKey.from_public_bytes(bytes(public_key)).verify(bytes(signature), data)
         except (InvalidSignature, ValueError, TypeError):
@@ -93,6 +122,14 @@ class Identity:
 
     def __repr__(self) -> str:  # never the private key
         return f"Identity(device_id={self.device_id!r}, name={self.name!r})"
+
+
+def _public_key_of(raw: bytes) -> bytes:
+    """The public key of Ed25519 seed `raw`."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    # the *_raw methods: `serialization` (with its SSH and PKCS machinery) stays unloaded
+    return Ed25519PrivateKey.from_private_bytes(raw).public_key().public_bytes_raw()
 
 
 def _setting(store: Store) -> dict[str, Any]:
@@ -112,18 +149,26 @@ def load_or_create_identity(store: Store, name: str | None = None) -> Identity:
     raw = saved.get("private_key")
     stored_name = saved.get("name") if isinstance(saved.get("name"), str) else None
     if isinstance(raw, bytes) and len(raw) == 32:
-        identity = Identity.from_private_bytes(raw, name or stored_name)
-        if name is not None and name != stored_name:
-            store.put_setting(SETTING, {"private_key": raw, "name": name})
+        public = saved.get("public_key")
+        kept = isinstance(public, bytes) and len(public) == 32
+        identity = Identity.from_private_bytes(raw, name or stored_name, public if kept else None)
+        if not kept or (name is not None and name != stored_name):
+            store.put_setting(SETTING, _saved(identity, name if name is not None else stored_name))
         return identity
     identity = Identity.generate(name)
-    store.put_setting(SETTING, {"private_key": identity.private_bytes(), "name": name})
+    store.put_setting(SETTING, _saved(identity, name))
     return identity
+
+
+def _saved(identity: Identity, name: str | None) -> dict[str, Any]:
+    return {
+        "private_key": identity.private_bytes(),
+        "public_key": identity.public_key,
+        "name": name,
+    }
 
 
 def save_name(store: Store, identity: Identity, name: str) -> Ticket:
     """Rename the device (validated) and persist the new name."""
     identity.name = validate_name(name)
-    return store.put_setting(
-        SETTING, {"private_key": identity.private_bytes(), "name": identity.name}
-    )
+    return store.put_setting(SETTING, _saved(identity, identity.name))

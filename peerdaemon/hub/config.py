@@ -60,6 +60,8 @@ __all__ = [
 CONFIG_ENV = "PEERDAEMON_HUB_CONFIG"
 DATA_DIR_ENV = "PEERDAEMON_HUB_DIR"
 SIZE_LIMITS = ("bytes_per_env", "mock_body_bytes")
+SWEEP_INTERVAL = 30.0
+"""`store.sweep_interval`'s default: `docs.SWEEP_INTERVAL`, written out (the module's docstring)."""
 
 # `http.HttpConfig`'s and `mocks.MockConfig`'s defaults (see the module's docstring)
 HTTP_DEFAULTS: dict[str, Any] = {
@@ -266,6 +268,12 @@ def schema() -> Schema:
             SIZE,
             "bytes logged for a document before it is compacted",
             default=8 << 20,
+        ),
+        S(
+            "store.sweep_interval",
+            kinds.seconds,
+            "seconds between idle checkpoints: a document unused for two is dropped from memory",
+            default=SWEEP_INTERVAL,
         ),
         S(
             "metrics.token",

@@ -132,7 +132,8 @@ class _Relay:
 
 MAX_STORE_ATTEMPTS = 3
 SWEEP_INTERVAL = 30.0
-"""Seconds between idle checkpoints: a document unused for two of them is dropped from memory."""
+"""Seconds between idle checkpoints: a document unused for two of them is dropped from memory
+(the default of the hub's `store.sweep_interval`, hub/config.py)."""
 IDLE_SWEEPS = 2
 
 

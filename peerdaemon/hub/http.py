@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 import trio
@@ -25,8 +25,6 @@ import trio
 from ..core.admission import Slot
 from . import metrics
 from .admission import HandshakeWatch, HubAdmission
-from .mockproxy import MockProxy
-from .peer_socket import NotAvailablePeerHandler, PeerHandler, PeerSocket
 from .transport import (
     CLOSE_TIMEOUT,
     BadRequest,
@@ -40,6 +38,12 @@ from .transport import (
 from .wsconn import WsConn, ws_frame
 from .yjs import YjsEndpoint
 from .ywebsocket import Outbox, Outlet, YConn
+
+if TYPE_CHECKING:
+    # loaded with the first daemon (`/peer` brings the peer protocol, and `cryptography`) or
+    # by a hub with the Cloud Mock: a hub of y-websocket clients keeps neither in memory
+    from .mockproxy import MockProxy
+    from .peer_socket import PeerHandler
 
 __all__ = ["HttpConfig", "HubHttp"]
 
@@ -80,7 +84,7 @@ class HubHttp:
     ) -> None:
         self.yjs = yjs
         self.mocks = mocks
-        self.peer_handler: PeerHandler = peer_handler or NotAvailablePeerHandler()
+        self.peer_handler = peer_handler  # None: `/peer` is closed "not-available"
         self.config = config or HttpConfig()
         self.version = version
         self.stats = stats
@@ -160,13 +164,15 @@ class HubHttp:
             slot, trio.current_time(), self.config.handshake_timeout
         )
         if request.path == "/peer":
+            from .peer_socket import NotAvailablePeerHandler, PeerSocket
+
             outlet = Outlet(self._number(), self._outbox())
             transport = self._transport(stream, outlet, upgraded, watch)
             send_limit = self.config.coalesce_bytes
             ws = PeerSocket(transport, request, remote, slot, send_limit=send_limit)
             self.peer_connections += 1
             try:
-                await ws.serve(self.peer_handler)
+                await ws.serve(self.peer_handler or NotAvailablePeerHandler())
             finally:
                 self.peer_connections -= 1
             return None

@@ -191,6 +191,19 @@ def hub_families(snap: Mapping[str, Any]) -> list[Family]:
     one("spaces", "spaces", "gauge", "Spaces holding at least one document.")
     one("documents", "documents", "gauge", "Documents stored (space documents included).")
     one(
+        "documents_loaded",
+        "documents_loaded",
+        "gauge",
+        "Documents whose content is in memory (of those stored): loaded when used, dropped "
+        "after two idle checkpoints (store.sweep_interval) unless a client holds them open.",
+    )
+    one(
+        "documents_evicted",
+        "documents_evicted_total",
+        "counter",
+        "Documents dropped from memory by an idle checkpoint (they stay stored).",
+    )
+    one(
         "stored_bytes",
         "stored_bytes",
         "gauge",

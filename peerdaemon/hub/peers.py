@@ -16,6 +16,9 @@ closed connection, so the daemon's other environments keep syncing and nothing s
 Tokens and memberships are checked again whenever the accounts change (an admin command's commit
 is seen by `Accounts.refresh`), so a revoked token or a withdrawn membership ends a live
 connection too.
+
+The peer protocol (`peerdaemon.peer`, with `cryptography`) is loaded with the first daemon, not
+at start: a hub that only serves y-websocket clients never needs it (issue 13, idle memory).
 """
 
 from __future__ import annotations
@@ -30,26 +33,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 from ..core.awareness import AwarenessError
 from ..core.identity import Identity, load_or_create_identity
 from ..model import MODEL_VERSION
-from ..peer import (
-    HUB_TOKEN_ID_LEN,
-    AwarenessReceived,
-    Closed,
-    DocFailed,
-    DocRefused,
-    Established,
-    Event,
-    PeerConfig,
-    PeerConnection,
-    PeerHello,
-    PeerProtocolError,
-    hub_token_proof,
-    messages,
-)
 from .accounts import LimitExceeded
 
 if TYPE_CHECKING:
     # loaded at the first daemon or awareness, not at start: the hub keeps them out of memory
-    from ..peer import Link
+    from ..peer import Event, Link, PeerConfig, PeerConnection, PeerHello
     from ..presence import Awareness
 
 __all__ = ["HubAuth", "PeerEndpoint", "create_peer_endpoint"]
@@ -122,6 +110,8 @@ class HubRequest:
 
     @classmethod
     def parse(cls, auth: dict[str, Any]) -> HubRequest:
+        from ..peer import HUB_TOKEN_ID_LEN, PeerProtocolError, messages
+
         hub = auth.get("hub")
         if hub is None:
             raise PeerProtocolError(
@@ -164,6 +154,8 @@ class HubRequest:
     def verify(self, token_hash: str, th: bytes, role: bytes) -> bool:
         """Does the proof show knowledge of the token whose stored hash (hex) is `token_hash`,
         on the connection whose transcript hash is `th`, by the sender of role `role`?"""
+        from ..peer import hub_token_proof
+
         try:
             key = bytes.fromhex(token_hash)
         except ValueError:
@@ -194,6 +186,8 @@ class HubAuth:
     def accept(
         self, peer: PeerHello, auth: dict[str, Any], th: bytes, role: bytes
     ) -> frozenset[str]:
+        from ..peer import PeerProtocolError, messages
+
         request = HubRequest.parse(auth)
         accounts = self.endpoint.accounts
         user = None
@@ -223,6 +217,8 @@ class HubAuth:
     def _spaces(
         self, name: str, request: HubRequest, device: str = "", token_hash: str = ""
     ) -> frozenset[str]:
+        from ..peer import PeerProtocolError, messages
+
         accounts = self.endpoint.accounts
         removals = getattr(self.endpoint, "removals", None)
         statuses: dict[str, str] = {}
@@ -330,6 +326,8 @@ class _ScopedDocs:
         try:
             self.endpoint.hub_docs.apply(space, doc_id, update, origin)
         except LimitExceeded as exc:
+            from ..peer import DocRefused
+
             log.info("hub: refused %s/%s from %s: %s", space, doc_id, origin, exc)
             self.refused[doc_id] = (space, self.endpoint.space_limits(space))
             raise DocRefused(exc.reason, exc.detail) from None
@@ -368,7 +366,7 @@ class PeerEndpoint:
         self.accounts = accounts
         self.events = events
         self.identity = identity or self._identity(hub_docs)
-        self.config = config or PeerConfig()
+        self._config = config
         self.model = model
         self._daemons: dict[Link, _Daemon] = {}
         self._envs: dict[str, frozenset[str]] = {}
@@ -380,6 +378,14 @@ class PeerEndpoint:
         self._accounts_listener = accounts.add_change_listener(self._recheck)
         self.removals: Any = None
         """`removals.Removals` (set by the server): devices and tokens a space refuses."""
+
+    @property
+    def config(self) -> PeerConfig:
+        if self._config is None:
+            from ..peer import PeerConfig
+
+            self._config = PeerConfig()
+        return self._config
 
     @staticmethod
     def _identity(hub_docs: Any) -> Identity:
@@ -477,6 +483,8 @@ class PeerEndpoint:
     async def handle_peer(self, ws: Any) -> None:
         """Run one daemon's connection until it ends (`ws`: the hub's `HubWebSocket`, or a
         trio-websocket connection)."""
+        from ..peer import Link, PeerConnection
+
         address = _address(getattr(ws, "remote", None))
         auth = HubAuth(self)
         host = _ScopedDocs(self, auth)
@@ -493,8 +501,6 @@ class PeerEndpoint:
                 model=self.model,
                 auth=auth,
             )
-
-        from ..peer import Link
 
         link = Link(
             make_conn,
@@ -532,6 +538,10 @@ class PeerEndpoint:
         """The accounts changed: end the links whose token was revoked or whose membership of a
         space was withdrawn, and those that would now get more (a space they were refused, a
         limit that refused a document changed): the daemon redials and learns where it stands."""
+        if not self._daemons:
+            return
+        from ..peer import messages
+
         accounts = self.accounts
         for daemon in list(self._daemons.values()):
             auth, link = daemon.auth, daemon.link
@@ -567,6 +577,8 @@ class PeerEndpoint:
                 )
 
     def _on_event(self, link: Link, event: Event) -> None:
+        from ..peer import AwarenessReceived, Closed, DocFailed, Established, messages
+
         daemon = self._daemons.get(link)
         if daemon is None:
             return
@@ -666,6 +678,8 @@ class PeerEndpoint:
         removals, auth = self.removals, daemon.auth
         if removals is None or not removals.refused(space_id, auth.device, auth.token_hash):
             return False
+        from ..peer import messages
+
         daemon.link.close(messages.DEVICE_REMOVED, f"removed from space {space_id}")
         return True
 

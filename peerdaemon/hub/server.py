@@ -32,7 +32,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cbor2
 import trio
@@ -56,12 +56,14 @@ from .http import HttpConfig, HubHttp
 from .metrics import EventCounts, Histogram, parse
 from .mockproxy import MockProxy
 from .mocks import HostedMocks, MockConfig
-from .peer_socket import PeerHandler
 from .peers import create_peer_endpoint
 from .removals import Removals
 from .wsconn import ws_frame
 from .yjs import YjsEndpoint
 from .ywebsocket import CLOSE_CODES, Rooms
+
+if TYPE_CHECKING:
+    from .peer_socket import PeerHandler  # (loads the peer protocol: with the first daemon)
 
 __all__ = [
     "DEFAULT_LISTEN",
@@ -89,7 +91,7 @@ SHUTDOWN_GRACE = 1.0
 RUNTIME_NAME = "hub-serve.json"
 """In the data dir while a hub serves: its pid and the address it listens on (`hub status`)."""
 
-PeerHandlerFactory = Callable[[HubDocs, Accounts, EventLog], PeerHandler]
+PeerHandlerFactory = Callable[[HubDocs, Accounts, EventLog], "PeerHandler"]
 
 
 class ConfigError(Exception):
@@ -114,6 +116,7 @@ class HubConfig:
     http: HttpConfig = field(default_factory=HttpConfig)
     compact_count: int = 1000
     compact_bytes: int = 8 << 20
+    sweep_interval: float = hubconfig.SWEEP_INTERVAL  # idle checkpoints of loaded documents
     accounts_poll: float = 1.0  # how often admin commands' changes are picked up
     peer_endpoint: PeerHandlerFactory | None = None
     mock: MockConfig = field(default_factory=MockConfig)  # the Cloud Mock (`[mock]`)
@@ -187,6 +190,7 @@ async def serve_hub(
             limits=accounts.space_limits,
             compact_count=config.compact_count,
             compact_bytes=config.compact_bytes,
+            sweep_interval=config.sweep_interval,
         )
         count = docs.load()
         rooms = Rooms(docs, framer=ws_frame)
@@ -306,6 +310,8 @@ def _figures(
     return {
         "spaces": stats["spaces"],
         "documents": stats["documents"],
+        "documents_loaded": stats["loaded"],
+        "documents_evicted": docs.evictions,
         "stored_bytes": docs.stored_bytes,
         "relay_queued": stats["relay_queued"],
         "updates_relayed": docs.relayed,
@@ -549,7 +555,9 @@ def _read_key(data_dir: Path) -> str | None:
     raw = saved.get("private_key") if isinstance(saved, dict) else None
     if not (isinstance(raw, bytes) and len(raw) == 32):
         return None
-    return Identity.from_private_bytes(raw, "hub").device_id
+    public = saved.get("public_key")
+    kept = isinstance(public, bytes) and len(public) == 32
+    return Identity.from_private_bytes(raw, "hub", public if kept else None).device_id
 
 
 def _lock_holder(data_dir: Path) -> int | None:
@@ -645,6 +653,7 @@ def hub_config(resolved: Resolved) -> HubConfig:
         http=http,
         compact_count=v["store.compact_count"],
         compact_bytes=v["store.compact_bytes"],
+        sweep_interval=v["store.sweep_interval"],
         mock=mock,
         log_level=v["log.level"],
         log_format=v["log.format"],

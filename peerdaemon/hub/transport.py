@@ -5,8 +5,9 @@ and `WsConn` (wsconn.py) do; this module reads, writes and waits for their deadl
 
 Why writes go out from wherever frames were queued: fan-out. A broadcast puts the same frame
 bytes in every recipient's outbox; `wake()` then writes an idle connection's frames at once with
-one non-blocking `write()` on its socket (no task switch per recipient, no copy). Only what the
-socket does not take starts a writer task (and under TLS, everything does).
+one non-blocking `write()` on its socket (`writev()` for several buffers: no task switch per
+recipient, no copy). Only what the socket does not take starts a writer task (and under TLS,
+everything does).
 
 Why one task per connection, and shared timers: an idle hub holds thousands of connections, and
 whatever a waiting connection keeps alive (a task, a nursery, a cancel scope, an event, the
@@ -57,6 +58,9 @@ MAX_HEAD = 16 * 1024
 RECEIVE_SIZE = 256 * 1024
 SEND_CHUNK = 1 << 20
 """The writer hands the socket at most this much at a time: each chunk taken is progress."""
+IOV_MAX = 1024
+"""Buffers handed to one `writev()` at most (POSIX's minimum for IOV_MAX is 16; Linux and
+macOS take 1024)."""
 CLOSE_TIMEOUT = 2.0
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 """How long a closing handshake (and a `/peer` handler's own close) may take."""
@@ -347,18 +351,22 @@ class WebSocketTransport:
         """Write what is queued without waiting; False if some is left (the socket is full)."""
         core = self.core
         while frames := core.data_to_send():  # the close frame comes once the rest is out
-            data = frames[0] if len(frames) == 1 else b"".join(frames)
             try:
-                sent = os.write(self._fd, data)
+                if len(frames) == 1:
+                    sent = os.write(self._fd, frames[0])
+                else:
+                    sent = os.writev(self._fd, frames[:IOV_MAX])
             except BlockingIOError:
                 sent = 0
             except OSError:  # broken: no close frame can go out any more
                 core.connection_lost()
                 self._hang_up()
                 return False
-            if sent < len(data):
-                core.put_back(memoryview(data)[sent:])
-                return False
+            if len(frames) > 1 or sent < len(frames[0]):
+                rest = _unsent(frames, sent)
+                if rest:
+                    core.put_back(rest)
+                    return False
             if core.outlet.closing is None:
                 return True  # (only a close frame could follow)
         return True
@@ -651,6 +659,15 @@ class Timers:
             self._wakeup = trio.Event()
             with trio.move_on_at(self._next):
                 await self._wakeup.wait()
+
+
+def _unsent(frames: list[bytes | memoryview], sent: int) -> list[bytes | memoryview]:
+    """What of `frames` is left once the socket took `sent` bytes of them (no copy)."""
+    for i, frame in enumerate(frames):
+        if sent < len(frame):
+            return [memoryview(frame)[sent:] if sent else frame, *frames[i + 1 :]]
+        sent -= len(frame)
+    return []
 
 
 def _chunks(frames: list[bytes | memoryview]) -> list[bytes | memoryview]:

@@ -14,8 +14,10 @@ the handshake deadline and the too-slow rule are tested with a made-up clock and
   `too-slow`), as does an outbox past `limit_bytes` (`Outlet.send`).
 
 Outgoing frames live in the connection's `Outlet` (ywebsocket.py): the rooms put the same frame
-bytes in every recipient's outbox (built once per broadcast by `ws_frame`); wsproto only parses
-what the client sends and builds the control frames (pong, ping, close).
+bytes in every recipient's outbox (built once per broadcast by `ws_frame`; a large one stays in
+pieces, its header and the payload as it came, so a 15 MB first sync is never copied into a
+frame); wsproto only parses what the client sends and builds the control frames (pong, ping,
+close).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from wsproto.connection import Connection, ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Event, Ping, TextMessage
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
-from .ywebsocket import CLOSE_CODES, Outlet
+from .ywebsocket import CLOSE_CODES, Frame, Outlet
 
 __all__ = ["HandshakeDeadline", "WsConn", "ws_frame"]
 
@@ -38,11 +40,14 @@ log = logging.getLogger("peerdaemon.hub.ws")
 
 OPCODE_TEXT = 0x1
 OPCODE_BINARY = 0x2
+SPLIT_FRAME = 1 << 16
+"""A frame at least this large stays in pieces (header, payload): copying it costs more than
+the extra buffer in a `writev`."""
 
 
-def ws_frame(*parts: bytes, opcode: int = OPCODE_BINARY) -> bytes:
-    """An unmasked, final server frame (binary by default) holding `parts` joined: built once,
-    written to many."""
+def ws_frame(*parts: bytes, opcode: int = OPCODE_BINARY) -> Frame:
+    """An unmasked, final server frame (binary by default) holding `parts`: built once,
+    written to many. A large one is `(header, *parts)`, not copied (`ywebsocket.Frame`)."""
     n = sum(len(p) for p in parts)
     b0 = 0x80 | opcode
     if n < 126:
@@ -51,6 +56,8 @@ def ws_frame(*parts: bytes, opcode: int = OPCODE_BINARY) -> bytes:
         head = struct.pack("!BBH", b0, 126, n)
     else:
         head = struct.pack("!BBQ", b0, 127, n)
+    if n >= SPLIT_FRAME:
+        return (head, *parts)
     return b"".join((head, *parts))
 
 
@@ -186,8 +193,8 @@ class WsConn:
         except LocalProtocolError:
             return []
 
-    def put_back(self, rest: memoryview) -> None:
-        """The unsent tail of a batch: it goes out first."""
+    def put_back(self, rest: bytes | memoryview | list[bytes | memoryview]) -> None:
+        """The unsent rest of a batch: it goes out first."""
         self.outlet.outbox.put_back(rest)
 
     @property

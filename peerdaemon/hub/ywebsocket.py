@@ -55,6 +55,7 @@ __all__ = [
     "SYNC_STEP2",
     "SYNC_UPDATE",
     "AwarenessEntry",
+    "Frame",
     "Message",
     "ClientProtocolError",
     "Outbox",
@@ -67,6 +68,7 @@ __all__ = [
     "decode_awareness",
     "decode_message",
     "encode_awareness",
+    "frame_size",
     "permission_denied",
     "read_var_uint",
     "sync_step1",
@@ -201,13 +203,20 @@ def decode_awareness(payload: bytes) -> list[AwarenessEntry]:
 
 
 # ------------------------------------------------------------------------------------ outbox
-Framer = Callable[..., bytes]
-"""`framer(*parts)`: a y-websocket message given in parts -> the bytes written for it (a
-websocket frame in the server), built with one copy of a possibly large payload."""
+Frame = bytes | tuple[bytes, ...]
+"""What is written for one message: its bytes, or (a large one) its pieces in order, written
+one after the other (`os.writev`) so that a large payload is never copied into a frame."""
+Framer = Callable[..., Frame]
+"""`framer(*parts)`: a y-websocket message given in parts -> the frame written for it (a
+websocket frame in the server)."""
 
 
 def _identity(*parts: bytes) -> bytes:
     return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def frame_size(frame: Frame) -> int:
+    return len(frame) if isinstance(frame, bytes) else sum(len(p) for p in frame)
 
 
 class Outbox:
@@ -220,8 +229,9 @@ class Outbox:
     `limit_bytes` queued even after coalescing, and more than one item: a single big message,
     such as the first sync of a large document, never counts as falling behind).
 
-    `partial` is the unsent tail of a frame that was partly written already; it goes out first
-    and is never merged or dropped (the byte stream must stay well-formed).
+    `partial` is the unsent rest of what the writer took (a frame's tail, maybe frames after
+    it); it goes out first and is never merged or dropped (the byte stream must stay
+    well-formed).
     """
 
     __slots__ = (
@@ -241,20 +251,20 @@ class Outbox:
         coalesce_bytes: int = 1 << 20,
         limit_bytes: int = 64 << 20,
     ) -> None:
-        self._items: list[tuple[bytes, object, bytes | None]] = []
+        self._items: list[tuple[Frame, object, bytes | None]] = []
         self.nbytes = 0
         self.coalesce_bytes = coalesce_bytes
         self.limit_bytes = limit_bytes
         self.framer = framer
         self.coalesced = 0  # how many times updates were merged (for stats and tests)
-        self.partial: memoryview | None = None
+        self.partial: list[bytes | memoryview] | None = None
 
     def __len__(self) -> int:
         return len(self._items) + (self.partial is not None)
 
-    def push(self, frame: bytes, key: object = None, update: bytes | None = None) -> bool:
+    def push(self, frame: Frame, key: object = None, update: bytes | None = None) -> bool:
         self._items.append((frame, key, update))
-        self.nbytes += len(frame)
+        self.nbytes += len(frame) if isinstance(frame, bytes) else frame_size(frame)
         if self.nbytes > self.coalesce_bytes and len(self._items) > 1:
             self.coalesce()
             if self.nbytes > self.limit_bytes and len(self._items) > 1:
@@ -267,7 +277,7 @@ class Outbox:
         for i, item in enumerate(self._items):
             if item[2] is not None:
                 groups.setdefault(item[1], []).append(i)
-        items: list[tuple[bytes, object, bytes | None] | None] = list(self._items)
+        items: list[tuple[Frame, object, bytes | None] | None] = list(self._items)
         merged_any = False
         for key, places in groups.items():
             if len(places) < 2:
@@ -279,35 +289,46 @@ class Outbox:
             merged_any = True
         if merged_any:
             self._items = [item for item in items if item is not None]
-            self.nbytes = sum(len(item[0]) for item in self._items)
-            if self.partial is not None:
-                self.nbytes += len(self.partial)
+            self.nbytes = sum(frame_size(item[0]) for item in self._items) + self._partial_size()
             self.coalesced += 1
 
     def take(self) -> list[bytes | memoryview]:
-        """Everything queued, in order (the writer's next batch)."""
+        """Everything queued, in order, as the buffers to write (the writer's next batch)."""
         items = self._items
         if not items and self.partial is None:
             return []
-        frames: list[bytes | memoryview] = (
-            [items[0][0]] if len(items) == 1 else [i[0] for i in items]
-        )
+        frames: list[bytes | memoryview]
+        if len(items) == 1 and isinstance(items[0][0], bytes):
+            frames = [items[0][0]]
+        else:
+            frames = []
+            for item in items:
+                frame = item[0]
+                if isinstance(frame, bytes):
+                    frames.append(frame)
+                else:
+                    frames.extend(frame)
         if self.partial is not None:
-            frames.insert(0, self.partial)
+            frames[:0] = self.partial
             self.partial = None
         items.clear()
         self.nbytes = 0
         return frames
 
-    def put_back(self, rest: memoryview) -> None:
-        """The unsent tail of what `take()` returned: it goes out before anything else."""
-        self.partial = rest
-        self.nbytes += len(rest)
+    def put_back(self, rest: bytes | memoryview | list[bytes | memoryview]) -> None:
+        """The unsent rest of what `take()` returned: it goes out before anything else."""
+        rest = list(rest) if isinstance(rest, list) else [rest]
+        if rest:
+            self.partial = rest
+            self.nbytes += sum(len(r) for r in rest)
 
     def clear(self) -> None:
-        """Drop every queued frame (a frame already half-written is kept)."""
+        """Drop every queued frame (what the writer already started is kept)."""
         self._items.clear()
-        self.nbytes = len(self.partial) if self.partial is not None else 0
+        self.nbytes = self._partial_size()
+
+    def _partial_size(self) -> int:
+        return sum(len(p) for p in self.partial) if self.partial is not None else 0
 
 
 # ------------------------------------------------------------------------------ connections
@@ -333,7 +354,7 @@ class Outlet:
         self.ready = ready
         self._in_ready = False
 
-    def send(self, frame: bytes, key: object = None, update: bytes | None = None) -> None:
+    def send(self, frame: Frame, key: object = None, update: bytes | None = None) -> None:
         if self.closing is not None:
             return
         if not self.outbox.push(frame, key, update):
