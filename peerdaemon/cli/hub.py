@@ -44,6 +44,8 @@ def register(commands: Commands) -> None:
     p.add_argument("--listen", metavar="HOST:PORT", type=host_port, help="default 127.0.0.1:8765")
     p.add_argument("--tls-cert", metavar="FILE", help="serve TLS with this certificate (PEM)")
     p.add_argument("--tls-key", metavar="FILE", help="... and this private key (PEM)")
+    p.add_argument("--redis", metavar="URL", help="scaled mode: the cluster's Redis (redis://...)")
+    p.add_argument("--postgres", metavar="DSN", help="scaled mode: the cluster's PostgreSQL")
     add_log_options(p)
     p = command(
         hubs,
@@ -174,6 +176,8 @@ def _hub_config(args: argparse.Namespace, *, warnings: bool = True) -> Any:
             listen=getattr(args, "listen", None),
             tls_cert=getattr(args, "tls_cert", None),
             tls_key=getattr(args, "tls_key", None),
+            redis=getattr(args, "redis", None),
+            postgres=getattr(args, "postgres", None),
             log_level=getattr(args, "log_level", None),
             log_format=getattr(args, "log_format", None),
         )

@@ -268,6 +268,19 @@ def schema() -> Schema:
             default=8 << 20,
         ),
         S(
+            "cluster.redis",
+            kinds.text,
+            "scaled mode: this process joins a cluster whose rooms move through this Redis"
+            " (redis://HOST:PORT/DB; with cluster.postgres)",
+            flag="--redis",
+        ),
+        S(
+            "cluster.postgres",
+            TOKEN,
+            "scaled mode: documents in this PostgreSQL (a libpq DSN or postgresql:// URL)",
+            flag="--postgres",
+        ),
+        S(
             "metrics.token",
             TOKEN,
             "GET /metrics needs `Authorization: Bearer TOKEN` (unset: loopback only)",
@@ -294,7 +307,16 @@ def schema() -> Schema:
     return Schema(settings, env_prefix="PEERDAEMON_HUB_", list_command="peerdaemon hub config list")
 
 
-FLAG_KEYS = ("data_dir", "listen", "tls.cert", "tls.key", "log.level", "log.format")
+FLAG_KEYS = (
+    "data_dir",
+    "listen",
+    "tls.cert",
+    "tls.key",
+    "cluster.redis",
+    "cluster.postgres",
+    "log.level",
+    "log.format",
+)
 """The settings `hub serve` takes on its command line (what a reload keeps on top)."""
 
 

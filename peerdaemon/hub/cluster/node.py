@@ -1,0 +1,403 @@
+"""One hub process of a cluster (issue 14, docs/hub-cluster.md): the seams by which the single
+hub's room logic runs over PostgreSQL and the Redis bus instead of its embedded store.
+
+- `ClusterStore` is what `HubDocs` calls its store (`sizes`, `updates_of`, `enqueue_append`,
+  `enqueue_compact`, the settings): appends go to `DocStore` (committed: *accepted*) and to the
+  room's stream (`Publisher`), and their tickets complete when PostgreSQL committed them;
+  compaction is `worker.compact_room` (one process at a time per room, by the lock).
+- `ClusterRooms` is `ywebsocket.Rooms` that tells the node when a room opens on this process
+  (load it from PostgreSQL, then read its streams from their start) and closes, and publishes
+  the awareness its clients send.
+- `ClusterNode.run` reads the streams of the rooms open here: other processes' updates are
+  applied to `HubDocs` as `remote` (relayed to this process's clients, stored by their own
+  process), their awareness enters the rooms; a Redis that restarted empty is resynced from
+  PostgreSQL (`on_lost`).
+
+Loading a document is a synchronous read in the trio thread (HubDocs' `_loaded_entry` is
+synchronous): a large load holds up this process's other rooms while it runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections import deque
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+from typing import TYPE_CHECKING, Any
+
+import cbor2
+import trio
+from pycrdt import Doc, get_state, merge_updates
+
+from ...core.awareness import decode_awareness
+from ...core.identity import SETTING, Identity
+from ...store import StoreError
+from ...store.sqlite import CommitTimes, Ticket
+from ..ywebsocket import Framer, Room, Rooms, YConn
+from .bus import BusError, CompactionLock, RoomBus, connect
+from .protocol import AWARENESS, UPDATE, BusEntry, Cursors, room_of
+from .store import AppendTicket, DocStore, DocStoreError, _Connection, _load
+from .worker import Publisher, compact_room
+
+if TYPE_CHECKING:
+    from ..docs import HubDocs
+
+__all__ = ["ClusterNode", "ClusterRooms", "ClusterStore"]
+
+log = logging.getLogger("peerdaemon.hub.cluster")
+
+
+def _new_identity() -> dict[str, Any]:
+    return {"private_key": Identity.generate("hub").private_bytes(), "name": "hub"}
+
+
+def _split(key: str) -> tuple[str, str]:
+    space, _, doc = key.partition("/")
+    return space, doc
+
+
+class ClusterStore:
+    """The store `HubDocs` writes to in scaled mode (the subset of `store.Store` it uses)."""
+
+    def __init__(self, node: ClusterNode) -> None:
+        self.node = node
+        self.docstore = node.docstore
+        self._loader = _Connection(node.dsn, name="loader")
+        self._sizes: dict[tuple[str, str], int] = {}
+        self._settings: dict[str, Any] = {}
+        self._tickets: deque[tuple[AppendTicket, Ticket]] = deque()
+        self._tickets_wakeup = trio.Event()
+        self._compacting: set[str] = set()
+        self.commit_times = CommitTimes()
+
+    async def prefetch(self) -> None:
+        self._sizes = await self.docstore.sizes()
+
+        def read(conn: Any) -> dict[str, Any]:
+            rows = conn.execute("SELECT key, value FROM settings").fetchall()
+            return {str(k): cbor2.loads(bytes(v)) for k, v in rows}
+
+        self._settings = await self.docstore.sql(read)
+
+    # -- what HubDocs reads ----------------------------------------------------------------------
+    def sizes(self) -> dict[str, tuple[int, int, int]]:
+        return {f"{s}/{d}": (n, 0, 0) for (s, d), n in self._sizes.items()}
+
+    def updates_of(self, key: str) -> list[bytes]:
+        space, doc = _split(key)
+        loaded = self._loader._run(lambda conn: _load(conn, space, doc))
+        return loaded.updates if loaded is not None else []
+
+    # -- what HubDocs writes ---------------------------------------------------------------------
+    def enqueue_append(self, key: str, update: bytes) -> Ticket:
+        space, doc = _split(key)
+        origin = self.node.bus.origin("hub")
+        appended = self.docstore.append(space, doc, update, origin)
+        self.node.publisher.update(room_of(space, doc), update, origin)
+        ticket = Ticket()
+        self._tickets.append((appended, ticket))
+        self._tickets_wakeup.set()
+        return ticket
+
+    def enqueue_compact(self, key: str, snapshot: bytes) -> Ticket:
+        """Compaction is PostgreSQL's fold of its own rows (`DocStore.compact`), by whichever
+        process holds the room's lock: `snapshot` (this process's state) is not needed."""
+        ticket = Ticket()
+        ticket._complete()
+        if key not in self._compacting and self.node.nursery is not None:
+            self._compacting.add(key)
+            self.node.nursery.start_soon(self._compact, key)
+        return ticket
+
+    async def _compact(self, key: str) -> None:
+        space, doc = _split(key)
+        try:
+            await compact_room(
+                self.node.bus, self.node.lock, self.docstore, space, doc,
+                commit_lag_ms=self.node.commit_lag_ms,
+            )  # fmt: skip
+        except (BusError, DocStoreError) as exc:
+            log.warning("hub: compaction of %s postponed: %s", key, exc)
+        finally:
+            self._compacting.discard(key)
+
+    async def follow_tickets(self) -> None:
+        """Complete HubDocs' tickets as PostgreSQL commits (in order: the writer commits so)."""
+        while True:
+            if not self._tickets:
+                self._tickets_wakeup = trio.Event()
+                await self._tickets_wakeup.wait()
+                continue
+            appended, ticket = self._tickets[0]
+            error: BaseException | None = None
+            try:
+                await appended.wait()
+            except DocStoreError as exc:
+                error = StoreError(str(exc))
+            self._tickets.popleft()
+            ticket._complete(error)
+
+    # -- settings (the hub's key, removed devices' tokens) ----------------------------------------
+    def get_setting(self, key: str, default: Any = None) -> Any:
+        return self._settings.get(key, default)
+
+    def put_setting(self, key: str, value: Any) -> Ticket:
+        self._settings[key] = cbor2.loads(cbor2.dumps(value))
+        ticket = Ticket()
+        if self.node.nursery is not None:
+            self.node.nursery.start_soon(self._put_setting, key, value, ticket)
+        return ticket
+
+    async def _put_setting(self, key: str, value: Any, ticket: Ticket) -> None:
+        while True:
+            try:
+                await self.docstore.put_setting(key, value)
+            except DocStoreError as exc:
+                log.warning("hub: setting %s not stored yet: %s", key, exc)
+                await trio.sleep(1.0)
+                continue
+            ticket._complete()
+            return
+
+    async def ensure_setting(self, key: str, make: Callable[[], Any]) -> Any:
+        """The setting, created by whichever process comes first (the hub's key: every
+        process of a cluster must show the same one)."""
+
+        def create(conn: Any) -> Any:
+            with conn.transaction():
+                conn.execute(
+                    "INSERT INTO settings (key, value) VALUES (%s, %s) ON CONFLICT DO NOTHING",
+                    (key, cbor2.dumps(make())),
+                )
+            row = conn.execute("SELECT value FROM settings WHERE key = %s", (key,)).fetchone()
+            return cbor2.loads(bytes(row[0]))
+
+        value = await self.docstore.sql(create)
+        self._settings[key] = value
+        return value
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Where `serve_hub` starts the embedded store's writer: the node's tasks."""
+        await self.node.run(task_status=task_status)
+
+    def close(self) -> None:
+        self._loader.close()
+
+
+class ClusterRooms(Rooms):
+    """`Rooms` that tell the node which rooms are open on this process, and publish the
+    awareness their clients send."""
+
+    def __init__(self, docs: Any, framer: Framer, node: ClusterNode) -> None:
+        super().__init__(docs, framer)
+        self.node = node
+
+    def join(self, space_id: str, doc_id: str, conn: YConn) -> Room:
+        new = (space_id, doc_id) not in self.rooms
+        if new:
+            self.node.opening(space_id, doc_id)
+        room = super().join(space_id, doc_id, conn)
+        if new:
+            told = room.on_awareness
+            node = self.node
+
+            def tell(payload: bytes) -> None:
+                node.publish_awareness(space_id, doc_id, payload)
+                if told is not None:
+                    told(payload)
+
+            room.on_awareness = tell
+        return room
+
+    def leave(self, conn: YConn) -> None:
+        room = conn.room
+        super().leave(conn)
+        if room is not None and room.key not in self.rooms:
+            self.node.closed(*room.key)
+
+
+class ClusterNode:
+    """A hub process's membership of the cluster: its bus, its PostgreSQL store, its reader.
+
+    `open()` connects (and migrates); `attach(docs, rooms)` hooks it to the room logic; `run()`
+    is its tasks (the writer, the publisher, the reader of the open rooms' streams)."""
+
+    def __init__(
+        self,
+        redis_url: str,
+        dsn: str,
+        *,
+        process: str | None = None,
+        commit_lag_ms: int = 60_000,
+        block_ms: int = 5000,
+    ) -> None:
+        self.redis_url = redis_url
+        self.dsn = dsn
+        self.process = process or secrets.token_hex(6)
+        self.commit_lag_ms = commit_lag_ms
+        self.block_ms = block_ms
+        self.docstore = DocStore(dsn)
+        self.cursors = Cursors()
+        self.nursery: trio.Nursery | None = None
+        self.docs: HubDocs | None = None
+        self.rooms: Rooms | None = None
+        self._stack = AsyncExitStack()
+        self._changed = trio.Event()
+        self.resyncs = 0
+        self.remote_updates = 0
+        self.store: ClusterStore
+
+    async def open(self) -> ClusterStore:
+        await self.docstore.open()
+        writer = await self._stack.enter_async_context(connect(self.redis_url))
+        self._reader_client = await self._stack.enter_async_context(connect(self.redis_url))
+        self.bus = RoomBus(writer, self.process)
+        self.read_bus = RoomBus(self._reader_client, self.process)
+        self.lock = CompactionLock(writer)
+        self.publisher = Publisher(self.bus)
+        self.store = ClusterStore(self)
+        await self.store.prefetch()
+        await self.store.ensure_setting(SETTING, _new_identity)
+        return self.store
+
+    async def aclose(self) -> None:
+        await self._stack.aclose()
+        self.store.close()
+        self.docstore.close()
+
+    def rooms_for(self, docs: HubDocs, framer: Framer) -> ClusterRooms:
+        """The rooms of this process, hooked to the node (server.py's seam)."""
+        rooms = ClusterRooms(docs, framer, self)
+        self.docs = docs
+        self.rooms = rooms
+        return rooms
+
+    # -- rooms opening and closing on this process ------------------------------------------------
+    def opening(self, space_id: str, doc_id: str) -> None:
+        """A room's first client here: bring the document up to what PostgreSQL holds (it may
+        be new to this process, or loaded from earlier but not followed since), then read its
+        streams from their start, which hold whatever may not be committed yet."""
+        try:
+            room = room_of(space_id, doc_id)
+        except ValueError:
+            return
+        docs = self.docs
+        assert docs is not None
+        if room in self.cursors.rooms():
+            return
+        if not docs.has(space_id, doc_id) or docs.is_loaded(space_id, doc_id):
+            try:
+                updates = self.store.updates_of(room)
+            except Exception as exc:  # PostgreSQL away: the stream and the clients' syncs
+                log.warning("hub: cannot load %s from postgresql: %s", room, exc)
+                updates = []
+            if updates:
+                self._apply_remote(space_id, doc_id, merge_updates(*updates), "postgres")
+        self.cursors.add(room)
+        self._changed.set()
+
+    def closed(self, space_id: str, doc_id: str) -> None:
+        self.cursors.remove(room_of(space_id, doc_id))
+        self._changed.set()
+
+    def publish_awareness(self, space_id: str, doc_id: str, payload: bytes) -> None:
+        self.publisher.awareness(room_of(space_id, doc_id), payload, self.bus.origin("yws"))
+
+    def _apply_remote(self, space_id: str, doc_id: str, update: bytes, origin: str) -> None:
+        assert self.docs is not None
+        try:
+            self.docs.apply(space_id, doc_id, update, origin, remote=True)
+        except ValueError as exc:
+            log.warning("hub: %s/%s: bad update from the bus: %s", space_id, doc_id, exc)
+
+    # -- the reader ------------------------------------------------------------------------------
+    def deliver(self, entries: list[BusEntry]) -> None:
+        mine = self.process + ":"
+        rooms = self.rooms
+        for entry in entries:
+            if entry.room is None or entry.origin.startswith(mine):
+                continue  # kicks: revocation is not cluster-wide yet (accounts poll)
+            space_id, doc_id = _split(entry.room)
+            if entry.kind == UPDATE:
+                self.remote_updates += 1
+                self._apply_remote(space_id, doc_id, entry.data, entry.origin)
+            elif entry.kind == AWARENESS and rooms is not None:
+                room = rooms.rooms.get((space_id, doc_id))
+                if room is None:
+                    continue
+                room.inject(entry.data)
+                self._renew_remote_states(room, entry.data)
+
+    @staticmethod
+    def _renew_remote_states(room: Room, payload: bytes) -> None:
+        """States from another process expire as this process's clients' do (30 s without
+        renewal): a process that dies leaves no ghosts."""
+        now = time.monotonic()
+        try:
+            for e in decode_awareness(payload):
+                if not e.removed and e.client in room.states:
+                    room.renewed[e.client] = now
+        except Exception:
+            pass
+
+    async def on_lost(self) -> None:
+        """Redis restarted empty: take what PostgreSQL has, and give the new streams what
+        PostgreSQL lacks of each open room (uncommitted updates, ours and others')."""
+        self.resyncs += 1
+        docs = self.docs
+        assert docs is not None
+        for room in self.cursors.rooms():
+            space_id, doc_id = _split(room)
+            try:
+                loaded = await self.docstore.load(space_id, doc_id)
+            except DocStoreError:
+                loaded = None  # PostgreSQL away too: give back everything
+            base = Doc()
+            for update in loaded.updates if loaded else []:
+                base.apply_update(update)
+            if loaded and loaded.updates:
+                self._apply_remote(space_id, doc_id, merge_updates(*loaded.updates), "postgres")
+            doc = docs.get_doc(space_id, doc_id)
+            if doc is None:
+                continue
+            missing = doc.get_update(get_state(base.get_update()))
+            self.publisher.update(room, missing, self.bus.origin("resync"))
+
+    async def _read(self) -> None:
+        """Follow the open rooms' streams; a room opened or closed restarts the blocking read."""
+        while True:
+            self._changed = trio.Event()
+            async with trio.open_nursery() as nursery:
+
+                async def follow() -> None:
+                    await self.read_bus.follow(
+                        self.cursors, self.deliver, on_lost=self._on_lost, block_ms=self.block_ms
+                    )
+
+                nursery.start_soon(follow)
+                await self._changed.wait()
+                nursery.cancel_scope.cancel()
+
+    async def _on_lost(self) -> None:
+        with trio.CancelScope(shield=True):
+            await self.on_lost()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self.nursery = nursery
+            await nursery.start(self.docstore.run)
+            await nursery.start(self.publisher.run)
+            nursery.start_soon(self.store.follow_tickets)
+            nursery.start_soon(self._read)
+            task_status.started()
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "queued_appends": self.docstore.queued,
+            "queued_publishes": self.publisher.queued,
+            "rooms_followed": len(self.cursors.rooms()),
+            "resyncs": self.resyncs,
+            "remote_updates": self.remote_updates,
+        }

@@ -1,0 +1,253 @@
+"""The hub's scaled mode end to end (issue 14): real `peerdaemon hub serve --redis --postgres`
+processes on one private Redis and one private PostgreSQL (tests/servers.py), y-websocket
+clients of one room spread across them.
+
+What a client sent and the hub accepted is checked against the union of what the clients sent:
+every key a client set must end in PostgreSQL (docs/hub-cluster.md, "Accepted"), through kill
+-9 of a hub process, a Redis that restarts empty and a PostgreSQL restart."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+from helpers import SPACE, YClient, setup_accounts
+from pycrdt import Doc, Map
+from servers import free_port, have_postgres, have_redis, running_postgres, running_redis
+from trio_websocket import ConnectionClosed, open_websocket_url
+
+pytestmark = pytest.mark.skipif(
+    not (have_redis() and have_postgres()), reason="needs redis-server and PostgreSQL"
+)
+pytest.importorskip("coredis")
+pytest.importorskip("psycopg")
+
+from peerdaemon.hub.accounts import Accounts  # noqa: E402
+from peerdaemon.hub.cluster.store import DocStore  # noqa: E402
+
+DOC = "env1"
+HOST = "127.0.0.1"
+START_TIMEOUT = 60.0
+
+
+class Hub:
+    """One `peerdaemon hub serve` process of the cluster (accounts in the shared data dir)."""
+
+    def __init__(self, name: str, data_dir: Path, redis_url: str, dsn: str) -> None:
+        self.name = name
+        self.data_dir = data_dir
+        self.redis_url = redis_url
+        self.dsn = dsn
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = data_dir.parent / f"{name}.log"
+
+    def start(self) -> None:
+        argv = [
+            sys.executable, "-m", "peerdaemon", "hub", "serve",
+            "--data-dir", str(self.data_dir),
+            "--listen", f"{HOST}:{self.port}",
+            "--redis", self.redis_url,
+            "--postgres", self.dsn,
+            "--log-level", "debug",
+        ]  # fmt: skip
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PEERDAEMON_")}
+        env["PYTHONUNBUFFERED"] = "1"
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=log, env=env)
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            try:
+                socket.create_connection((HOST, self.port), 0.5).close()
+                return
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"{self.name} did not start:\n{self.tail()}") from None
+                time.sleep(0.05)  # bounded wait for the listening port
+
+    def tail(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-4000:]
+        except OSError:
+            return ""
+
+    def kill9(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()  # by pid
+            self.proc.wait(30)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill9()
+
+    def url(self, token: str, doc: str = DOC) -> str:
+        return f"ws://{HOST}:{self.port}/yjs/{SPACE}/{doc}?token={token}&device=tests"
+
+
+class Writer:
+    """A y-websocket client that remembers every key it set (what it sent), keeping its
+    document across reconnections (a provider does: it resyncs on the next connection)."""
+
+    def __init__(self, name: str, token: str) -> None:
+        self.name = name
+        self.token = token
+        self.doc = Doc()
+        self.sent: set[str] = set()
+        self.client: YClient | None = None
+        self.n = 0
+
+    @asynccontextmanager
+    async def connected(self, hub: Hub):
+        async with open_websocket_url(hub.url(self.token), max_message_size=64 << 20) as ws:
+            self.client = YClient(ws, self.doc)
+            await self.client.sync()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._pump)
+                yield self
+                nursery.cancel_scope.cancel()
+            self.client = None
+
+    async def _pump(self) -> None:
+        assert self.client is not None
+        try:
+            while True:
+                await self.client.recv()
+        except ConnectionClosed:
+            pass
+
+    async def edit(self) -> None:
+        assert self.client is not None
+        key = f"{self.name}-{self.n}"
+        self.n += 1
+        self.sent.add(key)
+        await self.client.edit(key, self.n)
+
+    def keys(self) -> set[str]:
+        return set(self.doc.get("m", type=Map).keys())
+
+
+async def stored_keys(dsn: str) -> set[str]:
+    store = DocStore(dsn)
+    try:
+        loaded = await store.load(SPACE, DOC)
+    finally:
+        store.close()
+    doc = Doc()
+    for update in loaded.updates if loaded else []:
+        doc.apply_update(update)
+    return set(doc.get("m", type=Map).keys())
+
+
+async def until(predicate, timeout: float = 30.0, what: str = "") -> None:
+    with trio.fail_after(timeout):
+        while not await predicate():
+            await trio.sleep(0.05)
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    with (
+        running_redis(tmp_path / "redis", persist=False) as redis,
+        running_postgres(fsync=False) as pg,
+    ):
+        data = tmp_path / "hub"
+        data.mkdir()
+        tokens = setup_accounts(data, "alice", "bob")
+        with Accounts.open(data) as accounts:
+            accounts.add_member(SPACE, "bob")
+        hubs = [Hub(f"hub{i}", data, redis.url, pg.dsn) for i in (1, 2)]
+        try:
+            for hub in hubs:
+                hub.start()
+            yield hubs, tokens, redis, pg
+        finally:
+            for hub in hubs:
+                hub.stop()
+
+
+async def test_clients_of_one_room_on_two_processes_converge_and_postgres_holds_it(cluster):
+    (one, two), tokens, _redis, pg = cluster
+    a, b = Writer("a", tokens["alice"]), Writer("b", tokens["bob"])
+    async with a.connected(one), b.connected(two):
+        for _ in range(30):
+            await a.edit()
+            await b.edit()
+        union = a.sent | b.sent
+
+        async def converged() -> bool:
+            return a.keys() == b.keys() == union
+
+        await until(converged, what="clients converge")
+        # a client that arrives later, on either process, gets the whole document
+        for hub in (one, two):
+            late = Writer("late", tokens["bob"])
+            async with late.connected(hub):
+                assert late.keys() == union
+
+    async def stored() -> bool:
+        return await stored_keys(pg.dsn) == union
+
+    await until(stored, what="postgres holds every edit")
+
+
+async def test_kill9_redis_and_postgres_restarts_lose_nothing_accepted(cluster):
+    (one, two), tokens, redis, pg = cluster
+    a, b, c = Writer("a", tokens["alice"]), Writer("b", tokens["bob"]), Writer("c", tokens["bob"])
+
+    async def edits(writer: Writer, n: int) -> None:
+        for _ in range(n):
+            await writer.edit()
+            await trio.sleep(0.005)
+
+    async with AsyncExitStack() as stack:
+        await stack.enter_async_context(b.connected(two))
+        await stack.enter_async_context(c.connected(two))
+        async with a.connected(one):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(edits, b, 40)
+                nursery.start_soon(edits, c, 40)
+                try:
+                    await edits(a, 20)
+                finally:
+                    await trio.to_thread.run_sync(one.kill9)  # in the middle of edits
+        # a's process is gone: it reconnects to the other and resumes by a Yjs sync
+        async with a.connected(two):
+            await edits(a, 10)
+            # Redis restarts empty in the middle of edits
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(edits, b, 30)
+                await trio.sleep(0.05)
+                await trio.to_thread.run_sync(lambda: redis.restart(empty=True))
+            await trio.to_thread.run_sync(one.start)  # the killed process comes back
+            # PostgreSQL restarts in the middle of edits
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(edits, a, 30)
+                nursery.start_soon(edits, b, 30)
+                await trio.sleep(0.05)
+                await trio.to_thread.run_sync(lambda: pg.restart(kill=True))
+            union = a.sent | b.sent | c.sent
+
+            async def converged() -> bool:
+                return a.keys() == b.keys() == c.keys() == union
+
+            await until(converged, what="clients converge")
+
+    async def stored() -> bool:
+        try:
+            return await stored_keys(pg.dsn) == union
+        except Exception:
+            return False
+
+    await until(stored, timeout=60, what="postgres holds every edit")
