@@ -251,3 +251,43 @@ async def test_kill9_redis_and_postgres_restarts_lose_nothing_accepted(cluster):
             return False
 
     await until(stored, timeout=60, what="postgres holds every edit")
+
+
+async def test_what_a_killed_process_relayed_but_had_not_committed_is_stored_by_another(cluster):
+    """Process 1 relays a's edits to process 2 at once, but its commits are held up (a lock on
+    the table); it is killed. a reconnects to process 2, which holds the edits already, so a
+    sends nothing: process 2 must store them itself once process 1's heartbeat is gone."""
+    import psycopg
+
+    (one, two), tokens, _redis, pg = cluster
+    a, b = Writer("a", tokens["alice"]), Writer("b", tokens["bob"])
+    async with b.connected(two):
+        async with a.connected(one):
+            await a.edit()  # (the room exists on both, so process 2 follows it)
+
+            async def seen() -> bool:
+                return b.keys() == a.sent
+
+            await until(seen)
+            blocker = await trio.to_thread.run_sync(
+                lambda: psycopg.connect(pg.dsn, autocommit=False)
+            )
+            try:
+                await trio.to_thread.run_sync(
+                    lambda: blocker.execute("LOCK TABLE doc_updates IN EXCLUSIVE MODE")
+                )
+                for _ in range(20):
+                    await a.edit()
+                await until(seen)  # relayed through process 2, not committed by process 1
+                await trio.to_thread.run_sync(one.kill9)
+            finally:
+                await trio.to_thread.run_sync(blocker.rollback)
+                blocker.close()
+        async with a.connected(two):
+            await a.edit()
+            union = a.sent | b.sent
+
+            async def stored() -> bool:
+                return await stored_keys(pg.dsn) == union
+
+            await until(stored, what="postgres holds what process 1 relayed")

@@ -33,11 +33,12 @@ from pycrdt import Doc, get_state, merge_updates
 
 from ...core.awareness import decode_awareness
 from ...core.identity import SETTING, Identity
+from ...model.lib0 import EMPTY_UPDATE
 from ...store import StoreError
 from ...store.sqlite import CommitTimes, Ticket
 from ..ywebsocket import Framer, Room, Rooms, YConn
 from .bus import BusError, CompactionLock, RoomBus, connect
-from .protocol import AWARENESS, UPDATE, BusEntry, Cursors, room_of
+from .protocol import ALIVE_TTL_MS, AWARENESS, UPDATE, BusEntry, Cursors, room_of
 from .store import AppendTicket, DocStore, DocStoreError, _Connection, _load
 from .worker import Publisher, compact_room
 
@@ -247,6 +248,9 @@ class ClusterNode:
         self._changed = trio.Event()
         self.resyncs = 0
         self.remote_updates = 0
+        self.repairs = 0
+        self._peers: dict[str, set[str]] = {}  # other processes read -> their rooms
+        self._missing: set[str] = set()  # peers whose heartbeat was missing at the last check
         self.store: ClusterStore
 
     async def open(self) -> ClusterStore:
@@ -322,6 +326,8 @@ class ClusterNode:
             space_id, doc_id = _split(entry.room)
             if entry.kind == UPDATE:
                 self.remote_updates += 1
+                peer = entry.origin.partition(":")[0]
+                self._peers.setdefault(peer, set()).add(entry.room)
                 self._apply_remote(space_id, doc_id, entry.data, entry.origin)
             elif entry.kind == AWARENESS and rooms is not None:
                 room = rooms.rooms.get((space_id, doc_id))
@@ -365,6 +371,55 @@ class ClusterNode:
             missing = doc.get_update(get_state(base.get_update()))
             self.publisher.update(room, missing, self.bus.origin("resync"))
 
+    # -- a process that died -----------------------------------------------------------------------
+    async def _heartbeat(self) -> None:
+        """Say this process is alive, and notice the peers whose updates it applied that are
+        not any more (their heartbeat missing twice in a row: a Redis that restarted empty
+        has none for a moment)."""
+        every = ALIVE_TTL_MS / 3000
+        while True:
+            try:
+                await self.bus.heartbeat(ALIVE_TTL_MS)
+                for peer in list(self._peers):
+                    if await self.bus.alive(peer):
+                        self._missing.discard(peer)
+                    elif peer in self._missing:
+                        self._missing.discard(peer)
+                        rooms = self._peers.pop(peer)
+                        assert self.nursery is not None
+                        self.nursery.start_soon(self.repair, peer, rooms)
+                    else:
+                        self._missing.add(peer)
+            except BusError as exc:
+                log.debug("hub: heartbeat failed: %s", exc)
+            await trio.sleep(every)
+
+    async def repair(self, peer: str, rooms: set[str]) -> None:
+        """`peer` died: what it relayed here but had not committed was never accepted, and its
+        clients, reconnecting to a process that holds it already, would not send it again.
+        Store what this process holds of its rooms that PostgreSQL lacks (a row twice is
+        harmless: Yjs updates apply once, and the next compaction folds the copy away)."""
+        log.warning("hub: process %s is gone; storing what it had not", peer)
+        self.repairs += 1
+        for room in sorted(rooms):
+            space_id, doc_id = _split(room)
+            doc = self.docs.get_doc(space_id, doc_id) if self.docs is not None else None
+            if doc is None:
+                continue
+            while True:
+                try:
+                    loaded = await self.docstore.load(space_id, doc_id)
+                    break
+                except DocStoreError as exc:
+                    log.warning("hub: repair of %s waits for postgresql: %s", room, exc)
+                    await trio.sleep(1.0)
+            base = Doc()
+            for update in loaded.updates if loaded else []:
+                base.apply_update(update)
+            missing = doc.get_update(base.get_state())
+            if missing != EMPTY_UPDATE:
+                self.docstore.append(space_id, doc_id, missing, self.bus.origin("repair"))
+
     async def _read(self) -> None:
         """Follow the open rooms' streams; a room opened or closed restarts the blocking read."""
         while True:
@@ -391,6 +446,7 @@ class ClusterNode:
             await nursery.start(self.publisher.run)
             nursery.start_soon(self.store.follow_tickets)
             nursery.start_soon(self._read)
+            nursery.start_soon(self._heartbeat)
             task_status.started()
 
     def stats(self) -> dict[str, int]:
@@ -400,4 +456,5 @@ class ClusterNode:
             "rooms_followed": len(self.cursors.rooms()),
             "resyncs": self.resyncs,
             "remote_updates": self.remote_updates,
+            "repairs": self.repairs,
         }
