@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -211,9 +211,11 @@ async def test_kill9_redis_and_postgres_restarts_lose_nothing_accepted(cluster):
             await writer.edit()
             await trio.sleep(0.005)
 
-    async with AsyncExitStack() as stack:
-        await stack.enter_async_context(b.connected(two))
-        await stack.enter_async_context(c.connected(two))
+    async def converged() -> bool:
+        union = a.sent | b.sent | c.sent
+        return a.keys() == b.keys() == c.keys() == union
+
+    async with b.connected(two), c.connected(two):
         async with a.connected(one):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(edits, b, 40)
@@ -225,24 +227,26 @@ async def test_kill9_redis_and_postgres_restarts_lose_nothing_accepted(cluster):
         # a's process is gone: it reconnects to the other and resumes by a Yjs sync
         async with a.connected(two):
             await edits(a, 10)
-            # Redis restarts empty in the middle of edits
+            await until(converged, what="converged after the kill")
+        await trio.to_thread.run_sync(one.start)  # the killed process comes back
+        async with a.connected(one):
+            # Redis restarts empty in the middle of edits on both processes
             async with trio.open_nursery() as nursery:
+                nursery.start_soon(edits, a, 30)
                 nursery.start_soon(edits, b, 30)
                 await trio.sleep(0.05)
                 await trio.to_thread.run_sync(lambda: redis.restart(empty=True))
-            await trio.to_thread.run_sync(one.start)  # the killed process comes back
+            await edits(c, 5)
+            await until(converged, what="converged after Redis restarted empty")
             # PostgreSQL restarts in the middle of edits
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(edits, a, 30)
                 nursery.start_soon(edits, b, 30)
                 await trio.sleep(0.05)
                 await trio.to_thread.run_sync(lambda: pg.restart(kill=True))
-            union = a.sent | b.sent | c.sent
-
-            async def converged() -> bool:
-                return a.keys() == b.keys() == c.keys() == union
-
-            await until(converged, what="clients converge")
+            await until(converged, what="converged after PostgreSQL restarted")
+    union = a.sent | b.sent | c.sent
+    assert len(union) == 90 + 100 + 45
 
     async def stored() -> bool:
         try:
@@ -251,6 +255,7 @@ async def test_kill9_redis_and_postgres_restarts_lose_nothing_accepted(cluster):
             return False
 
     await until(stored, timeout=60, what="postgres holds every edit")
+    assert "resyncing rooms" in one.tail() + two.tail()  # (the Redis restart was seen)
 
 
 async def test_what_a_killed_process_relayed_but_had_not_committed_is_stored_by_another(cluster):
