@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from helpers import SPACE, YClient, setup_accounts
+from helpers import SPACE, YClient
 from pycrdt import Doc, Map
 from servers import free_port, have_postgres, have_redis, running_postgres, running_redis
 from trio_websocket import ConnectionClosed, open_websocket_url
@@ -30,8 +30,10 @@ pytestmark = pytest.mark.skipif(
 pytest.importorskip("coredis")
 pytest.importorskip("psycopg")
 
-from peerdaemon.hub.accounts import Accounts  # noqa: E402
-from peerdaemon.hub.cluster.store import DocStore  # noqa: E402
+import psycopg  # noqa: E402
+
+from peerdaemon.hub.cluster.accounts import ClusterAccounts  # noqa: E402
+from peerdaemon.hub.cluster.store import DocStore, migrate  # noqa: E402
 
 DOC = "env1"
 HOST = "127.0.0.1"
@@ -49,6 +51,7 @@ class Hub:
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = data_dir.parent / f"{name}.log"
+        data_dir.mkdir(parents=True, exist_ok=True)
 
     def start(self) -> None:
         argv = [
@@ -107,6 +110,7 @@ class Writer:
         self.sent: set[str] = set()
         self.client: YClient | None = None
         self.n = 0
+        self.closed: int | None = None  # the close code the hub sent
 
     @asynccontextmanager
     async def connected(self, hub: Hub):
@@ -124,8 +128,8 @@ class Writer:
         try:
             while True:
                 await self.client.recv()
-        except ConnectionClosed:
-            pass
+        except ConnectionClosed as exc:
+            self.closed = exc.reason.code
 
     async def edit(self) -> None:
         assert self.client is not None
@@ -162,12 +166,13 @@ def cluster(tmp_path):
         running_redis(tmp_path / "redis", persist=False) as redis,
         running_postgres(fsync=False) as pg,
     ):
-        data = tmp_path / "hub"
-        data.mkdir()
-        tokens = setup_accounts(data, "alice", "bob")
-        with Accounts.open(data) as accounts:
+        with psycopg.connect(pg.dsn, autocommit=True) as conn:
+            migrate(conn)
+        with ClusterAccounts.open_pg(pg.dsn) as accounts:  # as `hub user add` does
+            tokens = {user: accounts.add_user(user) for user in ("alice", "bob")}
+            accounts.create_space(SPACE, "alice", "Team")
             accounts.add_member(SPACE, "bob")
-        hubs = [Hub(f"hub{i}", data, redis.url, pg.dsn) for i in (1, 2)]
+        hubs = [Hub(f"hub{i}", tmp_path / f"hub{i}", redis.url, pg.dsn) for i in (1, 2)]
         try:
             for hub in hubs:
                 hub.start()
@@ -175,6 +180,21 @@ def cluster(tmp_path):
         finally:
             for hub in hubs:
                 hub.stop()
+
+
+def admin(hub: Hub, *argv: str) -> str:
+    """`peerdaemon hub ...` as an admin runs it against the cluster (its settings in the
+    environment, as a config file would hold them)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PEERDAEMON_")}
+    env.update(
+        PEERDAEMON_HUB_CLUSTER_POSTGRES=hub.dsn,
+        PEERDAEMON_HUB_CLUSTER_REDIS=hub.redis_url,
+        PEERDAEMON_HUB_DIR=str(hub.data_dir),
+    )
+    argv = (sys.executable, "-m", "peerdaemon", "hub", *argv)
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
 
 
 async def test_clients_of_one_room_on_two_processes_converge_and_postgres_holds_it(cluster):
@@ -262,8 +282,6 @@ async def test_what_a_killed_process_relayed_but_had_not_committed_is_stored_by_
     """Process 1 relays a's edits to process 2 at once, but its commits are held up (a lock on
     the table); it is killed. a reconnects to process 2, which holds the edits already, so a
     sends nothing: process 2 must store them itself once process 1's heartbeat is gone."""
-    import psycopg
-
     (one, two), tokens, _redis, pg = cluster
     a, b = Writer("a", tokens["alice"]), Writer("b", tokens["bob"])
     async with b.connected(two):
@@ -296,3 +314,30 @@ async def test_what_a_killed_process_relayed_but_had_not_committed_is_stored_by_
                 return await stored_keys(pg.dsn) == union
 
             await until(stored, what="postgres holds what process 1 relayed")
+
+
+async def test_revocation_and_removal_cut_connections_on_every_process_within_a_second(cluster):
+    (one, two), tokens, _redis, _pg = cluster
+    a1, a2 = Writer("a1", tokens["alice"]), Writer("a2", tokens["alice"])
+    b1, b2 = Writer("b1", tokens["bob"]), Writer("b2", tokens["bob"])
+    async with a1.connected(one), a2.connected(two), b1.connected(one), b2.connected(two):
+        await trio.to_thread.run_sync(lambda: admin(one, "token", "revoke", tokens["alice"]))
+
+        async def alice_cut() -> bool:
+            return a1.closed is not None and a2.closed is not None
+
+        await until(alice_cut, timeout=1.0)
+        assert a1.closed == a2.closed == 4401  # unauthorized
+        assert b1.closed is b2.closed is None
+        await b1.edit()  # bob goes on
+        await trio.to_thread.run_sync(lambda: admin(two, "space", "remove-member", SPACE, "bob"))
+
+        async def bob_cut() -> bool:
+            return b1.closed is not None and b2.closed is not None
+
+        await until(bob_cut, timeout=1.0)
+        assert b1.closed == b2.closed == 4403  # forbidden
+    for hub in (one, two):  # at once, by the kick (not at the next poll)
+        assert hub.tail().count("accounts changed (kick)") == 2
+    listed = admin(one, "token", "list")
+    assert any("alice" in line and "revoked" in line for line in listed.splitlines())

@@ -195,8 +195,19 @@ def _hub_admin(args: argparse.Namespace, fn: Callable[[Any], Any]) -> Any:
 
     from peerdaemon.hub.accounts import Accounts, AccountsError
 
+    config = _hub_config(args)
     try:
-        with Accounts.open(_hub_config(args).data_dir) as accounts:
+        if config.postgres:  # a cluster's accounts (docs/hub-cluster.md)
+            from peerdaemon.hub.cluster.accounts import ClusterAccounts
+            from peerdaemon.hub.cluster.node import announce_accounts_change
+
+            with ClusterAccounts.open_pg(config.postgres) as cluster_accounts:
+                result = fn(cluster_accounts)
+                changed = cluster_accounts.pushes > 0
+            if changed and config.redis:
+                announce_accounts_change(config.redis)
+            return result
+        with Accounts.open(config.data_dir) as accounts:
             return fn(accounts)
     except AccountsError as exc:
         raise CliError(str(exc)) from None

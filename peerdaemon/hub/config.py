@@ -276,8 +276,9 @@ def schema() -> Schema:
         ),
         S(
             "cluster.postgres",
-            TOKEN,
-            "scaled mode: documents in this PostgreSQL (a libpq DSN or postgresql:// URL)",
+            kinds.text,
+            "scaled mode: documents and accounts in this PostgreSQL (a libpq DSN or"
+            " postgresql:// URL; keep its password in ~/.pgpass or $PGPASSFILE, not here)",
             flag="--postgres",
         ),
         S(

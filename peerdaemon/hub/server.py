@@ -193,7 +193,10 @@ async def serve_hub(
         )
     accounts = None
     try:
-        accounts = Accounts.open(config.data_dir, defaults=config.limits)
+        if node is None:
+            accounts = Accounts.open(config.data_dir, defaults=config.limits)
+        else:
+            accounts = node.open_accounts(config.limits)
         events = EventLog()
         docs = HubDocs(
             store,

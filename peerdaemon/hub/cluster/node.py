@@ -36,16 +36,18 @@ from ...core.identity import SETTING, Identity
 from ...model.lib0 import EMPTY_UPDATE
 from ...store import StoreError
 from ...store.sqlite import CommitTimes, Ticket
+from ..accounts import Limits
 from ..ywebsocket import Framer, Room, Rooms, YConn
+from .accounts import ClusterAccounts
 from .bus import BusError, CompactionLock, RoomBus, connect
-from .protocol import ALIVE_TTL_MS, AWARENESS, UPDATE, BusEntry, Cursors, room_of
+from .protocol import ALIVE_TTL_MS, AWARENESS, UPDATE, BusEntry, Cursors, Kick, room_of
 from .store import AppendTicket, DocStore, DocStoreError, _Connection, _load
 from .worker import Publisher, compact_room
 
 if TYPE_CHECKING:
     from ..docs import HubDocs
 
-__all__ = ["ClusterNode", "ClusterRooms", "ClusterStore"]
+__all__ = ["ClusterNode", "ClusterRooms", "ClusterStore", "announce_accounts_change"]
 
 log = logging.getLogger("peerdaemon.hub.cluster")
 
@@ -249,6 +251,8 @@ class ClusterNode:
         self.resyncs = 0
         self.remote_updates = 0
         self.repairs = 0
+        self.kicks = 0
+        self.accounts: ClusterAccounts | None = None
         self._peers: dict[str, set[str]] = {}  # other processes read -> their rooms
         self._missing: set[str] = set()  # peers whose heartbeat was missing at the last check
         self.store: ClusterStore
@@ -321,8 +325,11 @@ class ClusterNode:
         mine = self.process + ":"
         rooms = self.rooms
         for entry in entries:
+            if entry.kick is not None:
+                self._kicked()
+                continue
             if entry.room is None or entry.origin.startswith(mine):
-                continue  # kicks: revocation is not cluster-wide yet (accounts poll)
+                continue
             space_id, doc_id = _split(entry.room)
             if entry.kind == UPDATE:
                 self.remote_updates += 1
@@ -335,6 +342,22 @@ class ClusterNode:
                     continue
                 room.inject(entry.data)
                 self._renew_remote_states(room, entry.data)
+
+    def _kicked(self) -> None:
+        """An admin changed the accounts (a revoked token, a removed member): re-read them now
+        rather than at the next poll; the accounts' listeners cut whom they must."""
+        self.kicks += 1
+        if self.accounts is None:
+            return
+        log.info("hub: accounts changed (kick): re-reading them")
+        try:
+            self.accounts.refresh()
+        except Exception as exc:  # PostgreSQL away: the poll tries again
+            log.warning("hub: cannot re-read the accounts after a kick: %s", exc)
+
+    def open_accounts(self, defaults: Limits) -> ClusterAccounts:
+        self.accounts = ClusterAccounts.open_pg(self.dsn, defaults=defaults)
+        return self.accounts
 
     @staticmethod
     def _renew_remote_states(room: Room, payload: bytes) -> None:
@@ -457,4 +480,20 @@ class ClusterNode:
             "resyncs": self.resyncs,
             "remote_updates": self.remote_updates,
             "repairs": self.repairs,
+            "kicks": self.kicks,
         }
+
+
+def announce_accounts_change(redis_url: str, kick: Kick | None = None) -> None:
+    """After an admin command changed the accounts in PostgreSQL: tell every hub process at
+    once (a kick), so a revocation acts within milliseconds, not at the next poll. Best
+    effort: the processes' poll picks the change up within a second anyway."""
+
+    async def post() -> None:
+        async with connect(redis_url) as client:
+            await RoomBus(client, "admin").kick(kick or Kick("accounts-changed"))
+
+    try:
+        trio.run(post)
+    except (BusError, OSError) as exc:
+        log.warning("hub: could not tell the hub processes at once (%s); they poll", exc)
