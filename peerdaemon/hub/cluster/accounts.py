@@ -71,9 +71,7 @@ def _read_pg(conn: psycopg.Connection[Any]) -> tuple[int, Rows]:
         version = conn.execute("SELECT version FROM accounts_version").fetchone()
         for table, (_, pg_cols, nkey) in _TABLES.items():
             cur = conn.execute(f"SELECT {', '.join(pg_cols)} FROM {table}")  # noqa: S608
-            rows[table] = {
-                tuple(r[:nkey]): _to_sqlite(table, tuple(r)) for r in cur.fetchall()
-            }
+            rows[table] = {tuple(r[:nkey]): _to_sqlite(table, tuple(r)) for r in cur.fetchall()}
     return (int(version[0]) if version else 0), rows
 
 
