@@ -32,8 +32,14 @@ pytest.importorskip("psycopg")
 
 import psycopg  # noqa: E402
 
+from peerdaemon.core.awareness import AwarenessEntry, encode_awareness  # noqa: E402
 from peerdaemon.hub.cluster.accounts import ClusterAccounts  # noqa: E402
 from peerdaemon.hub.cluster.store import DocStore, migrate  # noqa: E402
+from peerdaemon.hub.ywebsocket import (  # noqa: E402
+    MSG_AWARENESS,
+    awareness_message,
+    decode_awareness,
+)
 
 DOC = "env1"
 HOST = "127.0.0.1"
@@ -341,3 +347,34 @@ async def test_revocation_and_removal_cut_connections_on_every_process_within_a_
         assert hub.tail().count("accounts changed (kick)") == 2
     listed = admin(one, "token", "list")
     assert any("alice" in line and "revoked" in line for line in listed.splitlines())
+
+
+async def test_awareness_crosses_processes_and_so_does_its_removal(cluster):
+    (one, two), tokens, _redis, _pg = cluster
+    a, b = Writer("a", tokens["alice"]), Writer("b", tokens["bob"])
+    state = AwarenessEntry(4242, 1, '{"user":{"name":"a"}}')
+
+    def states(writer: Writer) -> dict[int, str]:
+        assert writer.client is not None
+        out: dict[int, str] = {}
+        for msg in writer.client.messages:
+            if msg.kind == MSG_AWARENESS:
+                for e in decode_awareness(msg.payload):
+                    out[e.client] = e.state
+        return out
+
+    async with b.connected(two):
+        async with a.connected(one):
+            assert a.client is not None
+            await a.client.ws.send_message(awareness_message(encode_awareness([state])))
+
+            async def b_sees() -> bool:
+                return states(b).get(4242) == state.state
+
+            await until(b_sees, timeout=5)  # (not at the next 30 s expiry round)
+
+        # a left: the removal of its state reaches process 2's clients too
+        async def b_sees_it_gone() -> bool:
+            return states(b).get(4242) == "null"
+
+        await until(b_sees_it_gone, timeout=5)

@@ -209,6 +209,8 @@ async def serve_hub(
         rooms = Rooms(docs, framer=ws_frame) if node is None else node.rooms_for(docs, ws_frame)
         docs.in_use = lambda space, doc: (space, doc) in rooms.rooms  # open rooms stay loaded
         yjs = YjsEndpoint(rooms, docs, accounts, events=events)
+        if node is not None:
+            node.wake = yjs.wake_ready  # awareness from the bus: have the connections send it
         docs.add_listener(rooms.on_update)
         docs.add_flush_listener(yjs.flush)
         accounts.add_change_listener(yjs.revalidate)

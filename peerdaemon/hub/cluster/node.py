@@ -252,6 +252,8 @@ class ClusterNode:
         self.remote_updates = 0
         self.repairs = 0
         self.kicks = 0
+        self.wake: Callable[[], None] = lambda: None
+        """Have the connections given something to send (awareness) write it (`YjsEndpoint`)."""
         self.accounts: ClusterAccounts | None = None
         self._peers: dict[str, set[str]] = {}  # other processes read -> their rooms
         self._missing: set[str] = set()  # peers whose heartbeat was missing at the last check
@@ -324,6 +326,7 @@ class ClusterNode:
     def deliver(self, entries: list[BusEntry]) -> None:
         mine = self.process + ":"
         rooms = self.rooms
+        woken = False
         for entry in entries:
             if entry.kick is not None:
                 self._kicked()
@@ -342,6 +345,9 @@ class ClusterNode:
                     continue
                 room.inject(entry.data)
                 self._renew_remote_states(room, entry.data)
+                woken = True
+        if woken:
+            self.wake()
 
     def _kicked(self) -> None:
         """An admin changed the accounts (a revoked token, a removed member): re-read them now
