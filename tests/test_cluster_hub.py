@@ -8,7 +8,9 @@ every key a client set must end in PostgreSQL (docs/hub-cluster.md, "Accepted"),
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -20,7 +22,7 @@ from pathlib import Path
 import pytest
 import trio
 from helpers import SPACE, YClient
-from pycrdt import Doc, Map
+from pycrdt import Doc, Map, Text
 from servers import free_port, have_postgres, have_redis, running_postgres, running_redis
 from trio_websocket import ConnectionClosed, open_websocket_url
 
@@ -378,3 +380,38 @@ async def test_awareness_crosses_processes_and_so_does_its_removal(cluster):
             return states(b).get(4242) == "null"
 
         await until(b_sees_it_gone, timeout=5)
+
+
+INTEROP = Path(__file__).parent / "interop"
+NODE = shutil.which("node")
+
+
+@pytest.mark.skipif(NODE is None, reason="node is not installed")
+async def test_npm_y_websocket_clients_on_both_processes_converge(cluster):
+    """The real `yjs` + `y-websocket` (tests/interop/cluster_yjs.mjs): four providers, two on
+    each process, editing one Y.Text and one Y.Map at once, with awareness."""
+    if not (INTEROP / "node_modules" / "y-websocket").exists():
+        pytest.fail(f"y-websocket is not installed: run `npm ci --prefix {INTEROP}`")
+    (one, two), tokens, _redis, pg = cluster
+    urls = [f"ws://{HOST}:{hub.port}/yjs/{SPACE}" for hub in (one, two, one, two)]
+    argv = [NODE or "node", str(INTEROP / "cluster_yjs.mjs"), "--urls", ",".join(urls)]
+    argv += ["--room", DOC, "--token", tokens["alice"], "--device", "js", "--edits", "50"]
+    with trio.fail_after(60):
+        done = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False)
+    result = json.loads(done.stdout.decode().strip().splitlines()[-1])
+    assert done.returncode == 0 and result["ok"], (result, done.stderr.decode()[-2000:])
+    assert result["keys"] == 200 and len(result["text"]) == 200
+    assert result["awareness"] == [f"client-{i}" for i in range(4)]
+
+    async def stored() -> bool:  # and PostgreSQL holds all of it
+        store = DocStore(pg.dsn)
+        try:
+            loaded = await store.load(SPACE, DOC)
+        finally:
+            store.close()
+        doc = Doc()
+        for update in loaded.updates if loaded else []:
+            doc.apply_update(update)
+        return str(doc.get("text", type=Text)) == result["text"]
+
+    await until(stored)
