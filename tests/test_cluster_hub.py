@@ -103,17 +103,18 @@ class Hub:
             except subprocess.TimeoutExpired:
                 self.kill9()
 
-    def url(self, token: str, doc: str = DOC) -> str:
-        return f"ws://{HOST}:{self.port}/yjs/{SPACE}/{doc}?token={token}&device=tests"
+    def url(self, token: str, doc: str = DOC, device: str = "tests") -> str:
+        return f"ws://{HOST}:{self.port}/yjs/{SPACE}/{doc}?token={token}&device={device}"
 
 
 class Writer:
     """A y-websocket client that remembers every key it set (what it sent), keeping its
     document across reconnections (a provider does: it resyncs on the next connection)."""
 
-    def __init__(self, name: str, token: str) -> None:
+    def __init__(self, name: str, token: str, device: str = "tests") -> None:
         self.name = name
         self.token = token
+        self.device = device
         self.doc = Doc()
         self.sent: set[str] = set()
         self.client: YClient | None = None
@@ -122,7 +123,9 @@ class Writer:
 
     @asynccontextmanager
     async def connected(self, hub: Hub):
-        async with open_websocket_url(hub.url(self.token), max_message_size=64 << 20) as ws:
+        async with open_websocket_url(
+            hub.url(self.token, device=self.device), max_message_size=64 << 20
+        ) as ws:
             self.client = YClient(ws, self.doc)
             await self.client.sync()
             async with trio.open_nursery() as nursery:
@@ -415,3 +418,30 @@ async def test_npm_y_websocket_clients_on_both_processes_converge(cluster):
         return str(doc.get("text", type=Text)) == result["text"]
 
     await until(stored)
+
+
+async def test_devices_per_user_holds_across_processes(cluster):
+    """Two devices of alice (the default limit) on two processes: a third on either is cut with
+    too-many-devices, though its process holds only one other; once one leaves, it may come."""
+    (one, two), tokens, _redis, _pg = cluster
+    d1, d2 = Writer("d1", tokens["alice"], "d1"), Writer("d2", tokens["alice"], "d2")
+    d3 = Writer("d3", tokens["alice"], "d3")
+    async with d1.connected(one), d2.connected(two):
+        # the local admission lets it in (one device here); the cluster's slots cut it
+        async with d3.connected(one):
+
+            async def d3_cut() -> bool:
+                return d3.closed is not None
+
+            await until(d3_cut, timeout=5)
+        assert d3.closed == 4429  # too-many-devices
+        extra = Writer("d1b", tokens["alice"], "d1")  # another connection of a known device
+        async with extra.connected(two):
+            await extra.edit()
+            await trio.sleep(0.3)
+            assert extra.closed is None
+    d3.closed = None
+    async with d3.connected(one):  # d1 and d2 gone: room for it
+        await d3.edit()
+        await trio.sleep(0.3)
+        assert d3.closed is None

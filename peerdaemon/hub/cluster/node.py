@@ -40,6 +40,7 @@ from ..accounts import Limits
 from ..ywebsocket import Framer, Room, Rooms, YConn
 from .accounts import ClusterAccounts
 from .bus import BusError, CompactionLock, RoomBus, connect
+from .devices import ClusterDevices
 from .protocol import ALIVE_TTL_MS, AWARENESS, UPDATE, BusEntry, Cursors, Kick, room_of
 from .store import AppendTicket, DocStore, DocStoreError, _Connection, _load
 from .worker import Publisher, compact_room
@@ -255,6 +256,7 @@ class ClusterNode:
         self.wake: Callable[[], None] = lambda: None
         """Have the connections given something to send (awareness) write it (`YjsEndpoint`)."""
         self.accounts: ClusterAccounts | None = None
+        self.devices: ClusterDevices | None = None
         self._peers: dict[str, set[str]] = {}  # other processes read -> their rooms
         self._missing: set[str] = set()  # peers whose heartbeat was missing at the last check
         self.store: ClusterStore
@@ -362,8 +364,10 @@ class ClusterNode:
             log.warning("hub: cannot re-read the accounts after a kick: %s", exc)
 
     def open_accounts(self, defaults: Limits) -> ClusterAccounts:
-        self.accounts = ClusterAccounts.open_pg(self.dsn, defaults=defaults)
-        return self.accounts
+        accounts = self.accounts = ClusterAccounts.open_pg(self.dsn, defaults=defaults)
+        self.devices = ClusterDevices(lambda user: accounts.limits_for(user).devices_per_user, self)
+        accounts.devices = self.devices
+        return accounts
 
     @staticmethod
     def _renew_remote_states(room: Room, payload: bytes) -> None:
@@ -476,6 +480,8 @@ class ClusterNode:
             nursery.start_soon(self.store.follow_tickets)
             nursery.start_soon(self._read)
             nursery.start_soon(self._heartbeat)
+            if self.devices is not None:
+                nursery.start_soon(self.devices.renew)
             task_status.started()
 
     def stats(self) -> dict[str, int]:
