@@ -153,6 +153,22 @@ class Writer:
         return set(self.doc.get("m", type=Map).keys())
 
 
+async def closed_with(url: str, *, edit: bool = False, timeout: float = 5.0) -> int:
+    """Connect (and edit), then wait for the hub to close the connection: its close code."""
+    with trio.fail_after(timeout):
+        try:
+            async with open_websocket_url(url) as ws:
+                client = YClient(ws)
+                await client.sync()
+                if edit:
+                    await client.edit("k", 1)
+                while True:
+                    await client.recv()
+        except ConnectionClosed as exc:
+            return exc.reason.code
+    raise AssertionError("not closed")
+
+
 async def stored_keys(dsn: str) -> set[str]:
     store = DocStore(dsn)
     try:
@@ -425,23 +441,33 @@ async def test_devices_per_user_holds_across_processes(cluster):
     too-many-devices, though its process holds only one other; once one leaves, it may come."""
     (one, two), tokens, _redis, _pg = cluster
     d1, d2 = Writer("d1", tokens["alice"], "d1"), Writer("d2", tokens["alice"], "d2")
-    d3 = Writer("d3", tokens["alice"], "d3")
     async with d1.connected(one), d2.connected(two):
         # the local admission lets it in (one device here); the cluster's slots cut it
-        async with d3.connected(one):
-
-            async def d3_cut() -> bool:
-                return d3.closed is not None
-
-            await until(d3_cut, timeout=5)
-        assert d3.closed == 4429  # too-many-devices
+        assert await closed_with(one.url(tokens["alice"], device="d3")) == 4429
         extra = Writer("d1b", tokens["alice"], "d1")  # another connection of a known device
         async with extra.connected(two):
             await extra.edit()
             await trio.sleep(0.3)
             assert extra.closed is None
-    d3.closed = None
+    d3 = Writer("d3", tokens["alice"], "d3")
     async with d3.connected(one):  # d1 and d2 gone: room for it
         await d3.edit()
         await trio.sleep(0.3)
         assert d3.closed is None
+
+
+async def test_envs_per_space_holds_across_processes(cluster):
+    """A document created on process 1 after process 2 started counts on process 2 too."""
+    (one, two), tokens, _redis, _pg = cluster
+    await trio.to_thread.run_sync(
+        lambda: admin(one, "limits", "set", "--user", "alice", "envs_per_space", "1")
+    )
+    first = Writer("a", tokens["alice"])
+    async with first.connected(one):
+        await first.edit()  # env1: the space's one environment
+
+        async def stored() -> bool:
+            return await stored_keys(two.dsn) == first.sent
+
+        await until(stored)
+    assert await closed_with(two.url(tokens["bob"], doc="env2"), edit=True) == 4422

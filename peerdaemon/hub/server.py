@@ -198,7 +198,7 @@ async def serve_hub(
         else:
             accounts = node.open_accounts(config.limits)
         events = EventLog()
-        docs = HubDocs(
+        docs = (HubDocs if node is None else node.docs_class)(
             store,
             events,
             limits=accounts.space_limits,

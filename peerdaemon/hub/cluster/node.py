@@ -25,7 +25,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from contextlib import AsyncExitStack
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import cbor2
 import trio
@@ -37,6 +37,7 @@ from ...model.lib0 import EMPTY_UPDATE
 from ...store import StoreError
 from ...store.sqlite import CommitTimes, Ticket
 from ..accounts import Limits
+from ..docs import HubDocs
 from ..ywebsocket import Framer, Room, Rooms, YConn
 from .accounts import ClusterAccounts
 from .bus import BusError, CompactionLock, RoomBus, connect
@@ -45,10 +46,13 @@ from .protocol import ALIVE_TTL_MS, AWARENESS, UPDATE, BusEntry, Cursors, Kick, 
 from .store import AppendTicket, DocStore, DocStoreError, _Connection, _load
 from .worker import Publisher, compact_room
 
-if TYPE_CHECKING:
-    from ..docs import HubDocs
-
-__all__ = ["ClusterNode", "ClusterRooms", "ClusterStore", "announce_accounts_change"]
+__all__ = [
+    "ClusterDocs",
+    "ClusterNode",
+    "ClusterRooms",
+    "ClusterStore",
+    "announce_accounts_change",
+]
 
 log = logging.getLogger("peerdaemon.hub.cluster")
 
@@ -88,6 +92,19 @@ class ClusterStore:
     # -- what HubDocs reads ----------------------------------------------------------------------
     def sizes(self) -> dict[str, tuple[int, int, int]]:
         return {f"{s}/{d}": (n, 0, 0) for (s, d), n in self._sizes.items()}
+
+    def env_count(self, space_id: str) -> int:
+        """Environments stored in the space, cluster-wide (not its space document or files)."""
+
+        def count(conn: Any) -> int:
+            row = conn.execute(
+                "SELECT count(*) FROM documents WHERE space = %s"
+                " AND doc NOT LIKE 'space:%%' AND doc NOT LIKE 'files:%%'",
+                (space_id,),
+            ).fetchone()
+            return int(row[0]) if row else 0
+
+        return self._loader._run(count)
 
     def updates_of(self, key: str) -> list[bytes]:
         space, doc = _split(key)
@@ -190,6 +207,23 @@ class ClusterStore:
         self._loader.close()
 
 
+class ClusterDocs(HubDocs):
+    """`HubDocs` whose `envs_per_space` count is the cluster's: a document created by another
+    process since this one started is in PostgreSQL, not in this process's list. Asked only when
+    a document is created (a read in the trio thread); two processes creating at the same
+    moment may pass the limit by one each."""
+
+    store: ClusterStore
+
+    def env_count(self, space_id: str) -> int:
+        local = super().env_count(space_id)
+        try:
+            return max(local, self.store.env_count(space_id))
+        except Exception as exc:  # PostgreSQL away: what this process knows
+            log.warning("hub: cannot count the environments of %s: %s", space_id, exc)
+            return local
+
+
 class ClusterRooms(Rooms):
     """`Rooms` that tell the node which rooms are open on this process, and publish the
     awareness their clients send."""
@@ -278,6 +312,8 @@ class ClusterNode:
         await self._stack.aclose()
         self.store.close()
         self.docstore.close()
+
+    docs_class = ClusterDocs
 
     def rooms_for(self, docs: HubDocs, framer: Framer) -> ClusterRooms:
         """The rooms of this process, hooked to the node (server.py's seam)."""
