@@ -188,7 +188,9 @@ async def until(predicate, timeout: float = 30.0, what: str = "") -> None:
 
 
 @pytest.fixture
-def cluster(tmp_path):
+def cluster(tmp_path, request):
+    """A cluster of `request.param` hub processes (2 by default)."""
+    count = getattr(request, "param", 2)
     with (
         running_redis(tmp_path / "redis", persist=False) as redis,
         running_postgres(fsync=False) as pg,
@@ -199,7 +201,7 @@ def cluster(tmp_path):
             tokens = {user: accounts.add_user(user) for user in ("alice", "bob")}
             accounts.create_space(SPACE, "alice", "Team")
             accounts.add_member(SPACE, "bob")
-        hubs = [Hub(f"hub{i}", tmp_path / f"hub{i}", redis.url, pg.dsn) for i in (1, 2)]
+        hubs = [Hub(f"hub{i}", tmp_path / f"hub{i}", redis.url, pg.dsn) for i in range(count)]
         try:
             for hub in hubs:
                 hub.start()
@@ -471,3 +473,32 @@ async def test_envs_per_space_holds_across_processes(cluster):
 
         await until(stored)
     assert await closed_with(two.url(tokens["bob"], doc="env2"), edit=True) == 4422
+
+
+@pytest.mark.parametrize("cluster", [3], indirect=True)
+async def test_three_processes_converge_through_a_kill9(cluster):
+    hubs, tokens, _redis, pg = cluster
+    writers = [
+        Writer(f"w{i}", tokens["alice" if i % 2 else "bob"], f"dev{i % 2}") for i in range(3)
+    ]
+    async with writers[0].connected(hubs[0]), writers[1].connected(hubs[1]):
+        async with writers[2].connected(hubs[2]):
+            for _ in range(20):
+                for w in writers:
+                    await w.edit()
+            await trio.to_thread.run_sync(hubs[2].kill9)
+        async with writers[2].connected(hubs[0]):  # its client comes back on another
+            for _ in range(10):
+                for w in writers:
+                    await w.edit()
+            union = set().union(*(w.sent for w in writers))
+
+            async def converged() -> bool:
+                return all(w.keys() == union for w in writers)
+
+            await until(converged)
+
+    async def stored() -> bool:
+        return await stored_keys(pg.dsn) == union
+
+    await until(stored)
