@@ -502,3 +502,38 @@ async def test_three_processes_converge_through_a_kill9(cluster):
         return await stored_keys(pg.dsn) == union
 
     await until(stored)
+
+
+async def test_a_clean_stop_commits_what_is_queued(cluster):
+    """SIGTERM while PostgreSQL holds the process's commits up (a table lock): it waits for
+    them (a few seconds at most) before it exits, as the embedded store does."""
+    (one, _two), tokens, _redis, pg = cluster
+    a = Writer("a", tokens["alice"])
+    blocker = await trio.to_thread.run_sync(lambda: psycopg.connect(pg.dsn, autocommit=False))
+    try:
+        async with a.connected(one):
+            await a.edit()
+
+            async def first_stored() -> bool:
+                return await stored_keys(pg.dsn) == a.sent
+
+            await until(first_stored)
+            await trio.to_thread.run_sync(
+                lambda: blocker.execute("LOCK TABLE doc_updates IN EXCLUSIVE MODE")
+            )
+            for _ in range(10):
+                await a.edit()
+            await trio.sleep(0.2)  # (applied by the hub, its commit waiting for the lock)
+            assert one.proc is not None
+            one.proc.send_signal(signal.SIGTERM)
+            await trio.sleep(1.0)
+            assert one.proc.poll() is None  # still committing
+    finally:
+        await trio.to_thread.run_sync(blocker.rollback)
+        blocker.close()
+    await trio.to_thread.run_sync(lambda: one.proc.wait(15))
+
+    async def stored() -> bool:
+        return await stored_keys(pg.dsn) == a.sent
+
+    await until(stored, timeout=5)

@@ -308,7 +308,16 @@ class ClusterNode:
         await self.store.ensure_setting(SETTING, _new_identity)
         return self.store
 
-    async def aclose(self) -> None:
+    async def aclose(self, drain: float = 5.0) -> None:
+        """Commit what is still queued (as the embedded store does at a clean stop; what a
+        crash leaves uncommitted the other processes store: `repair`), then disconnect."""
+        if self.docstore.queued:
+            with trio.move_on_after(drain):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self.docstore.run)
+                    while self.docstore.queued:
+                        await trio.sleep(0.01)
+                    nursery.cancel_scope.cancel()
         await self._stack.aclose()
         self.store.close()
         self.docstore.close()
