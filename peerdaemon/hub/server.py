@@ -216,6 +216,8 @@ async def serve_hub(
         accounts.add_change_listener(yjs.revalidate)
         factory = config.peer_endpoint or create_peer_endpoint
         endpoint = factory(docs, accounts, events)
+        if node is not None:
+            node.peer_endpoint = endpoint  # the documents its daemons sync are followed too
         removals = Removals(docs)  # devices removed from a space: /peer and /yjs refuse them
         yjs.auth.removals = removals
         if hasattr(endpoint, "removals"):
@@ -301,8 +303,7 @@ async def serve_hub(
             accounts.close()
         store.close()
         if node is not None:
-            with trio.CancelScope(shield=True):
-                await node.aclose()
+            await node.aclose()
 
 
 def _removals_changed(

@@ -41,16 +41,15 @@ class ClusterDevices(Devices):
     def acquire(self, user: str, device: str) -> DeviceLease:
         lease = super().acquire(user, device)  # LimitExceeded past this process's own count
         key = (user, device)
-        if key not in self._claimed and self.node.nursery is not None:
-            self.node.nursery.start_soon(self._claim, user, device)
+        if key not in self._claimed:
+            self.node.spawn(self._claim, user, device)
         return lease
 
     def _release(self, user: str, device: str) -> None:
         super()._release(user, device)
         if device not in self._held.get(user, {}) and (user, device) in self._claimed:
             self._claimed.discard((user, device))
-            if self.node.nursery is not None:
-                self.node.nursery.start_soon(self._give_back, user, device)
+            self.node.spawn(self._give_back, user, device)
 
     async def _claim(self, user: str, device: str) -> None:
         try:

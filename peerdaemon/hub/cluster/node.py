@@ -23,7 +23,7 @@ import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -37,7 +37,7 @@ from ...model.lib0 import EMPTY_UPDATE
 from ...store import StoreError
 from ...store.sqlite import CommitTimes, Ticket
 from ..accounts import Limits
-from ..docs import HubDocs
+from ..docs import FILES_PREFIX, SPACE_PREFIX, HubDocs
 from ..ywebsocket import Framer, Room, Rooms, YConn
 from .accounts import ClusterAccounts
 from .bus import BusError, CompactionLock, RoomBus, connect
@@ -127,9 +127,8 @@ class ClusterStore:
         process holds the room's lock: `snapshot` (this process's state) is not needed."""
         ticket = Ticket()
         ticket._complete()
-        if key not in self._compacting and self.node.nursery is not None:
+        if key not in self._compacting and self.node.spawn(self._compact, key):
             self._compacting.add(key)
-            self.node.nursery.start_soon(self._compact, key)
         return ticket
 
     async def _compact(self, key: str) -> None:
@@ -167,8 +166,7 @@ class ClusterStore:
     def put_setting(self, key: str, value: Any) -> Ticket:
         self._settings[key] = cbor2.loads(cbor2.dumps(value))
         ticket = Ticket()
-        if self.node.nursery is not None:
-            self.node.nursery.start_soon(self._put_setting, key, value, ticket)
+        self.node.spawn(self._put_setting, key, value, ticket)
         return ticket
 
     async def _put_setting(self, key: str, value: Any, ticket: Ticket) -> None:
@@ -291,6 +289,10 @@ class ClusterNode:
         """Have the connections given something to send (awareness) write it (`YjsEndpoint`)."""
         self.accounts: ClusterAccounts | None = None
         self.devices: ClusterDevices | None = None
+        self.peer_endpoint: object = None
+        """The daemons' endpoint (`peers.PeerEndpoint`): the documents its daemons sync are
+        followed too."""
+        self._daemon_rooms: set[str] = set()
         self._peers: dict[str, set[str]] = {}  # other processes read -> their rooms
         self._missing: set[str] = set()  # peers whose heartbeat was missing at the last check
         self.store: ClusterStore
@@ -312,13 +314,13 @@ class ClusterNode:
         """Commit what is still queued (as the embedded store does at a clean stop; what a
         crash leaves uncommitted the other processes store: `repair`), then disconnect."""
         if self.docstore.queued:
-            with trio.move_on_after(drain):
+            with trio.CancelScope(shield=True), trio.move_on_after(drain):
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self.docstore.run)
                     while self.docstore.queued:
                         await trio.sleep(0.01)
                     nursery.cancel_scope.cancel()
-        await self._stack.aclose()
+        await self._stack.aclose()  # (not shielded: the clients' scopes were opened outside)
         self.store.close()
         self.docstore.close()
 
@@ -356,8 +358,51 @@ class ClusterNode:
         self._changed.set()
 
     def closed(self, space_id: str, doc_id: str) -> None:
-        self.cursors.remove(room_of(space_id, doc_id))
-        self._changed.set()
+        room = room_of(space_id, doc_id)
+        if room not in self._daemon_rooms:
+            self.cursors.remove(room)
+            self._changed.set()
+
+    # -- the daemons' documents ------------------------------------------------------------------
+    def daemon_rooms(self) -> set[str]:
+        """Every document of the spaces this process's daemons sync (their space documents,
+        shared environments and their files): followed as an open room is."""
+        endpoint = self.peer_endpoint
+        daemons = getattr(endpoint, "daemons", None)
+        envs_of = getattr(endpoint, "envs_of", None)
+        if daemons is None or envs_of is None:
+            return set()
+        out: set[str] = set()
+        for space in {s for d in daemons() for s in d.get("spaces", ())}:
+            docs = [SPACE_PREFIX + space]
+            for env in envs_of(space):
+                docs += [env, FILES_PREFIX + env]
+            for doc in docs:
+                try:
+                    out.add(room_of(space, doc))
+                except ValueError:
+                    continue
+        return out
+
+    async def _follow_daemons(self, every: float = 0.5) -> None:
+        """Keep the followed rooms in step with what the daemons here sync (a daemon attaching,
+        an environment shared on another process: its space document says so)."""
+        while True:
+            try:
+                wanted = self.daemon_rooms()
+            except Exception:
+                log.exception("hub: listing the daemons' documents failed")
+                wanted = self._daemon_rooms
+            open_here = set()
+            if self.rooms is not None:
+                open_here = {room_of(*key) for key in self.rooms.rooms}
+            for room in sorted(wanted - self._daemon_rooms):
+                self.opening(*_split(room))
+            self._daemon_rooms = wanted
+            for room in set(self.cursors.rooms()) - wanted - open_here:
+                self.cursors.remove(room)
+                self._changed.set()
+            await trio.sleep(every)
 
     def publish_awareness(self, space_id: str, doc_id: str, payload: bytes) -> None:
         self.publisher.awareness(room_of(space_id, doc_id), payload, self.bus.origin("yws"))
@@ -464,8 +509,7 @@ class ClusterNode:
                     elif peer in self._missing:
                         self._missing.discard(peer)
                         rooms = self._peers.pop(peer)
-                        assert self.nursery is not None
-                        self.nursery.start_soon(self.repair, peer, rooms)
+                        self.spawn(self.repair, peer, rooms)
                     else:
                         self._missing.add(peer)
             except BusError as exc:
@@ -525,9 +569,20 @@ class ClusterNode:
             nursery.start_soon(self.store.follow_tickets)
             nursery.start_soon(self._read)
             nursery.start_soon(self._heartbeat)
+            nursery.start_soon(self._follow_daemons)
             if self.devices is not None:
                 nursery.start_soon(self.devices.renew)
             task_status.started()
+
+    def spawn(self, fn: Callable[..., Awaitable[object]], *args: object) -> bool:
+        """Start `fn(*args)` in the node's nursery; False once it stopped (shutting down)."""
+        if self.nursery is None:
+            return False
+        try:
+            self.nursery.start_soon(fn, *args)
+        except RuntimeError:  # closed to new arrivals
+            return False
+        return True
 
     def stats(self) -> dict[str, int]:
         return {
