@@ -298,6 +298,16 @@ class ClusterNode:
         self.store: ClusterStore
 
     async def open(self) -> ClusterStore:
+        """Connect, migrate, read what the process needs to start; OSError (one line, as for
+        the embedded store's files) if PostgreSQL or Redis cannot be reached or refuse."""
+        try:
+            return await self._open()
+        except (DocStoreError, BusError) as exc:
+            await self._stack.aclose()
+            self.docstore.close()
+            raise OSError(f"cluster: {exc}") from None
+
+    async def _open(self) -> ClusterStore:
         await self.docstore.open()
         writer = await self._stack.enter_async_context(connect(self.redis_url))
         self._reader_client = await self._stack.enter_async_context(connect(self.redis_url))
@@ -305,6 +315,7 @@ class ClusterNode:
         self.read_bus = RoomBus(self._reader_client, self.process)
         self.lock = CompactionLock(writer)
         self.publisher = Publisher(self.bus)
+        await self.bus.epoch()  # Redis answers (or BusError now rather than at the first edit)
         self.store = ClusterStore(self)
         await self.store.prefetch()
         await self.store.ensure_setting(SETTING, _new_identity)
