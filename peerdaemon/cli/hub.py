@@ -44,6 +44,8 @@ def register(commands: Commands) -> None:
     p.add_argument("--listen", metavar="HOST:PORT", type=host_port, help="default 127.0.0.1:8765")
     p.add_argument("--tls-cert", metavar="FILE", help="serve TLS with this certificate (PEM)")
     p.add_argument("--tls-key", metavar="FILE", help="... and this private key (PEM)")
+    p.add_argument("--redis", metavar="URL", help="scaled mode: the cluster's Redis (redis://...)")
+    p.add_argument("--postgres", metavar="DSN", help="scaled mode: the cluster's PostgreSQL")
     add_log_options(p)
     p = command(
         hubs,
@@ -174,6 +176,8 @@ def _hub_config(args: argparse.Namespace, *, warnings: bool = True) -> Any:
             listen=getattr(args, "listen", None),
             tls_cert=getattr(args, "tls_cert", None),
             tls_key=getattr(args, "tls_key", None),
+            redis=getattr(args, "redis", None),
+            postgres=getattr(args, "postgres", None),
             log_level=getattr(args, "log_level", None),
             log_format=getattr(args, "log_format", None),
         )
@@ -191,8 +195,19 @@ def _hub_admin(args: argparse.Namespace, fn: Callable[[Any], Any]) -> Any:
 
     from peerdaemon.hub.accounts import Accounts, AccountsError
 
+    config = _hub_config(args)
     try:
-        with Accounts.open(_hub_config(args).data_dir) as accounts:
+        if config.postgres:  # a cluster's accounts (docs/hub-cluster.md)
+            from peerdaemon.hub.cluster.accounts import ClusterAccounts
+            from peerdaemon.hub.cluster.node import announce_accounts_change
+
+            with ClusterAccounts.open_pg(config.postgres) as cluster_accounts:
+                result = fn(cluster_accounts)
+                changed = cluster_accounts.pushes > 0
+            if changed and config.redis:
+                announce_accounts_change(config.redis)
+            return result
+        with Accounts.open(config.data_dir) as accounts:
             return fn(accounts)
     except AccountsError as exc:
         raise CliError(str(exc)) from None

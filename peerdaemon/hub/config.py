@@ -276,6 +276,20 @@ def schema() -> Schema:
             default=SWEEP_INTERVAL,
         ),
         S(
+            "cluster.redis",
+            kinds.text,
+            "scaled mode: this process joins a cluster whose rooms move through this Redis"
+            " (redis://HOST:PORT/DB; with cluster.postgres)",
+            flag="--redis",
+        ),
+        S(
+            "cluster.postgres",
+            kinds.text,
+            "scaled mode: documents and accounts in this PostgreSQL (a libpq DSN or"
+            " postgresql:// URL; keep its password in ~/.pgpass or $PGPASSFILE, not here)",
+            flag="--postgres",
+        ),
+        S(
             "metrics.token",
             TOKEN,
             "GET /metrics needs `Authorization: Bearer TOKEN` (unset: loopback only)",
@@ -302,7 +316,16 @@ def schema() -> Schema:
     return Schema(settings, env_prefix="PEERDAEMON_HUB_", list_command="peerdaemon hub config list")
 
 
-FLAG_KEYS = ("data_dir", "listen", "tls.cert", "tls.key", "log.level", "log.format")
+FLAG_KEYS = (
+    "data_dir",
+    "listen",
+    "tls.cert",
+    "tls.key",
+    "cluster.redis",
+    "cluster.postgres",
+    "log.level",
+    "log.format",
+)
 """The settings `hub serve` takes on its command line (what a reload keeps on top)."""
 
 

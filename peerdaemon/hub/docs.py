@@ -130,6 +130,9 @@ class _Relay:
     attempts: int = 1
 
 
+_STORED = Ticket()
+_STORED._complete()  # what another process stores: nothing to wait for here
+
 MAX_STORE_ATTEMPTS = 3
 SWEEP_INTERVAL = 30.0
 """Seconds between idle checkpoints: a document unused for two of them is dropped from memory
@@ -345,13 +348,17 @@ class HubDocs:
                 pass  # logged by the store; the caller goes on with what is in memory
 
     # -- changing --------------------------------------------------------------------------------
-    def apply(self, space_id: str, doc_id: str, update: bytes, origin: str) -> Ticket | None:
+    def apply(
+        self, space_id: str, doc_id: str, update: bytes, origin: str, *, remote: bool = False
+    ) -> Ticket | None:
         """Apply a Yjs update (creating the document); the ticket of its last append, or None
-        if it changed nothing. ValueError on bad ids or bytes, LimitExceeded on a limit."""
+        if it changed nothing. ValueError on bad ids or bytes, LimitExceeded on a limit.
+        `remote`: another hub process of a cluster accepted it and stores it (its bus entry,
+        hub/cluster/rooms.py): relayed to the listeners, but not limited, stored nor compacted."""
         check_ids(space_id, doc_id)
         update = bytes(update)
         entry = self._loaded_entry(space_id, doc_id)
-        if self.limits is not None:
+        if self.limits is not None and not remote:
             self._check_limits(space_id, doc_id, entry, update, origin)
         created = entry is None
         if entry is None:
@@ -370,7 +377,7 @@ class HubDocs:
             self.events.emit("hub-doc-created", space=space_id, doc=doc_id, origin=origin)
         updates, entry.pending = entry.pending, []
         for u in updates:
-            ticket = self.store.enqueue_append(entry.key, u)
+            ticket = _STORED if remote else self.store.enqueue_append(entry.key, u)
             entry.last_ticket = ticket
             entry.size += len(u)
             self.stored_bytes += len(u)
@@ -378,6 +385,8 @@ class HubDocs:
             entry.bytes_since += len(u)
             self._relay.append(_Relay(ticket, space_id, doc_id, u, origin))
         self._relay_wakeup.set()
+        if remote:
+            return entry.last_ticket
         # Compact after `compact_count` rows, or once the log outweighs the snapshot (and
         # `compact_bytes`); never for a single row (a big first upload), which gains nothing.
         if entry.rows_since > 1 and (

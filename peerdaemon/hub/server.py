@@ -133,6 +133,13 @@ class HubConfig:
     environ: dict[str, str] | None = None
     warnings: list[str] = field(default_factory=list)
     config_poll: float = 2.0  # how often the file's mtime, size and inode are checked
+    # scaled mode (docs/hub-cluster.md): both set, or neither (the embedded store)
+    redis: str | None = None
+    postgres: str | None = None
+
+    @property
+    def clustered(self) -> bool:
+        return bool(self.redis or self.postgres)
 
 
 @dataclass
@@ -177,14 +184,24 @@ async def serve_hub(
     for warning in config.warnings:
         log.warning("hub: %s", warning)
     ssl_context = _ssl_context(config) if config.tls_cert else None
-    store = Store.open(
-        config.data_dir, compact_count=config.compact_count, compact_bytes=config.compact_bytes
-    )
+    node = None
+    if config.clustered:  # scaled mode: documents in PostgreSQL, rooms over Redis
+        from .cluster.node import ClusterNode  # (the optional extra `cluster`)
+
+        node = ClusterNode(str(config.redis), str(config.postgres))
+        store: Any = await node.open()
+    else:
+        store = Store.open(
+            config.data_dir, compact_count=config.compact_count, compact_bytes=config.compact_bytes
+        )
     accounts = None
     try:
-        accounts = Accounts.open(config.data_dir, defaults=config.limits)
+        if node is None:
+            accounts = Accounts.open(config.data_dir, defaults=config.limits)
+        else:
+            accounts = node.open_accounts(config.limits)
         events = EventLog()
-        docs = HubDocs(
+        docs = (HubDocs if node is None else node.docs_class)(
             store,
             events,
             limits=accounts.space_limits,
@@ -193,14 +210,18 @@ async def serve_hub(
             sweep_interval=config.sweep_interval,
         )
         count = docs.load()
-        rooms = Rooms(docs, framer=ws_frame)
+        rooms = Rooms(docs, framer=ws_frame) if node is None else node.rooms_for(docs, ws_frame)
         docs.in_use = lambda space, doc: (space, doc) in rooms.rooms  # open rooms stay loaded
         yjs = YjsEndpoint(rooms, docs, accounts, events=events)
+        if node is not None:
+            node.wake = yjs.wake_ready  # awareness from the bus: have the connections send it
         docs.add_listener(rooms.on_update)
         docs.add_flush_listener(yjs.flush)
         accounts.add_change_listener(yjs.revalidate)
         factory = config.peer_endpoint or create_peer_endpoint
         endpoint = factory(docs, accounts, events)
+        if node is not None:
+            node.peer_endpoint = endpoint  # the documents its daemons sync are followed too
         removals = Removals(docs)  # devices removed from a space: /peer and /yjs refuse them
         yjs.auth.removals = removals
         if hasattr(endpoint, "removals"):
@@ -285,6 +306,8 @@ async def serve_hub(
         if accounts is not None:
             accounts.close()
         store.close()
+        if node is not None:
+            await node.aclose()
 
 
 def _removals_changed(
@@ -601,6 +624,8 @@ def build_config(
     listen: tuple[str, int] | None = None,
     tls_cert: Path | None = None,
     tls_key: Path | None = None,
+    redis: str | None = None,
+    postgres: str | None = None,
     log_level: str | None = None,
     log_format: str | None = None,
     required: bool | None = None,
@@ -615,6 +640,8 @@ def build_config(
         "listen": listen,
         "tls.cert": Path(tls_cert).expanduser() if tls_cert is not None else None,
         "tls.key": Path(tls_key).expanduser() if tls_key is not None else None,
+        "cluster.redis": redis,
+        "cluster.postgres": postgres,
         "log.level": log_level.lower() if log_level else None,
         "log.format": log_format.lower() if log_format else None,
     }
@@ -631,6 +658,10 @@ def build_config(
     config.flags, config.environ = flags, env
     if bool(config.tls_cert) != bool(config.tls_key):
         raise ConfigError("TLS needs both a certificate and a key (--tls-cert and --tls-key)")
+    if bool(config.redis) != bool(config.postgres):
+        raise ConfigError(
+            "the scaled mode needs both Redis and PostgreSQL (--redis and --postgres)"
+        )
     return config
 
 
@@ -657,6 +688,8 @@ def hub_config(resolved: Resolved) -> HubConfig:
         mock=mock,
         log_level=v["log.level"],
         log_format=v["log.format"],
+        redis=v["cluster.redis"],
+        postgres=v["cluster.postgres"],
         settings=resolved,
         warnings=list(resolved.file.warnings),
     )

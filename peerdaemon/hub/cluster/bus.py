@@ -32,6 +32,7 @@ from .protocol import (
     Cursors,
     Kick,
     StreamId,
+    alive_key,
     awareness_key,
     counter_key,
     devices_key,
@@ -206,6 +207,15 @@ class RoomBus:
             )
         assert sid is not None
         return StreamId.parse(sid)
+
+    async def heartbeat(self, ttl_ms: int) -> None:
+        """This process is alive for `ttl_ms` more (renew it well before)."""
+        async with _errors():
+            await self.client.set(alive_key(self.process), b"1", px=ttl_ms)
+
+    async def alive(self, process: str) -> bool:
+        async with _errors():
+            return bool(await self.client.exists([alive_key(process)]))
 
     async def start_cursors(self, cursors: Cursors) -> None:
         """Kicks are read from the newest one on: older ones were for connections gone by now."""

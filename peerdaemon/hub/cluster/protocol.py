@@ -38,6 +38,8 @@ __all__ = [
     "Cursors",
     "Kick",
     "StreamId",
+    "ALIVE_TTL_MS",
+    "alive_key",
     "awareness_key",
     "counter_key",
     "decode_entry",
@@ -92,6 +94,14 @@ def counter_key(name: str) -> str:
 
 def devices_key(user: str) -> str:
     return f"pd:{{d:{user}}}"
+
+
+def alive_key(process: str) -> str:
+    """A hub process's heartbeat: set every second, gone `ALIVE_TTL_MS` after it died."""
+    return f"pd:{{p:{process}}}:alive"
+
+
+ALIVE_TTL_MS = 3000
 
 
 @dataclass(frozen=True, order=True)
