@@ -910,6 +910,31 @@ async def test_the_writer_thread_commits_while_the_trio_thread_is_busy(data_dir:
     assert reopen_load(data_dir)["a"].updates == [b"U1"]
 
 
+async def test_a_late_waking_writer_starts_when_the_task_yields(data_dir: Path) -> None:
+    """`wake_late` (the hub's store): what one task step queues is committed once that task
+    yields, in one batch, not while the step still runs (relaying to every client)."""
+    store = Store.open(data_dir, wake_late=True)
+    held = _HeldCommit(store._db)
+    store._db = held  # type: ignore[assignment]
+    held.release.set()  # commits go through; `committing` says one began
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            await wait_all_tasks_blocked()
+            tickets = [store.enqueue_append("a", f"U{i}".encode()) for i in range(3)]
+            # no checkpoint: the writer was not woken
+            assert not held.committing.wait(0.2), "the writer started inside the task's step"
+            with trio.fail_after(TIMEOUT):
+                for ticket in tickets:
+                    await ticket.wait()  # (the first checkpoint wakes it)
+            assert store.stats()["commits"] == 1
+            nursery.cancel_scope.cancel()
+    finally:
+        store._db = held._db
+        store.close()
+    assert reopen_load(data_dir)["a"].updates == [b"U0", b"U1", b"U2"]
+
+
 async def test_ticket_callbacks_and_errors(caplog: pytest.LogCaptureFixture) -> None:
     """Callbacks run once done, in the order added (at once when added after); one that raises
     is logged and the others still run. `error()` is what `wait()` raises."""

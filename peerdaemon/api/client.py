@@ -1,13 +1,17 @@
 """Clients for the local API: `AsyncClient` (trio) and `Client` (plain blocking socket).
 
 Both speak docs/local-api.md through `framing.py`. The async client pipelines: any number of
-tasks may `call()` at once; one reader task routes responses by id and pushes by subscription.
+tasks may `call()` at once, responses are matched by id and pushes by subscription. It costs a
+message no hop through another task (issue 13): a request is written from the caller's task with
+one non-blocking write (a writer task takes only what the socket does not), and a caller waiting
+for a response or an event reads the socket itself, for everyone, while no other caller does; a
+background reader reads only while nobody waits and events may come (the daemon drops a client
+that leaves them unread).
 """
 
 from __future__ import annotations
 
 import collections
-import math
 import os
 import socket
 from collections.abc import AsyncIterator, Iterator
@@ -188,13 +192,39 @@ def _since_args(since: int | None) -> dict[str, Any]:
 # trio client
 # ================================================================================================
 class _Call:
-    __slots__ = ("done", "result", "error", "subscribe")
+    """One request awaiting its response; its caller parks in `lot` while another task reads."""
+
+    __slots__ = ("lot", "finished", "result", "error", "subscribe")
 
     def __init__(self, subscribe: bool) -> None:
-        self.done = trio.Event()
+        self.lot = trio.lowlevel.ParkingLot()
+        self.finished = False
         self.result: Any = None
         self.error: ClientError | None = None
         self.subscribe = subscribe
+
+    def ready(self) -> bool:
+        return self.finished
+
+
+class _Events:
+    """One subscription's events not yet taken by its iterator; `closed` once no more come."""
+
+    __slots__ = ("lot", "queue", "closed")
+
+    def __init__(self) -> None:
+        self.lot = trio.lowlevel.ParkingLot()
+        self.queue: collections.deque[Any] = collections.deque()
+        self.closed = False
+
+    def ready(self) -> bool:
+        return self.closed or bool(self.queue)
+
+
+_Waiter = _Call | _Events
+
+_BACKGROUND = object()
+"""`AsyncClient._reader` while the background task waits to read."""
 
 
 class AsyncSubscription:
@@ -210,14 +240,14 @@ class AsyncSubscription:
         client: AsyncClient,
         sub: int,
         initial: dict[str, Any],
-        receive: trio.MemoryReceiveChannel[dict[str, Any]],
+        events: _Events,
         *,
         ends_on_deleted: bool = False,
     ) -> None:
         self.client = client
         self.sub = sub
         self.initial = initial
-        self._receive = receive
+        self._events = events
         self._closed = False
         self._ends_on_deleted = ends_on_deleted
 
@@ -225,12 +255,13 @@ class AsyncSubscription:
         return self
 
     async def __anext__(self) -> dict[str, Any]:
-        try:
-            event = await self._receive.receive()
-        except (trio.EndOfChannel, trio.ClosedResourceError):
+        events = self._events
+        await self.client._wait(events)
+        if not events.queue:  # closed, and every event before that was taken
             if not self._closed and self.client._error is not None:
                 raise self.client._error from None
-            raise StopAsyncIteration from None
+            raise StopAsyncIteration
+        event = events.queue.popleft()
         if _is_final(event, self._ends_on_deleted):
             self._closed = True  # the daemon closed it: iteration ends after this event
             self.client._drop_subscription(self.sub)
@@ -262,11 +293,22 @@ class AsyncClient:
         self.path = path
         self.max_frame = max_frame
         self._stream = stream
+        self._sock = stream.socket
+        self._fd = stream.socket.fileno()  # used only while `_error` is None (reused after)
         self._decoder = FrameDecoder(max_frame)
-        self._send_ch, self._send_recv = trio.open_memory_channel[bytes](math.inf)
+        self._out: collections.deque[bytes | memoryview] = collections.deque()
+        self._writer_lot = trio.lowlevel.ParkingLot()
         self._calls: dict[int, _Call] = {}
         self._abandoned: set[int] = set()  # subscribe calls whose caller went away
-        self._subs: dict[int, trio.MemorySendChannel[dict[str, Any]]] = {}
+        self._subs: dict[int, _Events] = {}
+        # Who reads the socket: None, _BACKGROUND, the task of a caller, or a parked waiter the
+        # turn was handed to (its task takes it when it wakes).
+        self._reader: object = None
+        self._read_waiter: _Waiter | None = None  # what the reading caller waits for
+        self._read_scope: trio.CancelScope | None = None
+        self._parked: dict[_Waiter, int] = {}  # waiters whose tasks wait for a reader, in order
+        self._bg_lot = trio.lowlevel.ParkingLot()
+        self._bg_scope: trio.CancelScope | None = None
         self._next_id = 1
         self._error: ClientError | None = None
         self._nursery_cm: Any = None
@@ -303,11 +345,11 @@ class AsyncClient:
         return self
 
     async def _service(self, *, task_status: trio.TaskStatus[None]) -> None:
-        # Reader and writer under their own scope, so that `aclose()` inside the `async with`
-        # body stops them without cancelling the body itself.
+        # Background reader and writer under their own scope, so that `aclose()` inside the
+        # `async with` body stops them without cancelling the body itself.
         async with trio.open_nursery() as nursery:
             self._service_scope = nursery.cancel_scope
-            nursery.start_soon(self._reader)
+            nursery.start_soon(self._background_reader)
             nursery.start_soon(self._writer)
             task_status.started()
 
@@ -349,59 +391,196 @@ class AsyncClient:
         if self._error is None:
             self._error = error
         for call in self._calls.values():
-            if not call.done.is_set():
+            if not call.finished:
                 call.error = self._error
-                call.done.set()
-        for channel in self._subs.values():
-            channel.close()
+                call.finished = True
+                call.lot.unpark_all()
+        for events in self._subs.values():
+            events.closed = True
+            events.lot.unpark_all()
         self._subs.clear()
-        self._send_ch.close()
+        for waiter in self._parked:
+            waiter.lot.unpark_all()
+        self._out.clear()
+        if self._read_scope is not None:
+            self._read_scope.cancel()
+        self._writer_lot.unpark_all()
+        self._bg_lot.unpark_all()
+
+    # Sending: from the caller's task, one non-blocking write when nothing is queued before the
+    # frame; what the socket does not take is queued (in order) for the writer task. A frame is
+    # whole in the socket or in the queue before the caller can be cancelled, so a cancelled
+    # call never leaves a partial frame behind.
+    def _send(self, frame: bytes) -> None:
+        if self._error is not None:
+            return
+        out = self._out
+        if not out:
+            try:
+                sent = os.write(self._fd, frame)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                self._write_failed(exc)
+                return
+            if sent == len(frame):
+                return
+            out.append(memoryview(frame)[sent:])
+            self._writer_lot.unpark_all()
+            return
+        out.append(frame)
+
+    def _write_failed(self, exc: OSError) -> None:
+        """The daemon may have said why before it closed (a refused connection's error):
+        take in what it sent first, so that this is what calls raise."""
+        while self._error is None and self._read_available():
+            pass
+        self._fail(ConnectionLost(f"connection to the daemon lost: {exc}"))
 
     async def _writer(self) -> None:
-        try:
-            async for frame in self._send_recv:
-                # Coalesce whatever other tasks queued meanwhile: one syscall for a burst.
-                batch = [frame]
-                size = len(frame)
-                while size < _WRITE_BATCH:
-                    try:
-                        frame = self._send_recv.receive_nowait()
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
+        out = self._out
+        while self._error is None:
+            if not out:
+                await self._writer_lot.park()
+                continue
+            try:
+                await trio.lowlevel.wait_writable(self._sock)
+            except (trio.ClosedResourceError, OSError) as exc:
+                self._fail(ConnectionLost(f"connection to the daemon lost: {exc}"))
+                return
+            if self._error is not None:
+                return
+            # Coalesce what queued up meanwhile: one syscall for a burst.
+            first = out.popleft()
+            size = len(first)
+            if out and size < _WRITE_BATCH:
+                batch = [first]
+                while out and size < _WRITE_BATCH:
+                    frame = out.popleft()
                     batch.append(frame)
                     size += len(frame)
-                await self._stream.send_all(batch[0] if len(batch) == 1 else b"".join(batch))
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            self._fail(ConnectionLost(f"connection to the daemon lost: {exc}"))
+                first = b"".join(batch)
+            try:
+                sent = os.write(self._fd, first)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                self._write_failed(exc)
+                return
+            if sent < len(first):
+                out.appendleft(memoryview(first)[sent:])
 
-    async def _reader(self) -> None:
-        error: ClientError = ConnectionLost("the daemon closed the connection")
+    # Receiving: a caller waiting for a response or an event reads the socket itself when no
+    # other caller does (the background reader gives way to it), so what it waits for costs no
+    # hop through another task; what it reads for others wakes them, and when it is done it
+    # hands the reading to a waiting caller, or back to the background reader.
+    async def _wait(self, waiter: _Waiter) -> None:
+        """Return once `waiter.ready()` or the connection is over (always a checkpoint)."""
+        if waiter.ready() or self._error is not None:
+            await trio.lowlevel.checkpoint()
+            return
+        me = trio.lowlevel.current_task()
         try:
-            while True:
-                data = await self._stream.receive_some(_READ_SIZE)
-                if not data:
-                    break
-                self._decoder.feed(data)
-                while (event := self._decoder.next_event()) is not None:
-                    fatal = self._dispatch(event)
-                    if fatal is not None:
-                        error = fatal
+            while not waiter.ready() and self._error is None:
+                reader = self._reader
+                if reader is None or reader is _BACKGROUND or reader is me or reader is waiter:
+                    if reader is _BACKGROUND and self._bg_scope is not None:
+                        self._bg_scope.cancel()  # stops waiting at once: the socket is ours
+                    self._reader = me
+                    self._read_waiter = waiter
+                    try:
+                        with trio.CancelScope() as self._read_scope:
+                            await trio.lowlevel.wait_readable(self._sock)
+                    except (trio.ClosedResourceError, OSError) as exc:
+                        self._fail(ConnectionLost(f"connection to the daemon lost: {exc}"))
                         return
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            error = ConnectionLost(f"connection to the daemon lost: {exc}")
+                    finally:
+                        self._read_scope = self._read_waiter = None
+                    self._read_available()
+                else:
+                    self._parked[waiter] = self._parked.get(waiter, 0) + 1
+                    try:
+                        await waiter.lot.park()
+                    finally:
+                        left = self._parked.pop(waiter) - 1
+                        if left:
+                            self._parked[waiter] = left
         finally:
-            self._fail(error)
+            if self._reader is me or self._reader is waiter:
+                self._pass_reading()
+
+    def _pass_reading(self) -> None:
+        for waiter in self._parked:
+            self._reader = waiter
+            waiter.lot.unpark_all()
+            return
+        self._reader = None
+        self._wake_background()
+
+    def _wake_background(self) -> None:
+        """Let the background reader read if something may come unasked: events, or the answer
+        to an abandoned subscribe. Else the next caller reads (a client of plain calls, the
+        CLI's, never pays for a task that only waits)."""
+        if self._reader is None and (self._subs or self._abandoned):
+            self._bg_lot.unpark_all()
+
+    def _wake(self, waiter: _Waiter) -> None:
+        """`waiter` became ready other than by a frame read: wake whoever waits for it."""
+        waiter.lot.unpark_all()
+        if self._read_waiter is waiter and self._read_scope is not None:
+            self._read_scope.cancel()
+
+    async def _background_reader(self) -> None:
+        """Reads while no caller does: events are taken in (the server disconnects a client
+        that leaves them in the socket) and a lost connection is noticed, with nobody waiting."""
+        while self._error is None:
+            if self._reader is not None or not (self._subs or self._abandoned):
+                await self._bg_lot.park()
+                continue
+            self._reader = _BACKGROUND
+            try:
+                with trio.CancelScope() as self._bg_scope:
+                    await trio.lowlevel.wait_readable(self._sock)
+            except (trio.ClosedResourceError, OSError) as exc:
+                self._fail(ConnectionLost(f"connection to the daemon lost: {exc}"))
+                return
+            finally:
+                self._bg_scope = None
+            if self._reader is _BACKGROUND:  # (else a caller took over)
+                self._reader = None
+                self._read_available()
+
+    def _read_available(self) -> bool:
+        """Read what the socket holds and hand out every complete frame; False if it held
+        nothing (or the connection is over)."""
+        if self._error is not None:
+            return False
+        try:
+            data = os.read(self._fd, _READ_SIZE)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            self._fail(ConnectionLost(f"connection to the daemon lost: {exc}"))
+            return False
+        if not data:
+            self._fail(ConnectionLost("the daemon closed the connection"))
+            return False
+        self._decoder.feed(data)
+        while self._error is None and (event := self._decoder.next_event()) is not None:
+            fatal = self._dispatch(event)
+            if fatal is not None:
+                self._fail(fatal)
+        return True
 
     def _dispatch(self, msg: dict[Any, Any] | FrameError) -> ClientError | None:
         if isinstance(msg, FrameError):
             return DaemonError(msg.code, f"unreadable frame from the daemon: {msg.message}")
         if "id" not in msg:
-            channel = self._subs.get(msg.get("sub"))  # type: ignore[arg-type]
-            if channel is not None:
-                try:
-                    channel.send_nowait(msg.get("event"))
-                except (trio.ClosedResourceError, trio.BrokenResourceError):
-                    self._subs.pop(msg["sub"], None)
+            events = self._subs.get(msg.get("sub"))  # type: ignore[arg-type]
+            if events is not None:
+                events.queue.append(msg.get("event"))
+                if events.lot:
+                    events.lot.unpark_all()
             return None
         req_id = msg["id"]
         if req_id is None:
@@ -418,26 +597,25 @@ class AsyncClient:
             # Register now: the subscription's first events may be in the very next frame.
             sub = result.get("sub")
             if isinstance(sub, int):
-                send, receive = trio.open_memory_channel[dict[str, Any]](math.inf)
-                self._subs[sub] = send
-                result = (result, receive)
+                events = _Events()
+                self._subs[sub] = events
+                result = (result, events)
         call.result, call.error = result, error
-        call.done.set()
+        call.finished = True
+        if call.lot:
+            call.lot.unpark_all()
         return None
 
     def _send_unsubscribe(self, sub: int) -> None:
         req_id = self._next_id
         self._next_id += 1
-        try:
-            frame = _encode_request(req_id, "unsubscribe", {"sub": sub}, self.max_frame)
-            self._send_ch.send_nowait(frame)
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            pass
+        self._send(_encode_request(req_id, "unsubscribe", {"sub": sub}, self.max_frame))
 
     def _drop_subscription(self, sub: int) -> None:
-        channel = self._subs.pop(sub, None)
-        if channel is not None:
-            channel.close()
+        events = self._subs.pop(sub, None)
+        if events is not None:
+            events.closed = True
+            self._wake(events)
 
     async def _call(self, op: str, args: dict[str, Any], *, subscribe: bool = False) -> Any:
         if self._nursery is None:
@@ -450,12 +628,13 @@ class AsyncClient:
         call = _Call(subscribe)
         self._calls[req_id] = call
         try:
-            self._send_ch.send_nowait(frame)
-            await call.done.wait()
+            self._send(frame)
+            await self._wait(call)
         except BaseException:
             if subscribe:
-                if not call.done.is_set():
+                if not call.finished:
                     self._abandoned.add(req_id)
+                    self._wake_background()
                 elif call.error is None and isinstance(call.result, tuple):
                     sub = call.result[0]["sub"]
                     self._drop_subscription(sub)
@@ -476,9 +655,9 @@ class AsyncClient:
         result = await self._call(op, args, subscribe=True)
         if not isinstance(result, tuple):
             raise DaemonError("bad-response", f"{op} result has no subscription id")
-        initial, receive = result
+        initial, events = result
         return AsyncSubscription(
-            self, initial["sub"], initial, receive, ends_on_deleted=op == "env.subscribe"
+            self, initial["sub"], initial, events, ends_on_deleted=op == "env.subscribe"
         )
 
     async def subscribe(self, op: str, **args: Any) -> AsyncSubscription:

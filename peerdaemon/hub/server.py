@@ -192,7 +192,10 @@ async def serve_hub(
         store: Any = await node.open()
     else:
         store = Store.open(
-            config.data_dir, compact_count=config.compact_count, compact_bytes=config.compact_bytes
+            config.data_dir,
+            compact_count=config.compact_count,
+            compact_bytes=config.compact_bytes,
+            wake_late=True,  # relayed before it is durable: the relay goes first (sqlite.py)
         )
     accounts = None
     try:
@@ -230,7 +233,9 @@ async def serve_hub(
         bridge = getattr(endpoint, "bridge_rooms", None)
         if bridge is not None:  # presence between the daemons and the y-websocket clients
             bridge(rooms)
-        mocks = HostedMocks(docs, accounts, events, config.data_dir, config.mock)
+        mocks = (HostedMocks if node is None else node.mocks_for)(
+            docs, accounts, events, config.data_dir, config.mock
+        )
         refusals = EventCounts("limit-exceeded", "reason")
         events.listen(refusals)
         http = HubHttp(

@@ -110,31 +110,41 @@ def apply_environment(
     model passes its own); an existing one keeps its version, which only a migration changes
     (model/migrations.py), and one that has none gets 1, what it reads as.
     """
-    remove_strays(doc)  # text in the arrays is not part of any environment, and hangs yrs
-    new = not len(root_map(doc, ENV_ROOT))
     if _UNFAITHFUL.pop(doc, False):
         old = None
     old = old or {}
+    lists: dict[str, tuple[list[Any], list[Any] | None]] = {}  # the entity lists to sync
+    for key in ROOT_ENTITY_LISTS:
+        value = env.get(key, [])
+        value = value if isinstance(value, list) else []
+        previous = old.get(key)
+        if not (isinstance(previous, list) and unchanged(previous, value)):
+            lists[key] = (value, previous if isinstance(previous, list) else None)
+    refs = env.get(ROOT_REF_LIST, [])
+    refs = refs if isinstance(refs, list) else []
+    sync_refs = not unchanged(old.get(ROOT_REF_LIST), refs)
+    # Text in the arrays is not part of any environment, and hangs yrs on reading them: look in
+    # the arrays this write reads (what a merge brings is checked by the registry as it comes,
+    # and this write adds none), so that a small edit does not read every array of a big one.
+    if old:
+        read = {k + ORDER_SUFFIX for k in lists}
+        remove_strays(doc, read | {ROOT_REF_LIST} if sync_refs else read)
+    else:
+        remove_strays(doc)
+    new = not len(root_map(doc, ENV_ROOT))
     with doc.transaction(origin=origin):
         top = {k: v for k, v in env.items() if k not in _TOP_LISTS}
         old_top = {k: v for k, v in old.items() if k not in _TOP_LISTS} if old else None
         sync_fields(root_map(doc, ENV_ROOT), top, KINDS["environment"], old_top)
-        for key, kind in ROOT_ENTITY_LISTS.items():
-            value = env.get(key, [])
-            value = value if isinstance(value, list) else []
-            previous = old.get(key)
-            if isinstance(previous, list) and unchanged(previous, value):
-                continue
+        for key, (value, previous) in lists.items():
             sync_entities(
                 root_map(doc, key),
                 root_array(doc, key + ORDER_SUFFIX),
                 value,
-                KINDS[kind],
-                previous if isinstance(previous, list) else None,
+                KINDS[ROOT_ENTITY_LISTS[key]],
+                previous,
             )
-        refs = env.get(ROOT_REF_LIST, [])
-        refs = refs if isinstance(refs, list) else []
-        if not unchanged(old.get(ROOT_REF_LIST), refs):
+        if sync_refs:
             sync_plain_array(root_array(doc, ROOT_REF_LIST), refs)
         meta = root_map(doc, META_ROOT)
         if "model" not in meta:  # an existing one without it was written by a model-1 client

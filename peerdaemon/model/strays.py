@@ -18,6 +18,7 @@ and bounded by the input (no recursion, no allocation beyond what the bytes anno
 from __future__ import annotations
 
 from bisect import bisect_right
+from collections.abc import Iterable
 
 from pycrdt import Doc, Text
 
@@ -209,21 +210,23 @@ def delete_update(ranges: list[tuple[int, int, int]]) -> bytes:
     return bytes(out)
 
 
-def has_strays(doc: Doc) -> bool:
-    """Whether a root array holds anything but plain values and shared types, seen through a
-    text view of it: its diff skips plain values (never indexed), so it cannot hang."""
-    for name in ARRAY_ROOTS:
+def has_strays(doc: Doc, roots: Iterable[str] = ARRAY_ROOTS) -> bool:
+    """Whether a root array (of `roots`, all by default) holds anything but plain values and
+    shared types, seen through a text view of it: its diff skips plain values (never
+    indexed), so it cannot hang."""
+    for name in roots:
         for insert, attrs in doc.get(name, type=Text).diff():
             if attrs or isinstance(insert, str) or not hasattr(insert, "integrated"):
                 return True
     return False
 
 
-def remove_strays(doc: Doc) -> int:
+def remove_strays(doc: Doc, roots: Iterable[str] = ARRAY_ROOTS) -> int:
     """Delete the string, embed and format items of the document's array types (a change of
     the document's own, in a transaction of its own); -> how many items. Cheap when there are
-    none (the usual case): the whole state is decoded only once a root array shows some."""
-    if not has_strays(doc):
+    none (the usual case): the whole state is decoded only once a root array of `roots` shows
+    some (then all are deleted, wherever they are)."""
+    if not has_strays(doc, roots):
         return 0
     ranges = strays(doc.get_update(), ARRAY_ROOTS)
     if ranges:

@@ -3,11 +3,16 @@
 Why this shape (details in docs/store.md):
 - Callers on the trio thread enqueue synchronously (no await, so the order of enqueues is the
   order of the log) and get a Ticket. One writer thread (started by `run()`, for its lifetime)
-  takes everything queued the moment it is queued, commits it in ONE transaction, and hands the
-  batch back to the trio thread with one `run_sync_soon`, which completes the tickets only after
-  COMMIT returned. With WAL + synchronous=FULL, a completed ticket survives a process crash or
-  power loss. No trio task or `to_thread` round per batch: a sequential writer's commit starts
-  while the trio thread still answers the request, and costs one wake-up of the loop.
+  takes everything queued as soon as the enqueuing task yields, commits it in ONE transaction,
+  and hands the batch back to the trio thread with one `run_sync_soon`, which completes the
+  tickets only after COMMIT returned. With WAL + synchronous=FULL, a completed ticket survives a
+  process crash or power loss. No trio task or `to_thread` round per batch, and one wake-up of
+  the loop. When the writer wakes is the opener's choice (`wake_late`): at the enqueue (the
+  daemon: a sequential writer's commit starts while the trio thread still answers the request),
+  or once the enqueuing task yields (the hub: one `run_sync_soon` for everything the step
+  queued; a thread woken at once contends for the GIL with the rest of that step, the relay to
+  every client of the room, which releases the GIL at every `write`, and measurably delays it;
+  nobody waits for the hub's commit before the relay, docs/hub.md "Durability").
 - While a batch commits, new work piles up for the next one, so fsync latency bounds the commit
   rate, not the write rate.
 - pycrdt objects never reach the writer thread: ops carry bytes only, tickets stay on the trio
@@ -356,6 +361,10 @@ class Store:
         self._written: list[_Written | None] = []  # None: the writer went idle (`settled`)
         self._written_posted = False  # a `_take_written` is on its way to the trio thread
         self._token: trio.lowlevel.TrioToken | None = None
+        self.wake_late = False
+        """Enqueues on the trio thread wake the writer once their task yields (module docstring)."""
+        self._trio_thread: int | None = None  # run()'s thread
+        self._kick_pending = False  # a `_kick` is scheduled on the trio thread
         self._no_writer = threading.Event()  # set while no writer thread runs
         self._no_writer.set()
         self._stop = False  # run() is cancelled: write what is queued, one attempt each, return
@@ -388,7 +397,12 @@ class Store:
 
     @classmethod
     def open(
-        cls, data_dir: Path, *, compact_count: int = 1000, compact_bytes: int = 8 << 20
+        cls,
+        data_dir: Path,
+        *,
+        compact_count: int = 1000,
+        compact_bytes: int = 8 << 20,
+        wake_late: bool = False,
     ) -> Store:
         """Lock `data_dir` (created 0700 if missing), open/upgrade the database, read counters.
 
@@ -419,6 +433,7 @@ class Store:
                 compact_count=compact_count,
                 compact_bytes=compact_bytes,
             )
+            store.wake_late = wake_late
             store._read_counters()
             return store
         except BaseException as e:
@@ -808,12 +823,30 @@ class Store:
             raise StoreError("store is closed")
         if not isinstance(op.key, str):
             raise StoreError(f"key must be str, not {type(op.key).__name__}")
+        late = self.wake_late and self._trio_thread == threading.get_ident()
         with self._cond:
             self._queue.append(op)
             if op.kind in _FREEING:
                 self._vacuum_due = True
-            self._cond.notify()
+            if not late:
+                self._cond.notify()
+            elif self._kick_pending:
+                late = False  # (one wake-up for all of this step's enqueues)
+            else:
+                self._kick_pending = True
+        if late:
+            try:
+                assert self._token is not None
+                self._token.run_sync_soon(self._kick)
+            except trio.RunFinishedError:
+                self._kick()
         return op.ticket
+
+    def _kick(self) -> None:
+        """Wake the writer for what the trio thread queued (see the module's docstring)."""
+        with self._cond:
+            self._kick_pending = False
+            self._cond.notify()
 
     # ------------------------------------------------------------------ writer service
 
@@ -832,6 +865,7 @@ class Store:
         self._running = True
         self._stop = False
         self._token = trio.lowlevel.current_trio_token()
+        self._trio_thread = threading.get_ident()
         task_status.started()
         try:
             async with trio.open_nursery() as nursery:
@@ -840,6 +874,7 @@ class Store:
                     await trio.to_thread.run_sync(self._writer, limiter=trio.CapacityLimiter(1))
                 nursery.cancel_scope.cancel()
         finally:
+            self._trio_thread = None
             self._take_written()  # (already posted, but run() returns with them completed)
             self._running = False
             if self._settled is not None:  # nothing more will be written by this writer
