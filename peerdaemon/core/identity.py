@@ -8,8 +8,9 @@ that a device id really belongs to the key that signs for it.
 `cryptography` is loaded at the first signature or verification, not with the identity: the
 hub needs its device id at start (its key fingerprint) but signs only when a daemon dials it,
 and that library is 6-8 MB of an idle hub's memory (issue 13). So the public key is kept in the
-store beside the private key (derived once, when the key is made or first read without it), and
-checked against the private key when `cryptography` is loaded to sign.
+store beside the private key (derived once, when the key is made or first read without it, by
+the OpenSSL that Python's `ssl` already loaded where it can be reached), and checked against the
+private key when `cryptography` is loaded to sign.
 """
 
 from __future__ import annotations
@@ -124,8 +125,50 @@ class Identity:
         return f"Identity(device_id={self.device_id!r}, name={self.name!r})"
 
 
+NID_ED25519 = 1087  # OpenSSL's EVP_PKEY_ED25519
+
+
+def _openssl_public_key(raw: bytes) -> bytes | None:
+    """The Ed25519 public key of seed `raw`, computed by the libcrypto that Python's `ssl`
+    module is linked with (OpenSSL 1.1.1 or later; in memory in every peerdaemon process: trio
+    imports `ssl`), so that a hub's first start, which makes its key, does not load
+    `cryptography` for it; None where it cannot be reached (a static build, LibreSSL)."""
+    import ctypes
+
+    try:
+        import _ssl
+
+        lib = ctypes.CDLL(_ssl.__file__)
+        new_key = lib.EVP_PKEY_new_raw_private_key
+        get_public = lib.EVP_PKEY_get_raw_public_key
+        free = lib.EVP_PKEY_free
+    except (ImportError, OSError, AttributeError):
+        return None
+    new_key.restype = ctypes.c_void_p
+    new_key.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
+    get_public.restype = ctypes.c_int
+    get_public.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.POINTER(ctypes.c_size_t)]
+    free.restype = None
+    free.argtypes = [ctypes.c_void_p]
+    key = new_key(NID_ED25519, None, raw, len(raw))
+    if not key:
+        return None
+    try:
+        out = ctypes.create_string_buffer(32)
+        size = ctypes.c_size_t(32)
+        if get_public(key, out, ctypes.byref(size)) != 1 or size.value != 32:
+            return None
+        return out.raw
+    finally:
+        free(key)
+
+
 def _public_key_of(raw: bytes) -> bytes:
-    """The public key of Ed25519 seed `raw`."""
+    """The public key of Ed25519 seed `raw` (by OpenSSL where at hand, else `cryptography`; the
+    key is checked against `cryptography`'s anyway before the first signature)."""
+    public = _openssl_public_key(raw)
+    if public is not None:
+        return public
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     # the *_raw methods: `serialization` (with its SSH and PKCS machinery) stays unloaded
