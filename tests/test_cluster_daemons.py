@@ -23,6 +23,7 @@ import psycopg  # noqa: E402
 from test_hub_link import FAST, LOCAL, Dev, Hub, hub_state, same_env, team  # noqa: E402
 
 from peerdaemon.hub.cluster.accounts import ClusterAccounts  # noqa: E402
+from peerdaemon.hub.cluster.node import announce_accounts_change  # noqa: E402
 from peerdaemon.hub.cluster.store import migrate  # noqa: E402
 from peerdaemon.hub.peers import PeerEndpoint  # noqa: E402
 from peerdaemon.hub.server import HubConfig  # noqa: E402
@@ -104,3 +105,70 @@ async def test_daemons_on_two_processes_converge(servers, base, nursery):
     env2 = await b.import_env("made on b")  # shared on process 2 after both attached
     await b.op("env.share", id=env2, space=space)
     await wait_until(lambda: same_env(a, b, env2))
+
+
+async def test_a_hub_process_restarts_and_revocations_reach_every_process(servers, base, nursery):
+    """The daemon hub tests' core against a cluster (test_hub_link.py: converge, redial after
+    the hub restarts, a removed member and a revoked token): a on process 1, b on process 2."""
+    redis, pg = servers
+    with ClusterAccounts.open_pg(pg.dsn) as admin:
+        alice, bob = admin.add_user("alice"), admin.add_user("bob")
+    one = await ClusterHub(base, "hub1", redis.url, pg.dsn).start(nursery)
+    two = await ClusterHub(base, "hub2", redis.url, pg.dsn).start(nursery)
+    a = await Dev(base, "a").start(nursery)
+    b = await Dev(base, "b").start(nursery)
+    space, [env] = await team(a, one, alice)
+    await hub_state(a, "connected")
+    with ClusterAccounts.open_pg(pg.dsn) as admin:
+        admin.add_member(space, "bob")
+    code = (await a.op("space.invite", space=space, addresses=[]))["code"]
+    await b.op("space.join", code=code)
+    await b.op("space.hub", space=space, token=bob, url=two.url, hub_key=two.key)
+    await hub_state(b, "connected")
+    await wait_until(lambda: same_env(a, b, env))
+
+    # process 1 stops; what both edit meanwhile converges once it is back and a redialed
+    hub_device = (await a.hub())["device"]
+    await one.stop()
+    await hub_state(a, "disconnected")
+    await a.set_name(env, "offline a")
+    env2 = await b.import_env("made on b while process 1 was away")
+    await b.op("env.share", id=env2, space=space)
+    await one.start(nursery)  # the same port
+    assert (await hub_state(a, "connected"))["device"] == hub_device  # the cluster's one key
+    await wait_until(lambda: same_env(a, b, env))
+    await wait_until(lambda: same_env(a, b, env2))
+    assert await b.get(env, "/name") == "offline a"
+
+    # bob removed from the space (by an admin, on PostgreSQL, with a kick): cut on process 2
+    with ClusterAccounts.open_pg(pg.dsn) as admin:
+        admin.remove_member(space, "bob")
+    await trio.to_thread.run_sync(announce_accounts_change, redis.url)
+    await hub_state(b, "disconnected", "forbidden")
+    # alice's token revoked: cut on process 1
+    with ClusterAccounts.open_pg(pg.dsn) as admin:
+        admin.revoke_token(alice)
+    await trio.to_thread.run_sync(announce_accounts_change, redis.url)
+    await hub_state(a, "disconnected", "unauthorized")
+
+
+async def test_a_device_the_cluster_refuses_has_its_daemon_link_cut(servers, base, nursery):
+    """alice may connect one device. a holds it on process 1; b, with another token of
+    alice's, is let in by process 2 (no device of alice's there) and then cut by the cluster's
+    device slots with the reason an admission refusal gives: too-many-devices."""
+    redis, pg = servers
+    with ClusterAccounts.open_pg(pg.dsn) as admin:
+        alice, alice2 = admin.add_user("alice"), admin.add_token("alice")
+        admin.set_limit("devices_per_user", 1, user="alice")
+    one = await ClusterHub(base, "hub1", redis.url, pg.dsn).start(nursery)
+    two = await ClusterHub(base, "hub2", redis.url, pg.dsn).start(nursery)
+    a = await Dev(base, "a").start(nursery)
+    b = await Dev(base, "b").start(nursery)
+    space, [env] = await team(a, one, alice)
+    await hub_state(a, "connected")
+    code = (await a.op("space.invite", space=space, addresses=[]))["code"]
+    await b.op("space.join", code=code)
+    await b.op("space.hub", space=space, token=alice2, url=two.url, hub_key=two.key)
+    await hub_state(b, "disconnected", "too-many-devices")
+    assert two.server is not None and two.server.accounts.devices.refused >= 1
+    assert (await a.hub())["state"] == "connected"  # the device holding the slot stays

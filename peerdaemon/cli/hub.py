@@ -235,6 +235,7 @@ def cmd_hub_status(args: argparse.Namespace) -> int:
             listen=config.listen,
             tls=bool(config.tls_cert),
             metrics_token=config.http.metrics_token,
+            cluster=(str(config.redis), str(config.postgres)) if config.clustered else None,
         )
     except StoreError as exc:
         raise CliError(str(exc)) from None
@@ -251,6 +252,8 @@ def cmd_hub_status(args: argparse.Namespace) -> int:
     print(f"running: {running if status['running'] else 'no'}")
     if status["running"]:
         _print_live(status)
+    if "cluster" in status:
+        _print_cluster(status["cluster"])
     spaces = status["spaces"]
     print(f"users: {status['users']}")
     print(f"spaces: {len(spaces)}")
@@ -311,6 +314,44 @@ def _print_live(status: dict[str, Any]) -> None:
         f"cloud mocks: {sum(mocks.values())}{f' ({states})' if states else ''},"
         f" {figures.get('mock_requests_total', 0)} requests served"
     )
+    if "cluster_info" in figures:  # a process of a cluster
+        up = {0: "DOWN", 1: "up"}
+        redis = up.get(figures.get("cluster_redis_up", 0), "?")
+        postgres = up.get(figures.get("cluster_postgres_up", 0), "?")
+        print(
+            f"this process: {', '.join(figures['cluster_info'])}; redis {redis},"
+            f" postgresql {postgres}; {figures.get('cluster_rooms_followed', 0)} rooms"
+            f" followed, {figures.get('cluster_queued_commits', 0)} commits queued, bus lag"
+            f" {float(figures.get('cluster_bus_lag_seconds', 0)) * 1000:.1f} ms"
+        )
+
+
+def _print_cluster(cluster: dict[str, Any]) -> None:
+    """Scaled mode: PostgreSQL, Redis and every live process (from its heartbeat)."""
+    for name in ("postgres", "redis"):
+        server = cluster.get(name, {})
+        state = "reachable" if server.get("reachable") else f"UNREACHABLE ({server.get('error')})"
+        print(f"{'postgresql' if name == 'postgres' else name}: {state}")
+    processes = cluster.get("processes", {})
+    print(f"processes alive: {len(processes)}")
+    if processes:
+        rows = [("PROCESS", "HOST", "ADDRESS", "ROOMS", "CLIENTS", "QUEUED", "BUS LAG")]
+        for name, p in sorted(processes.items()):
+            queued = f"{p.get('queued_commits', 0)}"
+            if p.get("queued_commits"):
+                queued += f" ({p.get('oldest_commit_wait', 0):.1f} s)"
+            rows.append(
+                (
+                    cell(name),
+                    cell(f"{p.get('host', '?')}:{p.get('pid', '?')}"),
+                    cell(p.get("address") or "-"),
+                    str(p.get("rooms", 0)),
+                    str(p.get("clients", 0)),
+                    queued,
+                    f"{float(p.get('bus_lag', 0)) * 1000:.1f} ms",
+                )
+            )
+        print_table(rows)
 
 
 def _size(n: int | float) -> str:

@@ -246,6 +246,50 @@ def hub_families(snap: Mapping[str, Any]) -> list[Family]:
     if "hosted_mocks" in snap:
         states = {state: 0 for state in MOCK_STATES} | dict(snap["hosted_mocks"])
         add("hosted_mocks", "gauge", "Hosted Cloud Mocks by state.", by_label("state", states))
+    out += _cluster_families(snap)
+    return out
+
+
+def _cluster_families(snap: Mapping[str, Any]) -> list[Family]:
+    """A process of a cluster (docs/hub.md, "Scaled mode"): absent from an embedded hub's."""
+    if "cluster_process" not in snap:
+        return []
+    out = [
+        Family(
+            P + "cluster_info",
+            "gauge",
+            "This process's name on the bus (its entries' origin, its heartbeat).",
+            [({"process": str(snap["cluster_process"])}, 1)],
+        )
+    ]
+    for key, kind, help in (
+        ("redis_up", "gauge", "1 if Redis answered this process's last check (every second)."),
+        ("postgres_up", "gauge", "1 if PostgreSQL answered this process's last check."),
+        ("rooms_followed", "gauge", "Rooms whose streams this process reads: its rooms with "
+         "clients and the documents its daemons sync."),
+        ("rooms_loading", "gauge", "Rooms whose clients wait for the document to load from "
+         "PostgreSQL."),
+        ("queued_commits", "gauge", "Updates this process relayed and queued for PostgreSQL, "
+         "not committed yet (not accepted yet)."),
+        ("oldest_commit_wait", "gauge", "Seconds the oldest of those has waited."),
+        ("queued_publishes", "gauge", "Entries waiting to be appended to the Redis streams."),
+        ("bus_lag", "gauge", "Seconds from an entry's append to Redis to this process reading "
+         "it, for the last entries read (Redis' clock against this process's)."),
+        ("remote_updates", "counter", "Updates of other processes read from the bus and applied."),
+        ("resyncs", "counter", "Redis found restarted empty (a new epoch): rooms resynced."),
+        ("repairs", "counter", "Processes found dead whose uncommitted updates this one stored."),
+        ("kicks", "counter", "Accounts changes announced on the bus (revocations, removals)."),
+        ("readded", "counter", "Updates appended to their stream again after a long commit."),
+        ("read_restarts", "counter", "Times the blocking read of the streams started again "
+         "(rooms opening or closing, batched)."),
+        ("compactions", "counter", "Documents this process compacted (under the room's lock)."),
+    ):  # fmt: skip
+        name = "cluster_" + key
+        if name not in snap:
+            continue
+        suffix = "_seconds" if key in ("bus_lag", "oldest_commit_wait") else ""
+        suffix += "_total" if kind == "counter" else ""
+        out.append(Family(P + name + suffix, kind, help, single(snap[name])))
     return out
 
 

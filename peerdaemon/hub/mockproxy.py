@@ -43,6 +43,14 @@ START_WAIT = 5.0
 """A request to a mock that is starting (just turned on, runner restarting) waits this long."""
 
 
+_RATE_LIMITED = Respond(
+    429,
+    {"error": "rate-limited", "message": "too many requests to this mock; retry in 1 s"},
+    ((b"retry-after", b"1"),),
+)
+"""As `mockgate.decide` answers past the rate, for the window the hub processes share."""
+
+
 class MockProxy:
     def __init__(self, mocks: HostedMocks, *, tls: bool = False) -> None:
         self.mocks = mocks
@@ -112,6 +120,9 @@ class MockProxy:
             await _respond(exchange, decision)
             return
         assert mock is not None and target is not None
+        if not await self.mocks.allow_rate(target.space, target.env, rate):
+            await _respond(exchange, _RATE_LIMITED)  # the cluster's window is spent
+            return
         key = mock.key
         if self.in_flight.get(key, 0) >= self.config.max_in_flight:
             await _respond(

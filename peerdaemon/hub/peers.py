@@ -534,6 +534,20 @@ class PeerEndpoint:
             if d.auth.user is not None and d.link.closed is None
         ]
 
+    def deny_device(self, user: str, device: str, detail: str) -> int:
+        """End `user`'s links from `device` as a refusal at admission would
+        (`too-many-devices`): the cluster's device slots refused it after this process let it
+        in (hub/cluster/devices.py). Returns how many links were closed."""
+        from ..peer import messages
+
+        closed = 0
+        for daemon in list(self._daemons.values()):
+            auth, link = daemon.auth, daemon.link
+            if auth.user == user and auth.device == device and link.closed is None:
+                link.close(messages.TOO_MANY_DEVICES, detail)
+                closed += 1
+        return closed
+
     def _recheck(self) -> None:
         """The accounts changed: end the links whose token was revoked or whose membership of a
         space was withdrawn, and those that would now get more (a space they were refused, a

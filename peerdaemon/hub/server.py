@@ -304,6 +304,8 @@ async def serve_hub(
                 # what daemons check the hub by: `space hub ... --hub-key KEY` (docs/hublink.md)
                 log.info("hub key fingerprint: %s", key)
             runtime = _write_runtime(config, host, bound, ssl_context is not None)
+            if node is not None:
+                node.address = _url((host, bound), ssl_context is not None)
             task_status.started(server)
     finally:
         if runtime is not None:
@@ -335,7 +337,8 @@ def _figures(
         server = mocks.engine.servers.get(key)
         state = "refused" if mock.refused else (server.state if server else "waiting")
         states[state] = states.get(state, 0) + 1
-    return {
+    cluster = getattr(store, "cluster_figures", None)  # scaled mode: the process's part
+    return (cluster() if cluster is not None else {}) | {
         "spaces": stats["spaces"],
         "documents": stats["documents"],
         "documents_loaded": stats["loaded"],
@@ -387,8 +390,13 @@ def hub_status(
     metrics_token: str | None = None,
     probe: bool = True,
     timeout: float = 3.0,
+    cluster: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
     """`peerdaemon hub status`: what the hub's data dir holds, and what a running hub reports.
+
+    With `cluster` (Redis URL, PostgreSQL DSN: scaled mode) the figures come from the cluster
+    instead (`cluster.status.cluster_status`: its processes, PostgreSQL and Redis), and
+    `running` is the process of this data dir (its `hub-serve.json`).
 
     - `hub_key`: the key fingerprint `hub serve` keeps in its store (`peers.PeerEndpoint`); if
       no hub ever ran on the dir, it is created now, so an admin can hand the fingerprint out
@@ -403,6 +411,21 @@ def hub_status(
       not be asked."""
     data_dir = Path(data_dir)
     status: dict[str, Any] = {"data_dir": str(data_dir)}
+    if cluster is not None:  # scaled mode: the cluster's PostgreSQL and Redis, not the dir
+        from .cluster.status import cluster_status
+
+        status.update(cluster_status(*cluster, timeout=timeout))
+        runtime = _read_runtime(data_dir)
+        pid = runtime.get("pid")
+        status.update(running=isinstance(pid, int) and _alive(pid), pid=pid)
+        if status["running"] and probe:
+            address = (str(runtime["host"]), int(runtime["port"]))
+            status["address"] = _url(address, bool(runtime.get("tls")))
+            try:
+                status["live"] = _probe(address, bool(runtime.get("tls")), metrics_token, timeout)
+            except (OSError, ValueError, http.client.HTTPException) as exc:
+                status["live_error"] = f"cannot ask it at {status['address']}: {exc}"
+        return status
     try:
         store = Store.open(data_dir)
     except StoreLockedError:
@@ -586,6 +609,16 @@ def _read_key(data_dir: Path) -> str | None:
     public = saved.get("public_key")
     kept = isinstance(public, bytes) and len(public) == 32
     return Identity.from_private_bytes(raw, "hub", public if kept else None).device_id
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _lock_holder(data_dir: Path) -> int | None:

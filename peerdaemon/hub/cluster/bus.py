@@ -208,10 +208,24 @@ class RoomBus:
         assert sid is not None
         return StreamId.parse(sid)
 
-    async def heartbeat(self, ttl_ms: int) -> None:
-        """This process is alive for `ttl_ms` more (renew it well before)."""
+    async def heartbeat(self, ttl_ms: int, info: bytes = b"1") -> None:
+        """This process is alive for `ttl_ms` more (renew it well before); `info` is what
+        `processes` shows of it (`hub status`)."""
         async with _errors():
-            await self.client.set(alive_key(self.process), b"1", px=ttl_ms)
+            await self.client.set(alive_key(self.process), info, px=ttl_ms)
+
+    async def processes(self) -> dict[str, bytes]:
+        """Every live process (its heartbeat not expired) -> the info it last gave."""
+        prefix, _, suffix = alive_key("*").partition("*")
+        async with _errors():
+            keys = [k async for k in self.client.scan_iter(match=alive_key("*"), count=1000)]
+            values = await self.client.mget(keys) if keys else ()
+        out: dict[str, bytes] = {}
+        for key, value in zip(keys, values, strict=True):
+            name = key.decode() if isinstance(key, bytes) else str(key)
+            if value is not None and name.startswith(prefix) and name.endswith(suffix):
+                out[name[len(prefix) : len(name) - len(suffix)]] = bytes(value)
+        return out
 
     async def alive(self, process: str) -> bool:
         async with _errors():

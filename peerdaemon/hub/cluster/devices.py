@@ -5,7 +5,8 @@ on the synchronous auth path) plus the cluster's slots in Redis (`bus.DeviceSlot
 process and device, acquired by one Lua script, expiring after a process that died). The
 cluster's answer comes a few milliseconds after the admission: a device the cluster refuses
 (another process holds the user's other devices) has its y-websocket connections closed with
-`too-many-devices`, as a refusal at admission would. While Redis is away, this process's own
+`too-many-devices`, as a refusal at admission would, and so are its daemons' links
+(`PeerEndpoint.deny_device`, the same close reason). While Redis is away, this process's own
 count is the limit.
 """
 
@@ -68,10 +69,15 @@ class ClusterDevices(Devices):
             return
         self.refused += 1
         log.info("hub: %s: device %s refused by the cluster (too many devices)", user, device)
-        if self.node.rooms is not None:  # (the daemons' links: not cut yet, see the docs)
+        if self.node.rooms is not None:
             for conn in self.node.rooms.connections():
                 if conn.user == user and conn.device == device:
                     conn.deny("too-many-devices")
+        deny = getattr(self.node.peer_endpoint, "deny_device", None)
+        if deny is not None:  # the daemons' links, with the reason a refusal at admission gives
+            limit = self._limit_of(user)
+            detail = f"user {user} already has {limit} device(s) connected (limit {limit})"
+            deny(user, device, detail)  # (on the hub's other processes)
         self.node.wake()
 
     async def _give_back(self, user: str, device: str) -> None:

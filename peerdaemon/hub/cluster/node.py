@@ -13,14 +13,20 @@ hub's room logic runs over PostgreSQL and the Redis bus instead of its embedded 
   process), their awareness enters the rooms; a Redis that restarted empty is resynced from
   PostgreSQL (`on_lost`).
 
-Loading a document is a synchronous read in the trio thread (HubDocs' `_loaded_entry` is
-synchronous): a large load holds up this process's other rooms while it runs.
+A room's document is read from PostgreSQL in a worker thread before its first client joins
+(`ClusterRooms` holds the room's clients and their messages meanwhile; `ClusterStore.updates_of`
+then hands HubDocs' synchronous load what was read), so a large or locked load holds up only
+its own room. `figures()` is this process's part of `/metrics`; its heartbeat carries what
+`hub status` shows of it (`cluster/status.py`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import secrets
+import socket
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -38,10 +44,12 @@ from ...store import StoreError
 from ...store.sqlite import CommitTimes, Ticket
 from ..accounts import Limits
 from ..docs import FILES_PREFIX, SPACE_PREFIX, HubDocs
-from ..ywebsocket import Framer, Room, Rooms, YConn
+from ..yjs import store_update
+from ..ywebsocket import CLOSE_CODES, Framer, Room, Rooms, StoreUpdate, YConn
 from .accounts import ClusterAccounts
 from .bus import BusError, CompactionLock, RoomBus, connect
 from .devices import ClusterDevices
+from .mocks import ClusterMocks
 from .protocol import ALIVE_TTL_MS, AWARENESS, UPDATE, BusEntry, Cursors, Kick, room_of
 from .store import AppendTicket, DocStore, DocStoreError, _Connection, _load
 from .worker import Publisher, compact_room
@@ -55,6 +63,13 @@ __all__ = [
 ]
 
 log = logging.getLogger("peerdaemon.hub.cluster")
+
+
+MAX_HELD = 1000
+"""Messages a connection may send while its room's document loads."""
+
+LOADERS = 4
+"""PostgreSQL connections a process loads documents on, at once."""
 
 
 def _new_identity() -> dict[str, Any]:
@@ -78,12 +93,21 @@ class ClusterStore:
         self.node = node
         self.docstore = node.docstore
         self._loader = _Connection(node.dsn, name="loader")
+        # loads off the event loop (`read_updates`), a few at a time: a document held up by a
+        # lock holds up only the rooms waiting for it
+        self._loads = [_Connection(node.dsn, name=f"load{i}") for i in range(LOADERS)]
+        self._loads_free = trio.CapacityLimiter(LOADERS)
+        self._stash: dict[str, list[bytes]] = {}  # read by `read_updates`, for `updates_of`
+        self.loads_waiting = 0
         self._sizes: dict[tuple[str, str], int] = {}
         self._settings: dict[str, Any] = {}
-        self._tickets: deque[tuple[AppendTicket, Ticket]] = deque()
+        self._tickets: deque[tuple[AppendTicket, Ticket, str, float]] = deque()
+        self.readded = 0  # updates appended to their stream again after a long commit
+        self.compactions = 0  # documents this process compacted
         self._tickets_wakeup = trio.Event()
         self._compacting: set[str] = set()
         self.commit_times = CommitTimes()
+        self.docstore.on_commit = self.commit_times.observe  # (/metrics' histogram)
 
     async def prefetch(self) -> None:
         self._sizes = await self.docstore.sizes()
@@ -112,8 +136,28 @@ class ClusterStore:
         return self._loader._run(count)
 
     def updates_of(self, key: str) -> list[bytes]:
+        """HubDocs' load: what `read_updates` just read for it if anything (the node does that
+        before a room or a daemon uses the document), else a read in the trio thread."""
+        stashed = self._stash.pop(key, None)
+        if stashed is not None:
+            return stashed
         space, doc = _split(key)
         loaded = self._loader._run(lambda conn: _load(conn, space, doc))
+        return loaded.updates if loaded is not None else []
+
+    async def read_updates(self, key: str) -> list[bytes]:
+        """The document as committed, read in a worker thread (DocStoreError: PostgreSQL away)."""
+        space, doc = _split(key)
+        self.loads_waiting += 1
+        try:
+            async with self._loads_free:
+                conn = self._loads.pop()
+                try:
+                    loaded = await conn.call(lambda c: _load(c, space, doc))
+                finally:
+                    self._loads.append(conn)
+        finally:
+            self.loads_waiting -= 1
         return loaded.updates if loaded is not None else []
 
     # -- what HubDocs writes ---------------------------------------------------------------------
@@ -123,7 +167,7 @@ class ClusterStore:
         appended = self.docstore.append(space, doc, update, origin)
         self.node.publisher.update(room_of(space, doc), update, origin)
         ticket = Ticket()
-        self._tickets.append((appended, ticket))
+        self._tickets.append((appended, ticket, origin, trio.current_time()))
         self._tickets_wakeup.set()
         return ticket
 
@@ -139,23 +183,29 @@ class ClusterStore:
     async def _compact(self, key: str) -> None:
         space, doc = _split(key)
         try:
-            await compact_room(
+            folded = await compact_room(
                 self.node.bus, self.node.lock, self.docstore, space, doc,
                 commit_lag_ms=self.node.commit_lag_ms,
             )  # fmt: skip
+            if folded is not None:
+                self.compactions += 1
         except (BusError, DocStoreError) as exc:
             log.warning("hub: compaction of %s postponed: %s", key, exc)
         finally:
             self._compacting.discard(key)
 
     async def follow_tickets(self) -> None:
-        """Complete HubDocs' tickets as PostgreSQL commits (in order: the writer commits so)."""
+        """Complete HubDocs' tickets as PostgreSQL commits (in order: the writer commits so).
+
+        An update whose commit took more than half of `commit_lag` is appended to its stream
+        again: a compaction may have trimmed it from there before it was committed (it keeps
+        only `commit_lag`), and a process that opened the room in between read neither."""
         while True:
             if not self._tickets:
                 self._tickets_wakeup = trio.Event()
                 await self._tickets_wakeup.wait()
                 continue
-            appended, ticket = self._tickets[0]
+            appended, ticket, origin, queued = self._tickets[0]
             error: BaseException | None = None
             try:
                 await appended.wait()
@@ -163,6 +213,17 @@ class ClusterStore:
                 error = StoreError(str(exc))
             self._tickets.popleft()
             ticket._complete(error)
+            if error is None and trio.current_time() - queued > self.node.commit_lag_ms / 2000:
+                room = room_of(appended.space, appended.doc)
+                self.node.publisher.update(room, appended.update, origin)
+                self.readded += 1
+
+    @property
+    def oldest_uncommitted(self) -> float:
+        """Seconds the oldest append not committed yet has waited (0: none waits)."""
+        if not self._tickets:
+            return 0.0
+        return max(0.0, trio.current_time() - self._tickets[0][3])
 
     # -- settings (the hub's key, removed devices' tokens) ----------------------------------------
     def get_setting(self, key: str, default: Any = None) -> Any:
@@ -206,8 +267,14 @@ class ClusterStore:
         """Where `serve_hub` starts the embedded store's writer: the node's tasks."""
         await self.node.run(task_status=task_status)
 
+    def cluster_figures(self) -> dict[str, Any]:
+        """The node's figures, for server.py's `/metrics` snapshot."""
+        return self.node.figures()
+
     def close(self) -> None:
         self._loader.close()
+        for conn in self._loads:
+            conn.close()
 
 
 class ClusterDocs(HubDocs):
@@ -229,16 +296,37 @@ class ClusterDocs(HubDocs):
 
 class ClusterRooms(Rooms):
     """`Rooms` that tell the node which rooms are open on this process, and publish the
-    awareness their clients send."""
+    awareness their clients send.
+
+    A room whose document must be read from PostgreSQL first is opened by a task: its clients
+    wait (`loading`, their messages held in order) and join once the document is loaded, so
+    none is sent a first sync of a document that is not there yet, while the process's other
+    rooms go on."""
 
     def __init__(self, docs: Any, framer: Framer, node: ClusterNode) -> None:
         super().__init__(docs, framer)
         self.node = node
+        self.loading: dict[tuple[str, str], list[YConn]] = {}
+        self._held: dict[int, list[bytes]] = {}  # a waiting connection's messages, in order
 
-    def join(self, space_id: str, doc_id: str, conn: YConn) -> Room:
-        new = (space_id, doc_id) not in self.rooms
-        if new:
+    def join(self, space_id: str, doc_id: str, conn: YConn) -> Room | None:  # type: ignore[override]
+        """The room, or None while its document loads (the connection joins once it is)."""
+        key = (space_id, doc_id)
+        if key not in self.rooms:
+            if key not in self.loading and self.node.needs_load(space_id, doc_id):
+                if self.node.spawn(self._load_then_join, space_id, doc_id):
+                    self.loading[key] = []
+                else:
+                    self.node.opening(space_id, doc_id)  # (not running: read it here)
+            if key in self.loading:
+                self.loading[key].append(conn)
+                self._held[conn.number] = []
+                return None
             self.node.opening(space_id, doc_id)
+        return self._join(space_id, doc_id, conn)
+
+    def _join(self, space_id: str, doc_id: str, conn: YConn) -> Room:
+        new = (space_id, doc_id) not in self.rooms
         room = super().join(space_id, doc_id, conn)
         if new:
             told = room.on_awareness
@@ -252,10 +340,53 @@ class ClusterRooms(Rooms):
             room.on_awareness = tell
         return room
 
+    async def _load_then_join(self, space_id: str, doc_id: str) -> None:
+        key = (space_id, doc_id)
+        try:
+            await self.node.open_room(space_id, doc_id, waiting=lambda: bool(self.loading[key]))
+        except BaseException:
+            for conn in self.loading.pop(key, []):
+                self._held.pop(conn.number, None)
+            raise
+        joined = False
+        for conn in self.loading.pop(key, []):
+            held = self._held.pop(conn.number, [])
+            if conn.closing is not None:
+                continue
+            self._join(space_id, doc_id, conn)
+            joined = True
+            for data in held:
+                event = self.receive(conn, data)
+                if event is not None:
+                    store_update(self.docs, self, event)
+        if not joined:
+            self.node.closed(space_id, doc_id)
+        self.node.wake()
+
+    def receive(self, conn: YConn, data: bytes, now: float | None = None) -> StoreUpdate | None:
+        held = self._held.get(conn.number)
+        if held is None or conn.room is not None:
+            return super().receive(conn, data, now)
+        if len(held) >= MAX_HELD:  # a client flooding a room that is not open yet
+            conn.close(CLOSE_CODES["too-slow"], "too-slow")
+        else:
+            held.append(bytes(data))
+        return None
+
+    def connections(self) -> list[YConn]:
+        """Those in rooms and those waiting for one (a revocation cuts both)."""
+        return super().connections() + [c for conns in self.loading.values() for c in conns]
+
     def leave(self, conn: YConn) -> None:
         room = conn.room
+        if room is None:
+            if self._held.pop(conn.number, None) is not None:
+                for conns in self.loading.values():
+                    if conn in conns:
+                        conns.remove(conn)
+            return
         super().leave(conn)
-        if room is not None and room.key not in self.rooms:
+        if room.key not in self.rooms:
             self.node.closed(*room.key)
 
 
@@ -273,6 +404,7 @@ class ClusterNode:
         process: str | None = None,
         commit_lag_ms: int = 60_000,
         block_ms: int = 5000,
+        restart_batch: float = 0.02,
     ) -> None:
         self.redis_url = redis_url
         self.dsn = dsn
@@ -290,6 +422,15 @@ class ClusterNode:
         self.remote_updates = 0
         self.repairs = 0
         self.kicks = 0
+        self.read_restarts = 0  # the blocking read started again (a room opened or closed)
+        # what /metrics and `hub status` show (`figures`): set by `_watch` and `deliver`
+        self.redis_up = False
+        self.postgres_up = False
+        self.clock_offset_ms = 0.0  # Redis' clock minus this process's
+        self.bus_lag = 0.0  # seconds between an entry's append and its reading, the last read
+        self._ping = _Connection(dsn, name="ping", connect_timeout=2.0)
+        self.address = ""  # where this process listens (server.py sets it), for `hub status`
+        self.restart_batch = restart_batch
         self.wake: Callable[[], None] = lambda: None
         """Have the connections given something to send (awareness) write it (`YjsEndpoint`)."""
         self.accounts: ClusterAccounts | None = None
@@ -297,6 +438,8 @@ class ClusterNode:
         self.peer_endpoint: object = None
         """The daemons' endpoint (`peers.PeerEndpoint`): the documents its daemons sync are
         followed too."""
+        self.mocks: ClusterMocks | None = None
+        """The hosted mocks: every process serves every one, so follows their documents."""
         self._daemon_rooms: set[str] = set()
         self._peers: dict[str, set[str]] = {}  # other processes read -> their rooms
         self._missing: set[str] = set()  # peers whose heartbeat was missing at the last check
@@ -338,6 +481,7 @@ class ClusterNode:
                     nursery.cancel_scope.cancel()
         await self._stack.aclose()  # (not shielded: the clients' scopes were opened outside)
         self.store.close()
+        self._ping.close()
         self.docstore.close()
 
     docs_class = ClusterDocs
@@ -350,10 +494,23 @@ class ClusterNode:
         return rooms
 
     # -- rooms opening and closing on this process ------------------------------------------------
+    def needs_load(self, space_id: str, doc_id: str) -> bool:
+        """Whether opening the room here reads PostgreSQL (a room followed already, with its
+        document in memory or new, does not)."""
+        try:
+            room = room_of(space_id, doc_id)
+        except ValueError:
+            return False
+        docs = self.docs
+        if docs is None:
+            return False
+        if room not in self.cursors.rooms():
+            return True
+        return docs.has(space_id, doc_id) and not docs.is_loaded(space_id, doc_id)
+
     def opening(self, space_id: str, doc_id: str) -> None:
-        """A room's first client here: bring the document up to what PostgreSQL holds (it may
-        be new to this process, or loaded from earlier but not followed since), then read its
-        streams from their start, which hold whatever may not be committed yet."""
+        """A room's first client here, read in the trio thread (`open_room` is the task that
+        does not hold up the other rooms; this is for before the node runs)."""
         try:
             room = room_of(space_id, doc_id)
         except ValueError:
@@ -362,22 +519,70 @@ class ClusterNode:
         assert docs is not None
         if room in self.cursors.rooms():
             return
+        updates: list[bytes] | None = None
         if not docs.has(space_id, doc_id) or docs.is_loaded(space_id, doc_id):
             try:
                 updates = self.store.updates_of(room)
             except Exception as exc:  # PostgreSQL away: the stream and the clients' syncs
                 log.warning("hub: cannot load %s from postgresql: %s", room, exc)
                 updates = []
-            if updates:
+        self._opened(space_id, doc_id, updates)
+
+    async def open_room(
+        self, space_id: str, doc_id: str, *, waiting: Callable[[], bool] | None = None
+    ) -> None:
+        """Bring the document up to what PostgreSQL holds (it may be new to this process, or
+        loaded from earlier but not followed since), read in a worker thread, then read its
+        streams from their start, which hold whatever may not be committed yet. While
+        PostgreSQL is away the read is tried again as long as `waiting()` (clients wait for
+        the room); without it the room opens on the stream alone."""
+        room = room_of(space_id, doc_id)
+        updates: list[bytes] | None = None
+        docs = self.docs
+        assert docs is not None
+        stored_away = docs.has(space_id, doc_id) and not docs.is_loaded(space_id, doc_id)
+        while waiting is not None or not stored_away:  # (not for a daemon's: loaded when used)
+            try:
+                updates = await self.store.read_updates(room)
+                break
+            except DocStoreError as exc:
+                if waiting is None or not waiting():
+                    log.warning("hub: cannot load %s from postgresql: %s", room, exc)
+                    updates = None
+                    break
+                log.warning("hub: %s waits for postgresql: %s", room, exc)
+                await trio.sleep(1.0)
+        self._opened(space_id, doc_id, updates)
+
+    def _opened(self, space_id: str, doc_id: str, updates: list[bytes] | None) -> None:
+        """The room's document is `updates` in PostgreSQL (None: not read): load it or bring it
+        up to them, then follow the room's streams."""
+        docs = self.docs
+        assert docs is not None
+        room = room_of(space_id, doc_id)
+        if updates is not None:
+            if docs.has(space_id, doc_id) and not docs.is_loaded(space_id, doc_id):
+                self.store._stash[room] = updates  # what HubDocs' load takes
+                try:
+                    docs.get_doc(space_id, doc_id)
+                finally:
+                    self.store._stash.pop(room, None)
+            elif updates:
                 self._apply_remote(space_id, doc_id, merge_updates(*updates), "postgres")
-        self.cursors.add(room)
-        self._changed.set()
+        if room not in self.cursors.rooms():
+            self.cursors.add(room)
+            self._changed.set()
 
     def closed(self, space_id: str, doc_id: str) -> None:
         room = room_of(space_id, doc_id)
         if room not in self._daemon_rooms:
             self.cursors.remove(room)
             self._changed.set()
+
+    def mocks_for(self, *args: Any, **kwargs: Any) -> ClusterMocks:
+        """This process's hosted mocks (server.py's seam): every mock of the cluster."""
+        self.mocks = ClusterMocks(self, *args, **kwargs)
+        return self.mocks
 
     # -- the daemons' documents ------------------------------------------------------------------
     def daemon_rooms(self) -> set[str]:
@@ -406,6 +611,8 @@ class ClusterNode:
         while True:
             try:
                 wanted = self.daemon_rooms()
+                if self.mocks is not None:
+                    wanted |= self.mocks.rooms()
             except Exception:
                 log.exception("hub: listing the daemons' documents failed")
                 wanted = self._daemon_rooms
@@ -413,7 +620,7 @@ class ClusterNode:
             if self.rooms is not None:
                 open_here = {room_of(*key) for key in self.rooms.rooms}
             for room in sorted(wanted - self._daemon_rooms):
-                self.opening(*_split(room))
+                await self.open_room(*_split(room))
             self._daemon_rooms = wanted
             for room in set(self.cursors.rooms()) - wanted - open_here:
                 self.cursors.remove(room)
@@ -432,6 +639,9 @@ class ClusterNode:
 
     # -- the reader ------------------------------------------------------------------------------
     def deliver(self, entries: list[BusEntry]) -> None:
+        if entries:  # (an entry's id is Redis' clock when it was appended)
+            now_ms = time.time() * 1000 + self.clock_offset_ms
+            self.bus_lag = max(0.0, (now_ms - entries[-1].id.ms) / 1000)
         mine = self.process + ":"
         rooms = self.rooms
         woken = False
@@ -518,7 +728,7 @@ class ClusterNode:
         every = ALIVE_TTL_MS / 3000
         while True:
             try:
-                await self.bus.heartbeat(ALIVE_TTL_MS)
+                await self.bus.heartbeat(ALIVE_TTL_MS, self._heartbeat_info())
                 for peer in list(self._peers):
                     if await self.bus.alive(peer):
                         self._missing.discard(peer)
@@ -559,9 +769,12 @@ class ClusterNode:
                 self.docstore.append(space_id, doc_id, missing, self.bus.origin("repair"))
 
     async def _read(self) -> None:
-        """Follow the open rooms' streams; a room opened or closed restarts the blocking read."""
+        """Follow the open rooms' streams; a room opened or closed restarts the blocking read,
+        once per `restart_batch` s at most: the read goes on meanwhile, and a burst of joins
+        costs a few restarts (each cancels a read, and coredis reconnects), not one each."""
         while True:
             self._changed = trio.Event()
+            self.read_restarts += 1
             async with trio.open_nursery() as nursery:
 
                 async def follow() -> None:
@@ -571,6 +784,7 @@ class ClusterNode:
 
                 nursery.start_soon(follow)
                 await self._changed.wait()
+                await trio.sleep(self.restart_batch)
                 nursery.cancel_scope.cancel()
 
     async def _on_lost(self) -> None:
@@ -585,6 +799,7 @@ class ClusterNode:
             nursery.start_soon(self.store.follow_tickets)
             nursery.start_soon(self._read)
             nursery.start_soon(self._heartbeat)
+            nursery.start_soon(self._watch)
             nursery.start_soon(self._follow_daemons)
             if self.devices is not None:
                 nursery.start_soon(self.devices.renew)
@@ -599,6 +814,73 @@ class ClusterNode:
         except RuntimeError:  # closed to new arrivals
             return False
         return True
+
+    async def _watch(self, every: float = 1.0, timeout: float = 5.0) -> None:
+        """Whether Redis and PostgreSQL answer (asked on connections of their own, so a busy
+        writer or a long compaction does not look like an outage), and Redis' clock against
+        this process's, which the bus lag is measured by."""
+        while True:
+            with trio.move_on_after(timeout) as waited:
+                try:
+                    before = time.time() * 1000
+                    server = await self.bus.server_time_ms()
+                    self.clock_offset_ms = server - (before + time.time() * 1000) / 2
+                    self.redis_up = True
+                except BusError as exc:
+                    log.debug("hub: redis does not answer: %s", exc)
+                    self.redis_up = False
+            if waited.cancelled_caught:
+                self.redis_up = False
+            with trio.move_on_after(timeout) as waited:
+                try:
+                    await self._ping.call(lambda conn: conn.execute("SELECT 1"))
+                    self.postgres_up = True
+                except DocStoreError as exc:
+                    log.debug("hub: postgresql does not answer: %s", exc)
+                    self.postgres_up = False
+            if waited.cancelled_caught:
+                self.postgres_up = False
+            await trio.sleep(every)
+
+    def _heartbeat_info(self) -> bytes:
+        """What `hub status` shows of this process (JSON in its heartbeat)."""
+        rooms = self.rooms
+        info = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "address": self.address,
+            "rooms": len(rooms.rooms) if rooms is not None else 0,
+            "clients": rooms.clients if rooms is not None else 0,
+            "rooms_followed": len(self.cursors.rooms()),
+            "queued_commits": self.docstore.queued,
+            "oldest_commit_wait": round(self.store.oldest_uncommitted, 3),
+            "bus_lag": round(self.bus_lag, 4),
+            "postgres_up": self.postgres_up,
+        }
+        return json.dumps(info).encode()
+
+    def figures(self) -> dict[str, Any]:
+        """This process's part of the cluster for /metrics (`metrics.hub_families`' keys)."""
+        rooms = self.rooms
+        store = self.store
+        return {
+            "cluster_process": self.process,
+            "cluster_redis_up": int(self.redis_up),
+            "cluster_postgres_up": int(self.postgres_up),
+            "cluster_rooms_followed": len(self.cursors.rooms()),
+            "cluster_rooms_loading": len(getattr(rooms, "loading", ())),
+            "cluster_queued_commits": self.docstore.queued,
+            "cluster_oldest_commit_wait": store.oldest_uncommitted,
+            "cluster_queued_publishes": self.publisher.queued,
+            "cluster_bus_lag": self.bus_lag,
+            "cluster_remote_updates": self.remote_updates,
+            "cluster_resyncs": self.resyncs,
+            "cluster_repairs": self.repairs,
+            "cluster_kicks": self.kicks,
+            "cluster_readded": store.readded,
+            "cluster_read_restarts": self.read_restarts,
+            "cluster_compactions": store.compactions,
+        }
 
     def stats(self) -> dict[str, int]:
         return {

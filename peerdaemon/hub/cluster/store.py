@@ -211,6 +211,8 @@ class DocStore:
         self._wakeup = trio.Event()
         self.commits = 0
         self.failures = 0  # batches that had to be tried again
+        self.on_commit: Callable[[float], None] | None = None
+        """Told how long each committed batch took, waits for an unreachable server included."""
 
     async def open(self) -> int:
         """Connect and migrate; -> the schema version found before."""
@@ -248,6 +250,7 @@ class DocStore:
 
     async def _commit(self, batch: list[AppendTicket]) -> DocStoreError | None:
         """Insert the batch in one transaction; wait out an unreachable server."""
+        started = trio.current_time()
         while True:
             try:
                 await self._writer.call(lambda conn: _insert(conn, batch))
@@ -263,6 +266,8 @@ class DocStore:
                 log.error("hub: postgresql refused %d update(s): %s", len(batch), exc)
                 return exc
             self.commits += 1
+            if self.on_commit is not None:
+                self.on_commit(trio.current_time() - started)
             return None
 
     # -- reads and compaction --------------------------------------------------------------------
