@@ -920,7 +920,7 @@ async def test_a_late_waking_writer_starts_when_the_task_yields(data_dir: Path) 
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(store.run)
-            await wait_all_tasks_blocked()
+            await store.settled()  # the writer thread waits for work (not still starting)
             tickets = [store.enqueue_append("a", f"U{i}".encode()) for i in range(3)]
             # no checkpoint: the writer was not woken
             assert not held.committing.wait(0.2), "the writer started inside the task's step"

@@ -23,6 +23,7 @@ from typing import Any
 
 import trio
 
+from .streams import socket_fd, stream_remote
 from .websocket import (
     ABNORMAL,
     NORMAL,
@@ -34,7 +35,13 @@ from .websocket import (
     WebSocketCore,
 )
 
-__all__ = ["RECEIVE_SIZE", "Upgrade", "WebSocket", "connect", "read_upgrade", "stream_remote"]
+__all__ = [
+    "RECEIVE_SIZE",
+    "Upgrade",
+    "WebSocket",
+    "connect",
+    "read_upgrade",
+]
 
 RECEIVE_SIZE = 256 * 1024
 Spawn = Callable[[Callable[[], Awaitable[Any]]], None]
@@ -62,7 +69,7 @@ class WebSocket:
         self.remote = stream_remote(stream)
         """`(host, port)` of the other end, or None."""
         self.close_timeout = close_timeout
-        self._fd = _socket_fd(stream)
+        self._fd = socket_fd(stream)
         self._writing = False
         self._reading = False
         self._progress = trio.Event()
@@ -373,24 +380,3 @@ async def read_upgrade(stream: trio.abc.Stream) -> Upgrade:
             data = b""
         if handshake.receive_data(data or None) is not None:
             return Upgrade(stream, handshake)
-
-
-def _socket_fd(stream: trio.abc.Stream) -> int:
-    """A plain TCP stream's descriptor (non-blocking, as trio keeps it), for writes from the
-    sending task; -1 under TLS."""
-    if not isinstance(stream, trio.SocketStream):
-        return -1
-    return stream.socket.fileno()
-
-
-def stream_remote(stream: trio.abc.Stream) -> tuple[str, int] | None:
-    """`(host, port)` of the other end of a TCP stream (through TLS), or None."""
-    inner: Any = stream
-    while isinstance(inner, trio.SSLStream):
-        inner = inner.transport_stream
-    sock = getattr(inner, "socket", None)
-    try:
-        peer = sock.getpeername() if sock is not None else None
-    except OSError:
-        return None
-    return (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else None

@@ -37,6 +37,8 @@ import h11
 import trio
 from wsproto.connection import Connection, ConnectionType
 
+from ..core.streams import socket_fd
+from ..core.streams import stream_remote as remote_address
 from .wsconn import WsConn
 
 __all__ = [
@@ -292,7 +294,7 @@ class WebSocketTransport:
         self.leftover = leftover
         self.on_reader_done: Callable[[], None] | None = None
         self._spawn = spawn
-        self._fd = _socket_fd(stream)  # -1: every write goes through a writer task (TLS)
+        self._fd = socket_fd(stream)  # -1: every write goes through a writer task (TLS)
         self._writing = False  # a writer task is at work
         self._hung_up = False  # end now: cut, lost while writing, or stalled
         self._done = False  # the reader ended: nothing more is written
@@ -692,24 +694,3 @@ def _chunks(frames: list[bytes | memoryview]) -> list[bytes | memoryview]:
     if pending:
         chunks.append(pending[0] if len(pending) == 1 else b"".join(pending))
     return chunks
-
-
-def _socket_fd(stream: trio.abc.Stream) -> int:
-    """A plain TCP stream's descriptor, for `WebSocketTransport.wake`'s immediate writes
-    (non-blocking, as trio keeps it); -1 under TLS."""
-    if not isinstance(stream, trio.SocketStream):
-        return -1
-    return stream.socket.fileno()
-
-
-def remote_address(stream: trio.abc.Stream) -> tuple[str, int] | None:
-    """The client's address (through TLS), or None."""
-    inner: Any = stream
-    while isinstance(inner, trio.SSLStream):
-        inner = inner.transport_stream
-    sock = getattr(inner, "socket", None)
-    try:
-        peer = sock.getpeername() if sock is not None else None
-    except OSError:
-        return None
-    return (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else None
