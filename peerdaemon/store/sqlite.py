@@ -9,8 +9,8 @@ Why this shape (details in docs/store.md):
   process crash or power loss. No trio task or `to_thread` round per batch, and one wake-up of
   the loop. When the writer wakes is the opener's choice (`wake_late`): at the enqueue (the
   daemon: a sequential writer's commit starts while the trio thread still answers the request),
-  or once the enqueuing task yields (the hub: one `run_sync_soon` for everything the step
-  queued; a thread woken at once contends for the GIL with the rest of that step, the relay to
+  or by a trio task of its own once the tasks ready now have run (the hub: one wake-up for
+  everything they queued, as many as a burst of clients sent; a thread woken at once contends for the GIL with the rest of that step, the relay to
   every client of the room, which releases the GIL at every `write`, and measurably delays it;
   nobody waits for the hub's commit before the relay, docs/hub.md "Durability").
 - While a batch commits, new work piles up for the next one, so fsync latency bounds the commit
@@ -364,7 +364,7 @@ class Store:
         self.wake_late = False
         """Enqueues on the trio thread wake the writer once their task yields (module docstring)."""
         self._trio_thread: int | None = None  # run()'s thread
-        self._kick_pending = False  # a `_kick` is scheduled on the trio thread
+        self._kick_event = trio.Event()  # set: `_kicker` wakes the writer
         self._no_writer = threading.Event()  # set while no writer thread runs
         self._no_writer.set()
         self._stop = False  # run() is cancelled: write what is queued, one attempt each, return
@@ -823,30 +823,25 @@ class Store:
             raise StoreError("store is closed")
         if not isinstance(op.key, str):
             raise StoreError(f"key must be str, not {type(op.key).__name__}")
-        late = self.wake_late and self._trio_thread == threading.get_ident()
+        late = self.wake_late and not self._stop and self._trio_thread == threading.get_ident()
         with self._cond:
             self._queue.append(op)
             if op.kind in _FREEING:
                 self._vacuum_due = True
             if not late:
                 self._cond.notify()
-            elif self._kick_pending:
-                late = False  # (one wake-up for all of this step's enqueues)
-            else:
-                self._kick_pending = True
         if late:
-            try:
-                assert self._token is not None
-                self._token.run_sync_soon(self._kick)
-            except trio.RunFinishedError:
-                self._kick()
+            self._kick_event.set()  # (one wake-up for all that is queued until the kicker runs)
         return op.ticket
 
-    def _kick(self) -> None:
-        """Wake the writer for what the trio thread queued (see the module's docstring)."""
-        with self._cond:
-            self._kick_pending = False
-            self._cond.notify()
+    async def _kicker(self) -> None:
+        """Wake the writer for what the trio thread queued, once the tasks ready now have run
+        (as a trio task woken by an event would: see the module's docstring)."""
+        while True:
+            await self._kick_event.wait()
+            self._kick_event = trio.Event()
+            with self._cond:
+                self._cond.notify()
 
     # ------------------------------------------------------------------ writer service
 
@@ -870,6 +865,8 @@ class Store:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._stop_when_cancelled)
+                if self.wake_late:
+                    nursery.start_soon(self._kicker)
                 with trio.CancelScope(shield=True):  # the thread returns once told to
                     await trio.to_thread.run_sync(self._writer, limiter=trio.CapacityLimiter(1))
                 nursery.cancel_scope.cancel()
