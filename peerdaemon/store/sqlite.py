@@ -9,8 +9,10 @@ Why this shape (details in docs/store.md):
   process crash or power loss. No trio task or `to_thread` round per batch, and one wake-up of
   the loop. When the writer wakes is the opener's choice (`wake_late`): at the enqueue (the
   daemon: a sequential writer's commit starts while the trio thread still answers the request),
-  or by a trio task of its own once the tasks ready now have run (the hub: one wake-up for
-  everything they queued, as many as a burst of clients sent; a thread woken at once contends for the GIL with the rest of that step, the relay to
+  or by a trio task of its own `LATE_GATHER` (2 ms) after the first write queued (the hub: one
+  wake-up and one commit for a burst of clients' writes, and the commit's work kept out of the
+  relay that follows each write: measured, the hub's edit latency p50/p99 went from 0.97/2.60
+  to 0.71/1.81 ms, as with the old writer task; a thread woken at once contends for the GIL with the rest of that step, the relay to
   every client of the room, which releases the GIL at every `write`, and measurably delays it;
   nobody waits for the hub's commit before the relay, docs/hub.md "Durability").
 - While a batch commits, new work piles up for the next one, so fsync latency bounds the commit
@@ -95,6 +97,10 @@ _FREEING = frozenset({"delete", "compact", "prune", "trash", "untrash"})
 
 # Upper bounds (seconds) of the commit-latency histogram (`Store.commit_times`).
 COMMIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+LATE_GATHER = 0.002
+"""A late-waking writer (`wake_late`) starts this long after the first write queued."""
 
 
 class CommitTimes:
@@ -835,10 +841,11 @@ class Store:
         return op.ticket
 
     async def _kicker(self) -> None:
-        """Wake the writer for what the trio thread queued, once the tasks ready now have run
-        (as a trio task woken by an event would: see the module's docstring)."""
+        """Wake the writer for what the trio thread queued, `LATE_GATHER` after the first of it
+        (see the module's docstring)."""
         while True:
             await self._kick_event.wait()
+            await trio.sleep(LATE_GATHER)
             self._kick_event = trio.Event()
             with self._cond:
                 self._cond.notify()
