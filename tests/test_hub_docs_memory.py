@@ -192,6 +192,46 @@ async def test_nothing_waiting_for_the_disk_or_the_relay_is_dropped(tmp_path: Pa
             nursery.cancel_scope.cancel()
 
 
+async def test_a_remote_update_to_a_dropped_document_is_relayed_though_stored_already(
+    tmp_path: Path,
+) -> None:
+    """A cluster (docs/hub-cluster.md): another process commits an update to PostgreSQL and
+    appends it to the room's stream; this process, whose copy was dropped, reads it back from
+    the store when the stream entry arrives, so applying the entry changes nothing here. The
+    daemons this process serves still have not got it: it must be relayed all the same."""
+    await seed(tmp_path)
+    with Store.open(tmp_path) as store:
+        docs = HubDocs(store, EventLog(), sweep_interval=None)
+        docs.load()
+        relayed: list[tuple[bytes, str]] = []
+        docs.add_listener(lambda space, doc, update, origin: relayed.append((update, origin)))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            await nursery.start(docs.run)
+            src = Doc()
+            src.apply_update(docs.diff(SPACE, "env-0", b"\x00"))
+            update = edit(src, "elsewhere", 1)
+            ticket = docs.apply(SPACE, "env-0", update, "peer:X")  # (the other process's commit)
+            assert ticket is not None
+            await ticket.wait()
+            with trio.fail_after(5):
+                while docs.stats()["relay_queued"]:
+                    await trio.sleep(0.01)
+            for _ in range(IDLE_SWEEPS):
+                docs.sweep()
+            assert not docs.is_loaded(SPACE, "env-0")
+            relayed.clear()
+            assert docs.apply(SPACE, "env-0", update, "other:yws", remote=True) is None
+            with trio.fail_after(5):
+                while not relayed:
+                    await trio.sleep(0.01)
+            assert relayed == [(update, "other:yws")]
+            # loaded and holding it, the same entry again is a duplicate: not relayed twice
+            docs.apply(SPACE, "env-0", update, "other:yws", remote=True)
+            assert docs.stats()["relay_queued"] == 0 and len(relayed) == 1
+            nursery.cancel_scope.cancel()
+
+
 async def test_a_dropped_document_serves_a_yjs_client_and_the_cloud_mock(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

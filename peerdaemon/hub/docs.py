@@ -357,6 +357,7 @@ class HubDocs:
         hub/cluster/rooms.py): relayed to the listeners, but not limited, stored nor compacted."""
         check_ids(space_id, doc_id)
         update = bytes(update)
+        reloaded = (space_id, doc_id) in self._docs and (space_id, doc_id) not in self._loaded
         entry = self._loaded_entry(space_id, doc_id)
         if self.limits is not None and not remote:
             self._check_limits(space_id, doc_id, entry, update, origin)
@@ -370,6 +371,12 @@ class HubDocs:
             entry.pending.clear()
             raise ValueError(f"not a Yjs update: {exc}") from None
         if not entry.pending:
+            if remote and reloaded:
+                # Read back from the store just now, which the other process had already
+                # committed it to: new to this process's listeners all the same (a daemon
+                # following an idle document), and a duplicate is harmless to a Yjs receiver.
+                self._relay.append(_Relay(_STORED, space_id, doc_id, update, origin))
+                self._relay_wakeup.set()
             return None  # nothing new (a duplicate, or only structs still missing a dependency)
         if created:
             self._add(entry)
