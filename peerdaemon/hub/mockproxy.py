@@ -324,15 +324,24 @@ class MockProxy:
             stream, client, since = idle.pop()
             if now - since < IDLE_REUSE:
                 return stream, client
-            self._closing.append(stream)
+            _discard(stream)
         return None, None
 
     def _give_back(self, port: int, stream: trio.SocketStream, client: h11.Connection) -> None:
         idle = self._idle.setdefault(port, [])
         if len(idle) >= MAX_IDLE:
-            self._closing.append(stream)
+            _discard(stream)
             return
         idle.append((stream, client, trio.current_time()))
+
+
+def _discard(stream: trio.SocketStream) -> None:
+    """Close an engine connection nobody will use again, now (closing the socket needs no
+    await: the engine sees it end, and nothing is left to flush on an idle connection)."""
+    try:
+        stream.socket.close()
+    except OSError:
+        pass
 
 
 class _Started(Exception):

@@ -42,7 +42,7 @@ from ...core.identity import SETTING, Identity
 from ...model.lib0 import EMPTY_UPDATE
 from ...store import StoreError
 from ...store.sqlite import CommitTimes, Ticket
-from ..accounts import Limits
+from ..accounts import LimitExceeded, Limits
 from ..docs import FILES_PREFIX, SPACE_PREFIX, HubDocs
 from ..yjs import store_update
 from ..ywebsocket import CLOSE_CODES, Framer, Room, Rooms, StoreUpdate, YConn
@@ -51,7 +51,15 @@ from .bus import BusError, CompactionLock, RoomBus, connect
 from .devices import ClusterDevices
 from .mocks import ClusterMocks
 from .protocol import ALIVE_TTL_MS, AWARENESS, UPDATE, BusEntry, Cursors, Kick, room_of
-from .store import AppendTicket, DocStore, DocStoreError, _Connection, _load
+from .store import (
+    AppendTicket,
+    DocStore,
+    DocStoreError,
+    _Connection,
+    _load,
+    release_env,
+    reserve_env,
+)
 from .worker import Publisher, compact_room
 
 __all__ = [
@@ -278,20 +286,78 @@ class ClusterStore:
 
 
 class ClusterDocs(HubDocs):
-    """`HubDocs` whose `envs_per_space` count is the cluster's: a document created by another
-    process since this one started is in PostgreSQL, not in this process's list. Asked only when
-    a document is created (a read in the trio thread); two processes creating at the same
-    moment may pass the limit by one each."""
+    """`HubDocs` whose `envs_per_space` holds across the cluster: before this process creates
+    an environment it takes a place for it in PostgreSQL (`store.reserve_env`: a per-space
+    lock, count, insert, in one round trip on the trio thread; creation is rare), so two
+    processes creating at the same moment cannot both take the last place, and a document
+    still in a writer's queue counts. A place the update did not use (refused for its size,
+    not a Yjs update, nothing new) is given back. PostgreSQL away: the count is what this
+    process knows, as on the embedded hub (docs/hub-cluster.md says why), and the document
+    takes its place when its first update is committed."""
 
     store: ClusterStore
+    RETRY_AFTER = 1.0
+    """Seconds a reservation that could not reach PostgreSQL falls back without asking again
+    (a server that does not answer would hold up the event loop at every creation)."""
+    _reserved: tuple[str, str] | None = None  # taken by the `apply` running now
+    _unreachable_at = -RETRY_AFTER
 
-    def env_count(self, space_id: str) -> int:
-        local = super().env_count(space_id)
+    def apply(
+        self, space_id: str, doc_id: str, update: bytes, origin: str, *, remote: bool = False
+    ) -> Ticket | None:
+        self._reserved = None
         try:
-            return max(local, self.store.env_count(space_id))
+            return super().apply(space_id, doc_id, update, origin, remote=remote)
+        finally:
+            reserved, self._reserved = self._reserved, None
+            if reserved is not None and not self.has(*reserved):
+                self._release(*reserved)
+
+    def _check_limits(
+        self, space_id: str, doc_id: str, entry: Any, update: bytes, origin: str
+    ) -> None:
+        if entry is None and not doc_id.startswith((SPACE_PREFIX, FILES_PREFIX)):
+            self._reserve(space_id, doc_id, origin)
+        # then HubDocs' own checks: the size, and the count of what this process knows (never
+        # more than what the reservation counted, so it refuses only when PostgreSQL was away)
+        super()._check_limits(space_id, doc_id, entry, update, origin)
+
+    def _reserve(self, space_id: str, doc_id: str, origin: str) -> None:
+        assert self.limits is not None
+        limit = self.limits(space_id).envs_per_space
+        if time.monotonic() - self._unreachable_at < self.RETRY_AFTER:
+            return
+        known = self.env_count(space_id)
+        try:
+            reserved, held = self.store._loader._run(
+                lambda conn: reserve_env(conn, space_id, doc_id, limit, known)
+            )
         except Exception as exc:  # PostgreSQL away: what this process knows
-            log.warning("hub: cannot count the environments of %s: %s", space_id, exc)
-            return local
+            self._unreachable_at = time.monotonic()
+            log.warning(
+                "hub: cannot reserve a place for %s/%s in postgresql (%s); counting what this"
+                " process knows",
+                space_id,
+                doc_id,
+                exc,
+            )
+            return
+        if not reserved:
+            refused = LimitExceeded(
+                "quota-exceeded",
+                f"space {space_id} already holds {max(held, known)} environment(s) (limit {limit})",
+            )
+            self.events.emit(
+                "limit-exceeded", space=space_id, doc=doc_id, reason=refused.reason, origin=origin
+            )
+            raise refused
+        self._reserved = (space_id, doc_id)
+
+    def _release(self, space_id: str, doc_id: str) -> None:
+        try:
+            self.store._loader._run(lambda conn: release_env(conn, space_id, doc_id))
+        except Exception as exc:  # the place stays until the space is full and it is old
+            log.warning("hub: cannot give back the place of %s/%s: %s", space_id, doc_id, exc)
 
 
 class ClusterRooms(Rooms):
@@ -616,13 +682,21 @@ class ClusterNode:
             except Exception:
                 log.exception("hub: listing the daemons' documents failed")
                 wanted = self._daemon_rooms
-            open_here = set()
+            # Wanted before the opening awaits: a client leaving one of these rooms meanwhile
+            # must not stop this process following it (`closed`).
+            new, self._daemon_rooms = wanted - self._daemon_rooms, wanted
+            for room in sorted(new):
+                try:
+                    await self.open_room(*_split(room))
+                except Exception:  # that room's state, not the node's end: tried again
+                    log.exception("hub: following %s failed", room)
+                    self._daemon_rooms = self._daemon_rooms - {room}
+            # Read after the awaits: a room a client opened (or is opening) meanwhile stays.
+            open_here: set[str] = set()
             if self.rooms is not None:
                 open_here = {room_of(*key) for key in self.rooms.rooms}
-            for room in sorted(wanted - self._daemon_rooms):
-                await self.open_room(*_split(room))
-            self._daemon_rooms = wanted
-            for room in set(self.cursors.rooms()) - wanted - open_here:
+                open_here |= {room_of(*key) for key in getattr(self.rooms, "loading", ())}
+            for room in set(self.cursors.rooms()) - self._daemon_rooms - open_here:
                 self.cursors.remove(room)
                 self._changed.set()
             await trio.sleep(every)
