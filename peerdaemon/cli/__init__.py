@@ -24,10 +24,8 @@ import os
 import sys
 import traceback
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
-from peerdaemon.api.client import Client as Client  # re-exported: tests stub Client.connect
-from peerdaemon.api.client import ClientError
 from peerdaemon.cli.common import EXAMPLES, PROG, CliError, Commands, warn
 
 __all__ = ["CliError", "build_parser", "main"]
@@ -209,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"`{PROG} {args.command_path}` has no JSON output: drop --json")
     try:
         return args.handler(args)
-    except (ClientError, CliError) as exc:
+    except CliError as exc:
         warn(str(exc))
         return 1
     except KeyboardInterrupt:
@@ -217,7 +215,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         _quiet_broken_pipe()
     except Exception as exc:
+        client = sys.modules.get("peerdaemon.api.client")  # not loaded: no ClientError raised
+        if client is not None and isinstance(exc, client.ClientError):
+            warn(str(exc))
+            return 1
         if os.environ.get("PEERDAEMON_DEBUG"):
             traceback.print_exc()
         warn(f"internal error: {type(exc).__name__}: {exc}")
         return 1
+
+
+def __getattr__(name: str) -> Any:
+    # `Client`, re-exported (tests stub `Client.connect`), is loaded on first use: `hub serve`
+    # does not keep the daemon's client in memory
+    if name == "Client":
+        from peerdaemon.api.client import Client
+
+        return Client
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

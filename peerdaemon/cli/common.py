@@ -4,7 +4,6 @@ files, writing output files and printing tables and JSON."""
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
 import os
 import re
@@ -13,12 +12,15 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from peerdaemon.api.client import Client, DaemonError
 from peerdaemon.core.addresses import parse_address
 from peerdaemon.core.files import replace_file
 from peerdaemon.core.locations import default_data_dir, default_socket_path
+
+if TYPE_CHECKING:
+    # loaded by the commands that talk to a daemon: `hub serve` keeps it out of memory
+    from peerdaemon.api.client import Client
 
 PROG = "peerdaemon"
 
@@ -237,6 +239,8 @@ def _from_file(args: argparse.Namespace, key: str) -> Path | None:
 
 
 def connect(args: argparse.Namespace) -> Client:
+    from peerdaemon.api.client import Client
+
     return Client.connect(socket_path(args))
 
 
@@ -249,6 +253,8 @@ def call(args: argparse.Namespace, op: str, **call_args: Any) -> Any:
 def optional_call(client: Client, op: str, default: Any = None, **call_args: Any) -> Any:
     """A request whose answer is a nicety (an older daemon may not know `op`): `default` on an
     error answer."""
+    from peerdaemon.api.client import DaemonError
+
     try:
         return client.call(op, **call_args)
     except DaemonError:
@@ -295,6 +301,8 @@ def match_env(envs: list[dict[str, Any]], ref: str, *, missing_ok: bool = False)
         return ref
     names = [e.get("name") for e in envs if isinstance(e.get("name"), str) and e.get("name")]
     near = [e for e in envs if isinstance(e.get("name"), str) and e["name"].lower() == ref.lower()]
+    import difflib
+
     close = set(difflib.get_close_matches(ref, names, n=3, cutoff=0.75))
     near += [e for e in envs if e.get("name") in close and e not in near]
     hint = f" (did you mean {_listing(near, 3)}?)" if near else ""

@@ -13,7 +13,6 @@ comments, order and formatting of everything else, and replace it atomically.
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 import tomllib
@@ -236,6 +235,8 @@ class Schema:
         raise ConfigFileError(f"unknown setting {key!r}{self.suggest(key)}")
 
     def suggest(self, key: str) -> str:
+        import difflib  # here: only a mistyped key needs it
+
         close = difflib.get_close_matches(key, list(self.by_key) + list(self.aliases), 1, 0.6)
         if close:
             return f" (did you mean {self.aliases.get(close[0], close[0])!r}?)"

@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import platformdirs
-
 __all__ = ["APP_NAME", "SOCKET_NAME", "default_data_dir", "default_socket_path"]
 
 APP_NAME = "peerdaemon"
@@ -18,6 +16,8 @@ def default_data_dir() -> Path:
     env = os.environ.get("PEERDAEMON_DATA_DIR")
     if env:
         return Path(env).expanduser()
+    import platformdirs  # here: a process given its data dir (`hub serve`) does not keep it
+
     return platformdirs.user_data_path(APP_NAME, appauthor=False)
 
 

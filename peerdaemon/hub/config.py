@@ -63,7 +63,7 @@ SIZE_LIMITS = ("bytes_per_env", "mock_body_bytes")
 SWEEP_INTERVAL = 30.0
 """`store.sweep_interval`'s default: `docs.SWEEP_INTERVAL`, written out (the module's docstring)."""
 
-# `http.HttpConfig`'s and `mocks.MockConfig`'s defaults (see the module's docstring)
+# `http.HttpConfig`'s and `cloudmock.MockConfig`'s defaults (see the module's docstring)
 HTTP_DEFAULTS: dict[str, Any] = {
     "max_message": 256 << 20,
     "coalesce_bytes": 1 << 20,

@@ -41,8 +41,8 @@ from .ywebsocket import Outbox, Outlet, YConn
 
 if TYPE_CHECKING:
     # loaded with the first daemon (`/peer` brings the peer protocol, and `cryptography`) or
-    # by a hub with the Cloud Mock: a hub of y-websocket clients keeps neither in memory
-    from .mockproxy import MockProxy
+    # the first hosted mock (cloudmock.py): a hub of y-websocket clients keeps neither in memory
+    from .cloudmock import MockDoor
     from .peer_socket import PeerHandler
 
 __all__ = ["HttpConfig", "HubHttp"]
@@ -79,7 +79,7 @@ class HubHttp:
         config: HttpConfig | None = None,
         version: str = "",
         stats: Callable[[], dict[str, Any]] | None = None,
-        mocks: MockProxy | None = None,
+        mocks: MockDoor | None = None,
         metrics_source: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.yjs = yjs
@@ -310,7 +310,6 @@ class HubHttp:
             ping_interval=c.ping_interval,
             stall_seconds=c.stall_seconds,
             watch=watch,
-            proto=upgraded.proto,
         )
         spawn = self._writers.start_soon if self._writers is not None else None
         return WebSocketTransport(stream, core, upgraded.leftover, spawn, self._timers)

@@ -16,7 +16,7 @@ cannot reach the hub's network or secrets.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,24 +36,12 @@ from ..mock import (
 from ..model import export_environment
 from ..spaces import SpaceDoc
 from .accounts import Accounts
+from .cloudmock import MockConfig  # (there, so a hub's config loads no more)
 from .docs import FILES_PREFIX, SPACE_PREFIX, HubDocs
 
 __all__ = ["HostedMock", "HostedMocks", "MockConfig"]
 
 log = logging.getLogger("peerdaemon.hub.mocks")
-
-
-@dataclass
-class MockConfig:
-    """`[mock]` in the hub's config file (docs/hub.md)."""
-
-    enabled: bool = True
-    max_hosted: int = 200  # Cloud Mocks on this hub in all
-    allow_hosts: list[str] = field(default_factory=list)  # proxy and callback destinations
-    request_timeout: float = 30.0  # a mock request not answered by then: 504
-    max_in_flight: int = 32  # requests one Cloud Mock serves at once; more: 503
-    max_connections: int = 1024  # mock connections open at once on the hub
-    faker_seed: int | None = None  # faker.js repeatable (tests; as mockoon-cli --faker-seed)
 
 
 @dataclass

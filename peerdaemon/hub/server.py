@@ -19,7 +19,6 @@ create_peer_endpoint`.
 from __future__ import annotations
 
 import gc
-import http.client
 import json
 import logging
 import os
@@ -50,12 +49,11 @@ from ..store.errors import StoreLockedError
 from ..store.lock import LOCK_NAME
 from . import config as hubconfig
 from .accounts import Accounts, Limits
+from .cloudmock import CloudMock, MockConfig, MockDoor
 from .config import SIZE_LIMITS, parse_size
 from .docs import HubDocs
 from .http import HttpConfig, HubHttp
 from .metrics import EventCounts, Histogram, parse
-from .mockproxy import MockProxy
-from .mocks import HostedMocks, MockConfig
 from .peers import create_peer_endpoint
 from .removals import Removals
 from .wsconn import ws_frame
@@ -156,7 +154,7 @@ class HubServer:
     peer_endpoint: PeerHandler
     host: str
     port: int
-    mocks: HostedMocks | None = None
+    mocks: CloudMock | None = None  # HostedMocks, loaded with the first hosted mock
     watcher: ConfigWatcher | None = None  # None: no config file to follow
 
     def reload_config(self) -> bool:
@@ -233,8 +231,15 @@ async def serve_hub(
         bridge = getattr(endpoint, "bridge_rooms", None)
         if bridge is not None:  # presence between the daemons and the y-websocket clients
             bridge(rooms)
-        mocks = (HostedMocks if node is None else node.mocks_for)(
-            docs, accounts, events, config.data_dir, config.mock
+        mocks = CloudMock(
+            docs,
+            accounts,
+            events,
+            config.data_dir,
+            config.mock,
+            tls=ssl_context is not None,
+            factory=None if node is None else node.mocks_for,
+            eager=node is not None,  # a cluster's process follows every hosted mock's documents
         )
         refusals = EventCounts("limit-exceeded", "reason")
         events.listen(refusals)
@@ -244,7 +249,7 @@ async def serve_hub(
             config=config.http,
             version=__version__,
             stats=lambda: {"documents": docs.stats()["documents"], "mocks": len(mocks.hosted)},
-            mocks=MockProxy(mocks, tls=ssl_context is not None) if config.mock.enabled else None,
+            mocks=MockDoor(mocks) if config.mock.enabled else None,
             metrics_source=partial(_figures, store, docs, mocks, refusals),
         )
         async with trio.open_nursery() as nursery:
@@ -255,7 +260,7 @@ async def serve_hub(
                 await nursery.start(run)
             nursery.start_soon(_watch_accounts, accounts, config.accounts_poll)
             if config.mock.enabled:
-                await nursery.start(mocks.run)  # serves nothing until a space asks for it
+                await nursery.start(mocks.run)  # loads nothing until a space asks for it
             nursery.start_soon(release_free_heap)  # bursts of connections leave free heap
             nursery.start_soon(yjs.expire_awareness)
             watcher: ConfigWatcher | None = None
@@ -326,7 +331,7 @@ def _removals_changed(
 
 
 def _figures(
-    store: Store, docs: HubDocs, mocks: HostedMocks, refusals: EventCounts
+    store: Store, docs: HubDocs, mocks: CloudMock, refusals: EventCounts
 ) -> dict[str, Any]:
     """The hub's figures for `/metrics` beside the port's own (`metrics.hub_families`' keys):
     cheap counters only, read on every scrape."""
@@ -409,6 +414,8 @@ def hub_status(
       data dir, else `listen`, the config's) and what it answers there: `/health`, and
       `/metrics` (with `metrics_token`, or from loopback), summed up; `live_error` if it could
       not be asked."""
+    import http.client  # here, not at the top: a serving hub does not keep it loaded
+
     data_dir = Path(data_dir)
     status: dict[str, Any] = {"data_dir": str(data_dir)}
     if cluster is not None:  # scaled mode: the cluster's PostgreSQL and Redis, not the dir
@@ -491,6 +498,8 @@ def _probe(
     asked on loopback; its TLS certificate names its public host, so it is not checked)."""
     host, port = address
     host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+
+    import http.client
 
     def get(path: str, headers: dict[str, str]) -> tuple[int, bytes]:
         conn: http.client.HTTPConnection

@@ -4,13 +4,23 @@ y-protocols awareness over the LAN links and the hub. The package's public face.
 `core.Awareness` is the sans-I/O core (states, clocks, time-outs, what to send, what changed);
 `local` says what this device publishes (its identity, its editors' selections, recent saves);
 `service.PresenceService` is the trio shell and the `presence.*` socket operations.
+
+Loading the package loads the core only (what the hub's presence bridge uses); `local` and the
+service (with the registry and the document model behind it) are loaded when first asked for (a
+module `__getattr__`), so a hub whose y-websocket clients send awareness does not keep them in
+memory.
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .core import MAX_STATE, RENEW, TIMEOUT, Awareness, Change, Send, StateTooLarge
-from .local import SAVE_WINDOW, Editors, Me, Selection, colour_of
-from .service import PresenceService, SpacesView
+
+if TYPE_CHECKING:
+    from .local import SAVE_WINDOW, Editors, Me, Selection, colour_of
+    from .service import PresenceService, SpacesView
 
 __all__ = [
     "MAX_STATE",
@@ -28,3 +38,23 @@ __all__ = [
     "StateTooLarge",
     "colour_of",
 ]
+
+_LAZY = {
+    "SAVE_WINDOW": "local",
+    "Editors": "local",
+    "Me": "local",
+    "Selection": "local",
+    "colour_of": "local",
+    "PresenceService": "service",
+    "SpacesView": "service",
+}
+"""Names loaded on first use, by module."""
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
