@@ -495,6 +495,8 @@ async def test_hub_status_reports_what_a_running_hub_answers(tmp_path, capsys):
         async with client(server, SPACE, "env-1", tokens["alice"]) as alice:
             await alice.edit("key", "value")
             await until(lambda: server.docs.relayed, what="relayed")
+            # the relay does not wait for the disk, and `hub status` reads the store's file
+            await server.docs.wait_durable(SPACE, "env-1")
             status = await trio.to_thread.run_sync(
                 lambda: hub_status(tmp_path, metrics_token=token)
             )

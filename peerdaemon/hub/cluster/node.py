@@ -130,19 +130,6 @@ class ClusterStore:
     def sizes(self) -> dict[str, tuple[int, int, int]]:
         return {f"{s}/{d}": (n, 0, 0) for (s, d), n in self._sizes.items()}
 
-    def env_count(self, space_id: str) -> int:
-        """Environments stored in the space, cluster-wide (not its space document or files)."""
-
-        def count(conn: Any) -> int:
-            row = conn.execute(
-                "SELECT count(*) FROM documents WHERE space = %s"
-                " AND doc NOT LIKE 'space:%%' AND doc NOT LIKE 'files:%%'",
-                (space_id,),
-            ).fetchone()
-            return int(row[0]) if row else 0
-
-        return self._loader._run(count)
-
     def updates_of(self, key: str) -> list[bytes]:
         """HubDocs' load: what `read_updates` just read for it if anything (the node does that
         before a room or a daemon uses the document), else a read in the trio thread."""
