@@ -20,6 +20,7 @@ NOT_AT_START = [
     "cryptography",  # the first signature: a daemon's handshake (core/identity.py)
     "peerdaemon.peer",  # the first daemon on /peer (hub/http.py, hub/peers.py)
     "peerdaemon.hub.peer_socket",
+    "wsproto",  # (core/websocket.py: the hub reads its clients' frames with core/wsframes.py)
     "peerdaemon.hub.mocks",  # the first hosted mock or /mock/ request (hub/cloudmock.py)
     "peerdaemon.hub.mockproxy",
     "peerdaemon.hub.mockgate",

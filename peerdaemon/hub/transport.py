@@ -1,7 +1,7 @@
 """The hub's port at the byte level: one HTTP/1.1 request and its answer (h11), the websocket
 upgrade (RFC 6455's checks on h11's head), and the task that moves one websocket's bytes
-(`WebSocketTransport`). Nothing here decides what bytes mean or when to give up: h11, wsproto
-and `WsConn` (wsconn.py) do; this module reads, writes and waits for their deadlines.
+(`WebSocketTransport`). Nothing here decides what bytes mean or when to give up: h11 and
+`WsConn` (wsconn.py) do; this module reads, writes and waits for their deadlines.
 
 Why writes go out from wherever frames were queued: fan-out. A broadcast puts the same frame
 bytes in every recipient's outbox; `wake()` then writes an idle connection's frames at once with
@@ -25,7 +25,6 @@ import logging
 import math
 import os
 import weakref
-from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from email.utils import formatdate
@@ -35,7 +34,6 @@ from urllib.parse import parse_qsl, urlsplit
 
 import h11
 import trio
-from wsproto.connection import Connection, ConnectionType
 
 from ..core.streams import socket_fd
 from ..core.streams import stream_remote as remote_address
@@ -90,7 +88,6 @@ class Upgraded:
     """A request whose websocket upgrade was accepted (the `101` sent)."""
 
     request: Request
-    proto: Connection  # wsproto's, for what the client sends and the control frames
     leftover: bytes  # read past the head: the client's first frames, maybe
 
 
@@ -192,10 +189,7 @@ class HttpExchange:
             b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: WebSocket\r\n"
             b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
         )
-        proto = Connection(ConnectionType.SERVER, extensions=[])
-        if isinstance(getattr(proto, "_events", None), deque):
-            proto._events = _EventQueue()  # type: ignore[assignment]
-        return Upgraded(request, proto, self._leftover())
+        return Upgraded(request, self._leftover())
 
     def _leftover(self) -> bytes:
         """What h11 read past the head (the client's first websocket frames, maybe)."""
@@ -212,17 +206,6 @@ class HttpExchange:
 
 
 _STATUSES = {s.value for s in HTTPStatus}
-
-
-class _EventQueue(list):  # type: ignore[type-arg]
-    """wsproto's queue of parsed events, as a list: the deque it makes costs 600 bytes per
-    idle connection, for a queue that holds an event or two at a time (it only appends,
-    pops from the left and tests for emptiness)."""
-
-    __slots__ = ()
-
-    def popleft(self) -> object:
-        return self.pop(0)
 
 
 def _request(event: h11.Request) -> Request:

@@ -16,8 +16,8 @@ the handshake deadline and the too-slow rule are tested with a made-up clock and
 Outgoing frames live in the connection's `Outlet` (ywebsocket.py): the rooms put the same frame
 bytes in every recipient's outbox (built once per broadcast by `ws_frame`; a large one stays in
 pieces, its header and the payload as it came, so a 15 MB first sync is never copied into a
-frame); wsproto only parses what the client sends and builds the control frames (pong, ping,
-close).
+frame). What the client sends is read by `core.wsframes.FrameReader`, which also builds the
+control frames sent back (pong, ping, close).
 """
 
 from __future__ import annotations
@@ -25,13 +25,17 @@ from __future__ import annotations
 import logging
 import math
 import struct
-from collections.abc import Iterator
 from typing import Protocol
 
-from wsproto.connection import Connection, ConnectionState, ConnectionType
-from wsproto.events import BytesMessage, CloseConnection, Event, Ping, TextMessage
-from wsproto.utilities import LocalProtocolError, RemoteProtocolError
-
+from ..core.wsframes import (
+    Close,
+    FrameError,
+    FrameReader,
+    Ping,
+    close_frame,
+    ping_frame,
+    pong_frame,
+)
 from .ywebsocket import CLOSE_CODES, Frame, Outlet
 
 __all__ = ["HandshakeDeadline", "WsConn", "ws_frame"]
@@ -61,9 +65,6 @@ def ws_frame(*parts: bytes, opcode: int = OPCODE_BINARY) -> Frame:
     return b"".join((head, *parts))
 
 
-_NO_EVENTS: Iterator[Event] = iter(())
-
-
 class HandshakeDeadline(Protocol):
     """A rule that cuts a connection not authenticated in time (`admission.HandshakeWatch`)."""
 
@@ -74,6 +75,21 @@ class HandshakeDeadline(Protocol):
 class WsConn:
     """The server side of one upgraded connection, driven by the bytes read and `now`."""
 
+    __slots__ = (
+        "outlet",
+        "reader",
+        "ping_interval",
+        "stall_seconds",
+        "watch",
+        "last_received",
+        "lost",
+        "cut",
+        "input_ended",
+        "_pinged",
+        "_close_sent",
+        "_write_since",
+    )
+
     def __init__(
         self,
         outlet: Outlet,
@@ -83,11 +99,9 @@ class WsConn:
         ping_interval: float = 30.0,
         stall_seconds: float = 30.0,
         watch: HandshakeDeadline | None = None,
-        proto: Connection | None = None,
     ) -> None:
         self.outlet = outlet
-        self.proto = proto if proto is not None else Connection(ConnectionType.SERVER, [])
-        self.max_message = max_message
+        self.reader = FrameReader(max_message)
         self.ping_interval = ping_interval
         self.stall_seconds = stall_seconds
         self.watch = watch
@@ -101,9 +115,6 @@ class WsConn:
         self._pinged = False
         self._close_sent = False
         self._write_since: float | None = None
-        self._events: Iterator[Event] = _NO_EVENTS
-        self._parts: list[bytes] = []
-        self._size = 0
 
     # -- input -----------------------------------------------------------------------------------
     def receive_data(self, data: bytes | None, now: float) -> None:
@@ -114,60 +125,34 @@ class WsConn:
             self.input_ended = True
             self._lose("connection lost")
             return
-        try:
-            self.proto.receive_data(data)
-        except (RemoteProtocolError, LocalProtocolError) as exc:
-            self._protocol_error(exc)
-            return
-        self._events = self.proto.events()
+        self.reader.feed(data)
 
     def next_message(self) -> bytes | str | None:
         """The next complete message of what was received, or None until more arrives. Pings
         are answered and a close is taken note of here, in the order the client sent them."""
         if self.input_ended:
             return None
-        try:
-            for event in self._events:
-                if isinstance(event, BytesMessage | TextMessage):
-                    message = self._add_part(event)
-                    if message is not None or self.input_ended:
-                        return message
-                elif isinstance(event, Ping):
-                    self.outlet.send(self.proto.send(event.response()))
-                elif isinstance(event, CloseConnection):
-                    self.input_ended = True
-                    if self.proto.state is ConnectionState.REMOTE_CLOSING:
-                        self.outlet.close(int(event.code), event.reason or "")
-                    else:  # a framing error wsproto reports as a close, or the answer to ours
-                        self.outlet.close(int(event.code), event.reason or "protocol-error")
-                    return None
-        except (RemoteProtocolError, LocalProtocolError) as exc:
-            self._protocol_error(exc)
-        self._events = _NO_EVENTS  # wsproto's generator, not kept while the client is idle
-        return None
+        reader = self.reader
+        while True:
+            try:
+                event = reader.next_event()
+            except FrameError as exc:
+                self._protocol_error(exc)
+                return None
+            if event is None or type(event) is bytes or type(event) is str:
+                return event  # type: ignore[return-value]
+            if type(event) is Ping:
+                self.outlet.send(pong_frame(event.payload))  # (not once closing)
+            elif type(event) is Close:
+                self.input_ended = True
+                self.outlet.close(event.code, event.reason)
+                return None
+            # a pong: the client is alive, which `receive_data` noted
 
-    def _add_part(self, event: BytesMessage | TextMessage) -> bytes | str | None:
-        text = isinstance(event, TextMessage)
-        if isinstance(event, TextMessage):
-            chunk = event.data.encode("utf-8")
-        else:
-            chunk = bytes(event.data)
-        self._size += len(chunk)
-        if self._size > self.max_message:
-            self.input_ended = True
-            self.outlet.close(CLOSE_CODES["too-large"], "too-large")
-            return None
-        self._parts.append(chunk)
-        if not event.message_finished:
-            return None
-        parts, self._parts, self._size = self._parts, [], 0
-        message = parts[0] if len(parts) == 1 else b"".join(parts)
-        return message.decode("utf-8") if text else message
-
-    def _protocol_error(self, exc: Exception) -> None:
-        log.info("websocket %s: protocol error: %s", self.outlet.number, exc)
+    def _protocol_error(self, exc: FrameError) -> None:
+        log.info("websocket %s: protocol error: %s (%d)", self.outlet.number, exc, exc.code)
         self.input_ended = True
-        self.outlet.close(1002, "protocol-error")
+        self.outlet.close(exc.code, exc.reason)
 
     def _lose(self, reason: str) -> None:
         self.lost = True
@@ -185,13 +170,7 @@ class WsConn:
         if frames or self.lost or self._close_sent or self.outlet.closing is None:
             return frames
         self._close_sent = True
-        code, reason = self.outlet.closing
-        if self.proto.state not in (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING):
-            return []
-        try:
-            return [self.proto.send(CloseConnection(code=code, reason=reason))]
-        except LocalProtocolError:
-            return []
+        return [close_frame(*self.outlet.closing)]
 
     def put_back(self, rest: bytes | memoryview | list[bytes | memoryview]) -> None:
         """The unsent rest of a batch: it goes out first."""
@@ -252,8 +231,7 @@ class WsConn:
             self._cut("timeout")
         elif idle >= self.ping_interval and not self._pinged:
             self._pinged = True
-            if self.proto.state is ConnectionState.OPEN:
-                self.outlet.send(self.proto.send(Ping(b"")))
+            self.outlet.send(ping_frame())
 
     def _cut(self, reason: str) -> None:
         log.info("websocket client %s: %s; dropped", self.outlet.number, reason)
