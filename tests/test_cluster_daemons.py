@@ -10,49 +10,17 @@ from pathlib import Path
 
 import pytest
 import trio
+from clusterhub import Cluster, ClusterServers, cluster_missing, cluster_servers  # noqa: F401
 from helpers import until as wait_until
-from servers import have_postgres, have_redis, running_postgres, running_redis
 
-pytestmark = pytest.mark.skipif(
-    not (have_redis() and have_postgres()), reason="needs redis-server and PostgreSQL"
-)
-pytest.importorskip("coredis")
-pytest.importorskip("psycopg")
+if cluster_missing() is not None:  # (before the imports that need coredis and psycopg)
+    pytest.skip(str(cluster_missing()), allow_module_level=True)
 
-import psycopg  # noqa: E402
-from test_hub_link import FAST, LOCAL, Dev, Hub, hub_state, same_env, team  # noqa: E402
+from test_hub_link import Dev, Hub, hub_state, same_env, team  # noqa: E402
 
 from peerdaemon.hub.cluster.accounts import ClusterAccounts  # noqa: E402
 from peerdaemon.hub.cluster.node import announce_accounts_change  # noqa: E402
-from peerdaemon.hub.cluster.store import migrate  # noqa: E402
-from peerdaemon.hub.peers import PeerEndpoint  # noqa: E402
-from peerdaemon.hub.server import HubConfig  # noqa: E402
 from peerdaemon.spaces.invite import decode_invite  # noqa: E402
-
-
-class ClusterHub(Hub):
-    """`test_hub_link.Hub` as one process of a cluster."""
-
-    def __init__(self, base, name: str, redis_url: str, dsn: str) -> None:
-        super().__init__(base)
-        self.dir = base / name
-        self.redis_url = redis_url
-        self.dsn = dsn
-
-    async def start(self, nursery: trio.Nursery) -> ClusterHub:
-        config = HubConfig(
-            self.dir,
-            listen=(LOCAL, self.port or 0),
-            accounts_poll=0.05,
-            peer_endpoint=lambda docs, accounts, events: PeerEndpoint(
-                docs, accounts, events, config=FAST, identity=self.identity
-            ),
-            redis=self.redis_url,
-            postgres=self.dsn,
-        )
-        self.server = await nursery.start(self._run, config)
-        self.port = self.server.port
-        return self
 
 
 @pytest.fixture
@@ -63,38 +31,28 @@ def base():
 
 
 @pytest.fixture
-def servers(tmp_path):
-    with (
-        running_redis(tmp_path / "redis", persist=False) as redis,
-        running_postgres(fsync=False) as pg,
-    ):
-        with psycopg.connect(pg.dsn, autocommit=True) as conn:
-            migrate(conn)
-        yield redis, pg
+def cluster(request: pytest.FixtureRequest) -> Cluster:
+    """The test's cluster, on the module's Redis and PostgreSQL (clusterhub.py)."""
+    servers: ClusterServers = request.getfixturevalue("cluster_servers")
+    return servers.fresh()
 
 
 async def _eq(value, expected) -> bool:
     return await value == expected
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known race, issue 14 open: a live edit of a daemon on process 1 sometimes never "
-    "reaches the daemon on process 2 (20-50% of runs on the 2-core machine)",
-)
-async def test_daemons_on_two_processes_converge(servers, base, nursery):
-    redis, pg = servers
-    with ClusterAccounts.open_pg(pg.dsn) as admin:
+async def test_daemons_on_two_processes_converge(cluster, base, nursery):
+    with ClusterAccounts.open_pg(cluster.dsn) as admin:
         alice, bob = admin.add_user("alice"), admin.add_user("bob")
-    one = await ClusterHub(base, "hub1", redis.url, pg.dsn).start(nursery)
-    two = await ClusterHub(base, "hub2", redis.url, pg.dsn).start(nursery)
+    one = await Hub(base, "hub1", cluster).start(nursery)
+    two = await Hub(base, "hub2", cluster).start(nursery)
     assert one.key == two.key  # one key for the whole cluster: daemons pin it
     a = await Dev(base, "a").start(nursery)
     b = await Dev(base, "b").start(nursery)
 
     space, [env] = await team(a, one, alice)  # a on process 1
     await hub_state(a, "connected")
-    with ClusterAccounts.open_pg(pg.dsn) as admin:
+    with ClusterAccounts.open_pg(cluster.dsn) as admin:
         admin.add_member(space, "bob")
     code = (await a.op("space.invite", space=space, addresses=[]))["code"]
     assert decode_invite(code).hub == one.url
@@ -112,19 +70,18 @@ async def test_daemons_on_two_processes_converge(servers, base, nursery):
     await wait_until(lambda: same_env(a, b, env2))
 
 
-async def test_a_hub_process_restarts_and_revocations_reach_every_process(servers, base, nursery):
+async def test_a_hub_process_restarts_and_revocations_reach_every_process(cluster, base, nursery):
     """The daemon hub tests' core against a cluster (test_hub_link.py: converge, redial after
     the hub restarts, a removed member and a revoked token): a on process 1, b on process 2."""
-    redis, pg = servers
-    with ClusterAccounts.open_pg(pg.dsn) as admin:
+    with ClusterAccounts.open_pg(cluster.dsn) as admin:
         alice, bob = admin.add_user("alice"), admin.add_user("bob")
-    one = await ClusterHub(base, "hub1", redis.url, pg.dsn).start(nursery)
-    two = await ClusterHub(base, "hub2", redis.url, pg.dsn).start(nursery)
+    one = await Hub(base, "hub1", cluster).start(nursery)
+    two = await Hub(base, "hub2", cluster).start(nursery)
     a = await Dev(base, "a").start(nursery)
     b = await Dev(base, "b").start(nursery)
     space, [env] = await team(a, one, alice)
     await hub_state(a, "connected")
-    with ClusterAccounts.open_pg(pg.dsn) as admin:
+    with ClusterAccounts.open_pg(cluster.dsn) as admin:
         admin.add_member(space, "bob")
     code = (await a.op("space.invite", space=space, addresses=[]))["code"]
     await b.op("space.join", code=code)
@@ -146,27 +103,26 @@ async def test_a_hub_process_restarts_and_revocations_reach_every_process(server
     assert await b.get(env, "/name") == "offline a"
 
     # bob removed from the space (by an admin, on PostgreSQL, with a kick): cut on process 2
-    with ClusterAccounts.open_pg(pg.dsn) as admin:
+    with ClusterAccounts.open_pg(cluster.dsn) as admin:
         admin.remove_member(space, "bob")
-    await trio.to_thread.run_sync(announce_accounts_change, redis.url)
+    await trio.to_thread.run_sync(announce_accounts_change, cluster.redis_url)
     await hub_state(b, "disconnected", "forbidden")
     # alice's token revoked: cut on process 1
-    with ClusterAccounts.open_pg(pg.dsn) as admin:
+    with ClusterAccounts.open_pg(cluster.dsn) as admin:
         admin.revoke_token(alice)
-    await trio.to_thread.run_sync(announce_accounts_change, redis.url)
+    await trio.to_thread.run_sync(announce_accounts_change, cluster.redis_url)
     await hub_state(a, "disconnected", "unauthorized")
 
 
-async def test_a_device_the_cluster_refuses_has_its_daemon_link_cut(servers, base, nursery):
+async def test_a_device_the_cluster_refuses_has_its_daemon_link_cut(cluster, base, nursery):
     """alice may connect one device. a holds it on process 1; b, with another token of
     alice's, is let in by process 2 (no device of alice's there) and then cut by the cluster's
     device slots with the reason an admission refusal gives: too-many-devices."""
-    redis, pg = servers
-    with ClusterAccounts.open_pg(pg.dsn) as admin:
+    with ClusterAccounts.open_pg(cluster.dsn) as admin:
         alice, alice2 = admin.add_user("alice"), admin.add_token("alice")
         admin.set_limit("devices_per_user", 1, user="alice")
-    one = await ClusterHub(base, "hub1", redis.url, pg.dsn).start(nursery)
-    two = await ClusterHub(base, "hub2", redis.url, pg.dsn).start(nursery)
+    one = await Hub(base, "hub1", cluster).start(nursery)
+    two = await Hub(base, "hub2", cluster).start(nursery)
     a = await Dev(base, "a").start(nursery)
     b = await Dev(base, "b").start(nursery)
     space, [env] = await team(a, one, alice)

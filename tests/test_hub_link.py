@@ -15,6 +15,12 @@ proof of it, tests/test_hub_auth.py); a hub whose device key changed is refused 
 at the hub's URL receives nothing but the daemon's hello when the daemon knows the hub's key
 (given, or from the invite) or may not trust a first key, and `--trust-first-use` pins the first
 key over ws://; `space hub` waits for the hub's answer and reports it.
+
+Each test that starts a hub runs twice (the `hubs` fixture): `[embedded]`, the single-process
+hub on its SQLite store, and `[cluster]`, hub processes of a cluster (scaled mode, issue 14) on
+a private Redis and PostgreSQL (tests/clusterhub.py), whose accounts the admin changes in
+PostgreSQL. A hub that restarts there is a new process of the same cluster; the third device
+of the limits test dials a second process, so the cluster's device slots refuse it.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from typing import Any
 import cbor2
 import pytest
 import trio
+from clusterhub import Cluster, ClusterAdmin, ClusterServers, cluster_servers  # noqa: F401
 from daemonutil import InProcessDaemon
 from helpers import until as wait_until
 from modelutil import load
@@ -83,10 +90,12 @@ def base():
 # --- the hub --------------------------------------------------------------------------------------
 class Hub:
     """The real hub server (`serve_hub`) in this process, with its `/peer` endpoint; restartable
-    on the same port and data directory."""
+    on the same port and data directory. With `cluster`, one process of that cluster (scaled
+    mode: documents and accounts in its PostgreSQL, rooms over its Redis)."""
 
-    def __init__(self, base: Path) -> None:
-        self.dir = base / "hub"
+    def __init__(self, base: Path, name: str = "hub", cluster: Cluster | None = None) -> None:
+        self.dir = base / name
+        self.cluster = cluster
         self.port: int | None = None
         self.server: HubServer | None = None
         self.identity: Identity | None = None
@@ -112,6 +121,8 @@ class Hub:
             peer_endpoint=lambda docs, accounts, events: PeerEndpoint(
                 docs, accounts, events, config=FAST, identity=self.identity
             ),
+            redis=self.cluster.redis_url if self.cluster else None,
+            postgres=self.cluster.dsn if self.cluster else None,
         )
         self.server = await nursery.start(self._run, config)
         self.port = self.server.port
@@ -134,6 +145,34 @@ class Hub:
     def stored(self, space: str) -> list[str]:
         assert self.server is not None
         return self.server.docs.doc_ids(space)
+
+    def admin(self) -> Accounts:
+        """The hub's accounts as the admin commands change them (the hub picks changes up by
+        its poll): its data directory's file, or the cluster's PostgreSQL."""
+        if self.cluster is None:
+            return Accounts.open(self.dir)
+        return ClusterAdmin(self.cluster.dsn)  # type: ignore[return-value]  # a proxy of ClusterAccounts
+
+
+class Hubs:
+    """The test's hubs in its mode (`hubs` fixture): embedded, or processes of one cluster."""
+
+    def __init__(self, base: Path, cluster: Cluster | None) -> None:
+        self.base = base
+        self.cluster = cluster
+
+    def new(self, name: str = "hub") -> Hub:
+        return Hub(self.base, name, self.cluster)
+
+
+@pytest.fixture(params=["embedded", "cluster"])
+def hubs(request: pytest.FixtureRequest, base: Path) -> Hubs:
+    """Each test that starts a hub runs on the embedded hub and on a cluster (issue 14); the
+    cluster's servers are the module's (clusterhub.py), its schema and Redis index the test's."""
+    if request.param == "embedded":
+        return Hubs(base, None)
+    servers: ClusterServers = request.getfixturevalue("cluster_servers")
+    return Hubs(base, servers.fresh())
 
 
 # --- daemons --------------------------------------------------------------------------------------
@@ -186,11 +225,19 @@ class Dev(InProcessDaemon):
 
 
 async def hub_state(dev: Dev, state: str, reason: str | None = None) -> dict[str, Any]:
+    seen: list[dict[str, Any]] = []
+
     async def check() -> Any:
         h = await dev.hub()
+        seen[:] = [h]
         return h if h["state"] == state and (reason is None or h["reason"] == reason) else None
 
-    return await wait_until(check)
+    try:
+        return await wait_until(check)
+    except AssertionError as exc:  # say where the link was, not just "None"
+        raise AssertionError(
+            f"{exc}; wanted {state}/{reason}, the link's last row: {seen}"
+        ) from None
 
 
 async def same_env(a: Dev, b: Dev, env_id: str) -> bool:
@@ -350,9 +397,9 @@ def test_hub_mode_auths_and_lan_peers_do_not_mix():
     assert closed(ev_h).reason == "unauthorized"
 
 
-async def test_two_daemons_converge_through_the_hub_and_after_it_restarts(base, nursery):
-    hub = await Hub(base).start(nursery)
-    admin = Accounts.open(hub.dir)
+async def test_two_daemons_converge_through_the_hub_and_after_it_restarts(hubs, base, nursery):
+    hub = await hubs.new().start(nursery)
+    admin = hub.admin()
     alice, bob = admin.add_user("alice"), admin.add_user("bob")
     a = await Dev(base, "a").start(nursery)
     b = await Dev(base, "b").start(nursery)
@@ -406,9 +453,9 @@ async def test_two_daemons_converge_through_the_hub_and_after_it_restarts(base, 
     admin.close()
 
 
-async def test_a_wrong_or_revoked_token_gets_nothing(base, nursery):
-    hub = await Hub(base).start(nursery)
-    admin = Accounts.open(hub.dir)
+async def test_a_wrong_or_revoked_token_gets_nothing(hubs, base, nursery):
+    hub = await hubs.new().start(nursery)
+    admin = hub.admin()
     good = admin.add_user("alice")
     spare = admin.add_token("alice")
     admin.revoke_token(spare)
@@ -445,9 +492,9 @@ async def test_a_wrong_or_revoked_token_gets_nothing(base, nursery):
     admin.close()
 
 
-async def test_each_limit_is_reported_and_nothing_is_lost(base, nursery):
-    hub = await Hub(base).start(nursery)
-    admin = Accounts.open(hub.dir)
+async def test_each_limit_is_reported_and_nothing_is_lost(hubs, base, nursery):
+    hub = await hubs.new().start(nursery)
+    admin = hub.admin()
     token1, token2 = admin.add_user("alice"), admin.add_token("alice")
     token3 = admin.add_token("alice")
     admin.set_limit("envs_per_space", 2, user="alice")
@@ -506,8 +553,13 @@ async def test_each_limit_is_reported_and_nothing_is_lost(base, nursery):
     await b.set_name(other, "both ways")
     await wait_until(lambda: _eq(a.get(other, "/name"), "both ways"))
 
-    # devices per user (2): alice's third device is refused, the first two keep syncing
-    await join(c, a, space, token3)
+    # devices per user (2): alice's third device is refused, the first two keep syncing (on a
+    # cluster, the third dials another process: the cluster's device slots refuse it)
+    elsewhere = {}
+    if hubs.cluster is not None:
+        two = await hubs.new("hub2").start(nursery)
+        elsewhere = {"url": two.url, "hub_key": two.key}
+    await join(c, a, space, token3, **elsewhere)
     state = await hub_state(c, "disconnected", "too-many-devices")
     assert "limit 2" in state["detail"]
     await hub_row_state(c, "disconnected", "too-many-devices")
@@ -521,9 +573,9 @@ async def test_each_limit_is_reported_and_nothing_is_lost(base, nursery):
     admin.close()
 
 
-async def test_a_space_granted_later_syncs_on_the_live_link(base, nursery):
-    hub = await Hub(base).start(nursery)
-    admin = Accounts.open(hub.dir)
+async def test_a_space_granted_later_syncs_on_the_live_link(hubs, base, nursery):
+    hub = await hubs.new().start(nursery)
+    admin = hub.admin()
     alice, bob = admin.add_user("alice"), admin.add_user("bob")
     a = await Dev(base, "a").start(nursery)
     b = await Dev(base, "b").start(nursery)
@@ -552,9 +604,9 @@ async def test_a_space_granted_later_syncs_on_the_live_link(base, nursery):
     admin.close()
 
 
-async def test_an_older_daemon_gets_incompatible_version(base, nursery):
-    hub = await Hub(base).start(nursery)
-    admin = Accounts.open(hub.dir)
+async def test_an_older_daemon_gets_incompatible_version(hubs, base, nursery):
+    hub = await hubs.new().start(nursery)
+    admin = hub.admin()
     token = admin.add_user("alice")
     a = await Dev(base, "a").start(nursery)
     a.daemon.hubs.model = MODEL_VERSION - 1  # a daemon whose document model is older
@@ -576,9 +628,9 @@ async def test_an_older_daemon_gets_incompatible_version(base, nursery):
     admin.close()
 
 
-async def test_lan_and_hub_at_once_converge_without_looping(base, nursery):
-    hub = await Hub(base).start(nursery)
-    admin = Accounts.open(hub.dir)
+async def test_lan_and_hub_at_once_converge_without_looping(hubs, base, nursery):
+    hub = await hubs.new().start(nursery)
+    admin = hub.admin()
     token1, token2 = admin.add_user("alice"), admin.add_token("alice")
     a, b = Dev(base, "a"), Dev(base, "b")
     a.listen = b.listen = (LOCAL, 0)
@@ -627,9 +679,9 @@ async def test_lan_and_hub_at_once_converge_without_looping(base, nursery):
     admin.close()
 
 
-async def test_cli_attach_detach_status_and_restart(base, nursery, capsys, monkeypatch):
-    hub = await Hub(base).start(nursery)
-    admin = Accounts.open(hub.dir)
+async def test_cli_attach_detach_status_and_restart(hubs, base, nursery, capsys, monkeypatch):
+    hub = await hubs.new().start(nursery)
+    admin = hub.admin()
     token = admin.add_user("alice")
     a = await Dev(base, "a").start(nursery)
     sock = ["--socket", str(a.socket_path)]
@@ -674,12 +726,12 @@ async def test_cli_attach_detach_status_and_restart(base, nursery, capsys, monke
     admin.close()
 
 
-async def test_cli_space_hub_waits_for_the_hubs_answer(base, nursery, capsys):
+async def test_cli_space_hub_waits_for_the_hubs_answer(hubs, base, nursery, capsys):
     """`space hub` exits 0 once the hub accepted the space, and 1 with one line naming the
     hub's refusal (the old command stored the attachment and exited 0 whatever the hub said);
     the attachment is kept in every case, and retried."""
-    hub = await Hub(base).start(nursery)
-    admin = Accounts.open(hub.dir)
+    hub = await hubs.new().start(nursery)
+    admin = hub.admin()
     token = admin.add_user("alice")
     a = await Dev(base, "a").start(nursery)
     sock = ["--socket", str(a.socket_path)]
@@ -716,7 +768,7 @@ async def test_cli_space_hub_waits_for_the_hubs_answer(base, nursery, capsys):
     admin.close()
 
 
-async def test_the_token_never_reaches_the_hub(base, nursery, monkeypatch):
+async def test_the_token_never_reaches_the_hub(hubs, base, nursery, monkeypatch):
     """Everything the daemon sends to the hub (hellos, and every box's plaintext) is captured:
     the token, its hash, and its listed prefix never appear; the hub still admits the daemon."""
     sent: list[bytes] = []
@@ -745,8 +797,8 @@ async def test_the_token_never_reaches_the_hub(base, nursery, monkeypatch):
     monkeypatch.setattr(SecureChannel, "__init__", recording_init)
     monkeypatch.setattr(PeerConnection, "data_to_send", recording_send)
 
-    hub = await Hub(base).start(nursery)
-    admin = Accounts.open(hub.dir)
+    hub = await hubs.new().start(nursery)
+    admin = hub.admin()
     token = admin.add_user("alice")
     a = await Dev(base, "a").start(nursery)
     space, [env] = await team(a, hub, token)
@@ -766,9 +818,9 @@ async def test_the_token_never_reaches_the_hub(base, nursery, monkeypatch):
     admin.close()
 
 
-async def test_a_changed_hub_key_is_refused_until_attached_again(base, nursery):
-    hub = await Hub(base).start(nursery)
-    admin = Accounts.open(hub.dir)
+async def test_a_changed_hub_key_is_refused_until_attached_again(hubs, base, nursery):
+    hub = await hubs.new().start(nursery)
+    admin = hub.admin()
     token1, token2 = admin.add_user("alice"), admin.add_token("alice")
     a = await Dev(base, "a").start(nursery)
     b = await Dev(base, "b").start(nursery)
@@ -911,14 +963,14 @@ def record_dialers(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     return sent
 
 
-async def test_an_impostor_at_the_hubs_url_receives_no_document(base, nursery, monkeypatch):
+async def test_an_impostor_at_the_hubs_url_receives_no_document(hubs, base, nursery, monkeypatch):
     """A second hub instance with another key answers at the hub's URL (ws://, loopback). A
     daemon given the real key, or given none and not allowed to trust a first key, sends it its
     hello and a close, nothing else; the real hub, back at the URL, gets everything. (The old
     daemon trusted whatever key answered first and synced the space's documents to it.)"""
-    hub = await Hub(base).start(nursery)
+    hub = await hubs.new().start(nursery)
     real_key = hub.key
-    admin = Accounts.open(hub.dir)
+    admin = hub.admin()
     token = admin.add_user("alice")
     await hub.stop()
     hub.identity = Identity.generate("impostor")  # same URL, same accounts: only the key differs
@@ -971,9 +1023,9 @@ async def test_an_impostor_at_the_hubs_url_receives_no_document(base, nursery, m
     admin.close()
 
 
-async def test_trust_first_use_pins_the_first_key_over_ws(base, nursery):
-    hub = await Hub(base).start(nursery)
-    admin = Accounts.open(hub.dir)
+async def test_trust_first_use_pins_the_first_key_over_ws(hubs, base, nursery):
+    hub = await hubs.new().start(nursery)
+    admin = hub.admin()
     token = admin.add_user("alice")
     a = await Dev(base, "a").start(nursery)
     space, [env] = await team_without_hub(a, "env")
@@ -995,8 +1047,14 @@ async def test_trust_first_use_pins_the_first_key_over_ws(base, nursery):
     admin.close()
 
 
-async def test_hub_status_prints_the_key_the_hub_serves_with(base, nursery, capsys):
+async def test_hub_status_prints_the_key_the_hub_serves_with(
+    hubs, base, nursery, capsys, monkeypatch
+):
     hub_dir = base / "hub"
+    cluster = hubs.cluster
+    if cluster is not None:  # `hub status` of a cluster, as its admin runs it (docs/hub.md)
+        monkeypatch.setenv("PEERDAEMON_HUB_CLUSTER_REDIS", cluster.redis_url)
+        monkeypatch.setenv("PEERDAEMON_HUB_CLUSTER_POSTGRES", cluster.dsn)
 
     async def status(*extra: str) -> str:
         code = await trio.to_thread.run_sync(
@@ -1005,11 +1063,18 @@ async def test_hub_status_prints_the_key_the_hub_serves_with(base, nursery, caps
         assert code == 0
         return capsys.readouterr().out
 
-    before = await status()  # before the hub ever ran: the key is made now, to hand out
+    before = await status()
     [key] = [line.split(": ", 1)[1] for line in before.splitlines() if line.startswith("hub key")]
-    assert normalize_hub_key(key) == key and "running: no" in before
-    hub = await Hub(base).start(nursery)
-    assert hub.key == key  # the hub serves with that key
+    assert "running: no" in before
+    if cluster is None:  # before the hub ever ran: the key is made now, to hand out
+        assert normalize_hub_key(key) == key
+    else:  # a cluster's key is made by its first process, in its PostgreSQL
+        assert key == "(none yet: start the hub once)"
+    hub = await hubs.new().start(nursery)
+    if cluster is None:
+        assert hub.key == key  # the hub serves with that key
+    else:
+        key = hub.key
     running = json.loads(await status("--json"))
     keys = ("data_dir", "running", "pid", "hub_key")
     assert {k: running[k] for k in keys} == {
@@ -1043,13 +1108,13 @@ async def _eq(value: Awaitable[Any], expected: Any) -> bool:
 
 
 async def test_an_environment_that_fails_on_one_side_is_its_error_not_the_links(
-    base, nursery, monkeypatch
+    hubs, base, nursery, monkeypatch
 ):
     """A document failing locally (docs/peer-protocol.md section 5): an update that fails to
     apply (on the daemon, then on the hub) is an `environment-error` event for that
     environment; the hub link stays up and the other environment goes on syncing both ways."""
-    hub = await Hub(base).start(nursery)
-    admin = Accounts.open(hub.dir)
+    hub = await hubs.new().start(nursery)
+    admin = hub.admin()
     alice = admin.add_user("alice")
     a = await Dev(base, "a").start(nursery)
     b = await Dev(base, "b").start(nursery)
