@@ -129,6 +129,39 @@ def test_two_devices_that_change_one_file_apart_keep_both(devices):
     assert hashlib.sha256(b'{"v": 0}').hexdigest() not in doc.doc.get("blobs", type=Map)
 
 
+def test_a_device_that_saved_twice_apart_still_keeps_both(devices):
+    """Concurrency is told by what each version includes (its `seen` counts), not by equal
+    `base` digests: a device that saved twice while apart made its last version from its own
+    first one, and the other device's version must still be kept. Both directions, so the
+    device that saved twice both wins and loses Yjs' pick once."""
+    a, b = devices("a"), devices("b")
+    for twice, once, path in ((a, b, "one.json"), (b, a, "two.json")):
+        twice.put_file("env", path, b"base", "file")
+        exchange(a, b, "env")
+        twice.put_file("env", path, b"twice: 1", "file")
+        twice.put_file("env", path, b"twice: 2", "file")
+        once.put_file("env", path, b"once", "file")
+        exchange(a, b, "env")
+        exchange(a, b, "env")
+        assert a.entries("env") == b.entries("env")
+        copies = [p for p in a.entries("env") if p.startswith(path.split(".")[0] + ".sync-")]
+        assert len(copies) == 1, a.entries("env")
+        kept = {a.content("env", path), a.content("env", copies[0])}
+        assert kept == {b"twice: 2", b"once"}
+    # in step again: a change made knowing the other's is an edit (no copy), one made apart is not
+    b.put_file("env", "two.json", b"after all that", "file")
+    exchange(a, b, "env")
+    a.put_file("env", "two.json", b"and then", "file")
+    exchange(a, b, "env")
+    assert sum(".sync-conflict-" in p for p in b.entries("env")) == 2
+    assert b.content("env", "two.json") == b"and then"
+    a.put_file("env", "one.json", b"later", "file")
+    b.put_file("env", "one.json", b"later, apart", "file")
+    exchange(a, b, "env")
+    exchange(a, b, "env")
+    assert sum(".sync-conflict-" in p for p in a.entries("env")) == 3
+
+
 def test_caps_and_bad_paths_are_refused(devices, monkeypatch):
     a = devices("a")
     monkeypatch.setattr("peerdaemon.core.attachments.MAX_SPACE_BYTES", 10)
@@ -161,6 +194,44 @@ def test_a_peer_writing_an_escaping_path_is_read_as_absent(devices, tmp_path):
     assert not (tmp_path / "escape.txt").exists() and not (tmp_path.parent / "escape.txt").exists()
     (folder / "link").symlink_to(tmp_path)
     assert inside_folder(folder, "link/x") is None
+
+
+def test_numbers_a_peer_cannot_count_with_read_as_absent(devices):
+    """A Yjs client may write NaN or infinity (float64) where counts are expected: that entry,
+    or its `seen` map, reads as malformed, and reading the document never raises."""
+    a = devices("a")
+    a.put_file("e", "ok.txt", b"fine", "file")
+    files = a.docs["e"].doc.get("files", type=Map)
+    sha = a.entries("e")["ok.txt"].sha256
+    with a.docs["e"].doc.transaction():
+        files["nan.txt"] = {"sha256": sha, "size": float("nan"), "by": "x", "at": 0}
+        files["inf.txt"] = {"sha256": sha, "size": 4, "by": "x", "at": 0, "seen": {"x": 1e999}}
+        files["half.txt"] = {"sha256": sha, "size": 4, "by": "x", "at": 0, "seen": {"x": 0.5}}
+    entries = a.entries("e")
+    assert sorted(entries) == ["half.txt", "inf.txt", "ok.txt"]
+    assert entries["inf.txt"].seen is None and entries["half.txt"].seen is None
+    assert a.entry("e", "nan.txt") is None and entries["ok.txt"].seen == {"A": 1}
+
+
+def test_materialize_leaves_a_file_that_changed_since_it_was_looked_at(tmp_path):
+    """FolderSync decides on a stat it took earlier in the round: a file saved since then is
+    the newer work and is read on the next round, never overwritten by the document's version."""
+    (tmp_path / "seen.txt").write_bytes(b"as looked at")
+    (tmp_path / "saved.txt").write_bytes(b"as looked at")
+    looked = {
+        name: (st.st_size, st.st_mtime_ns)
+        for name in ("seen.txt", "saved.txt")
+        for st in [(tmp_path / name).stat()]
+    }
+    (tmp_path / "saved.txt").write_bytes(b"saved meanwhile")
+    (tmp_path / "appeared.txt").write_bytes(b"saved meanwhile")
+    files = {name: b"the document's" for name in ("seen.txt", "saved.txt", "appeared.txt")}
+    written = materialize(tmp_path, files, {**looked, "appeared.txt": None})
+    assert sorted(written) == ["seen.txt"]
+    assert (tmp_path / "seen.txt").read_bytes() == b"the document's"
+    assert (tmp_path / "saved.txt").read_bytes() == b"saved meanwhile"
+    assert (tmp_path / "appeared.txt").read_bytes() == b"saved meanwhile"
+    assert sorted(materialize(tmp_path, files)) == sorted(files)  # nothing expected: all written
 
 
 # --- end to end --------------------------------------------------------------------------------
@@ -313,6 +384,69 @@ async def test_apart_a_stale_file_never_reverts_a_peer_and_two_changes_keep_both
     await until(both_kept, what="both versions on both devices")
     await b.stop()
     await a.stop()
+
+
+async def test_a_peers_change_that_arrives_while_a_changed_file_is_read_is_kept(tmp_path):
+    """A restarted daemon reads the file changed here while the peer's change arrives (the
+    CI flake of the test above): the round must decide on the document as it is after the read.
+    Deciding on the state from before the read took the file for the only change and put it
+    over the peer's version, which was then lost everywhere."""
+    from peerdaemon.core.registry import Registry  # noqa: PLC0415
+    from peerdaemon.mirror import attached  # noqa: PLC0415
+    from peerdaemon.mirror.attached import Folder, FolderSync  # noqa: PLC0415
+    from peerdaemon.model import prepare  # noqa: PLC0415
+
+    folder = tmp_path / "work"
+    folder.mkdir()
+    (folder / "body.json").write_bytes(b"v1")
+    env = file_env("body.json")
+    env_id = env["uuid"]
+    with Store.open(tmp_path / "a") as store_a, Store.open(tmp_path / "b") as store_b:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store_a.run)
+            await nursery.start(store_b.run)
+            events = EventLog()
+            a = Attachments(store_a, EventLog(), device="A")
+            b = Attachments(store_b, events, device="B")
+            registry = Registry(store_b, events)
+            registry.create(env_id, prepare(env, env_id)[0], "local")
+            sync = FolderSync(registry, b, events, lambda: {env_id: [Folder(folder, True)]})
+            await sync.sync_once()  # b reads v1: disk and document agree on it
+            exchange(b, a, env_id)
+            assert a.content(env_id, "body.json") == b"v1"
+
+            a.put_file(env_id, "body.json", b"v2 from a", "file")  # apart: a's change ...
+            (folder / "body.json").write_bytes(b"v2 from b")  # ... and b's, on disk
+            read = attached._read_stable
+            arrived = []
+
+            def read_while_the_peer_arrives(path: Path):
+                data = read(path)
+                if not arrived and path.name == "body.json":
+                    arrived.append(1)
+                    trio.from_thread.run_sync(
+                        lambda: b.apply(env_id, a.diff(env_id, b.state_vector(env_id)), "peer:a")
+                    )
+                return data
+
+            attached._read_stable = read_while_the_peer_arrives
+            try:
+                await sync.sync_once()
+            finally:
+                attached._read_stable = read
+            assert arrived
+            exchange(a, b, env_id)
+            exchange(a, b, env_id)
+            await sync.sync_once()
+            for device in (a, b):
+                entries = device.entries(env_id)
+                copies = [p for p in entries if ".sync-conflict-" in p]
+                assert len(copies) == 1, entries
+                kept = {device.content(env_id, "body.json"), device.content(env_id, copies[0])}
+                assert kept == {b"v2 from a", b"v2 from b"}
+            names = sorted(p.name for p in folder.iterdir())
+            assert len(names) == 2 and (folder / "body.json").read_bytes() in kept
+            nursery.cancel_scope.cancel()
 
 
 async def test_an_idle_linked_folder_neither_exports_nor_keeps_its_environment(

@@ -8,8 +8,9 @@ the environment (LAN peers, hubs, y-websocket clients), stored crash-safe like o
 
 Two devices that change one file while apart both keep their work: the Yjs map keeps one value
 (the same everywhere), and the device whose version lost (it sees its own value replaced by one
-derived from the same base) adds its version back as a conflict copy, Syncthing style
-(`name.sync-conflict-<sha8>-<device8>.ext`), which every device then receives like any file.
+made without knowing it: each entry carries a version vector, `seen`) adds its version back as
+a conflict copy, Syncthing style (`name.sync-conflict-<sha8>-<device8>.ext`), which every device
+then receives like any file.
 
 Paths are checked when read from the document and when read from disk: a path that is absolute,
 climbs out of the environment's folder or is otherwise not a plain relative path is refused,
@@ -20,11 +21,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import posixpath
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pycrdt import Doc, Map
@@ -141,6 +143,16 @@ class FileEntry:
     base: str | None  # the digest this version replaced (None: a new file)
     by: str
     at: float
+    seen: dict[str, int] | None = field(default=None, hash=False)
+    """device id -> how many changes of this path by that device this version includes (a
+    version vector); None in entries from writers that do not keep one."""
+
+    def includes(self, other: FileEntry) -> bool:
+        """Whether this version was made knowing `other` (it replaced it, maybe through
+        others): else the two were made apart, and replacing `other` by it loses `other`."""
+        if self.seen is not None and other.seen is not None:
+            return all(self.seen.get(device, 0) >= n for device, n in other.seen.items())
+        return self.base != other.base  # without counts: both made from one version, apart
 
 
 class FilesDoc:
@@ -161,6 +173,12 @@ class FilesDoc:
             if entry is not None and norm == path:
                 out[path] = entry
         return out
+
+    def entry(self, path: str) -> FileEntry | None:
+        """One path's entry, as `entries()` reads it (without reading them all)."""
+        if safe_relative(path) != path:
+            return None
+        return _entry(self._map(FILES).get(path))
 
     def blob(self, sha: str) -> bytes | None:
         value = self._map(BLOBS).get(sha)
@@ -184,6 +202,7 @@ class FilesDoc:
                 "base": current.sha256 if current is not None else None,
                 "by": by,
                 "at": time.time(),
+                "seen": _next_seen(current, by),
             }
             self._collect(exclude=sha)
         return True
@@ -199,6 +218,7 @@ class FilesDoc:
                 "base": current.sha256,
                 "by": by,
                 "at": time.time(),
+                "seen": _next_seen(current, by),
             }
             self._collect()
         return True
@@ -222,7 +242,7 @@ def _entry(value: object) -> FileEntry | None:
     base = value.get("base")
     if sha is not None and not (isinstance(sha, str) and _HEX.fullmatch(sha)):
         return None
-    if not isinstance(size, int | float) or isinstance(size, bool) or size < 0:
+    if not _count(size):
         return None
     by = value.get("by")
     at = value.get("at")
@@ -232,7 +252,34 @@ def _entry(value: object) -> FileEntry | None:
         base if isinstance(base, str) and _HEX.fullmatch(base) else None,
         by if isinstance(by, str) else "",
         float(at) if isinstance(at, int | float) and not isinstance(at, bool) else 0.0,
+        _seen(value.get("seen")),
     )
+
+
+def _seen(value: object) -> dict[str, int] | None:
+    """A well-formed `seen` map (Yjs may carry its counts as floats), else None."""
+    if not isinstance(value, dict):
+        return None
+    out: dict[str, int] = {}
+    for device, n in value.items():
+        if not isinstance(device, str) or not _count(n) or n != int(n):
+            return None
+        out[device] = int(n)
+    return out
+
+
+def _count(value: object) -> bool:
+    """A number >= 0 that `int()` takes (a peer's NaN or infinity would raise there)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return value >= 0 and math.isfinite(value)
+
+
+def _next_seen(current: FileEntry | None, by: str) -> dict[str, int]:
+    """The counts of a version `by` makes over `current`: all it knew, and one more of its own."""
+    seen = dict(current.seen or {}) if current is not None else {}
+    seen[by] = seen.get(by, 0) + 1
+    return seen
 
 
 def _list(value: object) -> list[Any]:
@@ -295,6 +342,10 @@ class Attachments:
     def entries(self, env_id: str) -> dict[str, FileEntry]:
         files = self.docs.get(env_id)
         return files.entries() if files is not None else {}
+
+    def entry(self, env_id: str, path: str) -> FileEntry | None:
+        files = self.docs.get(env_id)
+        return files.entry(path) if files is not None else None
 
     def content(self, env_id: str, path: str) -> bytes | None:
         files = self.docs.get(env_id)
@@ -367,7 +418,7 @@ class Attachments:
                 and theirs.by != self.device
                 and mine.sha256
                 and mine.sha256 != theirs.sha256
-                and mine.base == theirs.base
+                and not theirs.includes(mine)
             ):
                 data = files.blob(mine.sha256)
                 if data is not None:

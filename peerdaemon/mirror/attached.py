@@ -79,14 +79,23 @@ def _stat_key(path: Path) -> tuple[int, int] | None:
     return st.st_size, st.st_mtime_ns
 
 
-def materialize(folder: Path, files: dict[str, bytes]) -> dict[str, tuple[int, int]]:
+def materialize(
+    folder: Path,
+    files: dict[str, bytes],
+    expected: dict[str, tuple[int, int] | None] | None = None,
+) -> dict[str, tuple[int, int]]:
     """Write each file (path relative to `folder`) whole where it differs; -> the stat keys of
-    what is on disk now. Paths that escape are skipped (the caller checked them already)."""
+    what is on disk now. Paths that escape are skipped (the caller checked them already), and
+    so is a file whose stat key is no longer the one in `expected` (None: absent): it changed
+    on disk since it was looked at, and that change is read on the next round, not overwritten."""
     written: dict[str, tuple[int, int]] = {}
     for relative, data in files.items():
         target = inside(folder, relative)
         if target is None:
             continue
+        if expected is not None and relative in expected:
+            if _stat_key(target) != expected[relative]:
+                continue
         current = None
         try:
             current = target.read_bytes() if target.is_file() else None
@@ -211,53 +220,65 @@ class FolderSync:
             wanted, refused = self._referenced(env_id)
             for path in refused:
                 self._refuse(env_id, path, "it is not inside the environment's folder")
-        entries = self.attachments.entries(env_id)
         writes: dict[str, bytes] = {}
+        seen: dict[str, tuple[int, int] | None] = {}
         changed = False
+        entries = self.attachments.entries(env_id)
         for relative in sorted(set(wanted) | set(entries)):
             key = (env_id, root, relative)
             target = inside(folder.path, relative)
             if target is None:
                 self._refuse(env_id, relative, "it leads outside the environment's folder")
                 continue
-            entry = entries.get(relative)
-            doc = entry.sha256 if entry is not None else None
             disk = await self._disk(key, target)
             if disk is False:
                 continue  # being written: next round
             synced_key = "\0".join(key)
             agreed = self._synced.get(synced_key)
+            read: bytes | None = None
+            if folder.two_way and disk is not None and disk != agreed:  # changed here
+                got = await trio.to_thread.run_sync(_read_stable, target)
+                if got is None:
+                    continue
+                read, disk = got[0], hashlib.sha256(got[0]).hexdigest()
+                self._stats[key] = (got[1], disk)
+            entry = entries.get(relative)
+            if disk != (entry.sha256 if entry is not None else None):
+                # No await from here on: what is done takes the document as it is now. A peer's
+                # change that arrived during the reads above counts, else the file would replace
+                # it as if the document had not changed, and the peer's version would be lost.
+                # (In step with the older view is safe: such a change wakes another round.)
+                entry = self.attachments.entry(env_id, relative)
+            doc = entry.sha256 if entry is not None else None
             if disk == doc:
                 if disk is not None and agreed != disk:
                     self._synced[synced_key] = disk
                     changed = True
                 continue
-            if not folder.two_way or disk is None or disk == agreed:
+            if read is None or disk == agreed:
                 if doc is not None:  # the document's version goes to disk
                     data = self.attachments.content(env_id, relative)
                     if data is not None:
                         writes[relative] = data
+                        seen[relative] = self._stats[key][0] if disk is not None else None
                 continue
-            # the file changed here
-            data = await trio.to_thread.run_sync(_read_stable, target)
-            if data is None:
-                continue
-            if doc is None or doc == agreed:
-                if self._put(env_id, relative, data[0]):
-                    self._synced[synced_key] = hashlib.sha256(data[0]).hexdigest()
+            if doc is None or doc == agreed:  # the file changed here only: an edit
+                if self._put(env_id, relative, read):
+                    self._synced[synced_key] = disk
                     changed = True
                 continue
             # ... and in the document: both kept, the file as a conflict copy
             copy = conflict_name(relative, disk, self.attachments.device)
-            if self._put(env_id, copy, data[0]):
+            if self._put(env_id, copy, read):
                 self.events.emit(
                     "file-conflict", id=env_id, path=relative, conflict_path=copy, origin="file"
                 )
                 content = self.attachments.content(env_id, relative)
                 if content is not None:
                     writes[relative] = content
+                    seen[relative] = self._stats[key][0]
         if writes:
-            written = await trio.to_thread.run_sync(materialize, folder.path, writes)
+            written = await trio.to_thread.run_sync(materialize, folder.path, writes, seen)
             for relative, stat_key in written.items():
                 digest = hashlib.sha256(writes[relative]).hexdigest()
                 key = (env_id, root, relative)
