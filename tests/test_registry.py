@@ -331,3 +331,21 @@ def test_the_model_version_read_follows_every_change_of_meta(tmp_path: Path) -> 
         peer.get(META_ROOT, type=Map)[MODEL_KEY] = 7
         registry.merge(e1, peer.get_update(before), "peer:x")
         assert registry.model_of(e1) == 7
+
+
+def test_a_merge_reaches_its_subscribers_before_the_writer_wakes(tmp_path: Path) -> None:
+    """A peer's update (the LAN hop): the change event goes out first, then the store's writer
+    wakes, once, for what the merge queued (`Store.wake_after`)."""
+    env = load("test-env.json")
+    e1 = env["uuid"]
+    with Store.open(tmp_path) as store:
+        registry = Registry(store, EventLog())
+        registry.create(e1, prepare(env, e1)[0], "local")
+        wakes: list[int] = []
+        notify = store._cond.notify
+        store._cond.notify = lambda n=1: (wakes.append(n), notify(n))[1]  # type: ignore[method-assign]
+        seen: list[int] = []
+        registry.subscribe(e1, lambda event: seen.append(len(wakes)))
+        registry.add_listener(lambda env_id, update, origin: seen.append(len(wakes)))
+        registry.merge(e1, _edit(registry, e1, name="merged"), "peer:p")
+        assert seen == [0, 0] and len(wakes) == 1

@@ -968,3 +968,44 @@ async def test_ticket_callbacks_and_errors(caplog: pytest.LogCaptureFixture) -> 
     lost._complete(sqlite3.IntegrityError("constraint"))
     with pytest.raises(StoreError, match="write failed: constraint"):
         await lost.wait()
+
+
+# ------------------------------------------------------------------ when the writer wakes
+def count_wakes(store: Store) -> list[int]:
+    """Every wake-up of the writer (`_cond.notify`), counted."""
+    wakes: list[int] = []
+    notify = store._cond.notify
+
+    def counted(n: int = 1) -> None:
+        wakes.append(n)
+        notify(n)
+
+    store._cond.notify = counted  # type: ignore[method-assign]
+    return wakes
+
+
+async def test_wake_after_wakes_the_writer_once_at_its_end(data_dir: Path) -> None:
+    """A peer's update: the change event and relays go out before the writer contends for the
+    GIL; what was queued inside is committed all the same."""
+    with Store.open(data_dir) as store:
+        wakes = count_wakes(store)
+        tickets = [store.enqueue_append("a", b"1")]
+        assert len(wakes) == 1  # at the enqueue, as ever
+        with store.wake_after():
+            tickets.append(store.enqueue_append("a", b"2"))
+            with store.wake_after():  # nested: the outer one wakes it
+                tickets.append(store.enqueue_append("b", b"3"))
+            assert len(wakes) == 1
+        assert len(wakes) == 2
+        with store.wake_after():
+            pass
+        assert len(wakes) == 2  # nothing queued: no wake-up
+        with pytest.raises(RuntimeError), store.wake_after():
+            tickets.append(store.enqueue_append("a", b"4"))
+            raise RuntimeError("the caller failed after the enqueue")
+        assert len(wakes) == 3  # still woken: what is queued is written
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            await wait_all(tickets)
+            nursery.cancel_scope.cancel()
+    assert reopen_load(data_dir)["a"].updates == [b"1", b"2", b"4"]

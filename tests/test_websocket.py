@@ -96,18 +96,12 @@ def test_a_message_over_the_limit_closes_with_1009():
 
 def test_pings_are_answered_in_order():
     client, server = pair()
-    client._queue(trio_ping(b"p1"))
+    client.ping(b"p1")
     client.send_message(b"after")
     carry(client, server)
     assert messages(server) == [b"after"]
     data = bytes(server.data_to_send())
     assert data[:1] == b"\x8a" and data.endswith(b"p1")  # an unmasked pong, the same payload
-
-
-def trio_ping(payload: bytes) -> object:
-    from wsproto.events import Ping
-
-    return Ping(payload)
 
 
 def test_the_closing_handshake_carries_code_and_reason():
@@ -128,6 +122,52 @@ def test_an_unmasked_frame_from_a_client_is_a_protocol_error():
     assert messages(server) == []
     assert server.closed is not None and server.closed.code == 1002
     assert bytes(server.data_to_send())[:1] == b"\x88"  # our close frame
+
+
+def test_a_masked_frame_from_the_server_is_a_protocol_error():
+    client, _ = pair()
+    client.receive_data(b"\x82\x82abcd\x09\x08")  # a server must not mask its frames
+    assert messages(client) == []
+    assert client.closed is not None and client.closed.code == 1002
+    out = bytes(client.data_to_send())
+    assert out[0] == 0x88 and out[1] & 0x80  # our close frame, masked
+
+
+def test_the_dialer_masks_what_it_sends_and_answers_pings_masked():
+    client, server = pair()
+    client.send_message(b"hello")
+    out = bytes(client.data_to_send())
+    assert out[:2] == b"\x82\x85" and out[6:] != b"hello"  # masked: key, then the payload
+    server.receive_data(out)
+    assert messages(server) == [b"hello"]
+    server.ping(b"p")
+    carry(server, client)
+    assert messages(client) == []
+    pong = bytes(client.data_to_send())
+    assert pong[:2] == b"\x8a\x81"  # a masked pong ...
+    server.receive_data(pong)
+    assert messages(server) == [] and server.closed is None  # ... that the server reads
+
+
+def test_a_close_without_a_code_is_answered_without_one():
+    """As wsproto answered it (1005 is never sent)."""
+    client, server = pair()
+    client.receive_data(b"\x88\x00")
+    assert messages(client) == [] and client.closed == CloseReason(1005)
+    out = bytes(client.data_to_send())
+    assert out[:2] == b"\x88\x80" and len(out) == 6  # masked, empty
+    server.receive_data(out)
+    assert messages(server) == [] and server.closed == CloseReason(1005)
+
+
+def test_frames_right_behind_the_upgrade_request_are_not_lost():
+    client = ClientHandshake("example:1", "/peer", max_message=1024)
+    client_core = WebSocketCore(client=True, max_message=1024)
+    client_core.send_message(b"early")
+    server = ServerHandshake()
+    assert server.receive_data(client.request() + bytes(client_core.data_to_send()))
+    _, server_core = server.accept(max_message=1024)
+    assert messages(server_core) == [b"early"]
 
 
 def test_the_end_of_the_connection_reads_as_1006():

@@ -15,12 +15,15 @@ from wsproto.connection import Connection, ConnectionState, ConnectionType
 
 from peerdaemon.core.wsframes import (
     SMALL_MASK,
+    ClientFrameReader,
     Close,
     FrameError,
     FrameReader,
     Ping,
     Pong,
     close_frame,
+    mask_key,
+    message_frame,
     ping_frame,
     pong_frame,
     unmask,
@@ -70,10 +73,16 @@ def close(code: int | None = None, reason: bytes = b"") -> bytes:
     return frame(0x8, b"" if code is None else struct.pack("!H", code) + reason)
 
 
-def read(wire: bytes, *, max_message: int = 1 << 20, pieces: list[int] | None = None) -> list:
+def read(
+    wire: bytes,
+    *,
+    max_message: int = 1 << 20,
+    pieces: list[int] | None = None,
+    client: bool = False,
+) -> list:
     """Everything the reader makes of `wire` (fed whole, or cut at `pieces`): messages and
-    control events, and ("error", code) if it failed."""
-    reader = FrameReader(max_message)
+    control events, and ("error", code) if it failed; `client`: read as a client."""
+    reader = (ClientFrameReader if client else FrameReader)(max_message)
     out: list = []
     cuts = [0, *(pieces or []), len(wire)]
     for a, b in zip(cuts, cuts[1:], strict=False):
@@ -263,6 +272,70 @@ def test_unmask(n):
     assert type(unmask(data, KEY)) is bytes
 
 
+# ------------------------------------------------------------ a client reading a server
+def test_a_client_reads_unmasked_frames_and_refuses_masked_ones():
+    """The LAN link's dialer: a server's frames come unmasked (1002 otherwise, as wsproto)."""
+    u = {"mask": None}
+    payload = random.Random(3).randbytes(70_000)
+    wire = (
+        binary(b"abc", **u)
+        + text("héllo", fin=False, **u)
+        + frame(0x9, b"p", **u)
+        + cont("!", **u)
+        + binary(payload, **u)  # a 64-bit length
+        + frame(0xA, **u)
+        + frame(0x8, b"\x03\xe9bye", **u)
+    )
+    expected = [b"abc", Ping(b"p"), "héllo!", payload, Pong(b""), Close(1001, "bye")]
+    assert read(wire, client=True) == expected
+    for cut in [1, 2, 5, 11, 12, 13, 30, 70_020, len(wire) - 2]:
+        assert read(wire, client=True, pieces=[cut]) == expected, cut
+    assert read(binary(b"abc"), client=True) == [("error", 1002)]  # masked: refused
+    assert read(frame(0x9, b"p"), client=True) == [("error", 1002)]
+    assert read(binary(b"ok", **u) + binary(b"x"), client=True) == [b"ok", ("error", 1002)]
+    assert read(binary(b"x" * 11, **u), client=True, max_message=10) == [("error", 1009)]
+    assert read(binary(b"abc", **u)) == [("error", 1002)]  # and a server still refuses it
+
+
+# ------------------------------------------------------------------ what a client sends
+@pytest.mark.parametrize("n", [0, 1, 125, 126, 1000, 65_535, 65_536, 70_000])
+def test_message_frames_are_wsprotos(n):
+    """Unmasked (a server's), byte for byte what wsproto builds; masked (a client's), read back
+    by wsproto's server as the same message, with a fresh key each time."""
+    data = random.Random(n).randbytes(n)
+    chars = "é✓" * (n // 2)
+    assert message_frame(data) == Connection(ConnectionType.SERVER).send(ws.BytesMessage(data))
+    assert message_frame(chars) == Connection(ConnectionType.SERVER).send(ws.TextMessage(chars))
+    for message in (data, chars):
+        server = Connection(ConnectionType.SERVER)
+        wire = message_frame(message, masked=True) + message_frame(message, masked=True)
+        server.receive_data(wire)
+        got = [e.data for e in server.events()]
+        assert got == [message, message]
+    one, two = message_frame(data, masked=True), message_frame(data, masked=True)
+    head = len(message_frame(data)) - n
+    assert one[1] & 0x80 and one[head : head + 4] != two[head : head + 4]  # the keys
+
+
+def test_control_frames_a_client_sends_are_masked_and_read_back():
+    server = Connection(ConnectionType.SERVER)
+    server.receive_data(
+        ping_frame(b"p", masked=True)
+        + pong_frame(b"q" * 125, masked=True)
+        + close_frame(4400, "é" * 70, masked=True)
+    )
+    events = list(server.events())
+    assert [type(e) for e in events] == [ws.Ping, ws.Pong, ws.CloseConnection]
+    assert events[0].payload == b"p" and events[1].payload == b"q" * 125
+    assert (events[2].code, events[2].reason) == (4400, "é" * 61)
+    assert close_frame(None) == b"\x88\x00"  # the answer to a close without a code
+
+
+def test_mask_keys_are_fresh_across_pool_refills():
+    keys = [mask_key() for _ in range(3000)]  # three pools of 1024 keys
+    assert all(len(k) == 4 for k in keys) and len(set(keys)) > 2990
+
+
 # ------------------------------------------------------------- what the server sends back
 def test_control_frames_sent_are_wsprotos():
     server = Connection(ConnectionType.SERVER)
@@ -282,10 +355,10 @@ def test_control_frames_sent_are_wsprotos():
 
 
 # ------------------------------------------------------------------ the same as wsproto
-def wsproto_read(wire: bytes, *, max_message: int, pieces: list[int]) -> list:
+def wsproto_read(wire: bytes, *, max_message: int, pieces: list[int], client: bool = False) -> list:
     """What the hub made of `wire` with wsproto (its old `WsConn`: the message size counted
-    as the pieces came)."""
-    server = Connection(ConnectionType.SERVER)
+    as the pieces came); `client`: what a client's wsproto made of it."""
+    server = Connection(ConnectionType.CLIENT if client else ConnectionType.SERVER)
     out: list = []
     parts: list = []
     size = 0
@@ -330,18 +403,18 @@ def random_text(rng: random.Random) -> bytes:
     return data
 
 
-def random_control(rng: random.Random) -> bytes:
+def random_control(rng: random.Random, m: dict) -> bytes:
     kind = rng.random()
     if kind < 0.4:
-        return frame(0x9, rng.randbytes(rng.choice([0, 4, 125])))
+        return frame(0x9, rng.randbytes(rng.choice([0, 4, 125])), **m)
     if kind < 0.8:
-        return frame(0xA, rng.randbytes(rng.choice([0, 4])))
+        return frame(0xA, rng.randbytes(rng.choice([0, 4])), **m)
     if kind < 0.9:
-        return frame(0x9, b"x" * 126)
-    return frame(0x9, fin=False)
+        return frame(0x9, b"x" * 126, **m)
+    return frame(0x9, fin=False, **m)
 
 
-def random_message(rng: random.Random, fragments: int) -> bytes:
+def random_message(rng: random.Random, fragments: int, m: dict) -> bytes:
     is_text = rng.random() < 0.4
     data = random_text(rng) if is_text else random_payload(rng)
     cuts = sorted(rng.randint(0, len(data)) for _ in range(fragments - 1))
@@ -349,67 +422,77 @@ def random_message(rng: random.Random, fragments: int) -> bytes:
     wire = b""
     for i, piece in enumerate(pieces):
         opcode = (0x1 if is_text else 0x2) if i == 0 else 0x0
-        wire += frame(opcode, piece, fin=i == len(pieces) - 1, mask=rng.randbytes(4))
+        mask = m.get("mask", rng.randbytes(4))
+        wire += frame(opcode, piece, fin=i == len(pieces) - 1, mask=mask)
         if i < len(pieces) - 1 and rng.random() < 0.3:
-            wire += random_control(rng)
+            wire += random_control(rng, m)
     return wire
 
 
-def broken_frame(rng: random.Random) -> bytes:
+def broken_frame(rng: random.Random, m: dict) -> bytes:
+    wrong = {"mask": KEY} if m else {"mask": None}  # a server's frame masked, a client's not
     return rng.choice(
         [
-            binary(b"abc", mask=None),
-            binary(b"abc", rsv=rng.choice([1, 2, 4])),
-            frame(rng.choice([3, 7, 0xB, 0xF]), b"x"),
-            cont(b"x"),
-            binary(b"x" * 5, length=16),
-            binary(b"x" * 300, length=64),
-            close(rng.choice([999, 1004, 1005, 1014, 2000, 5000])),
-            close(1000, b"\xff"),
-            frame(0x8, b"\x03"),
+            binary(b"abc", **wrong),
+            frame(0x9, **wrong),
+            binary(b"abc", rsv=rng.choice([1, 2, 4]), **m),
+            frame(rng.choice([3, 7, 0xB, 0xF]), b"x", **m),
+            cont(b"x", **m),
+            binary(b"x" * 5, length=16, **m),
+            binary(b"x" * 300, length=64, **m),
+            frame(0x8, struct.pack("!H", rng.choice([999, 1004, 1005, 1014, 2000, 5000])), **m),
+            frame(0x8, b"\x03\xe8\xff", **m),
+            frame(0x8, b"\x03", **m),
         ]
     )
 
 
-def random_wire(rng: random.Random) -> bytes:
+def random_wire(rng: random.Random, client: bool = False) -> bytes:
+    """Frames as a client sends them or, for a `client` to read, as a server does (unmasked)."""
+    m: dict = {"mask": None} if client else {}
     wire = b""
     for _ in range(rng.randint(1, 8)):
         roll = rng.random()
         if roll < 0.55:
-            wire += random_message(rng, rng.choice([1, 1, 2, 3]))
+            wire += random_message(rng, rng.choice([1, 1, 2, 3]), m)
         elif roll < 0.75:
-            wire += random_control(rng)
+            wire += random_control(rng, m)
         elif roll < 0.85:
-            wire += broken_frame(rng)
+            wire += broken_frame(rng, m)
         elif roll < 0.9:  # a message left open, then whatever comes
-            wire += binary(b"open", fin=False)
+            wire += binary(b"open", fin=False, **m)
         elif roll < 0.95:
-            wire += close(rng.choice([1000, 1001, 3000, 4999]), rng.choice([b"", b"bye"]))
-        else:
-            wire += text(b"x", fin=False) + random_message(rng, 1)  # a message inside one
+            code = struct.pack("!H", rng.choice([1000, 1001, 3000, 4999]))
+            wire += frame(0x8, code + rng.choice([b"", b"bye"]), **m)
+        else:  # a message inside one
+            wire += text(b"x", fin=False, **m) + random_message(rng, 1, m)
     return wire
 
 
+@pytest.mark.parametrize("client", [False, True], ids=["server", "client"])
 @pytest.mark.parametrize("seed", range(8))
-def test_same_answers_as_wsproto(seed):
+def test_same_answers_as_wsproto(seed, client):
     """Random valid and broken sequences, fed whole and cut at random: the same messages,
-    control frames and close codes. With a small limit, only binary messages: wsproto's old
+    control frames and close codes, read by a server (a client's masked frames) or by a client
+    (a server's unmasked ones). With a small limit, only binary messages: wsproto's old
     reader counted the size after decoding a piece, so for an oversized text message with bad
     UTF-8 it could say 1007 where the header already says 1009."""
     rng = random.Random(seed)
+    m: dict = {"mask": None} if client else {}
     compared = errors = 0
     for _ in range(60):
-        wire = random_wire(rng)
+        wire = random_wire(rng, client)
         cut_sets = [[], sorted(rng.sample(range(1, len(wire)), min(len(wire) - 1, 5)))]
         for pieces in cut_sets:
-            ours = read(wire, max_message=1 << 20, pieces=pieces)
-            assert ours == wsproto_read(wire, max_message=1 << 20, pieces=pieces), wire[:200]
+            ours = read(wire, max_message=1 << 20, pieces=pieces, client=client)
+            theirs = wsproto_read(wire, max_message=1 << 20, pieces=pieces, client=client)
+            assert ours == theirs, wire[:200]
             compared += 1
             errors += bool(ours) and type(ours[-1]) is tuple
         small = rng.choice([0, 10, 200, 5000])
-        sizes = [binary(random_payload(rng), fin=True) for _ in range(3)]
-        for wire2 in (b"".join(sizes), binary(b"x" * 7, fin=False) + cont(b"y" * 7)):
-            assert read(wire2, max_message=small) == wsproto_read(
-                wire2, max_message=small, pieces=[]
+        sizes = [binary(random_payload(rng), fin=True, **m) for _ in range(3)]
+        for wire2 in (b"".join(sizes), binary(b"x" * 7, fin=False, **m) + cont(b"y" * 7, **m)):
+            assert read(wire2, max_message=small, client=client) == wsproto_read(
+                wire2, max_message=small, pieces=[], client=client
             )
     assert errors > 5 and compared == 120  # the broken sequences were exercised

@@ -383,10 +383,11 @@ class Registry:
         env.pending = []
         repair = self._remove_strays(env, items, commit=False)  # before anything reads it
         env.pending = merged
-        changed = self._commit(env, origin, touched=touched)
-        if repair:
-            env.pending = repair
-            self._commit(env, "repair")  # to every follower: the origin keeps them too
+        with self.store.wake_after():  # the followers (change events, relays) first
+            changed = self._commit(env, origin, touched=touched)
+            if repair:
+                env.pending = repair
+                self._commit(env, "repair")  # to every follower: the origin keeps them too
         return created, changed, env.last_ticket
 
     def migrate(self, env_id: str, origin: str = "migration") -> Ticket | None:

@@ -1,5 +1,6 @@
-"""One websocket connection without I/O, either end (RFC 6455 over wsproto): the opening
-handshake (`ClientHandshake`, `ServerHandshake`) and the open connection (`WebSocketCore`).
+"""One websocket connection without I/O, either end (RFC 6455): the opening handshake
+(`ClientHandshake`, `ServerHandshake`, over wsproto) and the open connection (`WebSocketCore`,
+over `wsframes`).
 
 Each takes the bytes read and returns the bytes to write, so the size limit, the answers to
 pings, the closing handshake and a peer that breaks the framing are tested by feeding bytes.
@@ -10,30 +11,43 @@ of its own and sends under a lock: a task switch more each way on every message 
 Close codes and reasons are trio-websocket's, which the peers spoke before: a message over the
 limit is closed with 1009 "Exceeded maximum message size: N bytes", a connection that ended
 without a close frame reads as 1006.
+
+Why the frames are not wsproto's: on a LAN hop wsproto's parsing cost ~15 us a message at each
+end (an event generator, a buffer, a masker object per frame) and its framing about as much;
+`wsframes` reads and builds them in a few microseconds, with the same rules and close codes.
+Only the handshake, once per connection, stays with wsproto; the bytes read with its end are
+handed to the frame reader.
 """
 
 from __future__ import annotations
 
-import itertools
+import re
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from wsproto import ConnectionType, WSConnection
-from wsproto.connection import ConnectionState
 from wsproto.events import (
     AcceptConnection,
-    BytesMessage,
-    CloseConnection,
-    Event,
-    Message,
-    Ping,
     RejectConnection,
     RejectData,
     Request,
-    TextMessage,
 )
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
+
+from .wsframes import (
+    NO_STATUS,
+    TOO_LARGE,
+    ClientFrameReader,
+    Close,
+    FrameError,
+    FrameReader,
+    Ping,
+    close_frame,
+    message_frame,
+    ping_frame,
+    pong_frame,
+)
 
 __all__ = [
     "ABNORMAL",
@@ -56,6 +70,14 @@ ABNORMAL = 1006
 MESSAGE_TOO_BIG = 1009
 MAX_HEAD = 16 * 1024
 """The largest HTTP head read in an opening handshake."""
+_HEAD_END = re.compile(b"\n\r?\n")
+"""Where an HTTP head ends (h11's rule): what follows is the first frames."""
+
+
+def _after_head(seen: bytes | bytearray) -> bytes:
+    """The bytes read after the HTTP head in `seen` (frames sent right behind it)."""
+    end = _HEAD_END.search(seen)
+    return bytes(seen[end.end() :]) if end else b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +128,7 @@ class ClientHandshake:
         self._status = 0
         self._headers: list[tuple[bytes, bytes]] = []
         self._body = bytearray()
+        self._seen = bytearray()
 
     def request(self) -> bytes:
         """The upgrade request to write first."""
@@ -115,6 +138,8 @@ class ClientHandshake:
         """Bytes of the answer (None: the server left). -> the open connection once accepted
         (holding any frames read with the answer), None until the answer is complete;
         `Rejected` for another status, `HandshakeFailed` for anything else."""
+        if data and len(self._seen) <= MAX_HEAD:
+            self._seen += data
         try:
             self.proto.receive_data(data)
             events = list(self.proto.events())
@@ -122,7 +147,9 @@ class ClientHandshake:
             raise HandshakeFailed(f"bad upgrade answer: {exc}") from None
         for event in events:
             if isinstance(event, AcceptConnection):
-                return WebSocketCore(self.proto, max_message=self.max_message, pending=events)
+                return WebSocketCore(
+                    client=True, max_message=self.max_message, pending=_after_head(self._seen)
+                )
             if isinstance(event, RejectConnection):
                 self._status, self._headers = event.status_code, list(event.headers)
                 if not event.has_body:
@@ -156,11 +183,14 @@ class ServerHandshake:
         self.proto = WSConnection(ConnectionType.SERVER)
         self.request: UpgradeRequest | None = None
         self._size = 0
+        self._seen = bytearray()
 
     def receive_data(self, data: bytes | None) -> UpgradeRequest | None:
         """Bytes of the request (None: the client left). -> the request once its head is
         complete; `HandshakeFailed` if it is no websocket upgrade, too large, or cut short."""
         self._size += len(data or b"")
+        if data and len(self._seen) <= MAX_HEAD:
+            self._seen += data
         try:
             self.proto.receive_data(data)
             for event in self.proto.events():
@@ -183,7 +213,9 @@ class ServerHandshake:
     def accept(self, *, max_message: int) -> tuple[bytes, WebSocketCore]:
         """The `101` to write, and the open connection (holding any frames already read)."""
         data = self.proto.send(AcceptConnection())
-        return data, WebSocketCore(self.proto, max_message=max_message)
+        pending = _after_head(self._seen)
+        self._seen = bytearray()
+        return data, WebSocketCore(client=False, max_message=max_message, pending=pending)
 
     def reject(self, status: int, body: bytes = b"") -> bytes:
         """An HTTP answer in place of the upgrade (to write, then hang up)."""
@@ -197,21 +229,17 @@ class ServerHandshake:
 
 
 # ----------------------------------------------------------------------- the open connection
-_NO_EVENTS: Iterator[Event] = iter(())
-
-
 class WebSocketCore:
     """An open websocket, driven by the bytes read; what to write comes out of `data_to_send`.
+    `client`: the dialer's end (it masks what it sends, and reads unmasked frames).
 
     Reading: `receive_data(data)` (None: the connection ended), then `next_message()` until
     None. Pings are answered and a close frame answered in order, as they come. Writing:
     `send_message` and `close` queue frames; the shell writes `data_to_send()` and gives back
     what the socket did not take (`put_back`)."""
 
-    def __init__(
-        self, proto: WSConnection, *, max_message: int, pending: Iterable[Event] = ()
-    ) -> None:
-        self.proto = proto
+    def __init__(self, *, client: bool, max_message: int, pending: bytes = b"") -> None:
+        self.client = client
         self.max_message = max_message
         self.closed: CloseReason | None = None
         """Set once either side closed (our own close first, the answer's once it came), or
@@ -221,12 +249,10 @@ class WebSocketCore:
         connection ended."""
         self.lost = False
         """The connection ended without the closing handshake: nothing more goes out."""
-        # what came with the handshake's answer, then what wsproto holds (frames read with it)
-        self._events: Iterator[Event] = itertools.chain(
-            [e for e in pending if not isinstance(e, AcceptConnection)], proto.events()
-        )
-        self._parts: list[bytes | str] = []
-        self._size = 0
+        self._reader = (ClientFrameReader if client else FrameReader)(max_message)
+        self._reader.feed(pending)  # frames read with the handshake's end
+        self._sent_close = False
+        self._got_close = False
         self._out: deque[bytes | memoryview] = deque()
         self.pending = 0
         """Bytes queued, not yet taken by the socket."""
@@ -243,74 +269,51 @@ class WebSocketCore:
             if self.closed is None:
                 self.closed = CloseReason(ABNORMAL)
             return
-        try:
-            self.proto.receive_data(data)
-        except (RemoteProtocolError, LocalProtocolError) as exc:
-            self._fail(PROTOCOL_ERROR, str(exc))
-            return
-        if self._events is _NO_EVENTS:
-            self._events = self.proto.events()
-        else:  # events not taken yet (those of the handshake's answer, say) come first
-            self._events = itertools.chain(self._events, self.proto.events())
+        self._reader.feed(data)
 
     def next_message(self) -> bytes | str | None:
         """The next complete message read, or None until more arrives (or once the input
         ended: see `closed`)."""
         if self.input_ended:
             return None
+        reader = self._reader
         try:
-            for event in self._events:
-                if isinstance(event, BytesMessage | TextMessage):
-                    message = self._add_part(event)
-                    if message is not None or self.input_ended:
-                        return message
-                elif isinstance(event, Ping):
-                    self._queue(event.response())
-                elif isinstance(event, CloseConnection):
-                    self._close_received(event)
+            while (event := reader.next_event()) is not None:
+                kind = type(event)
+                if kind is bytes or kind is str:
+                    return event  # type: ignore[return-value]
+                if kind is Ping:
+                    if not self._sent_close:  # (none once our close went out)
+                        self._queue(pong_frame(event.payload, self.client))  # type: ignore[union-attr]
+                elif kind is Close:
+                    self._close_received(event)  # type: ignore[arg-type]
                     return None
-        except (RemoteProtocolError, LocalProtocolError) as exc:
-            self._fail(PROTOCOL_ERROR, str(exc))
-        self._events = _NO_EVENTS  # wsproto's generator is not kept while the peer is idle
+        except FrameError as exc:
+            if exc.code == TOO_LARGE:
+                self._fail(
+                    MESSAGE_TOO_BIG, f"Exceeded maximum message size: {self.max_message} bytes"
+                )
+            else:
+                self._fail(exc.code, exc.reason)
         return None
 
-    def _add_part(self, event: BytesMessage | TextMessage) -> bytes | str | None:
-        data = event.data
-        self._size += len(data)
-        if self._size > self.max_message:
-            self._fail(MESSAGE_TOO_BIG, f"Exceeded maximum message size: {self.max_message} bytes")
-            return None
-        if event.message_finished and not self._parts:
-            self._size = 0
-            return bytes(data) if isinstance(event, BytesMessage) else data
-        self._parts.append(data)
-        if not event.message_finished:
-            return None
-        parts, self._parts, self._size = self._parts, [], 0
-        if isinstance(event, TextMessage):
-            return "".join(parts)  # type: ignore[arg-type]
-        return b"".join(parts)  # type: ignore[arg-type]
-
-    def _close_received(self, event: CloseConnection) -> None:
+    def _close_received(self, event: Close) -> None:
         self.input_ended = True
-        reason = CloseReason(int(event.code), event.reason or None)
-        if self.proto.state is ConnectionState.REMOTE_CLOSING:
-            self._queue(event.response())  # the answer to the peer's close
-            self.closed = reason
-        elif self.proto.state is ConnectionState.OPEN:  # a framing error wsproto reports so
-            self._queue(CloseConnection(code=event.code, reason=event.reason))
-            self.closed = reason
-        else:  # the answer to our close
-            self.closed = reason
+        self._got_close = True
+        self.closed = CloseReason(event.code, event.reason or None)
+        if not self._sent_close:  # the answer to the peer's close: its code and reason back
+            self._sent_close = True
+            code = None if event.code == NO_STATUS else event.code
+            self._queue(close_frame(code, event.reason, self.client))
 
     def _fail(self, code: int, reason: str) -> None:
         """We end the connection for what the peer sent (too large, bad framing): our close
         frame goes out, nothing more is read."""
         self.input_ended = True
-        self._parts, self._size = [], 0
         self.closed = CloseReason(code, reason)
-        if self.proto.state is ConnectionState.OPEN:
-            self._queue(CloseConnection(code=code, reason=reason))
+        if not self._sent_close:
+            self._sent_close = True
+            self._queue(close_frame(code, reason, self.client))
 
     def connection_lost(self) -> None:
         """Writing failed: the connection is gone, nothing more goes out or comes in."""
@@ -320,24 +323,26 @@ class WebSocketCore:
     # -- output ----------------------------------------------------------------------------------
     def send_message(self, message: bytes | str) -> None:
         """Queue one message; `ConnectionClosed` once either side closed."""
-        if self.closed is not None or self.proto.state is not ConnectionState.OPEN:
+        if self.closed is not None or self._sent_close:
             raise ConnectionClosed(self.closed or CloseReason(ABNORMAL))
-        event: Message = (
-            TextMessage(data=message) if isinstance(message, str) else BytesMessage(data=message)
-        )
-        self._queue(event)
+        self._queue(message_frame(message, self.client))
+
+    def ping(self, payload: bytes = b"") -> None:
+        """Queue a ping (nothing once either side closed)."""
+        if self.closed is None and not self._sent_close:
+            self._queue(ping_frame(payload, self.client))
 
     def close(self, code: int = NORMAL, reason: str | None = None) -> None:
         """Start the closing handshake (nothing if it is under way or over)."""
-        if self.closed is not None or self.proto.state is not ConnectionState.OPEN:
+        if self.closed is not None or self._sent_close:
             return
         self.closed = CloseReason(code, reason)
-        self._queue(CloseConnection(code=code, reason=reason or ""))
+        self._sent_close = True
+        self._queue(close_frame(code, reason or "", self.client))
 
-    def _queue(self, event: Event) -> None:
+    def _queue(self, data: bytes) -> None:
         if self.lost:
             return
-        data = self.proto.send(event)
         self._out.append(data)
         self.pending += len(data)
 
@@ -365,4 +370,4 @@ class WebSocketCore:
     def finished(self) -> bool:
         """The closing handshake is over (or the connection lost): the shell may hang up once
         what is queued is written."""
-        return self.lost or self.proto.state is ConnectionState.CLOSED
+        return self.lost or (self._sent_close and self._got_close)

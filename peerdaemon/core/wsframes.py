@@ -1,5 +1,7 @@
-"""RFC 6455 frames as a server reads them once the handshake is done, without I/O: feed the
-client's bytes (`FrameReader.feed`), take messages and control events (`next_event`) until None.
+"""RFC 6455 frames once the handshake is done, without I/O: feed the other end's bytes
+(`FrameReader.feed`), take messages and control events (`next_event`) until None. A server reads
+a client's masked frames (`FrameReader`: the hub's), a client a server's unmasked ones
+(`ClientFrameReader`: the LAN link's dialer).
 
 Why not wsproto: the hub reads every message of every client, and in a join's awareness flood
 wsproto's parsing was its largest CPU item (~50 us a message: an event generator, a bytearray
@@ -8,30 +10,35 @@ objects alive. This reader is one object with slots per connection; a frame that
 at hand is sliced and unmasked at once, with one big-integer XOR when small (for a few hundred
 bytes a few times faster than wsproto's four `translate` calls, which win from about 1 KiB on).
 
-It enforces what wsproto enforces for a server, with the same close codes (checked against
-wsproto by tests/test_wsframes.py): unmasked client frames, reserved bits (no extensions are
+It enforces what wsproto enforces, with the same close codes (checked against wsproto by
+tests/test_wsframes.py): unmasked client frames (masked server frames for a client), reserved bits (no extensions are
 negotiated), unknown opcodes, fragmented or oversized control frames, non-minimal lengths, a
 continuation without a start or a new message inside a fragmented one, and close codes that may
 not be sent (1002); invalid UTF-8 in a text message or a close reason (1007). A message larger
 than `max_message` is refused from its frame's header (1009), before its payload is buffered.
 After a close frame or an error the reader is done and ignores what follows.
 
-The frames the server sends back (pong, ping, close) are built here too, as wsproto built them.
+The frames sent are built here too, as wsproto built them: a message (`message_frame`), pong,
+ping, close; masked when a client sends them (`masked=True`), with keys from `os.urandom` taken
+a pool at a time (one system call per thousand frames rather than one per frame).
 """
 
 from __future__ import annotations
 
 import codecs
+import os
 import struct
 from typing import NamedTuple
 
 __all__ = [
     "Close",
     "FrameError",
+    "ClientFrameReader",
     "FrameReader",
     "Ping",
     "Pong",
     "close_frame",
+    "message_frame",
     "ping_frame",
     "pong_frame",
     "unmask",
@@ -265,6 +272,102 @@ class FrameReader:
         self._parts = self._decoder = None
 
 
+class ClientFrameReader(FrameReader):
+    """The server-to-client frames of one connection (the LAN link's dialer): the same rules,
+    but frames come unmasked (a masked one is a protocol error, 1002, as wsproto has it). Its
+    own loop, not a flag in the server's: the hub reads every message of every client."""
+
+    __slots__ = ()
+
+    def next_event(self) -> Event | None:
+        """The next message or control frame of what was fed; None until more is fed."""
+        while not self.done:
+            buf, pos = self._buf, self._pos
+            end = len(buf)
+            if self._need:  # the rest of a data frame, as it comes
+                if pos == end:
+                    return self._idle(buf, pos)
+                take = min(self._need, end - pos)
+                chunk = buf if pos == 0 and take == end else buf[pos : pos + take]
+                self._pos = pos + take
+                self._need -= take
+                message = self._piece(chunk, self._fin and not self._need)
+                if message is not None:
+                    return message
+                continue
+            if end - pos < 2:
+                return self._idle(buf, pos)
+            b0 = buf[pos]
+            b1 = buf[pos + 1]
+            opcode = b0 & 0x0F
+            if opcode > BINARY and opcode not in (CLOSE, PING, PONG):
+                raise self._fail(PROTOCOL_ERROR, f"invalid opcode {opcode:#x}")
+            n = b1 & 0x7F
+            if opcode & 0x08:
+                if not b0 & 0x80:
+                    raise self._fail(PROTOCOL_ERROR, "fragmented control frame")
+                if n > 125:
+                    raise self._fail(PROTOCOL_ERROR, "control frame with payload len > 125")
+            head = pos + 2
+            if n == 126:
+                if end - head < 2:
+                    return self._idle(buf, pos)
+                (n,) = struct.unpack_from("!H", buf, head)
+                head += 2
+                if n < 126:
+                    raise self._fail(PROTOCOL_ERROR, "payload length not minimal")
+            elif n == 127:
+                if end - head < 8:
+                    return self._idle(buf, pos)
+                (n,) = struct.unpack_from("!Q", buf, head)
+                head += 8
+                if n < 65536:
+                    raise self._fail(PROTOCOL_ERROR, "payload length not minimal")
+                if n >> 63:
+                    raise self._fail(PROTOCOL_ERROR, "8-byte payload length with non-zero MSB")
+            if b0 & 0x70:
+                raise self._fail(PROTOCOL_ERROR, "reserved bit set")
+            if b1 & 0x80:
+                raise self._fail(PROTOCOL_ERROR, "masked frame from a server")
+            start = head
+            if opcode & 0x08:  # a control frame: waited for whole (at most 125 bytes)
+                if end - start < n:
+                    return self._idle(buf, pos)
+                self._pos = start + n
+                payload = buf[start : start + n]
+                if opcode == PING:
+                    return Ping(payload)
+                if opcode == PONG:
+                    return Pong(payload)
+                self._finish()  # whatever follows a close is not read
+                return _close(payload)
+            if opcode == CONTINUATION:
+                if not self._opcode:
+                    raise self._fail(PROTOCOL_ERROR, "continuation frame without a message")
+            elif self._opcode:
+                raise self._fail(PROTOCOL_ERROR, "new message inside a fragmented one")
+            else:
+                self._opcode = opcode
+            self._size += n
+            if self._size > self.max_message:
+                raise self._fail(TOO_LARGE, "too-large")
+            fin = bool(b0 & 0x80)
+            if end - start >= n:  # the whole frame is at hand
+                self._pos = start + n
+                payload = buf[start : start + n]
+                if fin and opcode == BINARY:  # a whole binary message: y-websocket's
+                    self._opcode = self._size = 0
+                    return payload
+                message = self._piece(payload, fin)
+                if message is not None:
+                    return message
+                continue
+            self._pos = start
+            self._need = n
+            self._fin = fin
+        return None
+
+
 def _close(payload: bytes) -> Close:
     """A client's close frame's code and reason (wsproto's rules)."""
     if not payload:
@@ -302,27 +405,69 @@ def unmask(data: bytes, mask: bytes) -> bytes:
     return bytes(out)
 
 
-# ------------------------------------------------------------------ what the server sends back
-def _control(opcode: int, payload: bytes) -> bytes:
+# ------------------------------------------------------------------------- what is sent
+_KEYS = b""
+_key_at = 0
+KEY_POOL = 4096
+"""Bytes of `os.urandom` drawn at once for the masking keys of a client's frames."""
+
+
+def mask_key() -> bytes:
+    """A fresh unpredictable 4-byte masking key (RFC 6455 5.3), from a pool of random bytes."""
+    global _KEYS, _key_at
+    at = _key_at
+    if at >= len(_KEYS):
+        _KEYS, at = os.urandom(KEY_POOL), 0
+    _key_at = at + 4
+    return _KEYS[at : at + 4]
+
+
+def _frame(b0: int, payload: bytes, masked: bool) -> bytes:
+    n = len(payload)
+    bit = 0x80 if masked else 0
+    if n < 126:
+        head = bytes((b0, bit | n))
+    elif n < 65536:
+        head = struct.pack("!BBH", b0, bit | 126, n)
+    else:
+        head = struct.pack("!BBQ", b0, bit | 127, n)
+    if not masked:
+        return head + payload
+    key = mask_key()
+    return head + key + unmask(payload, key)
+
+
+def message_frame(message: bytes | str, masked: bool = False) -> bytes:
+    """One whole message (str: text, else binary) in one frame."""
+    if type(message) is str:
+        return _frame(0x80 | TEXT, message.encode("utf-8"), masked)
+    return _frame(0x80 | BINARY, bytes(message), masked)  # type: ignore[arg-type]
+
+
+def _control(opcode: int, payload: bytes, masked: bool = False) -> bytes:
+    if masked:
+        return _frame(0x80 | opcode, payload, True)
     return bytes((0x80 | opcode, len(payload))) + payload
 
 
-def ping_frame(payload: bytes = b"") -> bytes:
-    return _control(PING, payload)
+def ping_frame(payload: bytes = b"", masked: bool = False) -> bytes:
+    return _control(PING, payload, masked)
 
 
-def pong_frame(payload: bytes) -> bytes:
+def pong_frame(payload: bytes, masked: bool = False) -> bytes:
     """The answer to a ping: the same payload back."""
-    return _control(PONG, payload)
+    return _control(PONG, payload, masked)
 
 
-def close_frame(code: int, reason: str = "") -> bytes:
+def close_frame(code: int | None, reason: str = "", masked: bool = False) -> bytes:
     """A close frame with `code` and `reason` (cut to fit 125 bytes, on a character boundary).
     A code that may not be sent (1005: the client's close had none; 1006, 1015) goes out as
-    1000, as wsproto sends it."""
+    1000, as wsproto sends it; None: a close frame without a code (wsproto's answer to one)."""
+    if code is None:
+        return _control(CLOSE, b"", masked)
     if code in (NO_STATUS, 1006, 1015):
         code = 1000
     data = reason.encode("utf-8")
     if len(data) > 123:
         data = data[:123].decode("utf-8", "ignore").encode("utf-8")
-    return _control(CLOSE, code.to_bytes(2, "big") + data)
+    return _control(CLOSE, code.to_bytes(2, "big") + data, masked)

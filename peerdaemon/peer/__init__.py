@@ -14,11 +14,11 @@ parts and their tests never import trio.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..core.admission import BUSY_BODY, BUSY_STATUS, Admission, Slot
 from ..core.backoff import Backoff
+from ..lazy import lazy_names
 from . import messages
 from .config import PeerConfig
 from .crypto import HUB_TOKEN_ID_LEN, hub_token_hash, hub_token_id, hub_token_proof
@@ -122,10 +122,4 @@ _SHELL = {
 """The trio shell's names, by module: imported on first use."""
 
 
-def __getattr__(name: str) -> Any:
-    module = _SHELL.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
+__getattr__ = lazy_names(__name__, _SHELL, globals())

@@ -13,9 +13,9 @@ memory.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from ..lazy import lazy_names
 from .core import MAX_STATE, RENEW, TIMEOUT, Awareness, Change, Send, StateTooLarge
 
 if TYPE_CHECKING:
@@ -51,10 +51,4 @@ _LAZY = {
 """Names loaded on first use, by module."""
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
+__getattr__ = lazy_names(__name__, _LAZY, globals())
