@@ -3,7 +3,7 @@ embedded hub, in one run, alternating.
 
     .venv/bin/python benchmarks/bench_hub.py --prepare /tmp/yh      # npm ci, once (registry)
     ../shared/tools/leakcheck .venv/bin/python benchmarks/bench_cluster.py --harness /tmp/yh/bench
-        [--rounds 3] [--quick] [--json FILE]
+        [--rounds 3] [--quick] [--json FILE] [--redis-cluster]
 
 One private Redis and one private PostgreSQL (lab/servers.py: free loopback ports, temporary
 directories), two `peerdaemon hub serve --redis --postgres` processes on them, and one embedded
@@ -25,6 +25,10 @@ Figures (medians over the rounds, each round's values listed):
             the client staying away (process 2 has only PostgreSQL and the stream). Process 1
             is started again after each
 
+`--redis-cluster` adds two more processes on a private Redis Cluster (three masters,
+lab/servers.py `running_redis_cluster`; the same PostgreSQL) and the latency configurations
+`rc 2 procs` and `rc 1 proc` beside the single Redis's, alternating with them in each round.
+
 Without Node, the harness's packages, redis-server or PostgreSQL it says what it skips and
 exits 0.
 """
@@ -40,6 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +54,10 @@ from servers import (  # noqa: E402
     free_port,
     have_postgres,
     have_redis,
+    have_redis_cluster,
     running_postgres,
     running_redis,
+    running_redis_cluster,
 )
 
 DRIVER = Path(__file__).resolve().with_name("cluster_clients.mjs")
@@ -79,6 +86,8 @@ COLUMNS = {
     "postgres": "cluster (PostgreSQL)",
     "reconnect": "client reconnects",
     "alone": "client stays away",
+    "rc2procs": "redis cluster, 2 procs",
+    "rc1proc": "redis cluster, 1 proc",
 }
 FIGURES: list[tuple[str, str, str, Any]] = [
     ("latency", "edit latency p50", "ms", lambda r: r["latency_ms"]["p50"]),
@@ -242,18 +251,23 @@ class Bench:
         self.rounds = rounds
         self.docs = [f"env-{n}" for n in range(rounds)]
 
-    def setup(self, redis_url: str, dsn: str) -> None:
+    def setup(self, redis_url: str, dsn: str, rcluster_url: str | None = None) -> None:
         update = environment_update(self.sizes["env_bytes"])
         self.ctoken = seed_postgres(dsn, self.docs, update)
         self.one = HubProc("hub1", self.work / "hub1", (redis_url, dsn))
         self.two = HubProc("hub2", self.work / "hub2", (redis_url, dsn))
         self.emb = HubProc("embedded", self.work / "embedded")
         self.etoken = seed_embedded(self.emb.data, self.docs, update)
-        for hub in (self.one, self.two, self.emb):
+        self.hubs = [self.one, self.two, self.emb]
+        if rcluster_url is not None:  # (--redis-cluster: the same PostgreSQL)
+            self.rc1 = HubProc("rc1", self.work / "rc1", (rcluster_url, dsn))
+            self.rc2 = HubProc("rc2", self.work / "rc2", (rcluster_url, dsn))
+            self.hubs += [self.rc1, self.rc2]
+        for hub in self.hubs:
             hub.start()
 
     def stop(self) -> None:
-        for hub in (self.one, self.two, self.emb):
+        for hub in self.hubs:
             hub.stop()
 
     def run(self, scenario: str, config: str, n: int) -> dict[str, Any]:
@@ -261,7 +275,11 @@ class Bench:
         c1, c2 = self.one.url(self.ctoken), self.two.url(self.ctoken)
         e = self.emb.url(self.etoken)
         if scenario == "latency":
-            a, b = {"2procs": (c1, c2), "1proc": (c1, c1), "embedded": (e, e)}[config]
+            pairs = {"2procs": (c1, c2), "1proc": (c1, c1), "embedded": (e, e)}
+            if config.startswith("rc"):
+                r1, r2 = self.rc1.url(self.ctoken), self.rc2.url(self.ctoken)
+                pairs.update(rc2procs=(r1, r2), rc1proc=(r1, r1))
+            a, b = pairs[config]
             argv = ["--url-a", a, "--url-b", b, "--ops", str(s["ops"])]
         elif scenario == "fanout":
             a, urls = {"2procs": (c1, f"{c1},{c2}"), "1proc": (c1, c1), "embedded": (e, e)}[config]
@@ -287,12 +305,19 @@ def main() -> int:
     parser.add_argument("--scenarios", default=",".join(CONFIGS), help="comma-separated")
     parser.add_argument("--harness", metavar="DIR", help="a harness bench_hub.py --prepare made")
     parser.add_argument("--json", metavar="FILE", help="also write the summary (JSON) to FILE")
+    parser.add_argument(
+        "--redis-cluster", action="store_true", help="latency on a Redis Cluster too"
+    )
     args = parser.parse_args()
+    if args.redis_cluster:
+        CONFIGS["latency"] = ("2procs", "rc2procs", "1proc", "rc1proc", "embedded")
     rounds = 1 if args.quick else args.rounds
     sizes = QUICK if args.quick else FULL
     scenarios = [s for s in args.scenarios.split(",") if s]
     harness = Path(args.harness) if args.harness else SHARED
     why = missing(harness)
+    if not why and args.redis_cluster and not have_redis_cluster():
+        why = "--redis-cluster needs redis-cli (apt-get install redis-server)"
     if why:
         print(f"bench_cluster: skipped every scenario ({', '.join(scenarios)}): {why}")
         return 0
@@ -303,10 +328,16 @@ def main() -> int:
         with (
             running_redis(work / "redis", persist=False) as redis,
             running_postgres() as pg,
+            ExitStack() as more,
         ):
+            rcluster_url = None
+            if args.redis_cluster:
+                rcluster_url = more.enter_context(
+                    running_redis_cluster(work / "rcluster", persist=False)
+                ).url
             t0 = time.monotonic()
             try:
-                bench.setup(redis.url, pg.dsn)
+                bench.setup(redis.url, pg.dsn, rcluster_url)
                 print(f"set up in {time.monotonic() - t0:.1f} s", file=sys.stderr)
                 for n in range(rounds):
                     for scenario in scenarios:

@@ -3,6 +3,9 @@ a free loopback port in a temporary directory, so that a test can kill -9 them, 
 them. Shared by tests/ (tests/servers.py) and benchmarks/ (bench_cluster.py): lab/ holds what
 both use, since benchmarks import nothing from tests/.
 
+`running_redis_cluster` starts a Redis Cluster of three masters the same way (the hub on a
+Redis Cluster: tests/test_cluster_redis_cluster.py, `bench_cluster.py --redis-cluster`).
+
 Both run from the Debian packages `.ci/run` installs (`redis-server`, `postgresql`); a test that
 needs one is skipped with the reason when the binaries are missing (a benchmark says what it
 skips). Servers listen on 127.0.0.1 only and work inside the tests' network namespace
@@ -40,7 +43,11 @@ __all__ = [
     "running_redis",
     "have_postgres",
     "have_redis",
+    "have_redis_cluster",
     "postgres_bin",
+    "RedisCluster",
+    "RedisClusterNode",
+    "running_redis_cluster",
 ]
 
 HOST = "127.0.0.1"
@@ -458,3 +465,133 @@ def running_postgres(root: Path | None = None, **kwargs: bool) -> Iterator[Postg
         yield server
     finally:
         server.close()
+
+
+class RedisClusterNode(RedisServer):
+    """One master of a private Redis Cluster: `cluster-enabled yes`, its cluster bus on a free
+    port of its own (not PORT+10000, which may be taken or past 65535), and its node table
+    (`nodes.conf`) beside its data, so `restart(empty=True)` brings the node back as the
+    same member owning the same slots but without a key, as a master without persistence
+    restarting would."""
+
+    name = "redis-node"
+
+    def __init__(self, root: Path, **kwargs: bool) -> None:
+        super().__init__(root, **kwargs)
+        self.bus_port = 0
+
+    def _command(self) -> list[str]:
+        if not self.bus_port:
+            self.bus_port = free_port()
+        return [
+            *super()._command(),
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            str(self.root / "nodes.conf"),
+            "--cluster-port",
+            str(self.bus_port),
+            "--cluster-node-timeout",
+            "5000",
+            # the other masters go on serving their slots while one is down
+            "--cluster-require-full-coverage",
+            "no",
+        ]
+
+    @property
+    def address(self) -> str:
+        return f"{HOST}:{self.port}"
+
+
+class RedisCluster:
+    """`n` Redis Cluster masters (no replicas) on loopback, the slots split between them by
+    `redis-cli --cluster create`. `url` is what the hub takes (`redis+cluster://` one of them:
+    the client learns the others from it)."""
+
+    def __init__(self, root: Path, n: int = 3, **kwargs: bool) -> None:
+        self.root = Path(root)
+        self.nodes = [RedisClusterNode(self.root / f"node{i}", **kwargs) for i in range(n)]
+
+    @property
+    def url(self) -> str:
+        return f"redis+cluster://{HOST}:{self.nodes[0].port}"
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.start()
+        done = subprocess.run(
+            ["redis-cli", "--cluster", "create", *(n.address for n in self.nodes)]
+            + ["--cluster-replicas", "0", "--cluster-yes"],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=60,
+        )
+        if done.returncode != 0:
+            out = (done.stdout + done.stderr).decode(errors="replace")[-3000:]
+            raise RuntimeError(f"redis-cli --cluster create failed:\n{out}")
+        self.wait_ok()
+
+    def info(self, node: RedisClusterNode | None = None) -> dict[str, str]:
+        """`CLUSTER INFO` of `node` (the first by default) as a dict."""
+        raw = (node or self.nodes[0]).command("CLUSTER", "INFO")
+        body = raw.split(b"\r\n", 1)[-1].decode(errors="replace")
+        return dict(line.split(":", 1) for line in body.splitlines() if ":" in line)
+
+    def wait_ok(self, timeout: float = START_TIMEOUT) -> None:
+        """Until every node says `cluster_state:ok` and knows all the others."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with suppress(OSError):
+                infos = [self.info(node) for node in self.nodes]
+                if all(
+                    i.get("cluster_state") == "ok"
+                    and i.get("cluster_known_nodes") == str(len(self.nodes))
+                    and i.get("cluster_slots_ok") == "16384"
+                    for i in infos
+                ):
+                    return
+            time.sleep(0.05)
+        raise RuntimeError(f"redis cluster not ok after {timeout} s: {self.info()}")
+
+    def node_of(self, key: str | bytes) -> RedisClusterNode:
+        """The master serving `key`'s slot."""
+        raw = self.nodes[0].command("CLUSTER", "KEYSLOT", key)
+        return self._owner(int(raw.strip().lstrip(b":")))
+
+    def _owner(self, slot: int) -> RedisClusterNode:
+        raw = subprocess.run(
+            ["redis-cli", "-h", HOST, "-p", str(self.nodes[0].port), "CLUSTER", "NODES"],
+            capture_output=True,
+            check=True,
+        ).stdout.decode()
+        for line in raw.splitlines():
+            fields = line.split()
+            port = int(fields[1].split("@")[0].rsplit(":", 1)[1])
+            for part in fields[8:]:
+                lo, _, hi = part.partition("-")
+                if lo.isdigit() and int(lo) <= slot <= int(hi or lo):
+                    return next(n for n in self.nodes if n.port == port)
+        raise LookupError(f"no node serves slot {slot}")
+
+    def kill9(self) -> None:
+        for node in self.nodes:
+            node.kill9()
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.close()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def have_redis_cluster() -> bool:
+    return have_redis() and shutil.which("redis-cli") is not None
+
+
+@contextmanager
+def running_redis_cluster(root: Path, n: int = 3, **kwargs: bool) -> Iterator[RedisCluster]:
+    cluster = RedisCluster(root, n, **kwargs)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.close()

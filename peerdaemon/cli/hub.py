@@ -44,7 +44,11 @@ def register(commands: Commands) -> None:
     p.add_argument("--listen", metavar="HOST:PORT", type=host_port, help="default 127.0.0.1:8765")
     p.add_argument("--tls-cert", metavar="FILE", help="serve TLS with this certificate (PEM)")
     p.add_argument("--tls-key", metavar="FILE", help="... and this private key (PEM)")
-    p.add_argument("--redis", metavar="URL", help="scaled mode: the cluster's Redis (redis://...)")
+    p.add_argument(
+        "--redis",
+        metavar="URL",
+        help="scaled mode: the cluster's Redis (redis://...; a Redis Cluster: redis+cluster://...)",
+    )
     p.add_argument("--postgres", metavar="DSN", help="scaled mode: the cluster's PostgreSQL")
     add_log_options(p)
     p = command(

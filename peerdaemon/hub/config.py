@@ -279,7 +279,9 @@ def schema() -> Schema:
             "cluster.redis",
             kinds.text,
             "scaled mode: this process joins a cluster whose rooms move through this Redis"
-            " (redis://HOST:PORT/DB; with cluster.postgres)",
+            " (redis://HOST:PORT/DB, rediss:// with TLS; a Redis Cluster:"
+            " redis+cluster://HOST:PORT, any one node, or rediss+cluster://; with"
+            " cluster.postgres)",
             flag="--redis",
         ),
         S(

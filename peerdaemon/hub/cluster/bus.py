@@ -5,18 +5,28 @@ The layout and the cursors are `protocol.py`'s (no I/O); this module only talks 
 Redis failure comes out as `BusError`, so the hub's code never sees coredis. What needs two
 commands to be safe runs as one Lua script (atomic, one round trip, and the server's clock:
 hub processes' clocks may disagree, Redis' is the one the stream ids come from).
+
+On a Redis Cluster (`redis+cluster://`) every command here has its keys in one slot (the hash
+tags of `protocol.py`) except two: the reader's XREAD over every followed stream, and the
+process list. Redis refuses a command over keys of several slots even when one master serves
+them all (CROSSSLOT), so the reader blocks in one XREAD per slot (`RoomBus.follow_slots`),
+and the process list asks each master. Each room has its own epoch there (protocol.py), which
+an append returns. coredis routes each command to the slot's master and follows MOVED and
+ASK during resharding by itself.
 """
 
 from __future__ import annotations
 
 import logging
 import secrets
+from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import coredis
 import trio
+from coredis._utils import hash_slot
 from coredis.exceptions import RedisError
 from coredis.tokens import PureToken
 
@@ -27,6 +37,7 @@ from .protocol import (
     EPOCH_KEY,
     KICKS_KEY,
     KICKS_MAXLEN,
+    ROOM_EPOCH_TTL_MS,
     UPDATE,
     BusEntry,
     Cursors,
@@ -38,6 +49,7 @@ from .protocol import (
     devices_key,
     encode_entry,
     lock_key,
+    room_epoch_key,
     update_key,
 )
 
@@ -60,16 +72,45 @@ async def _errors() -> AsyncIterator[None]:
         raise BusError(f"redis: {exc}") from exc
 
 
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+
+
+def cluster_url(url: str) -> str | None:
+    """The startup node's `redis://` URL if `url` names a Redis Cluster
+    (`redis+cluster://HOST:PORT`, `rediss+cluster://` with TLS), else None."""
+    scheme, sep, rest = url.partition("://")
+    base = CLUSTER_SCHEMES.get(scheme.lower()) if sep else None
+    return f"{base}://{rest}" if base is not None else None
+
+
 @asynccontextmanager
-async def connect(url: str, *, connect_timeout: float = 2.0) -> AsyncIterator[coredis.Redis]:
-    """A coredis client for `url` (`redis://HOST:PORT/DB`), bytes in and out. It reconnects by
-    itself: a command while Redis is down raises (`BusError` through this package's calls),
-    the next one after it is back succeeds."""
-    client: coredis.Redis = coredis.Redis.from_url(
-        url, decode_responses=False, connect_timeout=connect_timeout
-    )
-    async with client:
-        yield client
+async def connect(
+    url: str, *, connect_timeout: float = 2.0, blocking_reads: bool = False
+) -> AsyncIterator[coredis.Redis | coredis.RedisCluster]:
+    """A coredis client for `url` (`redis://HOST:PORT/DB`, or a Redis Cluster's
+    `redis+cluster://HOST:PORT`: one node, the client learns the others), bytes in and out. It
+    reconnects by itself: a command while Redis is down raises (`BusError` through this
+    package's calls), the next one after it is back succeeds. `blocking_reads`: the reader's
+    client, which on a cluster holds a connection per followed slot (coredis' default pool,
+    64 shared by the nodes, would run out and hold up the reads past it)."""
+    base = cluster_url(url)
+    client: coredis.Redis | coredis.RedisCluster
+    if base is None:
+        client = coredis.Redis.from_url(
+            url, decode_responses=False, connect_timeout=connect_timeout
+        )
+    else:
+        pool: dict[str, Any] = {}
+        if blocking_reads:
+            pool = {"max_connections": 16384, "max_connections_per_node": True}
+        client = coredis.RedisCluster.from_url(
+            base, decode_responses=False, connect_timeout=connect_timeout, **pool
+        )
+    try:
+        async with client:
+            yield client
+    except RedisError as exc:  # (the cluster's discovery, when the client starts)
+        raise BusError(f"redis: {exc}") from exc
 
 
 # XADD to the awareness stream dropping what is older than the timeout (by Redis' clock), and
@@ -118,6 +159,28 @@ local e = redis.call('GET', KEYS[1])
 if not e then redis.call('SET', KEYS[1], ARGV[1]); e = ARGV[1] end
 return e
 """
+# A Redis Cluster's epochs: each key's value, set where missing (the master restarted empty, or
+# the room is new), and kept a day past the last look.
+_EPOCHS = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  local e = redis.call('GET', key)
+  if not e then redis.call('SET', key, ARGV[1]); e = ARGV[1] end
+  redis.call('PEXPIRE', key, ARGV[2])
+  out[i] = e
+end
+return out
+"""
+# An update's XADD on a Redis Cluster, returning the room's epoch with the id: a process knows
+# the epoch its update went into, so a master lost right after it is seen, however soon.
+_XADD_EPOCH = """
+local id = redis.call('XADD', KEYS[1], '*', 'k', ARGV[1], 'o', ARGV[2], 'd', ARGV[3])
+local e = redis.call('GET', KEYS[2])
+if not e then
+  redis.call('SET', KEYS[2], ARGV[4], 'PX', ARGV[5]); e = ARGV[4]
+end
+return {id, e}
+"""
 _DEVICES_LIVE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -139,11 +202,16 @@ class RoomBus:
     ) -> None:
         self.client = client
         self.process = process
+        self.clustered = isinstance(client, coredis.RedisCluster)
         self.awareness_ttl_ms = awareness_ttl_ms
         self.awareness_key_ttl_ms = awareness_key_ttl_ms
         self._awareness = client.register_script(_AWARENESS_XADD)
         self._time = client.register_script("return redis.call('TIME')")
         self._epoch = client.register_script(_EPOCH)
+        self._epochs = client.register_script(_EPOCHS)
+        self._xadd_epoch = client.register_script(_XADD_EPOCH)
+        self.cursors: Cursors | None = None
+        """On a cluster: the reader's cursors, whose rooms' epochs an append records."""
 
     def origin(self, connection: str) -> str:
         return f"{self.process}:{connection}"
@@ -153,12 +221,37 @@ class RoomBus:
         one, which is how a reader knows the streams lost what it had not read."""
         async with _errors():
             value = await self._epoch(keys=[EPOCH_KEY], args=[secrets.token_hex(8)])
-        return value.decode() if isinstance(value, bytes) else str(value)
+        return _text(value)
+
+    async def room_epochs(self, rooms: list[str]) -> list[str]:
+        """On a Redis Cluster: the epochs of rooms whose keys share one slot (KICKS_KEY: the
+        kicks'), set where missing. A room's changes when its master restarts empty."""
+        keys = [room_epoch_key(room) for room in rooms]
+        async with _errors():
+            values: Any = await self._epochs(
+                keys=keys, args=[secrets.token_hex(8), ROOM_EPOCH_TTL_MS]
+            )
+        return [_text(v) for v in values]
 
     async def publish_update(self, room: str, update: bytes, origin: str) -> StreamId:
+        if self.clustered:
+            return await self._publish_update_epoch(room, update, origin)
         async with _errors():
             sid = await self.client.xadd(update_key(room), encode_entry(UPDATE, origin, update))
         assert sid is not None
+        return StreamId.parse(sid)
+
+    async def _publish_update_epoch(self, room: str, update: bytes, origin: str) -> StreamId:
+        keys = [update_key(room), room_epoch_key(room)]
+        # (a new value each time: one reused would make a master restarted empty look the same
+        # to a process whose append had set the epoch before the loss and sets it again after)
+        new = secrets.token_hex(8)
+        args = [UPDATE, origin.encode(), bytes(update), new, ROOM_EPOCH_TTL_MS]
+        async with _errors():
+            sid, epoch = await self._xadd_epoch(keys=keys, args=args)  # type: ignore[misc]
+        cursors = self.cursors
+        if cursors is not None and cursors.follows(room):
+            cursors.room_epochs.setdefault(room, _text(epoch))
         return StreamId.parse(sid)
 
     async def publish_awareness(self, room: str, data: bytes, origin: str) -> StreamId:
@@ -218,6 +311,7 @@ class RoomBus:
         """Every live process (its heartbeat not expired) -> the info it last gave."""
         prefix, _, suffix = alive_key("*").partition("*")
         async with _errors():
+            # (on a cluster: SCAN on each master, and MGET split by slot, both by coredis)
             keys = [k async for k in self.client.scan_iter(match=alive_key("*"), count=1000)]
             values = await self.client.mget(keys) if keys else ()
         out: dict[str, bytes] = {}
@@ -295,6 +389,108 @@ class RoomBus:
                 cursors.reset()
                 if on_lost is not None:
                     await _maybe_await(on_lost())
+
+    async def follow_slots(
+        self,
+        cursors: Cursors,
+        deliver: Callable[[list[BusEntry]], Awaitable[None] | None],
+        changed: Callable[[], Awaitable[None]],
+        *,
+        on_lost: Callable[[list[str]], Awaitable[None] | None] | None = None,
+        block_ms: int = 5000,
+        retry: float = 0.2,
+        epoch_every: float = 0.1,
+    ) -> None:
+        """`follow` on a Redis Cluster: one blocking XREAD per slot holding followed streams
+        (the kicks' among them), each its own task, so a room opening or closing restarts only
+        its slot's read; `changed()` returns when the followed rooms may have changed. Each
+        room has its epoch (protocol.py): the rooms whose epoch changed read their streams
+        from the start again and `on_lost(rooms)` resyncs them (their master restarted empty;
+        the other masters' rooms lost nothing). Order holds per stream, as with one XREAD."""
+        running: dict[int, tuple[frozenset[str], trio.CancelScope]] = {}
+        async with trio.open_nursery() as nursery:
+            while True:
+                groups: dict[int, set[str]] = defaultdict(set)
+                for key in cursors.keys():
+                    groups[hash_slot(key.encode())].add(key)
+                for slot, (keys, scope) in list(running.items()):
+                    if groups.get(slot) != keys:
+                        scope.cancel()
+                        del running[slot]
+                for slot, slot_keys in groups.items():
+                    if slot not in running:
+                        keys, scope = frozenset(slot_keys), trio.CancelScope()
+                        running[slot] = (keys, scope)
+                        nursery.start_soon(
+                            self._follow_slot, cursors, slot, keys, scope, deliver, on_lost,
+                            block_ms, retry, epoch_every,
+                        )  # fmt: skip
+                await changed()
+
+    async def _follow_slot(
+        self,
+        cursors: Cursors,
+        slot: int,
+        keys: frozenset[str],
+        scope: trio.CancelScope,
+        deliver: Callable[[list[BusEntry]], Awaitable[None] | None],
+        on_lost: Callable[[list[str]], Awaitable[None] | None] | None,
+        block_ms: int,
+        retry: float,
+        epoch_every: float,
+    ) -> None:
+        checked = 0.0
+        fresh = True  # the epochs are read before the first read
+        with scope:
+            while True:
+                try:
+                    streams = cursors.streams_of(keys)
+                    if not streams:  # they left: `follow_slots` ends this task
+                        await trio.sleep(retry)
+                        continue
+                    if not fresh:
+                        async with _errors():
+                            reply = await self.client.xread(streams, count=512, block=block_ms)
+                        entries = cursors.advance(
+                            (key, [(e.identifier, e.field_values) for e in items])
+                            for key, items in (reply or {}).items()
+                        )
+                        if entries:
+                            await _maybe_await(deliver(entries))
+                        if entries and trio.current_time() - checked < epoch_every:
+                            continue
+                    rooms = cursors.rooms_of(keys)
+                    epochs = await self.room_epochs(rooms)
+                    checked = trio.current_time()
+                    if fresh and KICKS_KEY in rooms and KICKS_KEY not in cursors.room_epochs:
+                        await self.start_cursors(cursors)  # (from the newest, as `follow`)
+                except BusError as exc:
+                    log.debug("hub: bus read of slot %d failed, retrying: %s", slot, exc)
+                    checked = 0.0
+                    await trio.sleep(retry)
+                    continue
+                lost = []
+                for room, epoch in zip(rooms, epochs, strict=True):
+                    known = cursors.room_epochs.setdefault(room, epoch)
+                    if known != epoch:
+                        cursors.room_epochs[room] = epoch
+                        lost.append(room)
+                fresh = False
+                if lost:
+                    cursors.reset_rooms(lost)
+                    lost = [room for room in lost if room != KICKS_KEY]
+                    log.warning(
+                        "hub: redis restarted empty (new epoch of %d room(s) in slot %d):"
+                        " resyncing them",
+                        len(lost),
+                        slot,
+                    )
+                    if on_lost is not None and lost:
+                        await _maybe_await(on_lost(lost))
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 async def _maybe_await(value: Awaitable[None] | None) -> None:

@@ -511,9 +511,12 @@ class ClusterNode:
     async def _open(self) -> ClusterStore:
         await self.docstore.open()
         writer = await self._stack.enter_async_context(connect(self.redis_url))
-        self._reader_client = await self._stack.enter_async_context(connect(self.redis_url))
+        self._reader_client = await self._stack.enter_async_context(
+            connect(self.redis_url, blocking_reads=True)
+        )
         self.bus = RoomBus(writer, self.process)
         self.read_bus = RoomBus(self._reader_client, self.process)
+        self.bus.cursors = self.cursors  # (a cluster's appends record their rooms' epochs)
         self.lock = CompactionLock(writer)
         self.publisher = Publisher(self.bus)
         await self.bus.epoch()  # Redis answers (or BusError now rather than at the first edit)
@@ -758,13 +761,14 @@ class ClusterNode:
         except Exception:
             pass
 
-    async def on_lost(self) -> None:
+    async def on_lost(self, rooms: list[str] | None = None) -> None:
         """Redis restarted empty: take what PostgreSQL has, and give the new streams what
-        PostgreSQL lacks of each open room (uncommitted updates, ours and others')."""
+        PostgreSQL lacks of each open room (uncommitted updates, ours and others'). On a
+        Redis Cluster only `rooms` (those whose slots' master restarted empty)."""
         self.resyncs += 1
         docs = self.docs
         assert docs is not None
-        for room in self.cursors.rooms():
+        for room in self.cursors.rooms() if rooms is None else rooms:
             space_id, doc_id = _split(room)
             try:
                 loaded = await self.docstore.load(space_id, doc_id)
@@ -832,7 +836,14 @@ class ClusterNode:
     async def _read(self) -> None:
         """Follow the open rooms' streams; a room opened or closed restarts the blocking read,
         once per `restart_batch` s at most: the read goes on meanwhile, and a burst of joins
-        costs a few restarts (each cancels a read, and coredis reconnects), not one each."""
+        costs a few restarts (each cancels a read, and coredis reconnects), not one each.
+        On a Redis Cluster a read per slot, of which a change restarts only its slot's."""
+        if self.read_bus.clustered:
+            await self.read_bus.follow_slots(
+                self.cursors, self.deliver, self._slots_changed,
+                on_lost=self._on_lost, block_ms=self.block_ms,
+            )  # fmt: skip
+            return
         while True:
             self._changed = trio.Event()
             self.read_restarts += 1
@@ -848,9 +859,15 @@ class ClusterNode:
                 await trio.sleep(self.restart_batch)
                 nursery.cancel_scope.cancel()
 
-    async def _on_lost(self) -> None:
+    async def _slots_changed(self) -> None:
+        await self._changed.wait()
+        self._changed = trio.Event()
+        self.read_restarts += 1
+        await trio.sleep(self.restart_batch)
+
+    async def _on_lost(self, rooms: list[str] | None = None) -> None:
         with trio.CancelScope(shield=True):
-            await self.on_lost()
+            await self.on_lost(rooms)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:

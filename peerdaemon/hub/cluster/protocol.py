@@ -16,6 +16,14 @@ every process beside its rooms), `pd:epoch` (a random value set by the first pro
 it missing: a Redis that restarted empty has a new one, which tells every reader what it lost),
 per-room compaction locks `pd:{SPACE/DOC}:lock`, and counters under `pd:{c:NAME}`.
 
+On a Redis Cluster each master can restart empty on its own, so each room has its own epoch,
+`pd:{SPACE/DOC}:e` (`room_epoch_key`: in the room's slot, so it moves with the room's streams
+when the cluster is resharded, and one script reads it with the streams), and the kicks theirs,
+`{pd:kicks}:e`. A process learns a room's epoch from its first append there (the XADD's script
+returns it) or its first read, whichever comes first: a master lost after that is seen, and
+only that master's rooms are resynced. A room's epoch key expires a day after the last process
+following it last looked (`ROOM_EPOCH_TTL_MS`).
+
 Entry fields are short byte keys: `k` (kind: `u` update, `a` awareness), `o` (origin: the
 process id and the connection, so a process skips what it sent itself), `d` (the payload, a Yjs
 update or a y-protocols awareness update, opaque here).
@@ -48,6 +56,9 @@ __all__ = [
     "lock_key",
     "room_of",
     "safe_trim_id",
+    "KICKS_EPOCH_KEY",
+    "ROOM_EPOCH_TTL_MS",
+    "room_epoch_key",
     "update_key",
 ]
 
@@ -94,6 +105,15 @@ def counter_key(name: str) -> str:
 
 def devices_key(user: str) -> str:
     return f"pd:{{d:{user}}}"
+
+
+def room_epoch_key(room: str) -> str:
+    """The room's epoch on a Redis Cluster (KICKS_KEY: the kicks' epoch)."""
+    return KICKS_EPOCH_KEY if room == KICKS_KEY else f"pd:{{{room}}}:e"
+
+
+KICKS_EPOCH_KEY = "{pd:kicks}:e"  # (the tag is the kicks' whole key: the same slot)
+ROOM_EPOCH_TTL_MS = 24 * 3600 * 1000
 
 
 def alive_key(process: str) -> str:
@@ -228,6 +248,8 @@ class Cursors:
     epoch: str | None = None
     """The Redis epoch these positions are in (set by the first read): ids mean nothing in
     another one, so a reader that stopped and starts again still sees a loss in between."""
+    room_epochs: dict[str, str] = field(default_factory=dict)
+    """On a Redis Cluster: the epoch of each room followed, and of the kicks (KICKS_KEY)."""
     _ids: dict[str, str] = field(default_factory=dict)  # stream key -> last id read
     _rooms: dict[str, str] = field(default_factory=dict)  # stream key -> room
 
@@ -237,9 +259,13 @@ class Cursors:
             self._rooms[key] = room
 
     def remove(self, room: str) -> None:
+        self.room_epochs.pop(room, None)
         for key in (update_key(room), awareness_key(room)):
             self._ids.pop(key, None)
             self._rooms.pop(key, None)
+
+    def follows(self, room: str) -> bool:
+        return update_key(room) in self._ids
 
     def rooms(self) -> list[str]:
         return sorted(set(self._rooms.values()))
@@ -248,6 +274,32 @@ class Cursors:
         out = dict(self._ids)
         out[KICKS_KEY] = self.kicks
         return out
+
+    def keys(self) -> list[str]:
+        """Every stream read, the kicks' included (a cluster's reader groups them by slot)."""
+        return [*self._ids, KICKS_KEY]
+
+    def streams_of(self, keys: Iterable[str]) -> dict[str, str]:
+        """XREAD's argument for those of `keys` still followed (one slot's, on a cluster)."""
+        out = {key: self._ids[key] for key in keys if key in self._ids}
+        if KICKS_KEY in keys:
+            out[KICKS_KEY] = self.kicks
+        return out
+
+    def rooms_of(self, keys: Iterable[str]) -> list[str]:
+        """The rooms of those stream keys still followed (KICKS_KEY for the kicks)."""
+        rooms = {KICKS_KEY if key == KICKS_KEY else self._rooms.get(key) for key in keys}
+        return sorted(r for r in rooms if r is not None)
+
+    def reset_rooms(self, rooms: Iterable[str]) -> None:
+        """Those rooms' master restarted empty: read their streams from the start again."""
+        for room in rooms:
+            if room == KICKS_KEY:
+                self.kicks = START
+                continue
+            for key in (update_key(room), awareness_key(room)):
+                if key in self._ids:
+                    self._ids[key] = START
 
     def reset(self) -> None:
         """Redis lost its data (a new epoch): read every stream from its start again."""
