@@ -9,6 +9,9 @@ each document's sizes are read; its content is loaded from the store when someth
 or changes it (`_loaded_entry`, the one way in), and dropped again by the sweep after two idle
 checkpoints, if no client has its room open (`in_use`) and nothing of it waits for the disk or
 the relay. Its sizes stay known, so limits, `has`, `size` and `env_count` never load anything.
+A store on a server (a cluster's PostgreSQL) is read ahead off the event loop (`needs_read`,
+`load_ahead`), and when it is away (`StoreUnavailable`) the document stays known, to be read
+once it answers: only a document whose bytes are unreadable is skipped.
 
 Why the relay does not wait for the disk (docs/hub.md, "Durability"): `apply()` changes the
 in-memory document and enqueues the update (group commit); `run()` hands it to the listeners
@@ -43,7 +46,14 @@ from ..spaces import ENVIRONMENTS, SHARED
 from ..store import Store, StoreError, Ticket
 from .accounts import LimitExceeded, Limits
 
-__all__ = ["EMPTY_STATE_VECTOR", "EMPTY_UPDATE", "SPACE_PREFIX", "HubDocs", "LimitExceeded"]
+__all__ = [
+    "EMPTY_STATE_VECTOR",
+    "EMPTY_UPDATE",
+    "SPACE_PREFIX",
+    "HubDocs",
+    "LimitExceeded",
+    "StoreUnavailable",
+]
 
 log = logging.getLogger("peerdaemon.hub.docs")
 
@@ -51,6 +61,14 @@ SPACE_PREFIX = "space:"
 FILES_PREFIX = "files:"
 """An environment's external files (core/attachments.py): stored beside it, not counted as one."""
 EMPTY_STATE_VECTOR = b"\x00"
+
+
+class StoreUnavailable(Exception):
+    """The store cannot be read right now (its server is away): the document exists and is not
+    forgotten; the caller tries again later. Raised by a store's `updates_of` (and so by
+    every HubDocs method that loads a document), unlike a document whose bytes are unreadable,
+    which is skipped as if it were not stored."""
+
 
 _SPACE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _DOC_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
@@ -175,6 +193,7 @@ class HubDocs:
         self._watch: deque[_Relay] = deque()  # relayed, their store writes not confirmed yet
         self._watch_wakeup = trio.Event()
         self._listeners: dict[int, Listener] = {}
+        self._ahead: dict[str, list[bytes]] = {}  # read by `load_ahead`, for `_loaded_entry`
         self._flush_listeners: dict[int, Callable[[], None]] = {}
         self._next_token = 1
         # counters for /metrics (docs/hub.md, "Metrics")
@@ -207,7 +226,8 @@ class HubDocs:
 
     def _loaded_entry(self, space_id: str, doc_id: str) -> _Entry | None:
         """The document with its content in memory (read from the store if it was not), or
-        None if it is not stored. Every reader of a document's content comes through here."""
+        None if it is not stored. Every reader of a document's content comes through here;
+        StoreUnavailable (the store away) leaves the document known, to be read later."""
         entry = self._docs.get((space_id, doc_id))
         if entry is None:
             return None
@@ -215,8 +235,15 @@ class HubDocs:
         if entry.doc is None:
             doc = Doc()
             try:
-                for update in self.store.updates_of(entry.key):
+                updates = self._ahead.pop(entry.key, None)
+                if updates is None:
+                    updates = self.store.updates_of(entry.key)
+                for update in updates:
                     doc.apply_update(update)
+            except StoreUnavailable:
+                # the store is away, the document is not gone: it stays known (sizes, limits,
+                # `has`) and is read when the store answers again
+                raise
             except Exception as exc:
                 # as if it were not stored (a client's next update starts it again)
                 log.error("hub store: %s is unreadable (%s); skipped", entry.key, exc)
@@ -226,6 +253,42 @@ class HubDocs:
             self._loaded[(space_id, doc_id)] = entry
             self.loads += 1
         return entry
+
+    def needs_read(self, space_id: str, doc_id: str) -> bool:
+        """Whether using the document now would read a store that may block the event loop
+        (one with `read_updates`: PostgreSQL), i.e. `load_ahead` should come first."""
+        entry = self._docs.get((space_id, doc_id))
+        return (
+            entry is not None
+            and entry.doc is None
+            and entry.key not in self._ahead
+            and getattr(self.store, "read_updates", None) is not None
+        )
+
+    async def load_ahead(
+        self, space_id: str, doc_id: str, then: Callable[[], object] | None = None
+    ) -> None:
+        """Read a stored document that is not in memory in a worker thread (the store's
+        `read_updates`), then load it (or run `then()`, which loads it by using it), so its
+        first use does not wait on the store in the event loop. StoreUnavailable if the store
+        cannot be read now (nothing is forgotten: try again later)."""
+        entry = self._docs.get((space_id, doc_id))
+        read = getattr(self.store, "read_updates", None)
+        if entry is not None and entry.doc is None and read is not None:
+            try:
+                updates = await read(entry.key)
+            except Exception as exc:
+                raise StoreUnavailable(f"{entry.key}: {exc}") from None
+            if self._docs.get((space_id, doc_id)) is entry and entry.doc is None:
+                self._ahead[entry.key] = updates
+        try:
+            if then is not None:
+                then()
+            else:
+                self._loaded_entry(space_id, doc_id)
+        finally:
+            if entry is not None:
+                self._ahead.pop(entry.key, None)
 
     def _forget(self, entry: _Entry) -> None:
         entry.detach()

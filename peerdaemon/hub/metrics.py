@@ -283,6 +283,8 @@ def _cluster_families(snap: Mapping[str, Any]) -> list[Family]:
         ("read_restarts", "counter", "Times the blocking read of the streams started again "
          "(rooms opening or closing, batched)."),
         ("compactions", "counter", "Documents this process compacted (under the room's lock)."),
+        ("sync_loads", "counter", "Documents read from PostgreSQL in the event loop (a last "
+         "resort: holds up every room for the query)."),
     ):  # fmt: skip
         name = "cluster_" + key
         if name not in snap:

@@ -37,9 +37,12 @@ from ..model import export_environment
 from ..spaces import SpaceDoc
 from .accounts import Accounts
 from .cloudmock import MockConfig  # (there, so a hub's config loads no more)
-from .docs import FILES_PREFIX, SPACE_PREFIX, HubDocs
+from .docs import FILES_PREFIX, SPACE_PREFIX, HubDocs, StoreUnavailable
 
 __all__ = ["HostedMock", "HostedMocks", "MockConfig"]
+
+STORE_RETRY = 1.0
+"""Seconds before what the store could not give (PostgreSQL away, scaled mode) is read again."""
 
 log = logging.getLogger("peerdaemon.hub.mocks")
 
@@ -141,7 +144,7 @@ class HostedMocks:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.shell.run)
                 for space in self.docs.spaces():
-                    self._reconcile(space)
+                    self._reconcile_or_later(space)
                 self.shell.poke()
                 nursery.start_soon(self._flush_loop)
                 task_status.started()
@@ -170,10 +173,13 @@ class HostedMocks:
             self._wake = trio.Event()
             spaces, self._spaces_dirty = self._spaces_dirty, set()
             for space in spaces:
-                self._reconcile(space)
+                self._reconcile_or_later(space)
             files, self._files_dirty = self._files_dirty, set()
             for key in files:
-                await self._write_files(key)
+                try:
+                    await self._write_files(key)
+                except StoreUnavailable:
+                    self._files_dirty.add(key)
             dirty, self._dirty = self._dirty, set()
             now = trio.current_time()
             for key in dirty:
@@ -182,9 +188,24 @@ class HostedMocks:
                 if environment is not None:
                     self.engine.change(key, environment, now)
             self.shell.poke()
+            if self._spaces_dirty or self._files_dirty or self._dirty:
+                await trio.sleep(STORE_RETRY)  # what the store could not give now, again
+                self._wake.set()
+
+    def _reconcile_or_later(self, space: str) -> None:
+        try:
+            self._reconcile(space)
+        except StoreUnavailable as exc:  # (the mocks go on as they were meanwhile)
+            log.warning("cloud mocks of space %s wait for the store: %s", space, exc)
+            self._spaces_dirty.add(space)
+            self._wake.set()
 
     def _export(self, space: str, env: str) -> dict[str, Any] | None:
-        doc = self.docs.get_doc(space, env)
+        try:
+            doc = self.docs.get_doc(space, env)
+        except StoreUnavailable:
+            self._dirty.add(f"{space}/{env}")  # exported once the store answers
+            return None
         if doc is None:
             return None
         try:

@@ -30,10 +30,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+import trio
+
 from ..core.awareness import AwarenessError
 from ..core.identity import Identity, load_or_create_identity
 from ..model import MODEL_VERSION
 from .accounts import LimitExceeded
+from .docs import StoreUnavailable
 
 if TYPE_CHECKING:
     # loaded at the first daemon or awareness, not at start: the hub keeps them out of memory
@@ -64,6 +67,8 @@ class HubDocsLike(Protocol):
     def diff(self, space_id: str, doc_id: str, state_vector: bytes) -> bytes: ...
     def apply(self, space_id: str, doc_id: str, update: bytes, origin: str) -> Any: ...
     def env_ids(self, space_id: str) -> list[str]: ...
+    def needs_read(self, space_id: str, doc_id: str) -> bool: ...
+    async def load_ahead(self, space_id: str, doc_id: str) -> None: ...
     def add_listener(self, fn: Callable[[str, str, bytes, str], None]) -> int: ...
     def remove_listener(self, token: int) -> None: ...
 
@@ -260,6 +265,15 @@ class _ScopedDocs:
 
     Doc ids are the daemons' (`space:<id>` and env ids); HubDocs keys them by space, so an env id
     is mapped to the accepted space whose document lists it as shared.
+
+    A document whose first use would read a store that blocks the event loop (PostgreSQL, in
+    scaled mode: `needs_read`) is not shown to the session until the link's loader task has
+    read it in a worker thread (`wanted`, then `docs_changed`): until then the session neither
+    offers it nor answers for it (the daemon's step 1 waits, deferred; its updates come back in
+    its answer to our step 1). Once shown, a document is always shown (a later load, after an
+    eviction, reads in the event loop as a last resort). Should the store still be away then,
+    the link closes with `shutdown` and the daemon redials: nothing it sent is lost, since it
+    keeps its copy and the next sync brings it again.
     """
 
     def __init__(self, endpoint: PeerEndpoint, auth: HubAuth) -> None:
@@ -268,66 +282,120 @@ class _ScopedDocs:
         self.refused: dict[str, tuple[str, Any]] = {}
         """doc -> (space, the space's limits when it was refused): a change of those limits
         makes the daemon reconnect and offer the document again."""
+        self.shown: set[tuple[str, str]] = set()
+        self.wanted: set[tuple[str, str]] = set()
+        """Documents to read ahead before they are shown (the loader task's work)."""
+        self.wakeup: trio.Event | None = None
+        """Wakes the loader task; None (no task): every document is shown at once."""
+        self.conn: Any = None
+        """The link's `PeerConnection`, closed if the store is away when a document is used."""
+
+    def _ready(self, space: str, doc_id: str) -> bool:
+        """Whether the document may be shown to the session (else its read ahead is asked for)."""
+        key = (space, doc_id)
+        if key in self.shown:
+            return True
+        needs_read = getattr(self.endpoint.hub_docs, "needs_read", None)
+        if self.wakeup is not None and needs_read is not None and needs_read(space, doc_id):
+            self.wanted.add(key)
+            self.wakeup.set()
+            return False
+        self.shown.add(key)
+        return True
+
+    def _unavailable(self, exc: StoreUnavailable) -> None:
+        """The store is away as the session needs a document: the daemon redials later."""
+        from ..peer import messages
+
+        log.warning("hub: closing a daemon's link: the store cannot be read now (%s)", exc)
+        if self.conn is not None:
+            self.conn.close(messages.SHUTDOWN, "the hub cannot read its documents now: redial")
 
     def space_keys(self) -> list[Any]:
         return []  # a hub holds no space secrets
 
     def _space_of(self, doc_id: str, space_ids: Iterable[str]) -> str | None:
+        """The accepted space of a shown document (StoreUnavailable: see the class)."""
         ids = [s for s in space_ids if s in self.auth.accepted]
         if doc_id.startswith(SPACE_PREFIX):
             space = doc_id[len(SPACE_PREFIX) :]
-            return space if space in ids else None
+            return space if space in ids and self._ready(space, doc_id) else None
+        env_id = doc_id
         if doc_id.startswith(FILES_PREFIX):  # an environment's files go where it goes
-            doc_id = doc_id[len(FILES_PREFIX) :]
+            env_id = doc_id[len(FILES_PREFIX) :]
         for space in ids:
-            if doc_id in self.endpoint.envs_of(space):
-                return space
+            if self._ready(space, SPACE_PREFIX + space) and env_id in self.endpoint.envs_of(space):
+                return space if self._ready(space, doc_id) else None
         return None
 
     def docs_of(self, space_ids: Iterable[str]) -> list[str]:
         out: list[str] = []
         seen: set[str] = set()
-        for space in space_ids:
-            if space not in self.auth.accepted:
-                continue
-            envs = sorted(self.endpoint.envs_of(space))
-            files = [FILES_PREFIX + env for env in envs]
-            for doc in [SPACE_PREFIX + space, *envs, *files]:
-                if doc not in seen:
-                    seen.add(doc)
-                    out.append(doc)
+        try:
+            for space in space_ids:
+                if space not in self.auth.accepted or not self._ready(space, SPACE_PREFIX + space):
+                    continue
+                envs = sorted(self.endpoint.envs_of(space))
+                files = [FILES_PREFIX + env for env in envs]
+                for doc in [SPACE_PREFIX + space, *envs, *files]:
+                    if doc not in seen and self._ready(space, doc):
+                        seen.add(doc)
+                        out.append(doc)
+        except StoreUnavailable as exc:
+            self._unavailable(exc)
+            return []
         return out
 
     def allowed(self, doc_id: str, space_ids: Iterable[str]) -> bool:
-        return self._space_of(doc_id, space_ids) is not None
+        try:
+            return self._space_of(doc_id, space_ids) is not None
+        except StoreUnavailable as exc:
+            self._unavailable(exc)
+            return False
 
     def space_of(self, doc_id: str) -> str | None:
         """The accepted space `doc_id` belongs to (presence is kept per space)."""
-        return self._space_of(doc_id, self.auth.accepted)
+        try:
+            return self._space_of(doc_id, self.auth.accepted)
+        except StoreUnavailable as exc:
+            self._unavailable(exc)
+            return None
 
     def state_vector(self, doc_id: str) -> bytes | None:
-        space = self._space_of(doc_id, self.auth.accepted)
-        if space is None:
-            return None
-        docs = self.endpoint.hub_docs
-        return docs.state_vector(space, doc_id) if docs.has(space, doc_id) else b"\x00"
+        try:
+            space = self._space_of(doc_id, self.auth.accepted)
+            if space is None:
+                return None
+            docs = self.endpoint.hub_docs
+            return docs.state_vector(space, doc_id) if docs.has(space, doc_id) else b"\x00"
+        except StoreUnavailable as exc:
+            self._unavailable(exc)  # (closed: what the session sends now is dropped)
+            return b"\x00"
 
     def diff(self, doc_id: str, state_vector: bytes) -> bytes:
-        space = self._space_of(doc_id, self.auth.accepted)
-        docs = self.endpoint.hub_docs
-        if space is None or not docs.has(space, doc_id):
+        try:
+            space = self._space_of(doc_id, self.auth.accepted)
+            docs = self.endpoint.hub_docs
+            if space is None or not docs.has(space, doc_id):
+                return b"\x00\x00"
+            return docs.diff(space, doc_id, state_vector)
+        except StoreUnavailable as exc:
+            self._unavailable(exc)  # (closed: this answer is never sent)
             return b"\x00\x00"
-        return docs.diff(space, doc_id, state_vector)
 
     def apply(self, doc_id: str, update: bytes, origin: str) -> None:
-        space = self._space_of(doc_id, self.auth.accepted)
-        if space is None:
-            return
         try:
+            space = self._space_of(doc_id, self.auth.accepted)
+            if space is None:
+                return
             self.endpoint.hub_docs.apply(space, doc_id, update, origin)
+        except StoreUnavailable as exc:
+            self._unavailable(exc)  # not taken: the daemon keeps it and sends it again
+            return
         except LimitExceeded as exc:
             from ..peer import DocRefused
 
+            assert space is not None
             log.info("hub: refused %s/%s from %s: %s", space, doc_id, origin, exc)
             self.refused[doc_id] = (space, self.endpoint.space_limits(space))
             raise DocRefused(exc.reason, exc.detail) from None
@@ -351,6 +419,9 @@ class _Daemon:
 
 class PeerEndpoint:
     """Serves daemons on the hub's `/peer` path; the server calls `handle_peer(ws)` per socket."""
+
+    READ_RETRY = 1.0
+    """Seconds before a document the store could not give is read ahead again."""
 
     def __init__(
         self,
@@ -502,8 +573,12 @@ class PeerEndpoint:
                 auth=auth,
             )
 
+        def make_host_conn(now: float) -> PeerConnection:
+            host.conn = make_conn(now)
+            return host.conn
+
         link = Link(
-            make_conn,
+            make_host_conn,
             dialer=False,
             address=address,
             on_event=self._on_event,
@@ -513,11 +588,40 @@ class PeerEndpoint:
         link.slot = getattr(ws, "slot", None)  # released once the hub accepted the daemon
         self._daemons[link] = _Daemon(link, auth, host)
         try:
-            await link.run(ws)
+            async with trio.open_nursery() as nursery:
+                host.wakeup = trio.Event()
+                nursery.start_soon(self._read_ahead, link, host)
+                await link.run(ws)
+                nursery.cancel_scope.cancel()
         finally:
             self._daemons.pop(link, None)
             if auth.lease is not None:
                 auth.lease.release()
+
+    async def _read_ahead(self, link: Link, host: _ScopedDocs) -> None:
+        """Read the documents the link's session asked for (`_ScopedDocs.wanted`) off the event
+        loop, then show them to it; those the store cannot give now are tried again every
+        `READ_RETRY` s (the link's other documents sync meanwhile)."""
+        docs = self.hub_docs
+        while True:
+            if not host.wanted:
+                assert host.wakeup is not None
+                await host.wakeup.wait()
+            host.wakeup = trio.Event()
+            failed = False
+            for space, doc in sorted(host.wanted):
+                try:
+                    await docs.load_ahead(space, doc)
+                except StoreUnavailable as exc:
+                    log.warning("hub: %s/%s waits for the store: %s", space, doc, exc)
+                    failed = True
+                    continue
+                except Exception:  # unreadable bytes: skipped by HubDocs (as if not stored)
+                    log.exception("hub: reading %s/%s ahead failed", space, doc)
+                host.wanted.discard((space, doc))
+            link.docs_changed()  # shows what was read (and asks for what it lists next)
+            if failed:
+                await trio.sleep(self.READ_RETRY)
 
     def daemons(self) -> list[dict[str, Any]]:
         """The connected daemons (for the hub's status)."""

@@ -43,7 +43,7 @@ from ...model.lib0 import EMPTY_UPDATE
 from ...store import StoreError
 from ...store.sqlite import CommitTimes, Ticket
 from ..accounts import LimitExceeded, Limits
-from ..docs import FILES_PREFIX, SPACE_PREFIX, HubDocs
+from ..docs import FILES_PREFIX, SPACE_PREFIX, HubDocs, StoreUnavailable
 from ..yjs import store_update
 from ..ywebsocket import CLOSE_CODES, Framer, Room, Rooms, StoreUpdate, YConn
 from .accounts import ClusterAccounts
@@ -89,6 +89,10 @@ def _new_identity() -> dict[str, Any]:
     }
 
 
+def _no_envs(space: str) -> frozenset[str]:
+    return frozenset()
+
+
 def _split(key: str) -> tuple[str, str]:
     space, _, doc = key.partition("/")
     return space, doc
@@ -96,6 +100,9 @@ def _split(key: str) -> tuple[str, str]:
 
 class ClusterStore:
     """The store `HubDocs` writes to in scaled mode (the subset of `store.Store` it uses)."""
+
+    RETRY_AFTER = 1.0
+    """Seconds a load in the trio thread that could not reach PostgreSQL is not tried again."""
 
     def __init__(self, node: ClusterNode) -> None:
         self.node = node
@@ -107,6 +114,8 @@ class ClusterStore:
         self._loads_free = trio.CapacityLimiter(LOADERS)
         self._stash: dict[str, list[bytes]] = {}  # read by `read_updates`, for `updates_of`
         self.loads_waiting = 0
+        self.sync_loads = 0  # reads in the trio thread (`updates_of` with nothing stashed)
+        self._unreachable_at = -self.RETRY_AFTER
         self._sizes: dict[tuple[str, str], int] = {}
         self._settings: dict[str, Any] = {}
         self._tickets: deque[tuple[AppendTicket, Ticket, str, float]] = deque()
@@ -131,13 +140,23 @@ class ClusterStore:
         return {f"{s}/{d}": (n, 0, 0) for (s, d), n in self._sizes.items()}
 
     def updates_of(self, key: str) -> list[bytes]:
-        """HubDocs' load: what `read_updates` just read for it if anything (the node does that
-        before a room or a daemon uses the document), else a read in the trio thread."""
+        """HubDocs' load: what `read_updates` just read for it if anything (the node and the
+        daemons' endpoint do that before a room or a daemon uses the document), else, as a last
+        resort, a read in the trio thread (`sync_loads`), which holds up the whole process.
+        StoreUnavailable if PostgreSQL does not answer, and for `RETRY_AFTER` s after that
+        without asking (one that does not answer would stall every room at each load)."""
         stashed = self._stash.pop(key, None)
         if stashed is not None:
             return stashed
+        if time.monotonic() - self._unreachable_at < self.RETRY_AFTER:
+            raise StoreUnavailable(f"postgresql did not answer just now; {key} not read")
         space, doc = _split(key)
-        loaded = self._loader._run(lambda conn: _load(conn, space, doc))
+        self.sync_loads += 1
+        try:
+            loaded = self._loader._run(lambda conn: _load(conn, space, doc))
+        except Exception as exc:  # (psycopg's errors: `_run` is the thread's side of `call`)
+            self._unreachable_at = time.monotonic()
+            raise StoreUnavailable(f"postgresql: {exc}") from None
         return loaded.updates if loaded is not None else []
 
     async def read_updates(self, key: str) -> list[bytes]:
@@ -496,6 +515,8 @@ class ClusterNode:
         self._daemon_rooms: set[str] = set()
         self._peers: dict[str, set[str]] = {}  # other processes read -> their rooms
         self._missing: set[str] = set()  # peers whose heartbeat was missing at the last check
+        self._held_remote: dict[tuple[str, str], list[tuple[bytes, str]]] = {}
+        """Other processes' updates of documents being read (`_apply_remote`)."""
         self.store: ClusterStore
 
     async def open(self) -> ClusterStore:
@@ -650,8 +671,13 @@ class ClusterNode:
         if daemons is None or envs_of is None:
             return set()
         out: set[str] = set()
+        needs_read = getattr(self.docs, "needs_read", None)
         for space in {s for d in daemons() for s in d.get("spaces", ())}:
             docs = [SPACE_PREFIX + space]
+            if needs_read is not None and needs_read(space, docs[0]):
+                envs_of = _no_envs  # read ahead by the link first: its envs at the next round
+            else:
+                envs_of = getattr(endpoint, "envs_of", _no_envs)
             for env in envs_of(space):
                 docs += [env, FILES_PREFIX + env]
             for doc in docs:
@@ -665,10 +691,15 @@ class ClusterNode:
         """Keep the followed rooms in step with what the daemons here sync (a daemon attaching,
         an environment shared on another process: its space document says so)."""
         while True:
+            if self.mocks is not None and self.mocks.config.enabled:
+                await self._read_space_docs_ahead()  # what `mocks.rooms()` reads next
             try:
                 wanted = self.daemon_rooms()
                 if self.mocks is not None:
                     wanted |= self.mocks.rooms()
+            except StoreUnavailable as exc:  # read again at the next round
+                log.debug("hub: listing the daemons' documents waits for postgresql: %s", exc)
+                wanted = self._daemon_rooms
             except Exception:
                 log.exception("hub: listing the daemons' documents failed")
                 wanted = self._daemon_rooms
@@ -691,15 +722,68 @@ class ClusterNode:
                 self._changed.set()
             await trio.sleep(every)
 
+    async def _read_space_docs_ahead(self) -> None:
+        """The space documents not in memory, read in worker threads (the hosted mocks read
+        every one, in the event loop otherwise)."""
+        docs = self.docs
+        if docs is None:
+            return
+        for space in docs.spaces():
+            if docs.needs_read(space, SPACE_PREFIX + space):
+                try:
+                    await docs.load_ahead(space, SPACE_PREFIX + space)
+                except StoreUnavailable:
+                    return  # PostgreSQL away: the next round
+
     def publish_awareness(self, space_id: str, doc_id: str, payload: bytes) -> None:
         self.publisher.awareness(room_of(space_id, doc_id), payload, self.bus.origin("yws"))
 
     def _apply_remote(self, space_id: str, doc_id: str, update: bytes, origin: str) -> None:
+        """Another process's update. For a document stored but not in memory here, it is held
+        while the document is read in a worker thread (`_load_remote`), then applied: the
+        event loop never waits for PostgreSQL, and PostgreSQL away loses nothing for this
+        process's listeners (tried again until it answers)."""
+        docs = self.docs
+        assert docs is not None
+        key = (space_id, doc_id)
+        held = self._held_remote.get(key)
+        if held is None and docs.needs_read(space_id, doc_id):
+            if self.spawn(self._load_remote, space_id, doc_id):
+                held = self._held_remote[key] = []
+        if held is not None:
+            held.append((update, origin))
+            if len(held) > MAX_HELD:  # bounded: one merged update holds them all
+                held[:] = [(merge_updates(*(u for u, _ in held)), origin)]
+            return
+        self._apply_now(space_id, doc_id, update, origin)
+
+    def _apply_now(self, space_id: str, doc_id: str, update: bytes, origin: str) -> None:
         assert self.docs is not None
         try:
             self.docs.apply(space_id, doc_id, update, origin, remote=True)
         except ValueError as exc:
             log.warning("hub: %s/%s: bad update from the bus: %s", space_id, doc_id, exc)
+        except StoreUnavailable as exc:  # (not running: no task to hold it for)
+            log.warning("hub: %s/%s: update from the bus not applied: %s", space_id, doc_id, exc)
+
+    async def _load_remote(self, space_id: str, doc_id: str) -> None:
+        assert self.docs is not None
+        key = (space_id, doc_id)
+
+        def apply_held() -> None:
+            for update, origin in self._held_remote.pop(key, []):
+                self._apply_now(space_id, doc_id, update, origin)
+
+        try:
+            while True:
+                try:
+                    await self.docs.load_ahead(space_id, doc_id, then=apply_held)
+                    return
+                except StoreUnavailable as exc:
+                    log.warning("hub: %s/%s waits for postgresql: %s", space_id, doc_id, exc)
+                    await trio.sleep(self.store.RETRY_AFTER)
+        finally:
+            self._held_remote.pop(key, None)  # (cancelled: the process stops)
 
     # -- the reader ------------------------------------------------------------------------------
     def deliver(self, entries: list[BusEntry]) -> None:
@@ -779,6 +863,8 @@ class ClusterNode:
                 base.apply_update(update)
             if loaded and loaded.updates:
                 self._apply_remote(space_id, doc_id, merge_updates(*loaded.updates), "postgres")
+            if not docs.is_loaded(space_id, doc_id):
+                continue  # nothing of it in memory here to give back
             doc = docs.get_doc(space_id, doc_id)
             if doc is None:
                 continue
@@ -816,7 +902,13 @@ class ClusterNode:
         self.repairs += 1
         for room in sorted(rooms):
             space_id, doc_id = _split(room)
-            doc = self.docs.get_doc(space_id, doc_id) if self.docs is not None else None
+            docs = self.docs
+            if docs is None or not (
+                docs.is_loaded(space_id, doc_id) or (space_id, doc_id) in self._held_remote
+            ):
+                continue  # not in memory here: nothing PostgreSQL could lack from this process
+            while (doc := self._loaded_doc(space_id, doc_id)) is False:
+                await trio.sleep(1.0)  # its held updates wait for postgresql
             if doc is None:
                 continue
             while True:
@@ -832,6 +924,17 @@ class ClusterNode:
             missing = doc.get_update(base.get_state())
             if missing != EMPTY_UPDATE:
                 self.docstore.append(space_id, doc_id, missing, self.bus.origin("repair"))
+
+    def _loaded_doc(self, space_id: str, doc_id: str) -> Doc | None | bool:
+        """The document if in memory (with what was held for it), None, or False if the store
+        cannot be read now."""
+        assert self.docs is not None
+        if (space_id, doc_id) in self._held_remote:
+            return False
+        try:
+            return self.docs.get_doc(space_id, doc_id)
+        except StoreUnavailable:
+            return False
 
     async def _read(self) -> None:
         """Follow the open rooms' streams; a room opened or closed restarts the blocking read,
@@ -958,6 +1061,7 @@ class ClusterNode:
             "cluster_readded": store.readded,
             "cluster_read_restarts": self.read_restarts,
             "cluster_compactions": store.compactions,
+            "cluster_sync_loads": store.sync_loads,
         }
 
     def stats(self) -> dict[str, int]:
