@@ -103,6 +103,43 @@ async def test_a_room_whose_load_is_held_up_holds_up_no_other_room(cluster):
         blocker.close()
 
 
+async def test_an_accounts_poll_held_up_by_postgresql_holds_up_no_room(cluster):
+    """Every process re-reads the accounts every second (`refresh_async`, in a worker thread):
+    with PostgreSQL holding that read (its version table locked), the process's rooms go on
+    relaying (the read in the event loop stalled every room until the lock went)."""
+    (one, _two), tokens, _redis, pg = cluster
+    a, b = Writer("a", tokens["alice"]), Writer("b", tokens["bob"])
+    blocker = await trio.to_thread.run_sync(lambda: psycopg.connect(pg.dsn, autocommit=False))
+
+    def poll_waits() -> bool:
+        with psycopg.connect(pg.dsn, autocommit=True) as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                " AND application_name LIKE 'peerdaemon-hub accounts%%'"
+            ).fetchone()
+            return bool(row and row[0] >= 2)  # both processes' polls
+
+    try:
+        async with a.connected(one), b.connected(one):
+            await a.edit()
+            await until(lambda_async(lambda: b.keys() == a.sent), timeout=10)
+            await trio.to_thread.run_sync(
+                lambda: blocker.execute("LOCK TABLE accounts_version IN ACCESS EXCLUSIVE MODE")
+            )
+            with trio.fail_after(10):  # a process's poll is waiting for the lock
+                while not await trio.to_thread.run_sync(poll_waits):
+                    await trio.sleep(0.05)
+            for _ in range(5):
+                await a.edit()
+            await until(lambda_async(lambda: b.keys() == a.sent), timeout=5, what="relay")
+            await trio.to_thread.run_sync(blocker.rollback)
+            await a.edit()
+            await until(lambda_async(lambda: b.keys() == a.sent), timeout=5, what="after")
+    finally:
+        await trio.to_thread.run_sync(blocker.rollback)
+        blocker.close()
+
+
 def lambda_async(fn):
     async def predicate() -> bool:
         return fn()

@@ -640,10 +640,14 @@ def _lock_holder(data_dir: Path) -> int | None:
 
 async def _watch_accounts(accounts: Accounts, poll: float) -> None:
     """Pick up admin commands' changes (revoked tokens, members) from the shared file."""
+    refresh_async = getattr(accounts, "refresh_async", None)  # (a cluster's: off the loop)
     while True:
         await trio.sleep(poll)
         try:
-            accounts.refresh()
+            if refresh_async is not None:
+                await refresh_async()
+            else:
+                accounts.refresh()
         except sqlite3.Error:
             log.exception("hub: cannot read the accounts file")
 

@@ -22,13 +22,15 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import trio
 
-from ..accounts import _SCHEMA, Accounts, Limits
+from ..accounts import _SCHEMA, Accounts, AccountsError, Limits
 
 __all__ = ["ClusterAccounts"]
 
 log = logging.getLogger("peerdaemon.hub.cluster")
 
+_POLL_NAME = "peerdaemon-hub accounts poll"
 _LOCK_ID = 0x70644163  # "pdAc": one accounts writer at a time, cluster-wide
 
 # SQLite table -> (its columns, PostgreSQL's columns, key columns' count: the first ones);
@@ -97,8 +99,16 @@ def _fill(db: sqlite3.Connection, rows: Rows) -> None:
         db.execute("PRAGMA foreign_keys = ON")
 
 
+class SpaceTaken(Exception):
+    """A space this copy created exists in PostgreSQL already (created by another process
+    whose change this copy had not read yet)."""
+
+
 def _push(conn: psycopg.Connection[Any], before: Rows, after: Rows) -> None:
-    """Write the difference `before` -> `after` to PostgreSQL in one transaction."""
+    """Write the difference `before` -> `after` to PostgreSQL in one transaction. A row
+    changed on both sides: the later write wins, except a space's creation, which never
+    overwrites one that exists (SpaceTaken: the whole change is rolled back), else a stale
+    copy would hand another user's space to whoever registered it here."""
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_ID,))
         for table, (_, pg_cols, nkey) in _TABLES.items():
@@ -116,7 +126,15 @@ def _push(conn: psycopg.Connection[Any], before: Rows, after: Rows) -> None:
             )
             old, new = before.get(table, {}), after.get(table, {})
             for key, row in new.items():
-                if old.get(key) != row:
+                if key not in old and table == "spaces":
+                    created = conn.execute(
+                        f"INSERT INTO spaces ({', '.join(pg_cols)}) VALUES ({marks})"
+                        " ON CONFLICT (id) DO NOTHING",
+                        _to_pg(table, row),
+                    )
+                    if created.rowcount != 1:
+                        raise SpaceTaken(key[0])
+                elif old.get(key) != row:
                     conn.execute(sql, _to_pg(table, row))
         for table in reversed(_TABLES):
             _, pg_cols, nkey = _TABLES[table]
@@ -140,6 +158,8 @@ class ClusterAccounts(Accounts):
         self._pg_version, self._rows = _read_pg(self._pg)
         _fill(db, self._rows)
         self._reloading = False
+        self._poll: psycopg.Connection[Any] | None = None  # `refresh_async`'s, in its threads
+        self._refreshing = trio.Lock()
         self.pushes = 0  # changes written to PostgreSQL through this copy
         super().__init__(db, Path(f"postgresql:{dsn}"), defaults or Limits())
 
@@ -153,6 +173,8 @@ class ClusterAccounts(Accounts):
     def close(self) -> None:
         super().close()
         self._pg.close()
+        if self._poll is not None:
+            self._poll.close()
 
     def _connection(self) -> psycopg.Connection[Any]:
         if self._pg.closed or self._pg.broken:
@@ -164,15 +186,47 @@ class ClusterAccounts(Accounts):
 
     def refresh(self) -> bool:
         """Reload the copy if PostgreSQL's accounts changed (sqlite3.Error if it is away, as
-        the file's errors are: the hub's poller logs it and keeps the copy)."""
-        try:
-            conn = self._connection()
-            row = conn.execute("SELECT version FROM accounts_version").fetchone()
-            if row is None or int(row[0]) == self._pg_version:
+        the file's errors are: the hub's poller logs it and keeps the copy). Blocks on
+        PostgreSQL: the hub's poller and kicks use `refresh_async`."""
+        return self._take(self._fetch(self._connection(), self._pg_version))
+
+    async def refresh_async(self) -> bool:
+        """`refresh` with PostgreSQL read in a worker thread, on a connection of its own: a
+        PostgreSQL that hangs holds up this poll, not the process's event loop. A copy
+        changed here meanwhile (a space a daemon created) wins: what was read is dropped and
+        the next poll reads again (that change moved `accounts_version`)."""
+        async with self._refreshing:  # (the poll and a kick: one read at a time, in order)
+            pushes, version = self.pushes, self._pg_version
+            fetched = await trio.to_thread.run_sync(self._fetch_polled, version)
+            if self.pushes != pushes or self._pg_version != version:
                 return False
-            self._pg_version, self._rows = _read_pg(conn)
+            return self._take(fetched)
+
+    def _fetch_polled(self, version: int) -> tuple[int, Rows] | None:
+        if self._poll is None or self._poll.closed or self._poll.broken:
+            try:
+                self._poll = psycopg.connect(
+                    self.dsn, autocommit=True, connect_timeout=5, application_name=_POLL_NAME
+                )
+            except psycopg.Error as exc:
+                raise sqlite3.OperationalError(f"postgresql: {exc}") from exc
+        return self._fetch(self._poll, version)
+
+    @staticmethod
+    def _fetch(conn: psycopg.Connection[Any], version: int) -> tuple[int, Rows] | None:
+        """PostgreSQL's accounts if their version is not `version`, else None."""
+        try:
+            row = conn.execute("SELECT version FROM accounts_version").fetchone()
+            if row is None or int(row[0]) == version:
+                return None
+            return _read_pg(conn)
         except psycopg.Error as exc:
             raise sqlite3.OperationalError(f"postgresql: {exc}") from exc
+
+    def _take(self, fetched: tuple[int, Rows] | None) -> bool:
+        if fetched is None:
+            return False
+        self._pg_version, self._rows = fetched
         _fill(self._db, self._rows)
         self._version = self._pg_version
         self._reloading = True
@@ -188,6 +242,9 @@ class ClusterAccounts(Accounts):
             if after != self._rows:
                 try:
                     _push(self._connection(), self._rows, after)
+                except SpaceTaken as exc:
+                    _fill(self._db, self._rows)  # as it was: the change did not happen
+                    raise AccountsError(f"space {exc.args[0]!r} already exists") from None
                 except psycopg.Error as exc:
                     _fill(self._db, self._rows)  # as it was: the change did not happen
                     raise sqlite3.OperationalError(f"postgresql: {exc}") from exc

@@ -822,8 +822,13 @@ class ClusterNode:
         if self.accounts is None:
             return
         log.info("hub: accounts changed (kick): re-reading them")
+        self.spawn(self._refresh_accounts)  # (False only while stopping)
+
+    async def _refresh_accounts(self) -> None:
+        """PostgreSQL is read in a worker thread: one that hangs holds up this, not the loop."""
+        assert self.accounts is not None
         try:
-            self.accounts.refresh()
+            await self.accounts.refresh_async()
         except Exception as exc:  # PostgreSQL away: the poll tries again
             log.warning("hub: cannot re-read the accounts after a kick: %s", exc)
 
