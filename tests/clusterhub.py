@@ -120,10 +120,14 @@ class ClusterAdmin:
     processes change them too (a daemon registering a space). Like the embedded hub's file,
     the processes pick a change up by their poll."""
 
-    def __init__(self, dsn: str) -> None:
+    def __init__(self, dsn: str, after: Callable[[], None] | None = None) -> None:
         from peerdaemon.hub.cluster.accounts import ClusterAccounts
 
         self._accounts = ClusterAccounts.open_pg(dsn)
+        self._after = after
+        """Called after each call: the test's hub processes read the change now (a real admin
+        command kicks them; their poll would pick it up a moment later), so a token just made
+        is known to the next connection."""
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._accounts, name)
@@ -133,7 +137,10 @@ class ClusterAdmin:
 
         def call(*args: Any, **kwargs: Any) -> Any:
             self._accounts.refresh()
-            return fresh(*args, **kwargs)
+            result = fresh(*args, **kwargs)
+            if self._after is not None:
+                self._after()
+            return result
 
         return call
 

@@ -33,7 +33,7 @@ import tempfile
 from collections.abc import Awaitable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import cbor2
 import pytest
@@ -93,6 +93,9 @@ class Hub:
     on the same port and data directory. With `cluster`, one process of that cluster (scaled
     mode: documents and accounts in its PostgreSQL, rooms over its Redis)."""
 
+    running: ClassVar[set[Hub]] = set()
+    """Hubs started and not stopped (a cluster's admin has them read its changes)."""
+
     def __init__(self, base: Path, name: str = "hub", cluster: Cluster | None = None) -> None:
         self.dir = base / name
         self.cluster = cluster
@@ -126,6 +129,7 @@ class Hub:
         )
         self.server = await nursery.start(self._run, config)
         self.port = self.server.port
+        Hub.running.add(self)
         return self
 
     async def _run(self, config: HubConfig, task_status: trio.TaskStatus[HubServer]) -> None:
@@ -135,6 +139,7 @@ class Hub:
                 await serve_hub(config, task_status=task_status)
         finally:
             self.server = None
+            Hub.running.discard(self)
             self._stopped.set()
 
     async def stop(self) -> None:
@@ -151,7 +156,14 @@ class Hub:
         its poll): its data directory's file, or the cluster's PostgreSQL."""
         if self.cluster is None:
             return Accounts.open(self.dir)
-        return ClusterAdmin(self.cluster.dsn)  # type: ignore[return-value]  # a proxy of ClusterAccounts
+        cluster = self.cluster
+
+        def caught_up() -> None:  # every running process of this cluster reads the change
+            for hub in Hub.running:
+                if hub.cluster is cluster and hub.server is not None:
+                    hub.server.accounts.refresh()
+
+        return ClusterAdmin(cluster.dsn, caught_up)  # type: ignore[return-value]  # a proxy of ClusterAccounts
 
 
 class Hubs:
