@@ -80,7 +80,7 @@ async def until(predicate, timeout: float = 30.0) -> None:
 
 # -- the bus alone --------------------------------------------------------------------------------
 def test_cluster_urls_are_told_apart():
-    assert cluster_url("redis+cluster://10.0.0.1:7000") == "redis://10.0.0.1:7000"
+    assert cluster_url("redis+cluster://192.0.2.1:7000") == "redis://192.0.2.1:7000"
     assert cluster_url("rediss+cluster://u:p@h:7000") == "rediss://u:p@h:7000"
     assert cluster_url("redis://h:6379/0") is None
     assert cluster_url("rediss://h:6379/0") is None
