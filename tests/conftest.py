@@ -49,6 +49,23 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         )
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """A failed test that ran daemon processes shows the end of each one's log: a flake in CI is
+    then diagnosable from the report alone (the logs go with the temp dir)."""
+    outcome = yield
+    report = outcome.get_result()
+    daemons = getattr(item, "funcargs", {}).get("daemons")
+    if report.when != "call" or not report.failed or daemons is None:
+        return
+    for daemon in getattr(daemons, "all", ()):
+        try:
+            lines = daemon.log_path.read_text("utf-8", "replace").splitlines()[-80:]
+        except OSError:
+            continue
+        report.sections.append((f"log of {daemon.log_path.name} (last 80 lines)", "\n".join(lines)))
+
+
 # --- per-test timeout ---------------------------------------------------------------------------
 # pytest-timeout (`timeout` in pyproject.toml) fails a test that hangs. Its SIGALRM raises wherever
 # the main thread is; for a trio test that is usually trio's run loop, which cannot take it: that
