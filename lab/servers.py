@@ -201,6 +201,35 @@ class _Server:
         self._killpg(signal.SIGKILL)
         _LIVE.discard(self)
 
+    def pause(self) -> None:
+        """SIGSTOP to the server and every process under it (PostgreSQL's backends each lead
+        a session of their own, out of the group's reach): connections stay open and nothing
+        answers, as with a server that hangs or a network that silently drops its packets."""
+        self._signal_tree(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self._signal_tree(signal.SIGCONT)
+
+    def _signal_tree(self, sig: int) -> None:
+        if self.proc is None:
+            return
+        children: dict[int, list[int]] = {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+            children.setdefault(ppid, []).append(int(entry.name))
+        todo = [self.proc.pid]  # the parent first: it forks nothing more once stopped
+        while todo:
+            pid = todo.pop(0)
+            with suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+            todo += children.get(pid, [])
+
     def stop(self, timeout: float = 20.0) -> None:
         """A clean shutdown (SIGTERM for Redis, SIGINT, PostgreSQL's fast shutdown); kill -9
         past `timeout`."""
@@ -208,6 +237,7 @@ class _Server:
             return
         assert self.proc is not None
         self._killpg(self._stop_signal)
+        self._signal_tree(signal.SIGCONT)  # a paused server takes its stop signal once resumed
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:

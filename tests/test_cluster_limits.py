@@ -13,6 +13,7 @@ PostgreSQL.
 from __future__ import annotations
 
 import threading
+import time
 from contextlib import asynccontextmanager
 
 import pytest
@@ -44,7 +45,7 @@ from peerdaemon.hub.cluster.store import (  # noqa: E402
     release_env,
     reserve_env,
 )
-from peerdaemon.hub.docs import LimitExceeded  # noqa: E402
+from peerdaemon.hub.docs import LimitExceeded, StoreUnavailable  # noqa: E402
 from peerdaemon.model import import_environment  # noqa: E402
 
 OTHER = "team2"
@@ -413,6 +414,49 @@ async def test_while_postgresql_is_away_a_process_counts_what_it_knows(servers, 
         await until(stored)
         with pytest.raises(LimitExceeded, match="holds 2 environment"):
             two.docs.apply(SPACE, "d", new_env("d"), "test")
+
+
+async def test_a_postgresql_that_hangs_stalls_no_process(servers, tmp_path, token):
+    """PostgreSQL stopped (SIGSTOP: its connections stay open and nothing answers, as when a
+    network drops packets): a creation waits for its reservation at most `RESERVE_TIMEOUT`
+    once, then counts what the process knows, and asks no more while that call is stuck; a
+    last-resort load in the event loop fails within its bound; a room keeps relaying between
+    its clients meanwhile. Resumed, what was created is stored and holds its places. (Without
+    the bounds the event loop waits for the server: 10 s here, when a timer resumes it.)"""
+    redis, pg = servers
+    set_limits(pg.dsn, envs_per_space=3)
+    async with running_hub(tmp_path / "hub1", redis=redis.url, postgres=pg.dsn) as one:
+        await one.docs.apply(SPACE, "a", new_env("a"), "test").wait()
+        async with (
+            client(one, SPACE, "a", token, device="d") as c1,
+            client(one, SPACE, "a", token, device="d") as c2,
+        ):
+            await trio.to_thread.run_sync(pg.pause)
+            timer = threading.Timer(10.0, pg.resume)
+            timer.start()
+            try:
+                started = time.monotonic()
+                one.docs.apply(SPACE, "b", new_env("b"), "test")
+                first = time.monotonic() - started
+                with pytest.raises(StoreUnavailable):
+                    one.store.updates_of(f"{OTHER}/never-read")
+                await trio.sleep(one.docs.RETRY_AFTER + 0.1)  # asked again: the call is stuck
+                started = time.monotonic()
+                one.docs.apply(SPACE, "c", new_env("c"), "test")
+                again = time.monotonic() - started
+                with pytest.raises(LimitExceeded, match="holds 3 environment"):
+                    one.docs.apply(SPACE, "d", new_env("d"), "test")
+                assert first < 5.0 and again < 0.4, (first, again)
+                await c1.edit("while", "hung")
+                await c2.wait_for(lambda: c2.map().get("while") == "hung")
+            finally:
+                timer.cancel()
+                await trio.to_thread.run_sync(pg.resume)
+
+        async def stored() -> bool:
+            return await in_postgres(pg.dsn) == ({"a", "b", "c"}, {"a", "b", "c"})
+
+        await until(stored)
 
 
 async def test_envs_per_space_holds_between_real_hub_processes(servers, tmp_path, token):

@@ -103,6 +103,9 @@ class ClusterStore:
 
     RETRY_AFTER = 1.0
     """Seconds a load in the trio thread that could not reach PostgreSQL is not tried again."""
+    LOAD_TIMEOUT = 2.0
+    """Seconds a load in the trio thread waits for PostgreSQL (a server that hangs stalls the
+    process this long once, not at every load: `_Connection.run_bounded`)."""
 
     def __init__(self, node: ClusterNode) -> None:
         self.node = node
@@ -153,10 +156,12 @@ class ClusterStore:
         space, doc = _split(key)
         self.sync_loads += 1
         try:
-            loaded = self._loader._run(lambda conn: _load(conn, space, doc))
-        except Exception as exc:  # (psycopg's errors: `_run` is the thread's side of `call`)
+            loaded = self._loader.run_bounded(
+                lambda conn: _load(conn, space, doc), self.LOAD_TIMEOUT
+            )
+        except Exception as exc:  # (DocStoreError: away, hanging, or refused)
             self._unreachable_at = time.monotonic()
-            raise StoreUnavailable(f"postgresql: {exc}") from None
+            raise StoreUnavailable(str(exc)) from None
         return loaded.updates if loaded is not None else []
 
     async def read_updates(self, key: str) -> list[bytes]:
@@ -305,6 +310,9 @@ class ClusterDocs(HubDocs):
     RETRY_AFTER = 1.0
     """Seconds a reservation that could not reach PostgreSQL falls back without asking again
     (a server that does not answer would hold up the event loop at every creation)."""
+    RESERVE_TIMEOUT = 0.5
+    """Seconds a reservation waits for PostgreSQL (p50 about 0.3 ms): past it, a server that
+    hangs is taken as away, and is not asked again while that call is stuck."""
     _reserved: tuple[str, str] | None = None  # taken by the `apply` running now
     _unreachable_at = -RETRY_AFTER
 
@@ -335,10 +343,11 @@ class ClusterDocs(HubDocs):
             return
         known = self.env_count(space_id)
         try:
-            reserved, held = self.store._loader._run(
-                lambda conn: reserve_env(conn, space_id, doc_id, limit, known)
+            reserved, held = self.store._loader.run_bounded(
+                lambda conn: reserve_env(conn, space_id, doc_id, limit, known),
+                self.RESERVE_TIMEOUT,
             )
-        except Exception as exc:  # PostgreSQL away: what this process knows
+        except Exception as exc:  # PostgreSQL away (or hanging): what this process knows
             self._unreachable_at = time.monotonic()
             log.warning(
                 "hub: cannot reserve a place for %s/%s in postgresql (%s); counting what this"
@@ -361,7 +370,9 @@ class ClusterDocs(HubDocs):
 
     def _release(self, space_id: str, doc_id: str) -> None:
         try:
-            self.store._loader._run(lambda conn: release_env(conn, space_id, doc_id))
+            self.store._loader.run_bounded(
+                lambda conn: release_env(conn, space_id, doc_id), self.RESERVE_TIMEOUT
+            )
         except Exception as exc:  # the place stays until the space is full and it is old
             log.warning("hub: cannot give back the place of %s/%s: %s", space_id, doc_id, exc)
 

@@ -21,7 +21,9 @@ the connection is used again only once that thread has finished.
 `reserve_env`/`release_env` are the exception, called synchronously on the trio thread by
 `ClusterDocs` when a process creates an environment: `envs_per_space` must be decided before
 the document changes, and one short statement (p50 about 0.3 ms) on a rare path costs less than
-holding the update while a thread asks.
+holding the update while a thread asks. Such a call goes through `_Connection.run_bounded`: a
+server that stops answering (stopped, or a network that drops packets without a reset) holds
+up the event loop for at most its bound once, and not again while that call is stuck.
 """
 
 from __future__ import annotations
@@ -95,6 +97,7 @@ class _Connection:
         self.name = name
         self._conn: psycopg.Connection[Any] | None = None
         self._lock = threading.Lock()  # held by the thread using the connection
+        self._stuck: threading.Event | None = None  # a bounded call that has not returned
 
     def _connection(self) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed:
@@ -103,6 +106,13 @@ class _Connection:
                 connect_timeout=max(1, int(self.connect_timeout)),
                 application_name=f"peerdaemon-hub {self.name}".strip(),
                 autocommit=True,  # transactions are explicit: `conn.transaction()`
+                # a server whose machine is gone (no reset ever comes) ends the call in seconds,
+                # not after the kernel's 15-minute retransmission timeout
+                keepalives=1,
+                keepalives_idle=5,
+                keepalives_interval=2,
+                keepalives_count=3,
+                tcp_user_timeout=15000,
             )
         return self._conn
 
@@ -135,6 +145,39 @@ class _Connection:
             except Exception:  # it is gone already, or the server is: nothing to cancel
                 pass
 
+    def run_bounded(self, fn: Callable[[psycopg.Connection[Any]], T], timeout: float) -> T:
+        """`fn(connection)` for the trio thread itself, waited for at most `timeout` s
+        (DocStoreError past it, or at once while an earlier call that ran out has not returned).
+
+        A query to a server that stopped answering does not return: it goes on in a thread of
+        its own, cancelled on the server, and the event loop goes on after `timeout`."""
+        stuck = self._stuck
+        if stuck is not None and not stuck.is_set():
+            raise DocStoreError("postgresql: an earlier call has not returned yet")
+        done = threading.Event()
+        box: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                box["value"] = self._run(fn)
+            except BaseException as exc:  # (handed over to the trio thread, if it still waits)
+                box["error"] = exc
+            finally:
+                done.set()
+
+        # a daemon thread: one stuck on a server that never answers must not hold up the exit
+        threading.Thread(target=work, name=f"pg-{self.name}", daemon=True).start()
+        if not done.wait(timeout):
+            self._stuck = done
+            threading.Thread(target=self._cancel, name="pg-cancel", daemon=True).start()
+            raise DocStoreError(f"postgresql did not answer within {timeout:g} s")
+        error = box.get("error")
+        if isinstance(error, psycopg.Error):
+            raise DocStoreError(f"postgresql: {error}".strip()) from error
+        if error is not None:
+            raise error
+        return box["value"]
+
     async def call(self, fn: Callable[[psycopg.Connection[Any]], T]) -> T:
         """`fn(connection)` in a worker thread; psycopg's errors come out as DocStoreError."""
         try:
@@ -146,10 +189,16 @@ class _Connection:
             raise DocStoreError(f"postgresql: {exc}".strip()) from exc
 
     def close(self) -> None:
-        with self._lock:
+        # a call stuck on a server that does not answer holds the lock: its connection goes
+        # with the process
+        if not self._lock.acquire(timeout=1.0):
+            return
+        try:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+        finally:
+            self._lock.release()
 
 
 def migrate(conn: psycopg.Connection[Any]) -> int:
