@@ -12,6 +12,7 @@ PostgreSQL.
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -447,6 +448,12 @@ async def test_a_postgresql_that_hangs_stalls_no_process(servers, tmp_path, toke
                 with pytest.raises(LimitExceeded, match="holds 3 environment"):
                     one.docs.apply(SPACE, "d", new_env("d"), "test")
                 assert first < 5.0 and again < 0.4, (first, again)
+                started = time.monotonic()  # an accounts change (a space a daemon creates)
+                with pytest.raises(sqlite3.OperationalError, match="no answer"):
+                    one.accounts.create_space("team3", "alice", "While hung")
+                with pytest.raises(sqlite3.OperationalError, match="not returned"):
+                    one.accounts.create_space("team4", "alice", "While hung")
+                assert time.monotonic() - started < 5.0
                 await c1.edit("while", "hung")
                 await c2.wait_for(lambda: c2.map().get("while") == "hung")
             finally:
@@ -457,6 +464,10 @@ async def test_a_postgresql_that_hangs_stalls_no_process(servers, tmp_path, toke
             return await in_postgres(pg.dsn) == ({"a", "b", "c"}, {"a", "b", "c"})
 
         await until(stored)
+        await until(lambda: _async(not one.accounts._pushes.stuck))
+        one.accounts.create_space("team4", "alice", "After")
+        with ClusterAccounts.open_pg(pg.dsn) as admin:
+            assert "team4" in {space["id"] for space in admin.spaces()}
 
 
 async def test_envs_per_space_holds_between_real_hub_processes(servers, tmp_path, token):

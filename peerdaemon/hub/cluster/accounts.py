@@ -25,6 +25,7 @@ import psycopg
 import trio
 
 from ..accounts import _SCHEMA, Accounts, AccountsError, Limits
+from .store import KEEPALIVES, Bounded
 
 __all__ = ["ClusterAccounts"]
 
@@ -147,9 +148,17 @@ def _push(conn: psycopg.Connection[Any], before: Rows, after: Rows) -> None:
 class ClusterAccounts(Accounts):
     """`Accounts` whose tables live in PostgreSQL (see the module's docstring)."""
 
+    PUSH_TIMEOUT = 2.0
+    """Seconds a change waits for PostgreSQL: a hub writes from its event loop (a space a
+    daemon creates), which a server that hangs must hold up only this long, once."""
+
     def __init__(self, dsn: str, *, defaults: Limits | None = None) -> None:
         self._pg: psycopg.Connection[Any] = psycopg.connect(
-            dsn, autocommit=True, connect_timeout=5, application_name="peerdaemon-hub accounts"
+            dsn,
+            autocommit=True,
+            connect_timeout=5,
+            application_name="peerdaemon-hub accounts",
+            **KEEPALIVES,
         )
         self.dsn = dsn
         db = sqlite3.connect(":memory:", isolation_level=None)
@@ -161,6 +170,7 @@ class ClusterAccounts(Accounts):
         self._poll: psycopg.Connection[Any] | None = None  # `refresh_async`'s, in its threads
         self._refreshing = trio.Lock()
         self.pushes = 0  # changes written to PostgreSQL through this copy
+        self._pushes = Bounded("pg-accounts")  # (a hub pushes from its event loop)
         super().__init__(db, Path(f"postgresql:{dsn}"), defaults or Limits())
 
     @classmethod
@@ -178,8 +188,14 @@ class ClusterAccounts(Accounts):
 
     def _connection(self) -> psycopg.Connection[Any]:
         if self._pg.closed or self._pg.broken:
-            self._pg = psycopg.connect(self.dsn, autocommit=True, connect_timeout=5)
+            self._pg = psycopg.connect(self.dsn, autocommit=True, connect_timeout=5, **KEEPALIVES)
         return self._pg
+
+    def _cancel_push(self) -> None:
+        try:
+            self._pg.cancel_safe(timeout=5.0)
+        except Exception:  # gone already, or the server is: nothing to cancel
+            pass
 
     def _data_version(self) -> int:
         return self._pg_version
@@ -206,7 +222,11 @@ class ClusterAccounts(Accounts):
         if self._poll is None or self._poll.closed or self._poll.broken:
             try:
                 self._poll = psycopg.connect(
-                    self.dsn, autocommit=True, connect_timeout=5, application_name=_POLL_NAME
+                    self.dsn,
+                    autocommit=True,
+                    connect_timeout=5,
+                    application_name=_POLL_NAME,
+                    **KEEPALIVES,
                 )
             except psycopg.Error as exc:
                 raise sqlite3.OperationalError(f"postgresql: {exc}") from exc
@@ -240,8 +260,17 @@ class ClusterAccounts(Accounts):
         if not self._reloading and hasattr(self, "_rows"):
             after = _read_sqlite(self._db)
             if after != self._rows:
+                before = self._rows
                 try:
-                    _push(self._connection(), self._rows, after)
+                    self._pushes.run(
+                        lambda: _push(self._connection(), before, after),
+                        self.PUSH_TIMEOUT,
+                        self._cancel_push,
+                    )
+                except TimeoutError as exc:
+                    # it may still commit: then the next poll reads it (accounts_version moved)
+                    _fill(self._db, self._rows)
+                    raise sqlite3.OperationalError(f"postgresql: {exc}") from None
                 except SpaceTaken as exc:
                     _fill(self._db, self._rows)  # as it was: the change did not happen
                     raise AccountsError(f"space {exc.args[0]!r} already exists") from None

@@ -47,8 +47,10 @@ from .schema import LOCK_ID, MIGRATIONS, SCHEMA_VERSION
 __all__ = [
     "RESERVATION_GRACE",
     "AppendTicket",
+    "Bounded",
     "DocStore",
     "DocStoreError",
+    "KEEPALIVES",
     "Loaded",
     "fold_updates",
     "env_reservations",
@@ -87,6 +89,64 @@ def fold_updates(updates: Sequence[bytes]) -> bytes:
     return snapshot
 
 
+KEEPALIVES: dict[str, int] = {
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 15000,
+}
+"""libpq's connection settings for every connection of a hub process: a server whose machine
+is gone (no reset ever comes) ends a call in seconds, not after the kernel's 15-minute
+retransmission timeout."""
+
+
+class Bounded:
+    """Blocking calls made from the trio thread itself, each waited for at most a bound.
+
+    A call to a server that stopped answering (stopped, or a network that drops packets
+    without a reset) does not return: it goes on in a daemon thread of its own (one that never
+    returns must not hold up the process's exit), and the event loop goes on after the bound.
+    While it is stuck, the next call fails at once instead of waiting its bound again."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._stuck: threading.Event | None = None
+
+    @property
+    def stuck(self) -> bool:
+        """Whether a call that ran out has not returned yet."""
+        return self._stuck is not None and not self._stuck.is_set()
+
+    def run(
+        self, fn: Callable[[], T], timeout: float, on_timeout: Callable[[], None] | None = None
+    ) -> T:
+        """`fn()`'s result or exception; TimeoutError past `timeout` (then `on_timeout()` runs
+        in a thread of its own: a cancel that may block too)."""
+        if self.stuck:
+            raise TimeoutError("an earlier call has not returned yet")
+        done = threading.Event()
+        box: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                box["value"] = fn()
+            except BaseException as exc:  # handed over to the trio thread, if it still waits
+                box["error"] = exc
+            finally:
+                done.set()
+
+        threading.Thread(target=work, name=self.name, daemon=True).start()
+        if not done.wait(timeout):
+            self._stuck = done
+            if on_timeout is not None:
+                threading.Thread(target=on_timeout, name=f"{self.name}-cancel", daemon=True).start()
+            raise TimeoutError(f"no answer within {timeout:g} s")
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
+
 class _Connection:
     """One psycopg connection, used from worker threads one call at a time; reconnects on the
     next call after it broke."""
@@ -97,7 +157,7 @@ class _Connection:
         self.name = name
         self._conn: psycopg.Connection[Any] | None = None
         self._lock = threading.Lock()  # held by the thread using the connection
-        self._stuck: threading.Event | None = None  # a bounded call that has not returned
+        self._bounded = Bounded(f"pg-{name}")
 
     def _connection(self) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed:
@@ -106,13 +166,7 @@ class _Connection:
                 connect_timeout=max(1, int(self.connect_timeout)),
                 application_name=f"peerdaemon-hub {self.name}".strip(),
                 autocommit=True,  # transactions are explicit: `conn.transaction()`
-                # a server whose machine is gone (no reset ever comes) ends the call in seconds,
-                # not after the kernel's 15-minute retransmission timeout
-                keepalives=1,
-                keepalives_idle=5,
-                keepalives_interval=2,
-                keepalives_count=3,
-                tcp_user_timeout=15000,
+                **KEEPALIVES,
             )
         return self._conn
 
@@ -147,36 +201,14 @@ class _Connection:
 
     def run_bounded(self, fn: Callable[[psycopg.Connection[Any]], T], timeout: float) -> T:
         """`fn(connection)` for the trio thread itself, waited for at most `timeout` s
-        (DocStoreError past it, or at once while an earlier call that ran out has not returned).
-
-        A query to a server that stopped answering does not return: it goes on in a thread of
-        its own, cancelled on the server, and the event loop goes on after `timeout`."""
-        stuck = self._stuck
-        if stuck is not None and not stuck.is_set():
-            raise DocStoreError("postgresql: an earlier call has not returned yet")
-        done = threading.Event()
-        box: dict[str, Any] = {}
-
-        def work() -> None:
-            try:
-                box["value"] = self._run(fn)
-            except BaseException as exc:  # (handed over to the trio thread, if it still waits)
-                box["error"] = exc
-            finally:
-                done.set()
-
-        # a daemon thread: one stuck on a server that never answers must not hold up the exit
-        threading.Thread(target=work, name=f"pg-{self.name}", daemon=True).start()
-        if not done.wait(timeout):
-            self._stuck = done
-            threading.Thread(target=self._cancel, name="pg-cancel", daemon=True).start()
-            raise DocStoreError(f"postgresql did not answer within {timeout:g} s")
-        error = box.get("error")
-        if isinstance(error, psycopg.Error):
-            raise DocStoreError(f"postgresql: {error}".strip()) from error
-        if error is not None:
-            raise error
-        return box["value"]
+        (DocStoreError past it, or at once while an earlier call that ran out is stuck); the
+        query that ran out is cancelled on the server."""
+        try:
+            return self._bounded.run(lambda: self._run(fn), timeout, self._cancel)
+        except TimeoutError as exc:
+            raise DocStoreError(f"postgresql: {exc}") from None
+        except psycopg.Error as exc:
+            raise DocStoreError(f"postgresql: {exc}".strip()) from exc
 
     async def call(self, fn: Callable[[psycopg.Connection[Any]], T]) -> T:
         """`fn(connection)` in a worker thread; psycopg's errors come out as DocStoreError."""
