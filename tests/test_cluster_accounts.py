@@ -46,3 +46,35 @@ def test_a_stale_copy_cannot_take_over_a_space_created_elsewhere(dsn):
         assert reread.space(SPACE)["owner"] == "alice"
         assert reread.space(SPACE)["name"] == "Team"
         assert reread.can_access("bob", SPACE)
+
+
+async def test_a_token_or_member_added_a_moment_ago_is_let_in_at_once(tmp_path):
+    """A connection the copy would refuse has PostgreSQL read again first (`refresh_now`): a
+    token or a member added elsewhere (here without a kick, as when Redis lost it; the poll is
+    an hour) is let in at once; a wrong token still gets `unauthorized`."""
+    from helpers import client, running_hub
+    from servers import have_redis, running_redis
+    from test_hub_server import expect_denied
+
+    if not have_redis():
+        pytest.skip("needs redis-server")
+    with running_redis(tmp_path / "redis", persist=False) as redis, running_postgres() as pg:
+        with psycopg.connect(pg.dsn, autocommit=True) as conn:
+            migrate(conn)
+        with ClusterAccounts.open_pg(pg.dsn) as admin:
+            admin.add_user("alice")
+            admin.add_user("bob")
+            admin.create_space(SPACE, "alice", "Team")
+        options = {"redis": redis.url, "postgres": pg.dsn, "accounts_poll": 3600.0}
+        async with running_hub(tmp_path / "hub", **options) as hub:
+            with ClusterAccounts.open_pg(pg.dsn) as admin:
+                alice = admin.add_token("alice")
+                bob = admin.add_token("bob")
+            async with client(hub, SPACE, "env", alice) as c:
+                await c.edit("k", 1)
+            await expect_denied(hub, SPACE, "env", bob, "forbidden", 4403)
+            with ClusterAccounts.open_pg(pg.dsn) as admin:
+                admin.add_member(SPACE, "bob")
+            async with client(hub, SPACE, "env", bob) as c:
+                assert c.map() == {"k": 1}
+            await expect_denied(hub, SPACE, "env", "wrong-token", "unauthorized", 4401)

@@ -409,6 +409,24 @@ async def test_token_ok_syncs_and_relays(tmp_path):
         await expect_denied(server, personal, "notes", tokens["alice"], "forbidden", 4403)
 
 
+async def test_a_token_or_member_added_by_an_admin_command_is_let_in_at_once(tmp_path):
+    """What an admin command added a moment ago counts at once, without the poll (an hour
+    here): the hub reads the accounts file itself (a cluster's copy is read again before a
+    refusal: test_cluster_accounts.py)."""
+    tokens = setup_accounts(tmp_path, "alice", "bob")
+    async with running_hub(tmp_path, accounts_poll=3600.0) as server:
+        with Accounts.open(tmp_path) as admin:
+            fresh = admin.add_token("alice")
+        async with client(server, SPACE, "env-1", fresh) as a:
+            await a.edit("k", 1)
+        await expect_denied(server, SPACE, "env-1", tokens["bob"], "forbidden", 4403)
+        with Accounts.open(tmp_path) as admin:
+            admin.add_member(SPACE, "bob")
+        async with client(server, SPACE, "env-1", tokens["bob"]) as b:
+            assert b.map() == {"k": 1}
+        await expect_denied(server, SPACE, "env-1", "wrong-token", "unauthorized", 4401)
+
+
 async def test_wrong_missing_and_revoked_tokens_get_nothing(tmp_path):
     tokens = setup_accounts(tmp_path, "alice")
     async with running_hub(tmp_path) as server:

@@ -177,6 +177,7 @@ class HubHttp:
                 self.peer_connections -= 1
             return None
         space_id, doc_id = (unquote(p) for p in request.path[len("/yjs/") :].split("/"))
+        await self.yjs.prepare(request.query, space_id)
         conn = YConn(self._number(), self._outbox(), ready=self.yjs.ready)
         transport = self._transport(stream, conn, upgraded, watch)
         on_message = self.yjs.open(transport, conn, space_id, doc_id, request.query, slot)

@@ -84,6 +84,12 @@ class YjsAuth:
             return Refused(exc.reason, f"{user.name}: {exc}")
         return Admitted(user.name, user.token_hash, device, lease)
 
+    def stale_refusal(self, query: Mapping[str, str], space_id: str) -> bool:
+        """Whether `admit` would refuse for what the accounts may not have read yet: a token
+        it does not know, a space the user cannot reach (created or added a moment ago)."""
+        user = self.accounts.user_of(query.get("token", ""))
+        return user is None or not self.accounts.can_access(user.name, space_id)
+
     def recheck(self, token_hash: str, space_id: str) -> str | None:
         """Why a live connection admitted with `token_hash` to `space_id` must end now, or
         None if it may stay."""

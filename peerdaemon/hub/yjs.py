@@ -15,6 +15,7 @@ room does with each message (`ywebsocket.Rooms`), when a connection is pinged, c
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 from collections.abc import Callable, Mapping
 from functools import partial
@@ -140,6 +141,24 @@ class YjsEndpoint:
             await transport.run(on_message)
         finally:
             self.close(conn, doc_id)
+
+    FRESH_WAIT = 1.0
+    """Seconds a connection about to be refused waits for the accounts to be read again."""
+
+    async def prepare(self, query: Mapping[str, str], space_id: str) -> None:
+        """Before `open`, in a cluster: a connection its copy of the accounts would refuse
+        (unknown token, no access) has PostgreSQL read again first, so a token or a member
+        added a moment ago through another process is let in at once, not at the next poll
+        (the embedded hub reads its accounts file itself: nothing to do). PostgreSQL away or
+        slow leaves the verdict to what is known."""
+        refresh_now = getattr(self.auth.accounts, "refresh_now", None)
+        if refresh_now is None or not self.auth.stale_refusal(query, space_id):
+            return
+        with trio.move_on_after(self.FRESH_WAIT):
+            try:
+                await refresh_now()
+            except sqlite3.Error as exc:
+                log.debug("accounts not read again before a refusal: %s", exc)
 
     def open(
         self,

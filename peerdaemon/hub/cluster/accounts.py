@@ -148,6 +148,9 @@ def _push(conn: psycopg.Connection[Any], before: Rows, after: Rows) -> None:
 class ClusterAccounts(Accounts):
     """`Accounts` whose tables live in PostgreSQL (see the module's docstring)."""
 
+    FRESH_SPACING = 0.05
+    """Seconds at least between two reads `refresh_now` makes."""
+    _read_at = -FRESH_SPACING  # (trio time) when the latest read of PostgreSQL began
     PUSH_TIMEOUT = 2.0
     """Seconds a change waits for PostgreSQL: a hub writes from its event loop (a space a
     daemon creates), which a server that hangs must hold up only this long, once."""
@@ -212,11 +215,28 @@ class ClusterAccounts(Accounts):
         changed here meanwhile (a space a daemon created) wins: what was read is dropped and
         the next poll reads again (that change moved `accounts_version`)."""
         async with self._refreshing:  # (the poll and a kick: one read at a time, in order)
-            pushes, version = self.pushes, self._pg_version
-            fetched = await trio.to_thread.run_sync(self._fetch_polled, version)
-            if self.pushes != pushes or self._pg_version != version:
-                return False
-            return self._take(fetched)
+            return await self._refresh_locked()
+
+    async def refresh_now(self) -> None:
+        """Read PostgreSQL once more before a refusal made on what this copy says (a token it
+        does not know, a space its user cannot reach): the change may have been made a moment
+        ago through another process, whose kick has not come yet or was lost with Redis.
+        Connections that arrive together share one read, and reads are `FRESH_SPACING` s
+        apart at least, so a client sending bad tokens costs PostgreSQL little."""
+        arrived = trio.current_time()
+        async with self._refreshing:
+            if self._read_at >= arrived:  # a read that began after this call came: enough
+                return
+            await trio.sleep_until(self._read_at + self.FRESH_SPACING)
+            await self._refresh_locked()
+
+    async def _refresh_locked(self) -> bool:
+        self._read_at = trio.current_time()
+        pushes, version = self.pushes, self._pg_version
+        fetched = await trio.to_thread.run_sync(self._fetch_polled, version)
+        if self.pushes != pushes or self._pg_version != version:
+            return False
+        return self._take(fetched)
 
     def _fetch_polled(self, version: int) -> tuple[int, Rows] | None:
         if self._poll is None or self._poll.closed or self._poll.broken:
