@@ -62,6 +62,7 @@ class AskHost(FakeHost):
     def __init__(self, spaces: Any = ()) -> None:
         super().__init__(spaces)
         self.held: dict[str, bytes] = {}
+        self.held_from: dict[str, str] = {}  # doc -> the origin whose state is held
         self.decisions: list[tuple[str, str]] = []
         self.initial: list[str] = []
 
@@ -76,8 +77,14 @@ class AskHost(FakeHost):
             self.apply(doc_id, update, origin)
         elif choice == HOLD:
             self.held[doc_id] = update
+            self.held_from[doc_id] = origin
         self.decisions.append((doc_id, choice))
         return choice
+
+    def answer_held(self, doc_id: str, origin: str) -> bytes | None:
+        if doc_id not in self.held or self.held_from.get(doc_id) != origin:
+            return None
+        return self.docs[doc_id].get_update()
 
     def apply(self, doc_id: str, update: bytes, origin: str) -> None:
         if doc_id in self.held:
@@ -209,6 +216,32 @@ def test_two_ask_hosts_decide_alike_without_waiting_for_each_other(changed):
         assert ha.values("env") == hb.values("env")
     assert any(e.__class__.__name__ == "Synced" for e in drain_events(a))
     assert any(e.__class__.__name__ == "Synced" for e in drain_events(b))
+
+
+@pytest.mark.parametrize("held_from", ["alice", "carol"])
+def test_the_peer_whose_state_is_held_gets_the_whole_state_and_holds_too(held_from):
+    """B holds A's state already: it decided on another link to A (both dialed) that was
+    dropped as a duplicate before B's answer reached A. A asks again on the link kept: B's
+    answer is its whole state, not the empty update (which A would take for "nothing to
+    take"), so A holds too. Any other peer still gets the empty update: nothing of B's goes
+    out while held."""
+    ha, hb = AskHost([S1]), AskHost([S1])
+    same_base(ha, hb)
+    ha.edit("env", {"a": 1})
+    hb.edit("env", {"b": 2})
+    hb.held["env"] = ha.docs["env"].get_update()
+    hb.held_from["env"] = (
+        f"peer:{ {'alice': ALICE, 'carol': make_identity('carol')}[held_from].device_id }"
+    )
+    a, b = pair(ha, hb)
+    exchange(a, b)
+    if held_from == "alice":
+        assert ha.decisions == [("env", HOLD)]
+        assert Doc_values(ha.held["env"]) == {"base": 0, "b": 2}
+    else:
+        assert ha.decisions == [] and "env" not in ha.held
+    assert ha.values("env") == {"base": 0, "a": 1}  # neither side merged
+    assert hb.values("env") == {"base": 0, "b": 2}
 
 
 def test_a_plain_host_is_unaffected():

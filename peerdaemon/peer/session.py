@@ -114,6 +114,9 @@ class SyncHostView(Protocol):
     def state_vector(self, doc_id: str) -> bytes | None: ...
     def diff(self, doc_id: str, state_vector: bytes) -> bytes: ...
 
+    # Optional: `answer_held(doc_id, origin) -> bytes | None`: the whole local state of a
+    # document held apart, for the peer whose state is held when it asks for the whole state
+    # (section 5.2); None: the ordinary answer (the empty update while held).
     # Optional: `ask(doc) -> bool`, a document whose initial exchange the host decides itself
     # (docs/peer-protocol.md section 5.2); a host without it (the hub) never does.
 
@@ -544,7 +547,9 @@ class SyncSession:
             update = EMPTY_UPDATE
         else:
             try:
-                update = self.host.diff(doc, state_vector)
+                update = self._whole_for_holder(doc, state_vector)
+                if update is None:
+                    update = self.host.diff(doc, state_vector)
             except ValueError as exc:
                 raise PeerProtocolError(
                     PROTOCOL_ERROR, f"bad state vector for {doc}: {exc}"
@@ -555,6 +560,14 @@ class SyncSession:
                 self._doc_failed(doc, "answering the peer's step 1", exc)
                 return
         self._send({"t": "sync", "doc": doc, "m": messages.encode_sync(SYNC_STEP2, update)})
+
+    def _whole_for_holder(self, doc: str, state_vector: bytes) -> bytes | None:
+        """The host's whole state of a document it holds apart, for the peer whose state it
+        holds when that peer asks for the whole state (section 5.2, "While held"), else None."""
+        if state_vector != EMPTY_STATE_VECTOR:
+            return None
+        answer = getattr(self.host, "answer_held", None)
+        return answer(doc, self.origin) if answer is not None else None
 
     def _check_synced(self) -> None:
         if not self._awaiting and not self.synced:

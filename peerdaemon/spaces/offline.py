@@ -215,6 +215,19 @@ class OfflineChoices:
             svc.events.emit("environment-conflict", id=env_id, space=space_id, origin=origin)
         return choice
 
+    def answer_held(self, env_id: str, origin: str) -> bytes | None:
+        """While held, a peer's step 1 is answered with the empty update, so that none of this
+        side's changes reach a peer that would merge them. The peer whose state is held is the
+        exception when it asks for the whole state (the empty state vector): it decides
+        itself, and it gets this side's whole state so that it holds too. Without it, when one
+        side decided first (on another link to the same device: both dialed, and one link was
+        dropped as a duplicate after its exchange; or on a reconnect), the other took the empty
+        answer for "nothing to take", and only one side held."""
+        held = self.holds.get(env_id)
+        if held is None or held.origin != origin or env_id not in self.service.registry.envs:
+            return None
+        return self.service.registry.state_update(env_id)
+
     def add_remote(self, env_id: str, update: bytes, origin: str) -> None:
         """More of the remote side of a held environment (a live update, another link): kept
         apart; once the remote side holds all of ours (the other device resolved, with our

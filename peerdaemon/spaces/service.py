@@ -787,6 +787,11 @@ class SpacesService:
         space_id = self._sharing_space(doc_id)
         return space_id is not None and self.spaces[space_id].doc.policy() == ASK
 
+    def answer_held(self, doc_id: str, origin: str) -> bytes | None:
+        """A held environment's whole state, for the peer whose state is held when it asks
+        for the whole state again (spaces/offline.py)."""
+        return self.offline.answer_held(doc_id, origin)
+
     def apply_initial(self, doc_id: str, update: bytes, origin: str) -> str:
         """The peer's whole state of an ask environment at a link's initial exchange: push,
         pull or hold (spaces/offline.py)."""
