@@ -60,7 +60,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         return
     for daemon in getattr(daemons, "all", ()):
         try:
-            lines = daemon.log_path.read_text("utf-8", "replace").splitlines()[-80:]
+            lines = daemon.log_path.read_text("utf-8", "replace").splitlines()[-150:]
         except OSError:
             continue
         report.sections.append((f"log of {daemon.log_path.name} (last 80 lines)", "\n".join(lines)))
