@@ -35,6 +35,7 @@ from mockutil import require_runner, small_env  # noqa: E402
 from pycrdt import Doc, Map  # noqa: E402
 from test_cluster_hub import Hub  # noqa: E402
 from test_hub_cloudmock import Hosted, echo_env, http, served  # noqa: E402
+from test_hub_server import expect_denied  # noqa: E402
 from trio_websocket import ConnectionClosed, open_websocket_url  # noqa: E402
 
 from peerdaemon.hub.cluster.accounts import ClusterAccounts  # noqa: E402
@@ -421,12 +422,15 @@ async def test_a_postgresql_that_hangs_stalls_no_process(servers, tmp_path, toke
     """PostgreSQL stopped (SIGSTOP: its connections stay open and nothing answers, as when a
     network drops packets): a creation waits for its reservation at most `RESERVE_TIMEOUT`
     once, then counts what the process knows, and asks no more while that call is stuck; a
-    last-resort load in the event loop fails within its bound; a room keeps relaying between
-    its clients meanwhile. Resumed, what was created is stored and holds its places. (Without
+    last-resort load in the event loop fails within its bound; an accounts change fails within
+    its bound; an unknown token is refused after the second its re-read may take; a room keeps
+    relaying between its clients meanwhile. Resumed, what was created is stored and holds its places. (Without
     the bounds the event loop waits for the server: 10 s here, when a timer resumes it.)"""
     redis, pg = servers
     set_limits(pg.dsn, envs_per_space=3)
-    async with running_hub(tmp_path / "hub1", redis=redis.url, postgres=pg.dsn) as one:
+    # no accounts poll: the read before a refusal is the one that meets the hung server
+    options = {"redis": redis.url, "postgres": pg.dsn, "accounts_poll": 3600.0}
+    async with running_hub(tmp_path / "hub1", **options) as one:
         await one.docs.apply(SPACE, "a", new_env("a"), "test").wait()
         async with (
             client(one, SPACE, "a", token, device="d") as c1,
@@ -454,6 +458,8 @@ async def test_a_postgresql_that_hangs_stalls_no_process(servers, tmp_path, toke
                 with pytest.raises(sqlite3.OperationalError, match="not returned"):
                     one.accounts.create_space("team4", "alice", "While hung")
                 assert time.monotonic() - started < 5.0
+                with trio.fail_after(5):  # read again before the refusal: for a second at most
+                    await expect_denied(one, SPACE, "a", "wrong-token", "unauthorized", 4401)
                 await c1.edit("while", "hung")
                 await c2.wait_for(lambda: c2.map().get("while") == "hung")
             finally:

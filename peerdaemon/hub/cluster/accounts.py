@@ -228,12 +228,15 @@ class ClusterAccounts(Accounts):
             if self._read_at >= arrived:  # a read that began after this call came: enough
                 return
             await trio.sleep_until(self._read_at + self.FRESH_SPACING)
-            await self._refresh_locked()
+            # a caller that gives up (a PostgreSQL that hangs) leaves the read to its thread
+            await self._refresh_locked(abandon_on_cancel=True)
 
-    async def _refresh_locked(self) -> bool:
+    async def _refresh_locked(self, *, abandon_on_cancel: bool = False) -> bool:
         self._read_at = trio.current_time()
         pushes, version = self.pushes, self._pg_version
-        fetched = await trio.to_thread.run_sync(self._fetch_polled, version)
+        fetched = await trio.to_thread.run_sync(
+            self._fetch_polled, version, abandon_on_cancel=abandon_on_cancel
+        )
         if self.pushes != pushes or self._pg_version != version:
             return False
         return self._take(fetched)
