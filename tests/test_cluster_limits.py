@@ -424,8 +424,9 @@ async def test_a_postgresql_that_hangs_stalls_no_process(servers, tmp_path, toke
     once, then counts what the process knows, and asks no more while that call is stuck; a
     last-resort load in the event loop fails within its bound; an accounts change fails within
     its bound; an unknown token is refused after the second its re-read may take; a room keeps
-    relaying between its clients meanwhile. Resumed, what was created is stored and holds its places. (Without
-    the bounds the event loop waits for the server: 10 s here, when a timer resumes it.)"""
+    relaying between its clients meanwhile. Resumed, what was created is stored and holds its
+    places. (Without the bounds the event loop waits for the server: 10 s here, when a timer
+    resumes it.)"""
     redis, pg = servers
     set_limits(pg.dsn, envs_per_space=3)
     # no accounts poll: the read before a refusal is the one that meets the hung server
