@@ -49,6 +49,9 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         )
 
 
+LOG_TAIL = 150
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
     """A failed test that ran daemon processes shows the end of each one's log: a flake in CI is
@@ -60,10 +63,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         return
     for daemon in getattr(daemons, "all", ()):
         try:
-            lines = daemon.log_path.read_text("utf-8", "replace").splitlines()[-150:]
+            lines = daemon.log_path.read_text("utf-8", "replace").splitlines()[-LOG_TAIL:]
         except OSError:
             continue
-        report.sections.append((f"log of {daemon.log_path.name} (last 80 lines)", "\n".join(lines)))
+        title = f"log of {daemon.log_path.name} (last {LOG_TAIL} lines)"
+        report.sections.append((title, "\n".join(lines)))
 
 
 # --- per-test timeout ---------------------------------------------------------------------------

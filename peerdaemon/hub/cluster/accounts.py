@@ -25,7 +25,7 @@ import psycopg
 import trio
 
 from ..accounts import _SCHEMA, Accounts, AccountsError, Limits
-from .store import KEEPALIVES, Bounded
+from .store import KEEPALIVES, Bounded, cancel_quietly
 
 __all__ = ["ClusterAccounts"]
 
@@ -194,12 +194,6 @@ class ClusterAccounts(Accounts):
             self._pg = psycopg.connect(self.dsn, autocommit=True, connect_timeout=5, **KEEPALIVES)
         return self._pg
 
-    def _cancel_push(self) -> None:
-        try:
-            self._pg.cancel_safe(timeout=5.0)
-        except Exception:  # gone already, or the server is: nothing to cancel
-            pass
-
     def _data_version(self) -> int:
         return self._pg_version
 
@@ -288,7 +282,7 @@ class ClusterAccounts(Accounts):
                     self._pushes.run(
                         lambda: _push(self._connection(), before, after),
                         self.PUSH_TIMEOUT,
-                        self._cancel_push,
+                        lambda: cancel_quietly(self._pg),
                     )
                 except TimeoutError as exc:
                     # it may still commit: then the next poll reads it (accounts_version moved)

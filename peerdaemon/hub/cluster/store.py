@@ -52,6 +52,7 @@ __all__ = [
     "DocStoreError",
     "KEEPALIVES",
     "Loaded",
+    "cancel_quietly",
     "fold_updates",
     "env_reservations",
     "migrate",
@@ -99,6 +100,15 @@ KEEPALIVES: dict[str, int] = {
 """libpq's connection settings for every connection of a hub process: a server whose machine
 is gone (no reset ever comes) ends a call in seconds, not after the kernel's 15-minute
 retransmission timeout."""
+
+
+def cancel_quietly(conn: psycopg.Connection[Any] | None) -> None:
+    """Cancel `conn`'s query on the server (from a thread: it may block up to 5 s)."""
+    if conn is not None and not conn.closed:
+        try:
+            conn.cancel_safe(timeout=5.0)
+        except Exception:  # it is gone already, or the server is: nothing to cancel
+            pass
 
 
 class Bounded:
@@ -192,12 +202,7 @@ class _Connection:
             raise
 
     def _cancel(self) -> None:
-        conn = self._conn
-        if conn is not None and not conn.closed:
-            try:
-                conn.cancel_safe(timeout=5.0)
-            except Exception:  # it is gone already, or the server is: nothing to cancel
-                pass
+        cancel_quietly(self._conn)
 
     def run_bounded(self, fn: Callable[[psycopg.Connection[Any]], T], timeout: float) -> T:
         """`fn(connection)` for the trio thread itself, waited for at most `timeout` s
