@@ -9,6 +9,9 @@ each document's sizes are read; its content is loaded from the store when someth
 or changes it (`_loaded_entry`, the one way in), and dropped again by the sweep after two idle
 checkpoints, if no client has its room open (`in_use`) and nothing of it waits for the disk or
 the relay. Its sizes stay known, so limits, `has`, `size` and `env_count` never load anything.
+While it is loaded and unchanged, its whole state is kept encoded for the clients that join
+(`_Entry.whole_state`): a new document made by one upload keeps that upload, and a compaction
+its snapshot, so no joining client waits for a 15 MB environment to be encoded again.
 A store on a server (a cluster's PostgreSQL) is read ahead off the event loop (`needs_read`,
 `load_ahead`), and when it is away (`StoreUnavailable`) the document stays known, to be read
 once it answers: only a document whose bytes are unreadable is skipped.
@@ -104,6 +107,8 @@ class _Entry:
         "last_ticket",
         "idle",
         "unstored",
+        "whole",
+        "fresh",
     )
 
     def __init__(self, space: str, doc_id: str, doc: Doc | None = None) -> None:
@@ -120,7 +125,10 @@ class _Entry:
         self.last_ticket: Ticket | None = None
         self.idle = 0  # sweeps since it was last used
         self.unstored = False  # holds an update the store failed to write: never dropped
+        self.whole: bytes | None = None  # the whole state as one update (`apply` drops it)
+        self.fresh = False  # its document was created empty and nothing was applied to it yet
         if doc is not None:
+            self.fresh = True
             self.attach(doc)
 
     def attach(self, doc: Doc) -> None:
@@ -130,12 +138,21 @@ class _Entry:
     def detach(self) -> None:
         if self.doc is not None and self._subscription is not None:
             self.doc.unobserve(self._subscription)
-        self.doc = self._subscription = None
+        self.doc = self._subscription = self.whole = None
+        self.fresh = False
 
     def _on_transaction(self, event: Any) -> None:
         update = event.update
         if update != EMPTY_UPDATE:
             self.pending.append(update)
+
+    def whole_state(self) -> bytes:
+        """The whole state as one update, encoded once for every client that asks for it (a
+        joining client, a reconnect storm): encoding a 15 MB environment takes tens of ms."""
+        assert self.doc is not None
+        if self.whole is None:
+            self.whole = self.doc.get_update()
+        return self.whole
 
 
 @dataclass(slots=True)
@@ -360,6 +377,8 @@ class HubDocs:
             if state_vector != EMPTY_STATE_VECTOR:
                 Doc().get_update(state_vector)  # still reject garbage
             return EMPTY_UPDATE
+        if state_vector == EMPTY_STATE_VECTOR:
+            return entry.whole_state()
         try:
             return entry.doc.get_update(state_vector)
         except Exception as exc:
@@ -428,11 +447,19 @@ class HubDocs:
         if entry is None:
             entry = _Entry(space_id, doc_id, Doc())
         assert entry.doc is not None
+        # Whatever happens below may change the document, reported or not (an update after a
+        # clock gap is integrated quietly: core/registry.py), so the cached whole state goes.
+        fresh, entry.fresh, entry.whole = entry.fresh, False, None
         try:
             entry.doc.apply_update(update)
         except Exception as exc:  # pycrdt raises ValueError on undecodable bytes
             entry.pending.clear()
             raise ValueError(f"not a Yjs update: {exc}") from None
+        if fresh and entry.pending == [update]:
+            # A new document made by exactly this update, which it reported back byte for byte
+            # (a client's whole-state upload): that update is its whole state, so the first
+            # client to join gets it without an encoding of the whole document.
+            entry.whole = update
         if not entry.pending:
             if remote and reloaded:
                 # Read back from the store just now, which the other process had already
@@ -505,8 +532,7 @@ class HubDocs:
             raise
 
     def _compact(self, entry: _Entry) -> None:
-        assert entry.doc is not None  # (`apply` loaded it)
-        snapshot = entry.doc.get_update()
+        snapshot = entry.whole_state()  # (`apply` loaded it)
         self.store.enqueue_compact(entry.key, snapshot)
         self.stored_bytes += len(snapshot) - entry.size
         entry.size = entry.snapshot_bytes = len(snapshot)
