@@ -563,6 +563,9 @@ class HubDocs:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The relay, and the watch over the store's writes of what it relayed."""
+        # pycrdt's first Doc in an event loop loads anyio's backend for it (10-20 ms here):
+        # now, not while the clients of the first document created wait for its first edit.
+        Doc()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._confirm)
             if self.sweep_interval is not None:
