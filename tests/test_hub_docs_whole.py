@@ -1,7 +1,8 @@
 """A client asking for the whole state (the empty state vector: a client that joins) is answered
 from a cache while the document is unchanged (hub/docs.py, `_Entry.whole_state`): encoding a
 15 MB environment takes tens of ms, and a reconnect storm asks for it once per client. What it
-gets must always be the document as it is now."""
+gets must always be the document as it is now. And the CRDT library is ready before the first
+document is made, so that its clients do not wait for an import (a fresh hub's first fan-out)."""
 
 from __future__ import annotations
 
