@@ -22,6 +22,8 @@ the same data directory does not find the old backends still holding the shared 
 from __future__ import annotations
 
 import atexit
+import ctypes
+import ctypes.util
 import glob
 import os
 import pwd
@@ -92,6 +94,7 @@ def _kill_leftovers() -> None:
     """A test process that ends without its fixtures' teardown leaves no server behind."""
     for server in list(_LIVE):
         server.kill9()
+        server.release_ipc()
 
 
 class _Server:
@@ -258,9 +261,13 @@ class _Server:
             self._wipe()
         self.start()
 
+    def release_ipc(self) -> None:
+        """Free what the killed server leaves outside its directory (see PostgreSQL's)."""
+
     def close(self) -> None:
         """Kill the server (by its group) and remove its directory."""
         self.kill9()
+        self.release_ipc()
         shutil.rmtree(self.root, ignore_errors=True)
 
     def __enter__(self) -> _Server:
@@ -448,6 +455,8 @@ class PostgresServer(_Server):
             "max_connections=50",
             "-c",
             "shared_buffers=16MB",
+            "-c",  # dynamic shared memory as files in the data directory: removed with it,
+            "dynamic_shared_memory_type=mmap",  # not left in /dev/shm by a killed server
         ]
 
     def _popen_kwargs(self) -> dict:
@@ -475,6 +484,35 @@ class PostgresServer(_Server):
     def _wipe(self) -> None:
         shutil.rmtree(self.data, ignore_errors=True)
         self._init_data()
+
+    def release_ipc(self) -> None:
+        """The System V segment a killed postmaster leaves behind (its interlock: a restart on
+        the same data removes it, a deleted directory never does, and a machine allows 4,096).
+        Only once the server is gone for good: a restart needs it to find stray backends."""
+        release_sysv_segment(self.data / "postmaster.pid")
+
+
+def sysv_segment(pid_file: Path) -> int | None:
+    """The System V shared memory id a PostgreSQL `postmaster.pid` names (its 7th line: key and
+    id), or None."""
+    try:
+        lines = pid_file.read_text().splitlines()
+        shmid = int(lines[6].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+    return shmid if shmid > 0 else None
+
+
+def release_sysv_segment(pid_file: Path) -> None:
+    """Mark the segment of a dead PostgreSQL for removal (it goes once nothing is attached)."""
+    shmid = sysv_segment(pid_file)
+    if shmid is None:
+        return
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.shmctl(shmid, IPC_RMID, None)  # already gone: EINVAL, nothing to do
+
+
+IPC_RMID = 0
 
 
 @contextmanager
