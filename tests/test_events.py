@@ -1,14 +1,25 @@
 """The daemon event log's cursor across restarts."""
 
+import shutil
 import tempfile
 from pathlib import Path
 
+import pytest
 import trio
 from modelutil import FIXTURE_DIR
 
 from peerdaemon.api.client import AsyncClient, DaemonError
 from peerdaemon.core.events import EventLog
 from peerdaemon.daemon.supervisor import DaemonConfig, serve
+
+
+@pytest.fixture(name="root")
+def root_fixture():
+    """A short directory (the daemon's socket lives there: AF_UNIX paths are limited), removed
+    afterwards."""
+    path = Path(tempfile.mkdtemp(prefix="pde"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def test_ids_increase_and_a_bounded_log_counts_what_it_dropped():
@@ -20,8 +31,7 @@ def test_ids_increase_and_a_bounded_log_counts_what_it_dropped():
     assert log.since(104) == []
 
 
-async def test_a_cursor_from_an_earlier_run_says_reset():
-    root = Path(tempfile.mkdtemp(prefix="pde"))
+async def test_a_cursor_from_an_earlier_run_says_reset(root: Path):
     config = DaemonConfig(root / "data", root / "d.sock")
     text = (FIXTURE_DIR / "test-env.json").read_text()
     async with trio.open_nursery() as nursery:
@@ -46,8 +56,7 @@ async def test_a_cursor_from_an_earlier_run_says_reset():
         nursery.cancel_scope.cancel()
 
 
-async def test_deeply_nested_json_is_refused_and_the_daemon_goes_on():
-    root = Path(tempfile.mkdtemp(prefix="pdn"))
+async def test_deeply_nested_json_is_refused_and_the_daemon_goes_on(root: Path):
     config = DaemonConfig(root / "data", root / "d.sock")
     text = (FIXTURE_DIR / "test-env.json").read_text()
     deep = '{"uuid": "x", "lastMigration": 33, "routes": [], "x": ' + "[" * 5000 + "]" * 5000 + "}"

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -216,7 +217,8 @@ def test_the_flags_are_on_run_and_hub_serve():
 # --------------------------------------------------------------------------- real processes
 @contextmanager
 def process(argv: list[str], **env: str) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
-    """A child whose stderr goes to a file; SIGKILLed by pid if still running at the end."""
+    """A child whose stderr goes to a file; SIGKILLed by pid if still running at the end, its
+    directory removed."""
     base = Path(tempfile.mkdtemp(prefix="pd"))
     log = base / "stderr"
     with open(log, "wb") as err:
@@ -233,6 +235,7 @@ def process(argv: list[str], **env: str) -> Iterator[tuple[subprocess.Popen[byte
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(20)
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def wait_for_line(proc: subprocess.Popen[bytes], log: Path, text: str, timeout: float = 20) -> str:
