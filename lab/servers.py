@@ -508,11 +508,20 @@ def release_sysv_segment(pid_file: Path) -> None:
     shmid = sysv_segment(pid_file)
     if shmid is None:
         return
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    libc.shmctl(shmid, IPC_RMID, None)  # already gone: EINVAL, nothing to do
+    _libc().shmctl(shmid, IPC_RMID, None)  # already gone: EINVAL, nothing to do
+
+
+def sysv_segment_exists(shmid: int) -> bool:
+    buf = ctypes.create_string_buffer(512)  # struct shmid_ds (its size varies; 512 covers it)
+    return _libc().shmctl(shmid, IPC_STAT, buf) == 0
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
 IPC_RMID = 0
+IPC_STAT = 2
 
 
 @contextmanager

@@ -5,21 +5,11 @@ no PostgreSQL starts."""
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-
 import pytest
 from servers import PostgresServer, have_postgres, sysv_segment
+from servers import sysv_segment_exists as segment_exists
 
 pytestmark = pytest.mark.skipif(not have_postgres(), reason="PostgreSQL is not installed")
-
-IPC_STAT = 2
-
-
-def segment_exists(shmid: int) -> bool:
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    buf = ctypes.create_string_buffer(512)  # struct shmid_ds (its size varies; 512 covers it)
-    return libc.shmctl(shmid, IPC_STAT, buf) == 0
 
 
 def test_a_closed_postgresql_leaves_no_shared_memory() -> None:
@@ -33,6 +23,7 @@ def test_a_closed_postgresql_leaves_no_shared_memory() -> None:
         shmid = sysv_segment(server.data / "postmaster.pid")
         assert shmid is not None and segment_exists(shmid)
         assert "dynamic_shared_memory_type=mmap" in server._command()
+        assert list((server.data / "pg_dynshmem").iterdir())  # its control segment: a file here
     finally:
         server.close()
     assert not segment_exists(shmid)

@@ -108,7 +108,6 @@ class _Entry:
         "idle",
         "unstored",
         "whole",
-        "fresh",
     )
 
     def __init__(self, space: str, doc_id: str, doc: Doc | None = None) -> None:
@@ -126,9 +125,7 @@ class _Entry:
         self.idle = 0  # sweeps since it was last used
         self.unstored = False  # holds an update the store failed to write: never dropped
         self.whole: bytes | None = None  # the whole state as one update (`apply` drops it)
-        self.fresh = False  # its document was created empty and nothing was applied to it yet
         if doc is not None:
-            self.fresh = True
             self.attach(doc)
 
     def attach(self, doc: Doc) -> None:
@@ -139,7 +136,6 @@ class _Entry:
         if self.doc is not None and self._subscription is not None:
             self.doc.unobserve(self._subscription)
         self.doc = self._subscription = self.whole = None
-        self.fresh = False
 
     def _on_transaction(self, event: Any) -> None:
         update = event.update
@@ -449,13 +445,13 @@ class HubDocs:
         assert entry.doc is not None
         # Whatever happens below may change the document, reported or not (an update after a
         # clock gap is integrated quietly: core/registry.py), so the cached whole state goes.
-        fresh, entry.fresh, entry.whole = entry.fresh, False, None
+        entry.whole = None
         try:
             entry.doc.apply_update(update)
         except Exception as exc:  # pycrdt raises ValueError on undecodable bytes
             entry.pending.clear()
             raise ValueError(f"not a Yjs update: {exc}") from None
-        if fresh and entry.pending == [update]:
+        if created and entry.pending == [update]:
             # A new document made by exactly this update, which it reported back byte for byte
             # (a client's whole-state upload): that update is its whole state, so the first
             # client to join gets it without an encoding of the whole document.
