@@ -81,6 +81,9 @@ FIGURES: list[tuple[str, str, str, Any]] = [
     ("fanout", "fan-out 200x200 delivered", "msg/s", lambda r: r["result"]["delivered_msgs_per_s"]),
     ("fanout", "fan-out 200x200 delay p50", "ms", lambda r: r["result"]["latency_ms"]["p50"]),
     ("fanout", "fan-out 200x200 delay p99", "ms", lambda r: r["result"]["latency_ms"]["p99"]),
+    # the server's CPU over the client's whole run (its 200 connections, then the edits): the
+    # client is one Node process, busy all along, and the server's CPU is taken from it
+    ("fanout", "fan-out 200x200 server CPU", "s", lambda r: r["server"]["cpu_s"]),
     ("bigdoc", "15 MB initial sync", "ms", lambda r: r["result"]["initial_sync_ms"]),
     ("idle", "RSS, 200 idle clients", "MB", lambda r: round(r["server"]["vm_rss_kb"] / 1024, 1)),
     ("idle10k", "10k idle: served", "clients", lambda r: r["result"]["served"]),

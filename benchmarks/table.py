@@ -172,6 +172,16 @@ ROWS: list[Row] = [
         before=hub("fan-out 200x200 delivered (msg/s)", "base"),
     ),
     Row(
+        "hub-fanout-cpu",
+        "hub fan-out 200 edits to 200 clients, server CPU per run (s)",
+        "hub",
+        "fanout",
+        hub("fan-out 200x200 server CPU (s)"),
+        reference=hub("fan-out 200x200 server CPU (s)", "ref"),
+        ref_name=NODE,
+        before=hub("fan-out 200x200 server CPU (s)", "base"),
+    ),
+    Row(
         "hub-bigdoc",
         "15 MB initial sync of a new client (ms)",
         "hub",

@@ -77,7 +77,8 @@ _SPACE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _DOC_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
 Listener = Callable[[str, str, bytes, str], None]
-"""(space id, doc id, update, origin): a durable change of a document."""
+"""(space id, doc id, update, origin): an applied change of a document (its commit may
+still be under way: docs/hub.md, "Durability")."""
 
 
 def check_ids(space_id: str, doc_id: str) -> None:
@@ -211,7 +212,7 @@ class HubDocs:
         self._next_token = 1
         # counters for /metrics (docs/hub.md, "Metrics")
         self.stored_bytes = 0  # the sum of every document's `size`
-        self.relayed = 0  # updates handed to the listeners (durable), since start
+        self.relayed = 0  # updates handed to the listeners, since start
         self.relayed_bytes = 0
         self.loads = 0  # documents read from the store since start
         self.evictions = 0  # and dropped from memory again

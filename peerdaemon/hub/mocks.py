@@ -3,9 +3,9 @@ served 24/7 from the hub's own stored state by Mockoon's engine (one confined ru
 docs/mock-runner.md), and reached through the hub's port at `/mock/SPACE/ENV/` (mockproxy.py).
 
 Live: a change of a hosted environment's document reaches the runner as soon as the hub has
-stored it (HubDocs' listeners are called once an update is durable); a change of a space
-document (a member turned a mock on or off, changed its access or rotated its token) is
-reconciled at once.
+applied it (HubDocs' listeners are called with the relay to clients, not after the commit); a
+change of a space document (a member turned a mock on or off, changed its access or rotated its
+token) is reconciled at once.
 
 Contained: the runner runs with `--confine` (no outgoing connection but to the operator's
 allow-list, never to loopback, link-local or private ranges unless listed; file paths never

@@ -7,7 +7,7 @@ writer commits what is still queued before the process exits. SIGHUP, or an edit
 file (`ConfigWatcher`), re-reads it: the log level, the metrics token and the default limits
 apply at once, the rest at the next start (hub/config.py).
 
-The wiring: HubDocs relays durable updates to the rooms (`rooms.on_update`) and, after each
+The wiring: HubDocs relays applied updates to the rooms (`rooms.on_update`) and, after each
 batch, to the `/yjs` endpoint (`yjs.flush`: the rooms send, the endpoint wakes the writers);
 accounts changes re-check live connections (`yjs.revalidate`).
 
