@@ -16,7 +16,8 @@ benchmark says what it skips and why, and exits 0.
 
 Figures (medians over the rounds, each round's values listed):
   latency  A -> B through the server, 500 edits 5 ms apart: p50 and p99 (ms)
-  fanout   1 writer, 200 edits to 200 readers: delivered messages/s and the p50 delay (ms)
+  fanout   1 writer, 200 edits to 200 readers: delivered messages/s, the p50 and p99 delay
+           (ms), and the server's CPU over the client's run (s)
   bigdoc   a 15 MB document: initial sync of a new client (ms)
   idle     server RSS (MB) with 200 clients connected (fanout with a single edit)
   idle10k  10,000 idle clients connected in batches of 200 (benchmarks/hub_idle.mjs: the
