@@ -24,6 +24,7 @@ from __future__ import annotations
 import atexit
 import ctypes
 import ctypes.util
+import functools
 import glob
 import os
 import pwd
@@ -516,6 +517,7 @@ def sysv_segment_exists(shmid: int) -> bool:
     return _libc().shmctl(shmid, IPC_STAT, buf) == 0
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
